@@ -35,6 +35,7 @@ import (
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
+	awshttp "github.com/aws/aws-sdk-go-v2/aws/transport/http"
 	"github.com/aws/aws-sdk-go-v2/config"
 	"github.com/aws/aws-sdk-go-v2/credentials/stscreds"
 	"github.com/aws/aws-sdk-go-v2/service/iot"
@@ -226,15 +227,7 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	if opts.Logf == nil {
 		opts.Logf = func(string, ...any) {}
 	}
-	httpc := opts.HTTPClient
-	if httpc == nil {
-		httpc = &http.Client{Transport: http.DefaultTransport.(*http.Transport).Clone()}
-	}
-
-	loadOpts := []func(*config.LoadOptions) error{
-		config.WithRegion(opts.Region),
-		config.WithHTTPClient(httpc),
-	}
+	loadOpts := []func(*config.LoadOptions) error{config.WithRegion(opts.Region)}
 	if opts.Credentials != nil {
 		loadOpts = append(loadOpts, config.WithCredentialsProvider(opts.Credentials))
 	}
@@ -242,6 +235,21 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	if err != nil {
 		return nil, fmt.Errorf("awsbackend: load AWS config: %w", err)
 	}
+	httpc := opts.HTTPClient
+	if httpc == nil {
+		// Our own client on the transport the SDK configured (AWS_CA_BUNDLE and the like),
+		// because the SDK's clients hide their transport and Close must release connections.
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		if bc, ok := cfg.HTTPClient.(*awshttp.BuildableClient); ok {
+			tr = bc.GetTransport()
+		}
+		httpc = &http.Client{
+			Transport: tr,
+			// As the SDK's own client: a redirect is an answer, not something to follow.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		}
+	}
+	cfg.HTTPClient = httpc
 	base := func(p **string) {
 		if opts.BaseEndpoint != "" {
 			*p = aws.String(opts.BaseEndpoint)

@@ -1,0 +1,327 @@
+package awsbackend
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"net/url"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+)
+
+// standIn plays the AWS endpoints (IoT control plane, S3 path style, STS) on one local HTTP
+// server. It records every request, asserts each is SigV4-signed, keeps just enough state to
+// answer plausibly, and lets a test script what the device reports.
+type standIn struct {
+	t   *testing.T
+	srv *httptest.Server
+
+	mu       sync.Mutex
+	reqs     []recorded
+	objects  map[string][]byte // "bucket/key"
+	streams  map[string]bool
+	jobs     map[string]json.RawMessage // job id -> CreateJob body
+	stale    map[string][]staleExec     // status -> executions listed on pages of 1
+	pending  map[string]int             // job id -> DescribeJobExecution 404s still to give
+	scripts  map[string][]execState     // job id -> states, one per DescribeJobExecution
+	failOps  map[string]int             // "METHOD /path" -> HTTP status to answer with
+	onDesc   func(n int)                // called after each DescribeJobExecution, n from 1
+	nDesc    int
+	assumeRq url.Values
+}
+
+type recorded struct {
+	Method, Path string
+	Query        url.Values
+	Header       http.Header
+	Body         []byte
+}
+
+type staleExec struct{ JobID string }
+
+type execState struct {
+	Status  string
+	Details map[string]string
+	Version int64
+	At      time.Time
+}
+
+const (
+	testRegion   = "eu-west-1"
+	testThing    = "gw-test-1"
+	testThingARN = "arn:aws:iot:eu-west-1:123456789012:thing/gw-test-1"
+	testBucket   = "ota-bucket"
+	testRole     = "arn:aws:iam::123456789012:role/iot-ota-service"
+	testAKID     = "AKIDSTANDIN"
+	assumedAKID  = "ASIAASSUMED"
+)
+
+func newStandIn(t *testing.T) *standIn {
+	s := &standIn{
+		t:       t,
+		objects: map[string][]byte{},
+		streams: map[string]bool{},
+		jobs:    map[string]json.RawMessage{},
+		stale:   map[string][]staleExec{},
+		pending: map[string]int{},
+		scripts: map[string][]execState{},
+		failOps: map[string]int{},
+	}
+	mux := http.NewServeMux()
+	// IoT control plane, REST paths as the SDK's serializers build them.
+	mux.HandleFunc("GET /things/{thing}", s.describeThing)
+	mux.HandleFunc("GET /things/{thing}/jobs", s.listExecutionsForThing)
+	mux.HandleFunc("PUT /things/{thing}/jobs/{job}/cancel", s.ok(`{}`))
+	mux.HandleFunc("GET /things/{thing}/jobs/{job}", s.describeExecution)
+	mux.HandleFunc("POST /streams/{stream}", s.createStream)
+	mux.HandleFunc("DELETE /streams/{stream}", s.deleteStream)
+	mux.HandleFunc("PUT /jobs/{job}", s.createJob)
+	mux.HandleFunc("PUT /jobs/{job}/cancel", s.cancelJob)
+	mux.HandleFunc("DELETE /jobs/{job}", s.deleteJob)
+	// S3, path style.
+	mux.HandleFunc("PUT /{bucket}/{key...}", s.putObject)
+	mux.HandleFunc("GET /{bucket}/{key...}", s.getObject)
+	mux.HandleFunc("DELETE /{bucket}/{key...}", s.deleteObject)
+	// STS query protocol.
+	mux.HandleFunc("POST /{$}", s.sts)
+	s.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		body, err := io.ReadAll(r.Body)
+		if err != nil {
+			t.Errorf("stand-in: read body: %v", err)
+		}
+		r.Body = io.NopCloser(strings.NewReader(string(body)))
+		presigned := r.URL.Query().Get("X-Amz-Signature") != ""
+		if !presigned && !strings.HasPrefix(r.Header.Get("Authorization"), "AWS4-HMAC-SHA256 Credential=") {
+			t.Errorf("stand-in: %s %s not SigV4-signed: Authorization %q", r.Method, r.URL.Path, r.Header.Get("Authorization"))
+		}
+		s.mu.Lock()
+		s.reqs = append(s.reqs, recorded{r.Method, r.URL.Path, r.URL.Query(), r.Header.Clone(), body})
+		code, fail := s.failOps[r.Method+" "+r.URL.Path]
+		s.mu.Unlock()
+		if fail {
+			iotError(w, code, "InvalidRequestException", "injected failure")
+			return
+		}
+		mux.ServeHTTP(w, r)
+	}))
+	t.Cleanup(s.srv.Close)
+	return s
+}
+
+func (s *standIn) requests() []recorded {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]recorded(nil), s.reqs...)
+}
+
+// calls lists "METHOD /path" of every request, in order.
+func (s *standIn) calls() []string {
+	var out []string
+	for _, r := range s.requests() {
+		out = append(out, r.Method+" "+r.Path)
+	}
+	return out
+}
+
+// find returns the requests matching method and path.
+func (s *standIn) find(method, path string) []recorded {
+	var out []recorded
+	for _, r := range s.requests() {
+		if r.Method == method && r.Path == path {
+			out = append(out, r)
+		}
+	}
+	return out
+}
+
+func (s *standIn) ok(body string) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) { writeJSON(w, body) }
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	if s, ok := v.(string); ok {
+		io.WriteString(w, s)
+		return
+	}
+	json.NewEncoder(w).Encode(v)
+}
+
+// iotError answers the way AWS's REST-JSON services do.
+func iotError(w http.ResponseWriter, code int, typ, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Amzn-ErrorType", typ)
+	w.WriteHeader(code)
+	json.NewEncoder(w).Encode(map[string]string{"message": msg})
+}
+
+func (s *standIn) describeThing(w http.ResponseWriter, r *http.Request) {
+	if r.PathValue("thing") != testThing {
+		iotError(w, 404, "ResourceNotFoundException", "no such thing")
+		return
+	}
+	writeJSON(w, map[string]any{"thingName": testThing, "thingArn": testThingARN, "version": 1})
+}
+
+// listExecutionsForThing pages one execution at a time so pagination is exercised.
+func (s *standIn) listExecutionsForThing(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	st := r.URL.Query().Get("status")
+	list := s.stale[st]
+	i := 0
+	if tok := r.URL.Query().Get("nextToken"); tok != "" {
+		fmt.Sscanf(tok, "page%d", &i)
+	}
+	out := map[string]any{"executionSummaries": []any{}}
+	if i < len(list) {
+		out["executionSummaries"] = []any{map[string]any{
+			"jobId": list[i].JobID,
+			"jobExecutionSummary": map[string]any{"status": st, "executionNumber": 1},
+		}}
+	}
+	if i+1 < len(list) {
+		out["nextToken"] = fmt.Sprintf("page%d", i+1)
+	}
+	writeJSON(w, out)
+}
+
+func (s *standIn) describeExecution(w http.ResponseWriter, r *http.Request) {
+	job := r.PathValue("job")
+	s.mu.Lock()
+	s.nDesc++
+	n, hook := s.nDesc, s.onDesc
+	var (
+		st    execState
+		found bool
+	)
+	if _, ok := s.jobs[job]; ok {
+		if s.pending[job] > 0 {
+			s.pending[job]--
+		} else if sc := s.scripts[job]; len(sc) > 0 {
+			st, found = sc[0], true
+			if len(sc) > 1 {
+				s.scripts[job] = sc[1:]
+			}
+		} else {
+			st, found = execState{Status: "QUEUED", Version: 1}, true
+		}
+	}
+	s.mu.Unlock()
+	defer func() {
+		if hook != nil {
+			hook(n)
+		}
+	}()
+	if !found || r.PathValue("thing") != testThing {
+		iotError(w, 404, "ResourceNotFoundException", "no such execution")
+		return
+	}
+	ex := map[string]any{
+		"jobId": job, "thingArn": testThingARN, "status": st.Status,
+		"versionNumber": st.Version, "executionNumber": 1,
+	}
+	if st.Details != nil {
+		ex["statusDetails"] = map[string]any{"detailsMap": st.Details}
+	}
+	if !st.At.IsZero() {
+		ex["lastUpdatedAt"] = float64(st.At.UnixMilli()) / 1000
+	}
+	writeJSON(w, map[string]any{"execution": ex})
+}
+
+func (s *standIn) createStream(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("stream")
+	s.mu.Lock()
+	s.streams[id] = true
+	s.mu.Unlock()
+	writeJSON(w, map[string]any{"streamId": id, "streamArn": "arn:aws:iot:eu-west-1:123456789012:stream/" + id, "streamVersion": 1})
+}
+
+func (s *standIn) deleteStream(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.streams[r.PathValue("stream")] {
+		iotError(w, 404, "ResourceNotFoundException", "no such stream")
+		return
+	}
+	delete(s.streams, r.PathValue("stream"))
+	writeJSON(w, `{}`)
+}
+
+func (s *standIn) createJob(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("job")
+	body, _ := io.ReadAll(r.Body)
+	s.mu.Lock()
+	s.jobs[id] = body
+	s.mu.Unlock()
+	writeJSON(w, map[string]any{"jobId": id, "jobArn": "arn:aws:iot:eu-west-1:123456789012:job/" + id})
+}
+
+func (s *standIn) cancelJob(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("job")
+	writeJSON(w, map[string]any{"jobId": id, "jobArn": "arn:aws:iot:eu-west-1:123456789012:job/" + id})
+}
+
+func (s *standIn) deleteJob(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.jobs[r.PathValue("job")]; !ok {
+		iotError(w, 404, "ResourceNotFoundException", "no such job")
+		return
+	}
+	delete(s.jobs, r.PathValue("job"))
+	w.WriteHeader(http.StatusOK)
+}
+
+func (s *standIn) putObject(w http.ResponseWriter, r *http.Request) {
+	body, _ := io.ReadAll(r.Body)
+	s.mu.Lock()
+	s.objects[r.PathValue("bucket")+"/"+r.PathValue("key")] = body
+	s.mu.Unlock()
+	w.Header().Set("ETag", `"etag"`)
+	w.Header().Set("x-amz-version-id", "v1")
+	w.WriteHeader(http.StatusOK)
+}
+
+func (s *standIn) getObject(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	b, ok := s.objects[r.PathValue("bucket")+"/"+r.PathValue("key")]
+	s.mu.Unlock()
+	if !ok {
+		http.NotFound(w, r)
+		return
+	}
+	w.Write(b)
+}
+
+func (s *standIn) deleteObject(w http.ResponseWriter, r *http.Request) {
+	s.mu.Lock()
+	delete(s.objects, r.PathValue("bucket")+"/"+r.PathValue("key"))
+	s.mu.Unlock()
+	w.WriteHeader(http.StatusNoContent)
+}
+
+func (s *standIn) sts(w http.ResponseWriter, r *http.Request) {
+	if err := r.ParseForm(); err != nil {
+		s.t.Errorf("stand-in: sts form: %v", err)
+	}
+	s.mu.Lock()
+	s.assumeRq = r.PostForm
+	s.mu.Unlock()
+	if r.PostForm.Get("Action") != "AssumeRole" {
+		w.WriteHeader(http.StatusBadRequest)
+		return
+	}
+	w.Header().Set("Content-Type", "text/xml")
+	fmt.Fprintf(w, `<AssumeRoleResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/">
+<AssumeRoleResult><Credentials><AccessKeyId>%s</AccessKeyId><SecretAccessKey>assumed-secret</SecretAccessKey>
+<SessionToken>assumed-token</SessionToken><Expiration>%s</Expiration></Credentials>
+<AssumedRoleUser><Arn>%s/gwota-e2e</Arn><AssumedRoleId>AROA:gwota-e2e</AssumedRoleId></AssumedRoleUser>
+</AssumeRoleResult><ResponseMetadata><RequestId>req-1</RequestId></ResponseMetadata></AssumeRoleResponse>`,
+		assumedAKID, time.Now().Add(time.Hour).UTC().Format(time.RFC3339), r.PostForm.Get("RoleArn"))
+}

@@ -1,0 +1,154 @@
+// Package server is the thin gRPC adapter of the writer: it serves a Core (writer/engine) on
+// a Unix socket, checks each request's peer credentials, and converts the core's typed errors
+// to gRPC statuses at one boundary (the interceptors). Handlers never build statuses.
+package server
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"runtime/debug"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/health"
+	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/keepalive"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+)
+
+// Message size budget. A WriteBlocksRequest carries at most MaxBlockSize bytes of block data
+// (one full block, or several smaller ones) and at most MaxBlocksPerMessage blocks; the rest
+// of the budget is protobuf framing: per block the offset and length prefixes, per message
+// the session id, seq and sync flag.
+const (
+	MaxBlocksPerMessage = 256
+	perBlockOverhead    = 24
+	perMessageOverhead  = 1024
+)
+
+// MaxMessageSize is the largest gRPC message the writer receives for a given block size.
+func MaxMessageSize(maxBlock uint32) int {
+	return int(maxBlock) + perMessageOverhead + perBlockOverhead*MaxBlocksPerMessage
+}
+
+// Options configure a Server.
+type Options struct {
+	// AllowedUIDs may call the writer besides root.
+	AllowedUIDs []uint32
+	Log         hclog.Logger
+}
+
+// Server serves a Core over gRPC.
+type Server struct {
+	core   Core
+	log    hclog.Logger
+	grpc   *grpc.Server
+	health *health.Server
+	maxMsg int
+}
+
+// ServiceName is the health-checked service name of the writer.
+const ServiceName = "ota.v1.Writer"
+
+// New builds a server for core. Call Serve with a listener (Listen, or one passed by systemd).
+func New(core Core, opts Options) *Server {
+	log := opts.Log
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	log = log.Named("server")
+	s := &Server{core: core, log: log, health: health.NewServer(), maxMsg: MaxMessageSize(core.MaxBlockSize())}
+	auth := &authorizer{allowed: append([]uint32(nil), opts.AllowedUIDs...), log: log.Named("auth")}
+	s.grpc = grpc.NewServer(
+		grpc.Creds(PeerCredentials()),
+		grpc.MaxRecvMsgSize(s.maxMsg),
+		// Responses are small except GetState (bitmaps); keep them bounded too.
+		grpc.MaxSendMsgSize(s.maxMsg),
+		// Errors become statuses outermost, so the authorizer's typed refusal is converted too.
+		grpc.ChainUnaryInterceptor(s.unaryErrors, auth.unary),
+		grpc.ChainStreamInterceptor(s.streamErrors, auth.stream),
+		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+	)
+	otav1.RegisterWriterServer(s.grpc, &service{core: core, log: log, maxMsg: s.maxMsg})
+	healthpb.RegisterHealthServer(s.grpc, s.health)
+	return s
+}
+
+// Serve accepts connections on ln until Stop or GracefulStop. It reports SERVING on the
+// health service while it runs.
+func (s *Server) Serve(ln net.Listener) error {
+	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
+	s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
+	s.log.Info("serving", "addr", ln.Addr().String(), "max_message", s.maxMsg)
+	if err := s.grpc.Serve(ln); err != nil {
+		return fmt.Errorf("serve: %w", err)
+	}
+	return nil
+}
+
+// GracefulStop reports NOT_SERVING, stops accepting, and waits for running calls to end. If
+// ctx ends first, remaining calls are cut off.
+func (s *Server) GracefulStop(ctx context.Context) {
+	s.health.Shutdown()
+	done := make(chan struct{})
+	go func() {
+		s.grpc.GracefulStop()
+		close(done)
+	}()
+	select {
+	case <-done:
+	case <-ctx.Done():
+		s.log.Warn("graceful stop timed out; closing remaining calls")
+		s.grpc.Stop()
+		<-done
+	}
+	s.log.Info("stopped")
+}
+
+// Stop closes all connections at once.
+func (s *Server) Stop() {
+	s.health.Shutdown()
+	s.grpc.Stop()
+}
+
+// The one boundary where errors become gRPC statuses. A panic in a handler is a bug, but
+// must not take the privileged writer down with it: it becomes REASON_OTHER.
+func (s *Server) unaryErrors(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("panic in handler", "method", info.FullMethod, "panic", r, "stack", string(debug.Stack()))
+			resp, err = nil, status.Errorf(otav1.Reason_REASON_OTHER, "internal error")
+		}
+		if err != nil {
+			s.logErr(info.FullMethod, err)
+			err = status.ToGRPC(err)
+		}
+	}()
+	return handler(ctx, req)
+}
+
+func (s *Server) streamErrors(srv any, ss grpc.ServerStream, info *grpc.StreamServerInfo, handler grpc.StreamHandler) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			s.log.Error("panic in handler", "method", info.FullMethod, "panic", r, "stack", string(debug.Stack()))
+			err = status.Errorf(otav1.Reason_REASON_OTHER, "internal error")
+		}
+		if err != nil {
+			s.logErr(info.FullMethod, err)
+			err = status.ToGRPC(err)
+		}
+	}()
+	return handler(srv, ss)
+}
+
+func (s *Server) logErr(method string, err error) {
+	r := status.ReasonOf(err)
+	if r == otav1.Reason_REASON_PERMISSION_DENIED {
+		return // the authorizer logged who and why
+	}
+	s.log.Info("call failed", "method", method, "reason", status.String(r), "error", err)
+}

@@ -1,0 +1,160 @@
+package server
+
+import (
+	"context"
+	"errors"
+	"io"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	grpcstatus "google.golang.org/grpc/status"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+)
+
+// service maps each RPC onto Core. It returns the core's errors unchanged (or typed
+// *status.Error for what it checks itself); the interceptors convert them.
+type service struct {
+	otav1.UnimplementedWriterServer
+	core   Core
+	log    hclog.Logger
+	maxMsg int
+}
+
+func (s *service) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
+	resp, err := s.core.Handshake(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	// The transport limit is the adapter's business, not the core's.
+	resp.MaxMessageSize = uint32(s.maxMsg)
+	s.log.Debug("handshake", "client", req.GetClient(), "protocol", req.GetProtocolVersion())
+	return resp, nil
+}
+
+func (s *service) GetState(ctx context.Context, _ *otav1.GetStateRequest) (*otav1.DeviceState, error) {
+	return s.core.State(ctx)
+}
+
+func (s *service) BeginSession(ctx context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
+	return s.core.Begin(ctx, req)
+}
+
+func checkBatch(req *otav1.WriteBlocksRequest) error {
+	if n := len(req.GetBlocks()); n > MaxBlocksPerMessage {
+		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "%d blocks in one message, at most %d", n, MaxBlocksPerMessage)
+	}
+	return nil
+}
+
+func ack(sessionID string, seq uint64, r WriteResult) *otav1.WriteAck {
+	a := &otav1.WriteAck{SessionId: sessionID, DurableBlocks: r.Durable, TotalBlocks: r.Total, ReceivedBlocks: r.Received}
+	if r.Synced {
+		a.DurableSeq = seq
+	}
+	return a
+}
+
+// WriteBlocks: one session per stream, seq strictly increasing, an ack each time the core
+// reports everything so far durable. The first error ends the stream with its reason; the
+// client reopens a stream and resumes from the last acknowledged seq.
+func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksRequest, otav1.WriteAck]) error {
+	ctx := stream.Context()
+	var sessionID string
+	var lastSeq uint64
+	first := true
+	for {
+		req, err := stream.Recv()
+		if errors.Is(err, io.EOF) {
+			return nil
+		}
+		if err != nil {
+			return recvError(err)
+		}
+		if first {
+			sessionID = req.GetSessionId()
+		} else if req.GetSessionId() != sessionID {
+			return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "one session per stream: got %q after %q", req.GetSessionId(), sessionID)
+		}
+		if !first && req.GetSeq() <= lastSeq {
+			return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "seq %d not above previous %d", req.GetSeq(), lastSeq)
+		}
+		first, lastSeq = false, req.GetSeq()
+		if err := checkBatch(req); err != nil {
+			return err
+		}
+		res, err := s.core.Write(ctx, sessionID, req.GetBlocks(), req.GetSync())
+		if err != nil {
+			return err
+		}
+		if res.Synced {
+			if err := stream.Send(ack(sessionID, req.GetSeq(), res)); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// recvError turns transport errors that are the peer's fault into typed reasons; a message
+// over the size limit arrives as ResourceExhausted from grpc itself.
+func recvError(err error) error {
+	if st, ok := grpcstatus.FromError(err); ok && st.Code() == codes.ResourceExhausted {
+		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "message too large: %s", st.Message())
+	}
+	return err
+}
+
+func (s *service) WriteBatch(ctx context.Context, req *otav1.WriteBlocksRequest) (*otav1.WriteAck, error) {
+	if err := checkBatch(req); err != nil {
+		return nil, err
+	}
+	res, err := s.core.Write(ctx, req.GetSessionId(), req.GetBlocks(), req.GetSync())
+	if err != nil {
+		return nil, err
+	}
+	return ack(req.GetSessionId(), req.GetSeq(), res), nil
+}
+
+func (s *service) FinishSession(ctx context.Context, req *otav1.FinishSessionRequest) (*otav1.FinishSessionResponse, error) {
+	return s.core.Finish(ctx, req.GetSessionId())
+}
+
+func (s *service) AbortSession(ctx context.Context, req *otav1.AbortSessionRequest) (*otav1.AbortSessionResponse, error) {
+	if err := s.core.Abort(ctx, req.GetSessionId(), req.GetReason()); err != nil {
+		return nil, err
+	}
+	return &otav1.AbortSessionResponse{}, nil
+}
+
+func (s *service) Activate(ctx context.Context, req *otav1.ActivateRequest) (*otav1.ActivateResponse, error) {
+	return s.core.Activate(ctx, req.GetSessionId())
+}
+
+func (s *service) Reboot(ctx context.Context, _ *otav1.RebootRequest) (*otav1.RebootResponse, error) {
+	if err := s.core.Reboot(ctx); err != nil {
+		return nil, err
+	}
+	return &otav1.RebootResponse{}, nil
+}
+
+func (s *service) SelfTest(ctx context.Context, req *otav1.SelfTestRequest) (*otav1.SelfTestResponse, error) {
+	return s.core.SelfTest(ctx, req.GetJobId())
+}
+
+func (s *service) Commit(ctx context.Context, req *otav1.CommitRequest) (*otav1.CommitResponse, error) {
+	return s.core.Commit(ctx, req.GetJobId())
+}
+
+func (s *service) Reject(ctx context.Context, req *otav1.RejectRequest) (*otav1.RejectResponse, error) {
+	return s.core.Reject(ctx, req.GetJobId(), req.GetReason())
+}
+
+func (s *service) GetExtensions(ctx context.Context, _ *otav1.GetExtensionsRequest) (*otav1.GetExtensionsResponse, error) {
+	v, err := s.core.Extensions(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return &otav1.GetExtensionsResponse{Values: v}, nil
+}

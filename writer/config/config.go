@@ -1,0 +1,410 @@
+// Package config loads and validates the writer's TOML configuration. All policy lives here:
+// which targets exist and what backs them, which keys are trusted, size limits, the version
+// policy. Nothing a client sends can widen it.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/BurntSushi/toml"
+)
+
+// Defaults applied by Load/Parse when a key is absent.
+const (
+	DefaultSocket          = "/run/ota/writer.sock"
+	DefaultStateDir        = "/var/lib/ota-writer"
+	DefaultMaxBlockSize    = 131072
+	MinBlockSize           = 256
+	MaxMaxBlockSize        = 4 << 20
+	DefaultSyncBytes       = 8 << 20
+	DefaultSyncInterval    = 2 * time.Second
+	DefaultSelfTestTimeout = 5 * time.Minute
+	DefaultBootLimit       = 3
+	DefaultCommandTimeout  = 10 * time.Second
+)
+
+// Version policies.
+const (
+	VersionAny     = "any"
+	VersionNewer   = "newer"
+	VersionNotSame = "not_same"
+)
+
+// Target kinds.
+const (
+	KindAB   = "ab"
+	KindFile = "file"
+)
+
+// Boot backends.
+const (
+	BootFile  = "file"
+	BootUBoot = "uboot"
+	BootGRUB  = "grub"
+)
+
+// Config is the whole writer configuration.
+type Config struct {
+	Socket      string `toml:"socket"`
+	SocketGroup string `toml:"socket_group"`
+	StateDir    string `toml:"state_dir"`
+	PeerUIDs    []int  `toml:"peer_uids"`
+	// TrustedKeys are PEM certificates or public keys; a job's certfile only selects among them.
+	TrustedKeys   []string `toml:"trusted_keys"`
+	AllowSHA1     bool     `toml:"allow_sha1"`
+	RebootCommand []string `toml:"reboot_command"`
+	// MaxBlockSize is the largest block a session may use (bytes).
+	MaxBlockSize uint32 `toml:"max_block_size"`
+	// SyncBytes / SyncInterval: make written blocks durable (fdatasync + journal) after this
+	// many bytes or this much time since the last sync, whichever comes first.
+	SyncBytes    int64         `toml:"sync_bytes"`
+	SyncInterval time.Duration `toml:"sync_interval"`
+	// VersionPolicy: any | newer | not_same. AllowDowngrade relaxes "newer" to "not_same".
+	VersionPolicy   string        `toml:"version_policy"`
+	AllowDowngrade  bool          `toml:"allow_downgrade"`
+	SelfTestTimeout time.Duration `toml:"self_test_timeout"`
+	LogLevel        string        `toml:"log_level"`
+	LogJSON         bool          `toml:"log_json"`
+
+	Boot              Boot              `toml:"boot"`
+	Targets           []Target          `toml:"target"`
+	Checks            []Command         `toml:"check"`
+	Extensions        map[string]string `toml:"extensions"`
+	ExtensionCommands []Command         `toml:"extension_command"`
+}
+
+// Boot selects and configures the boot control backend.
+type Boot struct {
+	Backend string `toml:"backend"` // file | uboot | grub
+	// BootLimit: boot attempts of a trial slot before the bootloader (or the file backend's
+	// simulation) falls back to the committed slot.
+	BootLimit int `toml:"boot_limit"`
+	// U-Boot: fw_env.config path and the libubootenv tools.
+	FwEnvConfig string `toml:"fw_env_config"`
+	FwPrintenv  string `toml:"fw_printenv"`
+	FwSetenv    string `toml:"fw_setenv"`
+	// GRUB: environment block and the grub-editenv tool.
+	GrubEnv     string `toml:"grub_env"`
+	GrubEditenv string `toml:"grub_editenv"`
+}
+
+// Target is one flash target: an A/B slot pair or a plain file.
+type Target struct {
+	Name string `toml:"name"`
+	Kind string `toml:"kind"` // ab | file
+	// FileTypes / FilePaths: job fileType / filepath values routed to this target.
+	FileTypes []int32  `toml:"file_types"`
+	FilePaths []string `toml:"file_paths"`
+	// Slots: kind "ab", slot a then slot b (block devices, partitions or regular files).
+	Slots []string `toml:"slots"`
+	// Path: kind "file", the destination.
+	Path string `toml:"path"`
+	// MaxSize limits the image size in bytes (0: only the medium's capacity limits it).
+	MaxSize uint64 `toml:"max_size"`
+}
+
+// Command is a health check ([[check]]) or an executable extension provider
+// ([[extension_command]]).
+type Command struct {
+	Name    string        `toml:"name"`
+	Command []string      `toml:"command"`
+	Timeout time.Duration `toml:"timeout"`
+}
+
+var (
+	nameRE   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
+	extKeyRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,128}$`)
+)
+
+// Load reads and validates the file at path.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// Parse decodes TOML, refuses unknown keys, applies defaults and validates.
+func Parse(data []byte) (*Config, error) {
+	var c Config
+	md, err := toml.NewDecoder(bytes.NewReader(data)).Decode(&c)
+	if err != nil {
+		return nil, err
+	}
+	if und := md.Undecoded(); len(und) > 0 {
+		keys := make([]string, len(und))
+		for i, k := range und {
+			keys[i] = k.String()
+		}
+		return nil, fmt.Errorf("unknown keys: %s", strings.Join(keys, ", "))
+	}
+	c.applyDefaults()
+	if err := c.Validate(); err != nil {
+		return nil, err
+	}
+	return &c, nil
+}
+
+func (c *Config) applyDefaults() {
+	if c.Socket == "" {
+		c.Socket = DefaultSocket
+	}
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.MaxBlockSize == 0 {
+		c.MaxBlockSize = DefaultMaxBlockSize
+	}
+	if c.SyncBytes == 0 {
+		c.SyncBytes = DefaultSyncBytes
+	}
+	if c.SyncInterval == 0 {
+		c.SyncInterval = DefaultSyncInterval
+	}
+	if c.VersionPolicy == "" {
+		c.VersionPolicy = VersionAny
+	}
+	if c.SelfTestTimeout == 0 {
+		c.SelfTestTimeout = DefaultSelfTestTimeout
+	}
+	if c.LogLevel == "" {
+		c.LogLevel = "info"
+	}
+	if c.Boot.Backend == "" {
+		c.Boot.Backend = BootFile
+	}
+	if c.Boot.BootLimit == 0 {
+		c.Boot.BootLimit = DefaultBootLimit
+	}
+	switch c.Boot.Backend {
+	case BootUBoot:
+		if c.Boot.FwPrintenv == "" {
+			c.Boot.FwPrintenv = "fw_printenv"
+		}
+		if c.Boot.FwSetenv == "" {
+			c.Boot.FwSetenv = "fw_setenv"
+		}
+	case BootGRUB:
+		if c.Boot.GrubEnv == "" {
+			c.Boot.GrubEnv = "/boot/grub/grubenv"
+		}
+		if c.Boot.GrubEditenv == "" {
+			c.Boot.GrubEditenv = "grub-editenv"
+		}
+	}
+	for i := range c.Checks {
+		if c.Checks[i].Timeout == 0 {
+			c.Checks[i].Timeout = c.SelfTestTimeout
+		}
+	}
+	for i := range c.ExtensionCommands {
+		if c.ExtensionCommands[i].Timeout == 0 {
+			c.ExtensionCommands[i].Timeout = DefaultCommandTimeout
+		}
+	}
+}
+
+// Validate checks the whole configuration and reports every problem it finds.
+func (c *Config) Validate() error {
+	var errs []error
+	bad := func(format string, args ...any) { errs = append(errs, fmt.Errorf(format, args...)) }
+
+	if !filepath.IsAbs(c.Socket) {
+		bad("socket: %q is not an absolute path", c.Socket)
+	}
+	if !filepath.IsAbs(c.StateDir) {
+		bad("state_dir: %q is not an absolute path", c.StateDir)
+	}
+	for _, u := range c.PeerUIDs {
+		if u < 0 {
+			bad("peer_uids: %d is negative", u)
+		}
+	}
+	for i, k := range c.TrustedKeys {
+		if !filepath.IsAbs(k) {
+			bad("trusted_keys[%d]: %q is not an absolute path", i, k)
+		}
+	}
+	if len(c.RebootCommand) > 0 && c.RebootCommand[0] == "" {
+		bad("reboot_command: empty program")
+	}
+	if c.MaxBlockSize < MinBlockSize || c.MaxBlockSize > MaxMaxBlockSize {
+		bad("max_block_size: %d outside %d..%d", c.MaxBlockSize, MinBlockSize, MaxMaxBlockSize)
+	}
+	if c.SyncBytes < 0 {
+		bad("sync_bytes: %d is negative", c.SyncBytes)
+	}
+	if c.SyncInterval < 0 {
+		bad("sync_interval: %s is negative", c.SyncInterval)
+	}
+	if c.SelfTestTimeout < 0 {
+		bad("self_test_timeout: %s is negative", c.SelfTestTimeout)
+	}
+	switch c.VersionPolicy {
+	case VersionAny, VersionNewer, VersionNotSame:
+	default:
+		bad("version_policy: %q is not any, newer or not_same", c.VersionPolicy)
+	}
+	switch strings.ToLower(c.LogLevel) {
+	case "trace", "debug", "info", "warn", "error", "off":
+	default:
+		bad("log_level: %q is not trace, debug, info, warn, error or off", c.LogLevel)
+	}
+	c.validateBoot(bad)
+	c.validateTargets(bad)
+	c.validateCommands("check", c.Checks, bad)
+	c.validateCommands("extension_command", c.ExtensionCommands, bad)
+	for k := range c.Extensions {
+		if !extKeyRE.MatchString(k) {
+			bad("extensions: key %q must be 1..128 of [A-Za-z0-9_.-]", k)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+func (c *Config) validateBoot(bad func(string, ...any)) {
+	b := c.Boot
+	if b.BootLimit < 1 || b.BootLimit > 255 {
+		bad("boot.boot_limit: %d outside 1..255", b.BootLimit)
+	}
+	switch b.Backend {
+	case BootFile:
+		if b.FwEnvConfig != "" || b.FwPrintenv != "" || b.FwSetenv != "" || b.GrubEnv != "" || b.GrubEditenv != "" {
+			bad("boot: uboot/grub keys set with backend %q", b.Backend)
+		}
+	case BootUBoot:
+		if b.FwEnvConfig != "" && !filepath.IsAbs(b.FwEnvConfig) {
+			bad("boot.fw_env_config: %q is not an absolute path", b.FwEnvConfig)
+		}
+		if b.GrubEnv != "" || b.GrubEditenv != "" {
+			bad("boot: grub keys set with backend uboot")
+		}
+	case BootGRUB:
+		if !filepath.IsAbs(b.GrubEnv) {
+			bad("boot.grub_env: %q is not an absolute path", b.GrubEnv)
+		}
+		if b.FwEnvConfig != "" || b.FwPrintenv != "" || b.FwSetenv != "" {
+			bad("boot: uboot keys set with backend grub")
+		}
+	default:
+		bad("boot.backend: %q is not file, uboot or grub", b.Backend)
+	}
+}
+
+func (c *Config) validateTargets(bad func(string, ...any)) {
+	names := map[string]bool{}
+	types := map[int32]string{}
+	paths := map[string]string{}
+	media := map[string]string{}
+	useMedium := func(t, p string) {
+		p = filepath.Clean(p)
+		if other, ok := media[p]; ok {
+			bad("target %q: %s is already used by target %q", t, p, other)
+		}
+		media[p] = t
+	}
+	for i, t := range c.Targets {
+		where := fmt.Sprintf("target[%d] %q", i, t.Name)
+		if !nameRE.MatchString(t.Name) {
+			bad("%s: name must be 1..64 of [A-Za-z0-9_.-], starting alphanumeric", where)
+		}
+		if names[t.Name] {
+			bad("%s: duplicate target name", where)
+		}
+		names[t.Name] = true
+		if len(t.FileTypes) == 0 && len(t.FilePaths) == 0 {
+			bad("%s: neither file_types nor file_paths: no job could select it", where)
+		}
+		for _, ft := range t.FileTypes {
+			if ft < 0 {
+				bad("%s: file_types: %d is negative", where, ft)
+			}
+			if other, ok := types[ft]; ok {
+				bad("%s: file type %d is already routed to target %q", where, ft, other)
+			}
+			types[ft] = t.Name
+		}
+		for _, fp := range t.FilePaths {
+			if fp == "" {
+				bad("%s: file_paths: empty value", where)
+			}
+			if other, ok := paths[fp]; ok {
+				bad("%s: file path %q is already routed to target %q", where, fp, other)
+			}
+			paths[fp] = t.Name
+		}
+		switch t.Kind {
+		case KindAB:
+			if t.Path != "" {
+				bad("%s: path is for kind \"file\"; kind \"ab\" uses slots", where)
+			}
+			if len(t.Slots) != 2 {
+				bad("%s: slots must name exactly two paths (slot a, slot b), got %d", where, len(t.Slots))
+				break
+			}
+			for j, s := range t.Slots {
+				if !filepath.IsAbs(s) {
+					bad("%s: slots[%d]: %q is not an absolute path", where, j, s)
+				}
+			}
+			if filepath.Clean(t.Slots[0]) == filepath.Clean(t.Slots[1]) {
+				bad("%s: slots a and b are the same path %q", where, t.Slots[0])
+			}
+			useMedium(t.Name, t.Slots[0])
+			useMedium(t.Name, t.Slots[1])
+		case KindFile:
+			if len(t.Slots) != 0 {
+				bad("%s: slots are for kind \"ab\"; kind \"file\" uses path", where)
+			}
+			if !filepath.IsAbs(t.Path) || strings.HasSuffix(t.Path, "/") {
+				bad("%s: path %q is not an absolute file path", where, t.Path)
+			} else {
+				useMedium(t.Name, t.Path)
+			}
+		default:
+			bad("%s: kind %q is not ab or file", where, t.Kind)
+		}
+	}
+}
+
+func (c *Config) validateCommands(section string, cmds []Command, bad func(string, ...any)) {
+	seen := map[string]bool{}
+	for i, cmd := range cmds {
+		where := fmt.Sprintf("%s[%d] %q", section, i, cmd.Name)
+		if !nameRE.MatchString(cmd.Name) {
+			bad("%s: name must be 1..64 of [A-Za-z0-9_.-]", where)
+		}
+		if seen[cmd.Name] {
+			bad("%s: duplicate name", where)
+		}
+		seen[cmd.Name] = true
+		if len(cmd.Command) == 0 || cmd.Command[0] == "" {
+			bad("%s: command is empty", where)
+		}
+		if cmd.Timeout <= 0 {
+			bad("%s: timeout must be positive", where)
+		}
+	}
+}
+
+// TargetByName returns the configured target called name.
+func (c *Config) TargetByName(name string) (*Target, bool) {
+	i := slices.IndexFunc(c.Targets, func(t Target) bool { return t.Name == name })
+	if i < 0 {
+		return nil, false
+	}
+	return &c.Targets[i], true
+}

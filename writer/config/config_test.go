@@ -1,0 +1,114 @@
+package config
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+const minimal = `
+state_dir = "/var/lib/ota-writer"
+trusted_keys = ["/etc/ota/keys/signer.crt.pem"]
+[[target]]
+name = "rootfs"
+kind = "ab"
+file_types = [0]
+slots = ["/dev/mmcblk0p2", "/dev/mmcblk0p3"]
+`
+
+func TestExampleParses(t *testing.T) {
+	c, err := Load("example.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []Target{
+		{Name: "rootfs", Kind: KindAB, FileTypes: []int32{0}, FilePaths: []string{"/opt/fw/gateway.img"},
+			Slots: []string{"/dev/mmcblk0p2", "/dev/mmcblk0p3"}, MaxSize: 536870912},
+		{Name: "app", Kind: KindFile, FileTypes: []int32{1}, Path: "/opt/app/bundle.tar", MaxSize: 268435456},
+	}
+	if d := cmp.Diff(want, c.Targets); d != "" {
+		t.Errorf("targets (-want +got):\n%s", d)
+	}
+	if c.SyncInterval != 2*time.Second || c.SelfTestTimeout != 2*time.Minute || c.Checks[0].Timeout != 30*time.Second {
+		t.Errorf("durations: %v %v %v", c.SyncInterval, c.SelfTestTimeout, c.Checks[0].Timeout)
+	}
+	if c.VersionPolicy != VersionNewer || c.SocketGroup != "ota" || c.PeerUIDs[0] != 998 {
+		t.Errorf("got %+v", c)
+	}
+	if c.Extensions["site"] != "plant-7" || c.ExtensionCommands[0].Timeout != 5*time.Second {
+		t.Errorf("extensions: %v %v", c.Extensions, c.ExtensionCommands)
+	}
+}
+
+func TestDefaults(t *testing.T) {
+	c, err := Parse([]byte(minimal))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := []any{c.Socket, c.MaxBlockSize, c.SyncBytes, c.SyncInterval, c.VersionPolicy, c.Boot.Backend, c.Boot.BootLimit, c.AllowSHA1}
+	want := []any{DefaultSocket, uint32(DefaultMaxBlockSize), int64(DefaultSyncBytes), DefaultSyncInterval, VersionAny, BootFile, DefaultBootLimit, false}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("defaults (-want +got):\n%s", d)
+	}
+	c, err = Parse([]byte(minimal + "[boot]\nbackend = \"uboot\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Boot.FwSetenv != "fw_setenv" || c.Boot.FwPrintenv != "fw_printenv" {
+		t.Errorf("uboot defaults: %+v", c.Boot)
+	}
+}
+
+func TestInvalid(t *testing.T) {
+	for _, tc := range []struct {
+		name, toml, want string
+	}{
+		{"unknown top key", "sokcet = \"/x\"\n" + minimal, "unknown keys: sokcet"},
+		{"unknown target key", strings.Replace(minimal, "kind = \"ab\"", "kind = \"ab\"\nslot = \"x\"", 1), "unknown keys: target.slot"},
+		{"syntax", "socket = ", "expected value"},
+		{"duplicate name", minimal + "[[target]]\nname = \"rootfs\"\nkind = \"file\"\nfile_types = [1]\npath = \"/x/y\"\n", "duplicate target name"},
+		{"one slot", strings.Replace(minimal, `"/dev/mmcblk0p2", `, "", 1), "exactly two paths"},
+		{"same slots", strings.Replace(minimal, "p3", "p2", 1), "are the same path"},
+		{"relative slot", strings.Replace(minimal, "/dev/mmcblk0p3", "mmcblk0p3", 1), `slots[1]: "mmcblk0p3" is not an absolute path`},
+		{"relative file", minimal + "[[target]]\nname = \"app\"\nkind = \"file\"\nfile_types = [1]\npath = \"app.tar\"\n", "not an absolute file path"},
+		{"unselectable", strings.Replace(minimal, "file_types = [0]", "", 1), "neither file_types nor file_paths"},
+		{"bad kind", strings.Replace(minimal, `kind = "ab"`, `kind = "ubi"`, 1), `kind "ubi" is not ab or file`},
+		{"type routed twice", minimal + "[[target]]\nname = \"app\"\nkind = \"file\"\nfile_types = [0]\npath = \"/x/y\"\n", "file type 0 is already routed"},
+		{"medium shared", minimal + "[[target]]\nname = \"app\"\nkind = \"file\"\nfile_types = [1]\npath = \"/dev/mmcblk0p2\"\n", "already used by target"},
+		{"block size", "max_block_size = 100\n" + minimal, "max_block_size: 100 outside"},
+		{"policy", "version_policy = \"older\"\n" + minimal, "version_policy"},
+		{"backend", minimal + "[boot]\nbackend = \"lilo\"\n", "boot.backend"},
+		{"grub keys on file", minimal + "[boot]\ngrub_env = \"/boot/grubenv\"\n", "grub keys set"},
+		{"check without command", minimal + "[[check]]\nname = \"x\"\n", "command is empty"},
+		{"bad duration", "sync_interval = \"soon\"\n" + minimal, "sync_interval"},
+		{"relative key", strings.Replace(minimal, "/etc/ota/keys/signer.crt.pem", "signer.pem", 1), "trusted_keys[0]"},
+		{"bad ext key", minimal + "[extensions]\n\"a b\" = \"c\"\n", `key "a b"`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := Parse([]byte(tc.toml))
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("got %v, want error containing %q", err, tc.want)
+			}
+		})
+	}
+}
+
+func TestLoadMissing(t *testing.T) {
+	if _, err := Load(filepath.Join(t.TempDir(), "none.toml")); !os.IsNotExist(unwrapAll(err)) {
+		t.Fatalf("got %v", err)
+	}
+}
+
+func unwrapAll(err error) error {
+	for {
+		u, ok := err.(interface{ Unwrap() error })
+		if !ok {
+			return err
+		}
+		err = u.Unwrap()
+	}
+}

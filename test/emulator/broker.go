@@ -1,0 +1,290 @@
+package emulator
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/url"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+	"github.com/hashicorp/go-hclog"
+	mqtt "github.com/mochi-mqtt/server/v2"
+	"github.com/mochi-mqtt/server/v2/listeners"
+	"github.com/mochi-mqtt/server/v2/packets"
+)
+
+// message is one request a device published on a $aws topic.
+type message struct {
+	clientID string // empty on an external broker (it does not tell who published)
+	topic    string
+	payload  []byte
+}
+
+// transport is where the emulator meets MQTT: the embedded broker or an external one.
+type transport interface {
+	// respond sends a response meant for the requester: on the embedded broker it reaches the
+	// requester even when it has not subscribed, as on AWS IoT.
+	respond(clientID, topic string, payload []byte) error
+	// publish sends to subscribers only (notify, notify-next).
+	publish(topic string, payload []byte) error
+	// disconnect drops a client's connection (fault injection); false if not possible.
+	disconnect(clientID string) bool
+	url() string
+	close() error
+}
+
+// requestFilters are the topic filters the emulator serves.
+var requestFilters = []string{"$aws/things/+/jobs/#", "$aws/things/+/streams/#"}
+
+// embedded runs mochi in-process and can be stopped and started again on the same address.
+type embedded struct {
+	log     hclog.Logger
+	handler func(message)
+
+	mu     sync.Mutex
+	addr   string // fixed after the first start so a restart keeps the port
+	server *mqtt.Server
+}
+
+func newEmbedded(listen string, log hclog.Logger, handler func(message)) (*embedded, error) {
+	e := &embedded{log: log, handler: handler, addr: listen}
+	if err := e.start(); err != nil {
+		return nil, err
+	}
+	return e, nil
+}
+
+func (e *embedded) start() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.server != nil {
+		return nil
+	}
+	ln, err := listenRetry(e.addr)
+	if err != nil {
+		return fmt.Errorf("embedded broker listen %s: %w", e.addr, err)
+	}
+	e.addr = ln.Addr().String()
+
+	s := mqtt.New(&mqtt.Options{
+		InlineClient: true,
+		Logger:       slog.New(slog.NewTextHandler(hclogWriter{e.log}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+	})
+	if err := s.AddHook(new(allowAll), nil); err != nil {
+		ln.Close()
+		return err
+	}
+	if err := s.AddListener(listeners.NewNet("emulator", ln)); err != nil {
+		ln.Close()
+		return err
+	}
+	for i, f := range requestFilters {
+		err := s.Subscribe(f, i+1, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+			// Origin is the publishing client; our own responses come from the inline client.
+			if pk.Origin == "" || pk.Origin == mqtt.InlineClientId {
+				return
+			}
+			e.handler(message{clientID: pk.Origin, topic: pk.TopicName, payload: append([]byte(nil), pk.Payload...)})
+		})
+		if err != nil {
+			s.Close()
+			return err
+		}
+	}
+	if err := s.Serve(); err != nil {
+		s.Close()
+		return err
+	}
+	e.server = s
+	return nil
+}
+
+// listenRetry binds addr; right after a stop the port can be briefly busy.
+func listenRetry(addr string) (net.Listener, error) {
+	var err error
+	for i := 0; i < 50; i++ {
+		var ln net.Listener
+		if ln, err = net.Listen("tcp", addr); err == nil {
+			return ln, nil
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return nil, err
+}
+
+func (e *embedded) stop() {
+	e.mu.Lock()
+	s := e.server
+	e.server = nil
+	e.mu.Unlock()
+	if s != nil {
+		s.Close()
+	}
+}
+
+func (e *embedded) current() *mqtt.Server {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.server
+}
+
+func (e *embedded) respond(clientID, topic string, payload []byte) error {
+	s := e.current()
+	if s == nil {
+		return errBrokerDown
+	}
+	subscribed := false
+	if clientID != "" {
+		_, subscribed = s.Topics.Subscribers(topic).Subscriptions[clientID]
+	}
+	// Everyone subscribed gets it through the broker (QoS is capped by each subscription).
+	if err := s.Publish(topic, payload, false, 1); err != nil {
+		return err
+	}
+	if subscribed || clientID == "" {
+		return nil
+	}
+	cl, ok := s.Clients.Get(clientID)
+	if !ok || cl.Closed() {
+		return nil // gone, like on AWS: the response is lost
+	}
+	// AWS IoT delivers responses to the requester without a subscription; write it directly.
+	return cl.WritePacket(packets.Packet{
+		FixedHeader: packets.FixedHeader{Type: packets.Publish},
+		TopicName:   topic,
+		Payload:     payload,
+	})
+}
+
+func (e *embedded) publish(topic string, payload []byte) error {
+	s := e.current()
+	if s == nil {
+		return errBrokerDown
+	}
+	return s.Publish(topic, payload, false, 1)
+}
+
+func (e *embedded) disconnect(clientID string) bool {
+	s := e.current()
+	if s == nil {
+		return false
+	}
+	cl, ok := s.Clients.Get(clientID)
+	if !ok {
+		return false
+	}
+	_ = s.DisconnectClient(cl, packets.ErrServerShuttingDown)
+	cl.Stop(packets.ErrServerShuttingDown)
+	return true
+}
+
+func (e *embedded) url() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return "mqtt://" + e.addr
+}
+
+func (e *embedded) close() error {
+	e.stop()
+	return nil
+}
+
+var errBrokerDown = fmt.Errorf("broker stopped")
+
+// external is a client of a broker run elsewhere (mosquitto). Ordinary brokers deliver only
+// what is subscribed, so devices must subscribe to the response topics.
+type external struct {
+	brokerURL string
+	client    *paho.Client
+	conn      net.Conn
+	log       hclog.Logger
+}
+
+func newExternal(ctx context.Context, brokerURL, clientID string, log hclog.Logger, handler func(message)) (*external, error) {
+	u, err := url.Parse(brokerURL)
+	if err != nil {
+		return nil, fmt.Errorf("broker URL %q: %w", brokerURL, err)
+	}
+	if u.Scheme != "mqtt" && u.Scheme != "tcp" {
+		return nil, fmt.Errorf("broker URL %q: only mqtt:// is supported", brokerURL)
+	}
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", u.Host)
+	if err != nil {
+		return nil, fmt.Errorf("connect to broker %s: %w", u.Host, err)
+	}
+	x := &external{brokerURL: brokerURL, conn: conn, log: log}
+	x.client = paho.NewClient(paho.ClientConfig{
+		Conn:     conn,
+		ClientID: clientID,
+		OnPublishReceived: []func(paho.PublishReceived) (bool, error){
+			func(pr paho.PublishReceived) (bool, error) {
+				handler(message{topic: pr.Packet.Topic, payload: pr.Packet.Payload})
+				return true, nil
+			},
+		},
+		OnClientError: func(err error) { log.Warn("external broker connection", "error", err) },
+	})
+	ca, err := x.client.Connect(ctx, &paho.Connect{ClientID: clientID, CleanStart: true, KeepAlive: 30})
+	if err != nil {
+		conn.Close()
+		return nil, fmt.Errorf("MQTT connect to %s: %w", u.Host, err)
+	}
+	if ca.ReasonCode != 0 {
+		conn.Close()
+		return nil, fmt.Errorf("MQTT connect to %s: reason %d", u.Host, ca.ReasonCode)
+	}
+	subs := make([]paho.SubscribeOptions, 0, len(requestFilters))
+	for _, f := range requestFilters {
+		// NoLocal: our own responses are on the same filters.
+		subs = append(subs, paho.SubscribeOptions{Topic: f, QoS: 1, NoLocal: true})
+	}
+	if _, err := x.client.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs}); err != nil {
+		x.close()
+		return nil, fmt.Errorf("subscribe on %s: %w", u.Host, err)
+	}
+	return x, nil
+}
+
+func (x *external) respond(_, topic string, payload []byte) error { return x.publish(topic, payload) }
+
+func (x *external) publish(topic string, payload []byte) error {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_, err := x.client.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payload})
+	return err
+}
+
+func (x *external) disconnect(string) bool { return false }
+func (x *external) url() string            { return x.brokerURL }
+
+func (x *external) close() error {
+	_ = x.client.Disconnect(&paho.Disconnect{ReasonCode: 0})
+	select {
+	case <-x.client.Done():
+	case <-time.After(5 * time.Second):
+	}
+	return x.conn.Close()
+}
+
+// hclogWriter lets mochi's slog output go to the emulator's hclog logger.
+type hclogWriter struct{ l hclog.Logger }
+
+func (w hclogWriter) Write(p []byte) (int, error) {
+	w.l.Named("mochi").Debug(strings.TrimSpace(string(p)))
+	return len(p), nil
+}
+
+// allowAll admits every client and topic: local use only (mochi's own allow hook pulls in YAML).
+type allowAll struct{ mqtt.HookBase }
+
+func (*allowAll) ID() string { return "allow-all" }
+func (*allowAll) Provides(b byte) bool {
+	return b == mqtt.OnConnectAuthenticate || b == mqtt.OnACLCheck
+}
+func (*allowAll) OnConnectAuthenticate(*mqtt.Client, packets.Packet) bool { return true }
+func (*allowAll) OnACLCheck(*mqtt.Client, string, bool) bool              { return true }

@@ -77,12 +77,17 @@ func (c *Client) Close() error { return c.cc.Close() }
 func (c *Client) Raw() otav1.WriterClient { return c.w }
 
 // wrap makes every error a *status.Error carrying the reason (kept as a plain error so a nil
-// error stays a nil interface).
+// error stays a nil interface). grpc itself, not the writer's code, refuses a message over
+// the writer's size limit (ResourceExhausted without a reason): that is a malformed request.
 func wrap(err error) error {
 	if err == nil {
 		return nil
 	}
-	return status.FromError(err)
+	e := status.FromError(err)
+	if st, ok := grpcstatus.FromError(err); ok && st.Code() == codes.ResourceExhausted && len(st.Details()) == 0 {
+		e = &status.Error{Reason: otav1.Reason_REASON_INVALID_REQUEST, Msg: st.Message(), Err: err}
+	}
+	return e
 }
 
 // WaitReady waits until the writer answers SERVING on its health service, or ctx ends. A

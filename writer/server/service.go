@@ -7,8 +7,6 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
-	"google.golang.org/grpc/codes"
-	grpcstatus "google.golang.org/grpc/status"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -71,7 +69,9 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 			return nil
 		}
 		if err != nil {
-			return recvError(err)
+			// grpc has already sent its own status for transport-level refusals (a message
+			// over the size limit is ResourceExhausted); this only ends the handler.
+			return err
 		}
 		if first {
 			sessionID = req.GetSessionId()
@@ -95,15 +95,6 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 			}
 		}
 	}
-}
-
-// recvError turns transport errors that are the peer's fault into typed reasons; a message
-// over the size limit arrives as ResourceExhausted from grpc itself.
-func recvError(err error) error {
-	if st, ok := grpcstatus.FromError(err); ok && st.Code() == codes.ResourceExhausted {
-		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "message too large: %s", st.Message())
-	}
-	return err
 }
 
 func (s *service) WriteBatch(ctx context.Context, req *otav1.WriteBlocksRequest) (*otav1.WriteAck, error) {

@@ -58,7 +58,7 @@ func helperClient(sock string) int {
 	return 1
 }
 
-func shortDir(t *testing.T) string {
+func shortDir(t testing.TB) string {
 	t.Helper()
 	// t.TempDir paths can exceed sun_path with long test names.
 	d, err := os.MkdirTemp("", "ows")
@@ -74,7 +74,7 @@ type running struct {
 	sock string
 }
 
-func start(t *testing.T, core server.Core, opts server.Options, lc server.ListenConfig) *running {
+func start(t testing.TB, core server.Core, opts server.Options, lc server.ListenConfig) *running {
 	t.Helper()
 	sock := filepath.Join(shortDir(t), "w.sock")
 	ln, err := server.Listen(sock, lc)
@@ -98,14 +98,14 @@ func start(t *testing.T, core server.Core, opts server.Options, lc server.Listen
 	return &running{srv: srv, sock: sock}
 }
 
-type testWriter struct{ t *testing.T }
+type testWriter struct{ t testing.TB }
 
 func (w testWriter) Write(p []byte) (int, error) {
 	w.t.Log(strings.TrimRight(string(p), "\n"))
 	return len(p), nil
 }
 
-func dial(t *testing.T, sock string) *client.Client {
+func dial(t testing.TB, sock string) *client.Client {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()

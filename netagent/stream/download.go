@@ -1,0 +1,579 @@
+// Package stream downloads a file over AWS IoT MQTT-based file delivery (streams): windowed
+// bitmap requests, several in flight, re-requests after a quiet period, every block validated
+// and handed to a Sink (the writer link) as it arrives.
+package stream
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"slices"
+	"sort"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+)
+
+// Transport is the MQTT connection as the downloader uses it (netagent/mqttconn satisfies it).
+type Transport interface {
+	Publish(ctx context.Context, topic string, qos byte, payload []byte) error
+	Subscribe(ctx context.Context, filter string, qos byte, handler func(topic string, payload []byte)) (unsubscribe func(context.Context) error, err error)
+}
+
+// Sink receives validated blocks (netagent/writerlink.Sink satisfies it).
+//
+// When the writer lost blocks that were not durable yet (it restarted and the session was
+// resumed), WriteBlock or Flush return an error with a method Missing() []byte giving the
+// writer's bitmap of blocks still missing; the downloader then continues from that bitmap.
+// Any other error ends the download and is returned unchanged (its typed reason kept).
+type Sink interface {
+	// WriteBlock takes block i; data belongs to the sink after the call.
+	WriteBlock(ctx context.Context, i int, data []byte) error
+	// Flush returns once every block written so far is durable.
+	Flush(ctx context.Context) error
+}
+
+// syncer is implemented by sinks that can be asked to make data durable without waiting;
+// the downloader asks at natural pauses (a quiet round).
+type syncer interface{ Sync(ctx context.Context) error }
+
+// durableCounter is implemented by sinks that know how many blocks are durable.
+type durableCounter interface{ Durable() int }
+
+// resumed is the error a Sink returns after its writer came back with a resumed session.
+type resumed interface{ Missing() []byte }
+
+// Defaults, chosen by measurement (scripts/bench-stream.sh; see the package README figures):
+// 32 KiB blocks, 4 per request (the 128 KB request cap) and 4 requests in flight keep the
+// pipe full on loopback and over a 50 ms link without exceeding AWS's 100 unacknowledged
+// QoS 1 messages (16 blocks in flight), and a 32 KiB block keeps the data message well under
+// the 128 KB MQTT message limit with resume granularity still fine.
+const (
+	DefaultBlockSize          = 32 * 1024
+	DefaultBlocksPerRequest   = 4
+	DefaultRequestsInFlight   = 4
+	DefaultQuietPeriod        = 2 * time.Second
+	DefaultMaxQuietPeriod     = 30 * time.Second
+	DefaultMaxFruitlessRounds = 12
+)
+
+// Config tunes a Downloader. Zero values take the defaults.
+type Config struct {
+	// Thing is the thing name in the stream topics (required).
+	Thing string
+	// Format is FormatCBOR (default) or FormatJSON.
+	Format string
+	// BlockSize is the block size asked of the writer for new sessions; a resumed session's
+	// block size wins (File.BlockSize).
+	BlockSize int
+	// BlocksPerRequest is the most blocks one request asks for; it is capped so that
+	// blocks*size never exceeds 128 KB.
+	BlocksPerRequest int
+	// RequestsInFlight is how many requests may be outstanding at once.
+	RequestsInFlight int
+	// QuietPeriod: when no new block arrives for this long, everything outstanding is
+	// re-requested (a round). The period doubles with every fruitless round up to
+	// MaxQuietPeriod. The oldest request is also re-requested on its own when it has seen no
+	// block for this long while others progress (a lost block inside a busy stream).
+	QuietPeriod    time.Duration
+	MaxQuietPeriod time.Duration
+	// MaxFruitlessRounds rounds in a row without a new block fail the download with
+	// momentum_abort (2003).
+	MaxFruitlessRounds int
+	// RequestQoS is the QoS of GetStream requests (default 0: a request is idempotent and a
+	// lost one is re-sent after the quiet period, so a PUBACK round trip buys nothing).
+	RequestQoS byte
+	// DataQoS is the QoS of the data/rejected subscriptions; AWS delivers blocks at the QoS
+	// of the subscription. Default 1: blocks published while the connection is down wait in
+	// the persistent session, and QoS 1 flow control paces the broker. Set to 0 explicitly
+	// with DataQoS0.
+	DataQoS  byte
+	DataQoS0 bool
+	// ClientToken is sent as "c" (random when empty); rejections with another token are
+	// someone else's.
+	ClientToken string
+	Logger      hclog.Logger
+	// OnProgress is called after every new block; keep it cheap (rate-limit reports there).
+	OnProgress func(Progress)
+}
+
+// Progress of one download, in blocks.
+type Progress struct {
+	Received int // blocks held (durable or handed to the sink)
+	Durable  int // blocks the sink reports durable (-1 when it does not tell)
+	Total    int
+}
+
+// File names what to download.
+type File struct {
+	StreamName string
+	FileID     int
+	Size       int64
+	// BlockSize is the session's block size (the writer's answer to BeginSession).
+	BlockSize int
+}
+
+// Stats describe one Download.
+type Stats struct {
+	Blocks     int // blocks in the file
+	Received   int // new blocks received in this call
+	Duplicates int
+	Malformed  int // dropped: undecodable or not matching the file
+	Requests   int
+	Rerequests int // requests re-issued for blocks that did not come
+	Rounds     int // quiet rounds (nothing arrived)
+	Rejections int // transient rejections (InternalError)
+	Resumes    int // the sink's writer came back and the bitmap was reloaded
+}
+
+// Downloader downloads files over MQTT streams.
+type Downloader struct {
+	t   Transport
+	cfg Config
+	log hclog.Logger
+}
+
+// New returns a downloader using t.
+func New(t Transport, cfg Config) (*Downloader, error) {
+	if t == nil {
+		return nil, errors.New("stream: nil transport")
+	}
+	if cfg.Thing == "" {
+		return nil, errors.New("stream: thing name required")
+	}
+	if cfg.Format == "" {
+		cfg.Format = FormatCBOR
+	}
+	if cfg.Format != FormatCBOR && cfg.Format != FormatJSON {
+		return nil, fmt.Errorf("stream: unknown format %q", cfg.Format)
+	}
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = DefaultBlockSize
+	}
+	if cfg.BlockSize < MinBlockSize || cfg.BlockSize > MaxBlockSize {
+		return nil, fmt.Errorf("stream: block size %d outside %d..%d", cfg.BlockSize, MinBlockSize, MaxBlockSize)
+	}
+	if cfg.BlocksPerRequest <= 0 {
+		cfg.BlocksPerRequest = DefaultBlocksPerRequest
+	}
+	if cfg.RequestsInFlight <= 0 {
+		cfg.RequestsInFlight = DefaultRequestsInFlight
+	}
+	if cfg.QuietPeriod <= 0 {
+		cfg.QuietPeriod = DefaultQuietPeriod
+	}
+	if cfg.MaxQuietPeriod < cfg.QuietPeriod {
+		cfg.MaxQuietPeriod = max(DefaultMaxQuietPeriod, cfg.QuietPeriod)
+	}
+	if cfg.MaxFruitlessRounds <= 0 {
+		cfg.MaxFruitlessRounds = DefaultMaxFruitlessRounds
+	}
+	if cfg.RequestQoS > 1 || cfg.DataQoS > 1 {
+		return nil, errors.New("stream: QoS must be 0 or 1")
+	}
+	if cfg.DataQoS == 0 && !cfg.DataQoS0 {
+		cfg.DataQoS = 1
+	}
+	if len(cfg.ClientToken) > maxTokenLen {
+		return nil, fmt.Errorf("stream: client token longer than %d bytes", maxTokenLen)
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	return &Downloader{t: t, cfg: cfg, log: cfg.Logger}, nil
+}
+
+// Config returns the effective configuration (defaults filled in).
+func (d *Downloader) Config() Config { return d.cfg }
+
+// Topic returns a stream topic: op is get, data or rejected.
+func (d *Downloader) Topic(stream, op string) string {
+	return "$aws/things/" + d.cfg.Thing + "/streams/" + stream + "/" + op + "/" + d.cfg.Format
+}
+
+type event struct {
+	blk Block
+	rej *Rejection
+	err error
+}
+
+type request struct {
+	blocks    []int // increasing
+	remaining int
+	since     time.Time // last sign of life: sent, a block of it, or becoming the oldest
+}
+
+type run struct {
+	d      *Downloader
+	f      File
+	sink   Sink
+	total  int
+	perReq int
+	token  string
+	events chan event
+	done   chan struct{}
+
+	have     Bitmap // handed to the sink (and not lost since)
+	pending  Bitmap // asked for in an outstanding request
+	held     int
+	inflight []*request
+	cursor   int
+
+	lastProgress time.Time // last new block, or start of the current round
+	fruitless    int
+	badSince     int // malformed blocks since the last new one
+	stats        Stats
+}
+
+// Download fetches the blocks of f that missing marks (nil: all) and hands them to sink. It
+// returns once every block is durable (sink.Flush), or fails with a typed error
+// (status.ReasonOf): momentum_abort, failed_ingest, download_failed, or the sink's reason.
+func (d *Downloader) Download(ctx context.Context, f File, missing []byte, sink Sink) (Stats, error) {
+	if f.BlockSize == 0 {
+		f.BlockSize = d.cfg.BlockSize
+	}
+	switch {
+	case f.StreamName == "":
+		return Stats{}, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "stream: no stream name")
+	case f.FileID < 0 || f.FileID > 255:
+		return Stats{}, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "stream: file id %d outside 0..255", f.FileID)
+	case f.Size <= 0:
+		return Stats{}, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "stream: file size %d", f.Size)
+	case f.BlockSize < MinBlockSize || f.BlockSize > MaxBlockSize:
+		return Stats{}, status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "stream: block size %d outside %d..%d", f.BlockSize, MinBlockSize, MaxBlockSize)
+	}
+	total := NumBlocks(f.Size, f.BlockSize)
+	if total > MaxBlocks {
+		return Stats{}, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED,
+			"stream: %d blocks of %d bytes are beyond what a stream can serve (%d blocks)", total, f.BlockSize, MaxBlocks)
+	}
+	token := d.cfg.ClientToken
+	if token == "" {
+		var b [4]byte
+		_, _ = rand.Read(b[:])
+		token = hex.EncodeToString(b[:])
+	}
+	r := &run{
+		d: d, f: f, sink: sink, total: total, token: token,
+		perReq: max(1, min(d.cfg.BlocksPerRequest, MaxRequestBytes/f.BlockSize)),
+		events: make(chan event, 64),
+		done:   make(chan struct{}),
+	}
+	r.stats.Blocks = total
+
+	unsubData, err := d.t.Subscribe(ctx, d.Topic(f.StreamName, "data"), d.cfg.DataQoS, r.onData)
+	if err != nil {
+		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to data: %w", err)
+	}
+	unsubRej, err := d.t.Subscribe(ctx, d.Topic(f.StreamName, "rejected"), d.cfg.DataQoS, r.onRejected)
+	if err != nil {
+		close(r.done)
+		r.unsubscribe(ctx, unsubData)
+		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to rejected: %w", err)
+	}
+	defer func() {
+		close(r.done)
+		r.unsubscribe(ctx, unsubData)
+		r.unsubscribe(ctx, unsubRej)
+	}()
+	err = r.loop(ctx, missing)
+	return r.stats, err
+}
+
+func (r *run) unsubscribe(ctx context.Context, f func(context.Context) error) {
+	if f == nil {
+		return
+	}
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+	defer cancel()
+	if err := f(ctx); err != nil {
+		r.d.log.Debug("unsubscribe", "error", err)
+	}
+}
+
+// onData runs on the MQTT client's goroutine: decode there, decide in the loop.
+func (r *run) onData(_ string, payload []byte) {
+	blk, err := DecodeBlock(r.d.cfg.Format, payload)
+	r.send(event{blk: blk, err: err})
+}
+
+func (r *run) onRejected(_ string, payload []byte) {
+	rej, err := DecodeRejection(r.d.cfg.Format, payload)
+	if err != nil {
+		r.send(event{err: err})
+		return
+	}
+	r.send(event{rej: &rej})
+}
+
+func (r *run) send(ev event) {
+	select {
+	case r.events <- ev:
+	case <-r.done:
+	}
+}
+
+func (r *run) loop(ctx context.Context, missing []byte) error {
+	if err := r.reload(ctx, missing); err != nil {
+		return err
+	}
+	tick := max(r.d.cfg.QuietPeriod/4, 5*time.Millisecond)
+	ticker := time.NewTicker(tick)
+	defer ticker.Stop()
+	for {
+		if r.held == r.total {
+			err := r.sink.Flush(ctx)
+			if err == nil {
+				r.progress()
+				return nil
+			}
+			if err := r.resume(ctx, err); err != nil {
+				return err
+			}
+			continue
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("stream download: %w", ctx.Err())
+		case ev := <-r.events:
+			if err := r.handle(ctx, ev); err != nil {
+				return err
+			}
+		case now := <-ticker.C:
+			if err := r.tick(ctx, now); err != nil {
+				return err
+			}
+		}
+	}
+}
+
+// reload makes the writer's missing bitmap the truth: what it does not miss is held.
+func (r *run) reload(ctx context.Context, missing []byte) error {
+	r.have = FullBitmap(r.total)
+	if missing != nil {
+		m := Bitmap(missing)
+		for i := 0; i < r.total; i++ {
+			// Bits beyond a short bitmap count as missing: fetching again is safe.
+			if m.Has(i) || i>>3 >= len(m) {
+				r.have.Clear(i)
+			}
+		}
+	} else {
+		r.have = NewBitmap(r.total)
+	}
+	r.held = r.have.Count()
+	r.pending = NewBitmap(r.total)
+	r.inflight = r.inflight[:0]
+	r.cursor = 0
+	r.lastProgress = time.Now()
+	r.fruitless = 0
+	r.d.log.Debug("stream download", "stream", r.f.StreamName, "blocks", r.total, "held", r.held, "block_size", r.f.BlockSize, "per_request", r.perReq)
+	return r.fill(ctx)
+}
+
+// resume handles a sink error: a resumed writer session reloads the bitmap, anything else
+// ends the download.
+func (r *run) resume(ctx context.Context, err error) error {
+	var res resumed
+	if !errors.As(err, &res) {
+		return err
+	}
+	r.stats.Resumes++
+	r.d.log.Info("writer session resumed; continuing from its bitmap", "error", err)
+	return r.reload(ctx, res.Missing())
+}
+
+func (r *run) want(i int) bool { return !r.have.Has(i) && !r.pending.Has(i) }
+
+// fill issues requests until RequestsInFlight are outstanding or nothing is left to ask.
+func (r *run) fill(ctx context.Context) error {
+	for len(r.inflight) < r.d.cfg.RequestsInFlight {
+		w, ok := nextWindow(r.want, r.cursor, r.total, r.perReq)
+		if !ok {
+			return nil
+		}
+		r.cursor = w.blocks[len(w.blocks)-1] + 1
+		req := Request{
+			ClientToken: r.token,
+			FileID:      int64(r.f.FileID),
+			BlockSize:   int64(r.f.BlockSize),
+			Offset:      int64(w.offset),
+			NumBlocks:   int64(len(w.blocks)),
+			Bitmap:      w.bitmap,
+		}
+		payload, err := EncodeRequest(r.d.cfg.Format, req)
+		if err != nil {
+			return status.Errorf(otav1.Reason_REASON_FAILED_INGEST, "stream: encode request: %w", err)
+		}
+		for _, i := range w.blocks {
+			r.pending.Set(i)
+		}
+		r.inflight = append(r.inflight, &request{blocks: w.blocks, remaining: len(w.blocks), since: time.Now()})
+		r.stats.Requests++
+		pctx, cancel := context.WithTimeout(ctx, r.d.cfg.QuietPeriod)
+		err = r.d.t.Publish(pctx, r.d.Topic(r.f.StreamName, "get"), r.d.cfg.RequestQoS, payload)
+		cancel()
+		if err != nil {
+			if ctx.Err() != nil {
+				return fmt.Errorf("stream download: %w", ctx.Err())
+			}
+			// Counted as sent: the quiet period re-requests it like a lost one.
+			r.d.log.Debug("publish request", "offset", w.offset, "error", err)
+		}
+	}
+	return nil
+}
+
+func (r *run) handle(ctx context.Context, ev event) error {
+	if ev.rej != nil {
+		return r.rejected(*ev.rej)
+	}
+	if ev.err == nil {
+		ev.err = ev.blk.Validate(int64(r.f.FileID), r.f.Size, r.f.BlockSize)
+	}
+	if ev.err != nil {
+		// Dropped, never forwarded; the block stays missing and is asked for again.
+		r.stats.Malformed++
+		r.badSince++
+		r.d.log.Debug("dropped malformed stream message", "error", ev.err)
+		return nil
+	}
+	i := int(ev.blk.Index)
+	if r.have.Has(i) {
+		r.stats.Duplicates++
+		return nil
+	}
+	now := time.Now()
+	r.have.Set(i)
+	r.held++
+	r.stats.Received++
+	r.lastProgress = now
+	r.fruitless = 0
+	r.badSince = 0
+	if r.pending.Has(i) {
+		r.pending.Clear(i)
+		for k, q := range r.inflight {
+			if j := sort.SearchInts(q.blocks, i); j < len(q.blocks) && q.blocks[j] == i {
+				q.remaining--
+				q.since = now
+				if q.remaining == 0 {
+					r.remove(k, now)
+				}
+				break
+			}
+		}
+	}
+	if err := r.sink.WriteBlock(ctx, i, ev.blk.Payload); err != nil {
+		return r.resume(ctx, err)
+	}
+	r.progress()
+	return r.fill(ctx)
+}
+
+func (r *run) remove(k int, now time.Time) {
+	r.inflight = slices.Delete(r.inflight, k, k+1)
+	if k == 0 && len(r.inflight) > 0 && r.inflight[0].since.Before(now) {
+		r.inflight[0].since = now // its own clock starts when it becomes the oldest
+	}
+}
+
+// expire gives up on request k: its missing blocks are wanted again.
+func (r *run) expire(k int, now time.Time) {
+	for _, i := range r.inflight[k].blocks {
+		if r.pending.Has(i) {
+			r.pending.Clear(i)
+			r.cursor = min(r.cursor, i)
+		}
+	}
+	r.stats.Rerequests++
+	r.remove(k, now)
+}
+
+func (r *run) quiet() time.Duration {
+	q := r.d.cfg.QuietPeriod
+	for n := 0; n < r.fruitless && q < r.d.cfg.MaxQuietPeriod; n++ {
+		q *= 2
+	}
+	return min(q, r.d.cfg.MaxQuietPeriod)
+}
+
+func (r *run) tick(ctx context.Context, now time.Time) error {
+	if now.Sub(r.lastProgress) >= r.quiet() {
+		// A round: nothing new arrived. The first request is covered too.
+		r.fruitless++
+		r.stats.Rounds++
+		if r.fruitless > r.d.cfg.MaxFruitlessRounds {
+			return r.momentumAbort()
+		}
+		r.d.log.Debug("quiet period: re-requesting", "round", r.fruitless, "held", r.held, "total", r.total)
+		if s, ok := r.sink.(syncer); ok {
+			if err := s.Sync(ctx); err != nil {
+				if err := r.resume(ctx, err); err != nil {
+					return err
+				}
+			}
+		}
+		for len(r.inflight) > 0 {
+			r.expire(0, now)
+		}
+		r.cursor = 0
+		r.lastProgress = now
+		return r.fill(ctx)
+	}
+	if len(r.inflight) > 1 && now.Sub(r.inflight[0].since) >= r.d.cfg.QuietPeriod {
+		// The oldest request is stuck while others progress: some of its blocks were lost.
+		r.expire(0, now)
+		return r.fill(ctx)
+	}
+	return nil
+}
+
+func (r *run) momentumAbort() error {
+	if r.badSince > 0 {
+		return status.Errorf(otav1.Reason_REASON_FAILED_INGEST,
+			"stream %s: %d malformed blocks and no valid one in %d rounds (%d/%d blocks)",
+			r.f.StreamName, r.badSince, r.d.cfg.MaxFruitlessRounds, r.held, r.total)
+	}
+	return status.Errorf(otav1.Reason_REASON_MOMENTUM_ABORT, "stream %s: no block in %d rounds of re-requests (%d/%d blocks)",
+		r.f.StreamName, r.d.cfg.MaxFruitlessRounds, r.held, r.total).
+		WithMeta("progress", fmt.Sprintf("%d/%d", r.held, r.total))
+}
+
+// rejected handles a message on the rejected topic. InternalError is transient (the request
+// is re-sent after the quiet period); every other code means the request or stream is wrong
+// and re-sending cannot help.
+func (r *run) rejected(rej Rejection) error {
+	if rej.ClientToken != "" && rej.ClientToken != r.token {
+		return nil // another requester's
+	}
+	if rej.Code == CodeInternalError {
+		r.stats.Rejections++
+		r.d.log.Warn("stream request rejected, will retry", "code", rej.Code, "message", rej.Message)
+		return nil
+	}
+	reason := otav1.Reason_REASON_DOWNLOAD_FAILED
+	switch rej.Code {
+	case CodeInvalidJSON, CodeInvalidCBOR, CodeInvalidRequest, CodeBlockSizeOutOfBounds, CodeOffsetOutOfBounds,
+		CodeBlockCountLimitExceeded, CodeBlockBitmapLimit, CodeInvalidTopic:
+		// Our request could not be served as asked: the block cannot be fetched or placed.
+		reason = otav1.Reason_REASON_FAILED_INGEST
+	}
+	return status.Errorf(reason, "stream %s rejected the request: %s: %s", r.f.StreamName, rej.Code, rej.Message).
+		WithMeta("stream_error", rej.Code)
+}
+
+func (r *run) progress() {
+	if r.d.cfg.OnProgress == nil {
+		return
+	}
+	p := Progress{Received: r.held, Durable: -1, Total: r.total}
+	if dc, ok := r.sink.(durableCounter); ok {
+		p.Durable = dc.Durable()
+	}
+	r.d.cfg.OnProgress(p)
+}

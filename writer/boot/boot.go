@@ -74,3 +74,20 @@ func ValidSlot(slot string) bool { return slot == SlotA || slot == SlotB }
 func badState(format string, args ...any) error {
 	return status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, format, args...)
 }
+
+// checkActivate is the rule every backend applies before activating slot: no trial may be
+// open (commit or reject it first), the running slot cannot be activated, and after a
+// rollback the device must have rebooted into the committed slot first.
+func checkActivate(st State, slot string) error {
+	switch {
+	case !ValidSlot(slot):
+		return badState("activate: unknown slot %q", slot)
+	case st.Trial:
+		return badState("activate %s: slot %s is on trial, commit or reject it first", slot, st.Booted)
+	case slot == st.Booted:
+		return badState("activate %s: it is the running slot", slot)
+	case st.Booted != st.Committed:
+		return badState("activate %s: running slot %s is not the committed slot %s, reboot first", slot, st.Booted, st.Committed)
+	}
+	return nil
+}

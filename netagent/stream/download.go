@@ -40,7 +40,9 @@ type Sink interface {
 
 // syncer is implemented by sinks that can be asked to make data durable without waiting;
 // the downloader asks at natural pauses (a quiet round).
-type syncer interface{ Sync(ctx context.Context) error }
+type syncer interface {
+	Sync(ctx context.Context) error
+}
 
 // durableCounter is implemented by sinks that know how many blocks are durable.
 type durableCounter interface{ Durable() int }

@@ -1,0 +1,572 @@
+package stream_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/go-hclog"
+	"go.uber.org/goleak"
+
+	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
+	"github.com/gwota/gwota/netagent/stream"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/emulator"
+)
+
+func TestMain(m *testing.M) {
+	opts := []goleak.Option{goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection")}
+	for _, f := range mqtttest.IgnoreMochi {
+		opts = append(opts, goleak.IgnoreTopFunction(f))
+	}
+	goleak.VerifyTestMain(m, opts...)
+}
+
+func logger(t *testing.T) hclog.Logger {
+	if os.Getenv("STREAM_DEBUG") == "" {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug})
+}
+
+// env is an emulator (embedded mochi) and a device-side mqttconn connection.
+type env struct {
+	t     *testing.T
+	emu   *emulator.Emulator
+	conn  *mqttconn.Conn
+	dir   string
+	image []byte
+	job   string
+}
+
+func newEnv(t *testing.T, size int) *env {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	emu, err := emulator.Start(ctx, emulator.Options{Seed: 7})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { emu.Close() })
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: emu.BrokerURL(), ClientID: emu.ThingName(),
+		BackoffMin: 50 * time.Millisecond, BackoffMax: 200 * time.Millisecond, Logger: logger(t).Named("mqtt")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		conn.Close(ctx)
+	})
+	if err := conn.AwaitConnection(ctx); err != nil {
+		t.Fatal(err)
+	}
+	e := &env{t: t, emu: emu, conn: conn, dir: t.TempDir()}
+	e.image = make([]byte, size)
+	rand.Read(e.image)
+	path := filepath.Join(e.dir, "image.bin")
+	if err := os.WriteFile(path, e.image, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.job = "job-" + strings.ReplaceAll(t.Name(), "/", "_")
+	err = emu.CreateJob(ctx, backend.JobSpec{JobID: e.job, Protocols: []string{backend.ProtocolMQTT},
+		Files: []backend.FileSpec{{LocalPath: path, DevicePath: "/fw", FileID: 3}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return e
+}
+
+func (e *env) file(bs int) stream.File {
+	return stream.File{StreamName: e.emu.StreamName(e.job), FileID: 3, Size: int64(len(e.image)), BlockSize: bs}
+}
+
+// memSink keeps blocks in memory; it fails the test on a second copy of a block that differs.
+type memSink struct {
+	t       *testing.T
+	bs      int
+	mu      sync.Mutex
+	blocks  map[int][]byte
+	writes  int
+	flushes int
+	// failErr, if set, is returned once from WriteBlock at write number failAt, after
+	// lose(blocks) ran (a writer restart losing what was not durable).
+	failAt  int
+	failErr func(blocks map[int][]byte) error
+}
+
+func newMemSink(t *testing.T, bs int) *memSink { return &memSink{t: t, bs: bs, blocks: map[int][]byte{}} }
+
+func (s *memSink) WriteBlock(_ context.Context, i int, data []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.writes++
+	if s.failErr != nil && s.writes == s.failAt {
+		f := s.failErr
+		s.failErr = nil
+		return f(s.blocks)
+	}
+	if old, ok := s.blocks[i]; ok && !bytes.Equal(old, data) {
+		s.t.Errorf("block %d written twice with different data", i)
+	}
+	s.blocks[i] = data
+	return nil
+}
+
+func (s *memSink) Flush(context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.flushes++
+	return nil
+}
+
+// check compares the blocks the sink holds with the image.
+func (s *memSink) check(image []byte, from int) {
+	s.t.Helper()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	n := stream.NumBlocks(int64(len(image)), s.bs)
+	for i := from; i < n; i++ {
+		want := image[i*s.bs : min(len(image), (i+1)*s.bs)]
+		if !bytes.Equal(s.blocks[i], want) {
+			s.t.Fatalf("block %d: %d bytes, differs from the image", i, len(s.blocks[i]))
+		}
+	}
+}
+
+func cfg(t *testing.T, e *env) stream.Config {
+	return stream.Config{Thing: e.emu.ThingName(), QuietPeriod: 150 * time.Millisecond, MaxQuietPeriod: 300 * time.Millisecond, Logger: logger(t)}
+}
+
+func download(t *testing.T, tr stream.Transport, c stream.Config, f stream.File, missing []byte, sink stream.Sink) (stream.Stats, error) {
+	t.Helper()
+	d, err := stream.New(tr, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	return d.Download(ctx, f, missing, sink)
+}
+
+func TestDownload(t *testing.T) {
+	tests := []struct {
+		name   string
+		size   int
+		bs     int
+		per    int
+		fmt    string
+		flight int
+	}{
+		{name: "defaults", size: 1<<20 + 123, bs: 0},
+		{name: "C agent shape", size: 64 << 10, bs: 4096, per: 1, flight: 1},
+		{name: "small blocks past the 31-block window", size: 300<<10 + 5, bs: 256, per: 512},
+		{name: "json", size: 200<<10 + 1, bs: 16 << 10, fmt: stream.FormatJSON},
+		{name: "one short block", size: 100, bs: 256},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, tc.size)
+			c := cfg(t, e)
+			c.BlockSize, c.BlocksPerRequest, c.Format, c.RequestsInFlight = tc.bs, tc.per, tc.fmt, tc.flight
+			bs := tc.bs
+			if bs == 0 {
+				bs = stream.DefaultBlockSize
+			}
+			sink := newMemSink(t, bs)
+			st, err := download(t, e.conn, c, e.file(bs), nil, sink)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sink.check(e.image, 0)
+			if st.Received != st.Blocks || sink.flushes != 1 {
+				t.Fatalf("stats %+v, flushes %d", st, sink.flushes)
+			}
+			for _, r := range e.emu.StreamRequests(e.job) {
+				if r.Rejected != "" {
+					t.Fatalf("request rejected: %+v", r)
+				}
+				if int(r.Count)*int(r.BlockSize) > stream.MaxRequestBytes || len(r.Wanted)*int(r.BlockSize) > stream.MaxRequestBytes {
+					t.Fatalf("request over 128 KB: %+v", r)
+				}
+			}
+		})
+	}
+}
+
+// 20% of blocks dropped, 10% duplicated, every response reordered: every block arrives.
+func TestDownloadLossyStream(t *testing.T) {
+	e := newEnv(t, 2<<20+77)
+	e.emu.SetFaults(e.job, emulator.Faults{Drop: 0.2, Duplicate: 0.1, Reorder: true})
+	c := cfg(t, e)
+	c.BlockSize = 4096
+	c.BlocksPerRequest = 32
+	sink := newMemSink(t, 4096)
+	st, err := download(t, e.conn, c, e.file(4096), nil, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.check(e.image, 0)
+	dropped, dups := 0, 0
+	for _, r := range e.emu.StreamRequests(e.job) {
+		dropped += len(r.Dropped)
+		dups += len(r.Sent) - len(uniq(r.Sent))
+	}
+	t.Logf("stats %+v; emulator dropped %d, duplicated %d", st, dropped, dups)
+	if dropped == 0 || dups == 0 || st.Duplicates == 0 || st.Rerequests == 0 {
+		t.Fatalf("faults not exercised: stats %+v, dropped %d, dups %d", st, dropped, dups)
+	}
+	if sink.writes != st.Blocks {
+		t.Fatalf("sink got %d writes for %d blocks: duplicates forwarded", sink.writes, st.Blocks)
+	}
+}
+
+func uniq(b []int) []int {
+	m := map[int]bool{}
+	var out []int
+	for _, x := range b {
+		if !m[x] {
+			m[x] = true
+			out = append(out, x)
+		}
+	}
+	return out
+}
+
+// hookTransport passes through to the real connection, with hooks to lose requests and
+// tamper with incoming messages.
+type hookTransport struct {
+	stream.Transport
+	dropPublish func(n int) bool // n counts publishes from 1
+	onData      func(deliver func([]byte), payload []byte)
+	published   atomic.Int32
+}
+
+func (h *hookTransport) Publish(ctx context.Context, topic string, qos byte, payload []byte) error {
+	n := int(h.published.Add(1))
+	if h.dropPublish != nil && h.dropPublish(n) {
+		return nil // lost on the way, as QoS 0 may be
+	}
+	return h.Transport.Publish(ctx, topic, qos, payload)
+}
+
+func (h *hookTransport) Subscribe(ctx context.Context, filter string, qos byte, f func(string, []byte)) (func(context.Context) error, error) {
+	if h.onData != nil && strings.Contains(filter, "/data/") {
+		inner := f
+		f = func(topic string, p []byte) { h.onData(func(b []byte) { inner(topic, b) }, p) }
+	}
+	return h.Transport.Subscribe(ctx, filter, qos, f)
+}
+
+// rustot hangs forever when its first request is lost; here the quiet period re-sends it.
+func TestFirstRequestLost(t *testing.T) {
+	e := newEnv(t, 100<<10)
+	tr := &hookTransport{Transport: e.conn, dropPublish: func(n int) bool { return n == 1 }}
+	c := cfg(t, e)
+	c.RequestsInFlight = 1
+	sink := newMemSink(t, stream.DefaultBlockSize)
+	st, err := download(t, tr, c, e.file(stream.DefaultBlockSize), nil, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.check(e.image, 0)
+	reqs := e.emu.StreamRequests(e.job)
+	if st.Rounds != 1 || len(reqs) == 0 || reqs[0].Offset != 0 || int(tr.published.Load()) != len(reqs)+1 {
+		t.Fatalf("stats %+v, %d publishes, emulator saw %d requests (first %+v)", st, tr.published.Load(), len(reqs), reqs[0])
+	}
+}
+
+func TestMomentumAbort(t *testing.T) {
+	e := newEnv(t, 64<<10)
+	e.emu.SetFaults(e.job, emulator.Faults{Drop: 1})
+	c := cfg(t, e)
+	c.QuietPeriod, c.MaxQuietPeriod, c.MaxFruitlessRounds, c.RequestsInFlight = 50*time.Millisecond, 100*time.Millisecond, 3, 1
+	st, err := download(t, e.conn, c, e.file(stream.DefaultBlockSize), nil, newMemSink(t, stream.DefaultBlockSize))
+	if r := status.ReasonOf(err); r != otav1.Reason_REASON_MOMENTUM_ABORT {
+		t.Fatalf("err %v (reason %v), want momentum_abort", err, r)
+	}
+	if status.Code(status.ReasonOf(err)) != "2003" {
+		t.Fatal("momentum_abort is not 2003")
+	}
+	// The first request plus one per fruitless round, then give up.
+	if n := len(e.emu.StreamRequests(e.job)); n != 4 || st.Rounds != 4 {
+		t.Fatalf("%d requests, stats %+v; want 4 requests (1 + 3 rounds)", n, st)
+	}
+}
+
+// Resume from a partial bitmap: only the missing blocks are requested, each once.
+func TestResumeRequestsOnlyMissing(t *testing.T) {
+	const bs = 1024
+	e := newEnv(t, 200*bs+10)
+	total := stream.NumBlocks(int64(len(e.image)), bs)
+	missing := stream.NewBitmap(total)
+	var want []int
+	for i := 0; i < total; i++ {
+		if i%7 == 3 || (i >= 150 && i < 170) || i == total-1 {
+			missing.Set(i)
+			want = append(want, i)
+		}
+	}
+	c := cfg(t, e)
+	c.BlockSize = bs
+	sink := newMemSink(t, bs)
+	st, err := download(t, e.conn, c, e.file(bs), missing, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var asked []int
+	for _, r := range e.emu.StreamRequests(e.job) {
+		asked = append(asked, r.Wanted...)
+	}
+	sort.Ints(asked)
+	if diff := cmp.Diff(want, asked); diff != "" {
+		t.Fatalf("requested blocks differ from the missing ones (-want +got):\n%s", diff)
+	}
+	if st.Received != len(want) || len(sink.blocks) != len(want) {
+		t.Fatalf("stats %+v, sink has %d blocks", st, len(sink.blocks))
+	}
+	for _, i := range want {
+		if !bytes.Equal(sink.blocks[i], e.image[i*bs:min(len(e.image), (i+1)*bs)]) {
+			t.Fatalf("block %d wrong", i)
+		}
+	}
+}
+
+// Files beyond the offset limit: blocks past 98304 are asked for with o = 98304 and a bitmap.
+func TestFarOffsets(t *testing.T) {
+	const bs = 256
+	total := stream.MaxOffset + 300
+	e := newEnv(t, total*bs-17)
+	missing := stream.NewBitmap(total)
+	for i := stream.MaxOffset - 5; i < total; i++ {
+		missing.Set(i)
+	}
+	c := cfg(t, e)
+	c.BlockSize, c.BlocksPerRequest = bs, 512
+	sink := newMemSink(t, bs)
+	if _, err := download(t, e.conn, c, e.file(bs), missing, sink); err != nil {
+		t.Fatal(err)
+	}
+	sink.check(e.image, stream.MaxOffset-5)
+	for _, r := range e.emu.StreamRequests(e.job) {
+		if r.Offset > stream.MaxOffset || r.Rejected != "" {
+			t.Fatalf("bad request %+v", r)
+		}
+	}
+}
+
+func TestRejected(t *testing.T) {
+	tests := []struct {
+		code   string
+		reason otav1.Reason
+	}{
+		{stream.CodeResourceNotFound, otav1.Reason_REASON_DOWNLOAD_FAILED},
+		{stream.CodeUnauthorized, otav1.Reason_REASON_DOWNLOAD_FAILED},
+		{stream.CodeBlockSizeOutOfBounds, otav1.Reason_REASON_FAILED_INGEST},
+		{stream.CodeInvalidCBOR, otav1.Reason_REASON_FAILED_INGEST},
+		// Transient: re-requested until the rounds run out.
+		{stream.CodeInternalError, otav1.Reason_REASON_MOMENTUM_ABORT},
+	}
+	for _, tc := range tests {
+		t.Run(tc.code, func(t *testing.T) {
+			e := newEnv(t, 10<<10)
+			e.emu.SetFaults(e.job, emulator.Faults{RejectCode: tc.code})
+			c := cfg(t, e)
+			c.QuietPeriod, c.MaxQuietPeriod, c.MaxFruitlessRounds = 50*time.Millisecond, 50*time.Millisecond, 2
+			_, err := download(t, e.conn, c, e.file(stream.DefaultBlockSize), nil, newMemSink(t, stream.DefaultBlockSize))
+			se := status.FromError(err)
+			if se == nil || se.Reason != tc.reason {
+				t.Fatalf("err %v, want reason %v", err, tc.reason)
+			}
+			if tc.code != stream.CodeInternalError && (se.Meta["stream_error"] != tc.code || !strings.Contains(se.Msg, tc.code)) {
+				t.Fatalf("AWS code missing from %+v", se)
+			}
+		})
+	}
+}
+
+// Malformed copies of every block are dropped, never forwarded; the real ones get through.
+func TestMalformedBlocksDropped(t *testing.T) {
+	const bs = 2048
+	e := newEnv(t, 40*bs+3)
+	var forged atomic.Int32
+	tr := &hookTransport{Transport: e.conn, onData: func(deliver func([]byte), p []byte) {
+		blk, err := stream.DecodeBlock(stream.FormatCBOR, p)
+		if err != nil {
+			t.Errorf("emulator sent an undecodable block: %v", err)
+			return
+		}
+		bad := []stream.Block{
+			{FileID: blk.FileID + 1, Index: blk.Index, Length: blk.Length, Payload: blk.Payload},
+			{FileID: blk.FileID, Index: blk.Index, Length: blk.Length, Payload: blk.Payload[:len(blk.Payload)-1]},
+			{FileID: blk.FileID, Index: 1 << 20, Length: blk.Length, Payload: blk.Payload},
+		}
+		for _, b := range bad {
+			enc, _ := encodeBlock(b)
+			deliver(enc)
+			forged.Add(1)
+		}
+		deliver([]byte{0xBF, 0x61, 0x66}) // truncated
+		deliver(p)
+	}}
+	c := cfg(t, e)
+	c.BlockSize = bs
+	sink := newMemSink(t, bs)
+	st, err := download(t, tr, c, e.file(bs), nil, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.check(e.image, 0)
+	if st.Malformed != int(forged.Load())+st.Blocks || sink.writes != st.Blocks {
+		t.Fatalf("stats %+v, forged %d, sink writes %d", st, forged.Load(), sink.writes)
+	}
+}
+
+// Only malformed blocks arrive: the download fails with failed_ingest, not a hang.
+func TestOnlyMalformedFailsIngest(t *testing.T) {
+	e := newEnv(t, 8<<10)
+	tr := &hookTransport{Transport: e.conn, onData: func(deliver func([]byte), p []byte) { deliver(p[:len(p)-1]) }}
+	c := cfg(t, e)
+	c.QuietPeriod, c.MaxQuietPeriod, c.MaxFruitlessRounds = 50*time.Millisecond, 50*time.Millisecond, 2
+	sink := newMemSink(t, stream.DefaultBlockSize)
+	_, err := download(t, tr, c, e.file(stream.DefaultBlockSize), nil, sink)
+	if r := status.ReasonOf(err); r != otav1.Reason_REASON_FAILED_INGEST {
+		t.Fatalf("err %v, want failed_ingest", err)
+	}
+	if sink.writes != 0 {
+		t.Fatalf("%d malformed blocks forwarded", sink.writes)
+	}
+}
+
+type resumedErr struct{ missing []byte }
+
+func (r resumedErr) Error() string   { return "writer restarted; session resumed" }
+func (r resumedErr) Missing() []byte { return r.missing }
+
+// The writer restarts mid-download and resumes with a bitmap: blocks it lost are fetched again.
+func TestSinkResumed(t *testing.T) {
+	const bs = 1024
+	e := newEnv(t, 64*bs)
+	sink := newMemSink(t, bs)
+	sink.failAt = 40
+	missing := stream.NewBitmap(64)
+	sink.failErr = func(blocks map[int][]byte) error {
+		// The writer kept only the odd blocks; the one being written is lost too.
+		for i := 0; i < 64; i++ {
+			if i%2 == 0 {
+				delete(blocks, i)
+			}
+			if _, ok := blocks[i]; !ok {
+				missing.Set(i)
+			}
+		}
+		return fmt.Errorf("write: %w", resumedErr{missing})
+	}
+	c := cfg(t, e)
+	c.BlockSize = bs
+	st, err := download(t, e.conn, c, e.file(bs), nil, sink)
+	if err != nil {
+		t.Fatal(err)
+	}
+	sink.check(e.image, 0)
+	if st.Resumes != 1 {
+		t.Fatalf("stats %+v", st)
+	}
+	// After the resume, exactly the even blocks were asked for again.
+	var again []int
+	reqs := e.emu.StreamRequests(e.job)
+	seen := map[int]int{}
+	for _, r := range reqs {
+		for _, b := range r.Wanted {
+			seen[b]++
+		}
+	}
+	for b, n := range seen {
+		if n > 1 {
+			again = append(again, b)
+		}
+	}
+	for _, b := range again {
+		if !missing.Has(b) {
+			t.Fatalf("block %d (durable in the writer) fetched again", b)
+		}
+	}
+	if len(again) == 0 {
+		t.Fatal("nothing fetched again after the resume")
+	}
+}
+
+// A sink failure with a typed reason ends the download with that reason.
+func TestSinkErrorKeepsReason(t *testing.T) {
+	e := newEnv(t, 64<<10)
+	sink := newMemSink(t, stream.DefaultBlockSize)
+	sink.failAt = 1
+	sink.failErr = func(map[int][]byte) error { return status.Errorf(otav1.Reason_REASON_STORAGE_FULL, "disk full") }
+	_, err := download(t, e.conn, cfg(t, e), e.file(stream.DefaultBlockSize), nil, sink)
+	if r := status.ReasonOf(err); r != otav1.Reason_REASON_STORAGE_FULL {
+		t.Fatalf("err %v, want storage_full", err)
+	}
+}
+
+func TestDownloadCanceled(t *testing.T) {
+	e := newEnv(t, 64<<10)
+	e.emu.SetFaults(e.job, emulator.Faults{Drop: 1})
+	d, err := stream.New(e.conn, cfg(t, e))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() {
+		for len(e.emu.StreamRequests(e.job)) == 0 {
+			time.Sleep(5 * time.Millisecond)
+		}
+		cancel()
+	}()
+	_, err = d.Download(ctx, e.file(stream.DefaultBlockSize), nil, newMemSink(t, stream.DefaultBlockSize))
+	if !errors.Is(err, context.Canceled) || status.ReasonOf(err) != otav1.Reason_REASON_USER_ABORT {
+		t.Fatalf("err %v", err)
+	}
+}
+
+func TestConfigChecks(t *testing.T) {
+	tr := &hookTransport{}
+	for _, c := range []stream.Config{
+		{},
+		{Thing: "t", BlockSize: 100},
+		{Thing: "t", BlockSize: 256 << 10},
+		{Thing: "t", Format: "xml"},
+		{Thing: "t", RequestQoS: 2},
+	} {
+		if _, err := stream.New(tr, c); err == nil {
+			t.Errorf("config %+v accepted", c)
+		}
+	}
+	d, err := stream.New(tr, stream.Config{Thing: "t", BlockSize: 64 << 10, BlocksPerRequest: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := d.Config(); c.DataQoS != 1 || c.RequestQoS != 0 || c.RequestsInFlight != stream.DefaultRequestsInFlight {
+		t.Fatalf("defaults %+v", c)
+	}
+	// Beyond what a stream can address at this block size.
+	_, err = d.Download(context.Background(), stream.File{StreamName: "s", Size: int64(stream.MaxBlocks+1) * 256, BlockSize: 256}, nil, nil)
+	if status.ReasonOf(err) != otav1.Reason_REASON_DOWNLOAD_FAILED {
+		t.Fatalf("oversized file: %v", err)
+	}
+}
+
+func encodeBlock(b stream.Block) ([]byte, error) { return stream.EncodeBlockForTest(b) }

@@ -109,7 +109,9 @@ type memSink struct {
 	failErr func(blocks map[int][]byte) error
 }
 
-func newMemSink(t *testing.T, bs int) *memSink { return &memSink{t: t, bs: bs, blocks: map[int][]byte{}} }
+func newMemSink(t *testing.T, bs int) *memSink {
+	return &memSink{t: t, bs: bs, blocks: map[int][]byte{}}
+}
 
 func (s *memSink) WriteBlock(_ context.Context, i int, data []byte) error {
 	s.mu.Lock()

@@ -1,0 +1,239 @@
+package writerlink
+
+import (
+	"context"
+	"fmt"
+	"sync"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/client"
+)
+
+// maxBlocksPerMessage is the writer's cap on blocks in one WriteBlocks message.
+const maxBlocksPerMessage = 256
+
+// Sink streams a session's blocks to the writer. Blocks are batched into WriteBlocks
+// messages; the writer acknowledges durability (journal synced) and Durable/Flush report it.
+// Use it from one goroutine (the downloader's); acks are read on a goroutine of its own.
+type Sink struct {
+	s      *Session
+	budget int // block data per message
+
+	// Owned by the caller's goroutine.
+	stream   *client.BlockStream
+	batch    []*otav1.Block
+	batchLen int
+	unsynced int64
+	sentSeq  uint64 // last seq sent on the current stream
+
+	mu       sync.Mutex
+	acked    uint64 // durable seq on the current stream
+	durable  int    // durable blocks as the writer counts them
+	ackErr   error  // the stream ended with this (nil: still open)
+	ended    bool
+	changed  chan struct{}
+	streamID int // bumps on reconnect, so a stale ack goroutine is ignored
+}
+
+// Sink opens the block stream of the session.
+func (s *Session) Sink(ctx context.Context) (*Sink, error) {
+	budget := min(s.l.cfg.BatchBytes, s.l.MaxBlockSize())
+	if budget < s.BlockSize() {
+		budget = s.BlockSize()
+	}
+	k := &Sink{s: s, budget: budget, changed: make(chan struct{})}
+	k.durable = int(s.Info().GetDurableBlocks())
+	if err := k.open(ctx); err != nil {
+		return nil, err
+	}
+	return k, nil
+}
+
+func (k *Sink) open(ctx context.Context) error {
+	// The stream lives as long as the sink, not as the call that opened it.
+	st, err := k.s.l.OpenBlockStream(context.WithoutCancel(ctx), k.s.ID())
+	if err != nil {
+		return err
+	}
+	k.mu.Lock()
+	k.streamID++
+	id := k.streamID
+	k.acked, k.ackErr, k.ended = 0, nil, false
+	k.mu.Unlock()
+	k.stream, k.sentSeq, k.unsynced = st, 0, 0
+	k.batch, k.batchLen = nil, 0
+	go k.readAcks(st, id)
+	return nil
+}
+
+func (k *Sink) readAcks(st *client.BlockStream, id int) {
+	for a := range st.Acks() {
+		k.mu.Lock()
+		if id == k.streamID && a.GetDurableSeq() > k.acked {
+			k.acked = a.GetDurableSeq()
+			k.durable = int(a.GetDurableBlocks())
+			k.notifyLocked()
+		}
+		k.mu.Unlock()
+	}
+	err := st.Wait()
+	k.mu.Lock()
+	if id == k.streamID {
+		k.ended, k.ackErr = true, err
+		k.notifyLocked()
+	}
+	k.mu.Unlock()
+}
+
+func (k *Sink) notifyLocked() {
+	close(k.changed)
+	k.changed = make(chan struct{})
+}
+
+// WriteBlock queues block i (data is kept until sent, not copied).
+func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
+	if k.stream == nil {
+		return errClosed
+	}
+	if err := k.streamErr(); err != nil {
+		return k.recover(ctx, err)
+	}
+	if len(k.batch) > 0 && (k.batchLen+len(data) > k.budget || len(k.batch) == maxBlocksPerMessage) {
+		if err := k.send(ctx, false); err != nil {
+			return err
+		}
+	}
+	k.batch = append(k.batch, &otav1.Block{Offset: uint64(i) * uint64(k.s.BlockSize()), Data: data})
+	k.batchLen += len(data)
+	if k.batchLen >= k.budget {
+		return k.send(ctx, false)
+	}
+	return nil
+}
+
+// send sends the batch (possibly empty, to ask for a sync).
+func (k *Sink) send(ctx context.Context, sync bool) error {
+	if len(k.batch) == 0 && !sync {
+		return nil
+	}
+	k.unsynced += int64(k.batchLen)
+	if k.unsynced >= k.s.l.cfg.SyncBytes {
+		sync = true
+	}
+	seq, err := k.stream.Send(k.batch, sync)
+	if err != nil {
+		return k.recover(ctx, err)
+	}
+	k.sentSeq = seq
+	k.batch, k.batchLen = nil, 0
+	if sync {
+		k.unsynced = 0
+	}
+	return nil
+}
+
+func (k *Sink) streamErr() error {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	if k.ended {
+		if k.ackErr == nil {
+			return status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "writer ended the block stream")
+		}
+		return k.ackErr
+	}
+	return nil
+}
+
+// recover handles a stream failure: the writer's own refusal is returned with its reason;
+// a broken link is repaired (wait for the writer, begin the session again, new stream) and
+// reported as a *ResumedError carrying the writer's bitmap.
+func (k *Sink) recover(ctx context.Context, err error) error {
+	if !retryable(err) {
+		k.close()
+		return err
+	}
+	k.s.l.log.Warn("writer block stream broke; resuming the session", "error", err)
+	k.close()
+	if rerr := k.s.reconnect(ctx); rerr != nil {
+		return fmt.Errorf("writer link: resume after %v: %w", err, rerr)
+	}
+	if oerr := k.open(ctx); oerr != nil {
+		k.stream = nil
+		return oerr
+	}
+	k.mu.Lock()
+	k.durable = int(k.s.Info().GetDurableBlocks())
+	k.mu.Unlock()
+	return &ResumedError{Cause: err, missing: k.s.Missing()}
+}
+
+// Sync asks the writer to make everything sent so far durable, without waiting.
+func (k *Sink) Sync(ctx context.Context) error {
+	if k.stream == nil {
+		return errClosed
+	}
+	if err := k.streamErr(); err != nil {
+		return k.recover(ctx, err)
+	}
+	if len(k.batch) == 0 && k.unsynced == 0 {
+		return nil
+	}
+	return k.send(ctx, true)
+}
+
+// Flush sends what is batched with a sync and waits until the writer acknowledged all of it
+// as durable.
+func (k *Sink) Flush(ctx context.Context) error {
+	if k.stream == nil {
+		return errClosed
+	}
+	if err := k.streamErr(); err != nil {
+		return k.recover(ctx, err)
+	}
+	if len(k.batch) > 0 || k.unsynced > 0 || k.sentSeq == 0 {
+		if err := k.send(ctx, true); err != nil {
+			return err
+		}
+	}
+	want := k.sentSeq
+	for {
+		k.mu.Lock()
+		acked, ended, aerr, ch := k.acked, k.ended, k.ackErr, k.changed
+		k.mu.Unlock()
+		if acked >= want {
+			return nil
+		}
+		if ended {
+			if aerr == nil {
+				aerr = status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "writer ended the block stream before acknowledging seq %d", want)
+			}
+			return k.recover(ctx, aerr)
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("writer link: waiting for durable blocks: %w", ctx.Err())
+		}
+	}
+}
+
+// Durable is the number of blocks the writer last reported durable.
+func (k *Sink) Durable() int {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.durable
+}
+
+// Close ends the stream without waiting for acknowledgements (call Flush first to keep
+// everything). Safe to call more than once.
+func (k *Sink) Close() {
+	k.close()
+	k.stream = nil
+}
+
+func (k *Sink) close() {
+	if k.stream != nil {
+		k.stream.Close()
+	}
+}

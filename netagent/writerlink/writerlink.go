@@ -1,0 +1,226 @@
+// Package writerlink is ota-net's side of the block path to ota-writer: sessions (begin or
+// resume), a Sink that streams blocks over WriteBlocks and tracks the writer's durable
+// acknowledgements, and reconnection when the writer restarts (the session is begun again,
+// resumed, and the downloader continues from the writer's bitmap). Other writer calls pass
+// through to writer/client unchanged.
+//
+// Every error keeps the writer's typed reason: status.ReasonOf(err) reads it.
+package writerlink
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/client"
+)
+
+// Defaults.
+const (
+	// DefaultBatchBytes of block data per WriteBlocks message: large enough that per-message
+	// cost (~70 us per unary round, less streamed) is noise, small enough to bound memory.
+	DefaultBatchBytes = 256 << 10
+	// DefaultSyncBytes: a sync is asked for after this much unsynced data, so a crash of the
+	// writer costs at most this much re-download even if its own policy syncs less often.
+	DefaultSyncBytes = 16 << 20
+	// DefaultReconnectTimeout is how long a restarted writer is waited for.
+	DefaultReconnectTimeout = 2 * time.Minute
+)
+
+// Config configures a Link.
+type Config struct {
+	// SocketPath of the writer (Dial only).
+	SocketPath string
+	// Name is sent in the handshake ("ota-net 1.2.0").
+	Name             string
+	BatchBytes       int
+	SyncBytes        int64
+	ReconnectTimeout time.Duration
+	Logger           hclog.Logger
+}
+
+// Link is a handshaken connection to the writer. The embedded client's methods (State,
+// Activate, Reboot, SelfTest, Commit, Reject, Extensions, ...) are the pass-through calls.
+type Link struct {
+	*client.Client
+	cfg Config
+	log hclog.Logger
+
+	mu sync.Mutex
+	hs *otav1.HandshakeResponse
+}
+
+// Dial connects to the writer's socket, waits until it serves (bounded by ctx) and
+// handshakes.
+func Dial(ctx context.Context, cfg Config) (*Link, error) {
+	c, err := client.Dial(ctx, cfg.SocketPath, client.Options{Name: cfg.Name})
+	if err != nil {
+		return nil, status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "writer link: %w", err)
+	}
+	l, err := New(ctx, c, cfg)
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+// New makes a Link of an existing client: waits for the writer and handshakes.
+func New(ctx context.Context, c *client.Client, cfg Config) (*Link, error) {
+	if cfg.BatchBytes <= 0 {
+		cfg.BatchBytes = DefaultBatchBytes
+	}
+	if cfg.SyncBytes <= 0 {
+		cfg.SyncBytes = DefaultSyncBytes
+	}
+	if cfg.ReconnectTimeout <= 0 {
+		cfg.ReconnectTimeout = DefaultReconnectTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	l := &Link{Client: c, cfg: cfg, log: cfg.Logger}
+	if err := l.hello(ctx); err != nil {
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *Link) hello(ctx context.Context) error {
+	if err := l.WaitReady(ctx); err != nil {
+		return err
+	}
+	h, err := l.Handshake(ctx)
+	if err != nil {
+		return err
+	}
+	l.mu.Lock()
+	l.hs = h
+	l.mu.Unlock()
+	return nil
+}
+
+// MaxBlockSize is the largest block the writer accepts.
+func (l *Link) MaxBlockSize() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return int(l.hs.GetMaxBlockSize())
+}
+
+// Session is an open writer session for one file of a job.
+type Session struct {
+	l   *Link
+	req *otav1.BeginSessionRequest
+
+	mu      sync.Mutex
+	info    *otav1.SessionInfo
+	resumed bool
+}
+
+// Begin opens a session, or resumes the writer's matching one (its block size then wins:
+// read BlockSize and Missing from the session).
+func (l *Link) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*Session, error) {
+	resp, err := l.Client.Begin(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	s := &Session{l: l, req: req}
+	if err := s.set(resp); err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// set checks what the writer answered: ota-net does not trust it blindly either, a bitmap
+// of the wrong size would make the downloader skip blocks.
+func (s *Session) set(resp *otav1.BeginSessionResponse) error {
+	info := resp.GetSession()
+	bs := uint64(info.GetBlockSize())
+	if info.GetSessionId() == "" || bs == 0 || info.GetFileSize() != s.req.GetFileSize() {
+		return status.Errorf(otav1.Reason_REASON_OTHER, "writer link: writer answered an unusable session (id %q, block size %d, size %d)",
+			info.GetSessionId(), bs, info.GetFileSize())
+	}
+	total := (info.GetFileSize() + bs - 1) / bs
+	if uint64(len(info.GetMissing())) != (total+7)/8 {
+		return status.Errorf(otav1.Reason_REASON_OTHER, "writer link: missing bitmap of %d bytes for %d blocks", len(info.GetMissing()), total)
+	}
+	s.mu.Lock()
+	s.info, s.resumed = info, resp.GetResumed()
+	s.mu.Unlock()
+	return nil
+}
+
+// Info is the writer's view of the session (as of Begin or the last resume).
+func (s *Session) Info() *otav1.SessionInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.info
+}
+
+// ID is the session id.
+func (s *Session) ID() string { return s.Info().GetSessionId() }
+
+// BlockSize is the session's block size.
+func (s *Session) BlockSize() int { return int(s.Info().GetBlockSize()) }
+
+// Missing is the bitmap of blocks the writer does not hold durably (stream bit order).
+func (s *Session) Missing() []byte { return s.Info().GetMissing() }
+
+// Resumed tells whether Begin resumed an existing session.
+func (s *Session) Resumed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.resumed
+}
+
+// Finish flushes and verifies the image.
+func (s *Session) Finish(ctx context.Context) (*otav1.FinishSessionResponse, error) {
+	return s.l.Finish(ctx, s.ID())
+}
+
+// Abort drops the session with a reason.
+func (s *Session) Abort(ctx context.Context, reason otav1.Reason) error {
+	return s.l.Abort(ctx, s.ID(), reason)
+}
+
+// reconnect waits for the writer to come back and begins the session again (resume).
+func (s *Session) reconnect(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, s.l.cfg.ReconnectTimeout)
+	defer cancel()
+	if err := s.l.hello(ctx); err != nil {
+		return err
+	}
+	resp, err := s.l.Client.Begin(ctx, s.req)
+	if err != nil {
+		return err
+	}
+	return s.set(resp)
+}
+
+// ResumedError is returned by Sink methods after the writer came back: blocks that were not
+// durable may be lost, and Missing tells what the writer still needs. The downloaders
+// continue from it.
+type ResumedError struct {
+	Cause   error
+	missing []byte
+}
+
+func (e *ResumedError) Error() string {
+	return fmt.Sprintf("writer link: writer stream broke (%v); session resumed", e.Cause)
+}
+func (e *ResumedError) Unwrap() error   { return e.Cause }
+func (e *ResumedError) Missing() []byte { return e.missing }
+
+// retryable tells whether a block-stream error is the link's (writer restarting, socket
+// gone) rather than the writer refusing the data.
+func retryable(err error) bool {
+	return status.ReasonOf(err) == otav1.Reason_REASON_WRITER_UNAVAILABLE
+}
+
+var errClosed = errors.New("writer link: sink closed")

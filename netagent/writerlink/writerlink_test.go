@@ -1,0 +1,285 @@
+package writerlink_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"go.uber.org/goleak"
+
+	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
+	"github.com/gwota/gwota/netagent/stream"
+	"github.com/gwota/gwota/netagent/writerlink"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/writer/server"
+)
+
+func TestMain(m *testing.M) {
+	opts := []goleak.Option{goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection")}
+	for _, f := range mqtttest.IgnoreMochi {
+		opts = append(opts, goleak.IgnoreTopFunction(f))
+	}
+	goleak.VerifyTestMain(m, opts...)
+}
+
+func logger(t *testing.T) hclog.Logger {
+	if os.Getenv("WRITERLINK_DEBUG") == "" {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug})
+}
+
+// writer serves a core on a Unix socket and can be killed and restarted on the same path.
+type writer struct {
+	t    *testing.T
+	core *memCore
+	sock string
+
+	mu   sync.Mutex
+	srv  *server.Server
+	done chan error
+}
+
+func startWriter(t *testing.T, core *memCore) *writer {
+	dir, err := os.MkdirTemp("/tmp", "wl")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	w := &writer{t: t, core: core, sock: filepath.Join(dir, "w.sock")}
+	w.start()
+	t.Cleanup(w.stop)
+	return w
+}
+
+func (w *writer) start() {
+	ln, err := server.Listen(w.sock, server.ListenConfig{})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	srv := server.New(w.core, server.Options{})
+	done := make(chan error, 1)
+	go func() { done <- srv.Serve(ln) }()
+	w.mu.Lock()
+	w.srv, w.done = srv, done
+	w.mu.Unlock()
+}
+
+// stop kills the writer: connections cut, nothing graceful.
+func (w *writer) stop() {
+	w.mu.Lock()
+	srv, done := w.srv, w.done
+	w.srv = nil
+	w.mu.Unlock()
+	if srv != nil {
+		srv.Stop()
+		<-done
+	}
+}
+
+func (w *writer) restart() {
+	w.stop()
+	w.core.crash()
+	w.start()
+}
+
+func dial(t *testing.T, w *writer) *writerlink.Link {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	l, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: w.sock, Name: "test", Logger: logger(t), ReconnectTimeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	return l
+}
+
+func randImage(n int) []byte {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b
+}
+
+func TestSinkDurable(t *testing.T) {
+	core := newMemCore()
+	w := startWriter(t, core)
+	l := dial(t, w)
+	ctx := context.Background()
+	img := randImage(100*1024 + 5)
+	const bs = 4096
+	s, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j1", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.Resumed() || stream.Bitmap(s.Missing()).Count() != 26 {
+		t.Fatalf("new session: resumed %v, missing %d", s.Resumed(), stream.Bitmap(s.Missing()).Count())
+	}
+	k, err := s.Sink(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	for i := 25; i >= 0; i-- { // any order
+		if err := k.WriteBlock(ctx, i, img[i*bs:min(len(img), (i+1)*bs)]); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := k.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if k.Durable() != 26 {
+		t.Fatalf("durable %d", k.Durable())
+	}
+	if !bytes.Equal(core.image(s.ID()), img) {
+		t.Fatal("image differs")
+	}
+	if _, err := s.Finish(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Resume of the same job: nothing missing.
+	s2, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j1", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})
+	if err != nil || !s2.Resumed() || stream.Bitmap(s2.Missing()).Count() != 0 {
+		t.Fatalf("resume: %v %+v", err, s2)
+	}
+	// Pass-through calls.
+	if ext, err := l.Extensions(ctx); err != nil || ext["fw"] != "1" {
+		t.Fatalf("extensions %v %v", ext, err)
+	}
+}
+
+func TestTypedErrors(t *testing.T) {
+	core := newMemCore()
+	w := startWriter(t, core)
+	l := dial(t, w)
+	ctx := context.Background()
+	_, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: "/nope", FileSize: 10, BlockSize: 4096})
+	if status.ReasonOf(err) != otav1.Reason_REASON_TARGET_UNKNOWN {
+		t.Fatalf("begin: %v", err)
+	}
+	s, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: "/fw", FileSize: 8192, BlockSize: 4096})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := s.Sink(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	core.mu.Lock()
+	core.failWrite = status.Errorf(otav1.Reason_REASON_STORAGE_FULL, "no space")
+	core.mu.Unlock()
+	err = k.WriteBlock(ctx, 0, make([]byte, 4096))
+	if err == nil {
+		err = k.Flush(ctx)
+	}
+	if status.ReasonOf(err) != otav1.Reason_REASON_STORAGE_FULL {
+		t.Fatalf("write: %v (%v)", err, status.ReasonOf(err))
+	}
+	var re *writerlink.ResumedError
+	if errors.As(err, &re) {
+		t.Fatal("a writer refusal must not look like a resume")
+	}
+}
+
+// The writer is killed and restarted mid-download: the downloader resumes from the writer's
+// durable bitmap and the image ends up complete.
+func TestStreamDownloadSurvivesWriterRestart(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	emu, err := emulator.Start(ctx, emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer emu.Close()
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: emu.BrokerURL(), ClientID: emu.ThingName()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	if err := conn.AwaitConnection(ctx); err != nil {
+		t.Fatal(err)
+	}
+	img := randImage(1<<20 + 99)
+	path := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(path, img, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := emu.CreateJob(ctx, backend.JobSpec{JobID: "job1", Files: []backend.FileSpec{{LocalPath: path, DevicePath: "/fw"}}}); err != nil {
+		t.Fatal(err)
+	}
+
+	core := newMemCore()
+	core.syncEvery = 1 // every message durable: 64 blocks of 4 KiB per message
+	w := startWriter(t, core)
+	l := dial(t, w)
+	const bs = 4096
+	s, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "job1", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := s.Sink(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+
+	var once sync.Once
+	var durableAtCrash int
+	d, err := stream.New(conn, stream.Config{Thing: emu.ThingName(), BlockSize: bs, QuietPeriod: 200 * time.Millisecond, Logger: logger(t),
+		OnProgress: func(p stream.Progress) {
+			if p.Received == 100 {
+				once.Do(func() {
+					w.restart()
+					core.mu.Lock()
+					durableAtCrash = len(core.sessions[s.ID()].durable)
+					core.mu.Unlock()
+				})
+			}
+		}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	st, err := d.Download(ctx, stream.File{StreamName: emu.StreamName("job1"), Size: int64(len(img)), BlockSize: s.BlockSize()}, s.Missing(), k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Resumes != 1 || durableAtCrash == 0 || durableAtCrash >= 100 {
+		t.Fatalf("stats %+v, durable at crash %d", st, durableAtCrash)
+	}
+	if k.Durable() != st.Blocks {
+		t.Fatalf("durable %d of %d", k.Durable(), st.Blocks)
+	}
+	if !bytes.Equal(core.image(s.ID()), img) {
+		t.Fatal("image differs after the restart")
+	}
+	if _, err := s.Finish(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Blocks durable before the crash were not fetched again.
+	seen := map[int]int{}
+	for _, r := range emu.StreamRequests("job1") {
+		for _, b := range r.Wanted {
+			seen[b]++
+		}
+	}
+	again := 0
+	for _, n := range seen {
+		if n > 1 {
+			again++
+		}
+	}
+	if again == 0 || again > 256-durableAtCrash {
+		t.Fatalf("%d blocks fetched twice (durable at crash: %d)", again, durableAtCrash)
+	}
+}

@@ -7,7 +7,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -91,8 +94,10 @@ func Run(ctx context.Context, argv []string, o Options) Result {
 		<-exited
 	}
 	// The leader has exited but is not reaped yet, so its pid (the group id) cannot be reused:
-	// killing the group now reaches only what the command left behind.
+	// killing the group now reaches only what the command left behind, and waiting for those
+	// members means nothing of the command runs once Run returns.
 	killGroup(pid)
+	waitGroupGone(pid, o.WaitDelay)
 	err := cmd.Wait()
 
 	r := Result{Killed: killed, Duration: time.Since(start)}
@@ -121,6 +126,81 @@ func waitNoReap(pid int) {
 }
 
 func killGroup(pid int) { _ = syscall.Kill(-pid, syscall.SIGKILL) }
+
+// waitGroupGone waits, up to limit, until every member of process group pgid other than its
+// (zombie) leader has exited. The members are not our children, so they are found in /proc
+// and waited for through pidfds, which become readable when the process exits.
+func waitGroupGone(pgid int, limit time.Duration) {
+	var fds []unix.PollFd
+	defer func() {
+		for _, p := range fds {
+			unix.Close(int(p.Fd))
+		}
+	}()
+	for _, pid := range groupMembers(pgid) {
+		if pid == pgid {
+			continue
+		}
+		fd, err := unix.PidfdOpen(pid, 0)
+		if err != nil {
+			continue // already gone
+		}
+		fds = append(fds, unix.PollFd{Fd: int32(fd), Events: unix.POLLIN})
+	}
+	deadline := time.Now().Add(limit)
+	for len(fds) > 0 {
+		left := time.Until(deadline)
+		if left <= 0 {
+			return
+		}
+		n, err := unix.Poll(fds, int(left.Milliseconds())+1)
+		if err == unix.EINTR {
+			continue
+		}
+		if err != nil || n == 0 {
+			return
+		}
+		rest := fds[:0]
+		for _, p := range fds {
+			if p.Revents != 0 {
+				unix.Close(int(p.Fd))
+				continue
+			}
+			rest = append(rest, p)
+		}
+		fds = rest
+	}
+}
+
+// groupMembers lists the pids in process group pgid (from /proc/<pid>/stat, field 5).
+func groupMembers(pgid int) []int {
+	ents, err := os.ReadDir("/proc")
+	if err != nil {
+		return nil
+	}
+	var pids []int
+	for _, e := range ents {
+		pid, err := strconv.Atoi(e.Name())
+		if err != nil {
+			continue
+		}
+		b, err := os.ReadFile("/proc/" + e.Name() + "/stat")
+		if err != nil {
+			continue
+		}
+		// "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses.
+		s := string(b)
+		i := strings.LastIndexByte(s, ')')
+		if i < 0 {
+			continue
+		}
+		f := strings.Fields(s[i+1:])
+		if len(f) >= 3 && f[2] == strconv.Itoa(pgid) {
+			pids = append(pids, pid)
+		}
+	}
+	return pids
+}
 
 // capBuf keeps the first (or last) max bytes written and counts the rest.
 type capBuf struct {

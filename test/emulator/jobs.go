@@ -3,12 +3,14 @@ package emulator
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
 	"encoding/base64"
+	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/fnv"
+	mrand "math/rand/v2"
 	"regexp"
 	"sort"
 	"strings"
@@ -128,7 +130,7 @@ func (e *Emulator) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 	}
 	j := &job{id: spec.JobID, protocols: protocols, urlExpiry: expiry}
 	if contains(protocols, backend.ProtocolMQTT) {
-		j.stream = "AFR_OTA-" + uuid()
+		j.stream = "AFR_OTA-" + e.streamUUID(spec.JobID)
 	}
 	ids := map[int]bool{}
 	for _, fs := range spec.Files {
@@ -227,11 +229,17 @@ func prepareFile(ctx context.Context, fs backend.FileSpec) (*jobFile, error) {
 	return jf, nil
 }
 
-func uuid() string {
+// streamUUID derives the stream id from the seed and job id, so a replayed run (same seed)
+// names streams, and seeds their faults, identically.
+func (e *Emulator) streamUUID(jobID string) string {
+	h := fnv.New64a()
+	h.Write([]byte(jobID))
+	r := mrand.New(mrand.NewPCG(e.opts.Seed, h.Sum64()))
 	var b [16]byte
-	_, _ = rand.Read(b[:])
-	h := hex.EncodeToString(b[:])
-	return h[0:8] + "-" + h[8:12] + "-" + h[12:16] + "-" + h[16:20] + "-" + h[20:]
+	binary.LittleEndian.PutUint64(b[:8], r.Uint64())
+	binary.LittleEndian.PutUint64(b[8:], r.Uint64())
+	x := hex.EncodeToString(b[:])
+	return x[0:8] + "-" + x[8:12] + "-" + x[12:16] + "-" + x[16:20] + "-" + x[20:]
 }
 
 func contains(list []string, s string) bool {

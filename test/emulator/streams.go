@@ -133,6 +133,7 @@ func (e *Emulator) getStream(m message, prefix, stream, format string) {
 		rec.Rejected = code
 		e.mu.Lock()
 		e.records[stream] = append(e.records[stream], rec)
+		e.notifyLocked()
 		e.mu.Unlock()
 		e.streamReject(m.clientID, prefix, format, code, msg, token, delay)
 	}
@@ -186,6 +187,7 @@ func (e *Emulator) planBlocks(j *job, fs *faultState, req GetStreamRequest, rec 
 	e.mu.Lock()
 	defer func() {
 		e.records[rec.Stream] = append(e.records[rec.Stream], *rec)
+		e.notifyLocked()
 		e.mu.Unlock()
 	}()
 	if fs != nil && fs.RejectCode != "" {

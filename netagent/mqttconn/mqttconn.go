@@ -27,6 +27,7 @@ import (
 
 	"github.com/eclipse/paho.golang/autopaho"
 	"github.com/eclipse/paho.golang/paho"
+	"github.com/eclipse/paho.golang/paho/session"
 	"github.com/eclipse/paho.golang/paho/session/state"
 	"github.com/eclipse/paho.golang/paho/store/file"
 	"github.com/hashicorp/go-hclog"
@@ -122,6 +123,7 @@ type Conn struct {
 	onUp     map[uint64]func(ctx context.Context)
 	maxPkt   uint32 // broker's maximum packet size (0: none announced)
 	upCancel context.CancelFunc
+	upCh     chan struct{} // closed once a connection is up and its CONNACK recorded
 	upCount  int
 	closed   bool
 }
@@ -196,6 +198,7 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 		cancel:  cancel,
 		filters: map[string]*filterState{},
 		onUp:    map[uint64]func(context.Context){},
+		upCh:    make(chan struct{}),
 	}
 	expiry := uint32(cfg.SessionExpiry / time.Second)
 	pcfg := autopaho.ClientConfig{
@@ -303,6 +306,11 @@ func (c *Conn) connectionDown() bool {
 		c.upCancel()
 		c.upCancel = nil
 	}
+	select {
+	case <-c.upCh:
+		c.upCh = make(chan struct{})
+	default:
+	}
 	c.mu.Unlock()
 	c.log.Warn("mqtt connection lost; reconnecting")
 	return true
@@ -332,6 +340,15 @@ func (c *Conn) renew(ctx context.Context, cm *autopaho.ConnectionManager) {
 		case <-time.After(min(time.Duration(attempt+1)*time.Second, 30*time.Second)):
 		}
 	}
+	c.mu.Lock()
+	if ctx.Err() == nil {
+		select {
+		case <-c.upCh:
+		default:
+			close(c.upCh) // publishers may go: every subscription is in place
+		}
+	}
+	c.mu.Unlock()
 	c.mu.RLock()
 	hooks := make([]func(context.Context), 0, len(c.onUp))
 	for _, f := range c.onUp {
@@ -389,15 +406,47 @@ func (c *Conn) OnConnect(f func(ctx context.Context)) (remove func()) {
 	}
 }
 
-// AwaitConnection waits until the connection is up (or ctx ends).
+// AwaitConnection waits until the connection is up and every remembered subscription has
+// been renewed on it (or ctx ends).
 func (c *Conn) AwaitConnection(ctx context.Context) error {
+	// autopaho reports "up" before OnConnectionUp ran; wait for both so the broker's limits
+	// are known.
 	if err := c.cm.AwaitConnection(ctx); err != nil {
 		if c.ctx.Err() != nil {
 			return ErrClosed
 		}
 		return err
 	}
-	return nil
+	c.mu.RLock()
+	ch := c.upCh
+	c.mu.RUnlock()
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-c.ctx.Done():
+		return ErrClosed
+	}
+}
+
+// waitDown waits (briefly) until the manager noticed a lost connection, so a retry does not
+// spin on a stale "up".
+func (c *Conn) waitDown(ctx context.Context) {
+	c.mu.RLock()
+	ch := c.upCh
+	c.mu.RUnlock()
+	select {
+	case <-ch:
+	default:
+		return
+	}
+	t := time.NewTimer(20 * time.Millisecond)
+	defer t.Stop()
+	select {
+	case <-t.C:
+	case <-ctx.Done():
+	}
 }
 
 // Connections returns how many times the connection came up (for tests and metrics).
@@ -434,13 +483,22 @@ func (c *Conn) Publish(ctx context.Context, topic string, qos byte, payload []by
 	if qos > 1 {
 		return fmt.Errorf("%w: qos %d (0 or 1)", ErrInvalid, qos)
 	}
-	if err := c.AwaitConnection(ctx); err != nil {
-		return err
+	var resp *paho.PublishResponse
+	var err error
+	for {
+		if err := c.AwaitConnection(ctx); err != nil {
+			return err
+		}
+		if limit := c.MaxPayload(topic, qos); len(payload) > limit {
+			return fmt.Errorf("%w: %d bytes to %s, limit %d", ErrTooLarge, len(payload), topic, limit)
+		}
+		resp, err = c.cm.Publish(ctx, &paho.Publish{Topic: topic, QoS: qos, Payload: payload})
+		// Down before anything was sent: safe to wait for the next connection and send then.
+		if !errors.Is(err, autopaho.ConnectionDownError) && !errors.Is(err, session.ErrNoConnection) || c.ctx.Err() != nil {
+			break
+		}
+		c.waitDown(ctx)
 	}
-	if limit := c.MaxPayload(topic, qos); len(payload) > limit {
-		return fmt.Errorf("%w: %d bytes to %s, limit %d", ErrTooLarge, len(payload), topic, limit)
-	}
-	resp, err := c.cm.Publish(ctx, &paho.Publish{Topic: topic, QoS: qos, Payload: payload})
 	switch {
 	case err == nil:
 		return nil
@@ -448,8 +506,7 @@ func (c *Conn) Publish(ctx context.Context, topic string, qos byte, payload []by
 		return ErrClosed
 	case errors.Is(err, paho.ErrInvalidArguments):
 		return fmt.Errorf("%w: %w", ErrInvalid, err)
-	case errors.Is(err, paho.ErrConnectionLost), errors.Is(err, paho.ErrNetworkErrorAfterStored),
-		errors.Is(err, autopaho.ConnectionDownError):
+	case errors.Is(err, paho.ErrConnectionLost), errors.Is(err, paho.ErrNetworkErrorAfterStored):
 		return fmt.Errorf("publish %s: %w: %w", topic, ErrDeliveryUnknown, err)
 	case resp != nil && resp.ReasonCode >= 0x80:
 		return fmt.Errorf("publish %s: %w: %w", topic, ErrRefused, err)

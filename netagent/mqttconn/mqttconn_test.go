@@ -5,10 +5,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"sync"
-	"testing"
+		"testing"
 	"time"
 
+	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
 
 	"github.com/gwota/gwota/netagent/mqttconn"
@@ -93,7 +93,8 @@ func (c *collector) none(t *testing.T, d time.Duration) {
 
 func dial(t *testing.T, b *mqtttest.Broker, id string, mod func(*mqttconn.Config)) *mqttconn.Conn {
 	t.Helper()
-	cfg := mqttconn.Config{BrokerURL: b.URL(), ClientID: id, BackoffMin: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond, StateDir: t.TempDir()}
+	cfg := mqttconn.Config{BrokerURL: b.URL(), ClientID: id, BackoffMin: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond, StateDir: t.TempDir(),
+		Logger: hclog.New(&hclog.LoggerOptions{Name: id, Level: hclog.Debug, Output: testWriter{t}})}
 	if mod != nil {
 		mod(&cfg)
 	}
@@ -214,14 +215,13 @@ func TestResubscribeAfterBrokerRestart(t *testing.T) {
 	c := dial(t, b, "gw-re", nil)
 	ctx := ctxT(t)
 
-	ups := make(chan int, 10)
-	n := 0
-	var mu sync.Mutex
+	type up struct {
+		n          int
+		subscribed bool
+	}
+	ups := make(chan up, 10)
 	remove := c.OnConnect(func(ctx context.Context) {
-		mu.Lock()
-		n++
-		mu.Unlock()
-		ups <- c.Connections()
+		ups <- up{c.Connections(), b.Subscribed("gw-re", "cmd/+")}
 	})
 	defer remove()
 
@@ -229,16 +229,26 @@ func TestResubscribeAfterBrokerRestart(t *testing.T) {
 	if _, err := c.Subscribe(ctx, "cmd/+", 1, h.handle); err != nil {
 		t.Fatal(err)
 	}
-	// A restarted broker has lost the session and the subscription: only renewal brings it back.
+	// A restarted broker has lost the session and the subscription: only renewal brings it
+	// back, and the hooks of the new connection run after it.
 	b.Restart()
-	select {
-	case <-ups:
-	case <-time.After(10 * time.Second):
-		t.Fatal("OnConnect hook not called after reconnect")
+	waitUp := func(min int) {
+		t.Helper()
+		for {
+			select {
+			case u := <-ups:
+				if u.n >= min {
+					if !u.subscribed {
+						t.Fatal("OnConnect hook ran before the subscription was renewed")
+					}
+					return
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("OnConnect hook not called after reconnect")
+			}
+		}
 	}
-	if !b.Subscribed("gw-re", "cmd/+") {
-		t.Fatal("subscription not renewed before OnConnect hooks ran")
-	}
+	waitUp(2)
 	if err := b.Publish("cmd/x", []byte("after"), 1); err != nil {
 		t.Fatal(err)
 	}
@@ -253,11 +263,7 @@ func TestResubscribeAfterBrokerRestart(t *testing.T) {
 	if !b.Kick("gw-re") {
 		t.Fatal("kick failed")
 	}
-	select {
-	case <-ups:
-	case <-time.After(10 * time.Second):
-		t.Fatal("no reconnect after kick")
-	}
+	waitUp(3)
 	if err := c.Publish(ctx, "cmd/y", 1, []byte("self")); err != nil {
 		t.Fatal(err)
 	}
@@ -408,4 +414,11 @@ func TestManyMessagesInOrder(t *testing.T) {
 			t.Fatalf("message %d: %+v", i, got)
 		}
 	}
+}
+
+type testWriter struct{ t *testing.T }
+
+func (w testWriter) Write(p []byte) (int, error) {
+	w.t.Log(string(bytes.TrimRight(p, "\n")))
+	return len(p), nil
 }

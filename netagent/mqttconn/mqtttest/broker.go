@@ -33,6 +33,7 @@ type Broker struct {
 	mu     sync.Mutex
 	addr   string
 	server *mqtt.Server
+	ln     net.Listener
 }
 
 // Start starts a broker on 127.0.0.1:0; it is closed at test cleanup.
@@ -71,9 +72,14 @@ func (b *Broker) Server() *mqtt.Server {
 // Stop closes the broker (all sessions are lost).
 func (b *Broker) Stop() {
 	b.mu.Lock()
-	s := b.server
-	b.server = nil
+	s, ln := b.server, b.ln
+	b.server, b.ln = nil, nil
 	b.mu.Unlock()
+	if ln != nil {
+		// mochi closes its clients before its listener: a client reconnecting at once would be
+		// accepted by the dying listener and never answered. Close the listener first.
+		_ = ln.Close()
+	}
 	if s != nil {
 		_ = s.Close()
 	}
@@ -122,7 +128,7 @@ func (b *Broker) Restart() {
 	if err := s.Serve(); err != nil {
 		b.t.Fatal(err)
 	}
-	b.server = s
+	b.server, b.ln = s, ln
 }
 
 // Publish sends from the broker's inline client (as a cloud service would).

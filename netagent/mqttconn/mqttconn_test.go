@@ -5,7 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
-		"testing"
+	"testing"
 	"time"
 
 	"github.com/hashicorp/go-hclog"

@@ -67,10 +67,10 @@ func New(checks []Check, overall time.Duration, log hclog.Logger) *Runner {
 
 // Run runs every check in order and reports each one. The result passes only if all checks
 // passed. Otherwise its reason is that of the first check that did not pass:
-// REASON_SELF_TEST_TIMEOUT when it was killed by its timeout or the overall deadline (checks
-// after the overall deadline are reported as not run), REASON_SELF_TEST_FAILED when it exited
-// non-zero or could not be started. A failing check does not stop the later ones, so the
-// operator sees the whole picture. The error is non-nil only when ctx itself ended.
+// REASON_SELF_TEST_TIMEOUT when it was killed by its timeout or by the deadline (the overall
+// one, or ctx's; checks after it are reported as not run), REASON_SELF_TEST_FAILED when it
+// exited non-zero or could not be started. A failing check does not stop the later ones, so
+// the operator sees the whole picture. The error is non-nil only when ctx was canceled.
 func (r *Runner) Run(ctx context.Context) (*otav1.SelfTestResponse, error) {
 	runCtx := ctx
 	if r.overall > 0 {
@@ -85,23 +85,32 @@ func (r *Runner) Run(ctx context.Context) (*otav1.SelfTestResponse, error) {
 		}
 	}
 	for _, c := range r.checks {
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("self test interrupted: %w", err)
+		if errors.Is(ctx.Err(), context.Canceled) {
+			return nil, fmt.Errorf("self test interrupted: %w", ctx.Err())
 		}
 		if runCtx.Err() != nil {
-			resp.Checks = append(resp.Checks, &otav1.CheckResult{Name: c.Name, Detail: "not run: overall self-test deadline of " + r.overall.String() + " passed"})
+			resp.Checks = append(resp.Checks, &otav1.CheckResult{Name: c.Name, Detail: "not run: " + r.deadlineText(runCtx) + " passed"})
 			fail(otav1.Reason_REASON_SELF_TEST_TIMEOUT)
-			r.log.Warn("self-test check not run: overall deadline passed", "check", c.Name)
+			r.log.Warn("self-test check not run: deadline passed", "check", c.Name)
 			continue
 		}
 		res := proc.Run(runCtx, c.Argv, proc.Options{Timeout: c.Timeout, Combined: true, Tail: true, MaxOutput: 4096})
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("self test interrupted during %s: %w", c.Name, err)
+		if errors.Is(ctx.Err(), context.Canceled) {
+			return nil, fmt.Errorf("self test interrupted during %s: %w", c.Name, ctx.Err())
+		}
+		var why string
+		switch {
+		case res.Killed && runCtx.Err() != nil:
+			why = "killed at the " + r.deadlineText(runCtx)
+		case res.Killed:
+			why = "timed out after " + c.Timeout.String()
+		case res.Err != nil:
+			why = res.Err.Error()
 		}
 		cr := &otav1.CheckResult{
 			Name:       c.Name,
 			Passed:     res.Err == nil,
-			Detail:     detail(res, c, r.overall),
+			Detail:     detail(lastLine(string(res.Stdout)), why),
 			DurationMs: uint64(res.Duration.Milliseconds()),
 		}
 		resp.Checks = append(resp.Checks, cr)
@@ -124,26 +133,26 @@ func (r *Runner) Run(ctx context.Context) (*otav1.SelfTestResponse, error) {
 	return resp, nil
 }
 
+// deadlineText names the deadline that ended runCtx.
+func (r *Runner) deadlineText(runCtx context.Context) string {
+	if errors.Is(context.Cause(runCtx), errOverall) {
+		return "overall self-test deadline of " + r.overall.String()
+	}
+	return "self-test deadline"
+}
+
 var errOverall = errors.New("overall self-test deadline")
 
-// detail is the check's last output line; for a check without output, why it did not pass.
-func detail(res proc.Result, c Check, overall time.Duration) string {
-	line := lastLine(string(res.Stdout))
-	var why string
-	switch {
-	case res.Err == nil:
-	case res.Killed && errors.Is(res.Err, errOverall):
-		why = "killed at the overall self-test deadline of " + overall.String()
-	case res.Killed:
-		why = "timed out after " + c.Timeout.String()
-	case line == "":
-		why = res.Err.Error()
-	}
+// detail is the check's last output line, prefixed with why it did not pass when it was
+// stopped or could not run (an exit status alone adds nothing to a line of output).
+func detail(line, why string) string {
 	switch {
 	case why == "":
 		return truncate(line)
 	case line == "":
 		return truncate(why)
+	case strings.HasPrefix(why, "exit status"):
+		return truncate(line)
 	default:
 		return truncate(why + ": " + line)
 	}

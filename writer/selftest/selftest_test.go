@@ -141,6 +141,26 @@ func TestTimedOutCheckIsKilled(t *testing.T) {
 	}
 }
 
+// The caller's deadline (the engine's self_test_timeout) ends the run like the overall one:
+// a result with the checks so far, not an error.
+func TestCallerDeadline(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
+	defer cancel()
+	r := New([]Check{sh("ok", "echo up", 0), sh("slow", "exec sleep 300", time.Hour), sh("never", "true", 0)}, time.Hour, nil)
+	got, err := r.Run(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := &otav1.SelfTestResponse{Reason: timeout, Checks: []*otav1.CheckResult{
+		res("ok", true, "up"),
+		res("slow", false, "killed at the self-test deadline"),
+		res("never", false, "not run: self-test deadline passed"),
+	}}
+	if d := cmp.Diff(want, got, protocmp.Transform(), protocmp.IgnoreFields(&otav1.CheckResult{}, "duration_ms")); d != "" {
+		t.Errorf("(-want +got):\n%s", d)
+	}
+}
+
 func TestCallerCancel(t *testing.T) {
 	ctx, cancel := context.WithCancel(context.Background())
 	cancel()

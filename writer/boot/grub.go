@@ -19,7 +19,8 @@ import (
 // GRUBOptions configures the GRUB backend (grub-editenv on the GRUB environment block).
 //
 // GRUB has no boot counter of its own and no arithmetic, so grub.cfg counts with a chain of
-// tests, for example (default names and slot values, boot limit up to 3):
+// tests, for example (default names and slot values; the chain must count one past the
+// configured boot limit, here up to a limit of 3):
 //
 //	load_env boot_part upgrade_available bootcount bootlimit
 //	if [ "${upgrade_available}" = "1" ]; then

@@ -81,7 +81,9 @@ func (c *memCore) Handshake(context.Context, *otav1.HandshakeRequest) (*otav1.Ha
 		MaxMessageSize: uint32(server.MaxMessageSize(c.maxBlock))}, nil
 }
 
-func (c *memCore) State(context.Context) (*otav1.DeviceState, error) { return &otav1.DeviceState{}, nil }
+func (c *memCore) State(context.Context) (*otav1.DeviceState, error) {
+	return &otav1.DeviceState{}, nil
+}
 
 func (c *memCore) Begin(_ context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
 	if req.GetFilePath() != "/fw" {

@@ -1,0 +1,500 @@
+// Package httpdl downloads a file from a presigned HTTP(S) URL with ranged GETs: only the
+// blocks the writer still misses, coalesced into large ranges, streamed block by block to a
+// Sink (never the whole file in memory). An expired URL (403) is replaced through a
+// callback that fetches a fresh job document.
+package httpdl
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+)
+
+// Sink receives blocks (netagent/writerlink.Sink satisfies it). See stream.Sink for the
+// contract: an error with Missing() []byte means the writer resumed and lost what was not
+// durable; any other error ends the download unchanged.
+type Sink interface {
+	WriteBlock(ctx context.Context, i int, data []byte) error
+	Flush(ctx context.Context) error
+}
+
+type resumed interface{ Missing() []byte }
+
+// Defaults.
+const (
+	DefaultConnectTimeout = 15 * time.Second
+	DefaultHeaderTimeout  = 30 * time.Second
+	// DefaultReadTimeout: a body that delivers nothing for this long is abandoned and the
+	// rest fetched again.
+	DefaultReadTimeout = 30 * time.Second
+	// DefaultMaxRangeBytes caps one GET so that a failure late in a huge range loses little
+	// time to reconnecting, while one range still amortises the request cost completely.
+	DefaultMaxRangeBytes = 64 << 20
+	// DefaultMergeGap: missing runs closer than this are fetched in one range (the blocks in
+	// between are read and dropped): a GET costs a round trip, 256 KiB is cheap to skip.
+	DefaultMergeGap     = 256 << 10
+	DefaultMaxAttempts  = 8
+	DefaultRetryBackoff = 500 * time.Millisecond
+	maxRetryBackoff     = 30 * time.Second
+	// DefaultMaxRefreshes: new URLs in a row that still get 403 before giving up.
+	DefaultMaxRefreshes = 3
+)
+
+// Config tunes a Downloader. Zero values take the defaults.
+type Config struct {
+	// Client, if set, is used as is (its timeouts included); else one is built from the
+	// timeouts below.
+	Client                        *http.Client
+	ConnectTimeout, HeaderTimeout time.Duration
+	ReadTimeout                   time.Duration
+	MaxRangeBytes                 int64
+	MergeGap                      int64
+	// MaxAttempts failed GETs in a row without a new block fail the download
+	// (download_failed); the wait between them doubles from RetryBackoff up to 30 s.
+	MaxAttempts  int
+	RetryBackoff time.Duration
+	MaxRefreshes int
+	Logger       hclog.Logger
+	// OnProgress is called after every new block; keep it cheap.
+	OnProgress func(received, total int)
+}
+
+// File names what to download.
+type File struct {
+	URL       string
+	Size      int64
+	BlockSize int // the writer session's block size
+}
+
+// RefreshFunc returns a fresh URL for the file (the jobs client re-reads the job document,
+// which re-signs it).
+type RefreshFunc func(ctx context.Context) (string, error)
+
+// Stats describe one Download.
+type Stats struct {
+	Blocks    int
+	Received  int   // new blocks handed to the sink
+	Requests  int   // GETs sent
+	Bytes     int64 // body bytes read
+	Retries   int
+	Refreshes int
+	Resumes   int
+}
+
+// Downloader fetches files over HTTP.
+type Downloader struct {
+	cfg Config
+	hc  *http.Client
+	log hclog.Logger
+}
+
+// New returns a Downloader.
+func New(cfg Config) (*Downloader, error) {
+	if cfg.ConnectTimeout <= 0 {
+		cfg.ConnectTimeout = DefaultConnectTimeout
+	}
+	if cfg.HeaderTimeout <= 0 {
+		cfg.HeaderTimeout = DefaultHeaderTimeout
+	}
+	if cfg.ReadTimeout <= 0 {
+		cfg.ReadTimeout = DefaultReadTimeout
+	}
+	if cfg.MaxRangeBytes <= 0 {
+		cfg.MaxRangeBytes = DefaultMaxRangeBytes
+	}
+	if cfg.MergeGap < 0 {
+		cfg.MergeGap = 0
+	} else if cfg.MergeGap == 0 {
+		cfg.MergeGap = DefaultMergeGap
+	}
+	if cfg.MaxAttempts <= 0 {
+		cfg.MaxAttempts = DefaultMaxAttempts
+	}
+	if cfg.RetryBackoff <= 0 {
+		cfg.RetryBackoff = DefaultRetryBackoff
+	}
+	if cfg.MaxRefreshes <= 0 {
+		cfg.MaxRefreshes = DefaultMaxRefreshes
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	hc := cfg.Client
+	if hc == nil {
+		tr := http.DefaultTransport.(*http.Transport).Clone()
+		tr.DialContext = (&net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext
+		tr.TLSHandshakeTimeout = cfg.ConnectTimeout
+		tr.ResponseHeaderTimeout = cfg.HeaderTimeout
+		// Transparent gzip would break byte ranges.
+		tr.DisableCompression = true
+		hc = &http.Client{Transport: tr}
+	}
+	return &Downloader{cfg: cfg, hc: hc, log: cfg.Logger}, nil
+}
+
+// Config returns the effective configuration.
+func (d *Downloader) Config() Config { return d.cfg }
+
+// Range is a byte range [Start, End) starting on a block boundary; End is a block boundary
+// or the file size.
+type Range struct{ Start, End int64 }
+
+// Plan returns the byte ranges a download of the missing blocks will GET: runs of missing
+// blocks, merged across gaps of at most mergeGap bytes, split at maxRange bytes.
+func Plan(missing func(i int) bool, size int64, blockSize int, mergeGap, maxRange int64) []Range {
+	bs := int64(blockSize)
+	total := int((size + bs - 1) / bs)
+	var out []Range
+	for i := 0; i < total; {
+		if !missing(i) {
+			i++
+			continue
+		}
+		j := i + 1
+		for gap := 0; j < total; j++ {
+			if missing(j) {
+				gap = 0
+				continue
+			}
+			gap++
+			if int64(gap)*bs > mergeGap {
+				j -= gap - 1
+				break
+			}
+		}
+		// Trim trailing non-missing blocks kept while looking for a merge.
+		for j > i+1 && !missing(j-1) {
+			j--
+		}
+		start, end := int64(i)*bs, min(int64(j)*bs, size)
+		step := max(bs, maxRange/bs*bs)
+		for s := start; s < end; s += step {
+			out = append(out, Range{s, min(s+step, end)})
+		}
+		i = j
+	}
+	return out
+}
+
+type run struct {
+	d       *Downloader
+	f       File
+	sink    Sink
+	refresh RefreshFunc
+	url     string
+	total   int
+	have    []byte
+	held    int
+	stats   Stats
+}
+
+func (r *run) missing(i int) bool { return r.have[i>>3]&(1<<(i&7)) == 0 }
+
+func (r *run) reload(missing []byte) {
+	r.have = make([]byte, (r.total+7)/8)
+	r.held = 0
+	for i := 0; i < r.total; i++ {
+		if missing != nil && i>>3 < len(missing) && missing[i>>3]&(1<<(i&7)) == 0 {
+			r.have[i>>3] |= 1 << (i & 7)
+			r.held++
+		}
+	}
+}
+
+// Download fetches the blocks that missing marks (nil: all) and hands them to sink, then
+// waits until they are durable (sink.Flush). refresh may be nil (a 403 then fails).
+func (d *Downloader) Download(ctx context.Context, f File, missing []byte, sink Sink, refresh RefreshFunc) (Stats, error) {
+	if f.URL == "" || f.Size <= 0 || f.BlockSize <= 0 {
+		return Stats{}, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "http download: url %q, size %d, block size %d", redact(f.URL), f.Size, f.BlockSize)
+	}
+	r := &run{d: d, f: f, sink: sink, refresh: refresh, url: f.URL, total: int((f.Size + int64(f.BlockSize) - 1) / int64(f.BlockSize))}
+	r.stats.Blocks = r.total
+	r.reload(missing)
+	err := r.loop(ctx)
+	return r.stats, err
+}
+
+func (r *run) loop(ctx context.Context) error {
+	attempts, refreshes := 0, 0
+	backoff := r.d.cfg.RetryBackoff
+	for {
+		plan := Plan(r.missing, r.f.Size, r.f.BlockSize, r.d.cfg.MergeGap, r.d.cfg.MaxRangeBytes)
+		if len(plan) == 0 {
+			err := r.sink.Flush(ctx)
+			if err == nil {
+				return nil
+			}
+			if err := r.sinkErr(err); err != nil {
+				return err
+			}
+			continue
+		}
+		var err error
+		progressed := false
+		for _, sp := range plan {
+			before := r.held
+			err = r.fetch(ctx, sp)
+			if r.held > before {
+				progressed = true
+			}
+			if err != nil {
+				break
+			}
+		}
+		if err == nil {
+			continue
+		}
+		if progressed {
+			attempts, refreshes, backoff = 0, 0, r.d.cfg.RetryBackoff
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("http download: %w", ctx.Err())
+		}
+		var se *sinkError
+		var ee *expiredError
+		var pe *permanentError
+		switch {
+		case errors.As(err, &se):
+			if err := r.sinkErr(se.err); err != nil {
+				return err
+			}
+		case errors.As(err, &ee):
+			refreshes++
+			if r.refresh == nil || refreshes > r.d.cfg.MaxRefreshes {
+				return status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "http download: URL refused after %d refreshes: %v", refreshes-1, err).
+					WithMeta("http_status", strconv.Itoa(ee.code))
+			}
+			u, rerr := r.refresh(ctx)
+			if rerr != nil {
+				if ctx.Err() != nil {
+					return fmt.Errorf("http download: %w", ctx.Err())
+				}
+				return status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "http download: refreshing the expired URL: %w", rerr)
+			}
+			r.stats.Refreshes++
+			r.d.log.Info("presigned URL refused; using a fresh one", "status", ee.code)
+			r.url = u
+		case errors.As(err, &pe):
+			return status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "http download: %v", err).WithMeta("http_status", strconv.Itoa(pe.code))
+		default:
+			attempts++
+			r.stats.Retries++
+			if attempts >= r.d.cfg.MaxAttempts {
+				return status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "http download: %d attempts without progress, last: %v", attempts, err)
+			}
+			r.d.log.Warn("http download interrupted; retrying", "error", err, "attempt", attempts, "backoff", backoff)
+			t := time.NewTimer(backoff)
+			select {
+			case <-t.C:
+			case <-ctx.Done():
+				t.Stop()
+				return fmt.Errorf("http download: %w", ctx.Err())
+			}
+			backoff = min(backoff*2, maxRetryBackoff)
+		}
+	}
+}
+
+func (r *run) sinkErr(err error) error {
+	var res resumed
+	if !errors.As(err, &res) {
+		return err
+	}
+	r.stats.Resumes++
+	r.d.log.Info("writer session resumed; continuing from its bitmap", "error", err)
+	r.reload(res.Missing())
+	return nil
+}
+
+type sinkError struct{ err error }
+
+func (e *sinkError) Error() string { return e.err.Error() }
+
+type expiredError struct{ code int }
+
+func (e *expiredError) Error() string { return fmt.Sprintf("HTTP %d", e.code) }
+
+type permanentError struct {
+	code int
+	msg  string
+}
+
+func (e *permanentError) Error() string { return e.msg }
+
+// fetch GETs one range and streams its blocks to the sink.
+func (r *run) fetch(ctx context.Context, sp Range) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, r.url, nil)
+	if err != nil {
+		return &permanentError{msg: fmt.Sprintf("bad URL: %v", err)}
+	}
+	whole := sp.Start == 0 && sp.End == r.f.Size
+	if !whole {
+		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", sp.Start, sp.End-1))
+	}
+	r.stats.Requests++
+	resp, err := r.d.hc.Do(req)
+	if err != nil {
+		return fmt.Errorf("GET: %w", redactErr(err))
+	}
+	defer resp.Body.Close()
+	skip := int64(0)
+	end := sp.End
+	switch {
+	case resp.StatusCode == http.StatusPartialContent:
+		start, last, size, err := parseContentRange(resp.Header.Get("Content-Range"))
+		if err != nil || start != sp.Start || last < start || last >= sp.End || (size >= 0 && size != r.f.Size) {
+			return &permanentError{code: resp.StatusCode, msg: fmt.Sprintf("Content-Range %q does not match bytes %d-%d of %d",
+				resp.Header.Get("Content-Range"), sp.Start, sp.End-1, r.f.Size)}
+		}
+		end = last + 1 // a shorter answer is fine: the rest is fetched next round
+	case resp.StatusCode == http.StatusOK:
+		// The server ignored the range: the body is the whole file.
+		if resp.ContentLength >= 0 && resp.ContentLength != r.f.Size {
+			return &permanentError{code: resp.StatusCode, msg: fmt.Sprintf("body of %d bytes, file is %d", resp.ContentLength, r.f.Size)}
+		}
+		skip = sp.Start
+	case resp.StatusCode == http.StatusForbidden || resp.StatusCode == http.StatusUnauthorized:
+		return &expiredError{code: resp.StatusCode}
+	case resp.StatusCode == http.StatusRequestTimeout || resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode >= 500:
+		return fmt.Errorf("HTTP %d", resp.StatusCode)
+	default:
+		return &permanentError{code: resp.StatusCode, msg: fmt.Sprintf("HTTP %d for bytes %d-%d", resp.StatusCode, sp.Start, sp.End-1)}
+	}
+
+	body := newIdleReader(resp.Body, r.d.cfg.ReadTimeout, cancel)
+	defer body.stop()
+	if skip > 0 {
+		n, err := io.CopyN(io.Discard, body, skip)
+		r.stats.Bytes += n
+		if err != nil {
+			return fmt.Errorf("skipping to byte %d: %w", skip, err)
+		}
+	}
+	bs := int64(r.f.BlockSize)
+	for off := sp.Start; off < end; {
+		i := int(off / bs)
+		n := min(bs, r.f.Size-off)
+		if off+n > end {
+			break // a short 206: the block's tail comes next round
+		}
+		data := make([]byte, n)
+		got, err := io.ReadFull(body, data)
+		r.stats.Bytes += int64(got)
+		if err != nil {
+			if body.timedOut() {
+				return fmt.Errorf("no data for %v at byte %d", r.d.cfg.ReadTimeout, off+int64(got))
+			}
+			return fmt.Errorf("reading block %d: %w", i, err)
+		}
+		off += n
+		if !r.missing(i) {
+			continue // merged across a gap, or a duplicate after a resume
+		}
+		if err := r.sink.WriteBlock(ctx, i, data); err != nil {
+			return &sinkError{err}
+		}
+		r.have[i>>3] |= 1 << (i & 7)
+		r.held++
+		r.stats.Received++
+		if r.d.cfg.OnProgress != nil {
+			r.d.cfg.OnProgress(r.held, r.total)
+		}
+	}
+	return nil
+}
+
+func parseContentRange(h string) (start, last, size int64, err error) {
+	// "bytes 0-99/1000" or "bytes 0-99/*"
+	rest, ok := strings.CutPrefix(h, "bytes ")
+	if !ok {
+		return 0, 0, 0, errors.New("no bytes unit")
+	}
+	rng, sz, ok := strings.Cut(rest, "/")
+	if !ok {
+		return 0, 0, 0, errors.New("no size")
+	}
+	a, b, ok := strings.Cut(rng, "-")
+	if !ok {
+		return 0, 0, 0, errors.New("no range")
+	}
+	if start, err = strconv.ParseInt(a, 10, 64); err != nil {
+		return
+	}
+	if last, err = strconv.ParseInt(b, 10, 64); err != nil {
+		return
+	}
+	size = -1
+	if sz != "*" {
+		size, err = strconv.ParseInt(sz, 10, 64)
+	}
+	return
+}
+
+// idleReader cancels the request when no byte arrives for the timeout.
+type idleReader struct {
+	r       io.Reader
+	d       time.Duration
+	t       *time.Timer
+	mu      sync.Mutex
+	expired bool
+}
+
+func newIdleReader(r io.Reader, d time.Duration, cancel context.CancelFunc) *idleReader {
+	ir := &idleReader{r: r, d: d}
+	ir.t = time.AfterFunc(d, func() {
+		ir.mu.Lock()
+		ir.expired = true
+		ir.mu.Unlock()
+		cancel()
+	})
+	return ir
+}
+
+func (ir *idleReader) Read(p []byte) (int, error) {
+	n, err := ir.r.Read(p)
+	if n > 0 {
+		ir.t.Reset(ir.d)
+	}
+	return n, err
+}
+
+func (ir *idleReader) stop() { ir.t.Stop() }
+
+func (ir *idleReader) timedOut() bool {
+	ir.mu.Lock()
+	defer ir.mu.Unlock()
+	return ir.expired
+}
+
+// redact drops the query (the presigned signature) from URLs that reach logs and reasons.
+func redact(u string) string {
+	if i := strings.IndexByte(u, '?'); i >= 0 {
+		return u[:i] + "?…"
+	}
+	return u
+}
+
+func redactErr(err error) error {
+	var ue *urlError
+	if errors.As(err, &ue) {
+		return fmt.Errorf("%s %s: %w", ue.Op, redact(ue.URL), ue.Err)
+	}
+	return err
+}
+
+type urlError = url.Error

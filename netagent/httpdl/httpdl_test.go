@@ -1,0 +1,387 @@
+package httpdl_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/goleak"
+
+	"github.com/gwota/gwota/netagent/httpdl"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/emulator"
+)
+
+func TestMain(m *testing.M) {
+	goleak.VerifyTestMain(m,
+		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2.(*Client).WriteLoop"),
+		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2.(*Server).eventLoop"),
+		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2/listeners.(*Net).Serve"),
+		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2.(*Server).attachClient"),
+		goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection"),
+	)
+}
+
+type memSink struct {
+	mu     sync.Mutex
+	blocks map[int][]byte
+	writes int
+}
+
+func newSink() *memSink { return &memSink{blocks: map[int][]byte{}} }
+
+func (s *memSink) WriteBlock(_ context.Context, i int, d []byte) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.blocks[i] = d
+	s.writes++
+	return nil
+}
+func (s *memSink) Flush(context.Context) error { return nil }
+
+func (s *memSink) image(t *testing.T, n, bs int) []byte {
+	t.Helper()
+	var out []byte
+	for i := 0; i < n; i++ {
+		b, ok := s.blocks[i]
+		if !ok {
+			t.Fatalf("block %d missing", i)
+		}
+		out = append(out, b...)
+	}
+	return out
+}
+
+func randImage(n int) []byte {
+	b := make([]byte, n)
+	rand.Read(b)
+	return b
+}
+
+// server serves img with http.ServeContent and records the Range headers; hook can answer
+// instead (return true when it did).
+type server struct {
+	img    []byte
+	mu     sync.Mutex
+	ranges []string
+	hook   func(w http.ResponseWriter, r *http.Request, n int) bool
+	*httptest.Server
+}
+
+func newServer(t *testing.T, img []byte) *server {
+	s := &server{img: img}
+	s.Server = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		s.mu.Lock()
+		s.ranges = append(s.ranges, r.Header.Get("Range"))
+		n := len(s.ranges)
+		hook := s.hook
+		s.mu.Unlock()
+		if hook != nil && hook(w, r, n) {
+			return
+		}
+		http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(s.img))
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func (s *server) gotRanges() []string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return append([]string(nil), s.ranges...)
+}
+
+func dl(t *testing.T, cfg httpdl.Config) *httpdl.Downloader {
+	if cfg.RetryBackoff == 0 {
+		cfg.RetryBackoff = 5 * time.Millisecond
+	}
+	d, err := httpdl.New(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return d
+}
+
+func bitmap(total int, missing ...int) []byte {
+	b := make([]byte, (total+7)/8)
+	for _, i := range missing {
+		b[i>>3] |= 1 << (i & 7)
+	}
+	return b
+}
+
+func TestPlan(t *testing.T) {
+	const bs = 1024
+	tests := []struct {
+		name     string
+		missing  []int
+		total    int
+		size     int64
+		gap, max int64
+		want     []httpdl.Range
+	}{
+		{name: "all, one range", total: 10, size: 10*bs - 3, missing: []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, gap: 0, max: 1 << 30,
+			want: []httpdl.Range{{0, 10*bs - 3}}},
+		{name: "runs, no merging", total: 64, size: 64 * bs, missing: []int{3, 4, 5, 10, 50, 51, 63}, gap: -1, max: 1 << 30,
+			want: []httpdl.Range{{3 * bs, 6 * bs}, {10 * bs, 11 * bs}, {50 * bs, 52 * bs}, {63 * bs, 64 * bs}}},
+		{name: "small gaps merged", total: 64, size: 64 * bs, missing: []int{3, 4, 5, 10, 50, 51, 63}, gap: 4 * bs, max: 1 << 30,
+			want: []httpdl.Range{{3 * bs, 11 * bs}, {50 * bs, 52 * bs}, {63 * bs, 64 * bs}}},
+		{name: "split at max", total: 10, size: 10 * bs, missing: []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, gap: 0, max: 4 * bs,
+			want: []httpdl.Range{{0, 4 * bs}, {4 * bs, 8 * bs}, {8 * bs, 10 * bs}}},
+		{name: "nothing", total: 10, size: 10 * bs, gap: bs, max: 1 << 30},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			m := map[int]bool{}
+			for _, i := range tc.missing {
+				m[i] = true
+			}
+			gap := max(tc.gap, 0)
+			got := httpdl.Plan(func(i int) bool { return m[i] }, tc.size, bs, gap, tc.max)
+			if diff := cmp.Diff(tc.want, got); diff != "" {
+				t.Fatal(diff)
+			}
+		})
+	}
+}
+
+func TestDownloadWhole(t *testing.T) {
+	img := randImage(3<<20 + 11)
+	s := newServer(t, img)
+	const bs = 32 << 10
+	sink := newSink()
+	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL + "/f?sig=1", Size: int64(len(img)), BlockSize: bs}, nil, sink, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(sink.image(t, st.Blocks, bs), img) {
+		t.Fatal("image differs")
+	}
+	// One GET for the whole file, not one per block.
+	if r := s.gotRanges(); len(r) != 1 || st.Requests != 1 {
+		t.Fatalf("GETs %q, stats %+v", r, st)
+	}
+}
+
+// Resume from a partial bitmap: only the missing runs are fetched, coalesced.
+func TestResumeFetchesOnlyMissing(t *testing.T) {
+	const bs = 4096
+	img := randImage(100 * bs)
+	s := newServer(t, img)
+	missing := bitmap(100, 3, 4, 5, 6, 40, 41, 99)
+	sink := newSink()
+	st, err := dl(t, httpdl.Config{MergeGap: -1}).Download(context.Background(), httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}, missing, sink, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		fmt.Sprintf("bytes=%d-%d", 3*bs, 7*bs-1),
+		fmt.Sprintf("bytes=%d-%d", 40*bs, 42*bs-1),
+		fmt.Sprintf("bytes=%d-%d", 99*bs, 100*bs-1),
+	}
+	if diff := cmp.Diff(want, s.gotRanges()); diff != "" {
+		t.Fatal(diff)
+	}
+	if st.Received != 7 || sink.writes != 7 {
+		t.Fatalf("stats %+v, writes %d", st, sink.writes)
+	}
+	for _, i := range []int{3, 4, 5, 6, 40, 41, 99} {
+		if !bytes.Equal(sink.blocks[i], img[i*bs:(i+1)*bs]) {
+			t.Fatalf("block %d differs", i)
+		}
+	}
+}
+
+// The connection dies mid-body, and from then on the URL is expired (403): the download
+// asks for a fresh URL and continues where the data ended.
+func TestExpiredURLRefreshed(t *testing.T) {
+	const bs = 8192
+	img := randImage(64 * bs)
+	s := newServer(t, img)
+	s.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		switch {
+		case r.URL.Query().Get("sig") == "fresh":
+			return false
+		case n == 1:
+			// Half of the file, then the connection drops.
+			w.Header().Set("Content-Length", fmt.Sprint(len(img)))
+			w.WriteHeader(http.StatusOK)
+			w.Write(img[:20*bs+100])
+			w.(http.Flusher).Flush()
+			conn, _, _ := w.(http.Hijacker).Hijack()
+			conn.Close()
+			return true
+		default:
+			http.Error(w, "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>", http.StatusForbidden)
+			return true
+		}
+	}
+	refreshes := 0
+	refresh := func(context.Context) (string, error) {
+		refreshes++
+		return s.URL + "/f?sig=fresh", nil
+	}
+	sink := newSink()
+	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL + "/f?sig=old", Size: int64(len(img)), BlockSize: bs}, nil, sink, refresh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(sink.image(t, 64, bs), img) || refreshes != 1 || sink.writes != 64 {
+		t.Fatalf("refreshes %d, writes %d, stats %+v", refreshes, sink.writes, st)
+	}
+	r := s.gotRanges()
+	if want := fmt.Sprintf("bytes=%d-%d", 20*bs, len(img)-1); r[len(r)-1] != want {
+		t.Fatalf("last GET %q, want %q (all: %q)", r[len(r)-1], want, r)
+	}
+}
+
+func TestFailures(t *testing.T) {
+	const bs = 4096
+	img := randImage(16 * bs)
+	tests := []struct {
+		name    string
+		hook    func(w http.ResponseWriter, r *http.Request, n int) bool
+		refresh httpdl.RefreshFunc
+		reason  otav1.Reason // UNSPECIFIED: success
+		gets    int
+	}{
+		{name: "not found", hook: func(w http.ResponseWriter, _ *http.Request, _ int) bool { http.NotFound(w, nil); return true },
+			reason: otav1.Reason_REASON_DOWNLOAD_FAILED, gets: 1},
+		{name: "server errors until attempts run out", hook: func(w http.ResponseWriter, _ *http.Request, _ int) bool {
+			w.WriteHeader(http.StatusServiceUnavailable)
+			return true
+		}, reason: otav1.Reason_REASON_DOWNLOAD_FAILED, gets: 3},
+		{name: "one server error", hook: func(w http.ResponseWriter, _ *http.Request, n int) bool {
+			if n == 1 {
+				w.WriteHeader(http.StatusInternalServerError)
+				return true
+			}
+			return false
+		}, gets: 2},
+		{name: "403 without refresh", hook: func(w http.ResponseWriter, _ *http.Request, _ int) bool {
+			w.WriteHeader(http.StatusForbidden)
+			return true
+		}, reason: otav1.Reason_REASON_DOWNLOAD_FAILED, gets: 1},
+		{name: "403 forever", hook: func(w http.ResponseWriter, _ *http.Request, _ int) bool {
+			w.WriteHeader(http.StatusForbidden)
+			return true
+		}, refresh: func(context.Context) (string, error) { return "", nil }, reason: otav1.Reason_REASON_DOWNLOAD_FAILED},
+		{name: "wrong Content-Range", hook: func(w http.ResponseWriter, _ *http.Request, _ int) bool {
+			w.Header().Set("Content-Range", "bytes 5-9/100")
+			w.WriteHeader(http.StatusPartialContent)
+			return true
+		}, reason: otav1.Reason_REASON_DOWNLOAD_FAILED, gets: 1},
+		{name: "server ignores Range", hook: func(w http.ResponseWriter, r *http.Request, _ int) bool {
+			w.Write(img)
+			return true
+		}},
+		{name: "stalled body", hook: func(w http.ResponseWriter, r *http.Request, n int) bool {
+			if n == 1 {
+				w.Header().Set("Content-Length", fmt.Sprint(len(img)))
+				w.Write(img[:3*bs])
+				w.(http.Flusher).Flush()
+				<-r.Context().Done() // stall until the client gives up
+				return true
+			}
+			return false
+		}, gets: 2},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newServer(t, img)
+			s.hook = tc.hook
+			refresh := tc.refresh
+			if refresh != nil {
+				refresh = func(ctx context.Context) (string, error) { return s.URL + "/again", nil }
+			}
+			sink := newSink()
+			_, err := dl(t, httpdl.Config{MaxAttempts: 3, ReadTimeout: 200 * time.Millisecond}).Download(context.Background(),
+				httpdl.File{URL: s.URL + "/f", Size: int64(len(img)), BlockSize: bs}, nil, sink, refresh)
+			if got := status.ReasonOf(err); got != tc.reason {
+				t.Fatalf("err %v (%v), want %v", err, got, tc.reason)
+			}
+			if err == nil && !bytes.Equal(sink.image(t, 16, bs), img) {
+				t.Fatal("image differs")
+			}
+			if tc.gets > 0 && len(s.gotRanges()) != tc.gets {
+				t.Fatalf("%d GETs, want %d: %q", len(s.gotRanges()), tc.gets, s.gotRanges())
+			}
+		})
+	}
+}
+
+// Against the emulator's presigned-URL server: the URL expires, 403 (S3's AccessDenied), and a
+// fresh job document gives a new one.
+func TestEmulatorExpiredURL(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	emu, err := emulator.Start(ctx, emulator.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer emu.Close()
+	img := randImage(1<<20 + 3)
+	path := filepath.Join(t.TempDir(), "img")
+	if err := os.WriteFile(path, img, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := emu.CreateJob(ctx, backend.JobSpec{JobID: "h1", Protocols: []string{backend.ProtocolHTTP},
+		Files: []backend.FileSpec{{LocalPath: path, DevicePath: "/fw"}}}); err != nil {
+		t.Fatal(err)
+	}
+	docURL := func() string {
+		raw, err := emu.JobDocument("h1")
+		if err != nil {
+			t.Fatal(err)
+		}
+		var doc struct {
+			AFR struct {
+				Files []struct {
+					URL string `json:"update_data_url"`
+				} `json:"files"`
+			} `json:"afr_ota"`
+		}
+		if err := json.Unmarshal(raw, &doc); err != nil || len(doc.AFR.Files) != 1 || doc.AFR.Files[0].URL == "" {
+			t.Fatalf("document %s: %v", raw, err)
+		}
+		return doc.AFR.Files[0].URL
+	}
+	emu.SetFaults("h1", emulator.Faults{ExpireURLAfter: time.Second})
+	old := docURL()
+	emu.ClearFaults("h1")
+	// Wait for the short-lived URL to be refused (S3 answers 403 once it expired).
+	for {
+		resp, err := http.Head(old)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode == http.StatusForbidden {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	refreshes := 0
+	sink := newSink()
+	const bs = 64 << 10
+	st, err := dl(t, httpdl.Config{}).Download(ctx, httpdl.File{URL: old, Size: int64(len(img)), BlockSize: bs}, nil, sink,
+		func(context.Context) (string, error) { refreshes++; return docURL(), nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	if refreshes != 1 || !bytes.Equal(sink.image(t, st.Blocks, bs), img) {
+		t.Fatalf("refreshes %d, stats %+v", refreshes, st)
+	}
+}

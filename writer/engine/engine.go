@@ -1,0 +1,589 @@
+// Package engine is the writer's plain Go core: sessions, block writes, durability, the
+// journal, verification, activation and the trial/commit/reject cycle. The gRPC adapter
+// (writer/server) serves it through server.Core; it returns *status.Error values only.
+//
+// Everything a caller sends is treated as hostile: sizes, offsets, targets and the call order
+// are checked against the configuration and the session state.
+//
+// Locking (in this order, never the reverse): ctl serialises the control plane (Begin, Abort,
+// Activate, Reboot, Commit, Reject); session.mu guards one session (blocks, sync, finish);
+// mu guards the session maps; recMu guards the durable record.
+package engine
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"os/exec"
+	"regexp"
+	"strings"
+	"sync"
+
+	"github.com/hashicorp/go-hclog"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/boot"
+	"github.com/gwota/gwota/writer/config"
+	"github.com/gwota/gwota/writer/journal"
+	"github.com/gwota/gwota/writer/target"
+	"github.com/gwota/gwota/writer/verify"
+)
+
+// Version is the writer version reported in the handshake (set by the build).
+var Version = "dev"
+
+// Boot is the boot control the engine needs (writer/boot backends implement it).
+type Boot interface {
+	Name() string
+	State(ctx context.Context) (boot.State, error)
+	Activate(ctx context.Context, slot string) error // next boot tries slot ("a"/"b")
+	Commit(ctx context.Context) error                // make the trial slot permanent
+	Reject(ctx context.Context) error                // roll back to the committed slot
+}
+
+// Extensions provides the configured status extension fields (writer/ext implements it).
+type Extensions interface {
+	Collect(ctx context.Context) map[string]string
+}
+
+// SelfTester runs the configured health checks (writer/selftest implements it).
+type SelfTester interface {
+	Run(ctx context.Context) (*otav1.SelfTestResponse, error)
+}
+
+// Deps are the engine's collaborators. Boot is required; Extensions and SelfTest may be nil
+// (no configured fields, no checks). Reboot nil runs the configured reboot_command.
+type Deps struct {
+	Boot       Boot
+	Extensions Extensions
+	SelfTest   SelfTester
+	Reboot     func(ctx context.Context) error
+}
+
+// Extension keys the engine derives from the boot state and the record.
+const (
+	ExtFirmwareVersion = "firmware_version"
+	ExtBootSlot        = "boot_slot"
+	ExtBootCount       = "boot_count"
+	ExtImageState      = "image_state"
+)
+
+// maxBitmapBytes bounds the per-session bitmap (64 Mi blocks), whatever the medium allows.
+const maxBitmapBytes = 8 << 20
+
+var (
+	jobIDRE   = regexp.MustCompile(`^[a-zA-Z0-9_-]{1,64}$`)
+	versionRE = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}$`)
+)
+
+// Engine implements server.Core.
+type Engine struct {
+	cfg     *config.Config
+	log     hclog.Logger
+	deps    Deps
+	trust   *verify.Store
+	journal *journal.Journal
+	targets []*target.Target
+	byName  map[string]*target.Target
+	reboot  func(ctx context.Context) error
+
+	ctl sync.Mutex
+
+	mu       sync.RWMutex
+	sessions map[string]*session // by id
+	byTarget map[string]*session
+
+	recMu       sync.Mutex
+	record      *journal.Record
+	rebootArmed bool // an activation or rejection in this process asks for a reboot
+}
+
+// New builds the engine: trust store, journal, targets, and the sessions a previous run left
+// (resumed; corrupt or inconsistent ones are dropped with a log line, never trusted).
+func New(ctx context.Context, cfg *config.Config, deps Deps, log hclog.Logger) (*Engine, error) {
+	if cfg == nil {
+		return nil, errors.New("engine: no configuration")
+	}
+	if deps.Boot == nil {
+		return nil, errors.New("engine: no boot backend")
+	}
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	log = log.Named("engine")
+	trust, err := verify.Load(cfg.TrustedKeys, cfg.AllowSHA1)
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	if len(cfg.TrustedKeys) == 0 {
+		log.Warn("no trusted_keys configured: no image can be verified or activated")
+	}
+	j, err := journal.Open(cfg.StateDir)
+	if err != nil {
+		return nil, fmt.Errorf("engine: %w", err)
+	}
+	e := &Engine{
+		cfg: cfg, log: log, deps: deps, trust: trust, journal: j,
+		byName:   map[string]*target.Target{},
+		sessions: map[string]*session{},
+		byTarget: map[string]*session{},
+		reboot:   deps.Reboot,
+	}
+	if e.reboot == nil {
+		e.reboot = CommandReboot(cfg.RebootCommand)
+	}
+	for _, tc := range cfg.Targets {
+		t := target.New(tc)
+		e.targets = append(e.targets, t)
+		e.byName[tc.Name] = t
+	}
+	e.record, err = j.LoadRecord()
+	if err != nil {
+		log.Error("update record unreadable, starting without it", "error", err)
+	}
+	if e.record.Versions == nil {
+		e.record.Versions = map[string]map[string]string{}
+	}
+	if err := e.reload(ctx); err != nil {
+		e.Close()
+		return nil, err
+	}
+	return e, nil
+}
+
+// Close releases the open media. Sessions stay in the journal for the next start.
+func (e *Engine) Close() error {
+	e.mu.Lock()
+	all := e.sessions
+	e.sessions, e.byTarget = map[string]*session{}, map[string]*session{}
+	e.mu.Unlock()
+	var errs []error
+	for _, s := range all {
+		s.mu.Lock()
+		if s.medium != nil {
+			errs = append(errs, s.medium.Close())
+			s.medium = nil
+		}
+		s.dropped = true
+		s.mu.Unlock()
+	}
+	return errors.Join(errs...)
+}
+
+// reload resumes the journal's sessions.
+func (e *Engine) reload(ctx context.Context) error {
+	loaded, dropped, err := e.journal.LoadSessions()
+	if err != nil {
+		return fmt.Errorf("engine: %w", err)
+	}
+	for _, d := range dropped {
+		e.log.Error("journal: corrupt session file dropped, the image will be downloaded again", "error", d)
+	}
+	var st boot.State
+	haveBoot := false
+	for _, js := range loaded {
+		s, err := e.restore(js)
+		if err == nil && e.byName[js.Target].IsAB() {
+			if !haveBoot {
+				if st, err = e.deps.Boot.State(ctx); err == nil {
+					haveBoot = true
+				}
+			}
+			if err == nil && (!boot.ValidSlot(st.Booted) || js.Slot != boot.Other(st.Booted) || st.Trial || st.Booted != st.Committed) {
+				err = fmt.Errorf("slot %s is no longer the inactive slot (running %s, committed %s, trial %v)", js.Slot, st.Booted, st.Committed, st.Trial)
+			}
+		}
+		if err == nil {
+			var booted string
+			if haveBoot {
+				booted = st.Booted
+			}
+			s.medium, err = e.byName[js.Target].Open(booted, js.Slot, int64(js.FileSize), false)
+		}
+		if err != nil {
+			e.log.Error("journal: session dropped", "session", js.ID, "job", js.JobID, "target", js.Target, "error", err)
+			if rerr := e.journal.RemoveSession(js.Target); rerr != nil {
+				e.log.Error("journal: remove", "error", rerr)
+			}
+			if t := e.byName[js.Target]; t != nil {
+				t.Discard()
+			}
+			continue
+		}
+		e.sessions[s.id] = s
+		e.byTarget[s.meta.Target] = s
+		e.log.Info("session resumed from journal", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target,
+			"slot", s.meta.Slot, "durable", s.nDurable, "total", s.total, "state", s.state)
+	}
+	return nil
+}
+
+// restore checks a journal entry against the current configuration.
+func (e *Engine) restore(js *journal.Session) (*session, error) {
+	t := e.byName[js.Target]
+	switch {
+	case t == nil:
+		return nil, fmt.Errorf("target %q is no longer configured", js.Target)
+	case t.IsAB() && !boot.ValidSlot(js.Slot), !t.IsAB() && js.Slot != target.FileSlot:
+		return nil, fmt.Errorf("slot %q does not fit target %s", js.Slot, js.Target)
+	case js.BlockSize < config.MinBlockSize || js.BlockSize > e.cfg.MaxBlockSize:
+		return nil, fmt.Errorf("block size %d outside %d..%d", js.BlockSize, config.MinBlockSize, e.cfg.MaxBlockSize)
+	case js.FileSize == 0 || (t.Config().MaxSize > 0 && js.FileSize > t.Config().MaxSize):
+		return nil, fmt.Errorf("file size %d not allowed", js.FileSize)
+	case !jobIDRE.MatchString(js.JobID) || len(js.ID) != 32:
+		return nil, fmt.Errorf("bad identifiers")
+	}
+	st := otav1.SessionState(js.State)
+	if st != otav1.SessionState_SESSION_STATE_RECEIVING && st != otav1.SessionState_SESSION_STATE_VERIFIED {
+		return nil, fmt.Errorf("state %s cannot be resumed", st)
+	}
+	s := newSession(js, t)
+	if uint64(len(js.Durable)) != (s.total+7)/8 {
+		return nil, fmt.Errorf("bitmap of %d bytes for %d blocks", len(js.Durable), s.total)
+	}
+	s.durable = js.Durable
+	s.received = append([]byte(nil), js.Durable...)
+	s.nDurable = popcount(s.durable, s.total)
+	s.nReceived = s.nDurable
+	s.state = st
+	s.sha = js.SHA256
+	s.reloaded = st == otav1.SessionState_SESSION_STATE_VERIFIED
+	if s.reloaded && s.nDurable != s.total {
+		return nil, fmt.Errorf("verified session with %d of %d blocks", s.nDurable, s.total)
+	}
+	return s, nil
+}
+
+// CommandReboot returns a reboot function running argv (no shell).
+func CommandReboot(argv []string) func(ctx context.Context) error {
+	return func(ctx context.Context) error {
+		if len(argv) == 0 {
+			return status.Errorf(otav1.Reason_REASON_REBOOT_FAILED, "no reboot_command configured")
+		}
+		out, err := exec.CommandContext(ctx, argv[0], argv[1:]...).CombinedOutput()
+		if err != nil {
+			return status.Errorf(otav1.Reason_REASON_REBOOT_FAILED, "%s: %w: %s", argv[0], err, lastLine(out))
+		}
+		return nil
+	}
+}
+
+func lastLine(b []byte) string {
+	s := strings.TrimSpace(string(b))
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		s = s[i+1:]
+	}
+	if len(s) > 200 {
+		s = s[:200]
+	}
+	return s
+}
+
+func newID() string {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		panic(err) // crypto/rand does not fail on Linux
+	}
+	return hex.EncodeToString(b[:])
+}
+
+// Handshake implements server.Core.
+func (e *Engine) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
+	if req.GetProtocolVersion() != otav1.ProtocolVersion_PROTOCOL_VERSION_1 {
+		return nil, status.Errorf(otav1.Reason_REASON_PROTOCOL_VERSION, "protocol version %s not supported", req.GetProtocolVersion()).
+			WithMeta("supported", otav1.ProtocolVersion_PROTOCOL_VERSION_1.String())
+	}
+	e.log.Debug("handshake", "client", req.GetClient())
+	return &otav1.HandshakeResponse{
+		ProtocolVersion: otav1.ProtocolVersion_PROTOCOL_VERSION_1,
+		MaxBlockSize:    e.cfg.MaxBlockSize,
+		SigAlgorithms:   e.trust.Algorithms(),
+		WriterVersion:   Version,
+	}, nil
+}
+
+// MaxBlockSize implements server.Core.
+func (e *Engine) MaxBlockSize() uint32 { return e.cfg.MaxBlockSize }
+
+func (e *Engine) bootState(ctx context.Context) (boot.State, error) {
+	st, err := e.deps.Boot.State(ctx)
+	if err != nil {
+		return st, typed(err, otav1.Reason_REASON_OTHER, "boot state")
+	}
+	return st, nil
+}
+
+// typed keeps a *status.Error as it is and wraps anything else with reason r.
+func typed(err error, r otav1.Reason, what string) error {
+	var se *status.Error
+	if errors.As(err, &se) {
+		return err
+	}
+	return status.Errorf(r, "%s: %w", what, err)
+}
+
+// selectTarget routes a request to a configured target by file type and/or file path. When
+// both select a target they must agree.
+func (e *Engine) selectTarget(fileType *int32, filePath string) (*target.Target, error) {
+	var byType, byPath *target.Target
+	for _, t := range e.targets {
+		c := t.Config()
+		if fileType != nil {
+			for _, ft := range c.FileTypes {
+				if ft == *fileType {
+					byType = t
+				}
+			}
+		}
+		if filePath != "" {
+			for _, fp := range c.FilePaths {
+				if fp == filePath {
+					byPath = t
+				}
+			}
+		}
+	}
+	switch {
+	case byType != nil && byPath != nil && byType != byPath:
+		return nil, status.Errorf(otav1.Reason_REASON_TARGET_UNKNOWN, "file type selects target %s but file path selects %s", byType.Name(), byPath.Name())
+	case byType != nil:
+		return byType, nil
+	case byPath != nil:
+		return byPath, nil
+	}
+	ft := "none"
+	if fileType != nil {
+		ft = fmt.Sprint(*fileType)
+	}
+	return nil, status.Errorf(otav1.Reason_REASON_TARGET_UNKNOWN, "no target configured for file type %s, file path %q", ft, filePath).
+		WithMeta("file_type", ft).WithMeta("file_path", filePath)
+}
+
+// currentVersion is the version recorded for what runs now on t.
+func (e *Engine) currentVersion(t *target.Target, booted string) string {
+	slot := target.FileSlot
+	if t.IsAB() {
+		slot = booted
+	}
+	e.recMu.Lock()
+	defer e.recMu.Unlock()
+	return e.record.Versions[t.Name()][slot]
+}
+
+// checkVersion applies the version policy to an image of version for t.
+func (e *Engine) checkVersion(t *target.Target, booted, version string) error {
+	if e.cfg.VersionPolicy == config.VersionAny {
+		return nil
+	}
+	if version == "" {
+		return status.Errorf(otav1.Reason_REASON_VERSION_CHECK, "version policy %q needs the image version, the job has none", e.cfg.VersionPolicy)
+	}
+	cur := e.currentVersion(t, booted)
+	if cur == "" {
+		return nil
+	}
+	c := CompareVersions(version, cur)
+	refuse := c == 0
+	if e.cfg.VersionPolicy == config.VersionNewer && !e.cfg.AllowDowngrade {
+		refuse = c <= 0
+	}
+	if refuse {
+		return status.Errorf(otav1.Reason_REASON_VERSION_CHECK, "version %s refused by policy %q: running %s", version, e.cfg.VersionPolicy, cur).
+			WithMeta("version", version).WithMeta("running_version", cur)
+	}
+	return nil
+}
+
+// CompareVersions compares dotted versions: numeric parts numerically, others as text, a
+// leading "v" ignored. It returns -1, 0 or 1.
+func CompareVersions(a, b string) int {
+	split := func(s string) []string {
+		s = strings.TrimPrefix(strings.TrimPrefix(s, "v"), "V")
+		return strings.FieldsFunc(s, func(r rune) bool { return r == '.' || r == '-' || r == '+' || r == '_' || r == '~' })
+	}
+	pa, pb := split(a), split(b)
+	for i := 0; i < len(pa) || i < len(pb); i++ {
+		var x, y string
+		if i < len(pa) {
+			x = pa[i]
+		}
+		if i < len(pb) {
+			y = pb[i]
+		}
+		if c := comparePart(x, y); c != 0 {
+			return c
+		}
+	}
+	return 0
+}
+
+func comparePart(x, y string) int {
+	isNum := func(s string) bool {
+		for _, r := range s {
+			if r < '0' || r > '9' {
+				return false
+			}
+		}
+		return s != ""
+	}
+	if isNum(x) && isNum(y) {
+		x, y = strings.TrimLeft(x, "0"), strings.TrimLeft(y, "0")
+		if len(x) != len(y) {
+			if len(x) < len(y) {
+				return -1
+			}
+			return 1
+		}
+	}
+	return strings.Compare(x, y)
+}
+
+func (e *Engine) saveRecordLocked() error {
+	if err := e.journal.SaveRecord(e.record); err != nil {
+		return status.Errorf(otav1.Reason_REASON_OTHER, "%w", err)
+	}
+	return nil
+}
+
+// Extensions implements server.Core: slot-derived fields under the configured ones.
+func (e *Engine) Extensions(ctx context.Context) (map[string]string, error) {
+	out := map[string]string{}
+	if st, err := e.deps.Boot.State(ctx); err == nil {
+		out[ExtBootSlot] = st.Booted
+		out[ExtBootCount] = fmt.Sprint(st.BootCount)
+		out[ExtImageState] = strings.ToLower(strings.TrimPrefix(st.ImageState().String(), "IMAGE_STATE_"))
+		if t := e.firmwareTarget(); t != nil {
+			if v := e.currentVersion(t, st.Booted); v != "" {
+				out[ExtFirmwareVersion] = v
+			}
+		}
+	} else {
+		e.log.Warn("extensions: boot state unavailable", "error", err)
+	}
+	if e.deps.Extensions != nil {
+		for k, v := range e.deps.Extensions.Collect(ctx) {
+			out[k] = v
+		}
+	}
+	return out, nil
+}
+
+// firmwareTarget is the target whose version is "the firmware version": the A/B target of
+// file type 0, else the first A/B target, else the first target.
+func (e *Engine) firmwareTarget() *target.Target {
+	var firstAB *target.Target
+	for _, t := range e.targets {
+		if !t.IsAB() {
+			continue
+		}
+		if firstAB == nil {
+			firstAB = t
+		}
+		for _, ft := range t.Config().FileTypes {
+			if ft == 0 {
+				return t
+			}
+		}
+	}
+	if firstAB == nil && len(e.targets) > 0 {
+		return e.targets[0]
+	}
+	return firstAB
+}
+
+// State implements server.Core.
+func (e *Engine) State(ctx context.Context) (*otav1.DeviceState, error) {
+	st, err := e.bootState(ctx)
+	if err != nil {
+		return nil, err
+	}
+	out := &otav1.DeviceState{ImageState: st.ImageState(), BootBackend: e.deps.Boot.Name()}
+	e.recMu.Lock()
+	for _, t := range e.targets {
+		ts := &otav1.TargetState{Name: t.Name(), Kind: t.Kind(), FileTypes: append([]int32(nil), t.Config().FileTypes...)}
+		vers := e.record.Versions[t.Name()]
+		if t.IsAB() {
+			ts.ActiveSlot, ts.InactiveSlot = st.Booted, boot.Other(st.Booted)
+			for _, sl := range []string{boot.SlotA, boot.SlotB} {
+				ts.Slots = append(ts.Slots, &otav1.SlotInfo{Name: sl, Version: vers[sl], Active: sl == st.Booted})
+			}
+		} else {
+			ts.ActiveSlot = target.FileSlot
+			ts.Slots = []*otav1.SlotInfo{{Name: target.FileSlot, Version: vers[target.FileSlot], Active: true}}
+		}
+		out.Targets = append(out.Targets, ts)
+	}
+	if u := e.record.LastUpdate; u != nil {
+		out.LastUpdate = &otav1.UpdateInfo{JobId: u.JobID, Target: u.Target, Slot: u.Slot, Version: u.Version, Reason: otav1.Reason(u.Reason)}
+		if out.ImageState == otav1.ImageState_IMAGE_STATE_ROLLED_BACK && out.LastUpdate.Reason == otav1.Reason_REASON_UNSPECIFIED {
+			out.LastUpdate.Reason = otav1.Reason_REASON_ROLLED_BACK
+		}
+	}
+	e.recMu.Unlock()
+	for _, s := range e.sessionList() {
+		if info := s.info(); info != nil {
+			out.Sessions = append(out.Sessions, info)
+		}
+	}
+	return out, nil
+}
+
+func (e *Engine) sessionList() []*session {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	out := make([]*session, 0, len(e.sessions))
+	for _, t := range e.targets {
+		if s := e.byTarget[t.Name()]; s != nil {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func (e *Engine) lookup(id string) (*session, error) {
+	e.mu.RLock()
+	s := e.sessions[id]
+	e.mu.RUnlock()
+	if s == nil {
+		return nil, status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "no session %q", trunc(id, 64))
+	}
+	return s, nil
+}
+
+func trunc(s string, n int) string {
+	if len(s) > n {
+		return s[:n] + "..."
+	}
+	return s
+}
+
+// drop forgets s: closes its medium, removes its journal and (file targets) its temporary
+// file. The caller holds s.mu.
+func (e *Engine) drop(s *session, why string) {
+	if s.dropped {
+		return
+	}
+	s.dropped = true
+	if s.medium != nil {
+		s.medium.Close()
+		s.medium = nil
+	}
+	e.mu.Lock()
+	if e.sessions[s.id] == s {
+		delete(e.sessions, s.id)
+	}
+	if e.byTarget[s.meta.Target] == s {
+		delete(e.byTarget, s.meta.Target)
+	}
+	e.mu.Unlock()
+	if err := e.journal.RemoveSession(s.meta.Target); err != nil {
+		e.log.Error("journal: remove session", "session", s.id, "error", err)
+	}
+	if err := s.tgt.Discard(); err != nil {
+		e.log.Error("discard temporary file", "target", s.meta.Target, "error", err)
+	}
+	e.log.Info("session closed", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "why", why)
+}

@@ -1,0 +1,424 @@
+package engine
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"math/bits"
+	"sync"
+	"time"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/config"
+	"github.com/gwota/gwota/writer/journal"
+	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/target"
+)
+
+// session is one image being written. meta's identifying fields never change after creation;
+// everything else is guarded by mu.
+type session struct {
+	id      string
+	meta    journal.Session
+	tgt     *target.Target
+	total   uint64 // blocks
+	lastLen uint64 // length of the last block
+
+	mu        sync.Mutex
+	state     otav1.SessionState
+	verifying chan struct{} // non-nil while Finish reads the image back (mu released)
+	dropped   bool
+	medium    *target.Medium
+	// received: written to the medium (maybe not durable); durable: fdatasync returned and
+	// the journal says so. received is a superset of durable.
+	received, durable   []byte
+	nReceived, nDurable uint64
+	pendingBytes        int64
+	lastSync            time.Time
+	reloaded            bool // verified by an earlier process: verify again before activation
+	sha                 string
+}
+
+func newSession(js *journal.Session, t *target.Target) *session {
+	bs := uint64(js.BlockSize)
+	total := (js.FileSize + bs - 1) / bs
+	return &session{
+		id: js.ID, meta: *js, tgt: t, total: total,
+		lastLen:  js.FileSize - (total-1)*bs,
+		lastSync: time.Now(),
+	}
+}
+
+func popcount(b []byte, total uint64) uint64 {
+	var n uint64
+	for _, x := range b {
+		n += uint64(bits.OnesCount8(x))
+	}
+	_ = total
+	return n
+}
+
+// info snapshots the session for State and Begin.
+func (s *session) info() *otav1.SessionInfo {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.dropped {
+		return nil
+	}
+	return s.infoLocked()
+}
+
+func (s *session) infoLocked() *otav1.SessionInfo {
+	missing := make([]byte, len(s.durable))
+	for i, x := range s.durable {
+		missing[i] = ^x
+	}
+	if r := s.total & 7; r != 0 {
+		missing[len(missing)-1] &= byte(1)<<r - 1
+	}
+	st := s.state
+	if s.verifying != nil {
+		st = otav1.SessionState_SESSION_STATE_RECEIVING
+	}
+	return &otav1.SessionInfo{
+		SessionId: s.id, JobId: s.meta.JobID, FileIndex: s.meta.FileIndex, Target: s.meta.Target,
+		Slot: s.meta.Slot, FileSize: s.meta.FileSize, BlockSize: s.meta.BlockSize, TotalBlocks: s.total,
+		DurableBlocks: s.nDurable, Missing: missing, State: st, Version: s.meta.Version,
+	}
+}
+
+// saveLocked persists the metadata and the durable bitmap.
+func (s *session) journalRecord() *journal.Session {
+	js := s.meta
+	js.State = int32(s.state)
+	js.Durable = s.durable
+	js.SHA256 = s.sha
+	return &js
+}
+
+// Begin implements server.Core.
+func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
+	t, err := e.checkBegin(req)
+	if err != nil {
+		return nil, err
+	}
+	e.ctl.Lock()
+	defer e.ctl.Unlock()
+
+	e.mu.RLock()
+	s := e.byTarget[t.Name()]
+	e.mu.RUnlock()
+	if s != nil {
+		m := s.meta
+		if m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
+			bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
+			m.CertName == req.GetCertName() && m.Version == req.GetVersion() {
+			if info := s.info(); info != nil {
+				e.log.Info("session resumed", "session", s.id, "job", m.JobID, "durable", info.DurableBlocks, "total", info.TotalBlocks)
+				return &otav1.BeginSessionResponse{Session: info, Resumed: true}, nil
+			}
+		} else {
+			return nil, status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "target %s is busy with job %s file %d: abort that session first", t.Name(), m.JobID, m.FileIndex).
+				WithMeta("job_id", m.JobID).WithMeta("session_id", s.id).WithMeta("file_index", fmt.Sprint(m.FileIndex)).WithMeta("target", t.Name())
+		}
+	}
+
+	booted := ""
+	slot := target.FileSlot
+	if t.IsAB() {
+		st, err := e.bootState(ctx)
+		if err != nil {
+			return nil, err
+		}
+		// Writing the inactive slot during a trial or after a rollback that has not rebooted
+		// yet would overwrite the only known-good image; while an activation waits for its
+		// reboot it would overwrite the image about to be tried.
+		switch {
+		case st.Trial:
+			return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "slot %s is on trial: commit or reject it before a new update", st.Booted)
+		case st.Pending != "":
+			return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "slot %s is activated and waits for a reboot", st.Pending)
+		case st.Booted != st.Committed:
+			return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "running slot %s is not the committed slot %s: reboot first", st.Booted, st.Committed)
+		}
+		booted = st.Booted
+		if slot, err = t.Inactive(booted); err != nil {
+			return nil, err
+		}
+	}
+	if err := e.checkVersion(t, booted, req.GetVersion()); err != nil {
+		return nil, err
+	}
+
+	js := &journal.Session{
+		ID: newID(), JobID: req.GetJobId(), FileIndex: req.GetFileIndex(), Target: t.Name(), Slot: slot,
+		FileSize: req.GetFileSize(), BlockSize: req.GetBlockSize(), Signature: bytes.Clone(req.GetSignature()),
+		Algorithm: int32(req.GetSigAlgorithm()), CertName: req.GetCertName(), Version: req.GetVersion(),
+		State: int32(otav1.SessionState_SESSION_STATE_RECEIVING), Created: time.Now().UTC(),
+	}
+	s = newSession(js, t)
+	if (s.total+7)/8 > maxBitmapBytes {
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "%d blocks of %d bytes: too many, use larger blocks", s.total, js.BlockSize)
+	}
+	// The slot's old content is about to be destroyed: forget its version first.
+	if t.IsAB() {
+		if err := e.setVersion(t.Name(), slot, ""); err != nil {
+			return nil, err
+		}
+	}
+	m, err := t.Open(booted, slot, int64(js.FileSize), true)
+	if err != nil {
+		return nil, err
+	}
+	s.medium = m
+	s.state = otav1.SessionState_SESSION_STATE_RECEIVING
+	s.received = make([]byte, (s.total+7)/8)
+	s.durable = make([]byte, len(s.received))
+	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
+		m.Close()
+		t.Discard()
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "%w", err)
+	}
+	e.mu.Lock()
+	e.sessions[s.id] = s
+	e.byTarget[t.Name()] = s
+	e.mu.Unlock()
+	e.log.Info("session begun", "session", s.id, "job", js.JobID, "file_index", js.FileIndex, "target", t.Name(),
+		"slot", slot, "file_size", js.FileSize, "block_size", js.BlockSize, "blocks", s.total)
+	return &otav1.BeginSessionResponse{Session: s.info()}, nil
+}
+
+// checkBegin validates a BeginSession request without touching any state.
+func (e *Engine) checkBegin(req *otav1.BeginSessionRequest) (*target.Target, error) {
+	invalid := func(format string, args ...any) *status.Error {
+		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, format, args...)
+	}
+	switch {
+	case !jobIDRE.MatchString(req.GetJobId()):
+		return nil, invalid("job id %q is not 1..64 of [a-zA-Z0-9_-]", trunc(req.GetJobId(), 80))
+	case req.GetBlockSize() < config.MinBlockSize || req.GetBlockSize() > e.cfg.MaxBlockSize:
+		return nil, invalid("block size %d outside %d..%d", req.GetBlockSize(), config.MinBlockSize, e.cfg.MaxBlockSize).
+			WithMeta("max_block_size", fmt.Sprint(e.cfg.MaxBlockSize))
+	case req.GetFileSize() == 0:
+		return nil, invalid("file size 0")
+	case req.GetFileSize() > 1<<62:
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "file size %d", req.GetFileSize())
+	case req.GetVersion() != "" && !versionRE.MatchString(req.GetVersion()):
+		return nil, invalid("version %q is not 1..64 of [A-Za-z0-9._+~-]", trunc(req.GetVersion(), 80))
+	case len(req.GetCertName()) > 256:
+		return nil, invalid("cert name of %d bytes", len(req.GetCertName()))
+	case len(req.GetFilePath()) > 4096:
+		return nil, invalid("file path of %d bytes", len(req.GetFilePath()))
+	}
+	t, err := e.selectTarget(req.FileType, req.GetFilePath())
+	if err != nil {
+		return nil, err
+	}
+	if max := t.Config().MaxSize; max > 0 && req.GetFileSize() > max {
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "image of %d bytes exceeds max_size %d of target %s", req.GetFileSize(), max, t.Name()).
+			WithMeta("max_size", fmt.Sprint(max))
+	}
+	if err := e.trust.Check(req.GetSigAlgorithm(), req.GetSignature(), req.GetCertName()); err != nil {
+		return nil, err
+	}
+	return t, nil
+}
+
+// Write implements server.Core. Blocks are validated as a batch before any is written; a
+// block already written in this session is skipped (idempotent).
+func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Block, sync bool) (server.WriteResult, error) {
+	s, err := e.lookup(sessionID)
+	if err != nil {
+		return server.WriteResult{}, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if err := s.writableLocked(); err != nil {
+		return s.resultLocked(false), err
+	}
+	bs := uint64(s.meta.BlockSize)
+	for _, b := range blocks {
+		off := b.GetOffset()
+		if off >= s.meta.FileSize || off%bs != 0 {
+			return s.resultLocked(false), status.Errorf(otav1.Reason_REASON_BLOCK_OUT_OF_RANGE,
+				"offset %d is not a block of this image (%d bytes in blocks of %d)", off, s.meta.FileSize, bs).
+				WithMeta("offset", fmt.Sprint(off))
+		}
+		want := bs
+		if off/bs == s.total-1 {
+			want = s.lastLen
+		}
+		if uint64(len(b.GetData())) != want {
+			return s.resultLocked(false), status.Errorf(otav1.Reason_REASON_INVALID_REQUEST,
+				"block at offset %d has %d bytes, want %d", off, len(b.GetData()), want).WithMeta("offset", fmt.Sprint(off))
+		}
+	}
+	for _, b := range blocks {
+		k := b.GetOffset() / bs
+		mask := byte(1) << (k & 7)
+		if s.received[k>>3]&mask != 0 {
+			continue
+		}
+		if _, err := s.medium.WriteAt(b.GetData(), int64(b.GetOffset())); err != nil {
+			e.log.Error("block write failed", "session", s.id, "offset", b.GetOffset(), "error", err)
+			return s.resultLocked(false), target.IOError(err, "write block at offset %d", b.GetOffset())
+		}
+		s.received[k>>3] |= mask
+		s.nReceived++
+		s.pendingBytes += int64(len(b.GetData()))
+	}
+	if s.pendingBytes > 0 && (sync || s.pendingBytes >= e.cfg.SyncBytes || time.Since(s.lastSync) >= e.cfg.SyncInterval) {
+		if err := e.syncLocked(s); err != nil {
+			return s.resultLocked(false), err
+		}
+		return s.resultLocked(true), nil
+	}
+	return s.resultLocked(sync || s.pendingBytes == 0), nil
+}
+
+func (s *session) writableLocked() error {
+	switch {
+	case s.dropped:
+		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is closed", s.id)
+	case s.verifying != nil:
+		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is being verified", s.id)
+	case s.state != otav1.SessionState_SESSION_STATE_RECEIVING:
+		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is %s, not receiving", s.id, s.state)
+	}
+	return nil
+}
+
+func (s *session) resultLocked(synced bool) server.WriteResult {
+	return server.WriteResult{Synced: synced, Durable: s.nDurable, Received: s.nReceived, Total: s.total}
+}
+
+// syncLocked makes every written block durable: fdatasync of the medium first, then the
+// journal names them. A block is never recorded before the medium holds it.
+func (e *Engine) syncLocked(s *session) error {
+	if err := s.medium.Sync(); err != nil {
+		// What was written since the last sync is unknown now: write it again.
+		copy(s.received, s.durable)
+		s.nReceived, s.pendingBytes = s.nDurable, 0
+		e.log.Error("sync failed", "session", s.id, "error", err)
+		return target.IOError(err, "sync")
+	}
+	copy(s.durable, s.received)
+	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
+		e.log.Error("journal save failed", "session", s.id, "error", err)
+		return status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "%w", err)
+	}
+	s.nDurable = s.nReceived
+	s.pendingBytes = 0
+	s.lastSync = time.Now()
+	return nil
+}
+
+// Finish implements server.Core: flush, check every block is durable, read the image back
+// from the medium and verify its signature. A signature failure closes the session (its data
+// cannot be told apart from a corrupted medium; the client starts over) and the slot is never
+// activated; a read failure leaves it open to retry.
+func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSessionResponse, error) {
+	s, err := e.lookup(sessionID)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.dropped && s.state == otav1.SessionState_SESSION_STATE_VERIFIED {
+		return &otav1.FinishSessionResponse{Session: s.infoLocked(), Sha256: s.sha}, nil
+	}
+	if err := s.writableLocked(); err != nil {
+		return nil, err
+	}
+	if s.pendingBytes > 0 {
+		if err := e.syncLocked(s); err != nil {
+			return nil, err
+		}
+	}
+	if missing := s.total - s.nDurable; missing > 0 {
+		return nil, status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "%d of %d blocks missing", missing, s.total).
+			WithMeta("missing_blocks", fmt.Sprint(missing))
+	}
+	done := make(chan struct{})
+	s.verifying = done
+	med := s.medium
+	s.mu.Unlock()
+	sum, verr := e.trust.Verify(ctx, med, int64(s.meta.FileSize), otav1.SigAlgorithm(s.meta.Algorithm), s.meta.Signature, s.meta.CertName)
+	s.mu.Lock()
+	s.verifying = nil
+	close(done)
+	if verr != nil {
+		if status.ReasonOf(verr) == otav1.Reason_REASON_FILE_CLOSE_FAILED {
+			e.log.Error("read back failed", "session", s.id, "error", verr)
+			return nil, verr
+		}
+		e.log.Error("image refused: signature check failed", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "error", verr)
+		e.drop(s, "verification failed")
+		return nil, verr
+	}
+	s.sha = fmt.Sprintf("%x", sum)
+	s.state = otav1.SessionState_SESSION_STATE_VERIFIED
+	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
+		s.state = otav1.SessionState_SESSION_STATE_RECEIVING
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "%w", err)
+	}
+	e.log.Info("image verified", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "slot", s.meta.Slot, "sha256", s.sha)
+	return &otav1.FinishSessionResponse{Session: s.infoLocked(), Sha256: s.sha}, nil
+}
+
+// lockIdle locks s.mu once no verification is running (ctx bounds the wait).
+func (s *session) lockIdle(ctx context.Context) error {
+	for {
+		s.mu.Lock()
+		ch := s.verifying
+		if ch == nil {
+			return nil
+		}
+		s.mu.Unlock()
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return status.Errorf(otav1.Reason_REASON_OTHER, "waiting for verification: %w", ctx.Err())
+		}
+	}
+}
+
+// Abort implements server.Core.
+func (e *Engine) Abort(ctx context.Context, sessionID string, reason otav1.Reason) error {
+	e.ctl.Lock()
+	defer e.ctl.Unlock()
+	s, err := e.lookup(sessionID)
+	if err != nil {
+		return err
+	}
+	if err := s.lockIdle(ctx); err != nil {
+		return err
+	}
+	defer s.mu.Unlock()
+	if s.dropped {
+		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is closed", s.id)
+	}
+	e.drop(s, "aborted: "+status.Name(reason))
+	return nil
+}
+
+func (e *Engine) setVersion(targetName, slot, version string) error {
+	e.recMu.Lock()
+	defer e.recMu.Unlock()
+	if e.record.Versions[targetName][slot] == version {
+		return nil
+	}
+	old := e.record.Versions[targetName]
+	nv := map[string]string{}
+	for k, v := range old {
+		nv[k] = v
+	}
+	nv[slot] = version
+	e.record.Versions[targetName] = nv
+	if err := e.saveRecordLocked(); err != nil {
+		e.record.Versions[targetName] = old
+		return err
+	}
+	return nil
+}

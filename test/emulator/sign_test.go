@@ -63,9 +63,13 @@ func TestSignaturesVerifyWithOpenSSL(t *testing.T) {
 		verify   func(pub, sig string) []string
 	}{
 		{backend.SigSHA256ECDSA, "sig-sha256-ecdsa", []string{"-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"},
-			func(pub, sig string) []string { return []string{"dgst", "-sha256", "-verify", pub, "-signature", sig, img} }},
+			func(pub, sig string) []string {
+				return []string{"dgst", "-sha256", "-verify", pub, "-signature", sig, img}
+			}},
 		{backend.SigSHA256RSA, "sig-sha256-rsa", []string{"-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"},
-			func(pub, sig string) []string { return []string{"dgst", "-sha256", "-verify", pub, "-signature", sig, img} }},
+			func(pub, sig string) []string {
+				return []string{"dgst", "-sha256", "-verify", pub, "-signature", sig, img}
+			}},
 		{backend.SigSHA256RSAPSS, "sig-sha256-rsa-pss", []string{"-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"},
 			func(pub, sig string) []string {
 				return []string{"dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:32", "-verify", pub, "-signature", sig, img}

@@ -71,6 +71,8 @@ func New(core Core, opts Options) *Server {
 		// Errors become statuses outermost, so the authorizer's typed refusal is converted too.
 		grpc.ChainUnaryInterceptor(s.unaryErrors, auth.unary),
 		grpc.ChainStreamInterceptor(s.streamErrors, auth.stream),
+		// A hostile peer must not pin unbounded handler goroutines.
+		grpc.MaxConcurrentStreams(64),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 	)
 	otav1.RegisterWriterServer(s.grpc, &service{core: core, log: log, maxMsg: s.maxMsg})

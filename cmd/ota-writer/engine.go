@@ -1,0 +1,74 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"path/filepath"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/gwota/gwota/writer/boot"
+	"github.com/gwota/gwota/writer/config"
+	"github.com/gwota/gwota/writer/engine"
+	"github.com/gwota/gwota/writer/ext"
+	"github.com/gwota/gwota/writer/selftest"
+)
+
+// bootStateFile is the file boot backend's state, inside state_dir.
+const bootStateFile = "boot-state.json"
+
+// newEngine wires the engine to its boot backend, extension collector and self test, all
+// from the configuration. serve says this is the writer's start: only then does the file
+// backend simulate the bootloader's power-on (flash, status, accept and reject must not
+// count as a boot).
+func newEngine(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bool) (*engine.Engine, error) {
+	b, err := newBoot(ctx, cfg, log.Named("boot"), serve)
+	if err != nil {
+		return nil, err
+	}
+	cmds := make([]ext.Command, 0, len(cfg.ExtensionCommands))
+	for _, c := range cfg.ExtensionCommands {
+		cmds = append(cmds, ext.Command{Name: c.Name, Argv: c.Command, Timeout: c.Timeout})
+	}
+	deps := engine.Deps{
+		Boot:       b,
+		Extensions: ext.New(ext.Config{Static: cfg.Extensions, Commands: cmds, StateDir: cfg.StateDir}, log.Named("ext")),
+		SelfTest:   newSelfTest(cfg, log.Named("selftest")),
+	}
+	return engine.New(ctx, cfg, deps, log)
+}
+
+func newBoot(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bool) (engine.Boot, error) {
+	scheme := boot.Scheme{BootLimit: cfg.Boot.BootLimit}
+	switch cfg.Boot.Backend {
+	case config.BootFile:
+		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+			return nil, fmt.Errorf("state dir: %w", err)
+		}
+		f, err := boot.NewFile(filepath.Join(cfg.StateDir, bootStateFile), cfg.Boot.BootLimit, log)
+		if err != nil {
+			return nil, err
+		}
+		if serve {
+			if err := f.Boot(ctx); err != nil {
+				return nil, fmt.Errorf("simulated boot: %w", err)
+			}
+		}
+		return f, nil
+	case config.BootUBoot:
+		return boot.NewUBoot(boot.UBootOptions{Scheme: scheme, PrintEnv: cfg.Boot.FwPrintenv, SetEnv: cfg.Boot.FwSetenv, Config: cfg.Boot.FwEnvConfig, Log: log})
+	case config.BootGRUB:
+		return boot.NewGRUB(boot.GRUBOptions{Scheme: scheme, EditEnv: cfg.Boot.GrubEditenv, EnvFile: cfg.Boot.GrubEnv, Log: log})
+	}
+	return nil, usagef("boot backend %q unknown", cfg.Boot.Backend)
+}
+
+// newSelfTest returns the configured health checks.
+func newSelfTest(cfg *config.Config, log hclog.Logger) engine.SelfTester {
+	checks := make([]selftest.Check, 0, len(cfg.Checks))
+	for _, c := range cfg.Checks {
+		checks = append(checks, selftest.Check{Name: c.Name, Argv: c.Command, Timeout: c.Timeout})
+	}
+	return selftest.New(checks, cfg.SelfTestTimeout, log)
+}

@@ -1,0 +1,83 @@
+package main
+
+import (
+	"bytes"
+	"encoding/base64"
+	"encoding/json"
+	"os"
+	"strings"
+	"testing"
+)
+
+// `ota-writer flash` as a process: an openssl-signed image is written, verified and
+// activated; a wrong signature fails with sig_check_failed/1001 and activates nothing.
+func TestFlashCLI(t *testing.T) {
+	b := newBench(t, "")
+	img, sig := b.image(t, "img", 37*testMaxBlock+123)
+	data, _ := os.ReadFile(img)
+
+	t.Run("wrong signature", func(t *testing.T) {
+		bad := bytes.Clone(sig)
+		bad[len(bad)-2] ^= 0xff
+		out, errOut, code := runCLI(t, "flash", "--config", b.cfg, "--target", "rootfs", "--image", img,
+			"--sig", base64.StdEncoding.EncodeToString(bad), "--sig-alg", "ecdsa-p256-sha256")
+		if code != exitFailed || !strings.Contains(errOut, "reason: sig_check_failed/1001") {
+			t.Fatalf("exit %d, want 1 with sig_check_failed/1001\nstdout: %s\nstderr: %s", code, out, errOut)
+		}
+		if st := statusJSON(t, b); st != "IMAGE_STATE_NORMAL" {
+			t.Errorf("image state %s after a failed flash, want normal", st)
+		}
+	})
+	t.Run("unknown target", func(t *testing.T) {
+		_, errOut, code := runCLI(t, "flash", "--config", b.cfg, "--target", "nope", "--image", img,
+			"--sig-file", img+".sig", "--sig-alg", "ecdsa-p256-sha256")
+		if code != exitFailed || !strings.Contains(errOut, "reason: target_unknown/3003") {
+			t.Fatalf("exit %d, want 1 with target_unknown/3003\n%s", code, errOut)
+		}
+	})
+	t.Run("usage", func(t *testing.T) {
+		_, _, code := runCLI(t, "flash", "--config", b.cfg)
+		if code != exitUsage {
+			t.Fatalf("exit %d, want %d", code, exitUsage)
+		}
+	})
+	t.Run("good signature, activate", func(t *testing.T) {
+		out, errOut, code := runCLI(t, "flash", "--config", b.cfg, "--target", "rootfs", "--image", img,
+			"--sig-file", img+".sig", "--sig-alg", "ecdsa-p256-sha256", "--activate")
+		if code != 0 {
+			t.Fatalf("exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
+		}
+		if !strings.Contains(errOut, "flash: 100%") {
+			t.Errorf("no plain progress lines on a non-terminal:\n%s", errOut)
+		}
+		onSlot, _ := os.ReadFile(b.slotB)
+		if len(onSlot) < len(data) || !bytes.Equal(onSlot[:len(data)], data) {
+			t.Error("slot b does not hold the image")
+		}
+		if st := statusJSON(t, b); st != "IMAGE_STATE_ACTIVATED" {
+			t.Errorf("image state %s after flash --activate, want activated", st)
+		}
+	})
+}
+
+// statusJSON runs `ota-writer status --json` in-process (no writer running).
+func statusJSON(t *testing.T, b *bench) string {
+	t.Helper()
+	out, errOut, code := runCLI(t, "status", "--config", b.cfg, "--json")
+	if code != 0 {
+		t.Fatalf("status: exit %d: %s", code, errOut)
+	}
+	var js struct {
+		Via   string `json:"via"`
+		State struct {
+			ImageState string `json:"image_state"`
+		} `json:"state"`
+	}
+	if err := json.Unmarshal([]byte(out), &js); err != nil {
+		t.Fatalf("status --json: %v\n%s", err, out)
+	}
+	if !strings.HasPrefix(js.Via, "in-process") {
+		t.Errorf("status via %q, want in-process", js.Via)
+	}
+	return js.State.ImageState
+}

@@ -1,0 +1,247 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"os"
+	"slices"
+	"strings"
+	"time"
+
+	"google.golang.org/protobuf/encoding/protojson"
+	"maps"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/client"
+	"github.com/gwota/gwota/writer/config"
+)
+
+// writerAPI is what status, accept and reject need; the socket client and the in-process
+// engine both provide it.
+type writerAPI interface {
+	State(ctx context.Context) (*otav1.DeviceState, error)
+	Extensions(ctx context.Context) (map[string]string, error)
+	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
+	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
+}
+
+type connFlags struct {
+	config, socket *string
+}
+
+func addConnFlags(fs *flag.FlagSet) connFlags {
+	return connFlags{
+		config: fs.String("config", "", "writer configuration `file`: its socket, and the in-process fallback when no writer runs"),
+		socket: fs.String("socket", "", "writer socket `path` (default: the configuration's, else "+config.DefaultSocket+")"),
+	}
+}
+
+// connect returns the running writer over its socket or, when none answers there and a
+// configuration is given, the engine in-process. The second result says which ("socket" or
+// "in-process") and the closer releases it.
+func connect(ctx context.Context, cf connFlags, stderr io.Writer) (writerAPI, string, func(), error) {
+	var cfg *config.Config
+	if *cf.config != "" {
+		c, err := config.Load(*cf.config)
+		if err != nil {
+			return nil, "", nil, usageError{err}
+		}
+		cfg = c
+	}
+	sock := *cf.socket
+	if sock == "" && cfg != nil {
+		sock = cfg.Socket
+	}
+	if sock == "" {
+		sock = config.DefaultSocket
+	}
+	c, err := dialRunning(ctx, sock)
+	if err == nil {
+		return c, "socket " + sock, func() { c.Close() }, nil
+	}
+	if status.ReasonOf(err) != otav1.Reason_REASON_WRITER_UNAVAILABLE || cfg == nil {
+		return nil, "", nil, err
+	}
+	eng, err := newEngine(ctx, cfg, newLogger(cfg, stderr), false)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	return eng, "in-process (no writer on " + sock + ")", func() { eng.Close() }, nil
+}
+
+// dialRunning connects to a writer serving on sock; REASON_WRITER_UNAVAILABLE when nothing
+// is there. A missing socket file is answered at once, a present one gets a short wait.
+func dialRunning(ctx context.Context, sock string) (*client.Client, error) {
+	fi, err := os.Stat(sock)
+	if errors.Is(err, fs.ErrNotExist) || (err == nil && fi.Mode().Type() != fs.ModeSocket) {
+		return nil, status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "no writer socket at %s", sock)
+	}
+	c, err := client.Dial(ctx, sock, client.Options{Name: "ota-writer cli"})
+	if err != nil {
+		return nil, status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "%w", err)
+	}
+	wctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	if err := c.WaitReady(wctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	if _, err := c.Handshake(ctx); err != nil {
+		c.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+// refuseIfServing keeps flash from racing a running writer over the same targets and state.
+func refuseIfServing(ctx context.Context, sock string) error {
+	c, err := dialRunning(ctx, sock)
+	if err != nil {
+		return nil
+	}
+	c.Close()
+	return status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "a writer is serving on %s; stop it before flashing in-process", sock)
+}
+
+func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("status", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cf := addConnFlags(fs)
+	asJSON := fs.Bool("json", false, "print JSON")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	w, via, closeFn, err := connect(ctx, cf, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	st, err := w.State(ctx)
+	if err != nil {
+		return err
+	}
+	ext, err := w.Extensions(ctx)
+	if err != nil {
+		return err
+	}
+	if *asJSON {
+		return printJSON(stdout, st, ext, via)
+	}
+	printHuman(stdout, st, ext, via)
+	return nil
+}
+
+func printJSON(w io.Writer, st *otav1.DeviceState, ext map[string]string, via string) error {
+	raw, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(st)
+	if err != nil {
+		return err
+	}
+	if ext == nil {
+		ext = map[string]string{}
+	}
+	out, err := json.MarshalIndent(struct {
+		Via        string            `json:"via"`
+		State      json.RawMessage   `json:"state"`
+		Extensions map[string]string `json:"extensions"`
+	}{via, raw, ext}, "", "  ")
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintf(w, "%s\n", out)
+	return err
+}
+
+// enumName turns IMAGE_STATE_TRIAL into "trial".
+func enumName(s, prefix string) string { return strings.ToLower(strings.TrimPrefix(s, prefix)) }
+
+func printHuman(w io.Writer, st *otav1.DeviceState, ext map[string]string, via string) {
+	fmt.Fprintf(w, "=== System Info ===\n")
+	fmt.Fprintf(w, "Image state:   %s\n", enumName(st.GetImageState().String(), "IMAGE_STATE_"))
+	fmt.Fprintf(w, "Boot backend:  %s\n", st.GetBootBackend())
+	if u := st.GetLastUpdate(); u != nil && u.GetJobId() != "" {
+		fmt.Fprintf(w, "Last update:   job %s, target %s, slot %s", u.GetJobId(), u.GetTarget(), u.GetSlot())
+		if u.GetVersion() != "" {
+			fmt.Fprintf(w, ", version %s", u.GetVersion())
+		}
+		if u.GetReason() != otav1.Reason_REASON_UNSPECIFIED {
+			fmt.Fprintf(w, ", reason %s", status.String(u.GetReason()))
+		}
+		fmt.Fprintln(w)
+	}
+	fmt.Fprintf(w, "Source:        %s\n", via)
+	fmt.Fprintf(w, "=== Targets ===\n")
+	for _, t := range st.GetTargets() {
+		kind := enumName(t.GetKind().String(), "TARGET_KIND_")
+		fmt.Fprintf(w, "%s (%s)", t.GetName(), kind)
+		if t.GetKind() == otav1.TargetKind_TARGET_KIND_AB {
+			fmt.Fprintf(w, ": active %s, inactive %s", t.GetActiveSlot(), t.GetInactiveSlot())
+		}
+		fmt.Fprintln(w)
+		for _, s := range t.GetSlots() {
+			mark := " "
+			if s.GetActive() {
+				mark = "x"
+			}
+			v := s.GetVersion()
+			if v == "" {
+				v = "-"
+			}
+			fmt.Fprintf(w, "  [%s] slot %s  version %s\n", mark, s.GetName(), v)
+		}
+	}
+	fmt.Fprintf(w, "=== Sessions ===\n")
+	if len(st.GetSessions()) == 0 {
+		fmt.Fprintf(w, "  none\n")
+	}
+	for _, s := range st.GetSessions() {
+		fmt.Fprintf(w, "  %s  job %s file %d -> %s/%s: %s, %d/%d blocks durable (%d bytes, block %d)\n",
+			s.GetSessionId(), s.GetJobId(), s.GetFileIndex(), s.GetTarget(), s.GetSlot(),
+			enumName(s.GetState().String(), "SESSION_STATE_"), s.GetDurableBlocks(), s.GetTotalBlocks(), s.GetFileSize(), s.GetBlockSize())
+	}
+	if len(ext) > 0 {
+		fmt.Fprintf(w, "=== Extensions ===\n")
+		for _, k := range slices.Sorted(maps.Keys(ext)) {
+			fmt.Fprintf(w, "  %s = %s\n", k, ext[k])
+		}
+	}
+}
+
+func cmdAcceptReject(ctx context.Context, args []string, stdout, stderr io.Writer, accept bool) error {
+	name := "reject"
+	if accept {
+		name = "accept"
+	}
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cf := addConnFlags(fs)
+	jobID := fs.String("job-id", "", "only if the trial belongs to this job")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	w, via, closeFn, err := connect(ctx, cf, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	if accept {
+		r, err := w.Commit(ctx, *jobID)
+		if err != nil {
+			return err
+		}
+		u := r.GetCommitted()
+		fmt.Fprintf(stdout, "committed: target %s slot %s (job %s) via %s\n", u.GetTarget(), u.GetSlot(), u.GetJobId(), via)
+		return nil
+	}
+	r, err := w.Reject(ctx, *jobID, otav1.Reason_REASON_USER_ABORT)
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stdout, "rejected via %s; reboot required: %v\n", via, r.GetRebootRequired())
+	return nil
+}

@@ -1,0 +1,72 @@
+package server_test
+
+import (
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/x509"
+	"encoding/pem"
+	"fmt"
+	"os"
+	"path/filepath"
+	"testing"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/gwota/gwota/writer/boot"
+	"github.com/gwota/gwota/writer/config"
+	"github.com/gwota/gwota/writer/engine"
+)
+
+// BenchmarkBlockPathEngine is BenchmarkBlockPath with the real engine behind the socket:
+// blocks land in a file-backed slot, with the engine's sync policy (fdatasync + journal every
+// 8 MiB) and a final sync.
+//
+//	go test -run '^$' -bench BlockPathEngine -benchtime 2s ./writer/server/
+func BenchmarkBlockPathEngine(b *testing.B) {
+	const maxBlock = 128 << 10
+	for _, bs := range []int{4 << 10, 64 << 10} {
+		for _, per := range []int{1, maxBlock / bs} {
+			for _, mode := range []string{"stream", "unary"} {
+				b.Run(fmt.Sprintf("%s/block=%dKiB/per_msg=%d", mode, bs>>10, per), func(b *testing.B) {
+					benchBlockPath(b, newBenchEngine(b, maxBlock), mode, bs, per)
+				})
+			}
+		}
+	}
+}
+
+func newBenchEngine(b *testing.B, maxBlock uint32) *engine.Engine {
+	dir := b.TempDir()
+	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	der, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	pub := filepath.Join(dir, "pub.pem")
+	os.WriteFile(pub, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600)
+	for _, s := range []string{"a", "b"} {
+		os.WriteFile(filepath.Join(dir, "slot_"+s), nil, 0o600)
+	}
+	cfg, err := config.Parse(fmt.Appendf(nil, `
+state_dir = %q
+trusted_keys = [%q]
+max_block_size = %d
+[[target]]
+name = "mem"
+kind = "ab"
+file_paths = ["mem"]
+slots = [%q, %q]
+`, filepath.Join(dir, "state"), pub, maxBlock, filepath.Join(dir, "slot_a"), filepath.Join(dir, "slot_b")))
+	if err != nil {
+		b.Fatal(err)
+	}
+	os.MkdirAll(cfg.StateDir, 0o700)
+	bt, err := boot.NewFile(filepath.Join(cfg.StateDir, "boot.json"), 3, nil)
+	if err != nil {
+		b.Fatal(err)
+	}
+	e, err := engine.New(b.Context(), cfg, engine.Deps{Boot: bt}, hclog.NewNullLogger())
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { e.Close() })
+	return e
+}

@@ -51,7 +51,7 @@ func TestMain(m *testing.M) {
 // the file boot backend, all under one short temporary directory.
 type bench struct {
 	dir, cfg, sock, key, pub string
-	slotA, slotB            string
+	slotA, slotB             string
 }
 
 const testMaxBlock = 4096

@@ -15,6 +15,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/gwota/gwota/status"
 )
 
 // Defaults applied by Load/Parse when a key is absent.
@@ -120,8 +122,7 @@ type Command struct {
 }
 
 var (
-	nameRE   = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
-	extKeyRE = regexp.MustCompile(`^[A-Za-z0-9_.-]{1,128}$`)
+	nameRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 )
 
 // Load reads and validates the file at path.
@@ -268,8 +269,8 @@ func (c *Config) Validate() error {
 	c.validateCommands("check", c.Checks, bad)
 	c.validateCommands("extension_command", c.ExtensionCommands, bad)
 	for k := range c.Extensions {
-		if !extKeyRE.MatchString(k) {
-			bad("extensions: key %q must be 1..128 of [A-Za-z0-9_.-]", k)
+		if !status.ValidKey(k) {
+			bad("extensions: key %q must be 1..128 of [A-Za-z0-9:_-] (AWS statusDetails keys)", k)
 		}
 	}
 	return errors.Join(errs...)

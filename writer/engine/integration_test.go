@@ -128,3 +128,37 @@ func TestSelfTestAndExtensions(t *testing.T) {
 		})
 	}
 }
+
+// TestRebootCommand runs the configured reboot_command for real (no injected reboot func).
+func TestRebootCommand(t *testing.T) {
+	wantReason(t, CommandReboot(nil)(ctx), otav1.Reason_REASON_REBOOT_FAILED)
+	err := CommandReboot([]string{"sh", "-c", "echo watchdog busy >&2; exit 1"})(ctx)
+	wantReason(t, err, otav1.Reason_REASON_REBOOT_FAILED)
+	if !strings.Contains(err.Error(), "watchdog busy") {
+		t.Errorf("error does not carry the command's output: %v", err)
+	}
+
+	marker := filepath.Join(t.TempDir(), "rebooted")
+	r := newRig(t, func(c *config.Config) { c.RebootCommand = []string{"sh", "-c", "echo ok > " + marker} })
+	r.e.Close()
+	e, err := New(ctx, r.cfg, Deps{Boot: r.boot}, testLog(t))
+	if err != nil {
+		t.Fatal(err)
+	}
+	r.e = e
+	img := newImage(t, 5000)
+	s := must[*otav1.BeginSessionResponse](t)(r.begin(img, 0, nil)).Session
+	writeAll(t, r, s.SessionId, img, 4096)
+	must[*otav1.FinishSessionResponse](t)(r.e.Finish(ctx, s.SessionId))
+	wantReason(t, r.e.Reboot(ctx), otav1.Reason_REASON_BAD_IMAGE_STATE)
+	if _, err := os.Stat(marker); !os.IsNotExist(err) {
+		t.Fatal("reboot command ran before an activation")
+	}
+	must[*otav1.ActivateResponse](t)(r.e.Activate(ctx, s.SessionId))
+	if err := r.e.Reboot(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if b, err := os.ReadFile(marker); err != nil || string(b) != "ok\n" {
+		t.Fatalf("reboot command did not run: %q %v", b, err)
+	}
+}

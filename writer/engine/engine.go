@@ -192,8 +192,11 @@ func (e *Engine) reload(ctx context.Context) error {
 					haveBoot = true
 				}
 			}
-			if err == nil && (!boot.ValidSlot(st.Booted) || js.Slot != boot.Other(st.Booted) || st.Trial || st.Booted != st.Committed) {
-				err = fmt.Errorf("slot %s is no longer the inactive slot (running %s, committed %s, trial %v)", js.Slot, st.Booted, st.Committed, st.Trial)
+			// The slot must still be the writable inactive one. A session whose slot is
+			// pending was activated just before a crash: it is done, not resumable.
+			if err == nil && (!boot.ValidSlot(st.Booted) || js.Slot != boot.Other(st.Booted) || st.Trial || st.Pending != "" || st.Booted != st.Committed) {
+				err = fmt.Errorf("slot %s is no longer the writable inactive slot (running %s, committed %s, pending %q, trial %v)",
+					js.Slot, st.Booted, st.Committed, st.Pending, st.Trial)
 			}
 		}
 		if err == nil {
@@ -246,7 +249,7 @@ func (e *Engine) restore(js *journal.Session) (*session, error) {
 	}
 	s.durable = js.Durable
 	s.received = append([]byte(nil), js.Durable...)
-	s.nDurable = popcount(s.durable, s.total)
+	s.nDurable = popcount(s.durable)
 	s.nReceived = s.nDurable
 	s.state = st
 	s.sha = js.SHA256

@@ -563,3 +563,28 @@ func TestCompareVersions(t *testing.T) {
 		}
 	}
 }
+
+// TestCrashAfterBootSwitch: the writer died after the bootloader was switched but before the
+// session was closed. The restarted writer does not offer the activated slot for writing.
+func TestCrashAfterBootSwitch(t *testing.T) {
+	r := newRig(t, nil)
+	img := newImage(t, 9000)
+	s := must[*otav1.BeginSessionResponse](t)(r.begin(img, 0, nil)).Session
+	writeAll(t, r, s.SessionId, img, 4096)
+	must[*otav1.FinishSessionResponse](t)(r.e.Finish(ctx, s.SessionId))
+	if err := r.boot.Activate(ctx, "b"); err != nil { // what Activate does, then "crash"
+		t.Fatal(err)
+	}
+	old := r.e
+	defer old.Close()
+	r.open()
+	st := must[*otav1.DeviceState](t)(r.e.State(ctx))
+	if st.ImageState != otav1.ImageState_IMAGE_STATE_ACTIVATED || len(st.Sessions) != 0 {
+		t.Fatalf("state: %v", st)
+	}
+	_, err := r.begin(img, 0, nil)
+	wantReason(t, err, otav1.Reason_REASON_BAD_IMAGE_STATE)
+	if err := r.e.Reboot(ctx); err != nil {
+		t.Fatalf("reboot into the activated slot: %v", err)
+	}
+}

@@ -50,12 +50,11 @@ func newSession(js *journal.Session, t *target.Target) *session {
 	}
 }
 
-func popcount(b []byte, total uint64) uint64 {
+func popcount(b []byte) uint64 {
 	var n uint64
 	for _, x := range b {
 		n += uint64(bits.OnesCount8(x))
 	}
-	_ = total
 	return n
 }
 

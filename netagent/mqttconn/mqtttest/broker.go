@@ -34,6 +34,19 @@ type Broker struct {
 	addr   string
 	server *mqtt.Server
 	ln     net.Listener
+	inline []inlineSub
+}
+
+type inlineSub struct {
+	filter string
+	id     int
+	h      func(topic string, payload []byte, origin string)
+}
+
+func (is inlineSub) fn() mqtt.InlineSubFn {
+	return func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
+		is.h(pk.TopicName, append([]byte(nil), pk.Payload...), pk.Origin)
+	}
 }
 
 // Start starts a broker on 127.0.0.1:0; it is closed at test cleanup.
@@ -125,6 +138,11 @@ func (b *Broker) Restart() {
 	if err := s.AddListener(listeners.NewNet("t", ln)); err != nil {
 		b.t.Fatal(err)
 	}
+	for _, is := range b.inline {
+		if err := s.Subscribe(is.filter, is.id, is.fn()); err != nil {
+			b.t.Fatal(err)
+		}
+	}
 	if err := s.Serve(); err != nil {
 		b.t.Fatal(err)
 	}
@@ -136,11 +154,18 @@ func (b *Broker) Publish(topic string, payload []byte, qos byte) error {
 	return b.Server().Publish(topic, payload, false, qos)
 }
 
-// Subscribe attaches an inline handler (the broker side of a test) to filter.
+// Subscribe attaches an inline handler (the broker side of a test) to filter. It stays
+// attached across restarts (re-attached before the new broker serves).
 func (b *Broker) Subscribe(filter string, id int, h func(topic string, payload []byte, origin string)) error {
-	return b.Server().Subscribe(filter, id, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
-		h(pk.TopicName, append([]byte(nil), pk.Payload...), pk.Origin)
-	})
+	b.mu.Lock()
+	is := inlineSub{filter, id, h}
+	b.inline = append(b.inline, is)
+	s := b.server
+	b.mu.Unlock()
+	if s == nil {
+		return nil
+	}
+	return s.Subscribe(filter, id, is.fn())
 }
 
 // Kick drops the connection of clientID (its session stays on the broker).

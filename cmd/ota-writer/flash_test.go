@@ -57,6 +57,44 @@ func TestFlashCLI(t *testing.T) {
 		if st := statusJSON(t, b); st != "IMAGE_STATE_ACTIVATED" {
 			t.Errorf("image state %s after flash --activate, want activated", st)
 		}
+		out, errOut, code = runCLI(t, "status", "--config", b.cfg)
+		if code != 0 || !strings.Contains(out, "Image state:   activated") || !strings.Contains(out, "rootfs (ab)") {
+			t.Errorf("human status: exit %d\n%s%s", code, out, errOut)
+		}
+	})
+	t.Run("accept outside a trial", func(t *testing.T) {
+		_, errOut, code := runCLI(t, "accept", "--config", b.cfg)
+		if code != exitFailed || !strings.Contains(errOut, "reason: bad_image_state/1007") {
+			t.Fatalf("exit %d, want 1 with bad_image_state/1007\n%s", code, errOut)
+		}
+	})
+	t.Run("reject outside a trial", func(t *testing.T) {
+		_, errOut, code := runCLI(t, "reject", "--config", b.cfg)
+		if code != exitFailed || !strings.Contains(errOut, "reason: bad_image_state/1007") {
+			t.Fatalf("exit %d, want 1 with bad_image_state/1007\n%s", code, errOut)
+		}
+	})
+	t.Run("reject the trial", func(t *testing.T) {
+		// A writer start is the file backend's simulated boot: the activated slot is tried.
+		w := b.serve(t)
+		dialWriter(t, b.sock).Close()
+		w.stop(t)
+		if st := statusJSON(t, b); st != "IMAGE_STATE_TRIAL" {
+			t.Fatalf("image state %s after the simulated boot, want trial", st)
+		}
+		out, errOut, code := runCLI(t, "reject", "--config", b.cfg)
+		if code != 0 {
+			t.Fatalf("exit %d\n%s%s", code, out, errOut)
+		}
+		if st := statusJSON(t, b); st != "IMAGE_STATE_ROLLED_BACK" {
+			t.Errorf("image state %s after reject, want rolled back", st)
+		}
+	})
+	t.Run("no writer and no config", func(t *testing.T) {
+		_, errOut, code := runCLI(t, "status", "--socket", b.dir+"/none.sock")
+		if code != exitUnavailable || !strings.Contains(errOut, "reason: writer_unavailable/3001") {
+			t.Fatalf("exit %d, want %d with writer_unavailable/3001\n%s", code, exitUnavailable, errOut)
+		}
 	})
 }
 

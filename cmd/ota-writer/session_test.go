@@ -4,7 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"net"
 	"os"
+	"os/exec"
+	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -165,4 +169,41 @@ func TestKillMidSessionResumeAndCommit(t *testing.T) {
 		t.Errorf("after accept image state %s, want normal", js.State.ImageState)
 	}
 	_ = context.Background
+}
+
+// `serve` takes a listening socket passed the systemd way (LISTEN_FDS, LISTEN_PID, fd 3).
+func TestServeSocketActivation(t *testing.T) {
+	b := newBench(t, "")
+	ln, err := net.ListenUnix("unix", &net.UnixAddr{Name: b.sock, Net: "unix"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f, err := ln.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ln.SetUnlinkOnClose(false)
+	ln.Close() // the child gets its own copy of the descriptor
+	defer f.Close()
+	// LISTEN_PID must be the writer's own pid: set it in a shell that then execs the writer.
+	cmd := exec.Command("sh", "-c", `LISTEN_PID=$$ LISTEN_FDS=1 exec "$0" serve --config "$1"`, binary, b.cfg)
+	cmd.ExtraFiles = []*os.File{f}
+	var logs bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &logs, &logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	done := make(chan error, 1)
+	go func() { done <- cmd.Wait() }()
+	c := dialWriter(t, b.sock)
+	if _, err := c.State(t.Context()); err != nil {
+		t.Error(err)
+	}
+	cmd.Process.Signal(syscall.SIGTERM)
+	if err := <-done; err != nil {
+		t.Errorf("exit: %v", err)
+	}
+	if !strings.Contains(logs.String(), "using socket passed by systemd") {
+		t.Errorf("writer did not use the passed socket:\n%s", logs.String())
+	}
 }

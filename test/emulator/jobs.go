@@ -78,6 +78,7 @@ type execution struct {
 	number        int64
 	stepDeadline  time.Time
 	stepTimer     interface{ Stop() bool }
+	stepGen       int // identifies the current step timer; a replaced timer does nothing
 	updates       []backend.Update
 }
 
@@ -814,16 +815,19 @@ func (e *Emulator) setStepTimerLocked(x *execution, minutes *int64, now time.Tim
 	if x.stepTimer != nil {
 		x.stepTimer.Stop()
 		x.stepTimer, x.stepDeadline = nil, time.Time{}
+		x.stepGen++
 	}
 	if *minutes == -1 {
 		return
 	}
 	d := time.Duration(*minutes) * e.opts.StepTimeoutUnit
 	x.stepDeadline = now.Add(d)
-	version := x.version
+	x.stepGen++
+	gen := x.stepGen
+	// Later updates without stepTimeoutInMinutes leave the timer running, as on AWS.
 	x.stepTimer = timeAfterFunc(d, func() {
 		e.mu.Lock()
-		if x.version != version || terminal(x.status) {
+		if x.stepGen != gen || terminal(x.status) {
 			e.mu.Unlock()
 			return
 		}

@@ -220,6 +220,9 @@ func TestStartNextCancelAndTimeout(t *testing.T) {
 	if ex["jobId"] != "job-a" || ex["status"] != "IN_PROGRESS" || ex["versionNumber"] != 2.0 || m["clientToken"] != "sn" {
 		t.Fatalf("start-next = %v", m)
 	}
+	// An update without stepTimeoutInMinutes leaves the timer running.
+	d.publishJSON(jobsPrefix+"job-a/update", map[string]any{"status": "IN_PROGRESS", "statusDetails": map[string]string{"progress": "1/2"}})
+	d.next(jobsPrefix + "job-a/update/accepted")
 	// The step timer fires: TIMED_OUT, and the next job becomes job-b.
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
@@ -293,5 +296,61 @@ func TestCreateJobValidation(t *testing.T) {
 	}
 	if err := e.CreateJob(context.Background(), backend.JobSpec{JobID: "j1", Files: f}); err == nil {
 		t.Error("duplicate job id accepted")
+	}
+}
+
+func TestStepTimeoutCleared(t *testing.T) {
+	// One "minute" is 2 s: long enough for the next update to arrive first.
+	e := startEmulator(t, Options{StepTimeoutUnit: 2 * time.Second})
+	d := connectDevice(t, e.BrokerURL(), "gw-01")
+	path, _ := writeTestFile(t, 100)
+	createJob(t, e, "job-t", path)
+	upd := jobsPrefix + "job-t/update"
+	d.publishJSON(upd, map[string]any{"status": "IN_PROGRESS", "stepTimeoutInMinutes": 1})
+	d.next(upd + "/accepted")
+	d.publishJSON(upd, map[string]any{"status": "IN_PROGRESS", "stepTimeoutInMinutes": -1})
+	d.next(upd + "/accepted")
+	d.publishJSON(jobsPrefix+"job-t/get", map[string]any{})
+	if ex := decodeJSONMap(t, d.next(jobsPrefix+"job-t/get/accepted").Payload)["execution"].(map[string]any); ex["approximateSecondsBeforeTimedOut"] != nil {
+		t.Errorf("timer not cleared: %v", ex)
+	}
+	// Replace with a long timer, then finish: the job must end SUCCEEDED, never TIMED_OUT.
+	d.publishJSON(upd, map[string]any{"status": "IN_PROGRESS", "stepTimeoutInMinutes": 10080})
+	d.publishJSON(jobsPrefix+"job-t/get", map[string]any{"includeJobDocument": false})
+	d.next(upd + "/accepted")
+	m := decodeJSONMap(t, d.next(jobsPrefix+"job-t/get/accepted").Payload)
+	ex := m["execution"].(map[string]any)
+	if ex["approximateSecondsBeforeTimedOut"] == nil || ex["jobDocument"] != nil {
+		t.Errorf("describe with a step timer = %v", ex)
+	}
+	d.publishJSON(upd, map[string]any{"status": "SUCCEEDED"})
+	d.next(upd + "/accepted")
+	if x, _ := e.Describe(context.Background(), "job-t"); x.Status != backend.StatusSucceeded {
+		t.Fatalf("status %s", x.Status)
+	}
+}
+
+func TestJobForManyThingsAndDelay(t *testing.T) {
+	e := startEmulator(t, Options{})
+	path, _ := writeTestFile(t, 100)
+	if err := e.CreateJob(context.Background(), backend.JobSpec{JobID: "fleet", Things: []string{"gw-01", "gw-02"}, Files: []backend.FileSpec{{LocalPath: path}}}); err != nil {
+		t.Fatal(err)
+	}
+	d2 := connectDevice(t, e.BrokerURL(), "gw-02")
+	e.SetFaults("fleet", Faults{Delay: 300 * time.Millisecond})
+	start := time.Now()
+	d2.publishJSON("$aws/things/gw-02/jobs/fleet/update", map[string]any{"status": "IN_PROGRESS"})
+	d2.next("$aws/things/gw-02/jobs/fleet/update/accepted")
+	if el := time.Since(start); el < 300*time.Millisecond {
+		t.Errorf("delayed response came after %v", el)
+	}
+	if x, _ := e.DescribeThing("gw-02", "fleet"); x.Status != backend.StatusInProgress {
+		t.Errorf("gw-02: %+v", x)
+	}
+	if x, _ := e.Describe(context.Background(), "fleet"); x.Status != backend.StatusQueued {
+		t.Errorf("gw-01 changed too: %+v", x)
+	}
+	if u := e.ThingUpdates("gw-02", "fleet"); len(u) != 1 {
+		t.Errorf("gw-02 updates: %+v", u)
 	}
 }

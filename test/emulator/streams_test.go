@@ -231,8 +231,14 @@ func TestStreamFaultsStillDeliverEverything(t *testing.T) {
 			t.Fatal("reassembled file differs")
 		}
 		reqs := e.StreamRequests("job-s")
-		dropped, dups := 0, 0
+		dropped, dups, reordered := 0, 0, 0
 		for _, r := range reqs {
+			for k := 1; k < len(r.Sent); k++ {
+				if r.Sent[k] < r.Sent[k-1] {
+					reordered++
+					break
+				}
+			}
 			dropped += len(r.Dropped)
 			seen := map[int]bool{}
 			for _, b := range r.Sent {
@@ -243,8 +249,8 @@ func TestStreamFaultsStillDeliverEverything(t *testing.T) {
 			}
 		}
 		t.Logf("seed %d: %d requests in %d rounds, %d blocks dropped, %d duplicated", seed, len(reqs), rounds, dropped, dups)
-		if dropped == 0 || dups == 0 {
-			t.Errorf("faults not injected: %d dropped, %d duplicated", dropped, dups)
+		if dropped == 0 || dups == 0 || reordered == 0 {
+			t.Errorf("faults not injected: %d dropped, %d duplicated, %d responses reordered", dropped, dups, reordered)
 		}
 		e.Close()
 		return reqs, got

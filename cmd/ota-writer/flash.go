@@ -160,6 +160,8 @@ type flashResult struct {
 
 type progress interface {
 	set(done int64)
+	// verifying: all blocks are written, the read-back verification runs.
+	verifying()
 	done(err error)
 }
 
@@ -225,6 +227,7 @@ func flashImage(ctx context.Context, core server.Core, req *otav1.BeginSessionRe
 	if err := flush(true); err != nil {
 		return nil, err
 	}
+	prog.verifying()
 	res := &flashResult{}
 	if res.finish, err = core.Finish(ctx, sess.GetSessionId()); err != nil {
 		return nil, err
@@ -259,6 +262,10 @@ type barProgress struct {
 }
 
 func (p *barProgress) set(done int64) { p.bar.Set64(done) }
+func (p *barProgress) verifying() {
+	p.bar.Set64(p.bar.GetMax64())
+	p.bar.Describe("verifying")
+}
 func (p *barProgress) done(err error) {
 	if err == nil {
 		p.bar.Finish()
@@ -281,5 +288,8 @@ func (p *lineProgress) set(done int64) {
 		fmt.Fprintf(p.w, "flash: %3d%% %d/%d bytes\n", pct, done, p.size)
 		p.next = pct/10*10 + 10
 	}
+}
+func (p *lineProgress) verifying() {
+	fmt.Fprintln(p.w, "flash: verifying the signature over the slot's content")
 }
 func (p *lineProgress) done(error) {}

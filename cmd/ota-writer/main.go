@@ -24,6 +24,7 @@ package main
 import (
 	"context"
 	"errors"
+	"flag"
 	"fmt"
 	"io"
 	"os"
@@ -98,7 +99,7 @@ func run(args []string, stdout, stderr io.Writer) int {
 
 // report prints err and maps it to the exit status.
 func report(err error, stderr io.Writer) int {
-	if err == nil {
+	if err == nil || errors.Is(err, flag.ErrHelp) {
 		return exitOK
 	}
 	var ue usageError

@@ -40,47 +40,29 @@ type transport interface {
 // requestFilters are the topic filters the emulator serves.
 var requestFilters = []string{"$aws/things/+/jobs/#", "$aws/things/+/streams/#"}
 
-// embedded runs mochi in-process and can be stopped and started again on the same address.
+// embedded runs mochi in-process. Stopping it closes the listener and drops every client, but
+// the broker's state (persistent sessions, their subscriptions and queued messages) survives
+// until the listener is back on the same address: like a network outage between device and
+// AWS IoT, which keeps persistent sessions.
 type embedded struct {
 	log     hclog.Logger
 	handler func(message)
 
-	mu     sync.Mutex
-	addr   string // fixed after the first start so a restart keeps the port
-	server *mqtt.Server
+	mu       sync.Mutex
+	addr     string // fixed after the first start so a restart keeps the port
+	server   *mqtt.Server
+	listener string // id of the active listener, "" while stopped
+	starts   int
 }
 
 func newEmbedded(listen string, log hclog.Logger, handler func(message)) (*embedded, error) {
 	e := &embedded{log: log, handler: handler, addr: listen}
-	if err := e.start(); err != nil {
-		return nil, err
-	}
-	return e, nil
-}
-
-func (e *embedded) start() error {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	if e.server != nil {
-		return nil
-	}
-	ln, err := listenRetry(e.addr)
-	if err != nil {
-		return fmt.Errorf("embedded broker listen %s: %w", e.addr, err)
-	}
-	e.addr = ln.Addr().String()
-
 	s := mqtt.New(&mqtt.Options{
 		InlineClient: true,
-		Logger:       slog.New(slog.NewTextHandler(hclogWriter{e.log}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger:       slog.New(slog.NewTextHandler(hclogWriter{log}, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err := s.AddHook(new(allowAll), nil); err != nil {
-		ln.Close()
-		return err
-	}
-	if err := s.AddListener(listeners.NewNet("emulator", ln)); err != nil {
-		ln.Close()
-		return err
+		return nil, err
 	}
 	for i, f := range requestFilters {
 		err := s.Subscribe(f, i+1, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
@@ -91,15 +73,40 @@ func (e *embedded) start() error {
 			e.handler(message{clientID: pk.Origin, topic: pk.TopicName, payload: append([]byte(nil), pk.Payload...)})
 		})
 		if err != nil {
-			s.Close()
-			return err
+			return nil, err
 		}
 	}
 	if err := s.Serve(); err != nil {
 		s.Close()
-		return err
+		return nil, err
 	}
 	e.server = s
+	if err := e.start(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	return e, nil
+}
+
+func (e *embedded) start() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.listener != "" {
+		return nil
+	}
+	ln, err := listenRetry(e.addr)
+	if err != nil {
+		return fmt.Errorf("embedded broker listen %s: %w", e.addr, err)
+	}
+	e.addr = ln.Addr().String()
+	e.starts++
+	id := fmt.Sprintf("emulator-%d", e.starts)
+	if err := e.server.AddListener(listeners.NewNet(id, ln)); err != nil {
+		ln.Close()
+		return err
+	}
+	e.server.Listeners.Serve(id, e.server.EstablishConnection)
+	e.listener = id
 	return nil
 }
 
@@ -118,25 +125,24 @@ func listenRetry(addr string) (net.Listener, error) {
 
 func (e *embedded) stop() {
 	e.mu.Lock()
-	s := e.server
-	e.server = nil
-	e.mu.Unlock()
-	if s != nil {
-		s.Close()
+	defer e.mu.Unlock()
+	if e.listener == "" {
+		return
 	}
+	s := e.server
+	s.Listeners.Close(e.listener, func(id string) {
+		for _, cl := range s.Clients.GetByListener(id) {
+			_ = s.DisconnectClient(cl, packets.ErrServerShuttingDown)
+		}
+	})
+	s.Listeners.Delete(e.listener)
+	e.listener = ""
 }
 
-func (e *embedded) current() *mqtt.Server {
-	e.mu.Lock()
-	defer e.mu.Unlock()
-	return e.server
-}
+func (e *embedded) current() *mqtt.Server { return e.server }
 
 func (e *embedded) respond(clientID, topic string, payload []byte) error {
 	s := e.current()
-	if s == nil {
-		return errBrokerDown
-	}
 	subscribed := false
 	if clientID != "" {
 		_, subscribed = s.Topics.Subscribers(topic).Subscriptions[clientID]
@@ -161,20 +167,13 @@ func (e *embedded) respond(clientID, topic string, payload []byte) error {
 }
 
 func (e *embedded) publish(topic string, payload []byte) error {
-	s := e.current()
-	if s == nil {
-		return errBrokerDown
-	}
-	return s.Publish(topic, payload, false, 1)
+	return e.current().Publish(topic, payload, false, 1)
 }
 
 func (e *embedded) disconnect(clientID string) bool {
 	s := e.current()
-	if s == nil {
-		return false
-	}
 	cl, ok := s.Clients.Get(clientID)
-	if !ok {
+	if !ok || cl.Closed() {
 		return false
 	}
 	_ = s.DisconnectClient(cl, packets.ErrServerShuttingDown)
@@ -190,10 +189,8 @@ func (e *embedded) url() string {
 
 func (e *embedded) close() error {
 	e.stop()
-	return nil
+	return e.server.Close()
 }
-
-var errBrokerDown = fmt.Errorf("broker stopped")
 
 // external is a client of a broker run elsewhere (mosquitto). Ordinary brokers deliver only
 // what is subscribed, so devices must subscribe to the response topics.

@@ -67,6 +67,14 @@ type device struct {
 
 func connectDevice(t *testing.T, brokerURL, clientID string, subscribe ...string) *device {
 	t.Helper()
+	d, _ := connectSession(t, brokerURL, clientID, 0, subscribe...)
+	return d
+}
+
+// connectSession connects with a persistent session when expiry > 0 (CleanStart false) and
+// reports whether the broker had kept one.
+func connectSession(t *testing.T, brokerURL, clientID string, expiry uint32, subscribe ...string) (*device, bool) {
+	t.Helper()
 	u, err := url.Parse(brokerURL)
 	if err != nil {
 		t.Fatal(err)
@@ -91,7 +99,11 @@ func connectDevice(t *testing.T, brokerURL, clientID string, subscribe ...string
 	})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	ca, err := d.c.Connect(ctx, &paho.Connect{ClientID: clientID, CleanStart: true, KeepAlive: 30})
+	cp := &paho.Connect{ClientID: clientID, CleanStart: expiry == 0, KeepAlive: 30}
+	if expiry > 0 {
+		cp.Properties = &paho.ConnectProperties{SessionExpiryInterval: &expiry}
+	}
+	ca, err := d.c.Connect(ctx, cp)
 	if err != nil || ca.ReasonCode != 0 {
 		t.Fatalf("connect: %v %v", err, ca)
 	}
@@ -105,7 +117,7 @@ func connectDevice(t *testing.T, brokerURL, clientID string, subscribe ...string
 		}
 	}
 	t.Cleanup(d.close)
-	return d
+	return d, ca.SessionPresent
 }
 
 func (d *device) setDown() {

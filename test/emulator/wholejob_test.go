@@ -165,7 +165,7 @@ func TestBrokerRestartKeepsJobs(t *testing.T) {
 	e := startEmulator(t, Options{})
 	path, _ := writeTestFile(t, 1000)
 	createJob(t, e, "job-rs", path)
-	d := connectDevice(t, e.BrokerURL(), "gw-01")
+	d, _ := connectSession(t, e.BrokerURL(), "gw-01", 3600, thingPrefix+"jobs/notify-next")
 	d.publishJSON(thingPrefix+"jobs/job-rs/update", map[string]any{"status": "IN_PROGRESS"})
 	d.next(thingPrefix + "jobs/job-rs/update/accepted")
 	before := e.BrokerURL()
@@ -181,17 +181,35 @@ func TestBrokerRestartKeepsJobs(t *testing.T) {
 	if _, err := net.Dial("tcp", strings.TrimPrefix(before, "mqtt://")); err == nil {
 		t.Fatal("stopped broker still accepts connections")
 	}
+	// While the device is away its job is canceled: the QoS 1 notify-next waits in its session.
+	if err := e.CancelJob(context.Background(), "job-rs", true); err != nil {
+		t.Fatal(err)
+	}
+	createJob(t, e, "job-rs2", path)
 	if err := e.StartBroker(); err != nil {
 		t.Fatal(err)
 	}
 	if e.BrokerURL() != before {
 		t.Fatalf("broker moved from %s to %s", before, e.BrokerURL())
 	}
-	d2 := connectDevice(t, e.BrokerURL(), "gw-01")
+	d2, present := connectSession(t, e.BrokerURL(), "gw-01", 3600)
+	if !present {
+		t.Fatal("persistent session lost over a broker restart")
+	}
+	// Both notifications made while it was away arrive in order: nothing pending, then job-rs2.
+	if m := decodeJSONMap(t, d2.next(thingPrefix+"jobs/notify-next").Payload); m["execution"] != nil {
+		t.Fatalf("first queued notify-next = %v", m)
+	}
+	if m := decodeJSONMap(t, d2.next(thingPrefix+"jobs/notify-next").Payload); m["execution"].(map[string]any)["jobId"] != "job-rs2" {
+		t.Fatalf("second queued notify-next = %v", m)
+	}
 	d2.publishJSON(thingPrefix+"jobs/$next/get", map[string]any{})
 	m := decodeJSONMap(t, d2.next(thingPrefix+"jobs/$next/get/accepted").Payload)
-	if ex := m["execution"].(map[string]any); ex["jobId"] != "job-rs" || ex["status"] != "IN_PROGRESS" || ex["versionNumber"] != 2.0 {
+	if ex := m["execution"].(map[string]any); ex["jobId"] != "job-rs2" || ex["status"] != "QUEUED" || ex["versionNumber"] != 1.0 {
 		t.Fatalf("after restart: %v", m)
+	}
+	if x, _ := e.Describe(context.Background(), "job-rs"); x.Status != backend.StatusCanceled || x.VersionNumber != 3 {
+		t.Fatalf("job-rs after restart: %+v", x)
 	}
 	if err := e.RestartBroker(); err != nil {
 		t.Fatal(err)

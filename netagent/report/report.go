@@ -135,13 +135,24 @@ func (r *Reporter) extensions(ctx context.Context) map[string]string {
 	return r.lastExt
 }
 
-// Details builds the statusDetails for b with the current extensions.
-func (r *Reporter) Details(ctx context.Context, b status.Base) map[string]string {
-	return status.Build(b, r.extensions(ctx))
+// Details builds the statusDetails for b with the current extensions; extra fields win over
+// extensions of the same name (base fields win over both).
+func (r *Reporter) Details(ctx context.Context, b status.Base, extra ...map[string]string) map[string]string {
+	ext := r.extensions(ctx)
+	if len(extra) > 0 {
+		ext = maps.Clone(ext)
+		if ext == nil {
+			ext = map[string]string{}
+		}
+		for _, m := range extra {
+			maps.Copy(ext, m)
+		}
+	}
+	return status.Build(b, ext)
 }
 
-func (r *Reporter) send(ctx context.Context, st string, b status.Base) error {
-	d := r.Details(ctx, b)
+func (r *Reporter) send(ctx context.Context, st string, b status.Base, extra ...map[string]string) error {
+	d := r.Details(ctx, b, extra...)
 	_, err := r.upd.Update(ctx, r.jobID, jobs.Update{Status: st, StatusDetails: d})
 	if err != nil {
 		r.log.Warn("job update failed", "status", st, "self_test", b.SelfTest, "error", err)
@@ -280,8 +291,9 @@ func (r *Reporter) Succeeded(ctx context.Context) error {
 }
 
 // Failed reports FAILED with reason. selfTest is status.SelfTestRejected when the new image
-// was rejected in its trial, else aborted. Progress is included when known.
-func (r *Reporter) Failed(ctx context.Context, reason otav1.Reason, selfTest string) error {
+// was rejected in its trial, else aborted. Progress is included when known; extra fields
+// (such as the writer's rollback reason) are merged like extensions.
+func (r *Reporter) Failed(ctx context.Context, reason otav1.Reason, selfTest string, extra ...map[string]string) error {
 	r.stopProgress()
 	if reason == otav1.Reason_REASON_UNSPECIFIED {
 		reason = otav1.Reason_REASON_OTHER
@@ -290,7 +302,7 @@ func (r *Reporter) Failed(ctx context.Context, reason otav1.Reason, selfTest str
 		selfTest = status.SelfTestAborted
 	}
 	rec, tot := r.progress()
-	return r.send(ctx, jobs.StatusFailed, status.Base{SelfTest: selfTest, Received: rec, Total: tot, Reason: reason})
+	return r.send(ctx, jobs.StatusFailed, status.Base{SelfTest: selfTest, Received: rec, Total: tot, Reason: reason}, extra...)
 }
 
 // Rejected reports REJECTED with reason: a job that cannot run at all, still QUEUED.

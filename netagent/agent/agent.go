@@ -1,0 +1,665 @@
+// Package agent is ota-net's state machine: it follows AWS IoT jobs one at a time and, for
+// each afr_ota job, drives the writer through every file (begin or resume a session, download
+// the missing blocks over MQTT streams or HTTP into it, verify), reports ready, activates and
+// reboots; after a restart in a trial boot it runs the self test and commits or rolls back.
+// Every failure ends as FAILED (or REJECTED when the job never started) with reason and
+// error_code plus the writer's extension fields. A SIGTERM (context cancellation) stops
+// without reporting or aborting anything, so the next start resumes.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/bits"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+
+	"github.com/gwota/gwota/netagent/httpdl"
+	"github.com/gwota/gwota/netagent/jobdoc"
+	"github.com/gwota/gwota/netagent/jobs"
+	"github.com/gwota/gwota/netagent/report"
+	"github.com/gwota/gwota/netagent/stream"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+)
+
+// Defaults.
+const (
+	DefaultWriterWait      = 10 * time.Minute
+	DefaultSelfTestTimeout = 10 * time.Minute
+	// finalTimeout bounds reports and aborts made after a job's own context ended.
+	finalTimeout = 30 * time.Second
+)
+
+// Config tunes the agent.
+type Config struct {
+	// BlockSize asked of the writer for new sessions (a resumed session keeps its own).
+	BlockSize int
+	// PreferHTTP picks HTTP when a file offers both protocols.
+	PreferHTTP bool
+	// ReportInterval and ReportPercentStep rate-limit progress reports.
+	ReportInterval    time.Duration
+	ReportPercentStep int
+	// WriterWait is how long an unreachable writer is waited for before the job fails with
+	// writer_unavailable (default 10 min).
+	WriterWait time.Duration
+	// SelfTestTimeout is the deadline of the writer's SelfTest call (default 10 min); a
+	// deadline hit is self_test_timeout.
+	SelfTestTimeout time.Duration
+	Logger          hclog.Logger
+}
+
+// Agent runs jobs. Create with New, run with Run.
+type Agent struct {
+	jobs   Jobs
+	writer Writer
+	stream StreamDownloader // nil: MQTT streams unavailable
+	http   HTTPDownloader   // nil: HTTP unavailable
+	cfg    Config
+	log    hclog.Logger
+
+	// handled remembers what each job looked like when the agent last finished with it, so a
+	// re-announcement of the same state (reconnect, duplicate) is not acted on twice.
+	mu      sync.Mutex
+	handled map[string]string
+}
+
+// New builds an agent. Either downloader may be nil (that protocol is then unusable).
+func New(j Jobs, w Writer, sd StreamDownloader, hd HTTPDownloader, cfg Config) *Agent {
+	if cfg.BlockSize <= 0 {
+		cfg.BlockSize = stream.DefaultBlockSize
+	}
+	if cfg.WriterWait <= 0 {
+		cfg.WriterWait = DefaultWriterWait
+	}
+	if cfg.SelfTestTimeout <= 0 {
+		cfg.SelfTestTimeout = DefaultSelfTestTimeout
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = hclog.NewNullLogger()
+	}
+	return &Agent{jobs: j, writer: w, stream: sd, http: hd, cfg: cfg, log: cfg.Logger, handled: map[string]string{}}
+}
+
+// errShutdown is the cancellation cause of a job when the agent stops: nothing is reported,
+// nothing aborted.
+var errShutdown = errors.New("agent shutting down")
+
+// gone is the cancellation cause of a job that is no longer the next one.
+type gone struct{ next *jobs.Execution }
+
+func (g *gone) Error() string {
+	if g.next == nil {
+		return "job canceled or removed (nothing pending)"
+	}
+	return "job replaced by " + g.next.JobID
+}
+
+type running struct {
+	jobID  string
+	cancel context.CancelCauseFunc
+	done   chan struct{}
+}
+
+// Run follows jobs until ctx ends. It returns nil on a clean shutdown.
+func (a *Agent) Run(ctx context.Context) error {
+	if err := a.jobs.Start(ctx); err != nil {
+		if ctx.Err() != nil {
+			return nil
+		}
+		return fmt.Errorf("jobs: %w", err)
+	}
+	a.checkForeignTrial(ctx)
+
+	var cur *running
+	stop := func(cause error) {
+		if cur == nil {
+			return
+		}
+		cur.cancel(cause)
+		<-cur.done
+		cur = nil
+	}
+	var curDone <-chan struct{}
+	for {
+		select {
+		case <-ctx.Done():
+			stop(errShutdown)
+			return nil
+		case <-curDone:
+			cur, curDone = nil, nil
+		case ex := <-a.jobs.Next():
+			if cur != nil && (ex == nil || ex.JobID != cur.jobID) {
+				a.log.Info("current job is no longer next", "job_id", cur.jobID, "next", nextID(ex))
+				stop(&gone{next: ex})
+				curDone = nil
+			}
+			if ex == nil || cur != nil || !a.shouldRun(ex) {
+				continue
+			}
+			jctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
+			r := &running{jobID: ex.JobID, cancel: cancel, done: make(chan struct{})}
+			cur, curDone = r, r.done
+			go func() {
+				defer close(r.done)
+				defer cancel(nil)
+				a.runJob(jctx, ex)
+			}()
+		}
+	}
+}
+
+func nextID(ex *jobs.Execution) string {
+	if ex == nil {
+		return ""
+	}
+	return ex.JobID
+}
+
+func stateKey(ex *jobs.Execution) string {
+	return ex.Status + "/" + ex.StatusDetails[status.KeySelfTest]
+}
+
+func (a *Agent) shouldRun(ex *jobs.Execution) bool {
+	if jobs.Terminal(ex.Status) {
+		return false
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	last, seen := a.handled[ex.JobID]
+	return !seen || (last != "*" && last != stateKey(ex))
+}
+
+// markHandled records the job as dealt with in state key ("*": never again in this process).
+func (a *Agent) markHandled(jobID, key string) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if len(a.handled) > 1024 {
+		clear(a.handled)
+	}
+	a.handled[jobID] = key
+}
+
+// job is the state of one job run.
+type job struct {
+	a   *Agent
+	ex  *jobs.Execution
+	log hclog.Logger
+	rep *report.Reporter
+	// started: the job is IN_PROGRESS (failures are FAILED, not REJECTED).
+	started  bool
+	sessions []Session
+	terminal atomic.Bool
+}
+
+func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution) {
+	j := &job{a: a, ex: ex, log: a.log.With("job_id", ex.JobID), started: ex.Status == jobs.StatusInProgress}
+	j.rep = report.New(a.jobs, a.writer.Extensions, ex.JobID, report.Config{
+		Interval: a.cfg.ReportInterval, PercentStep: a.cfg.ReportPercentStep, Logger: j.log,
+		OnTerminal: func(_, st string) { j.terminal.Store(true) },
+	})
+	defer j.rep.Close()
+	key := "*"
+	defer func() { a.markHandled(ex.JobID, key) }()
+
+	doc, err := jobdoc.Parse(ex.JobDocument)
+	if errors.Is(err, jobdoc.ErrNotOTA) {
+		j.log.Info("custom job (not afr_ota): left alone")
+		return
+	}
+	if err != nil {
+		j.log.Warn("job document refused", "error", err)
+		j.fail(ctx, err, "")
+		return
+	}
+	j.log.Info("OTA job", "status", ex.Status, "files", len(doc.Files), "protocols", doc.Protocols)
+
+	var st *otav1.DeviceState
+	if err := a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = a.writer.State(ctx); return err }); err != nil {
+		j.fail(ctx, err, "")
+		return
+	}
+	selfTest := ex.Status == jobs.StatusInProgress &&
+		(ex.StatusDetails[status.KeySelfTest] == status.SelfTestReady || ex.StatusDetails[status.KeySelfTest] == status.SelfTestActive)
+	lu := st.GetLastUpdate()
+	ours := lu.GetJobId() == ex.JobID
+	switch img := st.GetImageState(); {
+	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours && selfTest:
+		j.selfTest(ctx)
+		return
+	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours:
+		// Platform in trial but the job is not in self test: reject and roll back.
+		j.log.Warn("trial boot for a job that is not in self test: rolling back", "status", ex.Status)
+		j.rejectTrial(ctx, otav1.Reason_REASON_STATE_MISMATCH)
+		return
+	case img == otav1.ImageState_IMAGE_STATE_TRIAL:
+		// Another job's trial is pending (checkForeignTrial deals with it); nothing can be
+		// installed meanwhile.
+		j.fail(ctx, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "trial boot of job %s pending", lu.GetJobId()), "")
+		return
+	case selfTest && img == otav1.ImageState_IMAGE_STATE_ROLLED_BACK && ours:
+		j.log.Warn("new image was rolled back", "writer_reason", status.String(lu.GetReason()))
+		extra := map[string]string{}
+		if lu.GetReason() != otav1.Reason_REASON_UNSPECIFIED {
+			extra["rollback_reason"] = status.Name(lu.GetReason())
+			extra["rollback_code"] = status.Code(lu.GetReason())
+		}
+		j.report(ctx, func(ctx context.Context) error {
+			return j.rep.Failed(ctx, otav1.Reason_REASON_ROLLED_BACK, status.SelfTestRejected, extra)
+		})
+		return
+	case selfTest && img == otav1.ImageState_IMAGE_STATE_ACTIVATED && ours:
+		j.log.Info("activated but not rebooted yet: rebooting")
+		j.reboot(ctx)
+		key = stateKey(ex)
+		return
+	case selfTest && !hasFinishedSessions(st, ex.JobID):
+		j.log.Warn("job says self test but the platform is not in a trial boot", "image_state", img.String())
+		j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
+		return
+	}
+	if j.install(ctx, doc) {
+		key = stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
+	}
+}
+
+func hasFinishedSessions(st *otav1.DeviceState, jobID string) bool {
+	for _, s := range st.GetSessions() {
+		if s.GetJobId() == jobID && (s.GetState() == otav1.SessionState_SESSION_STATE_VERIFIED || s.GetState() == otav1.SessionState_SESSION_STATE_ACTIVATED) {
+			return true
+		}
+	}
+	return false
+}
+
+// install downloads, verifies and activates every file. It returns true when it left the job
+// waiting for a reboot (ready reported, reboot asked).
+func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
+	a := j.a
+	for _, f := range doc.Files {
+		proto, err := doc.Choose(f, a.cfg.PreferHTTP)
+		if err == nil && ((proto == jobdoc.ProtocolMQTT && a.stream == nil) || (proto == jobdoc.ProtocolHTTP && a.http == nil)) {
+			// The preferred protocol is not wired: try the other one.
+			proto, err = doc.Choose(f, proto == jobdoc.ProtocolMQTT)
+			if err == nil && ((proto == jobdoc.ProtocolMQTT && a.stream == nil) || (proto == jobdoc.ProtocolHTTP && a.http == nil)) {
+				err = status.Errorf(otav1.Reason_REASON_INVALID_PROTOCOL, "file %d: no downloader for %v", f.Index, doc.Protocols)
+			}
+		}
+		if err != nil {
+			j.fail(ctx, err, "")
+			return false
+		}
+		req := &otav1.BeginSessionRequest{
+			JobId: j.ex.JobID, FileIndex: uint32(f.Index), FileType: f.FileType, FilePath: f.Path,
+			FileSize: f.Size, BlockSize: uint32(a.cfg.BlockSize), SigAlgorithm: f.SigAlgorithm,
+			Signature: f.Signature, CertName: f.CertFile, Version: f.Version,
+		}
+		var sess Session
+		if err := a.call(ctx, "begin", func(ctx context.Context) (err error) { sess, err = a.writer.Begin(ctx, req); return err }); err != nil {
+			j.fail(ctx, err, "")
+			return false
+		}
+		j.sessions = append(j.sessions, sess)
+		info := sess.Info()
+		total := info.GetTotalBlocks()
+		have := total - uint64(popcount(sess.Missing()))
+		if s := info.GetState(); s == otav1.SessionState_SESSION_STATE_VERIFIED || s == otav1.SessionState_SESSION_STATE_ACTIVATED {
+			j.log.Info("file already verified", "file", f.Index)
+			continue
+		}
+		j.log.Info("receiving file", "file", f.Index, "protocol", proto, "size", f.Size, "block_size", sess.BlockSize(), "have", have, "total", total, "resumed", have > 0)
+		if err := j.report(ctx, func(ctx context.Context) error { return j.rep.Receiving(ctx, have, total) }); err != nil {
+			return false
+		}
+		j.started = true
+		if err := j.download(ctx, doc, f, proto, sess, have, total); err != nil {
+			j.fail(ctx, err, "")
+			return false
+		}
+		var fin *otav1.FinishSessionResponse
+		if err := a.call(ctx, "finish", func(ctx context.Context) (err error) { fin, err = sess.Finish(ctx); return err }); err != nil {
+			j.fail(ctx, err, "")
+			return false
+		}
+		j.log.Info("file verified", "file", f.Index, "sha256", fin.GetSha256())
+	}
+	if err := j.report(ctx, j.rep.Ready); err != nil {
+		return false
+	}
+	reboot := false
+	for _, sess := range j.sessions {
+		if sess.Info().GetState() == otav1.SessionState_SESSION_STATE_ACTIVATED {
+			reboot = true // activated before a restart; the reboot did not happen
+			continue
+		}
+		var resp *otav1.ActivateResponse
+		if err := a.call(ctx, "activate", func(ctx context.Context) (err error) { resp, err = a.writer.Activate(ctx, sess.ID()); return err }); err != nil {
+			j.fail(ctx, err, "")
+			return false
+		}
+		j.log.Info("activated", "target", resp.GetTarget(), "slot", resp.GetSlot(), "reboot_required", resp.GetRebootRequired())
+		reboot = reboot || resp.GetRebootRequired()
+	}
+	if !reboot {
+		// Plain-file targets are in place: no trial, no self test.
+		_ = j.report(ctx, j.rep.Succeeded)
+		return false
+	}
+	return j.reboot(ctx)
+}
+
+func (j *job) reboot(ctx context.Context) bool {
+	j.log.Info("rebooting into the new image")
+	if err := j.a.call(ctx, "reboot", j.a.writer.Reboot); err != nil {
+		j.fail(ctx, err, "")
+		return false
+	}
+	return true
+}
+
+// download fetches the missing blocks of f into sess.
+func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session, have, total uint64) error {
+	a := j.a
+	var sink Sink
+	if err := a.call(ctx, "open sink", func(ctx context.Context) (err error) { sink, err = sess.OpenSink(ctx); return err }); err != nil {
+		return err
+	}
+	defer sink.Close()
+	cs := &countingSink{Sink: sink, total: total, rep: j.rep}
+	cs.have.Store(have)
+	switch proto {
+	case jobdoc.ProtocolHTTP:
+		refresh := func(ctx context.Context) (string, error) {
+			ex, err := a.jobs.Describe(ctx, j.ex.JobID)
+			if err != nil {
+				return "", err
+			}
+			d, err := jobdoc.Parse(ex.JobDocument)
+			if err != nil {
+				return "", err
+			}
+			if f.Index >= len(d.Files) || d.Files[f.Index].UpdateDataURL == "" {
+				return "", status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "refreshed document has no URL for file %d", f.Index)
+			}
+			return d.Files[f.Index].UpdateDataURL, nil
+		}
+		st, err := a.http.Download(ctx, httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: sess.BlockSize()}, sess.Missing(), cs, refresh)
+		j.log.Debug("http download", "stats", fmt.Sprintf("%+v", st), "error", err)
+		return err
+	default:
+		st, err := a.stream.Download(ctx, stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: sess.BlockSize()}, sess.Missing(), cs)
+		j.log.Debug("stream download", "stats", fmt.Sprintf("%+v", st), "error", err)
+		return err
+	}
+}
+
+// countingSink reports progress as blocks reach the writer.
+type countingSink struct {
+	Sink
+	have  atomic.Uint64
+	total uint64
+	rep   *report.Reporter
+}
+
+func (c *countingSink) WriteBlock(ctx context.Context, i int, data []byte) error {
+	err := c.Sink.WriteBlock(ctx, i, data)
+	c.after(err)
+	return err
+}
+
+func (c *countingSink) Flush(ctx context.Context) error {
+	err := c.Sink.Flush(ctx)
+	if err != nil {
+		c.after(err)
+	}
+	return err
+}
+
+func (c *countingSink) after(err error) {
+	var m interface{ Missing() []byte }
+	switch {
+	case err == nil:
+		c.rep.Progress(min(c.have.Add(1), c.total), c.total)
+	case errors.As(err, &m):
+		// The writer came back and lost what was not durable: recount from its bitmap.
+		c.have.Store(c.total - uint64(popcount(m.Missing())))
+		c.rep.Progress(c.have.Load(), c.total)
+	}
+}
+
+func popcount(b []byte) int {
+	n := 0
+	for _, x := range b {
+		n += bits.OnesCount8(x)
+	}
+	return n
+}
+
+// selfTest runs in a trial boot of this job: active, self test, commit or reject.
+func (j *job) selfTest(ctx context.Context) {
+	a := j.a
+	if err := j.report(ctx, j.rep.Active); err != nil {
+		return
+	}
+	var res *otav1.SelfTestResponse
+	err := a.call(ctx, "self test", func(ctx context.Context) (err error) {
+		tctx, cancel := context.WithTimeout(ctx, a.cfg.SelfTestTimeout)
+		defer cancel()
+		res, err = a.writer.SelfTest(tctx, j.ex.JobID)
+		if err != nil && tctx.Err() == context.DeadlineExceeded && ctx.Err() == nil {
+			return status.Errorf(otav1.Reason_REASON_SELF_TEST_TIMEOUT, "self test: no answer within %v", a.cfg.SelfTestTimeout)
+		}
+		return err
+	})
+	if err != nil && ctx.Err() != nil {
+		return
+	}
+	var reason otav1.Reason
+	switch {
+	case err != nil:
+		reason = status.ReasonOf(err)
+		if reason == otav1.Reason_REASON_WRITER_UNAVAILABLE || reason == otav1.Reason_REASON_OTHER {
+			reason = otav1.Reason_REASON_SELF_TEST_FAILED
+		}
+		if status.ReasonOf(err) == otav1.Reason_REASON_SELF_TEST_TIMEOUT {
+			reason = otav1.Reason_REASON_SELF_TEST_TIMEOUT
+		}
+	case !res.GetPassed():
+		reason = res.GetReason()
+		if reason != otav1.Reason_REASON_SELF_TEST_TIMEOUT && reason != otav1.Reason_REASON_VERSION_CHECK && reason != otav1.Reason_REASON_SELF_TEST_VERSION_CHECK {
+			reason = otav1.Reason_REASON_SELF_TEST_FAILED
+		}
+		for _, c := range res.GetChecks() {
+			j.log.Warn("self test check", "name", c.GetName(), "passed", c.GetPassed(), "detail", c.GetDetail())
+		}
+	}
+	if reason != otav1.Reason_REASON_UNSPECIFIED {
+		j.log.Warn("self test failed: rolling back", "reason", status.String(reason))
+		j.rejectTrial(ctx, reason)
+		return
+	}
+	var cr *otav1.CommitResponse
+	if err := a.call(ctx, "commit", func(ctx context.Context) (err error) { cr, err = a.writer.Commit(ctx, j.ex.JobID); return err }); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		j.log.Error("commit failed: rolling back", "error", err)
+		reason := status.ReasonOf(err)
+		if reason == otav1.Reason_REASON_OTHER {
+			reason = otav1.Reason_REASON_COMMIT_FAILED
+		}
+		j.rejectTrial(ctx, reason)
+		return
+	}
+	j.log.Info("new image committed", "version", cr.GetCommitted().GetVersion())
+	_ = j.report(ctx, j.rep.Succeeded)
+}
+
+// rejectTrial rolls the trial back, reports FAILED rejected with reason, and reboots if the
+// rollback needs it.
+func (j *job) rejectTrial(ctx context.Context, reason otav1.Reason) {
+	a := j.a
+	var rr *otav1.RejectResponse
+	if err := a.call(ctx, "reject", func(ctx context.Context) (err error) { rr, err = a.writer.Reject(ctx, j.ex.JobID, reason); return err }); err != nil {
+		if ctx.Err() != nil {
+			return
+		}
+		j.log.Error("reject failed", "error", err)
+	}
+	if err := j.report(ctx, func(ctx context.Context) error { return j.rep.Failed(ctx, reason, status.SelfTestRejected) }); err != nil {
+		return
+	}
+	if rr.GetRebootRequired() {
+		j.log.Info("rebooting into the previous image")
+		if err := a.call(ctx, "reboot", a.writer.Reboot); err != nil {
+			j.log.Error("reboot after reject failed", "error", err)
+		}
+	}
+}
+
+// report sends one update with the job's context; a terminal job or a shutdown stops the job.
+func (j *job) report(ctx context.Context, f func(context.Context) error) error {
+	err := f(ctx)
+	var te *jobs.TerminalError
+	if errors.As(err, &te) {
+		j.log.Info("job is terminal", "status", te.Status)
+		j.abortSessions(otav1.Reason_REASON_USER_ABORT)
+	}
+	return err
+}
+
+// fail ends the job after err: on a shutdown nothing happens; on cancel/replace the sessions
+// are aborted (user_abort or newer_job); otherwise sessions are aborted and the job reported
+// FAILED (REJECTED if it never started) with err's typed reason.
+func (j *job) fail(ctx context.Context, err error, selfTest string) {
+	cause := context.Cause(ctx)
+	if ctx.Err() != nil && errors.Is(cause, errShutdown) {
+		j.log.Info("stopped for shutdown; the job resumes at the next start")
+		return
+	}
+	var g *gone
+	if ctx.Err() != nil && errors.As(cause, &g) {
+		j.canceled(g)
+		return
+	}
+	reason := status.ReasonOf(err)
+	if reason == otav1.Reason_REASON_UNSPECIFIED {
+		reason = otav1.Reason_REASON_OTHER
+	}
+	if j.terminal.Load() {
+		reason = otav1.Reason_REASON_USER_ABORT
+	}
+	j.log.Warn("job failed", "reason", status.String(reason), "error", err)
+	j.abortSessions(reason)
+	if j.terminal.Load() {
+		return
+	}
+	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalTimeout)
+	defer cancel()
+	if !j.started && j.ex.Status == jobs.StatusQueued {
+		_ = j.rep.Rejected(fctx, reason)
+		return
+	}
+	_ = j.rep.Failed(fctx, reason, selfTest)
+}
+
+// canceled handles a job that stopped being the next one: canceled or removed in the cloud
+// (user_abort, nothing to report), or replaced by a newer job while still open (newer_job,
+// reported FAILED).
+func (j *job) canceled(g *gone) {
+	ctx, cancel := context.WithTimeout(context.Background(), finalTimeout)
+	defer cancel()
+	reason := otav1.Reason_REASON_USER_ABORT
+	ex, err := j.a.jobs.Describe(ctx, j.ex.JobID)
+	open := err == nil && !jobs.Terminal(ex.Status)
+	if open && g.next != nil {
+		reason = otav1.Reason_REASON_NEWER_JOB
+	}
+	j.log.Info("job canceled", "reason", status.String(reason), "next", nextID(g.next))
+	j.abortSessions(reason)
+	if open {
+		_ = j.rep.Failed(ctx, reason, "")
+	}
+}
+
+func (j *job) abortSessions(reason otav1.Reason) {
+	ctx, cancel := context.WithTimeout(context.Background(), finalTimeout)
+	defer cancel()
+	for _, s := range j.sessions {
+		if s.Info().GetState() == otav1.SessionState_SESSION_STATE_ACTIVATED {
+			continue
+		}
+		if err := s.Abort(ctx, reason); err != nil {
+			j.log.Warn("abort session failed", "session", s.ID(), "error", err)
+		}
+	}
+	j.sessions = nil
+}
+
+// call runs a writer call, waiting (with backoff) while the writer is unreachable, up to
+// WriterWait; then the error is writer_unavailable.
+func (a *Agent) call(ctx context.Context, what string, f func(context.Context) error) error {
+	var since time.Time
+	backoff := 100 * time.Millisecond
+	for {
+		err := f(ctx)
+		if err == nil || ctx.Err() != nil || status.ReasonOf(err) != otav1.Reason_REASON_WRITER_UNAVAILABLE {
+			return err
+		}
+		if since.IsZero() {
+			since = time.Now()
+		}
+		if time.Since(since) >= a.cfg.WriterWait {
+			return status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "%s: writer unreachable for %v: %w", what, a.cfg.WriterWait, err)
+		}
+		a.log.Warn("writer unreachable; waiting", "call", what, "error", err)
+		t := time.NewTimer(min(backoff, a.cfg.WriterWait-time.Since(since)+time.Millisecond))
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return err
+		case <-t.C:
+		}
+		backoff = min(2*backoff, 5*time.Second)
+	}
+}
+
+// checkForeignTrial handles a trial boot whose job is not in self test any more (canceled,
+// removed, or never reported ready): the platform must not stay on an unconfirmed image, so
+// it is rejected (state_mismatch) and rolled back.
+func (a *Agent) checkForeignTrial(ctx context.Context) {
+	var st *otav1.DeviceState
+	if err := a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = a.writer.State(ctx); return err }); err != nil {
+		a.log.Warn("writer state unavailable at start", "error", err)
+		return
+	}
+	if st.GetImageState() != otav1.ImageState_IMAGE_STATE_TRIAL {
+		return
+	}
+	jobID := st.GetLastUpdate().GetJobId()
+	ex, err := a.jobs.Describe(ctx, jobID)
+	var te *jobs.TerminalError
+	switch {
+	case err == nil && ex.Status == jobs.StatusInProgress:
+		return // runJob decides when the job is announced (self test, or state_mismatch)
+	case err != nil && !errors.As(err, &te) && !errors.Is(err, jobs.ErrNotFound):
+		a.log.Warn("cannot describe the trial's job; deciding when it is announced", "job_id", jobID, "error", err)
+		return
+	}
+	a.log.Warn("trial boot for a job that is gone: rolling back", "job_id", jobID)
+	rr, err := a.writer.Reject(ctx, jobID, otav1.Reason_REASON_STATE_MISMATCH)
+	if err != nil {
+		a.log.Error("reject failed", "error", err)
+		return
+	}
+	a.markHandled(jobID, "*")
+	if rr.GetRebootRequired() {
+		if err := a.writer.Reboot(ctx); err != nil {
+			a.log.Error("reboot after reject failed", "error", err)
+		}
+	}
+}

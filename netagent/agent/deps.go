@@ -1,0 +1,84 @@
+package agent
+
+import (
+	"context"
+
+	"github.com/gwota/gwota/netagent/httpdl"
+	"github.com/gwota/gwota/netagent/jobs"
+	"github.com/gwota/gwota/netagent/stream"
+	"github.com/gwota/gwota/netagent/writerlink"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+)
+
+// Jobs is the AWS IoT Jobs client as the agent uses it (jobs.Client provides it).
+type Jobs interface {
+	Start(ctx context.Context) error
+	Next() <-chan *jobs.Execution
+	Describe(ctx context.Context, jobID string) (*jobs.Execution, error)
+	Update(ctx context.Context, jobID string, u jobs.Update) (*jobs.ExecutionState, error)
+}
+
+// Writer is the writer link as the agent drives it. Errors carry the writer's typed reason
+// (status.ReasonOf); an unreachable writer reads as REASON_WRITER_UNAVAILABLE.
+type Writer interface {
+	State(ctx context.Context) (*otav1.DeviceState, error)
+	Begin(ctx context.Context, req *otav1.BeginSessionRequest) (Session, error)
+	Activate(ctx context.Context, sessionID string) (*otav1.ActivateResponse, error)
+	Reboot(ctx context.Context) error
+	SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error)
+	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
+	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
+	Extensions(ctx context.Context) (map[string]string, error)
+}
+
+// Session is one writer session (one file of a job).
+type Session interface {
+	ID() string
+	BlockSize() int
+	// Missing is the bitmap of blocks the writer does not hold durably.
+	Missing() []byte
+	Info() *otav1.SessionInfo
+	OpenSink(ctx context.Context) (Sink, error)
+	Finish(ctx context.Context) (*otav1.FinishSessionResponse, error)
+	Abort(ctx context.Context, reason otav1.Reason) error
+}
+
+// Sink takes a session's blocks (see stream.Sink for the contract).
+type Sink interface {
+	WriteBlock(ctx context.Context, i int, data []byte) error
+	Flush(ctx context.Context) error
+	Close()
+}
+
+// StreamDownloader downloads over MQTT streams (stream.Downloader provides it).
+type StreamDownloader interface {
+	Download(ctx context.Context, f stream.File, missing []byte, sink stream.Sink) (stream.Stats, error)
+}
+
+// HTTPDownloader downloads from presigned URLs (httpdl.Downloader provides it).
+type HTTPDownloader interface {
+	Download(ctx context.Context, f httpdl.File, missing []byte, sink httpdl.Sink, refresh httpdl.RefreshFunc) (httpdl.Stats, error)
+}
+
+// LinkWriter adapts a writerlink.Link to Writer.
+func LinkWriter(l *writerlink.Link) Writer { return linkWriter{l} }
+
+type linkWriter struct{ *writerlink.Link }
+
+func (w linkWriter) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (Session, error) {
+	s, err := w.Link.Begin(ctx, req)
+	if err != nil {
+		return nil, err
+	}
+	return linkSession{s}, nil
+}
+
+type linkSession struct{ *writerlink.Session }
+
+func (s linkSession) OpenSink(ctx context.Context) (Sink, error) {
+	k, err := s.Session.Sink(ctx)
+	if err != nil {
+		return nil, err
+	}
+	return k, nil
+}

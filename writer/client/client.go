@@ -27,6 +27,10 @@ import (
 // ServiceName is the writer's service name on the health service.
 const ServiceName = "ota.v1.Writer"
 
+// MaxResponseSize is what the client accepts from the writer (the writer is trusted; its
+// session bitmaps can be megabytes with small blocks).
+const MaxResponseSize = 64 << 20
+
 // DefaultMaxMessageSize is used until Handshake reports the writer's limit: large enough for
 // a 1 MiB block with framing.
 const DefaultMaxMessageSize = 1<<20 + 16<<10
@@ -35,7 +39,8 @@ const DefaultMaxMessageSize = 1<<20 + 16<<10
 type Options struct {
 	// Name is sent in the handshake for the writer's logs ("ota-net 1.2.0").
 	Name string
-	// MaxMessageSize bounds what the client sends and receives; DefaultMaxMessageSize when 0.
+	// MaxMessageSize bounds what the client sends until the handshake tells the writer's
+	// limit; DefaultMaxMessageSize when 0.
 	MaxMessageSize int
 }
 
@@ -61,7 +66,7 @@ func Dial(ctx context.Context, socketPath string, opts Options) (*Client, error)
 	}
 	cc, err := grpc.NewClient("unix://"+socketPath,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(maxMsg), grpc.MaxCallSendMsgSize(maxMsg)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxResponseSize), grpc.MaxCallSendMsgSize(maxMsg)),
 		// A local socket: reconnect fast after a writer restart instead of grpc's 1 s base.
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second}, MinConnectTimeout: 5 * time.Second}),
 	)

@@ -13,6 +13,9 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/server"
+
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
@@ -36,7 +39,7 @@ func BenchmarkBlockPathEngine(b *testing.B) {
 	}
 }
 
-func newBenchEngine(b *testing.B, maxBlock uint32) *engine.Engine {
+func newBenchEngine(b testing.TB, maxBlock uint32) *engine.Engine {
 	dir := b.TempDir()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	der, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
@@ -69,4 +72,27 @@ slots = [%q, %q]
 	}
 	b.Cleanup(func() { e.Close() })
 	return e
+}
+
+// A session with small blocks has a missing-block bitmap far larger than the block message
+// limit; BeginSession and GetState must still reach the client.
+func TestLargeBitmapOverSocket(t *testing.T) {
+	r := start(t, newBenchEngine(t, 4096), server.Options{}, server.ListenConfig{})
+	c := dial(t, r.sock)
+	const size, bs = 64 << 20, 256
+	res, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "big", FilePath: "mem", FileSize: size, BlockSize: bs,
+		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, limit := len(res.GetSession().GetMissing()), server.MaxMessageSize(4096); got != size/bs/8 || got <= limit {
+		t.Fatalf("bitmap of %d bytes, want %d (above the %d-byte request limit)", got, size/bs/8, limit)
+	}
+	st, err := c.State(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(st.GetSessions()) != 1 || len(st.GetSessions()[0].GetMissing()) != size/bs/8 {
+		t.Errorf("GetState sessions: %d", len(st.GetSessions()))
+	}
 }

@@ -30,6 +30,9 @@ const (
 	perMessageOverhead  = 1024
 )
 
+// MaxResponseSize bounds the writer's responses; clients accept this much.
+const MaxResponseSize = 64 << 20
+
 // MaxMessageSize is the largest gRPC message the writer receives for a given block size.
 func MaxMessageSize(maxBlock uint32) int {
 	return int(maxBlock) + perMessageOverhead + perBlockOverhead*MaxBlocksPerMessage
@@ -66,8 +69,9 @@ func New(core Core, opts Options) *Server {
 	s.grpc = grpc.NewServer(
 		grpc.Creds(PeerCredentials()),
 		grpc.MaxRecvMsgSize(s.maxMsg),
-		// Responses are small except GetState (bitmaps); keep them bounded too.
-		grpc.MaxSendMsgSize(s.maxMsg),
+		// Responses carry missing-block bitmaps (up to 8 MiB per session with small blocks):
+		// they are bounded by the writer's own state, not by the block size.
+		grpc.MaxSendMsgSize(MaxResponseSize),
 		// Errors become statuses outermost, so the authorizer's typed refusal is converted too.
 		grpc.ChainUnaryInterceptor(s.unaryErrors, auth.unary),
 		grpc.ChainStreamInterceptor(s.streamErrors, auth.stream),

@@ -26,6 +26,9 @@ func (s *service) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*
 	if err != nil {
 		return nil, err
 	}
+	if resp == nil {
+		resp = &otav1.HandshakeResponse{}
+	}
 	// The transport limit is the adapter's business, not the core's.
 	resp.MaxMessageSize = uint32(s.maxMsg)
 	s.log.Debug("handshake", "client", req.GetClient(), "protocol", req.GetProtocolVersion())

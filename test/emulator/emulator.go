@@ -70,7 +70,9 @@ type Emulator struct {
 	httpBase string
 	urlKey   []byte
 
-	reqs    chan message
+	qMu     sync.Mutex
+	queue   []message     // requests waiting for the worker, unbounded (see enqueue)
+	qSignal chan struct{} // capacity 1: "the queue is not empty"
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	closing sync.Once
@@ -121,7 +123,7 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 		opts:     opts,
 		log:      opts.Logger,
 		thing:    opts.Thing,
-		reqs:     make(chan message, 1024),
+		qSignal:  make(chan struct{}, 1),
 		stop:     make(chan struct{}),
 		jobs:     map[string]*job{},
 		things:   map[string][]*execution{},
@@ -172,11 +174,16 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 }
 
 // enqueue hands a request to the worker; requests are handled one at a time, in arrival
-// order, which keeps job versions and seeded faults deterministic.
+// order, which keeps job versions and seeded faults deterministic. It never blocks: on an
+// external broker it runs in the MQTT client's receive path, and blocking there would stop
+// the PUBACKs the worker's own publishes wait for.
 func (e *Emulator) enqueue(m message) {
+	e.qMu.Lock()
+	e.queue = append(e.queue, m)
+	e.qMu.Unlock()
 	select {
-	case e.reqs <- m:
-	case <-e.stop:
+	case e.qSignal <- struct{}{}:
+	default:
 	}
 }
 
@@ -184,10 +191,26 @@ func (e *Emulator) worker() {
 	defer e.wg.Done()
 	for {
 		select {
-		case m := <-e.reqs:
-			e.handle(m)
+		case <-e.qSignal:
 		case <-e.stop:
 			return
+		}
+		for {
+			e.qMu.Lock()
+			if len(e.queue) == 0 {
+				e.qMu.Unlock()
+				break
+			}
+			m := e.queue[0]
+			e.queue[0] = message{}
+			e.queue = e.queue[1:]
+			e.qMu.Unlock()
+			select {
+			case <-e.stop:
+				return
+			default:
+			}
+			e.handle(m)
 		}
 	}
 }

@@ -687,13 +687,17 @@ func (b *Backend) WaitStatus(ctx context.Context, jobID string, statuses ...stri
 		case isNotFound(err):
 			// Not created yet, or deleted: keep waiting until ctx says otherwise.
 		default:
-			return last, err
+			return last, b.waitErr(jobID, statuses, last, err)
 		}
 		if err := bo.wait(ctx); err != nil {
-			return last, fmt.Errorf("awsbackend: waiting for %s on %s to reach %v (last %s %v): %w",
-				jobID, b.opts.Thing, statuses, last.Status, last.StatusDetails, err)
+			return last, b.waitErr(jobID, statuses, last, err)
 		}
 	}
+}
+
+func (b *Backend) waitErr(jobID string, statuses []string, last backend.Execution, err error) error {
+	return fmt.Errorf("awsbackend: waiting for %s on %s to reach %v (last %q %v): %w",
+		jobID, b.opts.Thing, statuses, last.Status, last.StatusDetails, err)
 }
 
 // Updates returns the distinct device-set (status, statusDetails) observed by Describe and

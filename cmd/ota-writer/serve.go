@@ -34,16 +34,18 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 		return usageError{err}
 	}
 	log := newLogger(cfg, stderr)
-	eng, err := newEngine(ctx, cfg, log, true)
-	if err != nil {
-		return err
-	}
-	defer eng.Close()
-
+	// The socket first: a second writer started by mistake stops here, before the file
+	// backend's simulated boot would count a boot that did not happen.
 	ln, err := listen(cfg, log)
 	if err != nil {
 		return usageError{err}
 	}
+	eng, err := newEngine(ctx, cfg, log, true)
+	if err != nil {
+		ln.Close()
+		return err
+	}
+	defer eng.Close()
 	uids := make([]uint32, 0, len(cfg.PeerUIDs))
 	for _, u := range cfg.PeerUIDs {
 		uids = append(uids, uint32(u))

@@ -207,3 +207,28 @@ func TestServeSocketActivation(t *testing.T) {
 		t.Errorf("writer did not use the passed socket:\n%s", logs.String())
 	}
 }
+
+// A second writer on the same configuration stops at the socket, before its simulated boot
+// could count a boot that did not happen.
+func TestSecondWriterRefused(t *testing.T) {
+	b := newBench(t, "")
+	b.serve(t)
+	dialWriter(t, b.sock)
+	bootFile := b.dir + "/state/" + bootStateFile
+	before, err := os.ReadFile(bootFile)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, errOut, code := runCLI(t, "serve", "--config", b.cfg)
+	if code != exitUsage || !strings.Contains(errOut, "another writer is serving") {
+		t.Fatalf("second serve: exit %d, want %d\n%s", code, exitUsage, errOut)
+	}
+	after, _ := os.ReadFile(bootFile)
+	if !bytes.Equal(before, after) {
+		t.Errorf("boot state changed by the refused writer:\n%s\n%s", before, after)
+	}
+	// The first writer still serves.
+	if _, err := dialWriter(t, b.sock).State(t.Context()); err != nil {
+		t.Error(err)
+	}
+}

@@ -8,9 +8,11 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"net"
 	"os"
 	"slices"
 	"strings"
+	"syscall"
 	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
@@ -81,6 +83,14 @@ func dialRunning(ctx context.Context, sock string) (*client.Client, error) {
 	fi, err := os.Stat(sock)
 	if errors.Is(err, fs.ErrNotExist) || (err == nil && fi.Mode().Type() != fs.ModeSocket) {
 		return nil, status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "no writer socket at %s", sock)
+	}
+	// A socket left by a dead writer refuses connections: answer at once, not after a wait.
+	if conn, err := net.DialTimeout("unix", sock, time.Second); err != nil {
+		if errors.Is(err, syscall.ECONNREFUSED) {
+			return nil, status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "no writer serving on %s: %w", sock, err)
+		}
+	} else {
+		conn.Close()
 	}
 	c, err := client.Dial(ctx, sock, client.Options{Name: "ota-writer cli"})
 	if err != nil {

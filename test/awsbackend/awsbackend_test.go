@@ -238,10 +238,7 @@ func TestNewCancelsStaleExecutions(t *testing.T) {
 func TestAssumeRole(t *testing.T) {
 	s := newStandIn(t)
 	const role = "arn:aws:iam::123456789012:role/gwota-e2e-runner"
-	b := newTestBackend(t, s, func(o *Options) { o.AssumeRoleARN = role })
-	if _, err := b.iot.DescribeThing(t.Context(), nil); err == nil {
-		t.Log("") // only to keep the client busy; the checks below use New's own requests
-	}
+	newTestBackend(t, s, func(o *Options) { o.AssumeRoleARN = role })
 	s.mu.Lock()
 	form := s.assumeRq
 	s.mu.Unlock()

@@ -1,6 +1,9 @@
 package awsbackend
 
 import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -20,18 +23,19 @@ type standIn struct {
 	t   *testing.T
 	srv *httptest.Server
 
-	mu       sync.Mutex
-	reqs     []recorded
-	objects  map[string][]byte // "bucket/key"
-	streams  map[string]bool
-	jobs     map[string]json.RawMessage // job id -> CreateJob body
-	stale    map[string][]staleExec     // status -> executions listed on pages of 1
-	pending  map[string]int             // job id -> DescribeJobExecution 404s still to give
-	scripts  map[string][]execState     // job id -> states, one per DescribeJobExecution
-	failOps  map[string]int             // "METHOD /path" -> HTTP status to answer with
-	onDesc   func(n int)                // called after each DescribeJobExecution, n from 1
-	nDesc    int
-	assumeRq url.Values
+	mu         sync.Mutex
+	reqs       []recorded
+	objects    map[string][]byte // "bucket/key" -> body (nil when too large to record)
+	objectSums map[string]string // "bucket/key" -> hex SHA-256 of the body
+	streams    map[string]bool
+	jobs       map[string]json.RawMessage // job id -> CreateJob body
+	stale      map[string][]staleExec     // status -> executions listed on pages of 1
+	pending    map[string]int             // job id -> DescribeJobExecution 404s still to give
+	scripts    map[string][]execState     // job id -> states, one per DescribeJobExecution
+	failOps    map[string]int             // "METHOD /path" -> HTTP status to answer with
+	onDesc     func(n int)                // called after each DescribeJobExecution, n from 1
+	nDesc      int
+	assumeRq   url.Values
 }
 
 type recorded struct {
@@ -50,6 +54,9 @@ type execState struct {
 	At      time.Time
 }
 
+// maxRecordedBody is the largest request body the stand-in keeps.
+const maxRecordedBody = 1 << 20
+
 const (
 	testRegion   = "eu-west-1"
 	testThing    = "gw-test-1"
@@ -62,14 +69,15 @@ const (
 
 func newStandIn(t *testing.T) *standIn {
 	s := &standIn{
-		t:       t,
-		objects: map[string][]byte{},
-		streams: map[string]bool{},
-		jobs:    map[string]json.RawMessage{},
-		stale:   map[string][]staleExec{},
-		pending: map[string]int{},
-		scripts: map[string][]execState{},
-		failOps: map[string]int{},
+		t:          t,
+		objects:    map[string][]byte{},
+		objectSums: map[string]string{},
+		streams:    map[string]bool{},
+		jobs:       map[string]json.RawMessage{},
+		stale:      map[string][]staleExec{},
+		pending:    map[string]int{},
+		scripts:    map[string][]execState{},
+		failOps:    map[string]int{},
 	}
 	mux := http.NewServeMux()
 	// IoT control plane, REST paths as the SDK's serializers build them.
@@ -89,11 +97,16 @@ func newStandIn(t *testing.T) *standIn {
 	// STS query protocol.
 	mux.HandleFunc("POST /{$}", s.sts)
 	s.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		body, err := io.ReadAll(r.Body)
-		if err != nil {
-			t.Errorf("stand-in: read body: %v", err)
+		// Small bodies are recorded; large uploads stream through to the handler, so a test
+		// can check that nothing on the client side buffers a whole image.
+		var body []byte
+		if r.ContentLength <= maxRecordedBody {
+			var err error
+			if body, err = io.ReadAll(r.Body); err != nil {
+				t.Errorf("stand-in: read body: %v", err)
+			}
+			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
-		r.Body = io.NopCloser(strings.NewReader(string(body)))
 		presigned := r.URL.Query().Get("X-Amz-Signature") != ""
 		if !presigned && !strings.HasPrefix(r.Header.Get("Authorization"), "AWS4-HMAC-SHA256 Credential=") {
 			t.Errorf("stand-in: %s %s not SigV4-signed: Authorization %q", r.Method, r.URL.Path, r.Header.Get("Authorization"))
@@ -180,7 +193,7 @@ func (s *standIn) listExecutionsForThing(w http.ResponseWriter, r *http.Request)
 	out := map[string]any{"executionSummaries": []any{}}
 	if i < len(list) {
 		out["executionSummaries"] = []any{map[string]any{
-			"jobId": list[i].JobID,
+			"jobId":               list[i].JobID,
 			"jobExecutionSummary": map[string]any{"status": st, "executionNumber": 1},
 		}}
 	}
@@ -279,9 +292,26 @@ func (s *standIn) deleteJob(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *standIn) putObject(w http.ResponseWriter, r *http.Request) {
-	body, _ := io.ReadAll(r.Body)
+	h := sha256.New()
+	var body bytes.Buffer
+	out := io.Writer(h)
+	if r.ContentLength <= maxRecordedBody {
+		out = io.MultiWriter(h, &body)
+	}
+	n, err := io.Copy(out, r.Body)
+	if err != nil {
+		s.t.Errorf("stand-in: S3 PUT body: %v", err)
+	}
+	if n != r.ContentLength {
+		s.t.Errorf("stand-in: S3 PUT body %d bytes, Content-Length %d", n, r.ContentLength)
+	}
+	if got, want := hex.EncodeToString(h.Sum(nil)), r.Header.Get("X-Amz-Content-Sha256"); got != want && want != "UNSIGNED-PAYLOAD" {
+		s.t.Errorf("stand-in: S3 PUT body SHA-256 %s, X-Amz-Content-Sha256 %s", got, want)
+	}
+	id := r.PathValue("bucket") + "/" + r.PathValue("key")
 	s.mu.Lock()
-	s.objects[r.PathValue("bucket")+"/"+r.PathValue("key")] = body
+	s.objects[id] = body.Bytes()
+	s.objectSums[id] = hex.EncodeToString(h.Sum(nil))
 	s.mu.Unlock()
 	w.Header().Set("ETag", `"etag"`)
 	w.Header().Set("x-amz-version-id", "v1")
@@ -302,6 +332,7 @@ func (s *standIn) getObject(w http.ResponseWriter, r *http.Request) {
 func (s *standIn) deleteObject(w http.ResponseWriter, r *http.Request) {
 	s.mu.Lock()
 	delete(s.objects, r.PathValue("bucket")+"/"+r.PathValue("key"))
+	delete(s.objectSums, r.PathValue("bucket")+"/"+r.PathValue("key"))
 	s.mu.Unlock()
 	w.WriteHeader(http.StatusNoContent)
 }

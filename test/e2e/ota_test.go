@@ -82,7 +82,11 @@ func TestSelfTestFailure(t *testing.T) {
 		e.createJob("selftest", e.signer.File(img))
 		e.waitEnd("selftest")
 		checkSteps(t, e.cloud, "selftest", []harness.Step{receiving, ready, active, failed("rejected", "self_test_failed", "3005")})
-		// The rollback: slot a runs committed again, unchanged.
+		// The rollback: the writer rejects the trial and reboots; slot a runs committed again,
+		// unchanged.
+		if err := e.dev.WaitReboots(e.ctx, 2); err != nil {
+			t.Fatal(err)
+		}
 		st, err := e.dev.State(e.ctx)
 		if err != nil {
 			t.Fatal(err)
@@ -122,7 +126,8 @@ func TestCancelMidDownload(t *testing.T) {
 		if ex.Status != backend.StatusCanceled {
 			t.Fatalf("status %s, want CANCELED", ex.Status)
 		}
-		checkSteps(t, e.cloud, "cancel", []harness.Step{receiving, {Status: backend.StatusCanceled}})
+		// The service keeps the last statusDetails on a cancel, as AWS does.
+		checkSteps(t, e.cloud, "cancel", []harness.Step{receiving, {Status: backend.StatusCanceled, SelfTest: "receiving"}})
 
 		// The device is free for the next job.
 		img2 := e.image("v3.img", smallImage, 6)

@@ -87,16 +87,18 @@ type Device struct {
 	ownDir bool
 	fifo   *os.File
 
-	mu      sync.Mutex
-	writer  *Proc
-	net     *Proc
-	reboots int
-	failed  chan struct{} // closed on the first unexpected failure
-	failErr error
-	closed  bool
-	wg      sync.WaitGroup
-	rebootQ chan struct{}
-	stop    chan struct{}
+	mu         sync.Mutex
+	writer     *Proc
+	net        *Proc
+	reboots    int
+	rebootDone int           // reboots completed (both processes started again)
+	rebootCh   chan struct{} // closed and replaced when a reboot completes
+	failed     chan struct{} // closed on the first unexpected failure
+	failErr    error
+	closed     bool
+	wg         sync.WaitGroup
+	rebootQ    chan struct{}
+	stop       chan struct{}
 }
 
 // NewDevice lays out a device: directories, slot files, trust store, both configurations,
@@ -114,7 +116,7 @@ func NewDevice(bin *Binaries, opts DeviceOptions) (*Device, error) {
 	if opts.LogLevel == "" {
 		opts.LogLevel = "debug"
 	}
-	d := &Device{Bin: bin, Opts: opts, Dir: opts.Dir, failed: make(chan struct{}), rebootQ: make(chan struct{}, 16), stop: make(chan struct{})}
+	d := &Device{Bin: bin, Opts: opts, Dir: opts.Dir, failed: make(chan struct{}), rebootCh: make(chan struct{}), rebootQ: make(chan struct{}, 16), stop: make(chan struct{})}
 	if d.Dir == "" {
 		dir, err := os.MkdirTemp("", "gw")
 		if err != nil {
@@ -400,6 +402,12 @@ func (d *Device) rebootLoop() {
 		cancel()
 		if err != nil {
 			d.fail(fmt.Errorf("simulated reboot %d: %w", n, err))
+		} else {
+			d.mu.Lock()
+			d.rebootDone++
+			close(d.rebootCh)
+			d.rebootCh = make(chan struct{})
+			d.mu.Unlock()
 		}
 		if d.Opts.OnReboot != nil {
 			d.Opts.OnReboot(n, true, err)
@@ -433,6 +441,26 @@ func (d *Device) Reboot(ctx context.Context) error {
 		return nil
 	}
 	return d.StartNet(ctx)
+}
+
+// WaitReboots waits until n reboots requested by the writer have completed (both processes
+// running again).
+func (d *Device) WaitReboots(ctx context.Context, n int) error {
+	for {
+		d.mu.Lock()
+		done, ch := d.rebootDone, d.rebootCh
+		d.mu.Unlock()
+		if done >= n {
+			return nil
+		}
+		select {
+		case <-ch:
+		case <-d.failed:
+			return d.Err()
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for reboot %d (%d done): %w", n, done, context.Cause(ctx))
+		}
+	}
 }
 
 // Reboots counts the simulated reboots so far.

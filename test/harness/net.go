@@ -16,18 +16,21 @@ type netTOML struct {
 	WriterSocket string `toml:"writer_socket"`
 	StateDir     string `toml:"state_dir"`
 	LogLevel     string `toml:"log_level"`
+	// ReportInterval rate-limits progress updates; short, so tests see progress mid-download.
+	ReportInterval string `toml:"report_interval"`
 }
 
 func (d *Device) netConfig() ([]byte, error) {
 	n := netTOML{
-		BrokerURL:    d.Opts.BrokerURL,
-		ThingName:    d.Opts.Thing,
-		CAFile:       d.Opts.CAFile,
-		CertFile:     d.Opts.CertFile,
-		KeyFile:      d.Opts.KeyFile,
-		WriterSocket: d.Socket,
-		StateDir:     d.NetState,
-		LogLevel:     d.Opts.LogLevel,
+		BrokerURL:      d.Opts.BrokerURL,
+		ThingName:      d.Opts.Thing,
+		CAFile:         d.Opts.CAFile,
+		CertFile:       d.Opts.CertFile,
+		KeyFile:        d.Opts.KeyFile,
+		WriterSocket:   d.Socket,
+		StateDir:       d.NetState,
+		LogLevel:       d.Opts.LogLevel,
+		ReportInterval: "100ms",
 	}
 	var buf bytes.Buffer
 	if err := toml.NewEncoder(&buf).Encode(n); err != nil {

@@ -9,6 +9,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -30,7 +31,7 @@ import (
 
 func main() {
 	corrupt := flag.Bool("corrupt", false, "deliver an image altered after it was signed (the signature covers the good image)")
-	size := flag.Int64("size", 1<<20, "image size in bytes")
+	size := flag.Int64("size", 4<<20, "image size in bytes")
 	protocol := flag.String("protocol", backend.ProtocolMQTT, "download protocol: MQTT (stream) or HTTP (presigned URL)")
 	keep := flag.Bool("keep", false, "keep the device directory (configs, slots, logs) and print its path")
 	verbose := flag.Bool("v", false, "also print both processes' logs")
@@ -143,13 +144,10 @@ func run(ctx context.Context, w io.Writer, o opts) (err error) {
 		}
 		file.LocalPath, file.SigningKeyPEM, file.Signature = bad, nil, sig
 	}
-	before, err := slotHashes(dev)
+	imgHash, err := harness.FileSHA256(file.LocalPath)
 	if err != nil {
 		return err
 	}
-	bootBefore, _ := dev.BootState()
-	imgHash, _ := harness.FileSHA256(file.LocalPath)
-	out.line("device: slot a (running) %s, slot b (inactive) %s", short(before["a"]), short(before["b"]))
 
 	dctx, dcancel := dev.Context(ctx)
 	defer dcancel()
@@ -157,6 +155,16 @@ func run(ctx context.Context, w io.Writer, o opts) (err error) {
 		return err
 	}
 	out.line("ota-writer (pid %d) serving %s; ota-net (pid %d) connecting", dev.Writer().Pid, dev.Socket, dev.Net().Pid)
+	// The writer created the boot state at its start.
+	before, err := slotHashes(dev)
+	if err != nil {
+		return err
+	}
+	bootBefore, err := bootState(dev)
+	if err != nil {
+		return err
+	}
+	out.line("device: slot a (running) sha256 %s, slot b (inactive) sha256 %s; boot %s", short(before["a"]), short(before["b"]), bootBefore)
 
 	cloud.Rec.OnEvent(func(ev emulator.UpdateEvent) {
 		if ev.JobID == jobID {
@@ -193,12 +201,13 @@ func conclude(ctx context.Context, w io.Writer, dev *harness.Device, o opts, ex 
 	if err != nil {
 		return err
 	}
-	bootAfter, _ := dev.BootState()
-	fmt.Fprintf(w, "\nslots (sha256 of the first %d bytes where an image was written):\n", o.size)
-	for _, s := range []string{"a", "b"} {
-		fmt.Fprintf(w, "  slot %s  before %s  after %s\n", s, short(before[s]), short(after[s]))
+	bootAfter, err := bootState(dev)
+	if err != nil {
+		return err
 	}
-	fmt.Fprintf(w, "boot state before: %s\nboot state after:  %s\n", bootBefore, bootAfter)
+	fmt.Fprintf(w, "\nslot a   sha256 before %s  after %s\n", short(before["a"]), short(after["a"]))
+	fmt.Fprintf(w, "slot b   sha256 before %s  after %s\n", short(before["b"]), short(after["b"]))
+	fmt.Fprintf(w, "boot     before %s\n         after  %s\n", bootBefore, bootAfter)
 	if st, err := dev.State(ctx); err == nil {
 		fmt.Fprintf(w, "writer image state: %s\n", strings.ToLower(strings.TrimPrefix(st.GetImageState().String(), "IMAGE_STATE_")))
 	}
@@ -206,7 +215,6 @@ func conclude(ctx context.Context, w io.Writer, dev *harness.Device, o opts, ex 
 		if ex.Status != backend.StatusSucceeded || ex.StatusDetails["self_test"] != "accepted" {
 			return fmt.Errorf("expected SUCCEEDED accepted, got %s %v", ex.Status, ex.StatusDetails)
 		}
-		// The new slot holds exactly the image (slot files are sized by the image).
 		if imgB, _ := harness.FilePrefixSHA256(dev.SlotB, o.size); imgB != imgHash {
 			return fmt.Errorf("slot b does not hold the image: %s, image %s", short(imgB), short(imgHash))
 		}
@@ -225,9 +233,9 @@ func conclude(ctx context.Context, w io.Writer, dev *harness.Device, o opts, ex 
 	if dev.Reboots() != 0 {
 		return fmt.Errorf("the device rebooted %d times", dev.Reboots())
 	}
-	fmt.Fprintf(w, "\nOK: refused. The running slot a is byte-for-byte unchanged, the boot state is unchanged\n"+
-		"(no slot activated, no reboot). Slot b, the inactive slot the download streams into, holds\n"+
-		"the rejected bytes; it was never made bootable.\n")
+	fmt.Fprintf(w, "\nOK: refused. The running slot a is byte-for-byte unchanged and the boot state is unchanged:\n"+
+		"nothing was activated, no reboot. (Slot b, the inactive slot the download streams into, holds\n"+
+		"the refused bytes; it was never made bootable.)\n")
 	return nil
 }
 
@@ -241,6 +249,25 @@ func slotHashes(dev *harness.Device) (map[string]string, error) {
 		m[s] = h
 	}
 	return m, nil
+}
+
+// bootState is the file boot backend's state on one line.
+func bootState(dev *harness.Device) (string, error) {
+	raw, err := dev.BootState()
+	if err != nil {
+		return "", err
+	}
+	var st map[string]any
+	if err := json.Unmarshal([]byte(raw), &st); err != nil {
+		return "", fmt.Errorf("boot state: %w", err)
+	}
+	var parts []string
+	for _, k := range slices.Sorted(maps.Keys(st)) {
+		if k != "version" {
+			parts = append(parts, fmt.Sprintf("%s=%v", k, st[k]))
+		}
+	}
+	return strings.Join(parts, " "), nil
 }
 
 func short(h string) string {

@@ -2,6 +2,7 @@ package awsbackend
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
@@ -14,6 +15,9 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/aws/aws-sdk-go-v2/aws"
+	v4 "github.com/aws/aws-sdk-go-v2/aws/signer/v4"
 )
 
 // standIn plays the AWS endpoints (IoT control plane, S3 path style, STS) on one local HTTP
@@ -108,8 +112,10 @@ func newStandIn(t *testing.T) *standIn {
 			r.Body = io.NopCloser(bytes.NewReader(body))
 		}
 		presigned := r.URL.Query().Get("X-Amz-Signature") != ""
-		if !presigned && !strings.HasPrefix(r.Header.Get("Authorization"), "AWS4-HMAC-SHA256 Credential=") {
-			t.Errorf("stand-in: %s %s not SigV4-signed: Authorization %q", r.Method, r.URL.Path, r.Header.Get("Authorization"))
+		if !presigned {
+			if err := checkSigV4(r, body); err != nil {
+				t.Errorf("stand-in: %s %s: %v", r.Method, r.URL.Path, err)
+			}
 		}
 		s.mu.Lock()
 		s.reqs = append(s.reqs, recorded{r.Method, r.URL.Path, r.URL.Query(), r.Header.Clone(), body})
@@ -355,4 +361,97 @@ func (s *standIn) sts(w http.ResponseWriter, r *http.Request) {
 <AssumedRoleUser><Arn>%s/gwota-e2e</Arn><AssumedRoleId>AROA:gwota-e2e</AssumedRoleId></AssumedRoleUser>
 </AssumeRoleResult><ResponseMetadata><RequestId>req-1</RequestId></ResponseMetadata></AssumeRoleResponse>`,
 		assumedAKID, time.Now().Add(time.Hour).UTC().Format(time.RFC3339), r.PostForm.Get("RoleArn"))
+}
+
+// secrets are the stand-in's credentials by access key id: the base pair and the assumed role.
+var secrets = map[string]aws.Credentials{
+	testAKID:    {AccessKeyID: testAKID, SecretAccessKey: "secret"},
+	assumedAKID: {AccessKeyID: assumedAKID, SecretAccessKey: "assumed-secret", SessionToken: "assumed-token"},
+}
+
+// checkSigV4 recomputes the request's SigV4 signature from the headers it claims to sign, the
+// way AWS does, and compares. body is nil for large streamed uploads, which carry their
+// payload hash in X-Amz-Content-Sha256 (checked against the body by the S3 handler).
+func checkSigV4(r *http.Request, body []byte) error {
+	auth := r.Header.Get("Authorization")
+	const algo = "AWS4-HMAC-SHA256 "
+	if !strings.HasPrefix(auth, algo) {
+		return fmt.Errorf("not SigV4-signed: Authorization %q", auth)
+	}
+	fields := map[string]string{}
+	for _, kv := range strings.Split(strings.TrimPrefix(auth, algo), ", ") {
+		k, v, _ := strings.Cut(kv, "=")
+		fields[k] = v
+	}
+	scope := strings.Split(fields["Credential"], "/") // AKID/date/region/service/aws4_request
+	if len(scope) != 5 || scope[4] != "aws4_request" {
+		return fmt.Errorf("credential scope %q", fields["Credential"])
+	}
+	creds, ok := secrets[scope[0]]
+	if !ok {
+		return fmt.Errorf("unknown access key %q", scope[0])
+	}
+	when, err := time.Parse("20060102T150405Z", r.Header.Get("X-Amz-Date"))
+	if err != nil {
+		return fmt.Errorf("X-Amz-Date: %v", err)
+	}
+	payload := r.Header.Get("X-Amz-Content-Sha256")
+	if payload == "" {
+		sum := sha256.Sum256(body)
+		payload = hex.EncodeToString(sum[:])
+	}
+	re, err := http.NewRequest(r.Method, "http://"+r.Host+r.URL.RequestURI(), nil)
+	if err != nil {
+		return err
+	}
+	re.ContentLength = r.ContentLength
+	for _, h := range strings.Split(fields["SignedHeaders"], ";") {
+		if h != "host" && h != "content-length" {
+			re.Header[http.CanonicalHeaderKey(h)] = r.Header.Values(h)
+		}
+	}
+	signer := v4.NewSigner(func(o *v4.SignerOptions) { o.DisableURIPathEscaping = scope[3] == "s3" })
+	if err := signer.SignHTTP(context.Background(), creds, re, payload, scope[3], scope[2], when); err != nil {
+		return err
+	}
+	want := re.Header.Get("Authorization")
+	if want != auth {
+		return fmt.Errorf("bad SigV4 signature:\n got %s\nwant %s", auth, want)
+	}
+	return nil
+}
+
+// TestCheckSigV4 shows the stand-in's signature check can fail.
+func TestCheckSigV4(t *testing.T) {
+	body := []byte(`{"a":1}`)
+	sign := func(creds aws.Credentials) *http.Request {
+		r, _ := http.NewRequest("PUT", "http://127.0.0.1:1/jobs/j1?force=true", bytes.NewReader(body))
+		r.Header.Set("Content-Type", "application/json")
+		sum := sha256.Sum256(body)
+		if err := v4.NewSigner().SignHTTP(context.Background(), creds, r, hex.EncodeToString(sum[:]), "iot", testRegion, time.Now()); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	if err := checkSigV4(sign(secrets[testAKID]), body); err != nil {
+		t.Fatalf("good signature rejected: %v", err)
+	}
+	wrong := secrets[testAKID]
+	wrong.SecretAccessKey = "wrong"
+	if err := checkSigV4(sign(wrong), body); err == nil {
+		t.Error("signature with the wrong secret accepted")
+	}
+	if err := checkSigV4(sign(secrets[testAKID]), []byte(`{"a":2}`)); err == nil {
+		t.Error("signature over another body accepted")
+	}
+	r := sign(secrets[testAKID])
+	r.URL.RawQuery = "force=false"
+	if err := checkSigV4(r, body); err == nil {
+		t.Error("signature over another query accepted")
+	}
+	r = sign(secrets[testAKID])
+	r.Header.Del("Authorization")
+	if err := checkSigV4(r, body); err == nil {
+		t.Error("unsigned request accepted")
+	}
 }

@@ -1,10 +1,13 @@
 package server_test
 
 import (
+	"bytes"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
+	"crypto/sha256"
 	"crypto/x509"
+	"encoding/hex"
 	"encoding/pem"
 	"fmt"
 	"os"
@@ -40,6 +43,13 @@ func BenchmarkBlockPathEngine(b *testing.B) {
 }
 
 func newBenchEngine(b testing.TB, maxBlock uint32) *engine.Engine {
+	e, _, _ := newEngineWithKey(b, maxBlock)
+	return e
+}
+
+// newEngineWithKey returns an engine over file-backed slots in a temporary directory, the
+// private key it trusts, and that directory.
+func newEngineWithKey(b testing.TB, maxBlock uint32) (*engine.Engine, *ecdsa.PrivateKey, string) {
 	dir := b.TempDir()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	der, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
@@ -71,7 +81,7 @@ slots = [%q, %q]
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { e.Close() })
-	return e
+	return e, key, dir
 }
 
 // A session with small blocks has a missing-block bitmap far larger than the block message
@@ -94,5 +104,74 @@ func TestLargeBitmapOverSocket(t *testing.T) {
 	}
 	if len(st.GetSessions()) != 1 || len(st.GetSessions()[0].GetMissing()) != size/bs/8 {
 		t.Errorf("GetState sessions: %d", len(st.GetSessions()))
+	}
+}
+
+// The whole session through the client, the socket and the real engine: stream, durable
+// acks, verification of an ECDSA signature, activation.
+func TestEngineSessionOverStream(t *testing.T) {
+	eng, key, dir := newEngineWithKey(t, 4096)
+	r := start(t, eng, server.Options{}, server.ListenConfig{})
+	c := dial(t, r.sock)
+	ctx := t.Context()
+	img := randBytes(t, 75*4096+321)
+	sum := sha256.Sum256(img)
+	sig, err := ecdsa.SignASN1(rand.Reader, key, sum[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "happy", FilePath: "mem", FileSize: uint64(len(img)), BlockSize: 4096,
+		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := begin.GetSession().GetSessionId()
+	st, err := c.OpenBlockStream(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var last uint64
+	for k := 0; k*4096 < len(img); k++ {
+		blk := &otav1.Block{Offset: uint64(k * 4096), Data: img[k*4096 : min((k+1)*4096, len(img))]}
+		if last, err = st.Send([]*otav1.Block{blk}, k%8 == 7); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := st.Send(nil, true); err != nil {
+		t.Fatal(err)
+	}
+	last++
+	st.CloseSend()
+	var final *otav1.WriteAck
+	for a := range st.Acks() {
+		final = a
+	}
+	if err := st.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	if final.GetDurableSeq() != last || final.GetDurableBlocks() != 76 || final.GetTotalBlocks() != 76 {
+		t.Fatalf("final ack %v, want seq %d and 76/76 durable", final, last)
+	}
+	fin, err := c.Finish(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fin.GetSha256() != hex.EncodeToString(sum[:]) {
+		t.Errorf("read-back sha256 %s, want %x", fin.GetSha256(), sum)
+	}
+	act, err := c.Activate(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	onSlot, _ := os.ReadFile(filepath.Join(dir, "slot_"+act.GetSlot()))
+	if len(onSlot) < len(img) || !bytes.Equal(onSlot[:len(img)], img) {
+		t.Error("slot does not hold the image")
+	}
+	ds, err := c.State(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ds.GetImageState() != otav1.ImageState_IMAGE_STATE_ACTIVATED {
+		t.Errorf("image state %s, want activated", ds.GetImageState())
 	}
 }

@@ -103,6 +103,9 @@ type running struct {
 	jobID  string
 	cancel context.CancelCauseFunc
 	done   chan struct{}
+	// final is set once the job sends its terminal report: what follows (a reboot into the
+	// previous image) must not be cut short because the job stopped being next.
+	final *atomic.Bool
 }
 
 // Run follows jobs until ctx ends. It returns nil on a clean shutdown.
@@ -120,7 +123,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		if cur == nil {
 			return
 		}
-		cur.cancel(cause)
+		if cause == errShutdown || !cur.final.Load() {
+			cur.cancel(cause)
+		}
 		<-cur.done
 		cur = nil
 	}
@@ -142,12 +147,12 @@ func (a *Agent) Run(ctx context.Context) error {
 				continue
 			}
 			jctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
-			r := &running{jobID: ex.JobID, cancel: cancel, done: make(chan struct{})}
+			r := &running{jobID: ex.JobID, cancel: cancel, done: make(chan struct{}), final: new(atomic.Bool)}
 			cur, curDone = r, r.done
 			go func() {
 				defer close(r.done)
 				defer cancel(nil)
-				a.runJob(jctx, ex)
+				a.runJob(jctx, ex, r.final)
 			}()
 		}
 	}
@@ -194,10 +199,11 @@ type job struct {
 	started  bool
 	sessions []Session
 	terminal atomic.Bool
+	final    *atomic.Bool
 }
 
-func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution) {
-	j := &job{a: a, ex: ex, log: a.log.With("job_id", ex.JobID), started: ex.Status == jobs.StatusInProgress}
+func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bool) {
+	j := &job{a: a, ex: ex, log: a.log.With("job_id", ex.JobID), started: ex.Status == jobs.StatusInProgress, final: final}
 	j.rep = report.New(a.jobs, a.writer.Extensions, ex.JobID, report.Config{
 		Interval: a.cfg.ReportInterval, PercentStep: a.cfg.ReportPercentStep, Logger: j.log,
 		OnTerminal: func(_, st string) { j.terminal.Store(true) },
@@ -248,6 +254,7 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution) {
 			extra["rollback_reason"] = status.Name(lu.GetReason())
 			extra["rollback_code"] = status.Code(lu.GetReason())
 		}
+		j.final.Store(true)
 		j.report(ctx, func(ctx context.Context) error {
 			return j.rep.Failed(ctx, otav1.Reason_REASON_ROLLED_BACK, status.SelfTestRejected, extra)
 		})
@@ -346,6 +353,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 	}
 	if !reboot {
 		// Plain-file targets are in place: no trial, no self test.
+		j.final.Store(true)
 		_ = j.report(ctx, j.rep.Succeeded)
 		return false
 	}
@@ -496,6 +504,7 @@ func (j *job) selfTest(ctx context.Context) {
 		return
 	}
 	j.log.Info("new image committed", "version", cr.GetCommitted().GetVersion())
+	j.final.Store(true)
 	_ = j.report(ctx, j.rep.Succeeded)
 }
 
@@ -510,6 +519,7 @@ func (j *job) rejectTrial(ctx context.Context, reason otav1.Reason) {
 		}
 		j.log.Error("reject failed", "error", err)
 	}
+	j.final.Store(true)
 	if err := j.report(ctx, func(ctx context.Context) error { return j.rep.Failed(ctx, reason, status.SelfTestRejected) }); err != nil {
 		return
 	}
@@ -558,6 +568,7 @@ func (j *job) fail(ctx context.Context, err error, selfTest string) {
 	if j.terminal.Load() {
 		return
 	}
+	j.final.Store(true)
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalTimeout)
 	defer cancel()
 	if !j.started && j.ex.Status == jobs.StatusQueued {

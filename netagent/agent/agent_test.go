@@ -1,0 +1,494 @@
+package agent_test
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"go.uber.org/goleak"
+
+	"github.com/gwota/gwota/netagent/agent"
+	"github.com/gwota/gwota/netagent/httpdl"
+	"github.com/gwota/gwota/netagent/jobs"
+	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
+	"github.com/gwota/gwota/netagent/stream"
+	"github.com/gwota/gwota/netagent/writerlink"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/writer/boot"
+	"github.com/gwota/gwota/writer/config"
+	"github.com/gwota/gwota/writer/engine"
+	"github.com/gwota/gwota/writer/selftest"
+	"github.com/gwota/gwota/writer/server"
+)
+
+func TestMain(m *testing.M) {
+	opts := []goleak.Option{
+		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2.(*Server).attachClient"),
+		goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection"),
+	}
+	for _, f := range mqtttest.IgnoreMochi {
+		opts = append(opts, goleak.IgnoreTopFunction(f))
+	}
+	goleak.VerifyTestMain(m, opts...)
+}
+
+func logger(t *testing.T, name string) hclog.Logger {
+	if os.Getenv("AGENT_DEBUG") == "" {
+		return hclog.NewNullLogger()
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name() + "." + name, Level: hclog.Debug})
+}
+
+var (
+	keysOnce sync.Once
+	keysDir  string
+	keysErr  error
+)
+
+// signer makes an ECDSA P-256 key and certificate with openssl, as a fleet operator does.
+func signer(t *testing.T) string {
+	t.Helper()
+	if _, err := exec.LookPath("openssl"); err != nil {
+		t.Skip("openssl not installed")
+	}
+	keysOnce.Do(func() {
+		keysDir, keysErr = os.MkdirTemp("", "agent-keys")
+		if keysErr != nil {
+			return
+		}
+		for _, args := range [][]string{
+			{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", filepath.Join(keysDir, "ec.key")},
+			{"req", "-new", "-x509", "-key", filepath.Join(keysDir, "ec.key"), "-subj", "/CN=ota-signer", "-days", "30", "-out", filepath.Join(keysDir, "signer.crt.pem")},
+		} {
+			if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
+				keysErr = &os.PathError{Op: "openssl " + strings.Join(args, " "), Path: string(out), Err: err}
+				return
+			}
+		}
+	})
+	if keysErr != nil {
+		t.Fatal(keysErr)
+	}
+	return keysDir
+}
+
+type image struct {
+	path string
+	data []byte
+	sig  []byte
+}
+
+func newImage(t *testing.T, size int) image {
+	t.Helper()
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	p := filepath.Join(t.TempDir(), "image.bin")
+	if err := os.WriteFile(p, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	out, err := exec.Command("openssl", "dgst", "-sha256", "-sign", filepath.Join(signer(t), "ec.key"), "-out", p+".sig", p).CombinedOutput()
+	if err != nil {
+		t.Fatalf("openssl sign: %v: %s", err, out)
+	}
+	sig, err := os.ReadFile(p + ".sig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return image{path: p, data: data, sig: sig}
+}
+
+// writerRig is a real writer (engine + gRPC server on a Unix socket) on temporary media: A/B
+// target "rootfs" (fileType 0) and file target "app" (fileType 1), file boot backend.
+type writerRig struct {
+	t       *testing.T
+	dir     string
+	sock    string
+	cfg     *config.Config
+	slots   [2]string
+	appPath string
+	reboots chan struct{}
+
+	eng  *engine.Engine
+	srv  *server.Server
+	done chan error
+}
+
+const slotSize = 4 << 20
+
+func newWriter(t *testing.T, check string) *writerRig {
+	t.Helper()
+	keys := signer(t)
+	dir := t.TempDir()
+	sdir, err := os.MkdirTemp("/tmp", "ag")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(sdir) })
+	w := &writerRig{t: t, dir: dir, sock: filepath.Join(sdir, "w.sock"), reboots: make(chan struct{}, 10)}
+	w.slots = [2]string{filepath.Join(dir, "slot-a.img"), filepath.Join(dir, "slot-b.img")}
+	for _, p := range w.slots {
+		if err := os.WriteFile(p, bytes.Repeat([]byte{0xEE}, slotSize), 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	_ = os.MkdirAll(filepath.Join(dir, "app"), 0o755)
+	w.appPath = filepath.Join(dir, "app", "bundle.tar")
+	toml := `
+state_dir = "` + filepath.Join(dir, "state") + `"
+trusted_keys = ["` + filepath.Join(keys, "signer.crt.pem") + `"]
+reboot_command = ["/bin/false"]
+self_test_timeout = "20s"
+[[target]]
+name = "rootfs"
+kind = "ab"
+file_types = [0]
+slots = ["` + w.slots[0] + `", "` + w.slots[1] + `"]
+[[target]]
+name = "app"
+kind = "file"
+file_types = [1]
+path = "` + w.appPath + `"
+[[check]]
+name = "health"
+command = ["` + check + `"]
+[extensions]
+hardware_rev = "C2"
+`
+	cfg, err := config.Parse([]byte(toml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	w.cfg = cfg
+	_ = os.MkdirAll(cfg.StateDir, 0o700)
+	w.start(false)
+	t.Cleanup(w.stop)
+	return w
+}
+
+// start opens the engine and serves it; boot simulates a power-on first (trial logic).
+func (w *writerRig) start(bootNow bool) {
+	w.t.Helper()
+	fb, err := boot.NewFile(filepath.Join(w.cfg.StateDir, "boot.json"), w.cfg.Boot.BootLimit, hclog.NewNullLogger())
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	if bootNow {
+		if err := fb.Boot(context.Background()); err != nil {
+			w.t.Fatal(err)
+		}
+	}
+	var checks []selftest.Check
+	for _, c := range w.cfg.Checks {
+		checks = append(checks, selftest.Check{Name: c.Name, Argv: c.Command, Timeout: c.Timeout})
+	}
+	eng, err := engine.New(context.Background(), w.cfg, engine.Deps{
+		Boot:     fb,
+		SelfTest: selftest.New(checks, w.cfg.SelfTestTimeout, hclog.NewNullLogger()),
+		Reboot: func(context.Context) error {
+			w.reboots <- struct{}{}
+			return nil
+		},
+	}, hclog.NewNullLogger())
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	ln, err := server.Listen(w.sock, server.ListenConfig{})
+	if err != nil {
+		w.t.Fatal(err)
+	}
+	w.eng, w.srv, w.done = eng, server.New(eng, server.Options{}), make(chan error, 1)
+	go func(srv *server.Server, done chan error) { done <- srv.Serve(ln) }(w.srv, w.done)
+}
+
+func (w *writerRig) stop() {
+	if w.srv == nil {
+		return
+	}
+	w.srv.Stop()
+	<-w.done
+	_ = w.eng.Close()
+	w.srv = nil
+}
+
+// device is one ota-net: MQTT connection, jobs client, downloaders, writer link, agent.
+type device struct {
+	cancel context.CancelFunc
+	done   chan error
+	conn   *mqttconn.Conn
+	jobs   *jobs.Client
+	link   *writerlink.Link
+}
+
+func startDevice(t *testing.T, e *emulator.Emulator, w *writerRig, cfg agent.Config) *device {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: e.BrokerURL(), ClientID: e.ThingName(), StateDir: t.TempDir(),
+		BackoffMin: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond, Logger: logger(t, "mqtt")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	jc, err := jobs.New(conn, e.ThingName(), jobs.Options{Logger: logger(t, "jobs"), BackoffMin: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	sd, err := stream.New(conn, stream.Config{Thing: e.ThingName(), QuietPeriod: 300 * time.Millisecond, Logger: logger(t, "stream")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hd, err := httpdl.New(httpdl.Config{Logger: logger(t, "http")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer lcancel()
+	link, err := writerlink.Dial(lctx, writerlink.Config{SocketPath: w.sock, Name: "ota-net test", ReconnectTimeout: 5 * time.Second, Logger: logger(t, "link")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg.Logger = logger(t, "agent")
+	if cfg.BlockSize == 0 {
+		cfg.BlockSize = 4096
+	}
+	if cfg.ReportInterval == 0 {
+		cfg.ReportInterval = 50 * time.Millisecond
+	}
+	a := agent.New(jc, agent.LinkWriter(link), sd, hd, cfg)
+	d := &device{cancel: cancel, done: make(chan error, 1), conn: conn, jobs: jc, link: link}
+	go func() { d.done <- a.Run(ctx) }()
+	t.Cleanup(func() { d.stop(t) })
+	return d
+}
+
+func (d *device) stop(t *testing.T) {
+	if d.cancel == nil {
+		return
+	}
+	d.cancel()
+	if err := <-d.done; err != nil {
+		t.Errorf("agent Run: %v", err)
+	}
+	_ = d.jobs.Close(context.Background())
+	_ = d.link.Close()
+	_ = d.conn.Close(context.Background())
+	d.cancel = nil
+}
+
+func startEmulator(t *testing.T) *emulator.Emulator {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	e, err := emulator.Start(ctx, emulator.Options{Logger: logger(t, "emulator")})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = e.Close() })
+	return e
+}
+
+func createJob(t *testing.T, e *emulator.Emulator, id string, protocols []string, img image, fileType int, mod func(*backend.FileSpec)) {
+	t.Helper()
+	fs := backend.FileSpec{LocalPath: img.path, DevicePath: "/opt/fw/x.img", FileType: fileType, CertName: "signer.crt.pem",
+		Signature: img.sig, SigAlgorithm: backend.SigSHA256ECDSA}
+	if mod != nil {
+		mod(&fs)
+	}
+	if err := e.CreateJob(context.Background(), backend.JobSpec{JobID: id, Protocols: protocols, Files: []backend.FileSpec{fs}}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func waitStatus(t *testing.T, e *emulator.Emulator, id string, statuses ...string) backend.Execution {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	ex, err := e.WaitStatus(ctx, id, statuses...)
+	if err != nil {
+		t.Fatalf("job %s: waiting for %v: %v (updates %+v)", id, statuses, err, e.Updates(id))
+	}
+	return ex
+}
+
+func selfTests(e *emulator.Emulator, id string) []string {
+	var out []string
+	for _, u := range e.Updates(id) {
+		s := u.Status + ":" + u.StatusDetails["self_test"]
+		if len(out) == 0 || out[len(out)-1] != s {
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
+func waitReboot(t *testing.T, w *writerRig) {
+	t.Helper()
+	select {
+	case <-w.reboots:
+	case <-time.After(60 * time.Second):
+		t.Fatal("no reboot")
+	}
+}
+
+func TestFileTargetOverMQTT(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 300*1024+17)
+	createJob(t, e, "job-file", []string{"MQTT"}, img, 1, nil)
+	ex := waitStatus(t, e, "job-file", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected)
+	if ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("job %+v", ex)
+	}
+	got, err := os.ReadFile(w.appPath)
+	if err != nil || !bytes.Equal(got, img.data) {
+		t.Fatalf("installed file differs (%v)", err)
+	}
+	want := []string{"IN_PROGRESS:receiving", "IN_PROGRESS:ready", "SUCCEEDED:accepted"}
+	if got := selfTests(e, "job-file"); strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("updates %v, want %v", got, want)
+	}
+	if ex.StatusDetails["boot_slot"] == "" {
+		t.Fatalf("writer extensions missing: %v", ex.StatusDetails)
+	}
+}
+
+func TestABOverHTTPWithTrialAndCommit(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	d := startDevice(t, e, w, agent.Config{PreferHTTP: true})
+	img := newImage(t, 200*1024)
+	createJob(t, e, "job-ab", []string{"MQTT", "HTTP"}, img, 0, nil)
+	waitReboot(t, w)
+	ex := waitStatus(t, e, "job-ab", jobs.StatusInProgress)
+	if ex.StatusDetails["self_test"] != "ready" {
+		t.Fatalf("before reboot: %+v", ex)
+	}
+	if e.BlocksServed("job-ab") != 0 {
+		t.Fatalf("PreferHTTP, yet %d stream blocks served", e.BlocksServed("job-ab"))
+	}
+	// "Reboot": both processes stop, the bootloader tries the new slot, both start again.
+	d.stop(t)
+	w.stop()
+	w.start(true)
+	startDevice(t, e, w, agent.Config{})
+	ex = waitStatus(t, e, "job-ab", jobs.StatusSucceeded, jobs.StatusFailed)
+	if ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("job %+v", ex)
+	}
+	want := []string{"IN_PROGRESS:receiving", "IN_PROGRESS:ready", "IN_PROGRESS:active", "SUCCEEDED:accepted"}
+	if got := selfTests(e, "job-ab"); strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("updates %v, want %v", got, want)
+	}
+	slot, err := os.ReadFile(w.slots[1])
+	if err != nil || !bytes.Equal(slot[:len(img.data)], img.data) {
+		t.Fatalf("slot b does not hold the image (%v)", err)
+	}
+}
+
+func TestSelfTestFailsRollsBack(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/false")
+	d := startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 50*1024)
+	createJob(t, e, "job-st", []string{"MQTT"}, img, 0, nil)
+	waitReboot(t, w)
+	waitStatus(t, e, "job-st", jobs.StatusInProgress)
+	d.stop(t)
+	w.stop()
+	w.start(true)
+	startDevice(t, e, w, agent.Config{})
+	ex := waitStatus(t, e, "job-st", jobs.StatusSucceeded, jobs.StatusFailed)
+	if ex.Status != jobs.StatusFailed || ex.StatusDetails["reason"] != "self_test_failed" || ex.StatusDetails["error_code"] != "3005" || ex.StatusDetails["self_test"] != "rejected" {
+		t.Fatalf("job %+v", ex)
+	}
+	waitReboot(t, w) // back to the previous image
+}
+
+func TestBadSignatureFails(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 40*1024)
+	other := newImage(t, 40*1024)
+	createJob(t, e, "job-sig", []string{"MQTT"}, img, 1, func(fs *backend.FileSpec) { fs.Signature = other.sig })
+	ex := waitStatus(t, e, "job-sig", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected)
+	if ex.Status != jobs.StatusFailed || ex.StatusDetails["reason"] != "sig_check_failed" || ex.StatusDetails["error_code"] != "1001" ||
+		ex.StatusDetails["progress"] != "10/10" {
+		t.Fatalf("job %+v", ex)
+	}
+	if _, err := os.Stat(w.appPath); !os.IsNotExist(err) {
+		t.Fatalf("unverified file installed: %v", err)
+	}
+}
+
+func TestUnknownTargetRejected(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 10*1024)
+	createJob(t, e, "job-tgt", []string{"MQTT"}, img, 7, func(fs *backend.FileSpec) { fs.DevicePath = "/nowhere" })
+	ex := waitStatus(t, e, "job-tgt", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected)
+	if ex.Status != jobs.StatusRejected || ex.StatusDetails["reason"] != "target_unknown" || ex.StatusDetails["error_code"] != "3003" {
+		t.Fatalf("job %+v", ex)
+	}
+	// The agent moves on to the next job.
+	createJob(t, e, "job-next", []string{"MQTT"}, img, 1, nil)
+	if ex := waitStatus(t, e, "job-next", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected); ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("next job %+v", ex)
+	}
+}
+
+func TestCancelAbortsSession(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	d := startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 1<<20)
+	createJob(t, e, "job-c", []string{"MQTT"}, img, 0, nil)
+	e.SetFaults(e.StreamName("job-c"), emulator.Faults{Delay: 200 * time.Millisecond})
+	waitStatus(t, e, "job-c", jobs.StatusInProgress)
+	if err := e.CancelJob(context.Background(), "job-c", true); err != nil {
+		t.Fatal(err)
+	}
+	// The writer session goes away promptly (aborted, user_abort).
+	deadline := time.Now().Add(20 * time.Second)
+	for {
+		st, err := d.link.State(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(st.GetSessions()) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("session not aborted: %+v", st.GetSessions())
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	if ex := waitStatus(t, e, "job-c", jobs.StatusCanceled); ex.Status != jobs.StatusCanceled {
+		t.Fatal(ex)
+	}
+}
+
+func TestWriterUnavailableFailsJob(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	startDevice(t, e, w, agent.Config{WriterWait: 300 * time.Millisecond})
+	w.stop()
+	img := newImage(t, 10*1024)
+	createJob(t, e, "job-w", []string{"MQTT"}, img, 1, nil)
+	ex := waitStatus(t, e, "job-w", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected)
+	if ex.StatusDetails["reason"] != "writer_unavailable" || ex.StatusDetails["error_code"] != "3001" {
+		t.Fatalf("job %+v", ex)
+	}
+	_ = otav1.Reason_REASON_WRITER_UNAVAILABLE
+}

@@ -427,12 +427,20 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 	var streamName string
 	if mqtt {
 		streamName = streamID(spec.JobID)
-		_, err := b.iot.CreateStream(ctx, &iot.CreateStreamInput{
+		in := &iot.CreateStreamInput{
 			StreamId:    aws.String(streamName),
 			Files:       stream,
 			RoleArn:     aws.String(b.opts.ServiceRoleARN),
 			Description: aws.String("gwota end-to-end test " + spec.JobID),
-		})
+		}
+		_, err := b.iot.CreateStream(ctx, in)
+		if isAlreadyExists(err) {
+			// Our prefix: a stream left by an earlier run that could not clean up.
+			b.opts.Logf("awsbackend: replacing leftover stream %s", streamName)
+			if _, err = b.iot.DeleteStream(ctx, &iot.DeleteStreamInput{StreamId: aws.String(streamName)}); err == nil {
+				_, err = b.iot.CreateStream(ctx, in)
+			}
+		}
 		if err != nil {
 			return fmt.Errorf("awsbackend: create stream %s: %w", streamName, err)
 		}
@@ -456,7 +464,15 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 			ExpiresInSec: aws.Int64(int64(expiry / time.Second)),
 		}
 	}
-	if _, err := b.iot.CreateJob(ctx, in); err != nil {
+	_, err = b.iot.CreateJob(ctx, in)
+	if isAlreadyExists(err) && b.waitJobGone(ctx, spec.JobID) == nil {
+		// The previous run's job with this id was still being deleted.
+		_, err = b.iot.CreateJob(ctx, in)
+	}
+	if err != nil {
+		if isAlreadyExists(err) {
+			err = fmt.Errorf("%w (left by an earlier run? delete it or use another job id)", err)
+		}
 		return fmt.Errorf("awsbackend: create job %s: %w", spec.JobID, err)
 	}
 	b.track(resource{"job", spec.JobID})
@@ -566,6 +582,27 @@ func (b *Backend) waitExecution(ctx context.Context, jobID, thing string) error 
 		}
 		if err := bo.wait(ctx); err != nil {
 			return fmt.Errorf("awsbackend: execution of %s on %s never appeared: %w", jobID, thing, err)
+		}
+	}
+}
+
+// waitJobGone waits while jobID is being deleted; it returns an error at once when the job
+// exists in any other state (it is not ours to remove).
+func (b *Backend) waitJobGone(ctx context.Context, jobID string) error {
+	bo := b.backoff()
+	for {
+		out, err := b.iot.DescribeJob(ctx, &iot.DescribeJobInput{JobId: aws.String(jobID)})
+		if isNotFound(err) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		if out.Job == nil || out.Job.Status != iottypes.JobStatusDeletionInProgress {
+			return errors.New("job exists")
+		}
+		if err := bo.wait(ctx); err != nil {
+			return err
 		}
 	}
 }
@@ -766,6 +803,11 @@ func isNotFound(err error) bool {
 	}
 	var re *smithyhttp.ResponseError
 	return errors.As(err, &re) && re.HTTPStatusCode() == http.StatusNotFound
+}
+
+func isAlreadyExists(err error) bool {
+	var ae *iottypes.ResourceAlreadyExistsException
+	return errors.As(err, &ae)
 }
 
 func isInvalidState(err error) bool {

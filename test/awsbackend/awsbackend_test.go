@@ -788,3 +788,42 @@ func TestIdentity(t *testing.T) {
 		t.Errorf("(-want +got):\n%s", diff)
 	}
 }
+
+func TestCreateJobAfterEarlierRun(t *testing.T) {
+	s := newStandIn(t)
+	b := newTestBackend(t, s, nil)
+	// An earlier run's job "again" is still being deleted, and its stream was left behind.
+	s.mu.Lock()
+	s.jobs["again"] = []byte(`{}`)
+	s.deletionsLeft["again"] = 2
+	s.streams["gwota-again"] = true
+	s.jobs["foreign"] = []byte(`{}`)
+	s.mu.Unlock()
+	createSimpleJob(t, b, "again")
+	want := []string{
+		"POST /streams/gwota-again", "DELETE /streams/gwota-again", "POST /streams/gwota-again",
+		"PUT /jobs/again", "GET /jobs/again", "GET /jobs/again", "GET /jobs/again", "PUT /jobs/again",
+	}
+	var got []string
+	for _, c := range s.calls() {
+		if strings.Contains(c, "/streams/") || strings.HasSuffix(c, "/jobs/again") && !strings.Contains(c, "/things/") {
+			got = append(got, c)
+		}
+	}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("requests (-want +got):\n%s", diff)
+	}
+
+	// A job in any other state is not ours to remove: a clear error, nothing deleted.
+	img, _ := writeFile(t, 10)
+	err := b.CreateJob(t.Context(), backend.JobSpec{JobID: "foreign", Protocols: []string{"HTTP"}, Files: []backend.FileSpec{{LocalPath: img}}})
+	if err == nil || !strings.Contains(err.Error(), "earlier run") {
+		t.Fatalf("CreateJob over an existing job: %v", err)
+	}
+	if len(s.find("DELETE", "/jobs/foreign")) != 0 {
+		t.Error("deleted a job this backend did not create")
+	}
+	s.mu.Lock()
+	delete(s.jobs, "foreign")
+	s.mu.Unlock()
+}

@@ -27,19 +27,20 @@ type standIn struct {
 	t   *testing.T
 	srv *httptest.Server
 
-	mu         sync.Mutex
-	reqs       []recorded
-	objects    map[string][]byte // "bucket/key" -> body (nil when too large to record)
-	objectSums map[string]string // "bucket/key" -> hex SHA-256 of the body
-	streams    map[string]bool
-	jobs       map[string]json.RawMessage // job id -> CreateJob body
-	stale      map[string][]staleExec     // status -> executions listed on pages of 1
-	pending    map[string]int             // job id -> DescribeJobExecution 404s still to give
-	scripts    map[string][]execState     // job id -> states, one per DescribeJobExecution
-	failOps    map[string]int             // "METHOD /path" -> HTTP status to answer with
-	onDesc     func(n int)                // called after each DescribeJobExecution, n from 1
-	nDesc      int
-	assumeRq   url.Values
+	mu            sync.Mutex
+	reqs          []recorded
+	objects       map[string][]byte // "bucket/key" -> body (nil when too large to record)
+	objectSums    map[string]string // "bucket/key" -> hex SHA-256 of the body
+	streams       map[string]bool
+	jobs          map[string]json.RawMessage // job id -> CreateJob body
+	stale         map[string][]staleExec     // status -> executions listed on pages of 1
+	pending       map[string]int             // job id -> DescribeJobExecution 404s still to give
+	scripts       map[string][]execState     // job id -> states, one per DescribeJobExecution
+	deletionsLeft map[string]int             // job id -> DescribeJob answers before a deleting job is gone
+	failOps       map[string]int             // "METHOD /path" -> HTTP status to answer with
+	onDesc        func(n int)                // called after each DescribeJobExecution, n from 1
+	nDesc         int
+	assumeRq      url.Values
 }
 
 type recorded struct {
@@ -73,15 +74,16 @@ const (
 
 func newStandIn(t *testing.T) *standIn {
 	s := &standIn{
-		t:          t,
-		objects:    map[string][]byte{},
-		objectSums: map[string]string{},
-		streams:    map[string]bool{},
-		jobs:       map[string]json.RawMessage{},
-		stale:      map[string][]staleExec{},
-		pending:    map[string]int{},
-		scripts:    map[string][]execState{},
-		failOps:    map[string]int{},
+		t:             t,
+		objects:       map[string][]byte{},
+		objectSums:    map[string]string{},
+		streams:       map[string]bool{},
+		jobs:          map[string]json.RawMessage{},
+		stale:         map[string][]staleExec{},
+		pending:       map[string]int{},
+		scripts:       map[string][]execState{},
+		deletionsLeft: map[string]int{},
+		failOps:       map[string]int{},
 	}
 	mux := http.NewServeMux()
 	// IoT control plane, REST paths as the SDK's serializers build them.
@@ -92,6 +94,7 @@ func newStandIn(t *testing.T) *standIn {
 	mux.HandleFunc("POST /streams/{stream}", s.createStream)
 	mux.HandleFunc("DELETE /streams/{stream}", s.deleteStream)
 	mux.HandleFunc("PUT /jobs/{job}", s.createJob)
+	mux.HandleFunc("GET /jobs/{job}", s.describeJob)
 	mux.HandleFunc("PUT /jobs/{job}/cancel", s.cancelJob)
 	mux.HandleFunc("DELETE /jobs/{job}", s.deleteJob)
 	// S3, path style.
@@ -256,8 +259,13 @@ func (s *standIn) describeExecution(w http.ResponseWriter, r *http.Request) {
 func (s *standIn) createStream(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("stream")
 	s.mu.Lock()
+	exists := s.streams[id]
 	s.streams[id] = true
 	s.mu.Unlock()
+	if exists {
+		iotError(w, 409, "ResourceAlreadyExistsException", "stream exists")
+		return
+	}
 	writeJSON(w, map[string]any{"streamId": id, "streamArn": "arn:aws:iot:eu-west-1:123456789012:stream/" + id, "streamVersion": 1})
 }
 
@@ -276,9 +284,39 @@ func (s *standIn) createJob(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("job")
 	body, _ := io.ReadAll(r.Body)
 	s.mu.Lock()
-	s.jobs[id] = body
+	_, exists := s.jobs[id]
+	if !exists {
+		s.jobs[id] = body
+	}
 	s.mu.Unlock()
+	if exists {
+		iotError(w, 409, "ResourceAlreadyExistsException", "job exists")
+		return
+	}
 	writeJSON(w, map[string]any{"jobId": id, "jobArn": "arn:aws:iot:eu-west-1:123456789012:job/" + id})
+}
+
+// describeJob reports a job in deletionsLeft as DELETION_IN_PROGRESS that many times, then
+// removes it.
+func (s *standIn) describeJob(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("job")
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if _, ok := s.jobs[id]; !ok {
+		iotError(w, 404, "ResourceNotFoundException", "no such job")
+		return
+	}
+	status := "IN_PROGRESS"
+	if n, ok := s.deletionsLeft[id]; ok {
+		status = "DELETION_IN_PROGRESS"
+		if n <= 1 {
+			delete(s.jobs, id)
+			delete(s.deletionsLeft, id)
+		} else {
+			s.deletionsLeft[id] = n - 1
+		}
+	}
+	writeJSON(w, map[string]any{"job": map[string]any{"jobId": id, "status": status}})
 }
 
 func (s *standIn) cancelJob(w http.ResponseWriter, r *http.Request) {

@@ -32,6 +32,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 
 	"github.com/aws/aws-sdk-go-v2/aws"
@@ -129,7 +130,11 @@ func FromEnv(ctx context.Context) (*Backend, error) {
 	if ok, why := Configured(); !ok {
 		return nil, errors.New(why)
 	}
-	return New(ctx, Options{
+	return New(ctx, envOptions())
+}
+
+func envOptions() Options {
+	return Options{
 		Endpoint:       os.Getenv(EnvEndpoint),
 		Thing:          os.Getenv(EnvThing),
 		Region:         os.Getenv(EnvRegion),
@@ -137,7 +142,32 @@ func FromEnv(ctx context.Context) (*Backend, error) {
 		KeyPrefix:      os.Getenv(EnvKeyPrefix),
 		ServiceRoleARN: os.Getenv(EnvServiceRoleARN),
 		AssumeRoleARN:  os.Getenv(EnvRoleARN),
+	}
+}
+
+// ForTest returns the AWS backend configured by the environment, logging to t and closed by
+// t.Cleanup (which also runs after a failure or a panic). When the environment does not
+// configure real AWS it skips t, naming the missing variables.
+func ForTest(t testing.TB) *Backend {
+	t.Helper()
+	ok, why := Configured()
+	if !ok {
+		t.Skip(why)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	opts := envOptions()
+	opts.Logf = t.Logf
+	b, err := New(ctx, opts)
+	if err != nil {
+		t.Fatalf("awsbackend: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := b.Close(); err != nil {
+			t.Errorf("awsbackend: clean-up: %v", err)
+		}
 	})
+	return b
 }
 
 // regionFromEndpoint reads REGION from xxxx-ats.iot.REGION.amazonaws.com[.cn].
@@ -269,8 +299,8 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 	}
 	b.s3 = s3.NewFromConfig(cfg, func(o *s3.Options) {
 		base(&o.BaseEndpoint)
-		// A stand-in server has no per-bucket host names.
-		o.UsePathStyle = opts.BaseEndpoint != ""
+		// A stand-in server (or AWS_ENDPOINT_URL) has no per-bucket host names.
+		o.UsePathStyle = opts.BaseEndpoint != "" || cfg.BaseEndpoint != nil
 	})
 	b.presign = s3.NewPresignClient(b.s3)
 

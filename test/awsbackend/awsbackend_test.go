@@ -827,3 +827,47 @@ func TestCreateJobAfterEarlierRun(t *testing.T) {
 	delete(s.jobs, "foreign")
 	s.mu.Unlock()
 }
+
+func TestForTestSkipsWhenNotConfigured(t *testing.T) {
+	t.Setenv(EnvEndpoint, "")
+	t.Setenv(EnvThing, "")
+	var sub *testing.T
+	reached := false
+	t.Run("e2e", func(t *testing.T) {
+		sub = t
+		ForTest(t)
+		reached = true
+	})
+	if !sub.Skipped() || reached {
+		t.Fatalf("skipped %v, reached %v: want a skip", sub.Skipped(), reached)
+	}
+}
+
+// TestForTestFromEnv runs the whole environment path (the SDK's own AWS_ENDPOINT_URL and
+// credential variables) against the stand-in.
+func TestForTestFromEnv(t *testing.T) {
+	s := newStandIn(t)
+	for k, v := range map[string]string{
+		EnvEndpoint: "abc123-ats.iot." + testRegion + ".amazonaws.com", EnvThing: testThing,
+		EnvBucket: testBucket, EnvServiceRoleARN: testRole, EnvRegion: "", EnvRoleARN: "",
+		EnvKeyPrefix: "ci/run-7/", EnvDefaultCredentials: "",
+		"AWS_ENDPOINT_URL": s.srv.URL, "AWS_ACCESS_KEY_ID": testAKID, "AWS_SECRET_ACCESS_KEY": "secret",
+		"AWS_SESSION_TOKEN": "", "AWS_PROFILE": "", "AWS_CONFIG_FILE": os.DevNull,
+		"AWS_SHARED_CREDENTIALS_FILE": os.DevNull,
+	} {
+		t.Setenv(k, v)
+	}
+	t.Run("e2e", func(t *testing.T) {
+		b := ForTest(t)
+		createSimpleJob(t, b, "env-job")
+	})
+	if len(s.find("PUT", "/jobs/env-job")) != 1 || len(s.find("PUT", "/"+testBucket+"/ci/run-7/env-job/0-gateway.img")) != 1 {
+		t.Errorf("requests %v", s.calls())
+	}
+	s.mu.Lock()
+	left := len(s.objects) + len(s.streams) + len(s.jobs)
+	s.mu.Unlock()
+	if left != 0 {
+		t.Errorf("%d resources left after the test's clean-up", left)
+	}
+}

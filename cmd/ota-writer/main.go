@@ -17,8 +17,8 @@
 //	0  success
 //	1  the operation failed; the last line on stderr is "reason: <name>/<code>" (REASONS.md)
 //	2  usage or configuration error
-//	3  the writer is unavailable (not running and no --config to run in-process), or, for
-//	   flash, a writer is already serving the configuration's socket
+//	   (flash while a writer serves the configuration's socket: session_busy/3012)
+//	3  the writer is unavailable (not running and no --config to run in-process)
 package main
 
 import (

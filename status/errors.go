@@ -71,6 +71,9 @@ func ReasonOf(err error) otav1.Reason {
 			return otav1.Reason_REASON_PERMISSION_DENIED
 		case codes.Canceled:
 			return otav1.Reason_REASON_USER_ABORT
+		case codes.ResourceExhausted:
+			// grpc-go refuses an oversize message before any interceptor can attach a reason.
+			return otav1.Reason_REASON_INVALID_REQUEST
 		}
 	}
 	if errors.Is(err, context.Canceled) {

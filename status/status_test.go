@@ -155,6 +155,7 @@ func TestReasonOfWithoutDetail(t *testing.T) {
 		{nil, otav1.Reason_REASON_UNSPECIFIED},
 		{grpcstatus.Error(codes.Unavailable, "connection refused"), otav1.Reason_REASON_WRITER_UNAVAILABLE},
 		{grpcstatus.Error(codes.PermissionDenied, "no"), otav1.Reason_REASON_PERMISSION_DENIED},
+		{grpcstatus.Error(codes.ResourceExhausted, "message larger than max"), otav1.Reason_REASON_INVALID_REQUEST},
 		{fmt.Errorf("x: %w", context.Canceled), otav1.Reason_REASON_USER_ABORT},
 		{errors.New("sig_check_failed"), otav1.Reason_REASON_OTHER}, // message text is never read
 	} {

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-cmp/cmp"
+)
+
+func writeConfig(t *testing.T, body string) string {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "ota-net.toml")
+	if err := os.WriteFile(p, []byte(body), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+const example = `
+broker = "mqtts://xxxxxxxx-ats.iot.eu-west-1.amazonaws.com:8883"
+thing_name = "gw-01"
+ca_file = "/etc/ota/AmazonRootCA1.pem"
+cert_file = "/etc/ota/device.crt.pem"
+key_file = "/etc/ota/device.key.pem"
+writer_socket = "/run/ota/writer.sock"
+state_dir = "/var/lib/ota-net"
+block_size = 65536
+blocks_per_request = 2
+requests_in_flight = 8
+quiet_period = "2s"
+max_fruitless_rounds = 12
+prefer_http = true
+report_interval = "10s"
+report_percent_step = 10
+writer_wait_timeout = "15m"
+self_test_timeout = "3m"
+keep_alive = "300s"
+`
+
+func TestConfigFileAndFlags(t *testing.T) {
+	p := writeConfig(t, example)
+	var stderr bytes.Buffer
+	c, err := parseArgs([]string{"--config", p, "--thing-name", "gw-02", "--state-dir", "/tmp/x", "--block-size", "4096"}, &stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		Broker: "mqtts://xxxxxxxx-ats.iot.eu-west-1.amazonaws.com:8883", ThingName: "gw-02",
+		CAFile: "/etc/ota/AmazonRootCA1.pem", CertFile: "/etc/ota/device.crt.pem", KeyFile: "/etc/ota/device.key.pem",
+		WriterSocket: "/run/ota/writer.sock", StateDir: "/tmp/x", BlockSize: 4096, BlocksPerRequest: 2, RequestsInFlight: 8,
+		QuietPeriod: duration{2 * time.Second}, MaxFruitlessRounds: 12, PreferHTTP: true, StreamFormat: "cbor",
+		ReportInterval: duration{10 * time.Second}, ReportPercentStep: 10, WriterWaitTimeout: duration{15 * time.Minute},
+		SelfTestTimeout: duration{3 * time.Minute}, KeepAlive: duration{300 * time.Second}, LogLevel: "info",
+	}
+	if diff := cmp.Diff(want, c); diff != "" {
+		t.Fatalf("(-want +got)\n%s", diff)
+	}
+}
+
+func TestConfigErrors(t *testing.T) {
+	tests := []struct {
+		name string
+		file string
+		args []string
+		want string
+	}{
+		{"unknown key", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nbrokr = 1\n", nil, "unknown keys: brokr"},
+		{"bad toml", `broker = `, nil, "ota-net.toml"},
+		{"no broker", `thing_name = "x"`, nil, "broker is required"},
+		{"bad scheme", `broker = "http://h:1"` + "\nthing_name=\"x\"", nil, "scheme"},
+		{"mqtts without cert", `broker = "mqtts://h:8883"` + "\nthing_name=\"x\"", nil, "mutual TLS"},
+		{"bad thing", `broker = "mqtt://h:1"` + "\nthing_name=\"a/b\"", nil, "thing_name"},
+		{"relative socket", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nwriter_socket=\"w.sock\"", nil, "absolute"},
+		{"block size", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nblock_size=100", nil, "block_size"},
+		{"keep alive", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nkeep_alive=\"5s\"", nil, "keep_alive"},
+		{"bad duration", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nquiet_period=\"soon\"", nil, "soon"},
+		{"flag overrides to invalid", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"--broker", "ftp://h"}, "scheme"},
+		{"stray argument", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"extra"}, "unexpected"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			p := writeConfig(t, tt.file)
+			var stderr bytes.Buffer
+			_, err := parseArgs(append([]string{"--config", p}, tt.args...), &stderr)
+			if err == nil || !strings.Contains(err.Error(), tt.want) {
+				t.Fatalf("err %v, want %q", err, tt.want)
+			}
+		})
+	}
+}
+
+func TestFlagsOnly(t *testing.T) {
+	var stderr bytes.Buffer
+	c, err := parseArgs([]string{"--broker", "mqtt://127.0.0.1:1883", "--thing-name", "gw-01", "--writer-socket", "/run/w.sock"}, &stderr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.StateDir != DefaultStateDir || c.WriterSocket != "/run/w.sock" {
+		t.Fatalf("%+v", c)
+	}
+	if code := run([]string{"--bogus"}, &stderr); code != 2 {
+		t.Fatalf("exit %d for a bad flag", code)
+	}
+	if code := run([]string{"--version"}, &stderr); code != 0 {
+		t.Fatalf("exit %d for --version", code)
+	}
+}

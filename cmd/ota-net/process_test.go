@@ -1,0 +1,226 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/emulator"
+)
+
+// The process tests build the real ota-net and ota-writer binaries and run them against the
+// in-process emulator.
+var binDir string
+
+func TestMain(m *testing.M) {
+	dir, err := os.MkdirTemp("", "otanetbin")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	binDir = dir
+	for _, pkg := range []string{".", "../ota-writer"} {
+		name := "ota-net"
+		if pkg != "." {
+			name = "ota-writer"
+		}
+		if out, err := exec.Command("go", "build", "-o", filepath.Join(dir, name), pkg).CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "go build %s: %v\n%s", pkg, err, out)
+			os.RemoveAll(dir)
+			os.Exit(1)
+		}
+	}
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
+}
+
+type syncBuf struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (s *syncBuf) Write(p []byte) (int, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.Write(p)
+}
+
+func (s *syncBuf) String() string {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.b.String()
+}
+
+type proc struct {
+	name string
+	cmd  *exec.Cmd
+	logs *syncBuf
+	done chan error
+}
+
+func startProc(t *testing.T, name string, args ...string) *proc {
+	t.Helper()
+	cmd := exec.Command(filepath.Join(binDir, name), args...)
+	p := &proc{name: name, cmd: cmd, logs: &syncBuf{}, done: make(chan error, 1)}
+	cmd.Stdout, cmd.Stderr = p.logs, p.logs
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	go func() { p.done <- cmd.Wait() }()
+	t.Cleanup(func() {
+		p.term(t)
+		if t.Failed() {
+			t.Logf("%s log:\n%s", name, p.logs.String())
+		}
+	})
+	return p
+}
+
+// term sends SIGTERM and waits for the exit; it returns the exit error (nil: status 0).
+func (p *proc) term(t *testing.T) error {
+	if p.cmd.ProcessState != nil {
+		return nil
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	select {
+	case err := <-p.done:
+		return err
+	case <-time.After(20 * time.Second):
+		_ = p.cmd.Process.Kill()
+		t.Errorf("%s did not stop on SIGTERM", p.name)
+		return <-p.done
+	}
+}
+
+func signedImage(t *testing.T, dir string, size int) (string, []byte) {
+	t.Helper()
+	for _, args := range [][]string{
+		{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", filepath.Join(dir, "ec.key")},
+		{"req", "-new", "-x509", "-key", filepath.Join(dir, "ec.key"), "-subj", "/CN=ota-signer", "-days", "30", "-out", filepath.Join(dir, "signer.crt.pem")},
+	} {
+		if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
+			t.Fatalf("openssl: %v\n%s", err, out)
+		}
+	}
+	data := make([]byte, size)
+	_, _ = rand.Read(data)
+	img := filepath.Join(dir, "image.bin")
+	if err := os.WriteFile(img, data, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("openssl", "dgst", "-sha256", "-sign", filepath.Join(dir, "ec.key"), "-out", img+".sig", img).CombinedOutput(); err != nil {
+		t.Fatalf("openssl sign: %v\n%s", err, out)
+	}
+	sig, err := os.ReadFile(img + ".sig")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img, sig
+}
+
+// A whole job through the real binaries, with a SIGTERM in the middle of the download: ota-net
+// exits 0 and the next start resumes from the writer's durable blocks.
+func TestProcessesJobWithRestart(t *testing.T) {
+	if _, err := exec.LookPath("openssl"); err != nil {
+		t.Skip("openssl not installed")
+	}
+	dir := t.TempDir()
+	sockDir, err := os.MkdirTemp("/tmp", "otn")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(sockDir)
+	img, sig := signedImage(t, dir, 2<<20)
+	appPath := filepath.Join(dir, "app.bin")
+	wcfg := filepath.Join(dir, "writer.toml")
+	sock := filepath.Join(sockDir, "writer.sock")
+	if err := os.WriteFile(wcfg, []byte(`
+socket = "`+sock+`"
+state_dir = "`+filepath.Join(dir, "wstate")+`"
+trusted_keys = ["`+filepath.Join(dir, "signer.crt.pem")+`"]
+reboot_command = ["/bin/true"]
+sync_bytes = 65536
+[[target]]
+name = "app"
+kind = "file"
+file_types = [1]
+path = "`+appPath+`"
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	progressed := make(chan struct{})
+	var once sync.Once
+	e, err := emulator.Start(ctx, emulator.Options{OnUpdate: func(u emulator.UpdateEvent) {
+		if p := u.StatusDetails["progress"]; p != "" && p != "0/512" {
+			once.Do(func() { close(progressed) })
+		}
+	}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+
+	ncfg := filepath.Join(dir, "net.toml")
+	if err := os.WriteFile(ncfg, []byte(`
+broker = "`+e.BrokerURL()+`"
+thing_name = "`+e.ThingName()+`"
+writer_socket = "/nonexistent/overridden.sock"
+state_dir = "`+filepath.Join(dir, "nstate")+`"
+block_size = 4096
+blocks_per_request = 4
+requests_in_flight = 2
+quiet_period = "300ms"
+report_interval = "100ms"
+log_level = "debug"
+`), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	startProc(t, "ota-writer", "serve", "--config", wcfg)
+	net1 := startProc(t, "ota-net", "--config", ncfg, "--writer-socket", sock)
+
+	// Slow the stream so the SIGTERM lands mid-download.
+	if err := e.CreateJob(ctx, backend.JobSpec{JobID: "job-p", Files: []backend.FileSpec{{
+		LocalPath: img, FileType: 1, CertName: "signer.crt.pem", Signature: sig, SigAlgorithm: backend.SigSHA256ECDSA,
+	}}}); err != nil {
+		t.Fatal(err)
+	}
+	e.SetFaults(e.StreamName("job-p"), emulator.Faults{Delay: 20 * time.Millisecond})
+	select {
+	case <-progressed:
+	case <-ctx.Done():
+		t.Fatal("no progress reported")
+	}
+	if err := net1.term(t); err != nil {
+		t.Fatalf("ota-net exit after SIGTERM: %v\n%s", err, net1.logs.String())
+	}
+	served := e.BlocksServed("job-p")
+	e.ClearFaults(e.StreamName("job-p"))
+
+	startProc(t, "ota-net", "--config", ncfg, "--writer-socket", sock)
+	ex, err := e.WaitStatus(ctx, "job-p", backend.StatusSucceeded, backend.StatusFailed, backend.StatusRejected)
+	if err != nil || ex.Status != backend.StatusSucceeded {
+		t.Fatalf("job %+v %v (updates %+v)", ex, err, e.Updates("job-p"))
+	}
+	got, err := os.ReadFile(appPath)
+	want, _ := os.ReadFile(img)
+	if err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("installed file differs (%v)", err)
+	}
+	total := e.BlocksServed("job-p")
+	t.Logf("blocks served before SIGTERM %d, in total %d (file has 512)", served, total)
+	if total >= 512+served {
+		t.Fatalf("restart downloaded everything again: %d blocks served, %d before the restart", total, served)
+	}
+}

@@ -22,6 +22,7 @@ package awsbackend
 
 import (
 	"context"
+	"crypto/rand"
 	"errors"
 	"fmt"
 	"maps"
@@ -210,6 +211,7 @@ type Backend struct {
 	presign  *s3.PresignClient
 	httpc    *http.Client
 	thingARN string
+	runID    string // random, names this run's S3 objects
 
 	mu       sync.Mutex
 	created  []resource // in creation order; Close removes them in reverse
@@ -291,6 +293,7 @@ func New(ctx context.Context, opts Options) (*Backend, error) {
 			func(o *stscreds.AssumeRoleOptions) { o.RoleSessionName = "gwota-e2e" }))
 	}
 	b := &Backend{
+		runID:    rand.Text()[:10],
 		opts:     opts,
 		httpc:    httpc,
 		iot:      iot.NewFromConfig(cfg, func(o *iot.Options) { base(&o.BaseEndpoint) }),
@@ -362,11 +365,17 @@ func (b *Backend) BrokerURL() string {
 	return "mqtts://" + hostOf(b.opts.Endpoint) + ":8883"
 }
 
-func (b *Backend) track(r resource) {
+// track records r for Close before the call that creates it: a call that fails after AWS
+// acted (a lost response, a canceled context) must not leak what it made; Close ignores what
+// is not there. It reports whether r was new.
+func (b *Backend) track(r resource) bool {
 	b.mu.Lock()
 	defer b.mu.Unlock()
+	if slices.Contains(b.created, r) {
+		return false
+	}
 	b.created = append(b.created, r)
-	b.opts.Logf("awsbackend: created %s %s", r.kind, r.id)
+	return true
 }
 
 func (b *Backend) untrack(r resource) {
@@ -382,6 +391,12 @@ func (b *Backend) checkOpen() error {
 		return errors.New("awsbackend: closed")
 	}
 	return nil
+}
+
+// objectKey is PREFIX/RUN/JOBID/INDEX-NAME: the run id keeps a failed second CreateJob with
+// the same job id, or a parallel run, from overwriting an object a live stream reads.
+func (b *Backend) objectKey(jobID string, i int, localPath string) string {
+	return fmt.Sprintf("%s%s/%s/%d-%s", b.opts.KeyPrefix, b.runID, jobID, i, path.Base(localPath))
 }
 
 // streamID is derived from the job id so a leftover stream is easy to attribute.
@@ -433,7 +448,7 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 		if err != nil {
 			return fmt.Errorf("awsbackend: file %d: %w", i, err)
 		}
-		key := fmt.Sprintf("%s%s/%d-%s", b.opts.KeyPrefix, spec.JobID, i, path.Base(f.LocalPath))
+		key := b.objectKey(spec.JobID, i, f.LocalPath)
 		version, err := b.upload(ctx, key, f.LocalPath, size)
 		if err != nil {
 			return fmt.Errorf("awsbackend: file %d: %w", i, err)
@@ -463,6 +478,7 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 			RoleArn:     aws.String(b.opts.ServiceRoleARN),
 			Description: aws.String("gwota end-to-end test " + spec.JobID),
 		}
+		b.track(resource{"stream", streamName})
 		_, err := b.iot.CreateStream(ctx, in)
 		if isAlreadyExists(err) {
 			// Our prefix: a stream left by an earlier run that could not clean up.
@@ -474,7 +490,7 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 		if err != nil {
 			return fmt.Errorf("awsbackend: create stream %s: %w", streamName, err)
 		}
-		b.track(resource{"stream", streamName})
+		b.opts.Logf("awsbackend: created stream %s", streamName)
 	}
 
 	doc, err := buildDocument(spec.Protocols, streamName, files)
@@ -494,6 +510,8 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 			ExpiresInSec: aws.Int64(int64(expiry / time.Second)),
 		}
 	}
+	job := resource{"job", spec.JobID}
+	added := b.track(job)
 	_, err = b.iot.CreateJob(ctx, in)
 	if isAlreadyExists(err) && b.waitJobGone(ctx, spec.JobID) == nil {
 		// The previous run's job with this id was still being deleted.
@@ -501,11 +519,14 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 	}
 	if err != nil {
 		if isAlreadyExists(err) {
+			if added {
+				b.untrack(job) // someone else's job: never delete it
+			}
 			err = fmt.Errorf("%w (left by an earlier run? delete it or use another job id)", err)
 		}
 		return fmt.Errorf("awsbackend: create job %s: %w", spec.JobID, err)
 	}
-	b.track(resource{"job", spec.JobID})
+	b.opts.Logf("awsbackend: created job %s", spec.JobID)
 
 	// Executions are created asynchronously; the test expects a QUEUED execution to exist.
 	for _, t := range things {
@@ -563,6 +584,7 @@ func (b *Backend) upload(ctx context.Context, key, localPath string, size int64)
 		return nil, err
 	}
 	defer f.Close()
+	b.track(resource{"object", key})
 	out, err := b.s3.PutObject(ctx, &s3.PutObjectInput{
 		Bucket:        aws.String(b.opts.Bucket),
 		Key:           aws.String(key),
@@ -573,7 +595,7 @@ func (b *Backend) upload(ctx context.Context, key, localPath string, size int64)
 	if err != nil {
 		return nil, fmt.Errorf("upload s3://%s/%s: %w", b.opts.Bucket, key, err)
 	}
-	b.track(resource{"object", key})
+	b.opts.Logf("awsbackend: uploaded s3://%s/%s", b.opts.Bucket, key)
 	return out.VersionId, nil
 }
 

@@ -301,7 +301,10 @@ func TestCreateJob(t *testing.T) {
 			if err != nil {
 				t.Fatalf("CreateJob: %v", err)
 			}
-			const key = "gwota-e2e/job-1/0-gateway.img"
+			key := b.objectKey("job-1", 0, img)
+			if want := "gwota-e2e/" + b.runID + "/job-1/0-gateway.img"; key != want {
+				t.Fatalf("object key %q, want %q", key, want)
+			}
 
 			// S3: the exact bytes, with a payload hash that matches them.
 			puts := s.find("PUT", "/"+testBucket+"/"+key)
@@ -417,7 +420,7 @@ func TestCreateJob(t *testing.T) {
 				// Presigned here: it must fetch the very object from the stand-in.
 				checkPresignedURL(t, url, data)
 			default:
-				if url != placeholder+"job-1/0-gateway.img}" {
+				if url != placeholder+b.runID+"/job-1/0-gateway.img}" {
 					t.Errorf("placeholder %q", url)
 				}
 			}
@@ -681,8 +684,9 @@ func TestCreateJobFailureLeavesNothing(t *testing.T) {
 	if objs+streams+jobs != 0 {
 		t.Errorf("left behind: %d objects, %d streams, %d jobs", objs, streams, jobs)
 	}
-	if len(s.find("DELETE", "/jobs/job-x")) != 0 {
-		t.Error("Close deleted a job that was never created")
+	// The rejected CreateJob may have acted before failing: Close tries it too.
+	if len(s.find("DELETE", "/jobs/job-x")) != 1 {
+		t.Errorf("Close did not try the job whose creation failed: %v", s.calls())
 	}
 }
 
@@ -820,8 +824,19 @@ func TestCreateJobAfterEarlierRun(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "earlier run") {
 		t.Fatalf("CreateJob over an existing job: %v", err)
 	}
+	// The same id twice in one run: the second fails, the first is still removed by Close.
+	err = b.CreateJob(t.Context(), backend.JobSpec{JobID: "again", Protocols: []string{"HTTP"}, Files: []backend.FileSpec{{LocalPath: img}}})
+	if err == nil {
+		t.Fatal("second CreateJob with the same id succeeded")
+	}
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
 	if len(s.find("DELETE", "/jobs/foreign")) != 0 {
 		t.Error("deleted a job this backend did not create")
+	}
+	if len(s.find("DELETE", "/jobs/again")) != 1 {
+		t.Errorf("job 'again' not removed once by Close: %v", s.calls())
 	}
 	s.mu.Lock()
 	delete(s.jobs, "foreign")
@@ -857,11 +872,13 @@ func TestForTestFromEnv(t *testing.T) {
 	} {
 		t.Setenv(k, v)
 	}
+	var key string
 	t.Run("e2e", func(t *testing.T) {
 		b := ForTest(t)
 		createSimpleJob(t, b, "env-job")
+		key = b.objectKey("env-job", 0, "gateway.img")
 	})
-	if len(s.find("PUT", "/jobs/env-job")) != 1 || len(s.find("PUT", "/"+testBucket+"/ci/run-7/env-job/0-gateway.img")) != 1 {
+	if !strings.HasPrefix(key, "ci/run-7/") || len(s.find("PUT", "/jobs/env-job")) != 1 || len(s.find("PUT", "/"+testBucket+"/"+key)) != 1 {
 		t.Errorf("requests %v", s.calls())
 	}
 	s.mu.Lock()

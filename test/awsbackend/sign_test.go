@@ -212,7 +212,7 @@ func TestLargeImageFlatMemory(t *testing.T) {
 		t.Fatalf("CreateJob: %v", err)
 	}
 	s.mu.Lock()
-	sum := s.objectSums[testBucket+"/gwota-e2e/big/0-big.img"]
+	sum := s.objectSums[testBucket+"/"+b.objectKey("big", 0, img)]
 	s.mu.Unlock()
 	if want := hexString(mustDigest(t, img)); sum != want {
 		t.Fatalf("uploaded SHA-256 %s, want %s", sum, want)

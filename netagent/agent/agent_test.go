@@ -492,3 +492,79 @@ func TestWriterUnavailableFailsJob(t *testing.T) {
 	}
 	_ = otav1.Reason_REASON_WRITER_UNAVAILABLE
 }
+
+// readyAndStop runs a job on an A/B target up to the reboot and stops the device.
+func readyAndStop(t *testing.T, e *emulator.Emulator, w *writerRig, id string) {
+	t.Helper()
+	d := startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 30*1024)
+	createJob(t, e, id, []string{"MQTT"}, img, 0, nil)
+	waitReboot(t, w)
+	if ex := waitStatus(t, e, id, jobs.StatusInProgress); ex.StatusDetails["self_test"] != "ready" {
+		t.Fatalf("%+v", ex)
+	}
+	d.stop(t)
+	w.stop()
+}
+
+func TestBootloaderRolledBack(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	readyAndStop(t, e, w, "job-rb")
+	// The new slot never came up: the bootloader tries it boot_limit times, then falls back.
+	for range 3 {
+		w.start(true)
+		w.stop()
+	}
+	w.start(true)
+	startDevice(t, e, w, agent.Config{})
+	ex := waitStatus(t, e, "job-rb", jobs.StatusSucceeded, jobs.StatusFailed)
+	if ex.Status != jobs.StatusFailed || ex.StatusDetails["reason"] != "rolled_back" || ex.StatusDetails["error_code"] != "3007" {
+		t.Fatalf("job %+v", ex)
+	}
+}
+
+func TestActivatedNotRebootedRebootsAgain(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	readyAndStop(t, e, w, "job-ar")
+	w.start(false) // the writer restarted, the machine did not
+	startDevice(t, e, w, agent.Config{})
+	waitReboot(t, w)
+}
+
+func TestTrialOfCanceledJobRollsBack(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	readyAndStop(t, e, w, "job-gone")
+	if err := e.CancelJob(context.Background(), "job-gone", true); err != nil {
+		t.Fatal(err)
+	}
+	w.start(true)
+	d := startDevice(t, e, w, agent.Config{})
+	waitReboot(t, w)
+	st, err := d.link.State(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.GetImageState() == otav1.ImageState_IMAGE_STATE_TRIAL {
+		t.Fatalf("still in trial: %+v", st)
+	}
+	if r := st.GetLastUpdate().GetReason(); r != otav1.Reason_REASON_STATE_MISMATCH {
+		t.Fatalf("last update reason %v", r)
+	}
+}
+
+func TestSelfTestTimeout(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	readyAndStop(t, e, w, "job-to")
+	w.cfg.Checks[0].Command = []string{"/bin/sleep", "30"}
+	w.start(true)
+	startDevice(t, e, w, agent.Config{SelfTestTimeout: 500 * time.Millisecond})
+	ex := waitStatus(t, e, "job-to", jobs.StatusSucceeded, jobs.StatusFailed)
+	if ex.Status != jobs.StatusFailed || ex.StatusDetails["reason"] != "self_test_timeout" || ex.StatusDetails["error_code"] != "3006" {
+		t.Fatalf("job %+v", ex)
+	}
+	waitReboot(t, w)
+}

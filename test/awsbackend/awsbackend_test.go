@@ -888,3 +888,22 @@ func TestForTestFromEnv(t *testing.T) {
 		t.Errorf("%d resources left after the test's clean-up", left)
 	}
 }
+
+// TestCloseReleasesConnections: the backend's keep-alive connections end with Close, not when
+// the server goes away.
+func TestCloseReleasesConnections(t *testing.T) {
+	s := newStandIn(t)
+	b, err := New(t.Context(), testOptions(s))
+	if err != nil {
+		t.Fatal(err)
+	}
+	createSimpleJob(t, b, "job-conn")
+	if err := b.Close(); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := s.waitConnsClosed(ctx); err != nil {
+		t.Fatal(err)
+	}
+}

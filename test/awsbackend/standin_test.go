@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -41,6 +42,9 @@ type standIn struct {
 	onDesc        func(n int)                // called after each DescribeJobExecution, n from 1
 	nDesc         int
 	assumeRq      url.Values
+
+	openConns    int
+	connsChanged chan struct{} // a token after every connection state change
 }
 
 type recorded struct {
@@ -103,7 +107,7 @@ func newStandIn(t *testing.T) *standIn {
 	mux.HandleFunc("DELETE /{bucket}/{key...}", s.deleteObject)
 	// STS query protocol.
 	mux.HandleFunc("POST /{$}", s.sts)
-	s.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+	s.srv = httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		// Small bodies are recorded; large uploads stream through to the handler, so a test
 		// can check that nothing on the client side buffers a whole image.
 		var body []byte
@@ -130,6 +134,22 @@ func newStandIn(t *testing.T) *standIn {
 		}
 		mux.ServeHTTP(w, r)
 	}))
+	s.connsChanged = make(chan struct{}, 1)
+	s.srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		s.mu.Lock()
+		switch st {
+		case http.StateNew:
+			s.openConns++
+		case http.StateClosed, http.StateHijacked:
+			s.openConns--
+		}
+		s.mu.Unlock()
+		select {
+		case s.connsChanged <- struct{}{}:
+		default:
+		}
+	}
+	s.srv.Start()
 	t.Cleanup(s.srv.Close)
 	return s
 }
@@ -138,6 +158,23 @@ func (s *standIn) requests() []recorded {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return append([]recorded(nil), s.reqs...)
+}
+
+// waitConnsClosed blocks until no client connection is open, or ctx ends.
+func (s *standIn) waitConnsClosed(ctx context.Context) error {
+	for {
+		s.mu.Lock()
+		n := s.openConns
+		s.mu.Unlock()
+		if n == 0 {
+			return nil
+		}
+		select {
+		case <-s.connsChanged:
+		case <-ctx.Done():
+			return fmt.Errorf("%d connections still open: %w", n, ctx.Err())
+		}
+	}
 }
 
 // calls lists "METHOD /path" of every request, in order.

@@ -1,0 +1,169 @@
+package mqttconn_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/pem"
+	"math/big"
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
+)
+
+type pki struct {
+	caPEM            []byte
+	ca               *x509.Certificate
+	caKey            *ecdsa.PrivateKey
+	dir              string
+	caFile, crt, key string
+	serverCert       tls.Certificate
+}
+
+func issue(t *testing.T, p *pki, cn string, server bool) (certPEM, keyPEM []byte) {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(time.Now().UnixNano()), Subject: pkix.Name{CommonName: cn},
+		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	if server {
+		tmpl.DNSNames = []string{"localhost"}
+		tmpl.IPAddresses = []net.IP{net.ParseIP("127.0.0.1")}
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth}
+	} else {
+		tmpl.ExtKeyUsage = []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, p.ca, &k.PublicKey, p.caKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kb, err := x509.MarshalECPrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), pem.EncodeToMemory(&pem.Block{Type: "EC PRIVATE KEY", Bytes: kb})
+}
+
+func newPKI(t *testing.T) *pki {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "test CA"}, IsCA: true,
+		BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign, NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(time.Hour)}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &k.PublicKey, k)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ca, _ := x509.ParseCertificate(der)
+	p := &pki{ca: ca, caKey: k, dir: t.TempDir()}
+	p.caPEM = pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
+	sc, sk := issue(t, p, "broker", true)
+	if p.serverCert, err = tls.X509KeyPair(sc, sk); err != nil {
+		t.Fatal(err)
+	}
+	cc, ck := issue(t, p, "gw-tls", false)
+	p.caFile, p.crt, p.key = filepath.Join(p.dir, "ca.pem"), filepath.Join(p.dir, "dev.crt"), filepath.Join(p.dir, "dev.key")
+	for f, b := range map[string][]byte{p.caFile: p.caPEM, p.crt: cc, p.key: ck} {
+		if err := os.WriteFile(f, b, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return p
+}
+
+// Mutual TLS with SNI and ALPN against a TLS broker that requires a client certificate.
+func TestMutualTLS(t *testing.T) {
+	p := newPKI(t)
+	pool := x509.NewCertPool()
+	pool.AddCert(p.ca)
+	var mu sync.Mutex
+	var snis []string
+	var alpns [][]string
+	srvTLS := &tls.Config{
+		Certificates: []tls.Certificate{p.serverCert},
+		ClientCAs:    pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		NextProtos:   []string{mqttconn.ALPNProtocol},
+		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			mu.Lock()
+			snis = append(snis, h.ServerName)
+			alpns = append(alpns, h.SupportedProtos)
+			mu.Unlock()
+			return nil, nil
+		},
+	}
+	b := mqtttest.Start(t, mqtttest.Options{TLS: srvTLS})
+	_, port, _ := net.SplitHostPort(b.Addr())
+	url := "mqtts://localhost:" + port
+	c := dial(t, b, "gw-tls", func(cfg *mqttconn.Config) {
+		cfg.BrokerURL = url
+		cfg.CAFile, cfg.CertFile, cfg.KeyFile, cfg.ALPN = p.caFile, p.crt, p.key, true
+	})
+	ctx := ctxT(t)
+	h := newCollector()
+	if _, err := c.Subscribe(ctx, "tls/t", 1, h.handle); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.Publish(ctx, "tls/t", 1, []byte("secret")); err != nil {
+		t.Fatal(err)
+	}
+	if got := h.next(t); got.payload != "secret" {
+		t.Fatalf("got %+v", got)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(snis) == 0 || snis[0] != "localhost" {
+		t.Fatalf("SNI %q", snis)
+	}
+	if len(alpns[0]) != 1 || alpns[0][0] != mqttconn.ALPNProtocol {
+		t.Fatalf("ALPN %q", alpns[0])
+	}
+
+	// A CA that did not sign the broker: the connection never comes up.
+	other := newPKI(t)
+	bad, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: url, ClientID: "gw-bad", CAFile: other.caFile, CertFile: p.crt, KeyFile: p.key,
+		BackoffMin: 50 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	short, cancel := context.WithTimeout(ctx, 500*time.Millisecond)
+	defer cancel()
+	if err := bad.AwaitConnection(short); err == nil {
+		t.Fatal("connected to a broker signed by an untrusted CA")
+	}
+	if err := bad.Close(ctx); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestTLSConfigErrors(t *testing.T) {
+	p := newPKI(t)
+	ctx := ctxT(t)
+	garbage := filepath.Join(p.dir, "garbage.pem")
+	_ = os.WriteFile(garbage, []byte("not pem"), 0o600)
+	for name, cfg := range map[string]mqttconn.Config{
+		"missing ca":  {CAFile: filepath.Join(p.dir, "nope.pem"), CertFile: p.crt, KeyFile: p.key},
+		"garbage ca":  {CAFile: garbage, CertFile: p.crt, KeyFile: p.key},
+		"missing key": {CAFile: p.caFile, CertFile: p.crt, KeyFile: filepath.Join(p.dir, "nope.key")},
+	} {
+		cfg.BrokerURL, cfg.ClientID = "mqtts://localhost:8883", "x"
+		if _, err := mqttconn.Dial(ctx, cfg); err == nil || strings.Contains(err.Error(), "panic") {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+}

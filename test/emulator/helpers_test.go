@@ -55,7 +55,7 @@ func startEmulator(t *testing.T, opts Options) *Emulator {
 
 // device is an MQTT client written directly against the topics with paho.golang: no project code.
 type device struct {
-	t  *testing.T
+	t  testing.TB
 	c  *paho.Client
 	id string
 
@@ -65,7 +65,7 @@ type device struct {
 	down bool
 }
 
-func connectDevice(t *testing.T, brokerURL, clientID string, subscribe ...string) *device {
+func connectDevice(t testing.TB, brokerURL, clientID string, subscribe ...string) *device {
 	t.Helper()
 	d, _ := connectSession(t, brokerURL, clientID, 0, subscribe...)
 	return d
@@ -73,7 +73,7 @@ func connectDevice(t *testing.T, brokerURL, clientID string, subscribe ...string
 
 // connectSession connects with a persistent session when expiry > 0 (CleanStart false) and
 // reports whether the broker had kept one.
-func connectSession(t *testing.T, brokerURL, clientID string, expiry uint32, subscribe ...string) (*device, bool) {
+func connectSession(t testing.TB, brokerURL, clientID string, expiry uint32, subscribe ...string) (*device, bool) {
 	t.Helper()
 	u, err := url.Parse(brokerURL)
 	if err != nil {
@@ -205,7 +205,7 @@ func (d *device) drain(topic string) []*paho.Publish {
 	return out
 }
 
-func decodeJSONMap(t *testing.T, b []byte) map[string]any {
+func decodeJSONMap(t testing.TB, b []byte) map[string]any {
 	t.Helper()
 	var m map[string]any
 	if err := json.Unmarshal(b, &m); err != nil {
@@ -215,7 +215,7 @@ func decodeJSONMap(t *testing.T, b []byte) map[string]any {
 }
 
 // writeTestFile writes n deterministic bytes and returns the path and its SHA-256.
-func writeTestFile(t *testing.T, n int) (string, [32]byte) {
+func writeTestFile(t testing.TB, n int) (string, [32]byte) {
 	t.Helper()
 	b := make([]byte, n)
 	for i := range b {

@@ -13,7 +13,7 @@ import (
 	"github.com/gwota/gwota/test/backend"
 )
 
-func docURL(t *testing.T, doc []byte) string {
+func docURL(t testing.TB, doc []byte) string {
 	t.Helper()
 	var d struct {
 		AfrOTA struct {

@@ -26,7 +26,7 @@ func streamSetup(t *testing.T, opts Options, size int) (*Emulator, *device, stri
 	return e, d, thingPrefix + "streams/" + e.StreamName("job-s") + "/", data
 }
 
-func cborReq(t *testing.T, r GetStreamRequest) []byte {
+func cborReq(t testing.TB, r GetStreamRequest) []byte {
 	t.Helper()
 	b, err := Marshal(FormatCBOR, r)
 	if err != nil {

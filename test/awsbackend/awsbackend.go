@@ -396,7 +396,27 @@ func (b *Backend) checkOpen() error {
 // objectKey is PREFIX/RUN/JOBID/INDEX-NAME: the run id keeps a failed second CreateJob with
 // the same job id, or a parallel run, from overwriting an object a live stream reads.
 func (b *Backend) objectKey(jobID string, i int, localPath string) string {
-	return fmt.Sprintf("%s%s/%s/%d-%s", b.opts.KeyPrefix, b.runID, jobID, i, path.Base(localPath))
+	name := strings.Map(func(r rune) rune {
+		if r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '.' || r == '-' || r == '_' {
+			return r
+		}
+		return '_'
+	}, path.Base(localPath))
+	return fmt.Sprintf("%s%s/%s/%d-%s", b.opts.KeyPrefix, b.runID, jobID, i, name)
+}
+
+// escapeKey percent-encodes an S3 key for a URL path, keeping '/', as the "-v2" placeholder
+// expects an encoded object URL.
+func escapeKey(key string) string {
+	var sb strings.Builder
+	for _, c := range []byte(key) {
+		if c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9' || strings.IndexByte("-._~/", c) >= 0 {
+			sb.WriteByte(c)
+		} else {
+			fmt.Fprintf(&sb, "%%%02X", c)
+		}
+	}
+	return sb.String()
 }
 
 // streamID is derived from the job id so a leftover stream is easy to attribute.
@@ -602,7 +622,7 @@ func (b *Backend) upload(ctx context.Context, key, localPath string, size int64)
 // presignedPlaceholder is the Jobs placeholder AWS IoT replaces with a freshly presigned URL
 // whenever a device requests the job document.
 func (b *Backend) presignedPlaceholder(key string) string {
-	return fmt.Sprintf("${aws:iot:s3-presigned-url-v2:https://s3.%s.amazonaws.com/%s/%s}", b.opts.Region, b.opts.Bucket, key)
+	return fmt.Sprintf("${aws:iot:s3-presigned-url-v2:https://s3.%s.amazonaws.com/%s/%s}", b.opts.Region, b.opts.Bucket, escapeKey(key))
 }
 
 func (b *Backend) fileURL(ctx context.Context, key string, expiry time.Duration) (string, error) {

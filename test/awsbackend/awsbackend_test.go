@@ -907,3 +907,18 @@ func TestCloseReleasesConnections(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+func TestObjectKeys(t *testing.T) {
+	b := &Backend{opts: Options{KeyPrefix: "ci/run 7+/", Bucket: testBucket, Region: testRegion}, runID: "RUN"}
+	for _, tc := range []struct{ local, key, placeholder string }{
+		{"/tmp/gateway.img", "ci/run 7+/RUN/j/0-gateway.img",
+			"${aws:iot:s3-presigned-url-v2:https://s3.eu-west-1.amazonaws.com/ota-bucket/ci/run%207%2B/RUN/j/0-gateway.img}"},
+		{"/tmp/fw v1+{2}.bin", "ci/run 7+/RUN/j/0-fw_v1__2_.bin",
+			"${aws:iot:s3-presigned-url-v2:https://s3.eu-west-1.amazonaws.com/ota-bucket/ci/run%207%2B/RUN/j/0-fw_v1__2_.bin}"},
+	} {
+		key := b.objectKey("j", 0, tc.local)
+		if diff := cmp.Diff([]string{tc.key, tc.placeholder}, []string{key, b.presignedPlaceholder(key)}); diff != "" {
+			t.Errorf("%s (-want +got):\n%s", tc.local, diff)
+		}
+	}
+}

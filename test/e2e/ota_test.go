@@ -176,13 +176,16 @@ func TestNetKilledMidDownload(t *testing.T) {
 		if err := e.dev.StartNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
-		waitDurable(t, e, "netkill")
+		waitHalf(t, e, "netkill")
 		if err := e.dev.KillNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
 		killedAt := time.Now()
 		// What the writer lacks now; with ota-net dead it can only shrink (a late sync).
 		missing, total := sessionMissing(t, e, "netkill")
+		if len(missing) == total {
+			t.Fatalf("ota-net had reported half of the blocks received, but the writer holds none of the %d durably", total)
+		}
 		e.cloud.ClearFaults(e.cloud.StreamName("netkill"))
 		if err := e.dev.StartNet(e.ctx); err != nil {
 			t.Fatal(err)
@@ -229,7 +232,7 @@ func TestWriterKilledMidDownload(t *testing.T) {
 		if err := e.dev.StartNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
-		waitDurable(t, e, "wkill")
+		waitHalf(t, e, "wkill")
 		if err := e.dev.KillWriter(e.ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -323,10 +326,16 @@ func slow(e *env, jobID string) {
 	e.cloud.SetFaults(e.cloud.StreamName(jobID), emulator.Faults{Delay: 150 * time.Millisecond})
 }
 
-// waitDurable waits until ota-net has reported progress (received blocks) for the job.
-func waitDurable(t *testing.T, e *env, jobID string) {
+// waitHalf waits until ota-net has reported at least half of the job's blocks received: far
+// enough that the writer must hold some durably (its sync_bytes is one block, its
+// sync_interval 200 ms), and the paced stream is far from done.
+func waitHalf(t *testing.T, e *env, jobID string) {
 	t.Helper()
-	if _, err := e.cloud.WaitProgress(e.ctx, jobID, 1); err != nil {
+	_, err := e.cloud.Rec.Wait(e.ctx, jobID, func(ev emulator.UpdateEvent) bool {
+		got, total, ok := harness.ParseProgress(ev.StatusDetails["progress"])
+		return ok && ev.Status == backend.StatusInProgress && 2*got >= total
+	})
+	if err != nil {
 		t.Fatal(err)
 	}
 }

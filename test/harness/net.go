@@ -6,31 +6,34 @@ import (
 	"github.com/BurntSushi/toml"
 )
 
-// netTOML is ota-net's configuration as the harness writes it.
+// netTOML mirrors ota-net's configuration keys (cmd/ota-net/config.go).
 type netTOML struct {
-	BrokerURL    string `toml:"broker_url"`
+	Broker       string `toml:"broker"`
 	ThingName    string `toml:"thing_name"`
 	CAFile       string `toml:"ca_file,omitempty"`
 	CertFile     string `toml:"cert_file,omitempty"`
 	KeyFile      string `toml:"key_file,omitempty"`
 	WriterSocket string `toml:"writer_socket"`
 	StateDir     string `toml:"state_dir"`
-	LogLevel     string `toml:"log_level"`
-	// ReportInterval rate-limits progress updates; short, so tests see progress mid-download.
-	ReportInterval string `toml:"report_interval"`
+	// Progress is reported often (every 100 ms, any step) so tests see it mid-download and
+	// the demo shows it moving.
+	ReportInterval    string `toml:"report_interval"`
+	ReportPercentStep int    `toml:"report_percent_step"`
+	LogLevel          string `toml:"log_level"`
 }
 
 func (d *Device) netConfig() ([]byte, error) {
 	n := netTOML{
-		BrokerURL:      d.Opts.BrokerURL,
-		ThingName:      d.Opts.Thing,
-		CAFile:         d.Opts.CAFile,
-		CertFile:       d.Opts.CertFile,
-		KeyFile:        d.Opts.KeyFile,
-		WriterSocket:   d.Socket,
-		StateDir:       d.NetState,
-		LogLevel:       d.Opts.LogLevel,
-		ReportInterval: "100ms",
+		Broker:            d.Opts.BrokerURL,
+		ThingName:         d.Opts.Thing,
+		CAFile:            d.Opts.CAFile,
+		CertFile:          d.Opts.CertFile,
+		KeyFile:           d.Opts.KeyFile,
+		WriterSocket:      d.Socket,
+		StateDir:          d.NetState,
+		ReportInterval:    "100ms",
+		ReportPercentStep: 1,
+		LogLevel:          d.Opts.LogLevel,
 	}
 	var buf bytes.Buffer
 	if err := toml.NewEncoder(&buf).Encode(n); err != nil {

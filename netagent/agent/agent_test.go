@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/json"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -567,4 +568,88 @@ func TestSelfTestTimeout(t *testing.T) {
 		t.Fatalf("job %+v", ex)
 	}
 	waitReboot(t, w)
+}
+
+// Custom jobs are left alone; an invalid afr_ota document is REJECTED with its reason. The
+// cloud side is played by hand on a plain broker to send documents the emulator would not.
+func TestCustomAndInvalidDocuments(t *testing.T) {
+	b := mqtttest.Start(t, mqtttest.Options{})
+	w := newWriter(t, "/bin/true")
+	const thing = "gw-doc"
+	prefix := "$aws/things/" + thing + "/jobs/"
+	updates := make(chan string, 10)
+	if err := b.Subscribe(prefix+"+/update", 1, func(topic string, p []byte, _ string) {
+		var req struct {
+			ClientToken   string            `json:"clientToken"`
+			Status        string            `json:"status"`
+			StatusDetails map[string]string `json:"statusDetails"`
+		}
+		_ = json.Unmarshal(p, &req)
+		resp, _ := json.Marshal(map[string]any{"clientToken": req.ClientToken, "executionState": map[string]any{"status": req.Status}})
+		_ = b.Publish(topic+"/accepted", resp, 1)
+		jobID := strings.TrimSuffix(strings.TrimPrefix(topic, prefix), "/update")
+		updates <- jobID + " " + req.Status + " " + req.StatusDetails["reason"] + " " + req.StatusDetails["error_code"]
+	}); err != nil {
+		t.Fatal(err)
+	}
+	asked := make(chan struct{}, 10)
+	if err := b.Subscribe(prefix+"$next/get", 2, func(string, []byte, string) { asked <- struct{}{} }); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	jc, err := jobs.New(conn, thing, jobs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jc.Close(context.Background())
+	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer lcancel()
+	link, err := writerlink.Dial(lctx, writerlink.Config{SocketPath: w.sock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
+	a := agent.New(jc, agent.LinkWriter(link), nil, nil, agent.Config{Logger: logger(t, "agent")})
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	// The agent asks $next/get once its subscriptions are in place.
+	select {
+	case <-asked:
+	case <-time.After(20 * time.Second):
+		t.Fatal("agent never asked $next/get")
+	}
+	notify := func(id, doc string) {
+		t.Helper()
+		m := `{"execution":{"jobId":"` + id + `","status":"QUEUED","jobDocument":` + doc + `},"timestamp":1}`
+		if err := b.Publish(prefix+"notify-next", []byte(m), 1); err != nil {
+			t.Fatal(err)
+		}
+	}
+	notify("custom-1", `{"operation":"reboot"}`)
+	notify("bad-1", `{"afr_ota":{"protocols":["MQTT"],"streamname":"s","files":[{"filesize":"-3","fileid":0}]}}`)
+	select {
+	case u := <-updates:
+		if u != "bad-1 REJECTED job_document_invalid 3009" {
+			t.Fatalf("first update %q (the custom job must be left alone)", u)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no update")
+	}
+	// A document whose protocols this agent cannot use (no downloader wired): invalid_protocol.
+	notify("http-1", `{"afr_ota":{"protocols":["HTTP"],"files":[{"filesize":10,"fileid":0,"fileType":1,"update_data_url":"https://h/x"}]}}`)
+	select {
+	case u := <-updates:
+		if u != "http-1 REJECTED invalid_protocol 2005" {
+			t.Fatalf("update %q", u)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no update")
+	}
 }

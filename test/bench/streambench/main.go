@@ -1,0 +1,452 @@
+// Command streambench measures the MQTT stream downloader (netagent/stream) on loopback
+// through a real mosquitto, against the raw broker floor measured in the same run and against
+// the AWS C agent's default request shape. scripts/bench-stream.sh runs it.
+//
+// The parent starts mosquitto, the emulator (test/emulator as a client of mosquitto, serving
+// the stream) and, per case, a child process of itself that downloads with ota-net's real
+// parts (mqttconn + stream.Downloader) into a file sink; the child's peak RSS comes from
+// its rusage. The image written by the child is checked against the source by SHA-256.
+package main
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/gwota/gwota/netagent/stream"
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/emulator"
+)
+
+func main() {
+	if err := parent(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "streambench:", err)
+		os.Exit(1)
+	}
+}
+
+type shape struct {
+	Name             string
+	BlockSize        int
+	BlocksPerRequest int
+	InFlight         int
+}
+
+func (s shape) String() string {
+	return fmt.Sprintf("%s (%d KiB x %d per request, %d in flight)", s.Name, s.BlockSize>>10, s.BlocksPerRequest, s.InFlight)
+}
+
+var childEnv *string
+var floorFlight *int
+
+type result struct {
+	Shape    shape
+	SizeMiB  int
+	Seconds  float64
+	MBps     float64
+	MaxRSSKB int64
+	Requests int
+}
+
+func parent(args []string) error {
+	fs := flag.NewFlagSet("streambench", flag.ExitOnError)
+	mosq := fs.String("mosquitto", "/usr/sbin/mosquitto", "mosquitto binary")
+	sizeMiB := fs.Int("size", 64, "image size for the speed comparison (MiB)")
+	rssSizes := fs.String("rss-sizes", "16,64,256", "image sizes for the RSS check (MiB)")
+	sweep := fs.Bool("sweep", false, "also sweep block size x requests in flight (how the defaults were chosen)")
+	reps := fs.Int("reps", 3, "repetitions per case (the median is reported)")
+	floorFlight = fs.Int("floor-flight", 64, "QoS 1 publishes in flight for the broker floor")
+	downloader := fs.String("downloader", "", "the downloader program (default: streamdl next to this one)")
+	childEnv = fs.String("child-env", "", "extra environment of the downloader process (e.g. GOMEMLIMIT=16MiB)")
+	only := fs.String("only", "", "run only: rss (skip the floor and the comparison)")
+	fs.Parse(args)
+
+	dir, err := os.MkdirTemp("", "streambench")
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(dir)
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+
+	port, err := freePort()
+	if err != nil {
+		return err
+	}
+	brokerURL, stop, err := startMosquitto(ctx, *mosq, dir, port)
+	if err != nil {
+		return err
+	}
+	defer stop()
+	emu, err := emulator.Start(ctx, emulator.Options{ExternalBrokerURL: brokerURL, Thing: "bench-gw"})
+	if err != nil {
+		return err
+	}
+	defer emu.Close()
+	if *downloader == "" {
+		self, err := os.Executable()
+		if err != nil {
+			return err
+		}
+		*downloader = filepath.Join(filepath.Dir(self), "streamdl")
+	}
+	self := *downloader
+
+	def := shape{"default", stream.DefaultBlockSize, stream.DefaultBlocksPerRequest, stream.DefaultRequestsInFlight}
+	cagent := shape{"C agent defaults", 4096, 1, 1}
+	images := map[int]string{}
+	image := func(mib int) (string, error) {
+		if p, ok := images[mib]; ok {
+			return p, nil
+		}
+		p := filepath.Join(dir, fmt.Sprintf("image-%d.bin", mib))
+		if err := writeRandom(p, int64(mib)<<20); err != nil {
+			return "", err
+		}
+		images[mib] = p
+		return p, nil
+	}
+	jobs := 0
+	runCase := func(sh shape, mib int) (result, error) {
+		img, err := image(mib)
+		if err != nil {
+			return result{}, err
+		}
+		var rs []result
+		for r := 0; r < *reps; r++ {
+			jobs++
+			jobID := fmt.Sprintf("bench-%d", jobs)
+			if err := emu.CreateJob(ctx, backend.JobSpec{JobID: jobID, Files: []backend.FileSpec{{LocalPath: img, DevicePath: "/fw"}}}); err != nil {
+				return result{}, err
+			}
+			res, err := runChild(ctx, self, brokerURL, emu.ThingName(), emu.StreamName(jobID), img, dir, sh)
+			if err != nil {
+				return result{}, fmt.Errorf("%v, %d MiB: %w", sh, mib, err)
+			}
+			res.SizeMiB = mib
+			res.Requests = len(emu.StreamRequests(jobID))
+			rs = append(rs, res)
+			emu.DeleteJob(ctx, jobID, true)
+		}
+		sort.Slice(rs, func(a, b int) bool { return rs[a].Seconds < rs[b].Seconds })
+		m := rs[len(rs)/2]
+		for _, r := range rs {
+			m.MaxRSSKB = max(m.MaxRSSKB, r.MaxRSSKB)
+		}
+		return m, nil
+	}
+
+	// The machine is shared: each repetition runs floor, default and C-agent shape back to
+	// back, so every ratio compares runs made under the same load; medians are reported.
+	compare := func() error {
+		floorImg, err := image(*sizeMiB)
+		if err != nil {
+			return err
+		}
+		var floors, defs, cags, rFloor, rC []float64
+		var d, c result
+		for r := 0; r < *reps; r++ {
+			fl, err := floor(ctx, brokerURL, floorImg, def.BlockSize)
+			if err != nil {
+				return fmt.Errorf("floor: %w", err)
+			}
+			d, err = runCase(def, *sizeMiB)
+			if err != nil {
+				return err
+			}
+			c, err = runCase(cagent, *sizeMiB)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("  rep %d: floor %6.1f MB/s, default %6.1f MB/s (%4.2f of floor, RSS %.1f MiB), C agent shape %5.1f MB/s (%.1fx)\n",
+				r+1, fl, d.MBps, d.MBps/fl, float64(d.MaxRSSKB)/1024, c.MBps, d.MBps/c.MBps)
+			floors, defs, cags = append(floors, fl), append(defs, d.MBps), append(cags, c.MBps)
+			rFloor, rC = append(rFloor, d.MBps/fl), append(rC, d.MBps/c.MBps)
+		}
+		fmt.Printf("\nmedians over %d repetitions, %d-MiB image:\n", *reps, *sizeMiB)
+		fmt.Printf("  broker floor (one paho publisher, QoS 1, %d KiB blocks, %d in flight, one subscriber): %.1f MB/s\n", def.BlockSize>>10, *floorFlight, median(floors))
+		fmt.Printf("  %-56s %.1f MB/s, %d requests\n", def.String()+":", median(defs), d.Requests)
+		fmt.Printf("  %-56s %.1f MB/s, %d requests\n", cagent.String()+":", median(cags), c.Requests)
+		fmt.Printf("  default / floor:          %.2f  (target >= 0.50)\n", median(rFloor))
+		fmt.Printf("  default / C agent shape:  %.1fx (target >= 10x)\n", median(rC))
+		return nil
+	}
+	fmt.Printf("streambench: mosquitto %s (set_tcp_nodelay), emulator as its client, %d-MiB image, median of %d\n", brokerURL, *sizeMiB, *reps)
+	fmt.Println("sink: file sink in the downloader process (pwrite at block offsets; no ota-writer binary exists yet)")
+	if *only != "rss" {
+		fmt.Println()
+		if err := compare(); err != nil {
+			return err
+		}
+	}
+	// Peak RSS with the Go runtime's defaults, and with the soft memory limit that ota-net's
+	// main is meant to set (GOMEMLIMIT / debug.SetMemoryLimit).
+	saved := *childEnv
+	for _, env := range []string{saved, strings.TrimSpace(saved + " GOMEMLIMIT=10MiB")} {
+		*childEnv = env
+		label := env
+		if label == "" {
+			label = "Go runtime defaults"
+		}
+		fmt.Printf("\npeak RSS of the downloader process, default settings, %s:\n", label)
+		for _, s := range strings.Split(*rssSizes, ",") {
+			var mib int
+			if _, err := fmt.Sscan(s, &mib); err != nil {
+				return fmt.Errorf("rss size %q: %w", s, err)
+			}
+			r, err := runCase(def, mib)
+			if err != nil {
+				return err
+			}
+			fmt.Printf("  %4d MiB image: %6.1f MiB peak RSS (max of %d), %.1f MB/s\n", mib, float64(r.MaxRSSKB)/1024, *reps, r.MBps)
+		}
+	}
+	*childEnv = saved
+
+	if *sweep {
+		fmt.Printf("\nsweep (%d MiB): block size x requests in flight, 128 KB per request\n", *sizeMiB)
+		fmt.Printf("%-10s", "block")
+		flights := []int{1, 2, 4, 8}
+		for _, f := range flights {
+			fmt.Printf(" %9s", fmt.Sprintf("%d flight", f))
+		}
+		fmt.Println()
+		for _, bs := range []int{8 << 10, 16 << 10, 32 << 10, 64 << 10} {
+			fmt.Printf("%-10s", fmt.Sprintf("%d KiB", bs>>10))
+			for _, f := range flights {
+				r, err := runCase(shape{"sweep", bs, stream.MaxRequestBytes / bs, f}, *sizeMiB)
+				if err != nil {
+					return err
+				}
+				fmt.Printf(" %9.1f", r.MBps)
+			}
+			fmt.Println()
+		}
+	}
+	return nil
+}
+
+func runChild(ctx context.Context, self, brokerURL, thing, streamName, img, dir string, sh shape) (result, error) {
+	st, err := os.Stat(img)
+	if err != nil {
+		return result{}, err
+	}
+	out := filepath.Join(dir, "out.bin")
+	os.Remove(out)
+	cmd := exec.CommandContext(ctx, self, "-broker", brokerURL, "-thing", thing, "-stream", streamName,
+		"-size", fmt.Sprint(st.Size()), "-bs", fmt.Sprint(sh.BlockSize), "-per", fmt.Sprint(sh.BlocksPerRequest),
+		"-flight", fmt.Sprint(sh.InFlight), "-out", out)
+	if *childEnv != "" {
+		cmd.Env = append(os.Environ(), strings.Fields(*childEnv)...)
+	}
+	var stdout, stderr bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		return result{}, fmt.Errorf("%w: %s", err, stderr.String())
+	}
+	var res result
+	if err := json.Unmarshal(stdout.Bytes(), &res); err != nil {
+		return result{}, fmt.Errorf("child output %q: %w", stdout.String(), err)
+	}
+	res.Shape = sh
+	a, err := fileSHA(img)
+	if err != nil {
+		return result{}, err
+	}
+	b, err := fileSHA(out)
+	if err != nil {
+		return result{}, err
+	}
+	if a != b {
+		return result{}, errors.New("downloaded image differs from the source")
+	}
+	os.Remove(out)
+	return res, nil
+}
+
+// floor pushes the image through the broker as fast as one pipelined publisher can, in
+// block-sized messages shaped like stream data (CBOR block, same topic depth), and returns
+// MB/s of payload data received by one subscriber.
+func floor(ctx context.Context, brokerURL, img string, bs int) (float64, error) {
+	data, err := os.ReadFile(img)
+	if err != nil {
+		return 0, err
+	}
+	u, err := url.Parse(brokerURL)
+	if err != nil {
+		return 0, err
+	}
+	topic := "$aws/things/floor/streams/s/data/cbor"
+	n := (len(data) + bs - 1) / bs
+	var got atomic.Int64
+	done := make(chan struct{})
+	sub, err := pahoClient(ctx, u.Host, "floor-sub", func(pr paho.PublishReceived) (bool, error) {
+		if got.Add(1) == int64(n) {
+			close(done)
+		}
+		return true, nil
+	})
+	if err != nil {
+		return 0, err
+	}
+	defer sub.Disconnect(&paho.Disconnect{})
+	if _, err := sub.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: topic, QoS: 1}}}); err != nil {
+		return 0, err
+	}
+	pub, err := pahoClient(ctx, u.Host, "floor-pub", nil)
+	if err != nil {
+		return 0, err
+	}
+	defer pub.Disconnect(&paho.Disconnect{})
+	payloads := make([][]byte, n)
+	for i := range payloads {
+		b := stream.Block{FileID: 0, Index: int64(i), Length: int64(min(bs, len(data)-i*bs)), Payload: data[i*bs : min(len(data), (i+1)*bs)]}
+		payloads[i], err = encodeBlock(b)
+		if err != nil {
+			return 0, err
+		}
+	}
+	start := time.Now()
+	next := make(chan int, n)
+	for i := 0; i < n; i++ {
+		next <- i
+	}
+	close(next)
+	var wg sync.WaitGroup
+	var perr atomic.Value
+	for w := 0; w < *floorFlight; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				if _, err := pub.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payloads[i]}); err != nil {
+					perr.Store(err)
+					return
+				}
+			}
+		}()
+	}
+	select {
+	case <-done:
+	case <-time.After(2 * time.Minute):
+		return 0, fmt.Errorf("floor: %d of %d messages after 2 min", got.Load(), n)
+	}
+	secs := time.Since(start).Seconds()
+	wg.Wait()
+	if err, _ := perr.Load().(error); err != nil {
+		return 0, err
+	}
+	return float64(len(data)) / secs / 1e6, nil
+}
+
+func pahoClient(ctx context.Context, addr, id string, onPub func(paho.PublishReceived) (bool, error)) (*paho.Client, error) {
+	conn, err := net.Dial("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	cfg := paho.ClientConfig{Conn: conn, ClientID: id}
+	if onPub != nil {
+		cfg.OnPublishReceived = []func(paho.PublishReceived) (bool, error){onPub}
+	}
+	c := paho.NewClient(cfg)
+	if _, err := c.Connect(ctx, &paho.Connect{ClientID: id, CleanStart: true, KeepAlive: 30}); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return c, nil
+}
+
+func startMosquitto(ctx context.Context, bin, dir string, port int) (string, func(), error) {
+	conf := filepath.Join(dir, "mosquitto.conf")
+	// Nagle off (44 ms round trips otherwise), queues and in-flight windows raised so the
+	// broker does not drop QoS 1 messages when a publisher runs ahead.
+	text := fmt.Sprintf("listener %d 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"+
+		"max_queued_messages 1000000\nmax_queued_bytes 0\nmax_inflight_messages 0\nmax_inflight_bytes 0\nlog_dest stderr\nlog_type error\n", port)
+	if err := os.WriteFile(conf, []byte(text), 0o600); err != nil {
+		return "", nil, err
+	}
+	cmd := exec.CommandContext(ctx, bin, "-c", conf)
+	cmd.Stderr = os.Stderr
+	if err := cmd.Start(); err != nil {
+		return "", nil, err
+	}
+	stop := func() {
+		cmd.Process.Signal(syscall.SIGTERM)
+		cmd.Wait()
+	}
+	addr := fmt.Sprintf("127.0.0.1:%d", port)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", addr)
+		if err == nil {
+			c.Close()
+			break
+		}
+		if time.Now().After(deadline) {
+			stop()
+			return "", nil, fmt.Errorf("mosquitto did not listen on %s: %w", addr, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return "mqtt://" + addr, stop, nil
+}
+
+func freePort() (int, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return 0, err
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).Port, nil
+}
+
+func writeRandom(path string, n int64) error {
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	_, err = io.CopyN(f, rand.Reader, n)
+	return err
+}
+
+func fileSHA(path string) (string, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return "", err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return "", err
+	}
+	return fmt.Sprintf("%x", h.Sum(nil)), nil
+}
+
+func median(v []float64) float64 {
+	s := append([]float64(nil), v...)
+	sort.Float64s(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}

@@ -1,0 +1,122 @@
+// Command streamdl is the downloader side of the stream benchmark: ota-net's own parts only
+// (netagent/mqttconn + netagent/stream) and a file sink, so that its peak RSS is that of the
+// network agent's download path, not of the benchmark harness. streambench runs it.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"runtime"
+	"runtime/pprof"
+	"strings"
+	"time"
+
+	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/stream"
+)
+
+type result struct {
+	Seconds  float64
+	MBps     float64
+	MaxRSSKB int64
+}
+
+func main() {
+	if err := child(os.Args[1:]); err != nil {
+		fmt.Fprintln(os.Stderr, "streamdl:", err)
+		os.Exit(1)
+	}
+}
+
+// child downloads one stream with ota-net's parts and prints {"Seconds","MBps"}.
+func child(args []string) error {
+	fs := flag.NewFlagSet("streamdl", flag.ExitOnError)
+	broker := fs.String("broker", "", "")
+	thing := fs.String("thing", "", "")
+	streamName := fs.String("stream", "", "")
+	size := fs.Int64("size", 0, "")
+	bs := fs.Int("bs", stream.DefaultBlockSize, "")
+	per := fs.Int("per", stream.DefaultBlocksPerRequest, "")
+	flight := fs.Int("flight", stream.DefaultRequestsInFlight, "")
+	out := fs.String("out", "", "")
+	fs.Parse(args)
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+	defer cancel()
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: *broker, ClientID: *thing})
+	if err != nil {
+		return err
+	}
+	defer conn.Close(context.Background())
+	if err := conn.AwaitConnection(ctx); err != nil {
+		return err
+	}
+	f, err := os.Create(*out)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	d, err := stream.New(conn, stream.Config{Thing: *thing, BlockSize: *bs, BlocksPerRequest: *per, RequestsInFlight: *flight})
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	if _, err := d.Download(ctx, stream.File{StreamName: *streamName, Size: *size, BlockSize: *bs}, nil, &fileSink{f: f, bs: int64(*bs)}); err != nil {
+		return err
+	}
+	secs := time.Since(start).Seconds()
+	hwm, err := peakRSS()
+	if err != nil {
+		return err
+	}
+	if p := os.Getenv("STREAMBENCH_MEMPROFILE"); p != "" {
+		f, err := os.Create(p)
+		if err != nil {
+			return err
+		}
+		pprof.Lookup("allocs").WriteTo(f, 0)
+		f.Close()
+	}
+	if os.Getenv("STREAMBENCH_MEMSTATS") != "" {
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		fmt.Fprintf(os.Stderr, "sys %d heapsys %d heapinuse %d heapreleased %d stack %d numgc %d totalalloc %d\n", ms.Sys>>10, ms.HeapSys>>10, ms.HeapInuse>>10, ms.HeapReleased>>10, ms.StackSys>>10, ms.NumGC, ms.TotalAlloc>>20)
+		b, _ := os.ReadFile("/proc/self/status")
+		fmt.Fprintln(os.Stderr, string(b))
+		os.Exit(3)
+	}
+	return json.NewEncoder(os.Stdout).Encode(result{Seconds: secs, MBps: float64(*size) / secs / 1e6, MaxRSSKB: hwm})
+}
+
+// peakRSS is this process's VmHWM in KiB. (The rusage a parent gets from wait4 is no good
+// here: ru_maxrss of a forked child starts from the parent's high-water mark.)
+func peakRSS() (int64, error) {
+	b, err := os.ReadFile("/proc/self/status")
+	if err != nil {
+		return 0, err
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if v, ok := strings.CutPrefix(line, "VmHWM:"); ok {
+			var kb int64
+			_, err := fmt.Sscanf(strings.TrimSpace(v), "%d kB", &kb)
+			return kb, err
+		}
+	}
+	return 0, errors.New("no VmHWM in /proc/self/status")
+}
+
+type fileSink struct {
+	f  *os.File
+	bs int64
+}
+
+func (s *fileSink) WriteBlock(_ context.Context, i int, data []byte) error {
+	_, err := s.f.WriteAt(data, int64(i)*s.bs)
+	return err
+}
+func (s *fileSink) Flush(context.Context) error { return s.f.Sync() }
+

@@ -12,8 +12,8 @@
 //   - HTTP: update_data_url is the Jobs presigned-URL placeholder, so AWS IoT signs a fresh URL
 //     on every job document request (the device can re-fetch the document when a URL expires);
 //     without a service role (only possible through Options) the URL is presigned here instead;
-//   - the job is created with targetSelection SNAPSHOT and CreateJob waits until the default
-//     thing's execution exists.
+//   - the job is created with targetSelection SNAPSHOT and CreateJob waits until the execution
+//     of every target thing exists.
 //
 // Everything created is tracked and removed by Close, which is safe to call from t.Cleanup
 // after a failure or a panic. Stale QUEUED/IN_PROGRESS executions of the thing are canceled
@@ -423,7 +423,7 @@ func escapeKey(key string) string {
 func streamID(jobID string) string { return "gwota-" + jobID }
 
 // CreateJob uploads the files, creates the stream (MQTT) and the job, and waits until the
-// default thing's execution exists. What it created before a failure is still removed by Close.
+// execution of every target thing exists. What it created before a failure is still removed by Close.
 func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 	if err := b.checkOpen(); err != nil {
 		return err

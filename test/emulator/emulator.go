@@ -37,8 +37,9 @@ type Options struct {
 	Seed uint64
 	// Logger receives the emulator's logs (hclog.NewNullLogger() when nil).
 	Logger hclog.Logger
-	// OnUpdate is called, in order and outside the emulator's locks, for every recorded status
-	// change (accepted device updates, start-next, timeouts, cancels).
+	// OnUpdate is called, in order, on a goroutine of its own, for every recorded status change
+	// (accepted device updates, start-next, timeouts, cancels). It may call the emulator; while
+	// it blocks, later calls wait (nothing else does). Calls stop at Close.
 	OnUpdate func(UpdateEvent)
 	// StepTimeoutUnit is the length of one "minute" of stepTimeoutInMinutes (time.Minute when
 	// zero); tests shorten it to see TIMED_OUT without waiting.
@@ -88,7 +89,7 @@ type Emulator struct {
 	records  map[string][]StreamRequest // per stream name
 	changed  chan struct{}              // closed and replaced on every change
 	events   []UpdateEvent              // pending OnUpdate calls
-	evMu     sync.Mutex                 // serialises OnUpdate calls
+	evSignal chan struct{}              // capacity 1: "events are waiting"
 	pushQ    []jobReply                 // notifications waiting to be published, in order
 	pushing  bool
 	removed  []*job // deleted jobs whose files stay open until Close
@@ -124,6 +125,7 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 		log:      opts.Logger,
 		thing:    opts.Thing,
 		qSignal:  make(chan struct{}, 1),
+		evSignal: make(chan struct{}, 1),
 		stop:     make(chan struct{}),
 		jobs:     map[string]*job{},
 		things:   map[string][]*execution{},
@@ -167,8 +169,9 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 		e.tr, e.emb = emb, emb
 	}
 
-	e.wg.Add(1)
+	e.wg.Add(2)
 	go e.worker()
+	go e.deliverEvents()
 	e.log.Info("emulator started", "broker", e.tr.url(), "http", e.httpBase, "thing", e.thing)
 	return e, nil
 }
@@ -314,19 +317,33 @@ func (e *Emulator) notifyLocked() {
 	e.changed = make(chan struct{})
 }
 
-// flushEvents delivers queued OnUpdate calls; call without e.mu.
+// flushEvents wakes the goroutine that delivers OnUpdate calls. Callbacks run there, in
+// order, never on the emulator's own goroutines: a slow callback delays nothing else, and a
+// callback may call back into the emulator.
 func (e *Emulator) flushEvents() {
-	e.evMu.Lock()
-	defer e.evMu.Unlock()
-	e.mu.Lock()
-	evs := e.events
-	e.events = nil
-	e.mu.Unlock()
-	if e.opts.OnUpdate == nil {
-		return
+	select {
+	case e.evSignal <- struct{}{}:
+	default:
 	}
-	for _, ev := range evs {
-		e.opts.OnUpdate(ev)
+}
+
+func (e *Emulator) deliverEvents() {
+	defer e.wg.Done()
+	for {
+		select {
+		case <-e.evSignal:
+		case <-e.stop:
+			return
+		}
+		e.mu.Lock()
+		evs := e.events
+		e.events = nil
+		e.mu.Unlock()
+		for _, ev := range evs {
+			if e.opts.OnUpdate != nil {
+				e.opts.OnUpdate(ev)
+			}
+		}
 	}
 }
 

@@ -3,7 +3,6 @@ package emulator
 import (
 	"context"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -17,13 +16,8 @@ const jobsPrefix = thingPrefix + "jobs/"
 // The device never subscribes to accepted/rejected: on the embedded broker responses reach it
 // anyway, as on AWS IoT.
 func TestJobsLifecycleWithoutSubscriptions(t *testing.T) {
-	var mu sync.Mutex
-	var seen []UpdateEvent
-	e := startEmulator(t, Options{OnUpdate: func(ev UpdateEvent) {
-		mu.Lock()
-		seen = append(seen, ev)
-		mu.Unlock()
-	}})
+	events := make(chan UpdateEvent, 10)
+	e := startEmulator(t, Options{OnUpdate: func(ev UpdateEvent) { events <- ev }})
 	d := connectDevice(t, e.BrokerURL(), "gw-01")
 	watcher := connectDevice(t, e.BrokerURL(), "watcher", jobsPrefix+"notify-next", jobsPrefix+"notify")
 
@@ -112,11 +106,19 @@ func TestJobsLifecycleWithoutSubscriptions(t *testing.T) {
 			t.Errorf("update without time: %+v", u)
 		}
 	}
-	mu.Lock()
-	if len(seen) != 2 || seen[1].Status != "SUCCEEDED" || seen[1].VersionNumber != 3 {
-		t.Errorf("OnUpdate saw %+v", seen)
+	for _, want := range []struct {
+		status  string
+		version int64
+	}{{"IN_PROGRESS", 2}, {"SUCCEEDED", 3}} {
+		select {
+		case ev := <-events:
+			if ev.Status != want.status || ev.VersionNumber != want.version || ev.JobID != "job-1" || ev.Thing != "gw-01" || ev.Source != "device" {
+				t.Errorf("OnUpdate got %+v, want %s v%d", ev, want.status, want.version)
+			}
+		case <-time.After(5 * time.Second):
+			t.Fatalf("no OnUpdate for %s", want.status)
+		}
 	}
-	mu.Unlock()
 	ex2, err := e.Describe(context.Background(), "job-1")
 	if err != nil || ex2.Status != "SUCCEEDED" || ex2.VersionNumber != 3 {
 		t.Errorf("Describe = %+v, %v", ex2, err)
@@ -352,5 +354,34 @@ func TestJobForManyThingsAndDelay(t *testing.T) {
 	}
 	if u := e.ThingUpdates("gw-02", "fleet"); len(u) != 1 {
 		t.Errorf("gw-02 updates: %+v", u)
+	}
+}
+
+// A callback may call back into the emulator: here it cancels the job on the first progress
+// report, as a test of cloud-side cancellation would.
+func TestOnUpdateMayCallEmulator(t *testing.T) {
+	var e *Emulator
+	canceled := make(chan error, 1)
+	e = startEmulator(t, Options{OnUpdate: func(ev UpdateEvent) {
+		if ev.Status == backend.StatusInProgress {
+			canceled <- e.CancelJob(context.Background(), ev.JobID, true)
+		}
+	}})
+	d := connectDevice(t, e.BrokerURL(), "gw-01")
+	path, _ := writeTestFile(t, 100)
+	createJob(t, e, "job-cb", path)
+	d.publishJSON(jobsPrefix+"job-cb/update", map[string]any{"status": "IN_PROGRESS"})
+	select {
+	case err := <-canceled:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("callback never ran or deadlocked")
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := e.WaitStatus(ctx, "job-cb", backend.StatusCanceled); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -58,6 +58,9 @@ func (s shape) String() string {
 var childEnv *string
 var floorFlight *int
 
+// brokerForChild, when set, is the broker address the downloader uses (through the delay proxy).
+var brokerForChild string
+
 type result struct {
 	Shape    shape
 	SizeMiB  int
@@ -75,6 +78,8 @@ func parent(args []string) error {
 	sweep := fs.Bool("sweep", false, "also sweep block size x requests in flight (how the defaults were chosen)")
 	reps := fs.Int("reps", 3, "repetitions per case (the median is reported)")
 	floorFlight = fs.Int("floor-flight", 64, "QoS 1 publishes in flight for the broker floor")
+	latency := fs.Duration("latency", 5*time.Millisecond, "one-way delay of the downloader's link for the latency comparison (0: skip)")
+	latencySize := fs.Int("latency-size", 4, "image size for the latency comparison (MiB)")
 	downloader := fs.String("downloader", "", "the downloader program (default: streamdl next to this one)")
 	childEnv = fs.String("child-env", "", "extra environment of the downloader process (e.g. GOMEMLIMIT=16MiB)")
 	only := fs.String("only", "", "run only: rss (skip the floor and the comparison)")
@@ -198,6 +203,29 @@ func parent(args []string) error {
 			return err
 		}
 	}
+	if *latency > 0 && *only != "rss" {
+		p, err := startDelayProxy(strings.TrimPrefix(brokerURL, "mqtt://"), *latency)
+		if err != nil {
+			return err
+		}
+		saved := brokerForChild
+		brokerForChild = "mqtt://" + p.addr()
+		fmt.Printf("\nover a link with %v round trip (delay proxy in front of mosquitto, downloader side only), %d-MiB image:\n", 2**latency, *latencySize)
+		var rs []result
+		for _, sh := range []shape{def, cagent} {
+			r, err := runCase(sh, *latencySize)
+			if err != nil {
+				p.close()
+				return err
+			}
+			rs = append(rs, r)
+			fmt.Printf("  %-56s %7.2f MB/s, %d requests, %.2f s\n", sh.String()+":", r.MBps, r.Requests, r.Seconds)
+		}
+		fmt.Printf("  default / C agent shape:  %.0fx\n", rs[0].MBps/rs[1].MBps)
+		brokerForChild = saved
+		p.close()
+	}
+
 	// Peak RSS with the Go runtime's defaults, and with the soft memory limit that ota-net's
 	// main is meant to set (GOMEMLIMIT / debug.SetMemoryLimit).
 	saved := *childEnv
@@ -252,6 +280,9 @@ func runChild(ctx context.Context, self, brokerURL, thing, streamName, img, dir 
 	}
 	out := filepath.Join(dir, "out.bin")
 	os.Remove(out)
+	if brokerForChild != "" {
+		brokerURL = brokerForChild
+	}
 	cmd := exec.CommandContext(ctx, self, "-broker", brokerURL, "-thing", thing, "-stream", streamName,
 		"-size", fmt.Sprint(st.Size()), "-bs", fmt.Sprint(sh.BlockSize), "-per", fmt.Sprint(sh.BlocksPerRequest),
 		"-flight", fmt.Sprint(sh.InFlight), "-out", out)

@@ -119,4 +119,3 @@ func (s *fileSink) WriteBlock(_ context.Context, i int, data []byte) error {
 	return err
 }
 func (s *fileSink) Flush(context.Context) error { return s.f.Sync() }
-

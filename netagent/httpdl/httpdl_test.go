@@ -385,3 +385,55 @@ func TestEmulatorExpiredURL(t *testing.T) {
 		t.Fatalf("refreshes %d, stats %+v", refreshes, st)
 	}
 }
+
+type resumedErr struct{ missing []byte }
+
+func (r resumedErr) Error() string   { return "writer restarted; session resumed" }
+func (r resumedErr) Missing() []byte { return r.missing }
+
+// resumingSink fails once, at write n, as the writer link does after a writer restart that
+// lost every block from `lostFrom` on.
+type resumingSink struct {
+	*memSink
+	n, lostFrom, total int
+	done               bool
+}
+
+func (s *resumingSink) WriteBlock(ctx context.Context, i int, d []byte) error {
+	s.mu.Lock()
+	if !s.done && s.writes+1 == s.n {
+		s.done = true
+		missing := make([]byte, (s.total+7)/8)
+		for b := 0; b < s.total; b++ {
+			if b >= s.lostFrom {
+				delete(s.blocks, b)
+			}
+			if _, ok := s.blocks[b]; !ok {
+				missing[b>>3] |= 1 << (b & 7)
+			}
+		}
+		s.mu.Unlock()
+		return fmt.Errorf("sink: %w", resumedErr{missing})
+	}
+	s.mu.Unlock()
+	return s.memSink.WriteBlock(ctx, i, d)
+}
+
+// The writer restarts mid-download: the next GET starts at the writer's first missing block.
+func TestSinkResumed(t *testing.T) {
+	const bs = 4096
+	img := randImage(32 * bs)
+	s := newServer(t, img)
+	sink := &resumingSink{memSink: newSink(), n: 20, lostFrom: 8, total: 32}
+	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}, nil, sink, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Resumes != 1 || !bytes.Equal(sink.image(t, 32, bs), img) {
+		t.Fatalf("stats %+v", st)
+	}
+	want := []string{"", fmt.Sprintf("bytes=%d-%d", 8*bs, len(img)-1)}
+	if diff := cmp.Diff(want, s.gotRanges()); diff != "" {
+		t.Fatal(diff)
+	}
+}

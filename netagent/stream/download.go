@@ -1,6 +1,25 @@
 // Package stream downloads a file over AWS IoT MQTT-based file delivery (streams): windowed
 // bitmap requests, several in flight, re-requests after a quiet period, every block validated
 // and handed to a Sink (the writer link) as it arrives.
+//
+// Requests: each asks for up to BlocksPerRequest missing blocks (never more than 128 KB of
+// data) with an offset and a bitmap; windows reach any block a stream can address (offset up
+// to 98304, bitmap under 12,288 bytes), so there is no 31-block or 4 MiB ceiling.
+//
+// Loss: when nothing new arrives for the quiet period, every outstanding request is sent
+// again (this covers a lost first request too); the period doubles per fruitless round and
+// after MaxFruitlessRounds the download fails with momentum_abort. The oldest request is
+// also re-sent alone when it is stuck while later ones progress (a block lost mid-stream).
+// Duplicates and reordering are harmless: blocks are placed by index and counted once.
+//
+// QoS: requests go at QoS 0 (idempotent, guarded by the quiet period; QoS 1 would add a
+// PUBACK wait per request and count against AWS's 100 unacknowledged messages). The data
+// subscription is QoS 1, so AWS delivers blocks at QoS 1: blocks published while the link
+// is briefly down wait in the persistent session, and the broker is paced by acks.
+//
+// Durability: the Sink (writer link) reports a writer restart with the writer's bitmap of
+// missing blocks; the download continues from it, so progress survives either process
+// restarting (begin the session again and pass its bitmap as missing).
 package stream
 
 import (

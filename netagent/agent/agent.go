@@ -454,6 +454,7 @@ func (j *job) selfTest(ctx context.Context) {
 		return
 	}
 	var res *otav1.SelfTestResponse
+	started := time.Now()
 	err := a.call(ctx, "self test", func(ctx context.Context) (err error) {
 		tctx, cancel := context.WithTimeout(ctx, a.cfg.SelfTestTimeout)
 		defer cancel()
@@ -484,6 +485,10 @@ func (j *job) selfTest(ctx context.Context) {
 		for _, c := range res.GetChecks() {
 			j.log.Warn("self test check", "name", c.GetName(), "passed", c.GetPassed(), "detail", c.GetDetail())
 		}
+	}
+	if reason == otav1.Reason_REASON_SELF_TEST_FAILED && time.Since(started) >= a.cfg.SelfTestTimeout {
+		// A check cut off by our deadline reads as failed on the writer's side.
+		reason = otav1.Reason_REASON_SELF_TEST_TIMEOUT
 	}
 	if reason != otav1.Reason_REASON_UNSPECIFIED {
 		j.log.Warn("self test failed: rolling back", "reason", status.String(reason))

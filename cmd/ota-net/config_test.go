@@ -109,3 +109,16 @@ func TestFlagsOnly(t *testing.T) {
 		t.Fatalf("exit %d for --version", code)
 	}
 }
+
+func TestExampleConfig(t *testing.T) {
+	c, err := loadConfig("example.toml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := c.validate(); err != nil {
+		t.Fatal(err)
+	}
+	if c.ThingName != "gw-01" || c.BlockSize != 65536 || c.WriterWaitTimeout.Duration != 10*time.Minute {
+		t.Fatalf("%+v", c)
+	}
+}

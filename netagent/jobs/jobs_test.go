@@ -311,3 +311,29 @@ func TestValidation(t *testing.T) {
 		}
 	}
 }
+
+// A VersionMismatch (or any non-retryable rejection) comes back typed after the client
+// checked where the execution really is; an InternalError is retried.
+func TestRejectionCodes(t *testing.T) {
+	e := startEmulator(t)
+	conn := connect(t, e.BrokerURL(), e.ThingName())
+	c := newClient(t, conn, e.ThingName(), jobs.Options{Attempts: 3, BackoffMin: time.Millisecond})
+	createJob(t, e, "job-v")
+	nextExec(t, c, isJob("job-v"))
+	ctx := ctxT(t)
+	for _, code := range []string{jobs.CodeVersionMismatch, jobs.CodeInvalidRequest, jobs.CodeInternalError} {
+		e.SetFaults("job-v", emulator.Faults{RejectCode: code})
+		_, err := c.Update(ctx, "job-v", jobs.Update{Status: jobs.StatusInProgress})
+		var rej *jobs.RejectedError
+		if !errors.As(err, &rej) || rej.Code != code {
+			t.Fatalf("%s: err %v", code, err)
+		}
+		if rej.Retryable() != (code == jobs.CodeInternalError) {
+			t.Fatalf("%s: retryable %v", code, rej.Retryable())
+		}
+	}
+	e.ClearFaults("job-v")
+	if _, err := c.Update(ctx, "job-v", jobs.Update{Status: jobs.StatusInProgress}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -361,7 +361,8 @@ type Faults struct {
 	// ThrottleUpdates rejects the next N UpdateJobExecution requests with RequestThrottled.
 	ThrottleUpdates int
 	// DisconnectAfterBlocks drops the requesting client's connection once after it has been
-	// sent this many blocks (embedded broker only).
+	// sent this many blocks (embedded broker only: an external broker gives no such control,
+	// and the fault then only stops the blocks after the Nth).
 	DisconnectAfterBlocks int
 	// ExpireURLAfter shortens the lifetime of presigned URLs issued from now on.
 	ExpireURLAfter time.Duration

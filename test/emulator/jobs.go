@@ -299,12 +299,19 @@ func (e *Emulator) JobDocument(jobID string) (json.RawMessage, error) {
 	defer e.mu.Unlock()
 	j, ok := e.jobs[jobID]
 	if !ok {
-		return nil, fmt.Errorf("job %s: %w", jobID, errNotFound)
+		return nil, fmt.Errorf("job %s: %w", jobID, ErrNotFound)
 	}
 	return e.document(j, time.Now()), nil
 }
 
-var errNotFound = errors.New("not found")
+// Errors of the Go API, for errors.Is.
+var (
+	// ErrNotFound: no such job or execution (AWS ResourceNotFound).
+	ErrNotFound = errors.New("not found")
+	// ErrInvalidState: the change is not allowed now, e.g. canceling an in-progress
+	// execution without force (AWS InvalidStateTransition).
+	ErrInvalidState = errors.New("invalid state transition")
+)
 
 // CancelJob implements backend.Backend: queued executions become CANCELED; in-progress ones
 // only with force (AWS refuses otherwise).
@@ -323,14 +330,14 @@ func (e *Emulator) endJob(jobID string, force bool, status string, remove bool) 
 	j, ok := e.jobs[jobID]
 	if !ok {
 		e.mu.Unlock()
-		return fmt.Errorf("job %s: %w", jobID, errNotFound)
+		return fmt.Errorf("job %s: %w", jobID, ErrNotFound)
 	}
 	if !force {
 		for _, execs := range e.things {
 			for _, x := range execs {
 				if x.job == j && x.status == backend.StatusInProgress {
 					e.mu.Unlock()
-					return fmt.Errorf("job %s: execution on %s is IN_PROGRESS; force needed (InvalidStateTransition)", jobID, x.thing)
+					return fmt.Errorf("job %s: execution on %s is IN_PROGRESS and force is not set: %w", jobID, x.thing, ErrInvalidState)
 				}
 			}
 		}
@@ -428,7 +435,7 @@ func (e *Emulator) DescribeThing(thing, jobID string) (backend.Execution, error)
 	defer e.mu.Unlock()
 	x := e.findLocked(thing, jobID)
 	if x == nil {
-		return backend.Execution{}, fmt.Errorf("execution of %s on %s: %w", jobID, thing, errNotFound)
+		return backend.Execution{}, fmt.Errorf("execution of %s on %s: %w", jobID, thing, ErrNotFound)
 	}
 	return x.snapshot(), nil
 }

@@ -2,6 +2,7 @@ package emulator
 
 import (
 	"context"
+	"errors"
 	"strings"
 	"testing"
 	"time"
@@ -239,8 +240,11 @@ func TestStartNextCancelAndTimeout(t *testing.T) {
 	// its next update is refused.
 	d.publishJSON(jobsPrefix+"job-b/update", map[string]any{"status": "IN_PROGRESS"})
 	d.next(jobsPrefix + "job-b/update/accepted")
-	if err := e.CancelJob(ctx, "job-b", false); err == nil {
-		t.Fatal("cancel of an in-progress job without force succeeded")
+	if err := e.CancelJob(ctx, "job-b", false); !errors.Is(err, ErrInvalidState) {
+		t.Fatalf("cancel of an in-progress job without force: %v", err)
+	}
+	if err := e.CancelJob(ctx, "nope", true); !errors.Is(err, ErrNotFound) {
+		t.Fatalf("cancel of an unknown job: %v", err)
 	}
 	if err := e.CancelJob(ctx, "job-b", true); err != nil {
 		t.Fatal(err)

@@ -80,7 +80,9 @@ func runWholeJob(t *testing.T, e *Emulator, brokerURL string, subscribe bool) {
 	if u := e.Updates("whole-1"); len(u) != 2 || u[0].Status != "IN_PROGRESS" || u[1].Status != "SUCCEEDED" {
 		t.Errorf("updates = %+v", u)
 	}
-	if n := e.BlocksServed("whole-1"); n != blocks {
+	// Under load a late block can make the device re-request it after its quiet period, so
+	// more may be served than the file has; never fewer.
+	if n := e.BlocksServed("whole-1"); n < blocks {
 		t.Errorf("served %d blocks for %d", n, blocks)
 	}
 }

@@ -320,6 +320,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		}
 		j.log.Info("receiving file", "file", f.Index, "protocol", proto, "size", f.Size, "block_size", sess.BlockSize(), "have", have, "total", total, "resumed", have > 0)
 		if err := j.report(ctx, func(ctx context.Context) error { return j.rep.Receiving(ctx, have, total) }); err != nil {
+			j.fail(ctx, err, "")
 			return false
 		}
 		j.started = true
@@ -335,6 +336,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		j.log.Info("file verified", "file", f.Index, "sha256", fin.GetSha256())
 	}
 	if err := j.report(ctx, j.rep.Ready); err != nil {
+		j.fail(ctx, err, "")
 		return false
 	}
 	reboot := false
@@ -536,15 +538,26 @@ func (j *job) rejectTrial(ctx context.Context, reason otav1.Reason) {
 	}
 }
 
-// report sends one update with the job's context; a terminal job or a shutdown stops the job.
+// report sends one update with the job's context. It returns an error only when the job must
+// stop: the job is terminal in the cloud (its sessions are aborted) or the job's context
+// ended. Other failures (the cloud unreachable after the jobs client's retries) are logged
+// and the update goes on: the device's work is not lost for a missed progress report.
 func (j *job) report(ctx context.Context, f func(context.Context) error) error {
 	err := f(ctx)
 	var te *jobs.TerminalError
-	if errors.As(err, &te) {
+	switch {
+	case err == nil:
+		return nil
+	case errors.As(err, &te):
 		j.log.Info("job is terminal", "status", te.Status)
+		j.terminal.Store(true)
 		j.abortSessions(otav1.Reason_REASON_USER_ABORT)
+		return err
+	case ctx.Err() != nil:
+		return err
 	}
-	return err
+	j.log.Warn("status report failed; continuing", "error", err)
+	return nil
 }
 
 // fail ends the job after err: on a shutdown nothing happens; on cancel/replace the sessions

@@ -14,6 +14,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/eclipse/paho.golang/paho"
+
 	"github.com/gwota/gwota/test/backend"
 )
 
@@ -222,5 +224,35 @@ func TestBrokerRestartKeepsJobs(t *testing.T) {
 	}
 	if err := e.RestartBroker(); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// On an ordinary broker a response reaches only subscribers: a device that did not subscribe
+// never sees it, unlike on AWS IoT and the embedded broker.
+func TestExternalBrokerNeedsSubscription(t *testing.T) {
+	url := startMosquitto(t)
+	startEmulator(t, Options{ExternalBrokerURL: url})
+	jobs := thingPrefix + "jobs/"
+	observer := connectDevice(t, url, "observer", jobs+"$next/get/accepted")
+	d := connectDevice(t, url, "gw-01")
+	d.publishJSON(jobs+"$next/get", map[string]any{"clientToken": "unsubscribed"})
+	// The answer went out (the observer has it) while the device was not subscribed.
+	if m := decodeJSONMap(t, observer.next(jobs+"$next/get/accepted").Payload); m["clientToken"] != "unsubscribed" {
+		t.Fatalf("observer saw %v", m)
+	}
+	// Subscribe, ask again: the emulator answers in order over one connection, so once the
+	// second answer is here the first would have been too.
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	if _, err := d.c.Subscribe(ctx, &paho.Subscribe{Subscriptions: []paho.SubscribeOptions{{Topic: jobs + "$next/get/accepted", QoS: 1}}}); err != nil {
+		t.Fatal(err)
+	}
+	d.publishJSON(jobs+"$next/get", map[string]any{"clientToken": "subscribed"})
+	m := decodeJSONMap(t, d.next(jobs+"$next/get/accepted").Payload)
+	if m["clientToken"] != "subscribed" {
+		t.Fatalf("first answer seen = %v; the unsubscribed request's answer was delivered", m)
+	}
+	if rest := d.drain(jobs + "$next/get/accepted"); len(rest) != 0 {
+		t.Fatalf("extra answers: %d", len(rest))
 	}
 }

@@ -212,6 +212,18 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 	key := "*"
 	defer func() { a.markHandled(ex.JobID, key) }()
 
+	if len(ex.JobDocument) == 0 {
+		// A notification without the document: read the execution in full.
+		full, err := a.jobs.Describe(ctx, ex.JobID)
+		if err != nil {
+			j.log.Warn("cannot read the job document", "error", err)
+			if ctx.Err() == nil {
+				key = "" // retried at the next announcement
+			}
+			return
+		}
+		j.ex, ex = full, full
+	}
 	doc, err := jobdoc.Parse(ex.JobDocument)
 	if errors.Is(err, jobdoc.ErrNotOTA) {
 		j.log.Info("custom job (not afr_ota): left alone")

@@ -596,6 +596,21 @@ func TestCustomAndInvalidDocuments(t *testing.T) {
 	if err := b.Subscribe(prefix+"$next/get", 2, func(string, []byte, string) { asked <- struct{}{} }); err != nil {
 		t.Fatal(err)
 	}
+	// DescribeJobExecution of a job announced without its document.
+	if err := b.Subscribe(prefix+"+/get", 3, func(topic string, p []byte, _ string) {
+		jobID := strings.TrimSuffix(strings.TrimPrefix(topic, prefix), "/get")
+		if jobID == "$next" {
+			return
+		}
+		var req struct {
+			ClientToken string `json:"clientToken"`
+		}
+		_ = json.Unmarshal(p, &req)
+		resp := `{"clientToken":"` + req.ClientToken + `","execution":{"jobId":"` + jobID + `","status":"QUEUED","jobDocument":{"afr_ota":{"protocols":["MQTT"],"streamname":"s","files":[{"fileid":0}]}}}}`
+		_ = b.Publish(topic+"/accepted", []byte(resp), 1)
+	}); err != nil {
+		t.Fatal(err)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
@@ -638,6 +653,18 @@ func TestCustomAndInvalidDocuments(t *testing.T) {
 	case u := <-updates:
 		if u != "bad-1 REJECTED job_document_invalid 3009" {
 			t.Fatalf("first update %q (the custom job must be left alone)", u)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("no update")
+	}
+	// Announced without its document: the agent describes the execution and judges that.
+	if err := b.Publish(prefix+"notify-next", []byte(`{"execution":{"jobId":"nodoc-1","status":"QUEUED"},"timestamp":2}`), 1); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case u := <-updates:
+		if u != "nodoc-1 REJECTED job_document_invalid 3009" {
+			t.Fatalf("update %q", u)
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("no update")

@@ -88,11 +88,7 @@ func TestPrivilegeSplit(t *testing.T) {
 		mustChmod(t, d.path, d.mode)
 	}
 
-	built, err := harness.Build(ctx, harness.BuildOptions{Race: harness.RaceEnabled})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer os.RemoveAll(built.Dir)
+	built := binaries(t)
 	writerBin := install(t, built.Writer, filepath.Join(binDir, "ota-writer"))
 	netBin := install(t, built.Net, filepath.Join(binDir, "ota-net"))
 	// ota-net as the service runs it: its own uid, group ota and nothing

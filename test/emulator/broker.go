@@ -199,6 +199,8 @@ type external struct {
 	client    *paho.Client
 	conn      net.Conn
 	log       hclog.Logger
+	ctx       context.Context // ends at close, so no publish waits for a PUBACK that cannot come
+	cancel    context.CancelFunc
 }
 
 func newExternal(ctx context.Context, brokerURL, clientID string, log hclog.Logger, handler func(message)) (*external, error) {
@@ -215,6 +217,7 @@ func newExternal(ctx context.Context, brokerURL, clientID string, log hclog.Logg
 		return nil, fmt.Errorf("connect to broker %s: %w", u.Host, err)
 	}
 	x := &external{brokerURL: brokerURL, conn: conn, log: log}
+	x.ctx, x.cancel = context.WithCancel(context.Background())
 	x.client = paho.NewClient(paho.ClientConfig{
 		Conn:     conn,
 		ClientID: clientID,
@@ -228,10 +231,12 @@ func newExternal(ctx context.Context, brokerURL, clientID string, log hclog.Logg
 	})
 	ca, err := x.client.Connect(ctx, &paho.Connect{ClientID: clientID, CleanStart: true, KeepAlive: 30})
 	if err != nil {
+		x.cancel()
 		conn.Close()
 		return nil, fmt.Errorf("MQTT connect to %s: %w", u.Host, err)
 	}
 	if ca.ReasonCode != 0 {
+		x.cancel()
 		conn.Close()
 		return nil, fmt.Errorf("MQTT connect to %s: reason %d", u.Host, ca.ReasonCode)
 	}
@@ -250,7 +255,7 @@ func newExternal(ctx context.Context, brokerURL, clientID string, log hclog.Logg
 func (x *external) respond(_, topic string, payload []byte) error { return x.publish(topic, payload) }
 
 func (x *external) publish(topic string, payload []byte) error {
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	ctx, cancel := context.WithTimeout(x.ctx, 10*time.Second)
 	defer cancel()
 	_, err := x.client.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payload})
 	return err
@@ -260,6 +265,7 @@ func (x *external) disconnect(string) bool { return false }
 func (x *external) url() string            { return x.brokerURL }
 
 func (x *external) close() error {
+	x.cancel()
 	_ = x.client.Disconnect(&paho.Disconnect{ReasonCode: 0})
 	select {
 	case <-x.client.Done():

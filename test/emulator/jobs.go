@@ -51,6 +51,8 @@ type job struct {
 	stream    string
 	files     []*jobFile
 	urlExpiry time.Duration
+	custom    json.RawMessage                       // a non-OTA job's document, sent as is
+	rewrite   func(json.RawMessage) json.RawMessage // RewriteDocument hook
 }
 
 type jobFile struct {
@@ -152,15 +154,26 @@ func (e *Emulator) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 		j.files = append(j.files, jf)
 	}
 	e.mu.Lock()
-	if doc := e.document(j, time.Now()); len(doc) > maxJobDocument {
-		e.mu.Unlock()
+	doc := e.document(j, time.Now())
+	e.mu.Unlock()
+	if len(doc) > maxJobDocument {
 		j.closeFiles()
 		return fmt.Errorf("create job %s: document is %d bytes, AWS allows %d", spec.JobID, len(doc), maxJobDocument)
 	}
-	if _, ok := e.jobs[spec.JobID]; ok {
-		e.mu.Unlock()
+	if err := e.queueJob(j, things); err != nil {
 		j.closeFiles()
-		return fmt.Errorf("create job %s: a job with this id already exists", spec.JobID)
+		return err
+	}
+	e.log.Info("job created", "job", j.id, "things", things, "protocols", protocols, "stream", j.stream)
+	return nil
+}
+
+// queueJob registers a job and queues an execution on each thing.
+func (e *Emulator) queueJob(j *job, things []string) error {
+	e.mu.Lock()
+	if _, ok := e.jobs[j.id]; ok {
+		e.mu.Unlock()
+		return fmt.Errorf("create job %s: a job with this id already exists", j.id)
 	}
 	e.jobOrder++
 	j.seq = e.jobOrder
@@ -178,7 +191,6 @@ func (e *Emulator) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 	}
 	e.notifyLocked()
 	e.mu.Unlock()
-	e.log.Info("job created", "job", j.id, "things", things, "protocols", protocols, "stream", j.stream)
 	return nil
 }
 
@@ -255,6 +267,17 @@ func contains(list []string, s string) bool {
 // document builds the afr_ota job document. HTTP URLs are signed afresh every time, which is
 // how DescribeJobExecution re-signs them.
 func (e *Emulator) document(j *job, now time.Time) json.RawMessage {
+	if j.custom != nil {
+		return j.custom
+	}
+	doc := e.otaDocument(j, now)
+	if j.rewrite != nil {
+		return j.rewrite(doc)
+	}
+	return doc
+}
+
+func (e *Emulator) otaDocument(j *job, now time.Time) json.RawMessage {
 	type file struct {
 		FilePath   string `json:"filepath,omitempty"`
 		FileSize   int64  `json:"filesize"`
@@ -291,6 +314,44 @@ func (e *Emulator) document(j *job, now time.Time) json.RawMessage {
 	doc.AfrOTA.Files = files
 	b, _ := json.Marshal(doc)
 	return b
+}
+
+// CreateCustomJob queues a job whose document is given verbatim (a custom job, or a
+// deliberately broken afr_ota one). It must be a JSON object of at most 32 KB, as AWS requires.
+func (e *Emulator) CreateCustomJob(ctx context.Context, jobID string, document json.RawMessage, things ...string) error {
+	if !jobIDRe.MatchString(jobID) {
+		return fmt.Errorf("create job: job id %q must be 1..64 of [a-zA-Z0-9_-]", jobID)
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(document, &obj); err != nil {
+		return fmt.Errorf("create job %s: document is not a JSON object: %w", jobID, err)
+	}
+	if len(document) > maxJobDocument {
+		return fmt.Errorf("create job %s: document is %d bytes, AWS allows %d", jobID, len(document), maxJobDocument)
+	}
+	if len(things) == 0 {
+		things = []string{e.thing}
+	}
+	for _, t := range things {
+		if !validThingName(t) {
+			return fmt.Errorf("create job %s: thing name %q is not valid", jobID, t)
+		}
+	}
+	return e.queueJob(&job{id: jobID, custom: append(json.RawMessage(nil), document...)}, things)
+}
+
+// RewriteDocument makes every document sent for jobID pass through fn first, e.g. to quote
+// numbers, drop the signature or corrupt a field, while the stream and URL keep working.
+// A nil fn removes the hook.
+func (e *Emulator) RewriteDocument(jobID string, fn func(json.RawMessage) json.RawMessage) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	j, ok := e.jobs[jobID]
+	if !ok {
+		return fmt.Errorf("job %s: %w", jobID, ErrNotFound)
+	}
+	j.rewrite = fn
+	return nil
 }
 
 // JobDocument returns the document a device would receive now (URLs freshly signed).

@@ -2,6 +2,7 @@ package emulator
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"strings"
 	"testing"
@@ -387,5 +388,42 @@ func TestOnUpdateMayCallEmulator(t *testing.T) {
 	defer cancel()
 	if _, err := e.WaitStatus(ctx, "job-cb", backend.StatusCanceled); err != nil {
 		t.Fatal(err)
+	}
+}
+
+func TestCustomJobAndDocumentRewrite(t *testing.T) {
+	e := startEmulator(t, Options{})
+	d := connectDevice(t, e.BrokerURL(), "gw-01")
+	ctx := context.Background()
+	if err := e.CreateCustomJob(ctx, "custom-1", []byte(`{"operation":"reboot"}`)); err != nil {
+		t.Fatal(err)
+	}
+	for _, bad := range []string{`[1]`, `{"a":`, `{"a":"` + strings.Repeat("x", 33*1024) + `"}`} {
+		if err := e.CreateCustomJob(ctx, "custom-bad", []byte(bad)); err == nil {
+			t.Errorf("CreateCustomJob(%.20s) accepted", bad)
+		}
+	}
+	d.publishJSON(jobsPrefix+"custom-1/get", map[string]any{})
+	m := decodeJSONMap(t, d.next(jobsPrefix+"custom-1/get/accepted").Payload)
+	if doc := m["execution"].(map[string]any)["jobDocument"].(map[string]any); doc["operation"] != "reboot" || len(doc) != 1 {
+		t.Fatalf("custom document = %v", doc)
+	}
+
+	path, _ := writeTestFile(t, 300)
+	createJob(t, e, "ota-rw", path)
+	// Quote the file size, as some job authors do; the stream keeps working.
+	err := e.RewriteDocument("ota-rw", func(doc json.RawMessage) json.RawMessage {
+		return json.RawMessage(strings.Replace(string(doc), `"filesize":300`, `"filesize":"300"`, 1))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.publishJSON(jobsPrefix+"ota-rw/get", map[string]any{})
+	raw := string(d.next(jobsPrefix + "ota-rw/get/accepted").Payload)
+	if !strings.Contains(raw, `"filesize":"300"`) {
+		t.Fatalf("rewritten document not sent: %s", raw)
+	}
+	if err := e.RewriteDocument("nope", nil); !errors.Is(err, ErrNotFound) {
+		t.Errorf("RewriteDocument(unknown) = %v", err)
 	}
 }

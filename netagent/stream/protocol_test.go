@@ -248,3 +248,28 @@ func shift(b []int, o int) []int {
 	}
 	return b
 }
+
+// The payload aliases the message (no copy), and stays correct when the message is a CBOR
+// definite byte string with each header width.
+func TestPayloadNoCopy(t *testing.T) {
+	for _, n := range []int{0, 23, 24, 255, 256, 65535, 65536} {
+		p := make([]byte, n)
+		for i := range p {
+			p[i] = byte(i)
+		}
+		msg, err := encMode.Marshal(Block{FileID: 1, Index: 2, Length: int64(n), Payload: p})
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := DecodeBlock(FormatCBOR, msg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !bytes.Equal(b.Payload, p) || b.Length != int64(n) {
+			t.Fatalf("%d bytes: payload differs", n)
+		}
+		if n > 0 && &b.Payload[0] != &msg[len(msg)-n] {
+			t.Fatalf("%d bytes: payload was copied", n)
+		}
+	}
+}

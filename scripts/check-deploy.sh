@@ -11,11 +11,21 @@
 #   5. the maintainer scripts' behaviour (private mount namespace, systemctl
 #      and friends recorded by stubs): enable the units, start only the
 #      socket, never start or restart a daemon on install or upgrade.
+#   6. with --install (root, a disposable machine such as CI): dpkg -i the
+#      package for real, check users, directories and enabled units, then
+#      dpkg --purge it and check it is gone.
 # Exits non-zero on any failure. Prints the exposure figures and a closing
 # "N passed, N failed" line.
 #
-#   scripts/check-deploy.sh              (GWOTA_BIN=dir: package prebuilt binaries)
+#   scripts/check-deploy.sh [--install]   (GWOTA_BIN=dir: package prebuilt binaries)
 set -uo pipefail
+
+install=
+case "${1:-}" in
+--install) install=yes ;;
+"") ;;
+*) echo "usage: $0 [--install]" >&2; exit 2 ;;
+esac
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -252,6 +262,32 @@ refuse "postrm (remove)" "$rec" '^removed' '^exit status'
 rec=$(run_script postrm purge)
 expect "postrm (purge)" "$rec" '^deb-systemd-helper purge ota-writer\.socket ota-net\.service$' \
 	'^removed /var/lib/ota-writer$' '^removed /var/lib/ota-net$'
+
+if [[ -n $install ]]; then
+	echo "== 6. dpkg -i / dpkg --purge on this machine"
+	if [[ $(id -u) != 0 ]]; then
+		fail "--install needs root"
+	elif [[ ! -f ${deb:-} ]]; then
+		fail "--install: no package to install"
+	elif dpkg-query -W -f='${Status}' gwota 2>/dev/null | grep -q 'install ok installed'; then
+		fail "--install: gwota is already installed here; refusing to replace it"
+	else
+		out=$(dpkg -i "$deb" 2>&1)
+		if (($? == 0)); then pass "dpkg -i"; else fail "dpkg -i"; echo "$out"; fi
+		check "installed: user ota-net in group ota" test "$(id -gn ota-net 2>/dev/null)" = ota
+		check "installed: /etc/ota/keys is root 0700" test "$(stat -c '%a %U' /etc/ota/keys 2>/dev/null)" = "700 root"
+		check "installed: /var/lib/ota-net belongs to ota-net" test "$(stat -c '%a %U %G' /var/lib/ota-net 2>/dev/null)" = "700 ota-net ota"
+		check "installed: ota-writer.socket enabled" test -L /etc/systemd/system/sockets.target.wants/ota-writer.socket
+		check "installed: ota-net.service enabled" test -L /etc/systemd/system/multi-user.target.wants/ota-net.service
+		check "installed: no live configuration" bash -c '! ls /etc/ota/*.toml >/dev/null 2>&1'
+		check "installed: ota-writer runs" bash -c '/usr/bin/ota-writer -h >/dev/null 2>&1'
+		out=$(dpkg --purge gwota 2>&1)
+		if (($? == 0)); then pass "dpkg --purge"; else fail "dpkg --purge"; echo "$out"; fi
+		check "purged: binaries gone" test ! -e /usr/bin/ota-writer -a ! -e /usr/bin/ota-net
+		check "purged: units disabled" test ! -e /etc/systemd/system/sockets.target.wants/ota-writer.socket -a ! -e /etc/systemd/system/multi-user.target.wants/ota-net.service
+		check "purged: state removed" test ! -e /var/lib/ota-writer -a ! -e /var/lib/ota-net
+	fi
+fi
 
 echo "$passed passed, $failed failed"
 ((failed == 0))

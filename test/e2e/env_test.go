@@ -65,6 +65,7 @@ type env struct {
 	dir    string
 	cloud  *harness.Cloud
 	mq     *harness.Mosquitto
+	edge   *harness.Mosquitto // with newEnvEdge: the broker the device uses
 	signer *harness.Signer
 	dev    *harness.Device
 	// ctx ends at the test's deadline or as soon as a device process dies unexpectedly.
@@ -73,6 +74,14 @@ type env struct {
 
 // newEnv starts the broker and the emulator and lays out the device (not started).
 func newEnv(t *testing.T, broker string, mod func(*harness.DeviceOptions)) *env {
+	t.Helper()
+	return newEnvEdge(t, broker, false, mod)
+}
+
+// newEnvEdge is newEnv; with edge (mosquitto only) the device connects to a second,
+// bridged mosquitto (env.edge) that a test can restart while the emulator stays connected to
+// the first.
+func newEnvEdge(t *testing.T, broker string, edge bool, mod func(*harness.DeviceOptions)) *env {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 4*time.Minute)
 	t.Cleanup(cancel)
@@ -105,13 +114,21 @@ func newEnv(t *testing.T, broker string, mod func(*harness.DeviceOptions)) *env 
 	}
 	e.cloud = cloud
 	t.Cleanup(func() { _ = cloud.Close() })
+	deviceBroker := cloud.BrokerURL()
+	if edge && e.mq != nil {
+		if e.edge, err = harness.StartMosquittoEdge(ctx, dir, e.mq); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { _ = e.edge.Stop(context.Background()) })
+		deviceBroker = e.edge.URL()
+	}
 	if e.signer, err = harness.NewSigner("e2e-signer"); err != nil {
 		t.Fatal(err)
 	}
 	o := harness.DeviceOptions{
 		Dir:        filepath.Join(dir, "d"),
 		Thing:      thing,
-		BrokerURL:  cloud.BrokerURL(),
+		BrokerURL:  deviceBroker,
 		Trusted:    []*harness.Signer{e.signer},
 		Extensions: map[string]string{"hardware_rev": "e2e"},
 	}

@@ -17,6 +17,9 @@ import (
 // MosquittoPath is where Debian installs the broker.
 const MosquittoPath = "/usr/sbin/mosquitto"
 
+// bridgeClientID is the client id an edge broker's bridge uses on its upstream.
+const bridgeClientID = "gwota-bridge"
+
 // FindMosquitto returns the mosquitto binary, or an error saying it is not installed.
 func FindMosquitto() (string, error) {
 	if _, err := os.Stat(MosquittoPath); err == nil {
@@ -34,14 +37,34 @@ type Mosquitto struct {
 	Port int
 	Conf string
 	Log  string
+	// Upstream is the broker this one bridges $aws/# to (nil: not bridged).
+	Upstream *Mosquitto
 
-	mu   sync.Mutex
-	proc *Proc
+	mu      sync.Mutex
+	proc    *Proc
+	waiters []*lineWaiter
+}
+
+type lineWaiter struct {
+	substr string
+	ch     chan struct{}
 }
 
 // StartMosquitto writes a configuration in dir (a free loopback port, TCP_NODELAY, a raised
 // queue limit so QoS 1 stream blocks are not dropped) and starts the broker.
 func StartMosquitto(ctx context.Context, dir string) (*Mosquitto, error) {
+	return startMosquitto(ctx, dir, "mosquitto", nil)
+}
+
+// StartMosquittoEdge starts a second broker whose $aws/# topics are bridged both ways to
+// upstream, with persistence (sessions survive its restart). Devices connect to the edge
+// and the emulator to upstream: restarting the edge is a broker restart as the device sees
+// it, while the emulator's own connection (which does not reconnect) stays up.
+func StartMosquittoEdge(ctx context.Context, dir string, upstream *Mosquitto) (*Mosquitto, error) {
+	return startMosquitto(ctx, dir, "mosquitto-edge", upstream)
+}
+
+func startMosquitto(ctx context.Context, dir, name string, upstream *Mosquitto) (*Mosquitto, error) {
 	bin, err := FindMosquitto()
 	if err != nil {
 		return nil, err
@@ -50,14 +73,13 @@ func StartMosquitto(ctx context.Context, dir string) (*Mosquitto, error) {
 	if err != nil {
 		return nil, err
 	}
-	m := &Mosquitto{Bin: bin, Port: port, Conf: filepath.Join(dir, "mosquitto.conf"), Log: filepath.Join(dir, "mosquitto.log")}
+	m := &Mosquitto{Bin: bin, Port: port, Conf: filepath.Join(dir, name+".conf"), Log: filepath.Join(dir, name+".log"), Upstream: upstream}
 	conf := fmt.Sprintf(`# written by the gwota test harness
 listener %d 127.0.0.1
 allow_anonymous true
 set_tcp_nodelay true
 max_queued_messages 100000
 max_packet_size 1048576
-persistence false
 log_dest stderr
 log_type error
 log_type warning
@@ -65,6 +87,27 @@ log_type notice
 log_type information
 connection_messages true
 `, port)
+	if upstream == nil {
+		conf += "persistence false\n"
+	} else {
+		pdir := filepath.Join(dir, name+"-db")
+		if err := os.MkdirAll(pdir, 0o700); err != nil {
+			return nil, err
+		}
+		conf += fmt.Sprintf(`persistence true
+persistence_location %s/
+autosave_interval 1
+connection upstream
+address 127.0.0.1:%d
+topic $aws/# both 1
+bridge_protocol_version mqttv311
+try_private true
+cleansession false
+remote_clientid %s
+restart_timeout 1
+notifications false
+`, pdir, upstream.Port, bridgeClientID)
+	}
 	if err := os.WriteFile(m.Conf, []byte(conf), 0o644); err != nil {
 		return nil, err
 	}
@@ -74,9 +117,44 @@ connection_messages true
 // URL is the broker URL for clients.
 func (m *Mosquitto) URL() string { return fmt.Sprintf("mqtt://127.0.0.1:%d", m.Port) }
 
-// Start runs the broker (again, on the same port) and returns once it listens.
+// waitLine returns a channel closed when the broker logs a line containing substr (only
+// lines logged from now on count).
+func (m *Mosquitto) waitLine(substr string) <-chan struct{} {
+	w := &lineWaiter{substr: substr, ch: make(chan struct{})}
+	m.mu.Lock()
+	m.waiters = append(m.waiters, w)
+	m.mu.Unlock()
+	return w.ch
+}
+
+func (m *Mosquitto) scanLines(r io.Reader) {
+	sc := bufio.NewScanner(r)
+	for sc.Scan() {
+		line := sc.Text()
+		m.mu.Lock()
+		kept := m.waiters[:0]
+		for _, w := range m.waiters {
+			if strings.Contains(line, w.substr) {
+				close(w.ch)
+				continue
+			}
+			kept = append(kept, w)
+		}
+		m.waiters = kept
+		m.mu.Unlock()
+	}
+}
+
+// Start runs the broker (again, on the same port) and returns once it serves and, for an
+// edge broker, once its bridge is connected upstream.
 func (m *Mosquitto) Start(ctx context.Context) error {
 	pr, pw := io.Pipe()
+	// mosquitto 2.x logs "mosquitto version 2.0.11 running" once its listeners are open.
+	running := m.waitLine(" running")
+	var bridged <-chan struct{}
+	if m.Upstream != nil {
+		bridged = m.Upstream.waitLine(" as " + bridgeClientID)
+	}
 	p, err := startProc("mosquitto", []string{m.Bin, "-c", m.Conf}, nil, m.Log, pw, func(*Proc, bool) { pw.Close() })
 	if err != nil {
 		return err
@@ -84,33 +162,30 @@ func (m *Mosquitto) Start(ctx context.Context) error {
 	m.mu.Lock()
 	m.proc = p
 	m.mu.Unlock()
-	ready := make(chan error, 1)
-	go func() {
-		sc := bufio.NewScanner(pr)
-		found := false
-		for sc.Scan() {
-			// mosquitto 2.x: "mosquitto version 2.0.11 running" once its listeners are open.
-			if !found && strings.Contains(sc.Text(), " running") {
-				found = true
-				ready <- nil
-			}
-		}
-		if !found {
-			ready <- fmt.Errorf("mosquitto exited before listening: %s", tail(m.Log, 20))
-		}
-	}()
+	go m.scanLines(pr)
 	select {
-	case err := <-ready:
-		if err != nil {
-			return err
-		}
-		// mosquitto logs "running" a moment before it starts honouring SIGTERM (a signal in
-		// between is lost); a CONNACK proves its main loop runs.
-		return m.probe(ctx)
+	case <-running:
+	case <-p.Done():
+		return fmt.Errorf("mosquitto exited before listening: %s", tail(m.Log, 20))
 	case <-ctx.Done():
 		_ = p.Kill(context.Background())
 		return context.Cause(ctx)
 	}
+	// mosquitto logs "running" a moment before it starts honouring SIGTERM (a signal in
+	// between is lost); a CONNACK proves its main loop runs.
+	if err := m.probe(ctx); err != nil {
+		return err
+	}
+	if bridged != nil {
+		select {
+		case <-bridged:
+		case <-p.Done():
+			return fmt.Errorf("mosquitto edge exited before its bridge connected: %s", tail(m.Log, 20))
+		case <-ctx.Done():
+			return fmt.Errorf("mosquitto edge bridge not connected upstream: %w", context.Cause(ctx))
+		}
+	}
+	return nil
 }
 
 // Stop stops the broker (SIGTERM) and waits for it.

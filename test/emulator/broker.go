@@ -61,7 +61,7 @@ func newEmbedded(listen string, log hclog.Logger, handler func(message)) (*embed
 		InlineClient: true,
 		// Coalesce queued publishes into fewer writes when a subscriber has a backlog.
 		ClientNetWriteBufferSize: 64 * 1024,
-		Logger:       slog.New(slog.NewTextHandler(hclogWriter{log}, &slog.HandlerOptions{Level: slog.LevelWarn})),
+		Logger:                   slog.New(slog.NewTextHandler(hclogWriter{log}, &slog.HandlerOptions{Level: slog.LevelWarn})),
 	})
 	if err := s.AddHook(new(allowAll), nil); err != nil {
 		return nil, err

@@ -44,13 +44,13 @@ func startMosquitto(t *testing.T) string {
 		_ = cmd.Process.Kill()
 		_ = cmd.Wait()
 	})
-	// Ready once it logs that the listener is open.
+	// Ready once it logs "mosquitto version ... running" (after its listeners are open).
 	ready := make(chan struct{})
 	go func() {
 		sc := bufio.NewScanner(stderr)
 		closed := false
 		for sc.Scan() {
-			if !closed && strings.Contains(sc.Text(), "Opening ipv4 listen socket") {
+			if !closed && strings.Contains(sc.Text(), " running") {
 				close(ready)
 				closed = true
 			}

@@ -22,17 +22,20 @@ type Recorder struct {
 // NewRecorder returns an empty recorder; pass its Add as emulator.Options.OnUpdate.
 func NewRecorder() *Recorder { return &Recorder{changed: make(chan struct{})} }
 
-// Add records an event (emulator.Options.OnUpdate).
+// Add records an event (emulator.Options.OnUpdate). The OnEvent hooks run first, so a Wait
+// that returns an event returns after the hooks saw it.
 func (r *Recorder) Add(ev emulator.UpdateEvent) {
 	r.mu.Lock()
-	r.events = append(r.events, ev)
-	close(r.changed)
-	r.changed = make(chan struct{})
 	hooks := r.hooks
 	r.mu.Unlock()
 	for _, h := range hooks {
 		h(ev)
 	}
+	r.mu.Lock()
+	r.events = append(r.events, ev)
+	close(r.changed)
+	r.changed = make(chan struct{})
+	r.mu.Unlock()
 }
 
 // OnEvent calls fn for every later event, in order, on the emulator's goroutine.

@@ -61,12 +61,25 @@ type printer struct {
 	mu    sync.Mutex
 	w     io.Writer
 	start time.Time
+	done  bool
 }
 
 func (p *printer) line(format string, args ...any) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if p.done {
+		return
+	}
 	fmt.Fprintf(p.w, "%7.3fs  %s\n", time.Since(p.start).Seconds(), fmt.Sprintf(format, args...))
+}
+
+// finish ends the timed lines (late events are dropped) and returns the writer for the
+// summary.
+func (p *printer) finish() io.Writer {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.done = true
+	return p.w
 }
 
 func run(ctx context.Context, w io.Writer, o opts) (err error) {
@@ -122,7 +135,7 @@ func run(ctx context.Context, w io.Writer, o opts) (err error) {
 			err = cerr
 		}
 		if o.keep {
-			fmt.Fprintf(w, "\ndevice directory kept: %s (writer.toml, net.toml, ota-writer.log, ota-net.log, slots)\n", dev.Dir)
+			fmt.Fprintf(out.finish(), "\ndevice directory kept: %s (writer.toml, net.toml, ota-writer.log, ota-net.log, slots)\n", dev.Dir)
 		}
 	}()
 
@@ -180,19 +193,29 @@ func run(ctx context.Context, w io.Writer, o opts) (err error) {
 	}
 	out.line("job %s created: %d-byte image %s, sha256 %s, ECDSA P-256, over %s", jobID, o.size, what, short(imgHash), o.protocol)
 
-	ex, err := cloud.WaitStatus(dctx, jobID, backend.StatusSucceeded, backend.StatusFailed, backend.StatusRejected,
-		backend.StatusCanceled, backend.StatusTimedOut, backend.StatusRemoved)
+	// Waiting on the recorder: its hook has printed the terminal update when this returns.
+	ev, err := cloud.Rec.Wait(dctx, jobID, func(ev emulator.UpdateEvent) bool { return terminal(ev.Status) })
 	if err != nil {
 		if cause := context.Cause(dctx); cause != nil && !errors.Is(cause, context.Canceled) {
 			err = cause
 		}
 		return fmt.Errorf("waiting for the job to end: %w\n%s", err, dev.Logs())
 	}
+	ex := backend.Execution{JobID: jobID, Status: ev.Status, StatusDetails: ev.StatusDetails}
+	w = out.finish()
 	fmt.Fprintf(w, "\nfinal: %s\n", ex.Status)
 	for _, k := range slices.Sorted(maps.Keys(ex.StatusDetails)) {
 		fmt.Fprintf(w, "  %-18s %s\n", k, ex.StatusDetails[k])
 	}
 	return conclude(ctx, w, dev, o, ex, before, bootBefore, imgHash)
+}
+
+func terminal(status string) bool {
+	switch status {
+	case backend.StatusSucceeded, backend.StatusFailed, backend.StatusRejected, backend.StatusCanceled, backend.StatusTimedOut, backend.StatusRemoved:
+		return true
+	}
+	return false
 }
 
 // conclude checks the outcome against what the mode expects and shows the slots.

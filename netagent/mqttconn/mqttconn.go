@@ -95,6 +95,17 @@ type Config struct {
 	MaxPayload int
 	// Logger (hclog.NewNullLogger() when nil).
 	Logger hclog.Logger
+	// Subscriptions are attached before the first connection, so messages the broker kept in
+	// the persistent session while the device was away are routed too (a Subscribe call
+	// after Dial may come after they arrived).
+	Subscriptions []Subscription
+}
+
+// Subscription is a filter with its handler (see Config.Subscriptions).
+type Subscription struct {
+	Filter  string
+	QoS     byte
+	Handler func(topic string, payload []byte)
 }
 
 type handler struct {
@@ -189,6 +200,22 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 		sess = state.New(cs, ss)
 	}
 
+	filters := map[string]*filterState{}
+	var nextID uint64
+	for _, sub := range cfg.Subscriptions {
+		if !ValidFilter(sub.Filter) || sub.QoS > 1 || sub.Handler == nil {
+			return nil, fmt.Errorf("%w: subscription %q", ErrInvalid, sub.Filter)
+		}
+		fs := filters[sub.Filter]
+		if fs == nil {
+			fs = &filterState{}
+			filters[sub.Filter] = fs
+		}
+		nextID++
+		fs.qos = max(fs.qos, sub.QoS)
+		fs.handlers = append(fs.handlers, handler{id: nextID, h: sub.Handler})
+	}
+
 	cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
 	c := &Conn{
 		cfg:     cfg,
@@ -196,7 +223,8 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 		session: sess,
 		ctx:     cctx,
 		cancel:  cancel,
-		filters: map[string]*filterState{},
+		filters: filters,
+		nextID:  nextID,
 		onUp:    map[uint64]func(context.Context){},
 		upCh:    make(chan struct{}),
 	}

@@ -446,17 +446,14 @@ func TestSessionSurvivesRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 	h := newCollector()
-	cfg := mqttconn.Config{BrokerURL: b.URL(), ClientID: "gw-sess"}
+	cfg := mqttconn.Config{BrokerURL: b.URL(), ClientID: "gw-sess",
+		Subscriptions: []mqttconn.Subscription{{Filter: "sess/+", QoS: 1, Handler: h.handle}}}
 	mod(&cfg)
 	c2, err := mqttconn.Dial(ctx, cfg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c2.Close(context.Background())
-	// Registered right after Dial, before the session's queued messages are delivered.
-	if _, err := c2.Subscribe(ctx, "sess/+", 1, h.handle); err != nil {
-		t.Fatal(err)
-	}
 	if got := h.next(t); got.payload != "while away" {
 		t.Fatalf("got %+v", got)
 	}

@@ -105,7 +105,7 @@ func newEnvEdge(t *testing.T, broker string, edge bool, mod func(*harness.Device
 			t.Fatal(err)
 		}
 		e.mq = mq
-		t.Cleanup(func() { _ = mq.Stop(context.Background()) })
+		t.Cleanup(func() { stopBroker(mq) })
 		opts.ExternalBrokerURL = mq.URL()
 	}
 	cloud, err := harness.StartCloud(ctx, opts)
@@ -119,7 +119,7 @@ func newEnvEdge(t *testing.T, broker string, edge bool, mod func(*harness.Device
 		if e.edge, err = harness.StartMosquittoEdge(ctx, dir, e.mq); err != nil {
 			t.Fatal(err)
 		}
-		t.Cleanup(func() { _ = e.edge.Stop(context.Background()) })
+		t.Cleanup(func() { stopBroker(e.edge) })
 		deviceBroker = e.edge.URL()
 	}
 	if e.signer, err = harness.NewSigner("e2e-signer"); err != nil {
@@ -302,4 +302,11 @@ func (e *env) checkUntouched(before slots) {
 	if n := e.dev.Reboots(); n != 0 {
 		e.t.Errorf("device rebooted %d times, want 0", n)
 	}
+}
+
+// stopBroker stops a mosquitto at the end of a test (killed if it does not stop in time).
+func stopBroker(m *harness.Mosquitto) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	_ = m.Stop(ctx)
 }

@@ -295,6 +295,9 @@ func TestLargeImageHTTP(t *testing.T) {
 		us := checkSteps(t, e.cloud, "big", happy)
 		checkProgress(t, us[:len(us)-2], false, -1)
 		e.checkInstalled(img, 1)
+		if n := len(e.cloud.StreamRequests("big")); n != 0 {
+			t.Errorf("an HTTP-only job saw %d stream requests", n)
+		}
 	})
 }
 

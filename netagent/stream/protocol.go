@@ -54,10 +54,10 @@ type jsonRequest struct {
 
 // Block is one data message: {"f": file, "i": block, "l": length, "p": payload}.
 type Block struct {
-	ClientToken string `cbor:"c,omitempty" json:"c,omitempty"`
-	FileID      int64  `cbor:"f" json:"f"`
-	Index       int64  `cbor:"i" json:"i"`
-	Length      int64  `cbor:"l" json:"l"`
+	ClientToken string  `cbor:"c,omitempty" json:"c,omitempty"`
+	FileID      int64   `cbor:"f" json:"f"`
+	Index       int64   `cbor:"i" json:"i"`
+	Length      int64   `cbor:"l" json:"l"`
 	Payload     payload `cbor:"p" json:"p"` // base64 in JSON, as AWS sends it
 }
 

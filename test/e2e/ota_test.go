@@ -106,7 +106,7 @@ func TestSelfTestFailure(t *testing.T) {
 // the session, and a following job installs normally (the target is free again).
 func TestCancelMidDownload(t *testing.T) {
 	onBrokers(t, func(t *testing.T, broker string) {
-		e := newEnv(t, broker, nil)
+		e := newEnv(t, broker, paced)
 		img := e.image("v2.img", midImage, 5)
 		if err := e.dev.StartWriter(e.ctx); err != nil {
 			t.Fatal(err)
@@ -116,7 +116,7 @@ func TestCancelMidDownload(t *testing.T) {
 		if err := e.dev.StartNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.cloud.WaitProgress(e.ctx, "cancel", 1); err != nil {
+		if _, err := e.cloud.WaitProgress(e.ctx, "cancel", midBlocks); err != nil {
 			t.Fatal(err)
 		}
 		if err := e.cloud.CancelJob(e.ctx, "cancel", true); err != nil {
@@ -166,7 +166,7 @@ func TestLossyStream(t *testing.T) {
 // the writer was missing, never from block 0 again.
 func TestNetKilledMidDownload(t *testing.T) {
 	onBrokers(t, func(t *testing.T, broker string) {
-		e := newEnv(t, broker, nil)
+		e := newEnv(t, broker, paced)
 		img := e.image("v2.img", midImage, 8)
 		if err := e.dev.StartWriter(e.ctx); err != nil {
 			t.Fatal(err)
@@ -176,7 +176,7 @@ func TestNetKilledMidDownload(t *testing.T) {
 		if err := e.dev.StartNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
-		waitHalf(t, e, "netkill")
+		waitMid(t, e, "netkill")
 		if err := e.dev.KillNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -184,7 +184,7 @@ func TestNetKilledMidDownload(t *testing.T) {
 		// What the writer lacks now; with ota-net dead it can only shrink (a late sync).
 		missing, total := sessionMissing(t, e, "netkill")
 		if len(missing) == total {
-			t.Fatalf("ota-net had reported half of the blocks received, but the writer holds none of the %d durably", total)
+			t.Fatalf("ota-net had reported %d blocks received, but the writer holds none of the %d durably", midBlocks, total)
 		}
 		e.cloud.ClearFaults(e.cloud.StreamName("netkill"))
 		if err := e.dev.StartNet(e.ctx); err != nil {
@@ -222,7 +222,7 @@ func TestNetKilledMidDownload(t *testing.T) {
 // again; ota-net reconnects, resumes the session and the update completes.
 func TestWriterKilledMidDownload(t *testing.T) {
 	onBrokers(t, func(t *testing.T, broker string) {
-		e := newEnv(t, broker, nil)
+		e := newEnv(t, broker, paced)
 		img := e.image("v2.img", midImage, 9)
 		if err := e.dev.StartWriter(e.ctx); err != nil {
 			t.Fatal(err)
@@ -232,7 +232,7 @@ func TestWriterKilledMidDownload(t *testing.T) {
 		if err := e.dev.StartNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
-		waitHalf(t, e, "wkill")
+		waitMid(t, e, "wkill")
 		if err := e.dev.KillWriter(e.ctx); err != nil {
 			t.Fatal(err)
 		}
@@ -253,7 +253,7 @@ func TestWriterKilledMidDownload(t *testing.T) {
 // restarted: the emulator's external-broker client does not reconnect after a broker restart.
 func TestBrokerRestartMidDownload(t *testing.T) {
 	onBrokers(t, func(t *testing.T, broker string) {
-		e := newEnvEdge(t, broker, true, nil)
+		e := newEnvEdge(t, broker, true, paced)
 		img := e.image("v2.img", midImage, 10)
 		if err := e.dev.StartWriter(e.ctx); err != nil {
 			t.Fatal(err)
@@ -263,7 +263,7 @@ func TestBrokerRestartMidDownload(t *testing.T) {
 		if err := e.dev.StartNet(e.ctx); err != nil {
 			t.Fatal(err)
 		}
-		if _, err := e.cloud.WaitProgress(e.ctx, "brestart", 1); err != nil {
+		if _, err := e.cloud.WaitProgress(e.ctx, "brestart", midBlocks); err != nil {
 			t.Fatal(err)
 		}
 		if broker == embedded {
@@ -326,21 +326,27 @@ func TestAWSHappyPath(t *testing.T) {
 	awsHappyPath(t, ctx, aws, cert, key, ca)
 }
 
-// slow paces a job's stream (every response held back) so a test can act mid-download.
+// Mid-download tests pace the stream: one block per request, one request in flight, every
+// response held back stepDelay, so the 32 blocks of a midImage take 32 round trips and the
+// test acts after midBlocks of them with plenty of blocks still to come.
+const (
+	stepDelay = 150 * time.Millisecond
+	midBlocks = 8
+)
+
+func paced(o *harness.DeviceOptions) { o.BlocksPerRequest, o.RequestsInFlight = 1, 1 }
+
+// slow holds back every response of a job's stream by stepDelay.
 func slow(e *env, jobID string) {
-	e.cloud.SetFaults(e.cloud.StreamName(jobID), emulator.Faults{Delay: 150 * time.Millisecond})
+	e.cloud.SetFaults(e.cloud.StreamName(jobID), emulator.Faults{Delay: stepDelay})
 }
 
-// waitHalf waits until ota-net has reported at least half of the job's blocks received: far
-// enough that the writer must hold some durably (its sync_bytes is one block, its
-// sync_interval 200 ms), and the paced stream is far from done.
-func waitHalf(t *testing.T, e *env, jobID string) {
+// waitMid waits until ota-net has reported midBlocks blocks received: the writer must hold
+// some durably by then (its sync_bytes is one block, its sync_interval 200 ms), and most of
+// the paced stream is still to come.
+func waitMid(t *testing.T, e *env, jobID string) {
 	t.Helper()
-	_, err := e.cloud.Rec.Wait(e.ctx, jobID, func(ev emulator.UpdateEvent) bool {
-		got, total, ok := harness.ParseProgress(ev.StatusDetails["progress"])
-		return ok && ev.Status == backend.StatusInProgress && 2*got >= total
-	})
-	if err != nil {
+	if _, err := e.cloud.WaitProgress(e.ctx, jobID, midBlocks); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -58,6 +58,10 @@ type DeviceOptions struct {
 	LogTee io.Writer
 	// LogLevel of both processes (default "debug").
 	LogLevel string
+	// BlocksPerRequest and RequestsInFlight tune ota-net's stream downloads (0: its
+	// defaults); tests that act mid-download use 1 and 1 with a paced stream, so the
+	// download lasts many round trips.
+	BlocksPerRequest, RequestsInFlight int
 	// Env is added to both processes' environment.
 	Env []string
 	// OnReboot is called when a simulated reboot begins (done false) and when it has ended

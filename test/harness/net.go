@@ -19,6 +19,8 @@ type netTOML struct {
 	// the demo shows it moving.
 	ReportInterval    string `toml:"report_interval"`
 	ReportPercentStep int    `toml:"report_percent_step"`
+	BlocksPerRequest  int    `toml:"blocks_per_request,omitempty"`
+	RequestsInFlight  int    `toml:"requests_in_flight,omitempty"`
 	LogLevel          string `toml:"log_level"`
 }
 
@@ -33,6 +35,8 @@ func (d *Device) netConfig() ([]byte, error) {
 		StateDir:          d.NetState,
 		ReportInterval:    "100ms",
 		ReportPercentStep: 1,
+		BlocksPerRequest:  d.Opts.BlocksPerRequest,
+		RequestsInFlight:  d.Opts.RequestsInFlight,
 		LogLevel:          d.Opts.LogLevel,
 	}
 	var buf bytes.Buffer

@@ -9,4 +9,5 @@ bin=$(mktemp -d)
 trap 'rm -rf "$bin"' EXIT
 go build -o "$bin/streambench" ./test/bench/streambench
 go build -o "$bin/streamdl" ./test/bench/streamdl
+go build -o "$bin/ota-writer" ./cmd/ota-writer
 exec "$bin/streambench" "$@"

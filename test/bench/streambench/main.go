@@ -58,16 +58,21 @@ func (s shape) String() string {
 var childEnv *string
 var floorFlight *int
 
+// writerForChild, when set, makes the downloader write into a real ota-writer.
+var writerForChild *otaWriter
+var writerJobs int
+
 // brokerForChild, when set, is the broker address the downloader uses (through the delay proxy).
 var brokerForChild string
 
 type result struct {
-	Shape    shape
-	SizeMiB  int
-	Seconds  float64
-	MBps     float64
-	MaxRSSKB int64
-	Requests int
+	VerifySeconds float64
+	Shape         shape
+	SizeMiB       int
+	Seconds       float64
+	MBps          float64
+	MaxRSSKB      int64
+	Requests      int
 }
 
 func parent(args []string) error {
@@ -80,6 +85,7 @@ func parent(args []string) error {
 	floorFlight = fs.Int("floor-flight", 64, "QoS 1 publishes in flight for the broker floor")
 	latency := fs.Duration("latency", 5*time.Millisecond, "one-way delay of the downloader's link for the latency comparison (0: skip)")
 	latencySize := fs.Int("latency-size", 4, "image size for the latency comparison (MiB)")
+	writerBin := fs.String("ota-writer", "", "ota-writer binary: also download into a real writer (default: ota-writer next to this program, if present)")
 	downloader := fs.String("downloader", "", "the downloader program (default: streamdl next to this one)")
 	childEnv = fs.String("child-env", "", "extra environment of the downloader process (e.g. GOMEMLIMIT=16MiB)")
 	only := fs.String("only", "", "run only: rss (skip the floor and the comparison)")
@@ -226,6 +232,48 @@ func parent(args []string) error {
 		p.close()
 	}
 
+	if *writerBin == "" {
+		if self, err := os.Executable(); err == nil {
+			if p := filepath.Join(filepath.Dir(self), "ota-writer"); fileExists(p) {
+				*writerBin = p
+			}
+		}
+	}
+	if *writerBin != "" && *only != "rss" {
+		w, err := startWriter(ctx, *writerBin, dir, def.BlockSize)
+		if err != nil {
+			return fmt.Errorf("ota-writer: %w", err)
+		}
+		img, err := image(*sizeMiB)
+		if err == nil {
+			err = signImage(w, img)
+		}
+		if err != nil {
+			w.stop()
+			return err
+		}
+		writerForChild = w
+		fmt.Printf("\ninto a real ota-writer (writerlink, gRPC over its socket, engine, A/B slot file + journal), default settings, %d-MiB image:\n", *sizeMiB)
+		saved := *childEnv
+		for _, env := range []string{saved, strings.TrimSpace(saved + " GOMEMLIMIT=10MiB")} {
+			*childEnv = env
+			r, err := runCase(def, *sizeMiB)
+			if err != nil {
+				writerForChild = nil
+				w.stop()
+				return err
+			}
+			if env == "" {
+				env = "Go runtime defaults"
+			}
+			fmt.Printf("  %s: download %.1f MB/s (%.2f s), then FinishSession (read back + ECDSA verify) %.2f s, downloader peak RSS %.1f MiB\n",
+				env, r.MBps, r.Seconds, r.VerifySeconds, float64(r.MaxRSSKB)/1024)
+		}
+		*childEnv = saved
+		writerForChild = nil
+		w.stop()
+	}
+
 	// Peak RSS with the Go runtime's defaults, and with the soft memory limit that ota-net's
 	// main is meant to set (GOMEMLIMIT / debug.SetMemoryLimit).
 	saved := *childEnv
@@ -283,9 +331,15 @@ func runChild(ctx context.Context, self, brokerURL, thing, streamName, img, dir 
 	if brokerForChild != "" {
 		brokerURL = brokerForChild
 	}
+	extra := []string{}
+	if writerForChild != nil {
+		writerJobs++
+		extra = []string{"-writer", writerForChild.sock, "-sig", img + ".sig", "-job", fmt.Sprintf("bench-%d", writerJobs)}
+	}
 	cmd := exec.CommandContext(ctx, self, "-broker", brokerURL, "-thing", thing, "-stream", streamName,
 		"-size", fmt.Sprint(st.Size()), "-bs", fmt.Sprint(sh.BlockSize), "-per", fmt.Sprint(sh.BlocksPerRequest),
 		"-flight", fmt.Sprint(sh.InFlight), "-out", out)
+	cmd.Args = append(cmd.Args, extra...)
 	if *childEnv != "" {
 		cmd.Env = append(os.Environ(), strings.Fields(*childEnv)...)
 	}
@@ -299,6 +353,9 @@ func runChild(ctx context.Context, self, brokerURL, thing, streamName, img, dir 
 		return result{}, fmt.Errorf("child output %q: %w", stdout.String(), err)
 	}
 	res.Shape = sh
+	if writerForChild != nil {
+		return res, nil // the writer verified the signature over the slot's bytes
+	}
 	a, err := fileSHA(img)
 	if err != nil {
 		return result{}, err

@@ -17,12 +17,16 @@ import (
 
 	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/stream"
+	"github.com/gwota/gwota/netagent/writerlink"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
 type result struct {
 	Seconds  float64
 	MBps     float64
 	MaxRSSKB int64
+	// VerifySeconds is FinishSession (read back + signature check) with -writer.
+	VerifySeconds float64
 }
 
 func main() {
@@ -43,6 +47,9 @@ func child(args []string) error {
 	per := fs.Int("per", stream.DefaultBlocksPerRequest, "")
 	flight := fs.Int("flight", stream.DefaultRequestsInFlight, "")
 	out := fs.String("out", "", "")
+	writerSock := fs.String("writer", "", "ota-writer socket: write into a real writer instead of the file")
+	sigFile := fs.String("sig", "", "raw ECDSA P-256/SHA-256 signature of the image (with -writer)")
+	jobID := fs.String("job", "bench", "job id of the writer session")
 	fs.Parse(args)
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
@@ -55,20 +62,59 @@ func child(args []string) error {
 	if err := conn.AwaitConnection(ctx); err != nil {
 		return err
 	}
-	f, err := os.Create(*out)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
 	d, err := stream.New(conn, stream.Config{Thing: *thing, BlockSize: *bs, BlocksPerRequest: *per, RequestsInFlight: *flight})
 	if err != nil {
 		return err
 	}
-	start := time.Now()
-	if _, err := d.Download(ctx, stream.File{StreamName: *streamName, Size: *size, BlockSize: *bs}, nil, &fileSink{f: f, bs: int64(*bs)}); err != nil {
-		return err
+	var secs, verify float64
+	if *writerSock == "" {
+		f, err := os.Create(*out)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		start := time.Now()
+		if _, err := d.Download(ctx, stream.File{StreamName: *streamName, Size: *size, BlockSize: *bs}, nil, &fileSink{f: f, bs: int64(*bs)}); err != nil {
+			return err
+		}
+		secs = time.Since(start).Seconds()
+	} else {
+		sig, err := os.ReadFile(*sigFile)
+		if err != nil {
+			return err
+		}
+		link, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: *writerSock, Name: "streamdl"})
+		if err != nil {
+			return err
+		}
+		defer link.Close()
+		start := time.Now()
+		sess, err := link.Begin(ctx, &otav1.BeginSessionRequest{JobId: *jobID, FilePath: "/img", FileSize: uint64(*size), BlockSize: uint32(*bs),
+			SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig})
+		if err != nil {
+			return err
+		}
+		sink, err := sess.Sink(ctx)
+		if err != nil {
+			return err
+		}
+		if _, err := d.Download(ctx, stream.File{StreamName: *streamName, Size: *size, BlockSize: sess.BlockSize()}, sess.Missing(), sink); err != nil {
+			return err
+		}
+		sink.Close()
+		secs = time.Since(start).Seconds()
+		fin, err := sess.Finish(ctx) // read back from the slot and verify the signature
+		if err != nil {
+			return err
+		}
+		verify = time.Since(start).Seconds() - secs
+		if fin.GetSession().GetState() != otav1.SessionState_SESSION_STATE_VERIFIED {
+			return fmt.Errorf("session %s after finish", fin.GetSession().GetState())
+		}
+		if err := sess.Abort(ctx, otav1.Reason_REASON_USER_ABORT); err != nil {
+			return err
+		}
 	}
-	secs := time.Since(start).Seconds()
 	hwm, err := peakRSS()
 	if err != nil {
 		return err
@@ -89,7 +135,7 @@ func child(args []string) error {
 		fmt.Fprintln(os.Stderr, string(b))
 		os.Exit(3)
 	}
-	return json.NewEncoder(os.Stdout).Encode(result{Seconds: secs, MBps: float64(*size) / secs / 1e6, MaxRSSKB: hwm})
+	return json.NewEncoder(os.Stdout).Encode(result{Seconds: secs, MBps: float64(*size) / secs / 1e6, MaxRSSKB: hwm, VerifySeconds: verify})
 }
 
 // peakRSS is this process's VmHWM in KiB. (The rusage a parent gets from wait4 is no good

@@ -4,10 +4,15 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"encoding/base64"
 	"encoding/json"
+	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -678,5 +683,166 @@ func TestCustomAndInvalidDocuments(t *testing.T) {
 		}
 	case <-time.After(20 * time.Second):
 		t.Fatal("no update")
+	}
+}
+
+// handCloud plays the Jobs service by hand on a plain broker: every update is accepted and
+// recorded; DescribeJobExecution answers with the last recorded status.
+type handCloud struct {
+	b       *mqtttest.Broker
+	prefix  string
+	updates chan string
+	asked   chan struct{}
+	mu      sync.Mutex
+	status  map[string]string
+}
+
+func newHandCloud(t *testing.T, b *mqtttest.Broker, thing string) *handCloud {
+	h := &handCloud{b: b, prefix: "$aws/things/" + thing + "/jobs/", updates: make(chan string, 20), asked: make(chan struct{}, 10), status: map[string]string{}}
+	must := func(err error) {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	must(b.Subscribe(h.prefix+"+/update", 1, func(topic string, p []byte, _ string) {
+		var req struct {
+			ClientToken   string            `json:"clientToken"`
+			Status        string            `json:"status"`
+			StatusDetails map[string]string `json:"statusDetails"`
+		}
+		_ = json.Unmarshal(p, &req)
+		jobID := strings.TrimSuffix(strings.TrimPrefix(topic, h.prefix), "/update")
+		h.mu.Lock()
+		h.status[jobID] = req.Status
+		h.mu.Unlock()
+		resp, _ := json.Marshal(map[string]any{"clientToken": req.ClientToken, "executionState": map[string]any{"status": req.Status}})
+		_ = b.Publish(topic+"/accepted", resp, 1)
+		h.updates <- jobID + " " + req.Status + " " + req.StatusDetails["reason"] + " " + req.StatusDetails["error_code"]
+	}))
+	must(b.Subscribe(h.prefix+"+/get", 2, func(topic string, p []byte, _ string) {
+		jobID := strings.TrimSuffix(strings.TrimPrefix(topic, h.prefix), "/get")
+		if jobID == "$next" {
+			h.asked <- struct{}{}
+			return
+		}
+		var req struct {
+			ClientToken string `json:"clientToken"`
+		}
+		_ = json.Unmarshal(p, &req)
+		h.mu.Lock()
+		st := h.status[jobID]
+		h.mu.Unlock()
+		if st == "" {
+			st = "QUEUED"
+		}
+		resp, _ := json.Marshal(map[string]any{"clientToken": req.ClientToken, "execution": map[string]any{"jobId": jobID, "status": st}})
+		_ = b.Publish(topic+"/accepted", resp, 1)
+	}))
+	return h
+}
+
+func (h *handCloud) notify(t *testing.T, id, doc string) {
+	t.Helper()
+	m := `{"execution":{"jobId":"` + id + `","status":"QUEUED","jobDocument":` + doc + `},"timestamp":1}`
+	if err := h.b.Publish(h.prefix+"notify-next", []byte(m), 1); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func (h *handCloud) expect(t *testing.T, want string) {
+	t.Helper()
+	select {
+	case u := <-h.updates:
+		if u != want {
+			t.Fatalf("update %q, want %q", u, want)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatalf("no update (want %q)", want)
+	}
+}
+
+// A job replaced by a newer one while downloading: the writer session is aborted and the
+// job reported FAILED newer_job; the newer job runs next.
+func TestReplacedByNewerJob(t *testing.T) {
+	b := mqtttest.Start(t, mqtttest.Options{})
+	w := newWriter(t, "/bin/true")
+	const thing = "gw-new"
+	cloud := newHandCloud(t, b, thing)
+	// An HTTP server that never finishes a body: the download is under way until canceled.
+	stuck := make(chan struct{}, 1)
+	srv := httptest.NewServer(http.HandlerFunc(func(rw http.ResponseWriter, r *http.Request) {
+		if rg := r.Header.Get("Range"); rg == "" {
+			rw.Header().Set("Content-Length", "100000")
+			rw.WriteHeader(http.StatusOK)
+		} else {
+			a, b, ok := strings.Cut(strings.TrimPrefix(rg, "bytes="), "-")
+			from, err1 := strconv.Atoi(a)
+			to, err2 := strconv.Atoi(b)
+			if !ok || err1 != nil || err2 != nil {
+				http.Error(rw, "bad range", http.StatusBadRequest)
+				return
+			}
+			rw.Header().Set("Content-Range", fmt.Sprintf("bytes %d-%d/100000", from, to))
+			rw.Header().Set("Content-Length", fmt.Sprint(to-from+1))
+			rw.WriteHeader(http.StatusPartialContent)
+		}
+		rw.(http.Flusher).Flush()
+		select {
+		case stuck <- struct{}{}:
+		default:
+		}
+		<-r.Context().Done()
+	}))
+	defer srv.Close()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	jc, err := jobs.New(conn, thing, jobs.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jc.Close(context.Background())
+	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer lcancel()
+	link, err := writerlink.Dial(lctx, writerlink.Config{SocketPath: w.sock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
+	hd, err := httpdl.New(httpdl.Config{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a := agent.New(jc, agent.LinkWriter(link), nil, hd, agent.Config{BlockSize: 4096, Logger: logger(t, "agent")})
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case <-cloud.asked:
+	case <-time.After(20 * time.Second):
+		t.Fatal("agent never asked $next/get")
+	}
+	sig := base64.StdEncoding.EncodeToString(newImage(t, 10).sig)
+	cloud.notify(t, "job-old", `{"afr_ota":{"protocols":["HTTP"],"files":[{"filesize":100000,"fileid":0,"fileType":1,"certfile":"signer.crt.pem","sig-sha256-ecdsa":"`+sig+`","update_data_url":"`+srv.URL+`/old"}]}}`)
+	cloud.expect(t, "job-old IN_PROGRESS  ")
+	select {
+	case <-stuck:
+	case <-time.After(20 * time.Second):
+		t.Fatal("download never started")
+	}
+	st, err := link.State(ctx)
+	if err != nil || len(st.GetSessions()) != 1 {
+		t.Fatalf("sessions %+v %v", st.GetSessions(), err)
+	}
+	cloud.notify(t, "job-new", `{"afr_ota":{"protocols":["HTTP"],"files":[{"filesize":"0x0","fileid":0}]}}`)
+	cloud.expect(t, "job-old FAILED newer_job 2001")
+	cloud.expect(t, "job-new REJECTED job_document_invalid 3009")
+	if st, err = link.State(ctx); err != nil || len(st.GetSessions()) != 0 {
+		t.Fatalf("session of the replaced job not aborted: %+v %v", st.GetSessions(), err)
 	}
 }

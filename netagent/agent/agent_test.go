@@ -132,7 +132,7 @@ type writerRig struct {
 
 const slotSize = 4 << 20
 
-func newWriter(t *testing.T, check string) *writerRig {
+func newWriter(t *testing.T, check string, topLevel ...string) *writerRig {
 	t.Helper()
 	keys := signer(t)
 	dir := t.TempDir()
@@ -155,6 +155,7 @@ state_dir = "` + filepath.Join(dir, "state") + `"
 trusted_keys = ["` + filepath.Join(keys, "signer.crt.pem") + `"]
 reboot_command = ["/bin/false"]
 self_test_timeout = "20s"
+` + strings.Join(topLevel, "\n") + `
 [[target]]
 name = "rootfs"
 kind = "ab"
@@ -844,5 +845,22 @@ func TestReplacedByNewerJob(t *testing.T) {
 	cloud.expect(t, "job-new REJECTED job_document_invalid 3009")
 	if st, err = link.State(ctx); err != nil || len(st.GetSessions()) != 0 {
 		t.Fatalf("session of the replaced job not aborted: %+v %v", st.GetSessions(), err)
+	}
+}
+
+// The writer's version policy refuses the image before anything is downloaded: REJECTED
+// version_check while the job is still QUEUED.
+func TestVersionPolicyRejects(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true", `version_policy = "newer"`)
+	startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 10*1024)
+	createJob(t, e, "job-ver", []string{"MQTT"}, img, 1, nil)
+	ex := waitStatus(t, e, "job-ver", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected)
+	if ex.Status != jobs.StatusRejected || ex.StatusDetails["reason"] != "version_check" || ex.StatusDetails["error_code"] != "1009" {
+		t.Fatalf("job %+v", ex)
+	}
+	if n := e.BlocksServed("job-ver"); n != 0 {
+		t.Fatalf("%d blocks downloaded for a refused image", n)
 	}
 }

@@ -46,7 +46,17 @@ func TestMain(m *testing.M) {
 	for _, f := range mqtttest.IgnoreMochi {
 		opts = append(opts, goleak.IgnoreTopFunction(f))
 	}
-	goleak.VerifyTestMain(m, opts...)
+	code := m.Run()
+	if keysDir != "" {
+		os.RemoveAll(keysDir)
+	}
+	if code == 0 {
+		if err := goleak.Find(opts...); err != nil {
+			fmt.Fprintln(os.Stderr, "goleak:", err)
+			code = 1
+		}
+	}
+	os.Exit(code)
 }
 
 func logger(t *testing.T, name string) hclog.Logger {

@@ -202,7 +202,7 @@ func parent(args []string) error {
 		return nil
 	}
 	fmt.Printf("streambench: mosquitto %s (set_tcp_nodelay), emulator as its client, %d-MiB image, median of %d\n", brokerURL, *sizeMiB, *reps)
-	fmt.Println("sink: file sink in the downloader process (pwrite at block offsets; no ota-writer binary exists yet)")
+	fmt.Println("sink: a file sink in the downloader process (pwrite at block offsets), except the ota-writer case")
 	if *only != "rss" {
 		fmt.Println()
 		if err := compare(); err != nil {

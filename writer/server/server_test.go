@@ -286,7 +286,7 @@ func TestTypedErrors(t *testing.T) {
 		}, otav1.Reason_REASON_INVALID_REQUEST, codes.InvalidArgument},
 		{"stream: message over the size limit (refused by grpc itself)", func() error {
 			return streamErr(&otav1.WriteBlocksRequest{SessionId: id, Seq: 1, Blocks: []*otav1.Block{{Offset: 0, Data: make([]byte, 64<<10)}}})
-		}, otav1.Reason_REASON_OTHER, codes.ResourceExhausted},
+		}, otav1.Reason_REASON_INVALID_REQUEST, codes.ResourceExhausted},
 		{"client: message over the writer's limit reads as invalid_request", func() error {
 			// A client that skipped the handshake does not know the limit.
 			raw, err := client.Dial(ctx, r.sock, client.Options{MaxMessageSize: 1 << 22})

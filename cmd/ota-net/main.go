@@ -11,11 +11,12 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"runtime/debug"
 	"syscall"
 
-	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/systemd"
 	"github.com/gwota/gwota/netagent/agent"
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobs"
@@ -27,7 +28,15 @@ import (
 // version is set at build time (-ldflags "-X main.version=...").
 var version = "dev"
 
+// memoryLimit is the soft heap limit when GOMEMLIMIT is not set. Downloads churn through
+// short-lived block buffers (paho allocates per message); without a limit the Go runtime lets
+// garbage grow with the heap target and peak RSS creeps past 25 MiB on large images.
+const memoryLimit = 12 << 20
+
 func main() {
+	if os.Getenv("GOMEMLIMIT") == "" {
+		debug.SetMemoryLimit(memoryLimit)
+	}
 	os.Exit(run(os.Args[1:], os.Stderr))
 }
 
@@ -167,9 +176,18 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 		WriterWait: cfg.WriterWaitTimeout.Duration, SelfTestTimeout: cfg.SelfTestTimeout.Duration,
 		Logger: log.Named("agent"),
 	})
-	_, _ = daemon.SdNotify(false, daemon.SdNotifyReady)
+	_ = systemd.Ready()
+	wctx, stopWatchdog := context.WithCancel(ctx)
+	defer stopWatchdog()
+	go func() {
+		// The agent loop runs on its own; the ping proves the process is scheduled and the
+		// writer link answers (a writer that is away is the agent's to report, not a hang).
+		if err := systemd.Watchdog(wctx, nil); err != nil {
+			log.Warn("watchdog", "error", err)
+		}
+	}()
 	log.Info("running", "thing", cfg.ThingName, "broker", cfg.Broker)
 	err = a.Run(ctx)
-	_, _ = daemon.SdNotify(false, daemon.SdNotifyStopping)
+	_ = systemd.Stopping()
 	return err
 }

@@ -2,16 +2,14 @@ package main
 
 import (
 	"context"
-	"errors"
 	"flag"
-	"fmt"
 	"io"
 	"net"
 	"time"
 
-	"github.com/coreos/go-systemd/v22/activation"
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/systemd"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/server"
 )
@@ -53,11 +51,30 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 	srv := server.New(eng, server.Options{AllowedUIDs: uids, Log: log})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
+	// Ready once the engine is up and the socket accepts: systemd (Type=notify) holds the
+	// socket's queued connections until then. The watchdog pings only while the engine
+	// still answers, so a wedged writer is restarted rather than kept alive by a timer.
+	if err := systemd.Ready(); err != nil {
+		log.Warn("sd_notify READY", "error", err)
+	}
+	wctx, stopWatchdog := context.WithCancel(ctx)
+	defer stopWatchdog()
+	go func() {
+		if err := systemd.Watchdog(wctx, func() error {
+			hctx, cancel := context.WithTimeout(wctx, 5*time.Second)
+			defer cancel()
+			_, err := eng.State(hctx)
+			return err
+		}); err != nil {
+			log.Warn("watchdog", "error", err)
+		}
+	}()
 	select {
 	case err := <-served:
 		return err
 	case <-ctx.Done():
 	}
+	_ = systemd.Stopping()
 	log.Info("signal received, stopping")
 	sctx, cancel := context.WithTimeout(context.Background(), stopTimeout)
 	defer cancel()
@@ -67,25 +84,15 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 
 // listen takes the socket systemd passed (socket activation) or creates the configured one.
 func listen(cfg *config.Config, log hclog.Logger) (net.Listener, error) {
-	lns, err := activation.Listeners()
+	ln, ok, err := systemd.Listener("")
 	if err != nil {
-		return nil, fmt.Errorf("socket activation: %w", err)
+		return nil, err
 	}
-	switch len(lns) {
-	case 0:
-		return server.Listen(cfg.Socket, server.ListenConfig{Group: cfg.SocketGroup})
-	case 1:
-		if lns[0] == nil {
-			return nil, errors.New("socket activation: passed descriptor is not a listening socket")
-		}
-		if _, ok := lns[0].(*net.UnixListener); !ok {
-			return nil, fmt.Errorf("socket activation: passed %s socket, want a Unix socket", lns[0].Addr().Network())
-		}
-		log.Info("using socket passed by systemd", "addr", lns[0].Addr().String())
-		return lns[0], nil
-	default:
-		return nil, fmt.Errorf("socket activation: %d sockets passed, want 1", len(lns))
+	if ok {
+		log.Info("using socket passed by systemd", "addr", ln.Addr().String())
+		return ln, nil
 	}
+	return server.Listen(cfg.Socket, server.ListenConfig{Group: cfg.SocketGroup})
 }
 
 // newLogger is the one logger of the process; packages get Named sub-loggers of it.

@@ -259,7 +259,11 @@ func (x *external) respond(_, topic string, payload []byte) error { return x.pub
 func (x *external) publish(topic string, payload []byte) error {
 	ctx, cancel := context.WithTimeout(x.ctx, 10*time.Second)
 	defer cancel()
-	_, err := x.client.Publish(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payload})
+	// Pipelined like AWS's own fleet of publishers: the PUBACK is not awaited per message (that
+	// would cap blocks at one round trip each); the session's receive-maximum window still
+	// bounds what is in flight, and writes stay in order.
+	_, err := x.client.PublishWithOptions(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payload},
+		paho.PublishOptions{Method: paho.PublishMethod_AsyncSend})
 	return err
 }
 

@@ -47,6 +47,7 @@ import (
 	smithyhttp "github.com/aws/smithy-go/transport/http"
 
 	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/sign"
 )
 
 var _ backend.Backend = (*Backend)(nil)
@@ -460,7 +461,7 @@ func (b *Backend) CreateJob(ctx context.Context, spec backend.JobSpec) error {
 		stream []iottypes.StreamFile
 	)
 	for i, f := range spec.Files {
-		digest, size, err := FileDigest(f.LocalPath)
+		digest, size, err := sign.FileDigest(ctx, f.LocalPath)
 		if err != nil {
 			return fmt.Errorf("awsbackend: file %d: %w", i, err)
 		}

@@ -3,6 +3,7 @@ package emulator
 import (
 	"bytes"
 	"context"
+	"crypto"
 	"encoding/base64"
 	"encoding/binary"
 	"encoding/hex"
@@ -10,6 +11,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"io"
 	mrand "math/rand/v2"
 	"regexp"
 	"sort"
@@ -19,6 +21,7 @@ import (
 	"unicode/utf8"
 
 	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/sign"
 )
 
 // Jobs error codes (PROTOCOL.md section 1).
@@ -200,16 +203,19 @@ func prepareFile(ctx context.Context, fs backend.FileSpec) (*jobFile, error) {
 		return nil, err
 	}
 	jf := &jobFile{spec: fs, f: f}
-	digest, size, err := hashFile(f)
+	// Hash the open file (not the path again), so the signature covers what is served.
+	digest, size, err := sign.Digest(ctx, io.NewSectionReader(f, 0, 1<<62))
+	if err == nil {
+		err = ctx.Err()
+	}
 	if err != nil {
 		f.Close()
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
 		return nil, fmt.Errorf("read %s: %w", fs.LocalPath, err)
 	}
 	jf.size = size
-	if err := ctx.Err(); err != nil {
-		f.Close()
-		return nil, err
-	}
 	alg := fs.SigAlgorithm
 	switch {
 	case fs.Signature != nil:
@@ -218,26 +224,21 @@ func prepareFile(ctx context.Context, fs backend.FileSpec) (*jobFile, error) {
 		}
 		jf.sig = fs.Signature
 	case fs.SigningKeyPEM != nil:
-		k, err := ParsePrivateKey(fs.SigningKeyPEM)
+		var k crypto.Signer
+		if k, alg, err = sign.Key(fs.SigningKeyPEM, alg); err == nil {
+			jf.sig, err = sign.SignDigest(k, alg, digest)
+		}
 		if err != nil {
-			f.Close()
-			return nil, err
-		}
-		if alg == "" {
-			alg = defaultAlgorithm(k)
-		}
-		if jf.sig, err = signDigest(k, alg, digest); err != nil {
 			f.Close()
 			return nil, err
 		}
 	}
 	if jf.sig != nil {
-		key, ok := sigKeys[alg]
-		if !ok {
+		if !sign.Supported(alg) {
 			f.Close()
 			return nil, fmt.Errorf("unknown signature algorithm %q", alg)
 		}
-		jf.key = key
+		jf.key = sign.DocKey(alg)
 	}
 	return jf, nil
 }

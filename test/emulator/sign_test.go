@@ -2,25 +2,20 @@ package emulator
 
 import (
 	"context"
-	"crypto/sha256"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/rsa"
+	"crypto/x509"
 	"encoding/base64"
 	"encoding/json"
-	"os"
-	"os/exec"
-	"path/filepath"
+	"encoding/pem"
 	"testing"
 
 	"github.com/gwota/gwota/test/backend"
 )
-
-func openssl(t *testing.T, args ...string) []byte {
-	t.Helper()
-	out, err := exec.Command("openssl", args...).CombinedOutput()
-	if err != nil {
-		t.Fatalf("openssl %v: %v\n%s", args, err, out)
-	}
-	return out
-}
 
 func docSignature(t *testing.T, doc []byte, key string) []byte {
 	t.Helper()
@@ -43,69 +38,64 @@ func docSignature(t *testing.T, doc []byte, key string) []byte {
 	return sig
 }
 
-// Signatures made by the emulator verify with openssl, the way an operator would check them.
-func TestSignaturesVerifyWithOpenSSL(t *testing.T) {
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Skip("openssl not installed")
+func pkcs8PEM(t *testing.T, k crypto.Signer) []byte {
+	t.Helper()
+	der, err := x509.MarshalPKCS8PrivateKey(k)
+	if err != nil {
+		t.Fatal(err)
 	}
+	return pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der})
+}
+
+// The job document carries each file's signature under the afr_ota key of its algorithm, over
+// the file's SHA-256 digest. (The signatures themselves are checked against openssl in
+// test/sign; here the check is that the emulator puts the right one in the right place.)
+func TestDocumentSignatures(t *testing.T) {
 	e := startEmulator(t, Options{})
-	dir := t.TempDir()
-	img, _ := writeTestFile(t, 70000)
-	digest := sha256.New()
-	data, _ := os.ReadFile(img)
-	digest.Write(data)
-	digestPath := filepath.Join(dir, "digest.bin")
-	os.WriteFile(digestPath, digest.Sum(nil), 0o600)
+	img, digest := writeTestFile(t, 70000)
+	ec, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rk, err := rsa.GenerateKey(rand.Reader, 2048)
+	if err != nil {
+		t.Fatal(err)
+	}
+	edPub, ed, err := ed25519.GenerateKey(rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
 
 	tests := []struct {
-		alg, key string
-		genArgs  []string
-		verify   func(pub, sig string) []string
+		name, alg, key string
+		signer         crypto.Signer
+		verify         func(sig []byte) bool
 	}{
-		{backend.SigSHA256ECDSA, "sig-sha256-ecdsa", []string{"-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"},
-			func(pub, sig string) []string {
-				return []string{"dgst", "-sha256", "-verify", pub, "-signature", sig, img}
-			}},
-		{backend.SigSHA256RSA, "sig-sha256-rsa", []string{"-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"},
-			func(pub, sig string) []string {
-				return []string{"dgst", "-sha256", "-verify", pub, "-signature", sig, img}
-			}},
-		{backend.SigSHA256RSAPSS, "sig-sha256-rsa-pss", []string{"-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"},
-			func(pub, sig string) []string {
-				return []string{"dgst", "-sha256", "-sigopt", "rsa_padding_mode:pss", "-sigopt", "rsa_pss_saltlen:32", "-verify", pub, "-signature", sig, img}
-			}},
-		{backend.SigSHA256Ed25519, "sig-sha256-ed25519", []string{"-algorithm", "ED25519"},
-			func(pub, sig string) []string {
-				return []string{"pkeyutl", "-verify", "-pubin", "-inkey", pub, "-rawin", "-in", digestPath, "-sigfile", sig}
-			}},
+		{"ecdsa default", "", "sig-sha256-ecdsa", ec, func(sig []byte) bool { return ecdsa.VerifyASN1(&ec.PublicKey, digest[:], sig) }},
+		{"rsa default", "", "sig-sha256-rsa", rk, func(sig []byte) bool {
+			return rsa.VerifyPKCS1v15(&rk.PublicKey, crypto.SHA256, digest[:], sig) == nil
+		}},
+		{"rsa-pss", backend.SigSHA256RSAPSS, "sig-sha256-rsa-pss", rk, func(sig []byte) bool {
+			return rsa.VerifyPSS(&rk.PublicKey, crypto.SHA256, digest[:], sig, &rsa.PSSOptions{SaltLength: 32}) == nil
+		}},
+		{"ed25519", backend.SigSHA256Ed25519, "sig-sha256-ed25519", ed, func(sig []byte) bool { return ed25519.Verify(edPub, digest[:], sig) }},
 	}
 	for i, tt := range tests {
-		t.Run(tt.alg, func(t *testing.T) {
-			keyPath := filepath.Join(dir, tt.alg+".key")
-			pubPath := filepath.Join(dir, tt.alg+".pub")
-			sigPath := filepath.Join(dir, tt.alg+".sig")
-			openssl(t, append([]string{"genpkey", "-out", keyPath}, tt.genArgs...)...)
-			openssl(t, "pkey", "-in", keyPath, "-pubout", "-out", pubPath)
-			keyPEM, _ := os.ReadFile(keyPath)
+		t.Run(tt.name, func(t *testing.T) {
 			jobID := "sig-" + string(rune('a'+i))
-			alg := tt.alg
-			if alg == backend.SigSHA256RSA {
-				alg = "" // the key type implies PKCS#1 v1.5
-			}
-			err := e.CreateJob(context.Background(), backend.JobSpec{JobID: jobID, Files: []backend.FileSpec{{LocalPath: img, SigningKeyPEM: keyPEM, SigAlgorithm: alg}}})
+			err := e.CreateJob(context.Background(), backend.JobSpec{JobID: jobID, Files: []backend.FileSpec{{LocalPath: img, SigningKeyPEM: pkcs8PEM(t, tt.signer), SigAlgorithm: tt.alg}}})
 			if err != nil {
 				t.Fatal(err)
 			}
 			doc, _ := e.JobDocument(jobID)
-			os.WriteFile(sigPath, docSignature(t, doc, tt.key), 0o600)
-			openssl(t, tt.verify(pubPath, sigPath)...)
+			if !tt.verify(docSignature(t, doc, tt.key)) {
+				t.Errorf("%s in the document does not verify over the file's digest", tt.key)
+			}
 		})
 	}
 
-	// A signature made elsewhere (openssl) is carried as is.
-	keyPath := filepath.Join(dir, "ext.key")
-	openssl(t, "genpkey", "-out", keyPath, "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256")
-	ext := openssl(t, "dgst", "-sha256", "-sign", keyPath, img)
+	// A signature made elsewhere is carried as is.
+	ext := []byte("signature made elsewhere")
 	if err := e.CreateJob(context.Background(), backend.JobSpec{JobID: "sig-ext", Files: []backend.FileSpec{{LocalPath: img, Signature: ext}}}); err != nil {
 		t.Fatal(err)
 	}
@@ -114,12 +104,14 @@ func TestSignaturesVerifyWithOpenSSL(t *testing.T) {
 		t.Error("external signature altered")
 	}
 
-	// A key that does not fit the algorithm is refused.
-	keyPEM, _ := os.ReadFile(keyPath)
-	if err := e.CreateJob(context.Background(), backend.JobSpec{JobID: "sig-bad", Files: []backend.FileSpec{{LocalPath: img, SigningKeyPEM: keyPEM, SigAlgorithm: backend.SigSHA256RSA}}}); err == nil {
-		t.Error("EC key accepted for RSA")
-	}
-	if err := e.CreateJob(context.Background(), backend.JobSpec{JobID: "sig-bad", Files: []backend.FileSpec{{LocalPath: img, SigningKeyPEM: []byte("junk")}}}); err == nil {
-		t.Error("junk key accepted")
+	// A key that does not fit the algorithm, a junk key, and an unknown algorithm are refused.
+	for _, fs := range []backend.FileSpec{
+		{LocalPath: img, SigningKeyPEM: pkcs8PEM(t, ec), SigAlgorithm: backend.SigSHA256RSA},
+		{LocalPath: img, SigningKeyPEM: []byte("junk")},
+		{LocalPath: img, Signature: ext, SigAlgorithm: "sha1-rsa"},
+	} {
+		if err := e.CreateJob(context.Background(), backend.JobSpec{JobID: "sig-bad", Files: []backend.FileSpec{fs}}); err == nil {
+			t.Errorf("CreateJob accepted %+v", fs)
+		}
 	}
 }

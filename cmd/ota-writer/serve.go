@@ -44,10 +44,12 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 		return err
 	}
 	defer eng.Close()
+	// cfg.PeerUIDs already holds the uids of peer_users, resolved at load.
 	uids := make([]uint32, 0, len(cfg.PeerUIDs))
 	for _, u := range cfg.PeerUIDs {
 		uids = append(uids, uint32(u))
 	}
+	log.Info("allowed peers", "uids", uids, "users", cfg.PeerUsers)
 	srv := server.New(eng, server.Options{AllowedUIDs: uids, Log: log})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()

@@ -8,9 +8,11 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/user"
 	"path/filepath"
 	"regexp"
 	"slices"
+	"strconv"
 	"strings"
 	"time"
 
@@ -58,7 +60,12 @@ type Config struct {
 	Socket      string `toml:"socket"`
 	SocketGroup string `toml:"socket_group"`
 	StateDir    string `toml:"state_dir"`
-	PeerUIDs    []int  `toml:"peer_uids"`
+	// PeerUIDs: uids allowed on the socket besides root. After Load/Parse it also holds the
+	// uids of PeerUsers, so it is the whole allow list.
+	PeerUIDs []int `toml:"peer_uids"`
+	// PeerUsers: user names allowed like PeerUIDs, resolved at load: ota-net's uid is picked
+	// at install time, so a shipped config can name the user but not know the number.
+	PeerUsers []string `toml:"peer_users"`
 	// TrustedKeys are PEM certificates or public keys; a job's certfile only selects among them.
 	TrustedKeys   []string `toml:"trusted_keys"`
 	AllowSHA1     bool     `toml:"allow_sha1"`
@@ -153,10 +160,40 @@ func Parse(data []byte) (*Config, error) {
 		return nil, fmt.Errorf("unknown keys: %s", strings.Join(keys, ", "))
 	}
 	c.applyDefaults()
-	if err := c.Validate(); err != nil {
+	if err := errors.Join(c.Validate(), c.resolvePeerUsers()); err != nil {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// resolvePeerUsers adds the uid of every peer_users name to PeerUIDs. A name that does not
+// resolve is an error: silently dropping it would lock ota-net out with no hint why.
+func (c *Config) resolvePeerUsers() error {
+	var errs []error
+	for i, name := range c.PeerUsers {
+		if name == "" {
+			errs = append(errs, fmt.Errorf("peer_users[%d]: empty user name", i))
+			continue
+		}
+		u, err := user.Lookup(name)
+		if err != nil {
+			if errors.As(err, new(user.UnknownUserError)) {
+				errs = append(errs, fmt.Errorf("peer_users[%d]: no user %q on this system", i, name))
+			} else {
+				errs = append(errs, fmt.Errorf("peer_users[%d]: look up %q: %w", i, name, err))
+			}
+			continue
+		}
+		uid, err := strconv.Atoi(u.Uid)
+		if err != nil || uid < 0 {
+			errs = append(errs, fmt.Errorf("peer_users[%d]: user %q has non-numeric uid %q", i, name, u.Uid))
+			continue
+		}
+		if !slices.Contains(c.PeerUIDs, uid) {
+			c.PeerUIDs = append(c.PeerUIDs, uid)
+		}
+	}
+	return errors.Join(errs...)
 }
 
 func (c *Config) applyDefaults() {

@@ -1,8 +1,12 @@
 package config
 
 import (
+	"bytes"
+	"fmt"
 	"os"
+	"os/user"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -21,9 +25,23 @@ slots = ["/dev/mmcblk0p2", "/dev/mmcblk0p3"]
 `
 
 func TestExampleParses(t *testing.T) {
-	c, err := Load("example.toml")
+	data, err := os.ReadFile("example.toml")
 	if err != nil {
 		t.Fatal(err)
+	}
+	// The example names ota-net, which exists only where the package is installed; elsewhere
+	// nobody (present on every Debian system) stands in for it.
+	peer := "ota-net"
+	if _, err := user.Lookup(peer); err != nil {
+		peer = "nobody"
+		data = bytes.Replace(data, []byte(`peer_users = ["ota-net"]`), []byte(`peer_users = ["nobody"]`), 1)
+	}
+	c, err := Parse(data)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []int{lookupUID(t, peer)}; !cmp.Equal(c.PeerUIDs, want) {
+		t.Errorf("peer uids %v, want %v (%s)", c.PeerUIDs, want, peer)
 	}
 	want := []Target{
 		{Name: "rootfs", Kind: KindAB, FileTypes: []int32{0}, FilePaths: []string{"/opt/fw/gateway.img"},
@@ -36,7 +54,7 @@ func TestExampleParses(t *testing.T) {
 	if c.SyncInterval != 2*time.Second || c.SelfTestTimeout != 2*time.Minute || c.Checks[0].Timeout != 30*time.Second {
 		t.Errorf("durations: %v %v %v", c.SyncInterval, c.SelfTestTimeout, c.Checks[0].Timeout)
 	}
-	if c.VersionPolicy != VersionNewer || c.SocketGroup != "ota" || c.PeerUIDs[0] != 998 {
+	if c.VersionPolicy != VersionNewer || c.SocketGroup != "ota" {
 		t.Errorf("got %+v", c)
 	}
 	if c.Extensions["site"] != "plant-7" || c.ExtensionCommands[0].Timeout != 5*time.Second {
@@ -110,5 +128,64 @@ func unwrapAll(err error) error {
 			return err
 		}
 		err = u.Unwrap()
+	}
+}
+
+func lookupUID(t *testing.T, name string) int {
+	t.Helper()
+	u, err := user.Lookup(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid, err := strconv.Atoi(u.Uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return uid
+}
+
+// peer_users resolves names to uids at load and adds them to peer_uids; a name that does not
+// resolve fails the load with a message that names it.
+func TestPeerUsers(t *testing.T) {
+	nobody := lookupUID(t, "nobody")
+	for _, tc := range []struct {
+		name    string
+		toml    string
+		want    []int
+		wantErr string
+	}{
+		{"none", "", nil, ""},
+		{"uids only", "peer_uids = [998]\n", []int{998}, ""},
+		{"root", "peer_users = [\"root\"]\n", []int{0}, ""},
+		{"nobody and root", "peer_users = [\"nobody\", \"root\"]\n", []int{nobody, 0}, ""},
+		{"uids first, users added", "peer_uids = [998]\npeer_users = [\"nobody\"]\n", []int{998, nobody}, ""},
+		{"duplicate collapses", fmt.Sprintf("peer_uids = [%d]\npeer_users = [\"nobody\", \"nobody\"]\n", nobody), []int{nobody}, ""},
+		{"unknown user", "peer_users = [\"no-such-user-gwota\"]\n", nil, `peer_users[0]: no user "no-such-user-gwota" on this system`},
+		{"unknown after a known one", "peer_users = [\"root\", \"ota-nett\"]\n", nil, `peer_users[1]: no user "ota-nett"`},
+		{"empty name", "peer_users = [\"\"]\n", nil, "peer_users[0]: empty user name"},
+		{"not a list", "peer_users = \"root\"\n", nil, "peer_users"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := Parse([]byte(tc.toml + minimal))
+			if tc.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
+					t.Fatalf("Parse error %v, want %q", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			if d := cmp.Diff(tc.want, c.PeerUIDs); d != "" {
+				t.Errorf("peer uids (-want +got):\n%s", d)
+			}
+		})
+	}
+	// Reported together with the other problems, not instead of them.
+	_, err := Parse([]byte("peer_users = [\"no-such-user-gwota\"]\nmax_block_size = 1\n" + minimal))
+	for _, want := range []string{"max_block_size: 1 outside", `no user "no-such-user-gwota"`} {
+		if err == nil || !strings.Contains(err.Error(), want) {
+			t.Errorf("Parse error %v, want it to contain %q", err, want)
+		}
 	}
 }

@@ -195,15 +195,31 @@ func (e *embedded) close() error {
 }
 
 // external is a client of a broker run elsewhere (mosquitto). Ordinary brokers deliver only
-// what is subscribed, so devices must subscribe to the response topics.
+// what is subscribed, so devices must subscribe to the response topics. When the connection
+// drops (the broker restarts), it reconnects with backoff and subscribes again; requests
+// published meanwhile are lost, as with a broker that keeps no state.
 type external struct {
 	brokerURL string
-	client    *paho.Client
-	conn      net.Conn
+	host      string
+	clientID  string
+	handler   func(message)
 	log       hclog.Logger
 	ctx       context.Context // ends at close, so no publish waits for a PUBACK that cannot come
 	cancel    context.CancelFunc
+	done      chan struct{} // closed when the reconnect loop has ended
+
+	mu     sync.Mutex
+	client *paho.Client
+	conn   net.Conn
+	up     chan struct{} // closed while client is connected; replaced when it drops
 }
+
+// Reconnect backoff: quick at first (a broker restart takes a moment), capped so a broker
+// that stays down is not hammered.
+const (
+	reconnectMin = 50 * time.Millisecond
+	reconnectMax = 2 * time.Second
+)
 
 func newExternal(ctx context.Context, brokerURL, clientID string, log hclog.Logger, handler func(message)) (*external, error) {
 	u, err := url.Parse(brokerURL)
@@ -213,45 +229,114 @@ func newExternal(ctx context.Context, brokerURL, clientID string, log hclog.Logg
 	if u.Scheme != "mqtt" && u.Scheme != "tcp" {
 		return nil, fmt.Errorf("broker URL %q: only mqtt:// is supported", brokerURL)
 	}
-	var d net.Dialer
-	conn, err := d.DialContext(ctx, "tcp", u.Host)
+	x := &external{brokerURL: brokerURL, host: u.Host, clientID: clientID, handler: handler, log: log,
+		done: make(chan struct{}), up: make(chan struct{})}
+	// The first connection is made here, so a wrong URL fails the start rather than retrying.
+	c, conn, err := x.connect(ctx)
 	if err != nil {
-		return nil, fmt.Errorf("connect to broker %s: %w", u.Host, err)
+		return nil, err
 	}
-	x := &external{brokerURL: brokerURL, conn: conn, log: log}
+	x.client, x.conn = c, conn
+	close(x.up)
 	x.ctx, x.cancel = context.WithCancel(context.Background())
-	x.client = paho.NewClient(paho.ClientConfig{
+	go x.reconnectLoop(c)
+	return x, nil
+}
+
+// connect dials, connects with a clean session and subscribes to the request filters.
+func (x *external) connect(ctx context.Context) (*paho.Client, net.Conn, error) {
+	var d net.Dialer
+	conn, err := d.DialContext(ctx, "tcp", x.host)
+	if err != nil {
+		return nil, nil, fmt.Errorf("connect to broker %s: %w", x.host, err)
+	}
+	c := paho.NewClient(paho.ClientConfig{
 		Conn:     conn,
-		ClientID: clientID,
+		ClientID: x.clientID,
 		OnPublishReceived: []func(paho.PublishReceived) (bool, error){
 			func(pr paho.PublishReceived) (bool, error) {
-				handler(message{topic: pr.Packet.Topic, payload: pr.Packet.Payload})
+				x.handler(message{topic: pr.Packet.Topic, payload: pr.Packet.Payload})
 				return true, nil
 			},
 		},
-		OnClientError: func(err error) { log.Warn("external broker connection", "error", err) },
+		OnClientError: func(err error) { x.log.Warn("external broker connection", "error", err) },
 	})
-	ca, err := x.client.Connect(ctx, &paho.Connect{ClientID: clientID, CleanStart: true, KeepAlive: 30})
+	ca, err := c.Connect(ctx, &paho.Connect{ClientID: x.clientID, CleanStart: true, KeepAlive: 30})
 	if err != nil {
-		x.cancel()
 		conn.Close()
-		return nil, fmt.Errorf("MQTT connect to %s: %w", u.Host, err)
+		return nil, nil, fmt.Errorf("MQTT connect to %s: %w", x.host, err)
 	}
 	if ca.ReasonCode != 0 {
-		x.cancel()
 		conn.Close()
-		return nil, fmt.Errorf("MQTT connect to %s: reason %d", u.Host, ca.ReasonCode)
+		return nil, nil, fmt.Errorf("MQTT connect to %s: reason %d", x.host, ca.ReasonCode)
 	}
 	subs := make([]paho.SubscribeOptions, 0, len(requestFilters))
 	for _, f := range requestFilters {
 		// NoLocal: our own responses are on the same filters.
 		subs = append(subs, paho.SubscribeOptions{Topic: f, QoS: 1, NoLocal: true})
 	}
-	if _, err := x.client.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs}); err != nil {
-		x.close()
-		return nil, fmt.Errorf("subscribe on %s: %w", u.Host, err)
+	if _, err := c.Subscribe(ctx, &paho.Subscribe{Subscriptions: subs}); err != nil {
+		disconnectClient(c, conn)
+		return nil, nil, fmt.Errorf("subscribe on %s: %w", x.host, err)
 	}
-	return x, nil
+	return c, conn, nil
+}
+
+// reconnectLoop waits for the connection to drop, then connects again until it succeeds or
+// the transport is closed.
+func (x *external) reconnectLoop(c *paho.Client) {
+	defer close(x.done)
+	for {
+		select {
+		case <-c.Done():
+		case <-x.ctx.Done():
+			return
+		}
+		x.mu.Lock()
+		x.conn.Close()
+		x.up = make(chan struct{})
+		x.mu.Unlock()
+		x.log.Warn("external broker connection lost; reconnecting", "broker", x.host)
+		wait := reconnectMin
+		for {
+			nc, conn, err := x.connect(x.ctx)
+			if err == nil {
+				x.mu.Lock()
+				x.client, x.conn, c = nc, conn, nc
+				close(x.up)
+				x.mu.Unlock()
+				x.log.Info("external broker reconnected", "broker", x.host)
+				break
+			}
+			x.log.Debug("external broker reconnect", "error", err, "retry_in", wait)
+			select {
+			case <-time.After(wait):
+			case <-x.ctx.Done():
+				return
+			}
+			wait = min(2*wait, reconnectMax)
+		}
+	}
+}
+
+// connected returns the client once it is connected, waiting through a reconnect.
+func (x *external) connected(ctx context.Context) (*paho.Client, error) {
+	x.mu.Lock()
+	c, up := x.client, x.up // swapped together: c is connected if up is closed
+	x.mu.Unlock()
+	select {
+	case <-up:
+		return c, nil
+	default:
+	}
+	select {
+	case <-up:
+	case <-ctx.Done():
+		return nil, fmt.Errorf("external broker %s: not connected: %w", x.host, ctx.Err())
+	}
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return x.client, nil
 }
 
 func (x *external) respond(_, topic string, payload []byte) error { return x.publish(topic, payload) }
@@ -259,10 +344,14 @@ func (x *external) respond(_, topic string, payload []byte) error { return x.pub
 func (x *external) publish(topic string, payload []byte) error {
 	ctx, cancel := context.WithTimeout(x.ctx, 10*time.Second)
 	defer cancel()
+	c, err := x.connected(ctx)
+	if err != nil {
+		return err
+	}
 	// Pipelined like AWS's own fleet of publishers: the PUBACK is not awaited per message (that
 	// would cap blocks at one round trip each); the session's receive-maximum window still
 	// bounds what is in flight, and writes stay in order.
-	_, err := x.client.PublishWithOptions(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payload},
+	_, err = c.PublishWithOptions(ctx, &paho.Publish{Topic: topic, QoS: 1, Payload: payload},
 		paho.PublishOptions{Method: paho.PublishMethod_AsyncSend})
 	return err
 }
@@ -272,12 +361,19 @@ func (x *external) url() string            { return x.brokerURL }
 
 func (x *external) close() error {
 	x.cancel()
-	_ = x.client.Disconnect(&paho.Disconnect{ReasonCode: 0})
+	<-x.done
+	x.mu.Lock()
+	defer x.mu.Unlock()
+	return disconnectClient(x.client, x.conn)
+}
+
+func disconnectClient(c *paho.Client, conn net.Conn) error {
+	_ = c.Disconnect(&paho.Disconnect{ReasonCode: 0})
 	select {
-	case <-x.client.Done():
+	case <-c.Done():
 	case <-time.After(5 * time.Second):
 	}
-	return x.conn.Close()
+	return conn.Close()
 }
 
 // hclogWriter lets mochi's slog output go to the emulator's hclog logger.

@@ -35,6 +35,7 @@ import (
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/test/harness"
 )
 
 func main() {
@@ -56,6 +57,10 @@ func (s shape) String() string {
 }
 
 var childEnv *string
+
+// childProfile, when set, makes the downloader write a CPU profile (PREFIX-N.pprof).
+var childProfile string
+var childRuns int
 var floorFlight *int
 
 // writerForChild, when set, makes the downloader write into a real ota-writer.
@@ -73,6 +78,7 @@ type result struct {
 	MBps          float64
 	MaxRSSKB      int64
 	Requests      int
+	CPU           cpuMeter
 }
 
 func parent(args []string) error {
@@ -81,6 +87,8 @@ func parent(args []string) error {
 	sizeMiB := fs.Int("size", 64, "image size for the speed comparison (MiB)")
 	rssSizes := fs.String("rss-sizes", "16,64,256", "image sizes for the RSS check (MiB)")
 	sweep := fs.Bool("sweep", false, "also sweep block size x requests in flight (how the defaults were chosen)")
+	sweepFlights := fs.String("sweep-flights", "1,2,4,8,16,32", "requests in flight for -sweep")
+	sweepBlocks := fs.String("sweep-blocks", "8,16,32,64", "block sizes (KiB) for -sweep")
 	reps := fs.Int("reps", 3, "repetitions per case (the median is reported)")
 	floorFlight = fs.Int("floor-flight", 64, "QoS 1 publishes in flight for the broker floor")
 	latency := fs.Duration("latency", 5*time.Millisecond, "one-way delay of the downloader's link for the latency comparison (0: skip)")
@@ -88,7 +96,12 @@ func parent(args []string) error {
 	writerBin := fs.String("ota-writer", "", "ota-writer binary: also download into a real writer (default: ota-writer next to this program, if present)")
 	downloader := fs.String("downloader", "", "the downloader program (default: streamdl next to this one)")
 	childEnv = fs.String("child-env", "", "extra environment of the downloader process (e.g. GOMEMLIMIT=16MiB)")
-	only := fs.String("only", "", "run only: rss (skip the floor and the comparison)")
+	only := fs.String("only", "", "run only this section: compare (floor and comparison), real (the real binaries end to end), latency, writer (the downloader into a real ota-writer), rss, sweep")
+	netBin := fs.String("ota-net", "", "ota-net binary for the end-to-end case (default: ota-net next to this program, if present)")
+	realSizes := fs.String("real-sizes", "16,64,256", "image sizes (MiB) of the end-to-end case with the real ota-net and ota-writer")
+	skipC := fs.Bool("skip-cagent", false, "leave the C agent shape out of the comparison (quicker runs while tuning)")
+	showCPU := fs.Bool("cpu", false, "print the CPU time of the bench process (emulator, floor clients), mosquitto and the downloader per comparison case")
+	profile := fs.String("cpuprofile", "", "write CPU profiles of the emulator (PREFIX-emulator.pprof) and the downloader (PREFIX-downloader-N.pprof) during the default case of the comparison")
 	fs.Parse(args)
 
 	dir, err := os.MkdirTemp("", "streambench")
@@ -108,7 +121,8 @@ func parent(args []string) error {
 		return err
 	}
 	defer stop()
-	emu, err := emulator.Start(ctx, emulator.Options{ExternalBrokerURL: brokerURL, Thing: "bench-gw"})
+	rec := harness.NewRecorder()
+	emu, err := emulator.Start(ctx, emulator.Options{ExternalBrokerURL: brokerURL, Thing: "bench-gw", OnUpdate: rec.Add})
 	if err != nil {
 		return err
 	}
@@ -149,7 +163,10 @@ func parent(args []string) error {
 			if err := emu.CreateJob(ctx, backend.JobSpec{JobID: jobID, Files: []backend.FileSpec{{LocalPath: img, DevicePath: "/fw"}}}); err != nil {
 				return result{}, err
 			}
+			cpu := startCPU()
 			res, err := runChild(ctx, self, brokerURL, emu.ThingName(), emu.StreamName(jobID), img, dir, sh)
+			used := cpu.stop()
+			res.CPU.self, res.CPU.broker = used.self, used.broker
 			if err != nil {
 				return result{}, fmt.Errorf("%v, %d MiB: %w", sh, mib, err)
 			}
@@ -176,20 +193,34 @@ func parent(args []string) error {
 		var floors, defs, cags, rFloor, rC []float64
 		var d, c result
 		for r := 0; r < *reps; r++ {
+			fcpu := startCPU()
 			fl, err := floor(ctx, brokerURL, floorImg, def.BlockSize)
 			if err != nil {
 				return fmt.Errorf("floor: %w", err)
 			}
+			fcpu = fcpu.stop()
+			stopProf := func() {}
+			if *profile != "" {
+				stopProf = profileSelf(fmt.Sprintf("%s-emulator-%d.pprof", *profile, r+1))
+				childProfile = fmt.Sprintf("%s-downloader-%d", *profile, r+1)
+			}
 			d, err = runCase(def, *sizeMiB)
+			stopProf()
+			childProfile = ""
 			if err != nil {
 				return err
 			}
-			c, err = runCase(cagent, *sizeMiB)
-			if err != nil {
-				return err
+			c = result{MBps: 1}
+			if !*skipC {
+				if c, err = runCase(cagent, *sizeMiB); err != nil {
+					return err
+				}
 			}
 			fmt.Printf("  rep %d: floor %6.1f MB/s, default %6.1f MB/s (%4.2f of floor, RSS %.1f MiB), C agent shape %5.1f MB/s (%.1fx)\n",
 				r+1, fl, d.MBps, d.MBps/fl, float64(d.MaxRSSKB)/1024, c.MBps, d.MBps/c.MBps)
+			if *showCPU {
+				fmt.Printf("         floor %v; default (median run) %v\n", fcpu, d.CPU)
+			}
 			floors, defs, cags = append(floors, fl), append(defs, d.MBps), append(cags, c.MBps)
 			rFloor, rC = append(rFloor, d.MBps/fl), append(rC, d.MBps/c.MBps)
 		}
@@ -203,13 +234,61 @@ func parent(args []string) error {
 	}
 	fmt.Printf("streambench: mosquitto %s (set_tcp_nodelay), emulator as its client, %d-MiB image, median of %d\n", brokerURL, *sizeMiB, *reps)
 	fmt.Println("sink: a file sink in the downloader process (pwrite at block offsets), except the ota-writer case")
-	if *only != "rss" {
+	// want says whether a section runs: every section without -only, else the one named.
+	want := func(section string) bool { return *only == "" || *only == section }
+	if want("compare") {
 		fmt.Println()
 		if err := compare(); err != nil {
 			return err
 		}
 	}
-	if *latency > 0 && *only != "rss" {
+	if *netBin == "" {
+		if self, err := os.Executable(); err == nil {
+			if p := filepath.Join(filepath.Dir(self), "ota-net"); fileExists(p) {
+				*netBin = p
+			}
+		}
+	}
+	if *writerBin == "" {
+		if self, err := os.Executable(); err == nil {
+			if p := filepath.Join(filepath.Dir(self), "ota-writer"); fileExists(p) {
+				*writerBin = p
+			}
+		}
+	}
+	if *netBin != "" && *writerBin != "" && want("real") {
+		sizes, err := intList(*realSizes)
+		if err != nil {
+			return err
+		}
+		fmt.Printf("\nend to end: the real ota-net and ota-writer binaries (default settings, ota-net's own memory limit), a fresh device per job, MQTT streams through mosquitto:\n")
+		for _, mib := range sizes {
+			img, err := image(mib)
+			if err != nil {
+				return err
+			}
+			var rs []realResult
+			for r := 0; r < *reps; r++ {
+				jobs++
+				res, err := runReal(ctx, *netBin, *writerBin, brokerURL, emu, rec, img, dir, mib, fmt.Sprintf("real-%d", jobs))
+				if err != nil {
+					return fmt.Errorf("end to end, %d MiB: %w", mib, err)
+				}
+				rs = append(rs, res)
+			}
+			sort.Slice(rs, func(a, b int) bool { return rs[a].Seconds < rs[b].Seconds })
+			m := rs[len(rs)/2]
+			var hwm, whwm int64
+			var each []string
+			for _, r := range rs {
+				hwm, whwm = max(hwm, r.NetHWMKB), max(whwm, r.WriterHWM)
+				each = append(each, fmt.Sprintf("%.1f", float64(r.NetHWMKB)/1024))
+			}
+			fmt.Printf("  %4d MiB image: job to ready (download, verify, activate) %6.1f MB/s (median of %d, %.2f s); ota-net peak RSS %.1f MiB (max; each run %s), ota-writer %.1f MiB\n",
+				mib, m.MBps, len(rs), m.Seconds, float64(hwm)/1024, strings.Join(each, " "), float64(whwm)/1024)
+		}
+	}
+	if *latency > 0 && want("latency") {
 		p, err := startDelayProxy(strings.TrimPrefix(brokerURL, "mqtt://"), *latency)
 		if err != nil {
 			return err
@@ -232,14 +311,7 @@ func parent(args []string) error {
 		p.close()
 	}
 
-	if *writerBin == "" {
-		if self, err := os.Executable(); err == nil {
-			if p := filepath.Join(filepath.Dir(self), "ota-writer"); fileExists(p) {
-				*writerBin = p
-			}
-		}
-	}
-	if *writerBin != "" && *only != "rss" {
+	if *writerBin != "" && want("writer") {
 		w, err := startWriter(ctx, *writerBin, dir, def.BlockSize)
 		if err != nil {
 			return fmt.Errorf("ota-writer: %w", err)
@@ -278,6 +350,9 @@ func parent(args []string) error {
 	// main is meant to set (GOMEMLIMIT / debug.SetMemoryLimit).
 	saved := *childEnv
 	for _, env := range []string{saved, strings.TrimSpace(saved + " GOMEMLIMIT=10MiB")} {
+		if !want("rss") {
+			break
+		}
 		*childEnv = env
 		label := env
 		if label == "" {
@@ -298,15 +373,23 @@ func parent(args []string) error {
 	}
 	*childEnv = saved
 
-	if *sweep {
+	if *sweep || *only == "sweep" {
 		fmt.Printf("\nsweep (%d MiB): block size x requests in flight, 128 KB per request\n", *sizeMiB)
 		fmt.Printf("%-10s", "block")
-		flights := []int{1, 2, 4, 8}
+		flights, err := intList(*sweepFlights)
+		if err != nil {
+			return err
+		}
+		blocks, err := intList(*sweepBlocks)
+		if err != nil {
+			return err
+		}
 		for _, f := range flights {
 			fmt.Printf(" %9s", fmt.Sprintf("%d flight", f))
 		}
 		fmt.Println()
-		for _, bs := range []int{8 << 10, 16 << 10, 32 << 10, 64 << 10} {
+		for _, kb := range blocks {
+			bs := kb << 10
 			fmt.Printf("%-10s", fmt.Sprintf("%d KiB", bs>>10))
 			for _, f := range flights {
 				r, err := runCase(shape{"sweep", bs, stream.MaxRequestBytes / bs, f}, *sizeMiB)
@@ -340,8 +423,13 @@ func runChild(ctx context.Context, self, brokerURL, thing, streamName, img, dir 
 		"-size", fmt.Sprint(st.Size()), "-bs", fmt.Sprint(sh.BlockSize), "-per", fmt.Sprint(sh.BlocksPerRequest),
 		"-flight", fmt.Sprint(sh.InFlight), "-out", out)
 	cmd.Args = append(cmd.Args, extra...)
+	cmd.Env = os.Environ()
 	if *childEnv != "" {
-		cmd.Env = append(os.Environ(), strings.Fields(*childEnv)...)
+		cmd.Env = append(cmd.Env, strings.Fields(*childEnv)...)
+	}
+	if childProfile != "" {
+		childRuns++
+		cmd.Env = append(cmd.Env, fmt.Sprintf("STREAMDL_CPUPROFILE=%s-%d.pprof", childProfile, childRuns))
 	}
 	var stdout, stderr bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
@@ -353,6 +441,7 @@ func runChild(ctx context.Context, self, brokerURL, thing, streamName, img, dir 
 		return result{}, fmt.Errorf("child output %q: %w", stdout.String(), err)
 	}
 	res.Shape = sh
+	res.CPU.child = cmd.ProcessState.UserTime() + cmd.ProcessState.SystemTime()
 	if writerForChild != nil {
 		return res, nil // the writer verified the signature over the slot's bytes
 	}
@@ -477,6 +566,7 @@ func startMosquitto(ctx context.Context, bin, dir string, port int) (string, fun
 	if err := cmd.Start(); err != nil {
 		return "", nil, err
 	}
+	mosquittoPID = cmd.Process.Pid
 	stop := func() {
 		cmd.Process.Signal(syscall.SIGTERM)
 		cmd.Wait()
@@ -537,4 +627,16 @@ func median(v []float64) float64 {
 		return s[len(s)/2]
 	}
 	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func intList(s string) ([]int, error) {
+	var out []int
+	for _, f := range strings.Split(s, ",") {
+		var n int
+		if _, err := fmt.Sscan(f, &n); err != nil {
+			return nil, fmt.Errorf("list %q: %w", s, err)
+		}
+		out = append(out, n)
+	}
+	return out, nil
 }

@@ -52,6 +52,17 @@ func child(args []string) error {
 	jobID := fs.String("job", "bench", "job id of the writer session")
 	fs.Parse(args)
 
+	if p := os.Getenv("STREAMDL_CPUPROFILE"); p != "" {
+		f, err := os.Create(p)
+		if err != nil {
+			return err
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return err
+		}
+		defer f.Close()
+		defer pprof.StopCPUProfile()
+	}
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: *broker, ClientID: *thing})

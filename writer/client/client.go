@@ -160,7 +160,7 @@ func (c *Client) WriteBatch(ctx context.Context, sessionID string, seq uint64, b
 	if err := c.checkSize(req); err != nil {
 		return nil, err
 	}
-	r, err := c.w.WriteBatch(ctx, req)
+	r, err := c.w.WriteBatch(ctx, req, blockCallOption())
 	return r, wrap(err)
 }
 

@@ -31,7 +31,7 @@ type BlockStream struct {
 // stream closed): an unread ack holds back the next ones.
 func (c *Client) OpenBlockStream(ctx context.Context, sessionID string) (*BlockStream, error) {
 	ctx, cancel := context.WithCancel(ctx)
-	st, err := c.w.WriteBlocks(ctx)
+	st, err := c.w.WriteBlocks(ctx, blockCallOption())
 	if err != nil {
 		cancel()
 		return nil, wrap(err)

@@ -117,6 +117,37 @@ var (
 // opposed to well-formed data of the wrong shape (InvalidRequest).
 var errSyntax = errors.New("malformed payload")
 
+// cborBlockHeader returns a slice of len(header)+n whose first bytes are the CBOR encoding of
+// blk with an n-byte payload, up to the payload's bytes: the payload ("p", the last field)
+// goes into the last n bytes. blk.Payload is ignored. The result equals Marshal once the
+// payload is filled in (codec_test checks it).
+func cborBlockHeader(blk DataBlock, n int) ([]byte, error) {
+	blk.Payload = []byte{}
+	h, err := cborEnc.Marshal(blk)
+	if err != nil {
+		return nil, err
+	}
+	if len(h) == 0 || h[len(h)-1] != 0x40 { // an empty byte string ends the map
+		return nil, fmt.Errorf("unexpected CBOR block encoding % x", h)
+	}
+	h = h[:len(h)-1]
+	out := make([]byte, len(h), len(h)+9+n)
+	copy(out, h)
+	switch {
+	case n < 24:
+		out = append(out, 0x40|byte(n))
+	case n <= 0xff:
+		out = append(out, 0x58, byte(n))
+	case n <= 0xffff:
+		out = append(out, 0x59, byte(n>>8), byte(n))
+	case int64(n) <= 0xffffffff:
+		out = append(out, 0x5a, byte(n>>24), byte(n>>16), byte(n>>8), byte(n))
+	default:
+		return nil, fmt.Errorf("block of %d bytes", n)
+	}
+	return out[:len(out)+n], nil
+}
+
 // Marshal encodes v in the given stream format.
 func Marshal(format string, v any) ([]byte, error) {
 	if format == FormatJSON {

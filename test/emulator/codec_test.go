@@ -1,6 +1,7 @@
 package emulator
 
 import (
+	"bytes"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
@@ -184,6 +185,32 @@ func TestDecodeErrorsAreClassified(t *testing.T) {
 		}
 		if got := errors.Is(err, errSyntax); got != tt.syntax {
 			t.Errorf("%s %q: syntax error = %v, want %v (%v)", tt.format, tt.body, got, tt.syntax, err)
+		}
+	}
+}
+
+// The data message built around a block read in place is byte for byte what Marshal makes.
+func TestCBORBlockHeaderMatchesMarshal(t *testing.T) {
+	for _, n := range []int{0, 1, 23, 24, 255, 256, 4096, 65535, 65536, 128 << 10} {
+		for _, tok := range []string{"", "rdy", strings.Repeat("t", 64)} {
+			blk := DataBlock{ClientToken: tok, FileID: int64(n % 256), BlockID: int64(n) * 3, Length: int64(n)}
+			data := make([]byte, n)
+			for i := range data {
+				data[i] = byte(i*7 + n)
+			}
+			got, err := cborBlockHeader(blk, n)
+			if err != nil {
+				t.Fatal(err)
+			}
+			copy(got[len(got)-n:], data)
+			blk.Payload = data
+			want, err := Marshal(FormatCBOR, blk)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, want) {
+				t.Fatalf("n=%d token %q:\n got % x\nwant % x", n, tok, got[:min(len(got), 40)], want[:min(len(want), 40)])
+			}
 		}
 	}
 }

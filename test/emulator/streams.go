@@ -289,8 +289,13 @@ func (e *Emulator) planBlocks(j *job, fs *faultState, req GetStreamRequest, rec 
 }
 
 // sendBlocks reads each block from the file with ReadAt: a block at a time, never the file.
+// CBOR blocks are read straight into the message after its encoded header (the same bytes
+// Marshal makes, without two more copies of every block).
 func (e *Emulator) sendBlocks(clientID, prefix, format string, p blockPlan) {
-	buf := make([]byte, p.blockSize)
+	var buf []byte
+	if format != FormatCBOR {
+		buf = make([]byte, p.blockSize)
+	}
 	topic := prefix + "data/" + format
 	for _, b := range p.sent {
 		off := int64(b) * p.blockSize
@@ -298,15 +303,32 @@ func (e *Emulator) sendBlocks(clientID, prefix, format string, p blockPlan) {
 		if off+n > p.file.size {
 			n = p.file.size - off
 		}
-		if _, err := p.file.f.ReadAt(buf[:n], off); err != nil {
+		blk := DataBlock{ClientToken: p.token, FileID: int64(p.file.spec.FileID), BlockID: int64(b), Length: n}
+		var payload, data []byte
+		var err error
+		if format == FormatCBOR {
+			// A fresh message per block: the embedded broker may still hold the previous one.
+			if payload, err = cborBlockHeader(blk, int(n)); err == nil {
+				data = payload[len(payload)-int(n):]
+			}
+		} else {
+			data = buf[:n]
+		}
+		if err != nil {
+			e.log.Error("encode block", "error", err)
+			return
+		}
+		if _, err := p.file.f.ReadAt(data, off); err != nil {
 			e.log.Error("read block", "block", b, "error", err)
 			e.streamReject(clientID, prefix, format, StreamInternalError, "read failed", p.token, 0)
 			return
 		}
-		payload, err := Marshal(format, DataBlock{ClientToken: p.token, FileID: int64(p.file.spec.FileID), BlockID: int64(b), Length: n, Payload: buf[:n]})
-		if err != nil {
-			e.log.Error("encode block", "error", err)
-			return
+		if format != FormatCBOR {
+			blk.Payload = data
+			if payload, err = Marshal(format, blk); err != nil {
+				e.log.Error("encode block", "error", err)
+				return
+			}
 		}
 		if err := e.tr.respond(clientID, topic, payload); err != nil {
 			e.log.Warn("send block", "block", b, "error", err)

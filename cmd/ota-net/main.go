@@ -11,7 +11,6 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
@@ -21,6 +20,7 @@ import (
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobs"
 	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/runtimeopts"
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/netagent/writerlink"
 )
@@ -28,15 +28,8 @@ import (
 // version is set at build time (-ldflags "-X main.version=...").
 var version = "dev"
 
-// memoryLimit is the soft heap limit when GOMEMLIMIT is not set. Downloads churn through
-// short-lived block buffers (paho allocates per message); without a limit the Go runtime lets
-// garbage grow with the heap target and peak RSS creeps past 25 MiB on large images.
-const memoryLimit = 12 << 20
-
 func main() {
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(memoryLimit)
-	}
+	runtimeopts.Apply(os.Getenv) // memory limit and GOMAXPROCS, unless set in the environment
 	os.Exit(run(os.Args[1:], os.Stderr))
 }
 

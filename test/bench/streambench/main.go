@@ -23,6 +23,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"sync"
@@ -32,6 +33,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
+	"github.com/gwota/gwota/netagent/runtimeopts"
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
@@ -98,6 +100,7 @@ func parent(args []string) error {
 	childEnv = fs.String("child-env", "", "extra environment of the downloader process (e.g. GOMEMLIMIT=16MiB)")
 	only := fs.String("only", "", "run only this section: compare (floor and comparison), real (the real binaries end to end), latency, writer (the downloader into a real ota-writer), rss, sweep")
 	netBin := fs.String("ota-net", "", "ota-net binary for the end-to-end case (default: ota-net next to this program, if present)")
+	fs.StringVar(&netEnv, "net-env", "", "extra environment of the real ota-net process (tuning only; the report is meant for its defaults)")
 	realSizes := fs.String("real-sizes", "16,64,256", "image sizes (MiB) of the end-to-end case with the real ota-net and ota-writer")
 	skipC := fs.Bool("skip-cagent", false, "leave the C agent shape out of the comparison (quicker runs while tuning)")
 	showCPU := fs.Bool("cpu", false, "print the CPU time of the bench process (emulator, floor clients), mosquitto and the downloader per comparison case")
@@ -234,6 +237,8 @@ func parent(args []string) error {
 	}
 	fmt.Printf("streambench: mosquitto %s (set_tcp_nodelay), emulator as its client, %d-MiB image, median of %d\n", brokerURL, *sizeMiB, *reps)
 	fmt.Println("sink: a file sink in the downloader process (pwrite at block offsets), except the ota-writer case")
+	fmt.Printf("downloader runtime: ota-net's (netagent/runtimeopts: GOMEMLIMIT %d MiB, GOMAXPROCS %d) unless -child-env sets them; extra env %q\n",
+		runtimeopts.MemoryLimit>>20, runtimeopts.Procs, *childEnv)
 	// want says whether a section runs: every section without -only, else the one named.
 	want := func(section string) bool { return *only == "" || *only == section }
 	if want("compare") {
@@ -327,7 +332,7 @@ func parent(args []string) error {
 		writerForChild = w
 		fmt.Printf("\ninto a real ota-writer (writerlink, gRPC over its socket, engine, A/B slot file + journal), default settings, %d-MiB image:\n", *sizeMiB)
 		saved := *childEnv
-		for _, env := range []string{saved, strings.TrimSpace(saved + " GOMEMLIMIT=10MiB")} {
+		for _, env := range []string{saved, strings.TrimSpace(fmt.Sprintf("%s GOMEMLIMIT=off GOMAXPROCS=%d", saved, runtime.NumCPU()))} {
 			*childEnv = env
 			r, err := runCase(def, *sizeMiB)
 			if err != nil {
@@ -336,7 +341,7 @@ func parent(args []string) error {
 				return err
 			}
 			if env == "" {
-				env = "Go runtime defaults"
+				env = "ota-net's runtime settings"
 			}
 			fmt.Printf("  %s: download %.1f MB/s (%.2f s), then FinishSession (read back + ECDSA verify) %.2f s, downloader peak RSS %.1f MiB\n",
 				env, r.MBps, r.Seconds, r.VerifySeconds, float64(r.MaxRSSKB)/1024)
@@ -346,17 +351,18 @@ func parent(args []string) error {
 		w.stop()
 	}
 
-	// Peak RSS with the Go runtime's defaults, and with the soft memory limit that ota-net's
-	// main is meant to set (GOMEMLIMIT / debug.SetMemoryLimit).
+	// Peak RSS with ota-net's runtime settings (netagent/runtimeopts: soft memory limit,
+	// GOMAXPROCS), which the downloader applies like ota-net's main, and with the Go runtime's
+	// defaults.
 	saved := *childEnv
-	for _, env := range []string{saved, strings.TrimSpace(saved + " GOMEMLIMIT=10MiB")} {
+	for _, env := range []string{saved, strings.TrimSpace(fmt.Sprintf("%s GOMEMLIMIT=off GOMAXPROCS=%d", saved, runtime.NumCPU()))} {
 		if !want("rss") {
 			break
 		}
 		*childEnv = env
 		label := env
 		if label == "" {
-			label = "Go runtime defaults"
+			label = "ota-net's runtime settings"
 		}
 		fmt.Printf("\npeak RSS of the downloader process, default settings, %s:\n", label)
 		for _, s := range strings.Split(*rssSizes, ",") {

@@ -19,6 +19,9 @@ import (
 	"github.com/gwota/gwota/test/harness"
 )
 
+// netEnv is extra environment of the ota-net process (GOMEMLIMIT=..., GOGC=...) for tuning.
+var netEnv string
+
 // realResult is one job run by the real binaries.
 type realResult struct {
 	SizeMiB   int
@@ -90,6 +93,7 @@ slots = [%q, %q]
 	}
 
 	n := exec.CommandContext(ctx, netBin, "--config", filepath.Join(d, "net.toml"))
+	n.Env = append(os.Environ(), strings.Fields(netEnv)...)
 	stderr, err := n.StderrPipe()
 	if err != nil {
 		return realResult{}, err

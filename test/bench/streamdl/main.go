@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/runtimeopts"
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/netagent/writerlink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
@@ -30,6 +31,9 @@ type result struct {
 }
 
 func main() {
+	// ota-net's runtime settings (each unless its variable is set), so the download runs as
+	// in the agent; GOMEMLIMIT=off GOMAXPROCS=N gives the Go runtime's defaults.
+	runtimeopts.Apply(os.Getenv)
 	if err := child(os.Args[1:]); err != nil {
 		fmt.Fprintln(os.Stderr, "streamdl:", err)
 		os.Exit(1)

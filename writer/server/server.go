@@ -6,6 +6,8 @@ package server
 import (
 	"context"
 	"fmt"
+	"google.golang.org/grpc/experimental"
+	"google.golang.org/grpc/mem"
 	"net"
 	"runtime/debug"
 	"time"
@@ -58,6 +60,13 @@ type Server struct {
 const ServiceName = "ota.v1.Writer"
 
 // New builds a server for core. Call Serve with a listener (Listen, or one passed by systemd).
+// recvPool holds receive buffers. grpc's default pool has no tier between 32 KiB and 1 MiB,
+// so every 64..256 KiB WriteBlocks message took a 1 MiB buffer; under the writer's soft
+// memory limit (GCs empty sync.Pools) that was mostly fresh garbage. Tiers: powers of two plus
+// room for a message's framing, as in writer/client.
+var recvPool = mem.NewTieredBufferPool(256, 4<<10, 16<<10, 32<<10,
+	64<<10+4<<10, 128<<10+4<<10, 256<<10+4<<10, 512<<10+4<<10, 1<<20+16<<10)
+
 func New(core Core, opts Options) *Server {
 	log := opts.Log
 	if log == nil {
@@ -78,6 +87,7 @@ func New(core Core, opts Options) *Server {
 		// A hostile peer must not pin unbounded handler goroutines.
 		grpc.MaxConcurrentStreams(64),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
+		experimental.BufferPool(recvPool),
 	)
 	otav1.RegisterWriterServer(s.grpc, &service{core: core, log: log, maxMsg: s.maxMsg})
 	healthpb.RegisterHealthServer(s.grpc, s.health)

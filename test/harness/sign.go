@@ -1,6 +1,7 @@
 package harness
 
 import (
+	"context"
 	"crypto/ecdsa"
 	"crypto/elliptic"
 	"crypto/rand"
@@ -18,6 +19,7 @@ import (
 	"time"
 
 	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/sign"
 )
 
 // Signer is a code-signing identity made for one run: an ECDSA P-256 key (the AWS default)
@@ -71,12 +73,7 @@ func (s *Signer) WriteCert(dir string) (string, error) {
 // SignFile signs the SHA-256 of the file at path (ASN.1 DER ECDSA signature, as in
 // sig-sha256-ecdsa).
 func (s *Signer) SignFile(path string) ([]byte, error) {
-	sum, err := FileSHA256(path)
-	if err != nil {
-		return nil, err
-	}
-	d, _ := hex.DecodeString(sum)
-	return ecdsa.SignASN1(rand.Reader, s.Key, d)
+	return sign.File(context.Background(), path, s.KeyPEM, backend.SigSHA256ECDSA)
 }
 
 // File returns the job file spec for image: the cloud signs it with this signer's key.

@@ -239,3 +239,23 @@ func createJob(t *testing.T, e *Emulator, id string, path string, protocols ...s
 }
 
 const thingPrefix = "$aws/things/gw-01/"
+
+// waitPushed waits until every queued notification has been handed to the broker.
+func waitPushed(t testing.TB, e *Emulator) {
+	t.Helper()
+	timeout := time.After(10 * time.Second)
+	for {
+		e.mu.Lock()
+		done := !e.pushing && len(e.pushQ) == 0
+		ch := e.changed
+		e.mu.Unlock()
+		if done {
+			return
+		}
+		select {
+		case <-ch:
+		case <-timeout:
+			t.Fatal("notifications still queued after 10s")
+		}
+	}
+}

@@ -1044,6 +1044,7 @@ func (e *Emulator) drainPushes() {
 		e.mu.Lock()
 		if len(e.pushQ) == 0 {
 			e.pushing = false
+			e.notifyLocked() // tests wait for pushes to reach the broker
 			e.mu.Unlock()
 			return
 		}

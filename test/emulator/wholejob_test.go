@@ -190,6 +190,9 @@ func TestBrokerRestartKeepsJobs(t *testing.T) {
 		t.Fatal(err)
 	}
 	createJob(t, e, "job-rs2", path)
+	// Both notifications must be in the broker's session store before the device comes back:
+	// a publish racing mochi's session takeover can land on the old client and be lost.
+	waitPushed(t, e)
 	if err := e.StartBroker(); err != nil {
 		t.Fatal(err)
 	}

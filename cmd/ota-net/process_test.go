@@ -15,6 +15,7 @@ import (
 
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/writer/client"
 )
 
 // The process tests build the real ota-net and ota-writer binaries and run them against the
@@ -160,13 +161,7 @@ path = "`+appPath+`"
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
-	progressed := make(chan struct{})
-	var once sync.Once
-	e, err := emulator.Start(ctx, emulator.Options{OnUpdate: func(u emulator.UpdateEvent) {
-		if p := u.StatusDetails["progress"]; p != "" && p != "0/512" {
-			once.Do(func() { close(progressed) })
-		}
-	}})
+	e, err := emulator.Start(ctx, emulator.Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -197,11 +192,10 @@ log_level = "debug"
 		t.Fatal(err)
 	}
 	e.SetFaults(e.StreamName("job-p"), emulator.Faults{Delay: 20 * time.Millisecond})
-	select {
-	case <-progressed:
-	case <-ctx.Done():
-		t.Fatal("no progress reported")
-	}
+	// SIGTERM once the writer holds blocks durably. Reported progress is not enough: it counts
+	// blocks handed to ota-net's writer link, which batches them (up to 32 here) before they
+	// reach the writer, so a SIGTERM right after the first report could leave nothing durable.
+	durable := waitDurable(ctx, t, sock, "job-p")
 	if err := net1.term(t); err != nil {
 		t.Fatalf("ota-net exit after SIGTERM: %v\n%s", err, net1.logs.String())
 	}
@@ -219,8 +213,40 @@ log_level = "debug"
 		t.Fatalf("installed file differs (%v)", err)
 	}
 	total := e.BlocksServed("job-p")
-	t.Logf("blocks served before SIGTERM %d, in total %d (file has 512)", served, total)
+	t.Logf("blocks served before SIGTERM %d (%d durable), in total %d (file has 512)", served, durable, total)
 	if total >= 512+served {
 		t.Fatalf("restart downloaded everything again: %d blocks served, %d before the restart", total, served)
+	}
+}
+
+// waitDurable waits until the writer behind sock reports durable blocks in the session of
+// jobID and returns how many. The writer has no change feed, so its state is polled.
+func waitDurable(ctx context.Context, t *testing.T, sock, jobID string) uint64 {
+	t.Helper()
+	c, err := client.Dial(ctx, sock, client.Options{Name: "process test"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatalf("writer not ready: %v", err)
+	}
+	tick := time.NewTicker(10 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		st, err := c.State(ctx)
+		if err != nil {
+			t.Fatalf("writer state: %v", err)
+		}
+		for _, s := range st.GetSessions() {
+			if s.GetJobId() == jobID && s.GetDurableBlocks() > 0 {
+				return s.GetDurableBlocks()
+			}
+		}
+		select {
+		case <-tick.C:
+		case <-ctx.Done():
+			t.Fatalf("the writer holds no block of %s durably: %v", jobID, st.GetSessions())
+		}
 	}
 }

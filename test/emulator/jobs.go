@@ -1057,4 +1057,6 @@ func (e *Emulator) drainPushes() {
 	}
 }
 
-func timeAfterFunc(d time.Duration, f func()) interface{ Stop() bool } { return time.AfterFunc(d, f) }
+// timeAfterFunc starts step timers; a test replaces it to order a timer's expiry after a
+// device's request.
+var timeAfterFunc = func(d time.Duration, f func()) interface{ Stop() bool } { return time.AfterFunc(d, f) }

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -208,6 +209,17 @@ func TestJobsRejections(t *testing.T) {
 }
 
 func TestStartNextCancelAndTimeout(t *testing.T) {
+	// Step timers run for real, but what they do on expiry waits for release: the update
+	// below must be handled before start-next's 50 ms timer acts, which a loaded machine
+	// does not promise.
+	release := make(chan struct{})
+	var releaseOnce sync.Once
+	releaseTimers := func() { releaseOnce.Do(func() { close(release) }) }
+	orig := timeAfterFunc
+	timeAfterFunc = func(d time.Duration, f func()) interface{ Stop() bool } {
+		return time.AfterFunc(d, func() { <-release; f() })
+	}
+	t.Cleanup(func() { releaseTimers(); timeAfterFunc = orig }) // after the emulator's Close
 	e := startEmulator(t, Options{StepTimeoutUnit: 50 * time.Millisecond})
 	d := connectDevice(t, e.BrokerURL(), "gw-01", jobsPrefix+"notify-next")
 	path, _ := writeTestFile(t, 1000)
@@ -228,6 +240,7 @@ func TestStartNextCancelAndTimeout(t *testing.T) {
 	d.publishJSON(jobsPrefix+"job-a/update", map[string]any{"status": "IN_PROGRESS", "statusDetails": map[string]string{"progress": "1/2"}})
 	d.next(jobsPrefix + "job-a/update/accepted")
 	// The step timer fires: TIMED_OUT, and the next job becomes job-b.
+	releaseTimers()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	if _, err := e.WaitStatus(ctx, "job-a", backend.StatusTimedOut); err != nil {

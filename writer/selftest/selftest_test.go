@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -59,12 +61,6 @@ func TestRun(t *testing.T) {
 			0, &otav1.SelfTestResponse{Reason: failed, Checks: []*otav1.CheckResult{
 				res("gone", false, "fork/exec /nonexistent/check: no such file or directory"),
 			}}},
-		{"per-check timeout", []Check{
-			sh("hang", "echo waiting for service; exec sleep 300", 200*time.Millisecond),
-			sh("after", "echo fine", 0),
-		}, 0, &otav1.SelfTestResponse{Reason: timeout, Checks: []*otav1.CheckResult{
-			res("hang", false, "timed out after 200ms: waiting for service"), res("after", true, "fine"),
-		}}},
 		{"first failure's reason wins", []Check{
 			sh("fails", "exit 1", 0),
 			sh("hang", "exec sleep 300", 100*time.Millisecond),
@@ -110,43 +106,108 @@ func running(pid int) bool {
 	return len(f) > 0 && f[0] != "Z" && f[0] != "X"
 }
 
-// A check killed by its deadline is really gone, and so is what it started.
-func TestTimedOutCheckIsKilled(t *testing.T) {
-	dir := t.TempDir()
-	pids := filepath.Join(dir, "pids")
-	r := New([]Check{sh("hang", "sleep 300 & echo $! > "+pids+"; echo $$ >> "+pids+"; wait", 300*time.Millisecond)}, 0, nil)
-	got, err := r.Run(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got.Passed || got.Reason != timeout {
-		t.Fatalf("passed=%t reason=%v, want a timeout", got.Passed, got.Reason)
-	}
-	b, err := os.ReadFile(pids)
-	if err != nil {
-		t.Fatal(err)
-	}
-	fields := strings.Fields(string(b))
-	if len(fields) != 2 {
-		t.Fatalf("pid file %q", b)
-	}
-	for _, f := range fields {
-		pid, _ := strconv.Atoi(f)
-		if running(pid) {
-			t.Errorf("pid %d still running after the check timed out", pid)
+// A per-check timeout must end a check only after its shell got going, which a loaded
+// machine does not promise within any fixed time. longerTimeouts yields 100 ms, 200 ms, ...
+// up to 12.8 s: a test starts over with the next one while its check was killed too early.
+func longerTimeouts(yield func(time.Duration) bool) {
+	for d := 100 * time.Millisecond; d <= 12800*time.Millisecond; d *= 2 {
+		if !yield(d) {
+			return
 		}
 	}
-	if got.Checks[0].DurationMs < 300 {
-		t.Errorf("duration %d ms, want at least the 300 ms timeout", got.Checks[0].DurationMs)
+}
+
+// A check killed by its own timeout keeps its last line of output, and later checks run.
+func TestPerCheckTimeout(t *testing.T) {
+	for limit := range longerTimeouts {
+		r := New([]Check{
+			sh("hang", "echo waiting for service; exec sleep 300", limit),
+			sh("after", "echo fine", 0),
+		}, 0, hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Warn}))
+		got, err := r.Run(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		killed := "timed out after " + limit.String()
+		if len(got.GetChecks()) > 0 && got.Checks[0].Detail == killed && limit < 12800*time.Millisecond {
+			t.Logf("killed at %v before its first line of output; again with a longer timeout", limit)
+			continue
+		}
+		want := &otav1.SelfTestResponse{Reason: timeout, Checks: []*otav1.CheckResult{
+			res("hang", false, killed+": waiting for service"), res("after", true, "fine"),
+		}}
+		if d := cmp.Diff(want, got, protocmp.Transform(), protocmp.IgnoreFields(&otav1.CheckResult{}, "duration_ms")); d != "" {
+			t.Errorf("(-want +got):\n%s", d)
+		}
+		return
+	}
+}
+
+// A check killed by its deadline is really gone, and so is what it started.
+func TestTimedOutCheckIsKilled(t *testing.T) {
+	for limit := range longerTimeouts {
+		pids := filepath.Join(t.TempDir(), "pids")
+		r := New([]Check{sh("hang", "sleep 300 & echo $! > "+pids+"; echo $$ >> "+pids+"; wait", limit)}, 0, nil)
+		got, err := r.Run(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got.Passed || got.Reason != timeout {
+			t.Fatalf("passed=%t reason=%v, want a timeout", got.Passed, got.Reason)
+		}
+		b, err := os.ReadFile(pids)
+		if err != nil && !errors.Is(err, os.ErrNotExist) {
+			t.Fatal(err)
+		}
+		fields := strings.Fields(string(b))
+		if len(fields) != 2 && limit < 12800*time.Millisecond {
+			t.Logf("killed at %v before it wrote both pids (%q); again with a longer timeout", limit, b)
+			continue
+		}
+		if len(fields) != 2 {
+			t.Fatalf("pid file %q", b)
+		}
+		for _, f := range fields {
+			pid, _ := strconv.Atoi(f)
+			if running(pid) {
+				t.Errorf("pid %d still running after the check timed out", pid)
+			}
+		}
+		if got.Checks[0].DurationMs < uint64(limit.Milliseconds()) {
+			t.Errorf("duration %d ms, want at least the %v timeout", got.Checks[0].DurationMs, limit)
+		}
+		return
 	}
 }
 
 // The caller's deadline (the engine's self_test_timeout) ends the run like the overall one:
 // a result with the checks so far, not an error.
 func TestCallerDeadline(t *testing.T) {
-	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
-	defer cancel()
-	r := New([]Check{sh("ok", "echo up", 0), sh("slow", "exec sleep 300", time.Hour), sh("never", "true", 0)}, time.Hour, nil)
+	// The deadline passes once "slow" runs, so "ok" has finished whatever the machine's load.
+	started := filepath.Join(t.TempDir(), "started")
+	if err := syscall.Mkfifo(started, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	ctx := newDeadlineCtx()
+	waited := make(chan struct{})
+	go func() {
+		defer close(waited)
+		f, err := os.Open(started) // returns when "slow" opens it for writing
+		if err != nil {
+			t.Error(err)
+		} else {
+			f.Close()
+		}
+		ctx.expire()
+	}()
+	t.Cleanup(func() {
+		// Unblock the open above if "slow" never started.
+		if f, err := os.OpenFile(started, os.O_WRONLY|syscall.O_NONBLOCK, 0); err == nil {
+			f.Close()
+		}
+		<-waited
+	})
+	r := New([]Check{sh("ok", "echo up", 0), sh("slow", ": > "+started+"; exec sleep 300", time.Hour), sh("never", "true", 0)}, time.Hour, nil)
 	got, err := r.Run(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -158,6 +219,30 @@ func TestCallerDeadline(t *testing.T) {
 	}}
 	if d := cmp.Diff(want, got, protocmp.Transform(), protocmp.IgnoreFields(&otav1.CheckResult{}, "duration_ms")); d != "" {
 		t.Errorf("(-want +got):\n%s", d)
+	}
+}
+
+// deadlineCtx is a caller's context whose deadline passes when the test says so.
+type deadlineCtx struct {
+	context.Context
+	done chan struct{}
+	once sync.Once
+}
+
+func newDeadlineCtx() *deadlineCtx {
+	return &deadlineCtx{Context: context.Background(), done: make(chan struct{})}
+}
+
+func (c *deadlineCtx) expire()                     { c.once.Do(func() { close(c.done) }) }
+func (c *deadlineCtx) Deadline() (time.Time, bool) { return time.Time{}, false }
+func (c *deadlineCtx) Done() <-chan struct{}       { return c.done }
+
+func (c *deadlineCtx) Err() error {
+	select {
+	case <-c.done:
+		return context.DeadlineExceeded
+	default:
+		return nil
 	}
 }
 

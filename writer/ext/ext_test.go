@@ -56,29 +56,46 @@ func TestCollect(t *testing.T) {
 	sys, procRoot := fakeSys(t)
 	dir := t.TempDir()
 	pidFile := filepath.Join(dir, "slow.pid")
-	c := New(Config{
-		Static: map[string]string{
-			"site":       "north\tgate", // cleaned
-			"bad key!":   "x",           // invalid key: dropped
-			"reason":     "not allowed", // reserved: dropped
-			"empty":      "\x00\x01",    // nothing printable: dropped
-			"fw_channel": "stable",      // also printed by a provider: static wins
-		},
-		Commands: []Command{
-			sh("good", "printf 'model=gw-100\\n# comment\\n\\nserial = SN42 \\ntemp_c=99.9\\nfw_channel=beta\\n'", 0),
-			sh("garbage", "printf 'no equals sign\\nbad key=1\\nok_key=\\001\\002\\nfine=yes\\nprogress=1/2\\n'; head -c 64 /dev/urandom", 0),
-			sh("fails", "echo failed_key=1; echo broken >&2; exit 3", 0),
-			sh("slow", "echo slow_key=1; echo $$ > "+pidFile+"; exec sleep 300", 300*time.Millisecond),
-			sh("chatty", "i=0; while [ $i -lt 2000 ]; do echo spam=1; i=$((i+1)); done", 0), // over MaxOutput
-			{Name: "empty argv"},
-			{Name: "missing", Argv: []string{"/nonexistent/provider"}},
-		},
-		StateDir: dir,
-		SysRoot:  sys,
-		ProcRoot: procRoot,
-	}, logger(t))
-
-	got := c.Collect(context.Background())
+	collect := func(slow time.Duration) map[string]string {
+		return New(Config{
+			Static: map[string]string{
+				"site":       "north\tgate", // cleaned
+				"bad key!":   "x",           // invalid key: dropped
+				"reason":     "not allowed", // reserved: dropped
+				"empty":      "\x00\x01",    // nothing printable: dropped
+				"fw_channel": "stable",      // also printed by a provider: static wins
+			},
+			Commands: []Command{
+				sh("good", "printf 'model=gw-100\\n# comment\\n\\nserial = SN42 \\ntemp_c=99.9\\nfw_channel=beta\\n'", 0),
+				sh("garbage", "printf 'no equals sign\\nbad key=1\\nok_key=\\001\\002\\nfine=yes\\nprogress=1/2\\n'; head -c 64 /dev/urandom", 0),
+				sh("fails", "echo failed_key=1; echo broken >&2; exit 3", 0),
+				sh("slow", "echo slow_key=1; echo $$ > "+pidFile+"; exec sleep 300", slow),
+				sh("chatty", "i=0; while [ $i -lt 2000 ]; do echo spam=1; i=$((i+1)); done", 0), // over MaxOutput
+				{Name: "empty argv"},
+				{Name: "missing", Argv: []string{"/nonexistent/provider"}},
+			},
+			StateDir: dir,
+			SysRoot:  sys,
+			ProcRoot: procRoot,
+		}, logger(t)).Collect(context.Background())
+	}
+	// The slow provider's timeout must hit after its shell wrote its pid, which a loaded
+	// machine does not promise within any fixed time: start at 300 ms and double, up to
+	// 19.2 s, while it did not.
+	var got map[string]string
+	var pid int
+	for limit := 300 * time.Millisecond; ; limit *= 2 {
+		os.Remove(pidFile)
+		got = collect(limit)
+		b, err := os.ReadFile(pidFile)
+		if pid, _ = strconv.Atoi(strings.TrimSpace(string(b))); pid > 0 {
+			break
+		}
+		if limit >= 19200*time.Millisecond {
+			t.Fatalf("slow provider never wrote its pid: %q, %v", b, err)
+		}
+		t.Logf("slow provider killed at %v before it wrote its pid; again with a longer timeout", limit)
+	}
 
 	free, err := strconv.ParseUint(got[KeyFree], 10, 64)
 	if err != nil || free == 0 {
@@ -103,11 +120,6 @@ func TestCollect(t *testing.T) {
 	}
 
 	// The slow provider was killed at its deadline, not left running.
-	b, err := os.ReadFile(pidFile)
-	if err != nil {
-		t.Fatalf("slow provider never ran: %v", err)
-	}
-	pid, _ := strconv.Atoi(strings.TrimSpace(string(b)))
 	if st, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/stat"); err == nil {
 		if f := strings.Fields(string(st[strings.LastIndexByte(string(st), ')')+1:])); len(f) > 0 && f[0] != "Z" {
 			t.Errorf("slow provider pid %d still running (state %s)", pid, f[0])

@@ -6,8 +6,6 @@ import (
 	"crypto/elliptic"
 	"crypto/rand"
 	"crypto/rsa"
-	"crypto/x509"
-	"encoding/pem"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -21,26 +19,11 @@ import (
 // pemKey encodes k as PKCS#8, SEC 1 ("EC") or PKCS#1 ("RSA").
 func pemKey(t *testing.T, k crypto.Signer, form string) []byte {
 	t.Helper()
-	var (
-		der []byte
-		typ string
-		err error
-	)
-	switch form {
-	case "pkcs8":
-		der, err = x509.MarshalPKCS8PrivateKey(k)
-		typ = "PRIVATE KEY"
-	case "sec1":
-		der, err = x509.MarshalECPrivateKey(k.(*ecdsa.PrivateKey))
-		typ = "EC PRIVATE KEY"
-	case "pkcs1":
-		der = x509.MarshalPKCS1PrivateKey(k.(*rsa.PrivateKey))
-		typ = "RSA PRIVATE KEY"
-	}
+	b, err := sign.MarshalPrivateKeyPEM(k, form)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der})
+	return b
 }
 
 func mustDigest(t *testing.T, path string) []byte {

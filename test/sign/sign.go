@@ -201,3 +201,38 @@ func SignDigest(key crypto.Signer, alg string, digest []byte) ([]byte, error) {
 	}
 	return nil, fmt.Errorf("cannot sign with algorithm %q", alg)
 }
+
+// MarshalPrivateKeyPEM encodes k as PEM in form "pkcs8", "sec1" (ECDSA, "EC PRIVATE KEY") or
+// "pkcs1" (RSA, "RSA PRIVATE KEY"): the encodings ParsePrivateKey accepts, for tests.
+func MarshalPrivateKeyPEM(k crypto.Signer, form string) ([]byte, error) {
+	var (
+		der []byte
+		typ string
+		err error
+	)
+	switch form {
+	case "pkcs8":
+		der, err = x509.MarshalPKCS8PrivateKey(k)
+		typ = "PRIVATE KEY"
+	case "sec1":
+		ek, ok := k.(*ecdsa.PrivateKey)
+		if !ok {
+			return nil, fmt.Errorf("sec1 needs an ECDSA key, not %T", k)
+		}
+		der, err = x509.MarshalECPrivateKey(ek)
+		typ = "EC PRIVATE KEY"
+	case "pkcs1":
+		rk, ok := k.(*rsa.PrivateKey)
+		if !ok {
+			return nil, fmt.Errorf("pkcs1 needs an RSA key, not %T", k)
+		}
+		der = x509.MarshalPKCS1PrivateKey(rk)
+		typ = "RSA PRIVATE KEY"
+	default:
+		return nil, fmt.Errorf("unknown key form %q", form)
+	}
+	if err != nil {
+		return nil, err
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), nil
+}

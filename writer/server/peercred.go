@@ -18,7 +18,7 @@ import (
 
 // PeerCred is the AuthInfo of a connection: the kernel's SO_PEERCRED of the process that
 // connected. Err is set when they could not be read (not a Unix socket, getsockopt failed);
-// such connections are kept so the refusal is a clean, typed PermissionDenied per request.
+// the server's listener closes such connections, and the per-request check refuses them.
 type PeerCred struct {
 	credentials.CommonAuthInfo
 	UID, GID uint32
@@ -80,12 +80,22 @@ func readPeerCred(conn net.Conn) PeerCred {
 	return pc
 }
 
-// authorizer decides per request from the connection's peer credentials, like tailscale's
-// LocalAPI: root and the configured uids pass, everyone else gets a typed PermissionDenied.
+// authorizer decides from the connection's peer credentials, like tailscale's LocalAPI: root
+// and the configured uids pass. Everyone else is closed at accept (peerListener); a request
+// that still arrives from such a peer gets a typed PermissionDenied. Both log through one
+// rate-limited refusal log.
 type authorizer struct {
-	allowed []uint32
-	log     hclog.Logger
+	allowed  []uint32
+	log      hclog.Logger
+	refusals *refusalLog
 }
+
+func newAuthorizer(allowed []uint32, log hclog.Logger) *authorizer {
+	allowed = append([]uint32(nil), allowed...)
+	return &authorizer{allowed: allowed, log: log, refusals: newRefusalLog(log, allowed)}
+}
+
+func (a *authorizer) allows(uid uint32) bool { return uid == 0 || slices.Contains(a.allowed, uid) }
 
 func (a *authorizer) check(ctx context.Context, method string) error {
 	p, ok := peer.FromContext(ctx)
@@ -99,13 +109,13 @@ func (a *authorizer) check(ctx context.Context, method string) error {
 		return status.Errorf(otav1.Reason_REASON_PERMISSION_DENIED, "permission denied: no peer credentials")
 	}
 	if pc.Err != nil {
-		a.log.Warn("refused: peer credentials unreadable", "method", method, "error", pc.Err)
+		a.refusals.refused("request refused", pc, method)
 		return status.Errorf(otav1.Reason_REASON_PERMISSION_DENIED, "permission denied: peer credentials unreadable")
 	}
-	if pc.UID == 0 || slices.Contains(a.allowed, pc.UID) {
+	if a.allows(pc.UID) {
 		return nil
 	}
-	a.log.Warn("refused: uid not allowed", "method", method, "uid", pc.UID, "gid", pc.GID, "pid", pc.PID, "allowed_uids", a.allowed)
+	a.refusals.refused("request refused", pc, method)
 	return status.Errorf(otav1.Reason_REASON_PERMISSION_DENIED, "permission denied: uid %d is not an allowed peer", pc.UID).
 		WithMeta("uid", fmt.Sprint(pc.UID))
 }

@@ -6,17 +6,17 @@ package server
 import (
 	"context"
 	"fmt"
-	"google.golang.org/grpc/experimental"
-	"google.golang.org/grpc/mem"
 	"net"
 	"runtime/debug"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/experimental"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
+	"google.golang.org/grpc/mem"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -53,6 +53,7 @@ type Server struct {
 	log    hclog.Logger
 	grpc   *grpc.Server
 	health *health.Server
+	auth   *authorizer
 	maxMsg int
 }
 
@@ -74,7 +75,8 @@ func New(core Core, opts Options) *Server {
 	}
 	log = log.Named("server")
 	s := &Server{core: core, log: log, health: health.NewServer(), maxMsg: MaxMessageSize(core.MaxBlockSize())}
-	auth := &authorizer{allowed: append([]uint32(nil), opts.AllowedUIDs...), log: log.Named("auth")}
+	auth := newAuthorizer(opts.AllowedUIDs, log.Named("auth"))
+	s.auth = auth
 	s.grpc = grpc.NewServer(
 		grpc.Creds(PeerCredentials()),
 		grpc.MaxRecvMsgSize(s.maxMsg),
@@ -95,12 +97,13 @@ func New(core Core, opts Options) *Server {
 }
 
 // Serve accepts connections on ln until Stop or GracefulStop. It reports SERVING on the
-// health service while it runs.
+// health service while it runs. A connection from a peer that is not allowed is closed at
+// accept, before grpc reads anything from it.
 func (s *Server) Serve(ln net.Listener) error {
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
 	s.log.Info("serving", "addr", ln.Addr().String(), "max_message", s.maxMsg)
-	if err := s.grpc.Serve(ln); err != nil {
+	if err := s.grpc.Serve(&peerListener{Listener: ln, auth: s.auth}); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
 	return nil

@@ -1,0 +1,25 @@
+package server
+
+import (
+	"time"
+
+	"github.com/hashicorp/go-hclog"
+	"google.golang.org/grpc"
+)
+
+// ServicesOf lists what s serves, for the authorization tests (a row per method).
+func ServicesOf(s *Server) map[string]grpc.ServiceInfo { return s.grpc.GetServiceInfo() }
+
+// RefusalLogForTest exposes the rate-limited refusal log with a controllable clock.
+type RefusalLogForTest struct{ r *refusalLog }
+
+func NewRefusalLogForTest(log hclog.Logger, every time.Duration, now func() time.Time) RefusalLogForTest {
+	r := newRefusalLog(log, []uint32{7})
+	r.every, r.now = every, now
+	return RefusalLogForTest{r}
+}
+
+// Refuse records a refused connection from uid.
+func (t RefusalLogForTest) Refuse(uid uint32) {
+	t.r.refused("connection refused", PeerCred{UID: uid, GID: uid, PID: 1}, "")
+}

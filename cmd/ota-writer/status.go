@@ -90,7 +90,11 @@ func dialRunning(ctx context.Context, sock string) (*client.Client, error) {
 			return nil, status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "no writer serving on %s: %w", sock, err)
 		}
 	} else {
+		err := probeRefused(conn, sock)
 		conn.Close()
+		if err != nil {
+			return nil, err
+		}
 	}
 	c, err := client.Dial(ctx, sock, client.Options{Name: "ota-writer cli"})
 	if err != nil {
@@ -107,6 +111,22 @@ func dialRunning(ctx context.Context, sock string) (*client.Client, error) {
 		return nil, err
 	}
 	return c, nil
+}
+
+// probeRefused tells a writer that refuses this uid from one that is slow to answer. The
+// writer's grpc server sends its HTTP/2 SETTINGS as soon as it takes a connection; a peer uid
+// it does not allow is closed at accept without a byte. So: end of stream before any byte is
+// a refusal; a byte, or nothing yet within the wait (a writer still starting under socket
+// activation), is left to WaitReady.
+func probeRefused(conn net.Conn, sock string) error {
+	conn.SetReadDeadline(time.Now().Add(time.Second))
+	n, err := conn.Read(make([]byte, 1))
+	if n > 0 || !(errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)) {
+		return nil
+	}
+	return status.Errorf(otav1.Reason_REASON_PERMISSION_DENIED,
+		"the writer on %s closed the connection without answering: it does not allow uid %d (only root and the peer_users/peer_uids of its configuration; its log names the refused uid)",
+		sock, os.Geteuid())
 }
 
 // refuseIfServing keeps flash from racing a running writer over the same targets and state.

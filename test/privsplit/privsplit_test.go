@@ -5,8 +5,8 @@
 // files when loop devices are unavailable), a full update goes through the
 // emulator, and then, from the ota-net uid, the slots cannot be opened, the
 // writer's state, configuration and trust store cannot be read, and a third
-// uid that may connect to the socket is refused by the writer with its typed
-// reason (permission_denied, 3002).
+// uid that may connect to the socket has its connection closed by the writer,
+// which the CLI reports as permission_denied (3002).
 //
 // It changes the machine: it creates the system users ota-net and
 // ota-intruder and the group ota (left in place, as a package install would),
@@ -194,7 +194,7 @@ func TestPrivilegeSplit(t *testing.T) {
 	})
 	t.Run("a third uid is refused at the socket with the typed reason", func(t *testing.T) {
 		// In group ota, so the socket's file mode lets it connect: the
-		// writer's per-request peer uid check is what refuses it.
+		// writer's peer uid check at accept is what refuses it.
 		out, err := as(intruderUser, otaGroup, writerBin, "status", "--socket", dev.Socket)
 		if err == nil {
 			t.Fatalf("ota-writer status as %s (uid %d) succeeded:\n%s", intruderUser, intruderUID, out)

@@ -228,3 +228,50 @@ func loadExample(t *testing.T, path string) (*config.Config, error) {
 	t.Logf("no ota-net user here: checking %s with peer_users = [\"nobody\"]", path)
 	return config.Parse(bytes.Replace(b, []byte(`peer_users = ["ota-net"]`), []byte(`peer_users = ["nobody"]`), 1))
 }
+
+// TestExamplesRunningSlot: the bootloader examples take the running slot from the kernel
+// command line, with a root= value per slot that designates exactly that slot's partition,
+// and the writer's sandbox leaves /proc/cmdline readable.
+func TestExamplesRunningSlot(t *testing.T) {
+	for _, v := range unitValues(t, "systemd/ota-writer.service", "ProcSubset") {
+		if v != "all" {
+			t.Errorf("ota-writer.service: ProcSubset=%s hides /proc/cmdline, where the running slot is read", v)
+		}
+	}
+	// root= spellings of a partition, by the node the configuration names for it.
+	rootValues := func(slot string) []string {
+		vals := []string{slot}
+		for prefix, tag := range map[string]string{"/dev/disk/by-partlabel/": "PARTLABEL=", "/dev/disk/by-partuuid/": "PARTUUID="} {
+			if strings.HasPrefix(slot, prefix) {
+				vals = append(vals, tag+strings.TrimPrefix(slot, prefix))
+			}
+		}
+		return vals
+	}
+	for _, name := range []string{"writer-uboot-emmc.toml", "writer-grub-x86.toml"} {
+		t.Run(name, func(t *testing.T) {
+			cfg, err := loadExample(t, filepath.Join("config", name))
+			if err != nil {
+				t.Fatal(err)
+			}
+			if cfg.Boot.SlotFromCmdline != "root" {
+				t.Fatalf("slot_from_cmdline %q, want the production setting \"root\"", cfg.Boot.SlotFromCmdline)
+			}
+			var ab []config.Target
+			for _, tg := range cfg.Targets {
+				if tg.Kind == config.KindAB {
+					ab = append(ab, tg)
+				}
+			}
+			if len(ab) != 1 {
+				t.Fatalf("%d A/B targets, want 1", len(ab))
+			}
+			for i, slot := range []string{"a", "b"} {
+				got := cfg.Boot.CmdlineSlotValues[slot]
+				if want := rootValues(ab[0].Slots[i]); !slices.Contains(want, got) {
+					t.Errorf("cmdline_slot_values.%s = %q does not designate slot %s (%s): want one of %q", slot, got, slot, ab[0].Slots[i], want)
+				}
+			}
+		})
+	}
+}

@@ -15,6 +15,7 @@ declare -A need=(
   [losetup]=mount
   [systemd-analyze]=systemd
   [setpriv]=util-linux
+  [unshare]=util-linux
   [dpkg-deb]=dpkg
 )
 missing=()

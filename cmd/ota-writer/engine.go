@@ -40,7 +40,7 @@ func newEngine(ctx context.Context, cfg *config.Config, log hclog.Logger, serve 
 }
 
 func newBoot(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bool) (engine.Boot, error) {
-	scheme := boot.Scheme{BootLimit: cfg.Boot.BootLimit}
+	scheme := boot.Scheme{BootLimit: cfg.Boot.BootLimit, CmdlineKey: cfg.Boot.SlotFromCmdline, CmdlineValues: cfg.Boot.CmdlineSlotValues}
 	switch cfg.Boot.Backend {
 	case config.BootFile:
 		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {

@@ -489,6 +489,11 @@ func TestCmdlineDetection(t *testing.T) {
 		{"root partuuid", "root=PARTUUID=1234-02", "root", map[string]string{"a": "PARTUUID=1234-02", "b": "PARTUUID=1234-03"}, "a", false},
 		{"unknown value", "root=/dev/sda9", "root", map[string]string{"a": "/dev/sda2", "b": "/dev/sda3"}, "", true},
 		{"missing key", "quiet", "rauc.slot", nil, "", true},
+		{"key without value", "quiet rauc.slot", "rauc.slot", nil, "", true},
+		{"longer key is another parameter", "rauc.slot.x=A rauc.slot=b", "rauc.slot", nil, "b", false},
+		{"twice, same value", "root=/dev/sda3 ro root=/dev/sda3", "root", map[string]string{"a": "/dev/sda2", "b": "/dev/sda3"}, "b", false},
+		{"twice, different values", "root=/dev/sda2 ro root=/dev/sda3", "root", map[string]string{"a": "/dev/sda2", "b": "/dev/sda3"}, "", true},
+		{"twice, one naming no slot", "rauc.slot=A rauc.slot=C", "rauc.slot", nil, "", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

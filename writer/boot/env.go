@@ -246,29 +246,39 @@ func (b *envBackend) state(ctx context.Context) (State, map[string]string, error
 	return st, env, nil
 }
 
+// cmdlineSlot reads the running slot from the kernel command line. The parameter given twice
+// with different values is refused: which one counts depends on who reads it (the kernel takes
+// the last root=, a script may take the first), and a wrong guess would write the running slot.
 func (b *envBackend) cmdlineSlot() (string, error) {
 	raw, err := os.ReadFile(b.s.CmdlinePath)
 	if err != nil {
 		return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: booted slot: %w", b.name, err)
 	}
+	val, found := "", false
 	for _, f := range strings.Fields(string(raw)) {
-		k, val, ok := strings.Cut(f, "=")
+		k, v, ok := strings.Cut(f, "=")
 		if !ok || k != b.s.CmdlineKey {
 			continue
 		}
-		if b.s.CmdlineValues == nil {
-			if s := strings.ToLower(val); ValidSlot(s) {
-				return s, nil
-			}
+		if found && v != val {
+			return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s given twice, %q and %q: the running slot is ambiguous", b.name, k, val, v)
 		}
-		for slot, want := range b.s.CmdlineValues {
-			if val == want {
-				return slot, nil
-			}
-		}
-		return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s=%q names no slot", b.name, k, val)
+		val, found = v, true
 	}
-	return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s not in %s", b.name, b.s.CmdlineKey, b.s.CmdlinePath)
+	if !found {
+		return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s not in %s", b.name, b.s.CmdlineKey, b.s.CmdlinePath)
+	}
+	if b.s.CmdlineValues == nil {
+		if s := strings.ToLower(val); ValidSlot(s) {
+			return s, nil
+		}
+	}
+	for slot, want := range b.s.CmdlineValues {
+		if val == want {
+			return slot, nil
+		}
+	}
+	return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s=%q names no slot", b.name, b.s.CmdlineKey, val)
 }
 
 // bootID is the current boot's id, "" when unavailable (then a rejected slot shows as

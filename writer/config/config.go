@@ -103,6 +103,12 @@ type Boot struct {
 	// GRUB: environment block and the grub-editenv tool.
 	GrubEnv     string `toml:"grub_env"`
 	GrubEditenv string `toml:"grub_editenv"`
+	// SlotFromCmdline (uboot, grub): the kernel command line parameter that names the
+	// running slot ("rauc.slot", "root"); empty: the running slot is derived from the
+	// bootloader environment. CmdlineSlotValues: the parameter's value for slot "a" and
+	// slot "b"; absent: "a"/"b" in either case. See cmdline.go.
+	SlotFromCmdline   string            `toml:"slot_from_cmdline"`
+	CmdlineSlotValues map[string]string `toml:"cmdline_slot_values"`
 }
 
 // Target is one flash target: an A/B slot pair or a plain file.
@@ -340,6 +346,7 @@ func (c *Config) validateBoot(bad func(string, ...any)) {
 	default:
 		bad("boot.backend: %q is not file, uboot or grub", b.Backend)
 	}
+	b.validateCmdline(bad)
 }
 
 func (c *Config) validateTargets(bad func(string, ...any)) {

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"net"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -23,3 +24,7 @@ func NewRefusalLogForTest(log hclog.Logger, every time.Duration, now func() time
 func (t RefusalLogForTest) Refuse(uid uint32) {
 	t.r.refused("connection refused", PeerCred{UID: uid, GID: uid, PID: 1}, "")
 }
+
+// ServeWithoutConnCheck serves s on ln without the accept-time uid check, to test the
+// per-request check behind it.
+func ServeWithoutConnCheck(s *Server, ln net.Listener) error { return s.serve(ln) }

@@ -100,10 +100,14 @@ func New(core Core, opts Options) *Server {
 // health service while it runs. A connection from a peer that is not allowed is closed at
 // accept, before grpc reads anything from it.
 func (s *Server) Serve(ln net.Listener) error {
+	return s.serve(&peerListener{Listener: ln, auth: s.auth})
+}
+
+func (s *Server) serve(ln net.Listener) error {
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
 	s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
 	s.log.Info("serving", "addr", ln.Addr().String(), "max_message", s.maxMsg)
-	if err := s.grpc.Serve(&peerListener{Listener: ln, auth: s.auth}); err != nil {
+	if err := s.grpc.Serve(ln); err != nil {
 		return fmt.Errorf("serve: %w", err)
 	}
 	return nil

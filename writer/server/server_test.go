@@ -79,6 +79,11 @@ type running struct {
 
 func start(t testing.TB, core server.Core, opts server.Options, lc server.ListenConfig) *running {
 	t.Helper()
+	return startWith(t, core, opts, lc, (*server.Server).Serve)
+}
+
+func startWith(t testing.TB, core server.Core, opts server.Options, lc server.ListenConfig, serve func(*server.Server, net.Listener) error) *running {
+	t.Helper()
 	sock := filepath.Join(shortDir(t), "w.sock")
 	ln, err := server.Listen(sock, lc)
 	if err != nil {
@@ -89,7 +94,7 @@ func start(t testing.TB, core server.Core, opts server.Options, lc server.Listen
 	}
 	srv := server.New(core, opts)
 	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
+	go func() { done <- serve(srv, ln) }()
 	t.Cleanup(func() {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
@@ -400,13 +405,16 @@ func TestPeerUID(t *testing.T) {
 	for _, tt := range []struct {
 		name    string
 		allowed []uint32
+		serve   func(*server.Server, net.Listener) error
 		want    string
 	}{
-		{"not allowed", nil, "reason=writer_unavailable/3001 code=Unavailable"},
-		{"allowed", []uint32{nobody}, "ok"},
+		{"not allowed", nil, (*server.Server).Serve, "reason=writer_unavailable/3001 code=Unavailable"},
+		{"allowed", []uint32{nobody}, (*server.Server).Serve, "ok"},
+		// Defence in depth: without the check at accept, each request is still refused.
+		{"not allowed, no check at accept", nil, server.ServeWithoutConnCheck, "reason=permission_denied/3002 code=PermissionDenied"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			r := start(t, newMemCore(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666})
+			r := startWith(t, newMemCore(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666}, tt.serve)
 			os.Chmod(filepath.Dir(r.sock), 0o755)
 			cmd := exec.Command(bin, "-test.run=^$")
 			cmd.Env = append(os.Environ(), helperEnv+"="+r.sock)

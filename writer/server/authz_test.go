@@ -322,28 +322,38 @@ func connectAs(t *testing.T, fd int, sock string, uid int) error {
 	return <-errc
 }
 
-// TestRefusalLogRateLimit: the first refusal is logged at once, then at most one line per
-// interval, each counting the refusals it did not log.
+// TestRefusalLogRateLimit: the first refusal of each uid is logged at once, then at most one
+// line per interval, each counting the refusals it did not log.
 func TestRefusalLogRateLimit(t *testing.T) {
 	var buf lockedBuffer
 	log := hclog.New(&hclog.LoggerOptions{Name: "auth", Output: &buf, Level: hclog.Info})
 	now := time.Unix(1000, 0)
 	rl := server.NewRefusalLogForTest(log, time.Minute, func() time.Time { return now })
-	rl.Refuse(65534) // logged
+	rl.Refuse(65534) // first of uid 65534: logged
 	for range 1000 {
 		rl.Refuse(65534)
 	}
 	now = now.Add(59 * time.Second)
-	rl.Refuse(1000) // still within the minute
-	now = now.Add(2 * time.Second)
-	rl.Refuse(1001) // logged, counting the 1001 before it
-	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
-	if len(lines) != 2 {
-		t.Fatalf("%d lines, want 2:\n%s", len(lines), buf.String())
+	rl.Refuse(1000) // first of uid 1000: logged at once, counting the 1000 before it
+	for range 5 {
+		rl.Refuse(1000)
 	}
-	for i, want := range []string{"uid=65534 gid=65534 pid=1 allowed_uids=[7] not_logged_since_last=0", "uid=1001 gid=1001 pid=1 allowed_uids=[7] not_logged_since_last=1001"} {
-		if !strings.Contains(lines[i], "connection refused: uid not allowed") || !strings.Contains(lines[i], want) {
-			t.Errorf("line %d: %q, want the refusal with %q", i, lines[i], want)
+	now = now.Add(59 * time.Second)
+	rl.Refuse(65534) // 59 s after the last line: not logged
+	now = now.Add(2 * time.Second)
+	rl.Refuse(65534) // a minute after the last line: logged, counting 6
+	lines := strings.Split(strings.TrimSpace(buf.String()), "\n")
+	want := []string{
+		"uid=65534 gid=65534 pid=1 allowed_uids=[7] not_logged_since_last=0",
+		"uid=1000 gid=1000 pid=1 allowed_uids=[7] not_logged_since_last=1000",
+		"uid=65534 gid=65534 pid=1 allowed_uids=[7] not_logged_since_last=6",
+	}
+	if len(lines) != len(want) {
+		t.Fatalf("%d lines, want %d:\n%s", len(lines), len(want), buf.String())
+	}
+	for i, w := range want {
+		if !strings.Contains(lines[i], "connection refused: uid not allowed") || !strings.Contains(lines[i], w) {
+			t.Errorf("line %d: %q, want the refusal with %q", i, lines[i], w)
 		}
 	}
 }

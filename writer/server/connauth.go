@@ -8,10 +8,15 @@ import (
 	"github.com/hashicorp/go-hclog"
 )
 
-// refusalLogEvery bounds the refusal log: the first refusal is logged at once, later ones at
-// most once per interval, each line counting the refusals it stands for. A local process
-// looping on connect must not be able to fill the journal.
+// refusalLogEvery bounds the refusal log: the first refusal of each uid is logged at once,
+// later ones at most once per interval, each line counting the refusals not logged since the
+// previous line. A local process looping on connect must not be able to fill the journal,
+// and one uid's flood must not hide that another uid was refused.
 const refusalLogEvery = time.Minute
+
+// refusalSeenMax caps the uids remembered as already logged. Only root could connect under
+// arbitrary uids, and root is allowed; past the cap, new uids are rate-limited like the rest.
+const refusalSeenMax = 256
 
 // peerListener closes, at accept, every connection whose peer uid is not allowed, before
 // grpc sees it. grpc answers malformed bodies, unknown methods and oversize messages itself,
@@ -53,21 +58,27 @@ type refusalLog struct {
 	// last is when the last line was written; unlogged counts refusals since then.
 	last     time.Time
 	unlogged uint64
+	seen     map[uint32]bool // uids whose refusal was logged
 }
 
 func newRefusalLog(log hclog.Logger, allowed []uint32) *refusalLog {
-	return &refusalLog{log: log, allowed: allowed, every: refusalLogEvery, now: time.Now}
+	return &refusalLog{log: log, allowed: allowed, every: refusalLogEvery, now: time.Now, seen: map[uint32]bool{}}
 }
 
-// refused records one refusal and logs it unless a line was written less than every ago.
-// where says what was refused (a connection, or a request on one); method is the RPC, if any.
+// refused records one refusal and logs it if its uid was never logged before or the last
+// line is at least every old. where says what was refused (a connection, or a request on
+// one); method is the RPC, if any.
 func (r *refusalLog) refused(where string, pc PeerCred, method string) {
 	r.mu.Lock()
 	now := r.now()
-	if !r.last.IsZero() && now.Sub(r.last) < r.every {
+	newUID := pc.Err == nil && !r.seen[pc.UID] && len(r.seen) < refusalSeenMax
+	if !newUID && !r.last.IsZero() && now.Sub(r.last) < r.every {
 		r.unlogged++
 		r.mu.Unlock()
 		return
+	}
+	if pc.Err == nil && len(r.seen) < refusalSeenMax {
+		r.seen[pc.UID] = true
 	}
 	since := r.unlogged
 	r.last, r.unlogged = now, 0

@@ -1,6 +1,7 @@
 // Package server is the thin gRPC adapter of the writer: it serves a Core (writer/engine) on
-// a Unix socket, checks each request's peer credentials, and converts the core's typed errors
-// to gRPC statuses at one boundary (the interceptors). Handlers never build statuses.
+// a Unix socket, checks the peer credentials of each connection (at accept) and of each
+// request, and converts the core's typed errors to gRPC statuses at one boundary (the
+// interceptors). Handlers never build statuses.
 package server
 
 import (

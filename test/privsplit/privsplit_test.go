@@ -205,6 +205,10 @@ func TestPrivilegeSplit(t *testing.T) {
 				t.Errorf("refusal of uid %d does not name %q:\n%s", intruderUID, w, out)
 			}
 		}
+		// The writer closed the connection at accept and says why in its log.
+		if logs := dev.Logs(); !strings.Contains(logs, "connection refused: uid not allowed") || !strings.Contains(logs, fmt.Sprintf("uid=%d", intruderUID)) {
+			t.Errorf("the writer's log does not show the refusal of uid %d at accept", intruderUID)
+		}
 		// Root may always ask (peer uid 0).
 		if out, err := run(writerBin, "status", "--socket", dev.Socket); err != nil {
 			t.Errorf("ota-writer status as root: %v\n%s", err, out)

@@ -42,8 +42,10 @@ func (l *peerListener) Accept() (net.Conn, error) {
 		if pc.Err == nil && l.auth.allows(pc.UID) {
 			return c, nil
 		}
-		c.Close()
+		// Logged before the close, so that a refused client finds the reason in the log once
+		// it sees the connection end. The log is rate-limited: this is rarely a write.
 		l.auth.refusals.refused("connection refused", pc, "")
+		c.Close()
 	}
 }
 

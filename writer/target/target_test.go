@@ -66,9 +66,14 @@ func TestABRegularFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := make([]byte, len(data))
-	if _, err := m.ReadAt(got, 2<<20-8192); err != nil || !bytes.Equal(got, data) {
+	rb, err := m.ReadBack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rb.ReadAt(got, 2<<20-8192); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("read back: %v", err)
 	}
+	rb.Close()
 	m.Close()
 	m, err = tg.Open("a", "b", 4096, true)
 	if err != nil {

@@ -285,4 +285,3 @@ func IOError(err error, format string, args ...any) *status.Error {
 	}
 	return status.Errorf(r, "%s: %w", fmt.Sprintf(format, args...), err)
 }
-

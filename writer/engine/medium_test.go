@@ -311,3 +311,21 @@ func TestMediumFaults(t *testing.T) {
 		})
 	}
 }
+
+// TestReverifyAfterRestart: a session verified by an earlier process is verified again from
+// the medium before activation; a block that changed in between is refused and nothing boots.
+func TestReverifyAfterRestart(t *testing.T) {
+	r := newRig(t, nil)
+	img := newImage(t, 30_000)
+	s := must[*otav1.BeginSessionResponse](t)(r.begin(img, 0, nil)).Session
+	writeAll(t, r, s.SessionId, img, 4096)
+	must[*otav1.FinishSessionResponse](t)(r.e.Finish(ctx, s.SessionId))
+	r.e.Close()
+	targettest.Overwrite(t, r.slots[1], 9000, []byte{img.data[9000] ^ 0x80})
+	r.open()
+	_, err := r.e.Activate(ctx, s.SessionId)
+	wantReason(t, err, otav1.Reason_REASON_SIG_CHECK_FAILED)
+	if st := must[any](t)(r.boot.State(ctx)); fmt.Sprint(st) != "{a a  false false 0}" {
+		t.Fatalf("boot state changed: %v", st)
+	}
+}

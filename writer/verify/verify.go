@@ -35,7 +35,7 @@ const MinRSABits = 2048
 // for a device without read-ahead to stream, small enough to keep memory flat.
 const (
 	readBuf  = 512 << 10
-	readBufs = 3
+	readBufs = 2
 )
 
 var bufPool = sync.Pool{New: func() any { b := target.AlignedBuffer(readBuf); return &b }}

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"testing"
 
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/target"
 	"github.com/gwota/gwota/writer/target/targettest"
@@ -117,5 +119,42 @@ func TestReadBackReachesFileSystemDisk(t *testing.T) {
 				targettest.Overwrite(t, backing, targettest.PhysicalOffset(t, tc.path, 6*4096), data[3*4096:])
 			})
 		})
+	}
+}
+
+func TestLoopDeviceSlots(t *testing.T) {
+	a, _ := targettest.Loop(t, 4<<20)
+	b, _ := targettest.Loop(t, 4<<20)
+	tg := target.New(config.Target{Name: "rootfs", Kind: config.KindAB, FileTypes: []int32{0}, Slots: []string{a, b}})
+	if _, err := tg.Open("a", "b", 4<<20+512, true); status.ReasonOf(err) != otav1.Reason_REASON_FILE_TOO_LARGE {
+		t.Fatalf("image larger than the device: got %v", err)
+	}
+	m, err := tg.Open("a", "b", 4<<20, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := make([]byte, 65536)
+	rand.Read(data)
+	if _, err := m.WriteAt(data, 4<<20-65536); err != nil {
+		t.Fatal(err)
+	}
+	if err := m.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	// While the writer holds it, nobody else can take the device exclusively (and a mounted
+	// device could not have been opened at all).
+	if f, err := os.OpenFile(b, os.O_RDWR|os.O_EXCL, 0); err == nil {
+		f.Close()
+		t.Fatal("second exclusive open of the slot succeeded")
+	}
+	m.Close()
+	f, err := os.Open(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	got := make([]byte, 65536)
+	if _, err := f.ReadAt(got, 4<<20-65536); err != nil || !bytes.Equal(got, data) {
+		t.Fatalf("device content differs: %v", err)
 	}
 }

@@ -108,7 +108,7 @@ func (m *osMedium) ReadBack() (ReadBack, error) {
 	if !noDirect {
 		if f, err := m.reopen(unix.O_DIRECT); err == nil {
 			return &directReader{f: f, align: align}, nil
-		} else if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP) {
+		} else if !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.EOPNOTSUPP) && !errors.Is(err, unix.ENOENT) {
 			return nil, err
 		}
 	}
@@ -116,10 +116,14 @@ func (m *osMedium) ReadBack() (ReadBack, error) {
 		return nil, fmt.Errorf("drop cached pages of %s: %w", m.path, err)
 	}
 	f, err := m.reopen(0)
+	if errors.Is(err, unix.ENOENT) {
+		// No /proc: read through the writing descriptor; its cached pages were just dropped.
+		return cachedReader{f: m.f, keep: true}, nil
+	}
 	if err != nil {
 		return nil, err
 	}
-	return cachedReader{f}, nil
+	return cachedReader{f: f}, nil
 }
 
 // reopen opens m's file again read-only, checking it is the same file.
@@ -142,11 +146,20 @@ func (m *osMedium) reopen(flags int) (*os.File, error) {
 	return f, nil
 }
 
-type cachedReader struct{ f *os.File }
+type cachedReader struct {
+	f    *os.File
+	keep bool // f is the medium's own descriptor: not closed with the reader
+}
 
 func (r cachedReader) ReadAt(p []byte, off int64) (int, error) { return r.f.ReadAt(p, off) }
-func (r cachedReader) Close() error                            { return r.f.Close() }
 func (r cachedReader) Direct() bool                            { return false }
+
+func (r cachedReader) Close() error {
+	if r.keep {
+		return nil
+	}
+	return r.f.Close()
+}
 
 // directReader reads an O_DIRECT descriptor. Aligned requests go straight into the caller's
 // buffer; the rest (the image's last, partial block) through a small aligned bounce buffer.

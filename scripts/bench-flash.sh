@@ -11,21 +11,27 @@
 # what the read-back from the medium costs against a build that read back through the page
 # cache (e.g. BASE=5dce416, the last commit before the read-back went to the medium).
 # Both sides read the image from the page cache and write a regular-file slot on the same
-# filesystem. Wall time is dominated by the disk and noisy on a shared machine, so CPU time
+# filesystem, or with LOOP=1 (root) a loop device each, backed by files on that filesystem. Wall time is dominated by the disk and noisy on a shared machine, so CPU time
 # (user+sys) is reported too. Takes about a minute on 2 cores.
 #
-#   scripts/bench-flash.sh            ROUNDS=5 BIG_MIB=256 BLOCK=1048576 BASE=5dce416 scripts/bench-flash.sh
+#   scripts/bench-flash.sh            ROUNDS=5 BIG_MIB=256 BLOCK=1048576 BASE=5dce416 LOOP=1 scripts/bench-flash.sh
 set -euo pipefail
 ROUNDS=${ROUNDS:-5}
 BIG_MIB=${BIG_MIB:-256}
 SMALL_MIB=${SMALL_MIB:-16}
 BLOCK=${BLOCK:-1048576}
 BASE=${BASE:-}
+LOOP=${LOOP:-}
 cd "$(dirname "$0")/.."
 for t in openssl dd /usr/bin/time go; do command -v "$t" >/dev/null || { echo "bench-flash: $t missing" >&2; exit 1; }; done
 
 work=$(mktemp -d /tmp/bench-flash.XXXXXX)
-trap 'rm -rf "$work"' EXIT
+loops=()
+cleanup() {
+  for d in "${loops[@]}"; do losetup --detach "$d" || true; done
+  rm -rf "$work"
+}
+trap cleanup EXIT
 go build -o "$work/ota-writer" ./cmd/ota-writer
 if [ -n "$BASE" ]; then
   mkdir "$work/base"
@@ -40,6 +46,15 @@ for mib in "$SMALL_MIB" "$BIG_MIB"; do
   openssl dgst -sha256 -sign "$work/key.pem" -out "$work/img$mib.sig" "$work/img$mib"
 done
 : >"$work/slot_a"; : >"$work/slot_b"; : >"$work/slot_dd"
+slot_a=$work/slot_a slot_b=$work/slot_b slot_dd=$work/slot_dd
+if [ -n "$LOOP" ]; then
+  for s in slot_a slot_b slot_dd; do
+    truncate -s "$((BIG_MIB << 20))" "$work/$s"
+    d=$(losetup --find --show "$work/$s")
+    loops+=("$d")
+    printf -v "$s" '%s' "$d"
+  done
+fi
 
 cat >"$work/writer.toml" <<TOML
 socket = "$work/w.sock"
@@ -53,7 +68,7 @@ backend = "file"
 name = "rootfs"
 kind = "ab"
 file_paths = ["/img"]
-slots = ["$work/slot_a", "$work/slot_b"]
+slots = ["$slot_a", "$slot_b"]
 TOML
 
 now() { date +%s.%N; }
@@ -68,8 +83,8 @@ flash_once() {
 # pipeline_once MIB: prints "wall_s cpu_s".
 pipeline_once() {
   /usr/bin/time -f '%e %U %S' -o "$work/t" sh -c 'dd if="$3" of="$4" bs=1M conv=fsync status=none &&
-    dd if="$4" bs=1M iflag=direct status=none | openssl dgst -sha256 -verify "$1" -signature "$2" >/dev/null' \
-    _ "$work/pub.pem" "$work/img$1.sig" "$work/img$1" "$work/slot_dd" \
+    dd if="$4" bs=1M count="$5" iflag=direct status=none | openssl dgst -sha256 -verify "$1" -signature "$2" >/dev/null' \
+    _ "$work/pub.pem" "$work/img$1.sig" "$work/img$1" "$slot_dd" "$1" \
     || { echo "bench-flash: pipeline failed" >&2; exit 1; }
   awk '{printf "%s %.3f\n", $1, $2 + $3}' "$work/t"
 }

@@ -13,6 +13,7 @@ declare -A need=(
   [grub-editenv]=grub-common
   [openssl]=openssl
   [losetup]=mount
+  [mkfs.ext4]=e2fsprogs
   [systemd-analyze]=systemd
   [setpriv]=util-linux
   [unshare]=util-linux

@@ -124,6 +124,10 @@ type Target struct {
 	Path string `toml:"path"`
 	// MaxSize limits the image size in bytes (0: only the medium's capacity limits it).
 	MaxSize uint64 `toml:"max_size"`
+	// AllowWritableDir: kind "file", accept a destination directory (or one on its way) that
+	// a user other than root can write. Such a user can swap the file between verification
+	// and use, so this is off unless the operator says so.
+	AllowWritableDir bool `toml:"allow_writable_dir"`
 }
 
 // Command is a health check ([[check]]) or an executable extension provider
@@ -396,6 +400,9 @@ func (c *Config) validateTargets(bad func(string, ...any)) {
 			if t.Path != "" {
 				bad("%s: path is for kind \"file\"; kind \"ab\" uses slots", where)
 			}
+			if t.AllowWritableDir {
+				bad("%s: allow_writable_dir is for kind \"file\"", where)
+			}
 			if len(t.Slots) != 2 {
 				bad("%s: slots must name exactly two paths (slot a, slot b), got %d", where, len(t.Slots))
 				break
@@ -418,6 +425,11 @@ func (c *Config) validateTargets(bad func(string, ...any)) {
 				bad("%s: path %q is not an absolute file path", where, t.Path)
 			} else {
 				useMedium(t.Name, t.Path)
+				if !t.AllowWritableDir {
+					if err := SafeDir(filepath.Dir(t.Path)); err != nil {
+						bad("%s: %v (set allow_writable_dir = true to accept this)", where, err)
+					}
+				}
 			}
 		default:
 			bad("%s: kind %q is not ab or file", where, t.Kind)

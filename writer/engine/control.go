@@ -53,7 +53,7 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 	}
 	if s.reloaded {
 		// Verified by an earlier process: the medium may have changed since. Check again.
-		if _, err := e.trust.Verify(ctx, s.medium, int64(m.FileSize), otav1.SigAlgorithm(m.Algorithm), m.Signature, m.CertName); err != nil {
+		if _, err := e.verifyMedium(ctx, s.medium, &m); err != nil {
 			if status.ReasonOf(err) != otav1.Reason_REASON_FILE_CLOSE_FAILED {
 				e.drop(s, "verification before activation failed")
 			}

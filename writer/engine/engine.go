@@ -56,11 +56,13 @@ type SelfTester interface {
 
 // Deps are the engine's collaborators. Boot is required; Extensions and SelfTest may be nil
 // (no configured fields, no checks). Reboot nil runs the configured reboot_command.
+// WrapMedium, when set, wraps every medium the engine opens (tests inject faults with it).
 type Deps struct {
 	Boot       Boot
 	Extensions Extensions
 	SelfTest   SelfTester
 	Reboot     func(ctx context.Context) error
+	WrapMedium func(targetName string, m target.Medium) target.Medium
 }
 
 // Extension keys the engine derives from the boot state and the record.
@@ -204,7 +206,7 @@ func (e *Engine) reload(ctx context.Context) error {
 			if haveBoot {
 				booted = st.Booted
 			}
-			s.medium, err = e.byName[js.Target].Open(booted, js.Slot, int64(js.FileSize), false)
+			s.medium, err = e.openMedium(e.byName[js.Target], booted, js.Slot, int64(js.FileSize), false)
 		}
 		if err != nil {
 			e.log.Error("journal: session dropped", "session", js.ID, "job", js.JobID, "target", js.Target, "error", err)
@@ -258,6 +260,15 @@ func (e *Engine) restore(js *journal.Session) (*session, error) {
 		return nil, fmt.Errorf("verified session with %d of %d blocks", s.nDurable, s.total)
 	}
 	return s, nil
+}
+
+// openMedium opens t's medium (see target.Open), wrapped by Deps.WrapMedium when set.
+func (e *Engine) openMedium(t *target.Target, booted, slot string, size int64, fresh bool) (target.Medium, error) {
+	m, err := t.Open(booted, slot, size, fresh)
+	if err != nil || e.deps.WrapMedium == nil {
+		return m, err
+	}
+	return e.deps.WrapMedium(t.Name(), m), nil
 }
 
 // CommandReboot returns a reboot function running argv (no shell).

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -16,31 +15,16 @@ import (
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/ext"
 	"github.com/gwota/gwota/writer/selftest"
+	"github.com/gwota/gwota/writer/target/targettest"
 )
 
-// loopDevices attaches two loop devices of size bytes; skipped (with the reason) when not
-// root or losetup is missing.
+// loopDevices attaches two loop devices of size bytes (skipped when not root or losetup is
+// missing, except under CI where that fails).
 func loopDevices(t *testing.T, size int64) [2]string {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("loop device test needs root")
-	}
-	if _, err := exec.LookPath("losetup"); err != nil {
-		t.Skip("loop device test needs losetup (util-linux)")
-	}
 	var devs [2]string
 	for i := range devs {
-		back := filepath.Join(t.TempDir(), "back.img")
-		if err := os.WriteFile(back, make([]byte, size), 0o600); err != nil {
-			t.Fatal(err)
-		}
-		out, err := exec.Command("losetup", "--find", "--show", back).CombinedOutput()
-		if err != nil {
-			t.Skipf("losetup cannot attach a loop device here: %v: %s", err, out)
-		}
-		dev := strings.TrimSpace(string(out))
-		t.Cleanup(func() { exec.Command("losetup", "--detach", dev).Run() })
-		devs[i] = dev
+		devs[i], _ = targettest.Loop(t, size)
 	}
 	return devs
 }

@@ -29,7 +29,7 @@ type session struct {
 	state     otav1.SessionState
 	verifying chan struct{} // non-nil while Finish reads the image back (mu released)
 	dropped   bool
-	medium    *target.Medium
+	medium    target.Medium
 	// received: written to the medium (maybe not durable); durable: fdatasync returned and
 	// the journal says so. received is a superset of durable.
 	received, durable   []byte
@@ -166,7 +166,7 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 			return nil, err
 		}
 	}
-	m, err := t.Open(booted, slot, int64(js.FileSize), true)
+	m, err := e.openMedium(t, booted, slot, int64(js.FileSize), true)
 	if err != nil {
 		return nil, err
 	}
@@ -343,7 +343,7 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 	s.verifying = done
 	med := s.medium
 	s.mu.Unlock()
-	sum, verr := e.trust.Verify(ctx, med, int64(s.meta.FileSize), otav1.SigAlgorithm(s.meta.Algorithm), s.meta.Signature, s.meta.CertName)
+	sum, verr := e.verifyMedium(ctx, med, &s.meta)
 	s.mu.Lock()
 	s.verifying = nil
 	close(done)
@@ -364,6 +364,18 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 	}
 	e.log.Info("image verified", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "slot", s.meta.Slot, "sha256", s.sha)
 	return &otav1.FinishSessionResponse{Session: s.infoLocked(), Sha256: s.sha}, nil
+}
+
+// verifyMedium checks meta's signature over what m holds: read back from the device, not
+// from the page cache the writes left, so a write the medium lost or corrupted fails here.
+func (e *Engine) verifyMedium(ctx context.Context, m target.Medium, meta *journal.Session) ([]byte, error) {
+	rb, err := m.ReadBack()
+	if err != nil {
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "read back %s: %w", m.Path(), err)
+	}
+	defer rb.Close()
+	e.log.Debug("reading the image back", "path", m.Path(), "direct", rb.Direct())
+	return e.trust.Verify(ctx, rb, int64(meta.FileSize), otav1.SigAlgorithm(meta.Algorithm), meta.Signature, meta.CertName)
 }
 
 // lockIdle locks s.mu once no verification is running (ctx bounds the wait).

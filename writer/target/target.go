@@ -83,7 +83,7 @@ func (t *Target) mediumPath(slot string) (string, error) {
 // is recreated); otherwise existing content is kept for resume. The capacity is checked
 // (REASON_FILE_TOO_LARGE) and space is reserved where the filesystem supports it
 // (REASON_STORAGE_FULL).
-func (t *Target) Open(booted, slot string, size int64, fresh bool) (*Medium, error) {
+func (t *Target) Open(booted, slot string, size int64, fresh bool) (Medium, error) {
 	if size <= 0 {
 		return nil, status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "image size %d", size)
 	}
@@ -104,11 +104,11 @@ func (t *Target) Open(booted, slot string, size int64, fresh bool) (*Medium, err
 	if err != nil {
 		return nil, err
 	}
-	var m *Medium
+	var m *osMedium
 	if t.IsAB() {
 		m, err = openSlot(p)
 	} else {
-		m, err = openTemp(p, fresh)
+		m, err = t.openTemp(fresh)
 	}
 	if err != nil {
 		return nil, err
@@ -129,7 +129,7 @@ func (t *Target) Open(booted, slot string, size int64, fresh bool) (*Medium, err
 	return m, nil
 }
 
-func openSlot(p string) (*Medium, error) {
+func openSlot(p string) (*osMedium, error) {
 	fi, err := os.Stat(p)
 	if err != nil {
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "slot: %w", err)
@@ -147,66 +147,122 @@ func openSlot(p string) (*Medium, error) {
 			f.Close()
 			return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "slot %s: size: %w", p, err)
 		}
-		return &Medium{f: f, path: p, capacity: int64(n), block: true}, nil
+		return &osMedium{f: f, path: p, capacity: int64(n), block: true}, nil
 	case fi.Mode().IsRegular():
 		f, err := os.OpenFile(p, os.O_RDWR, 0)
 		if err != nil {
 			return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "slot: %w", err)
 		}
-		return &Medium{f: f, path: p, capacity: -1}, nil
+		return &osMedium{f: f, path: p, capacity: -1}, nil
 	default:
 		return nil, status.Errorf(otav1.Reason_REASON_UNSUPPORTED, "slot %s is a %s, not a block device or regular file", p, fi.Mode().Type())
 	}
 }
 
-func openTemp(p string, fresh bool) (*Medium, error) {
-	flags := os.O_RDWR | os.O_CREATE
-	if fresh {
-		flags |= os.O_TRUNC
-	}
-	f, err := os.OpenFile(p, flags|syscall.O_NOFOLLOW, 0o600)
+// openTemp opens the temporary file of a plain-file target relative to its directory, which
+// is opened once (O_NOFOLLOW|O_DIRECTORY) and kept: every later step (install included) goes
+// through these two descriptors, never through a path that could be swapped.
+func (t *Target) openTemp(fresh bool) (*osMedium, error) {
+	dirPath, name := filepath.Dir(t.cfg.Path), "."+filepath.Base(t.cfg.Path)+".ota-new"
+	dfd, err := unix.Open(dirPath, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
 	if err != nil {
-		return nil, IOError(err, "open")
+		return nil, IOError(err, "open directory %s", dirPath)
 	}
-	fi, err := f.Stat()
-	if err != nil || !fi.Mode().IsRegular() {
+	dir := os.NewFile(uintptr(dfd), dirPath)
+	m, err := t.openTempIn(dir, name, fresh)
+	if err != nil {
+		dir.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+func (t *Target) openTempIn(dir *os.File, name string, fresh bool) (*osMedium, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(int(dir.Fd()), &st); err != nil {
+		return nil, IOError(err, "stat directory %s", dir.Name())
+	}
+	// The configuration checked the directory at load; it may have changed since.
+	if !t.cfg.AllowWritableDir && (!config.TrustedOwner(st.Uid) || st.Mode&0o022 != 0) {
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED,
+			"directory %s (uid %d, mode %04o) can be written by another user: not installing there", dir.Name(), st.Uid, st.Mode&0o7777)
+	}
+	p := filepath.Join(dir.Name(), name)
+	flags := unix.O_RDWR | unix.O_NOFOLLOW | unix.O_CLOEXEC
+	if fresh {
+		// A new file of our own: whatever was left under the name (even a hard link to some
+		// other file) is unlinked, never truncated.
+		if err := unix.Unlinkat(int(dir.Fd()), name, 0); err != nil && !errors.Is(err, unix.ENOENT) {
+			return nil, IOError(err, "remove old %s", p)
+		}
+		flags |= unix.O_CREAT | unix.O_EXCL
+	}
+	fd, err := unix.Openat(int(dir.Fd()), name, flags, 0o600)
+	if err != nil {
+		return nil, IOError(err, "open %s", p)
+	}
+	f := os.NewFile(uintptr(fd), p)
+	if err := unix.Fstat(fd, &st); err != nil || st.Mode&unix.S_IFMT != unix.S_IFREG || st.Nlink != 1 || int(st.Uid) != os.Geteuid() {
 		f.Close()
-		return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "%s is not a regular file", p)
+		return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "%s is not a regular file of the writer's own", p)
 	}
 	if fresh {
-		if err := syncDir(filepath.Dir(p)); err != nil {
+		if err := dir.Sync(); err != nil {
 			f.Close()
 			return nil, IOError(err, "sync directory")
 		}
 	}
-	return &Medium{f: f, path: p, capacity: -1}, nil
+	return &osMedium{f: f, path: p, capacity: -1, dir: dir, name: name}, nil
 }
 
-// Install moves a plain-file target's verified temporary file into place: fsync, atomic
-// rename over the destination, fsync of the directory. m is closed.
-func (t *Target) Install(m *Medium) error {
+// Install moves a plain-file target's verified temporary file into place through the
+// descriptors verification read: fsync, fchmod, a check that the name in the directory is
+// still that file, renameat over the destination within the same directory descriptor, and an
+// fsync of the directory. Nothing is looked up by path. m is closed.
+func (t *Target) Install(m Medium) error {
 	if t.IsAB() {
 		return status.Errorf(otav1.Reason_REASON_OTHER, "install on A/B target %s", t.cfg.Name)
 	}
-	if err := m.f.Sync(); err != nil {
+	om, ok := unwrap(m).(*osMedium)
+	if !ok || om.dir == nil {
 		m.Close()
-		return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "sync %s: %w", m.path, err)
+		return status.Errorf(otav1.Reason_REASON_OTHER, "install on target %s: not a temporary file", t.cfg.Name)
 	}
-	if err := m.Close(); err != nil {
-		return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "close %s: %w", m.path, err)
+	defer m.Close()
+	fail := func(format string, args ...any) error {
+		return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, format, args...)
+	}
+	fd, dfd := int(om.f.Fd()), int(om.dir.Fd())
+	if err := om.f.Sync(); err != nil {
+		return fail("sync %s: %w", om.path, err)
 	}
 	// The file was created 0600 by root; the destination gets ordinary read permissions.
-	if err := os.Chmod(t.TempPath(), 0o644); err != nil {
-		return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "chmod: %w", err)
+	if err := unix.Fchmod(fd, 0o644); err != nil {
+		return fail("chmod %s: %w", om.path, err)
 	}
-	if err := os.Rename(t.TempPath(), t.cfg.Path); err != nil {
-		return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "install %s: %w", t.cfg.Path, err)
+	var mine, named unix.Stat_t
+	if err := unix.Fstat(fd, &mine); err != nil {
+		return fail("stat %s: %w", om.path, err)
 	}
-	if err := syncDir(filepath.Dir(t.cfg.Path)); err != nil {
-		return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "sync directory of %s: %w", t.cfg.Path, err)
+	dest := filepath.Base(t.cfg.Path)
+	if err := unix.Fstatat(dfd, om.name, &named, unix.AT_SYMLINK_NOFOLLOW); err != nil || !sameFile(&mine, &named) {
+		return fail("%s is no longer the file that was verified: not installed", om.path)
+	}
+	if err := unix.Renameat(dfd, om.name, dfd, dest); err != nil {
+		return fail("install %s: %w", t.cfg.Path, err)
+	}
+	if err := unix.Fstatat(dfd, dest, &named, unix.AT_SYMLINK_NOFOLLOW); err != nil || !sameFile(&mine, &named) {
+		// Only a user who can write the directory can get here, which the configuration
+		// refuses unless allow_writable_dir is set.
+		return fail("%s was replaced while it was installed", t.cfg.Path)
+	}
+	if err := om.dir.Sync(); err != nil {
+		return fail("sync directory of %s: %w", t.cfg.Path, err)
 	}
 	return nil
 }
+
+func sameFile(a, b *unix.Stat_t) bool { return a.Dev == b.Dev && a.Ino == b.Ino }
 
 // Discard removes a plain-file target's temporary file (A/B slots are left as they are: an
 // inactive slot is never booted without a verified activation).
@@ -220,15 +276,6 @@ func (t *Target) Discard() error {
 	return nil
 }
 
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 // IOError types a write-side I/O failure: ENOSPC/EDQUOT is REASON_STORAGE_FULL, anything else
 // REASON_FILE_WRITE_FAILED.
 func IOError(err error, format string, args ...any) *status.Error {
@@ -238,34 +285,3 @@ func IOError(err error, format string, args ...any) *status.Error {
 	}
 	return status.Errorf(r, "%s: %w", fmt.Sprintf(format, args...), err)
 }
-
-// Medium is an open slot or temporary file.
-type Medium struct {
-	f        *os.File
-	path     string
-	capacity int64 // -1: grows (regular file)
-	block    bool
-}
-
-// Path is the medium's path.
-func (m *Medium) Path() string { return m.path }
-
-// WriteAt writes p at off.
-func (m *Medium) WriteAt(p []byte, off int64) (int, error) { return m.f.WriteAt(p, off) }
-
-// ReadAt reads from the medium (verification reads the image back through it).
-func (m *Medium) ReadAt(p []byte, off int64) (int, error) { return m.f.ReadAt(p, off) }
-
-// Sync makes everything written so far durable (fdatasync: the data, and the metadata
-// needed to read it back).
-func (m *Medium) Sync() error {
-	for {
-		err := unix.Fdatasync(int(m.f.Fd()))
-		if err != unix.EINTR {
-			return err
-		}
-	}
-}
-
-// Close closes the medium.
-func (m *Medium) Close() error { return m.f.Close() }

@@ -5,7 +5,6 @@ import (
 	"crypto/rand"
 	"errors"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -66,9 +65,14 @@ func TestABRegularFiles(t *testing.T) {
 		t.Fatal(err)
 	}
 	got := make([]byte, len(data))
-	if _, err := m.ReadAt(got, 2<<20-8192); err != nil || !bytes.Equal(got, data) {
+	rb, err := m.ReadBack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := rb.ReadAt(got, 2<<20-8192); err != nil || !bytes.Equal(got, data) {
 		t.Fatalf("read back: %v", err)
 	}
+	rb.Close()
 	m.Close()
 	m, err = tg.Open("a", "b", 4096, true)
 	if err != nil {
@@ -155,66 +159,5 @@ func TestFileTargetMissingDir(t *testing.T) {
 	tg := New(config.Target{Name: "app", Kind: config.KindFile, FileTypes: []int32{1}, Path: filepath.Join(t.TempDir(), "no", "x")})
 	if _, err := tg.Open("", FileSlot, 5, true); reason(err) != otav1.Reason_REASON_FILE_WRITE_FAILED {
 		t.Fatalf("got %v", err)
-	}
-}
-
-// LoopDevices attaches two loop devices backed by files of size bytes and returns their paths.
-// It skips the test when not root or losetup is missing.
-func LoopDevices(t *testing.T, size int64) (string, string) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("loop device test needs root")
-	}
-	if _, err := exec.LookPath("losetup"); err != nil {
-		t.Skip("loop device test needs losetup")
-	}
-	var devs []string
-	for _, n := range []string{"a", "b"} {
-		back := filepath.Join(t.TempDir(), n+".back")
-		mkfile(t, back, size)
-		out, err := exec.Command("losetup", "--find", "--show", back).CombinedOutput()
-		if err != nil {
-			t.Skipf("losetup cannot attach a loop device here: %v: %s", err, out)
-		}
-		dev := strings.TrimSpace(string(out))
-		t.Cleanup(func() { exec.Command("losetup", "--detach", dev).Run() })
-		devs = append(devs, dev)
-	}
-	return devs[0], devs[1]
-}
-
-func TestLoopDeviceSlots(t *testing.T) {
-	a, b := LoopDevices(t, 4<<20)
-	tg := abTarget(t, a, b, 0)
-	if _, err := tg.Open("a", "b", 4<<20+512, true); reason(err) != otav1.Reason_REASON_FILE_TOO_LARGE {
-		t.Fatalf("image larger than the device: got %v", err)
-	}
-	m, err := tg.Open("a", "b", 4<<20, true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	data := make([]byte, 65536)
-	rand.Read(data)
-	if _, err := m.WriteAt(data, 4<<20-65536); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Sync(); err != nil {
-		t.Fatal(err)
-	}
-	// While the writer holds it, nobody else can take the device exclusively (and a mounted
-	// device could not have been opened at all).
-	if f, err := os.OpenFile(b, os.O_RDWR|os.O_EXCL, 0); err == nil {
-		f.Close()
-		t.Fatal("second exclusive open of the slot succeeded")
-	}
-	m.Close()
-	f, err := os.Open(b)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer f.Close()
-	got := make([]byte, 65536)
-	if _, err := f.ReadAt(got, 4<<20-65536); err != nil || !bytes.Equal(got, data) {
-		t.Fatalf("device content differs: %v", err)
 	}
 }

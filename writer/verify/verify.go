@@ -24,16 +24,21 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/target"
 )
 
 // MinRSABits is the smallest RSA modulus accepted in the trust store.
 const MinRSABits = 2048
 
-// readBuf is the read size when streaming the image back from the medium: large enough for
-// block devices to stream, small enough to keep memory flat.
-const readBuf = 256 << 10
+// Read-back buffers: readBufs buffers of readBuf bytes, aligned for O_DIRECT (the medium's
+// read-back reads straight into them), so one is read while another is hashed. Large enough
+// for a device without read-ahead to stream, small enough to keep memory flat.
+const (
+	readBuf  = 512 << 10
+	readBufs = 2
+)
 
-var bufPool = sync.Pool{New: func() any { b := make([]byte, readBuf); return &b }}
+var bufPool = sync.Pool{New: func() any { b := target.AlignedBuffer(readBuf); return &b }}
 
 // Key is one trusted key.
 type Key struct {
@@ -242,38 +247,84 @@ func (s *Store) Verify(ctx context.Context, r io.ReaderAt, size int64, alg otav1
 }
 
 // Digest streams exactly size bytes of r through SHA-256 (and h when it is another hash).
+// The next buffer is read while the last one is hashed. Reads are rounded up to the read-back
+// alignment, so a medium read with O_DIRECT never needs a bounce buffer; bytes past size (the
+// rest of a slot) are not hashed.
 func Digest(ctx context.Context, r io.ReaderAt, size int64, h crypto.Hash) (sum256, sumH []byte, err error) {
 	if size < 0 {
 		return nil, nil, status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "negative size")
 	}
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
 	s256 := sha256.New()
 	var other hash.Hash
 	if h == crypto.SHA1 {
 		other = sha1.New() //nolint:gosec
 	}
-	for off := int64(0); off < size; {
+	type chunk struct {
+		buf *[]byte
+		n   int64
+		err error
+	}
+	free := make(chan *[]byte, readBufs)
+	filled := make(chan chunk, readBufs) // never blocks: at most readBufs buffers exist
+	for range readBufs {
+		free <- bufPool.Get().(*[]byte)
+	}
+	stop := make(chan struct{})
+	var wg sync.WaitGroup
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		defer close(filled)
+		for off := int64(0); off < size; {
+			var bp *[]byte
+			select {
+			case bp = <-free:
+			case <-stop:
+				return
+			}
+			n := min(int64(len(*bp)), size-off)
+			want := min(int64(len(*bp)), (n+target.Alignment-1)&^(target.Alignment-1))
+			got, rerr := r.ReadAt((*bp)[:want], off)
+			if int64(got) < n {
+				if rerr == nil || rerr == io.EOF {
+					rerr = io.ErrUnexpectedEOF
+				}
+				filled <- chunk{bp, n, fmt.Errorf("read back at offset %d: %w", off+int64(got), rerr)}
+				return
+			}
+			filled <- chunk{bp, n, nil}
+			off += n
+		}
+	}()
+	defer func() {
+		close(stop)
+		wg.Wait()
+		for c := range filled {
+			free <- c.buf
+		}
+		for range readBufs {
+			bufPool.Put(<-free)
+		}
+	}()
+	var done int64
+	for c := range filled {
+		if c.err != nil {
+			free <- c.buf
+			return nil, nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "%w", c.err)
+		}
 		if err := ctx.Err(); err != nil {
+			free <- c.buf
 			return nil, nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "verification interrupted: %w", err)
 		}
-		n := int64(len(buf))
-		if size-off < n {
-			n = size - off
-		}
-		got, rerr := r.ReadAt(buf[:n], off)
-		if int64(got) < n {
-			if rerr == nil || rerr == io.EOF {
-				rerr = io.ErrUnexpectedEOF
-			}
-			return nil, nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "read back at offset %d: %w", off, rerr)
-		}
-		s256.Write(buf[:n])
+		s256.Write((*c.buf)[:c.n])
 		if other != nil {
-			other.Write(buf[:n])
+			other.Write((*c.buf)[:c.n])
 		}
-		off += n
+		done += c.n
+		free <- c.buf
+	}
+	if done != size {
+		return nil, nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "read back %d of %d bytes", done, size)
 	}
 	sum256 = s256.Sum(nil)
 	if other != nil {

@@ -313,7 +313,9 @@ func TestVerifyMemoryFlat(t *testing.T) {
 	grew := int64(after.HeapAlloc) - int64(before.HeapAlloc)
 	allocated := after.TotalAlloc - before.TotalAlloc
 	t.Logf("256 MiB verify: heap grew %d bytes, allocated %d bytes in total", grew, allocated)
-	if allocated > 1<<20 {
+	// The read-back buffers may be new (the pool may have been emptied by the GC); anything
+	// beyond them grows with the image.
+	if allocated > 2*readBufs*readBuf {
 		t.Fatalf("verifying 256 MiB allocated %d bytes: the image is being buffered", allocated)
 	}
 }

@@ -18,6 +18,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/crashpoint"
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobdoc"
 	"github.com/gwota/gwota/netagent/jobs"
@@ -430,6 +431,9 @@ type countingSink struct {
 func (c *countingSink) WriteBlock(ctx context.Context, i int, data []byte) error {
 	err := c.Sink.WriteBlock(ctx, i, data)
 	c.after(err)
+	if err == nil {
+		crashpoint.Hit(crashpoint.NetBlock)
+	}
 	return err
 }
 
@@ -509,6 +513,7 @@ func (j *job) selfTest(ctx context.Context) {
 		j.rejectTrial(ctx, reason)
 		return
 	}
+	crashpoint.Hit(crashpoint.NetTested)
 	var cr *otav1.CommitResponse
 	if err := a.call(ctx, "commit", func(ctx context.Context) (err error) { cr, err = a.writer.Commit(ctx, j.ex.JobID); return err }); err != nil {
 		if ctx.Err() != nil {

@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gwota/gwota/internal/crashpoint"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
@@ -266,6 +267,7 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 		s.received[k>>3] |= mask
 		s.nReceived++
 		s.pendingBytes += int64(len(b.GetData()))
+		crashpoint.Hit(crashpoint.WriterBlock)
 	}
 	if s.pendingBytes > 0 && (sync || s.pendingBytes >= e.cfg.SyncBytes || time.Since(s.lastSync) >= e.cfg.SyncInterval) {
 		if err := e.syncLocked(s); err != nil {
@@ -343,7 +345,7 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 	s.verifying = done
 	med := s.medium
 	s.mu.Unlock()
-	sum, verr := e.trust.Verify(ctx, med, int64(s.meta.FileSize), otav1.SigAlgorithm(s.meta.Algorithm), s.meta.Signature, s.meta.CertName)
+	sum, verr := e.trust.Verify(ctx, halfwayHook(med, int64(s.meta.FileSize)), int64(s.meta.FileSize), otav1.SigAlgorithm(s.meta.Algorithm), s.meta.Signature, s.meta.CertName)
 	s.mu.Lock()
 	s.verifying = nil
 	close(done)
@@ -363,6 +365,7 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "%w", err)
 	}
 	e.log.Info("image verified", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "slot", s.meta.Slot, "sha256", s.sha)
+	crashpoint.Hit(crashpoint.WriterVerified)
 	return &otav1.FinishSessionResponse{Session: s.infoLocked(), Sha256: s.sha}, nil
 }
 

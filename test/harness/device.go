@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -93,6 +95,9 @@ type Device struct {
 	WriterLog    string
 	NetLog       string
 	WriterState  string // writer state_dir
+	// BootIDFile identifies the simulated device's current boot (the file boot backend's
+	// boot_id_file): Reboot writes a new one, a crash and restart keeps it.
+	BootIDFile string
 	NetState     string // ota-net state_dir
 
 	ownDir bool
@@ -145,6 +150,10 @@ func NewDevice(bin *Binaries, opts DeviceOptions) (*Device, error) {
 	d.WriterConfig = filepath.Join(d.Dir, "writer.toml")
 	d.NetConfig = filepath.Join(d.Dir, "net.toml")
 	d.WriterLog = filepath.Join(d.Dir, "ota-writer.log")
+	d.BootIDFile = filepath.Join(d.Dir, "boot_id")
+	if err := d.newBootID(); err != nil {
+		return nil, err
+	}
 	d.NetLog = filepath.Join(d.Dir, "ota-net.log")
 	keys := filepath.Join(d.Dir, "keys")
 	for _, p := range []string{d.WriterState, d.NetState, keys} {
@@ -233,7 +242,7 @@ func (d *Device) writerConfig(trusted []string, fifo string) ([]byte, error) {
 		VersionPolicy:   config.VersionAny,
 		SelfTestTimeout: "60s",
 		LogLevel:        d.Opts.LogLevel,
-		Boot:            map[string]any{"backend": config.BootFile, "boot_limit": 3},
+		Boot:            map[string]any{"backend": config.BootFile, "boot_limit": 3, "boot_id_file": d.BootIDFile},
 		Targets: []map[string]any{{
 			"name":       TargetName,
 			"kind":       config.KindAB,
@@ -507,6 +516,9 @@ func (d *Device) Reboot(ctx context.Context) error {
 	if err := d.StopWriter(ctx); err != nil {
 		return err
 	}
+	if err := d.newBootID(); err != nil {
+		return err
+	}
 	if err := d.StartWriter(ctx); err != nil {
 		return err
 	}
@@ -514,6 +526,15 @@ func (d *Device) Reboot(ctx context.Context) error {
 		return nil
 	}
 	return d.StartNet(ctx)
+}
+
+// newBootID starts a new simulated boot.
+func (d *Device) newBootID() error {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	return os.WriteFile(d.BootIDFile, []byte(hex.EncodeToString(b[:])+"\n"), 0o600)
 }
 
 // WaitReboots waits until n reboots requested by the writer have completed (both processes

@@ -103,6 +103,10 @@ type Boot struct {
 	// GRUB: environment block and the grub-editenv tool.
 	GrubEnv     string `toml:"grub_env"`
 	GrubEditenv string `toml:"grub_editenv"`
+	// BootIDFile (file backend): the file whose content identifies the current boot; the
+	// simulated bootloader steps once per boot, not at every writer start. Default the
+	// kernel's /proc/sys/kernel/random/boot_id.
+	BootIDFile string `toml:"boot_id_file"`
 }
 
 // Target is one flash target: an A/B slot pair or a plain file.
@@ -323,7 +327,13 @@ func (c *Config) validateBoot(bad func(string, ...any)) {
 		if b.FwEnvConfig != "" || b.FwPrintenv != "" || b.FwSetenv != "" || b.GrubEnv != "" || b.GrubEditenv != "" {
 			bad("boot: uboot/grub keys set with backend %q", b.Backend)
 		}
+		if b.BootIDFile != "" && !filepath.IsAbs(b.BootIDFile) {
+			bad("boot.boot_id_file: %q is not an absolute path", b.BootIDFile)
+		}
 	case BootUBoot:
+		if b.BootIDFile != "" {
+			bad("boot.boot_id_file: only for backend %q", BootFile)
+		}
 		if b.FwEnvConfig != "" && !filepath.IsAbs(b.FwEnvConfig) {
 			bad("boot.fw_env_config: %q is not an absolute path", b.FwEnvConfig)
 		}

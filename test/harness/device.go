@@ -98,7 +98,7 @@ type Device struct {
 	// BootIDFile identifies the simulated device's current boot (the file boot backend's
 	// boot_id_file): Reboot writes a new one, a crash and restart keeps it.
 	BootIDFile string
-	NetState     string // ota-net state_dir
+	NetState   string // ota-net state_dir
 
 	ownDir bool
 	fifo   *os.File

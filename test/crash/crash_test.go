@@ -20,6 +20,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -247,6 +248,7 @@ func runOnce(t *testing.T, parent context.Context, bin *harness.Binaries, p plan
 		mu         sync.Mutex
 		violations []string
 		dev        *harness.Device
+		bothDone   atomic.Bool
 	)
 	violate := func(format string, args ...any) {
 		mu.Lock()
@@ -282,7 +284,7 @@ func runOnce(t *testing.T, parent context.Context, bin *harness.Binaries, p plan
 		Supervise:        true,
 		OnCrash: func(name string) {
 			checkBoot("crash of " + name)
-			if p.Victim != "both" || p.Point == "" {
+			if p.Victim != "both" || p.Point == "" || bothDone.Swap(true) {
 				return
 			}
 			// The crash point killed one process: the other dies at the same moment.

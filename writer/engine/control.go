@@ -235,6 +235,9 @@ func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitRespons
 	defer e.ctl.Unlock()
 	st, u, err := e.trialFor(ctx, "commit", jobID)
 	if err != nil {
+		if done, derr := e.committedAlready(ctx, jobID); derr == nil && done != nil {
+			return &otav1.CommitResponse{Committed: done}, nil
+		}
 		return nil, err
 	}
 	crashpoint.Hit(crashpoint.WriterCommitBoot)
@@ -260,6 +263,39 @@ func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitRespons
 	}
 	e.log.Info("trial slot committed", "slot", st.Booted, "job", info.JobId)
 	return &otav1.CommitResponse{Committed: info}, nil
+}
+
+// committedAlready answers a Commit repeated after a crash that came between the bootloader's
+// commit and the answer (or the record): the boot state runs jobID's slot committed, with no
+// trial and nothing pending, and the record names jobID's update of that slot. The record is
+// completed and the commit reported again; anything else is nil (not this case).
+func (e *Engine) committedAlready(ctx context.Context, jobID string) (*otav1.UpdateInfo, error) {
+	if jobID == "" {
+		return nil, nil
+	}
+	st, err := e.bootState(ctx)
+	if err != nil {
+		return nil, err
+	}
+	e.recMu.Lock()
+	u := e.record.LastUpdate
+	e.recMu.Unlock()
+	if u == nil || u.JobID != jobID || st.Trial || st.Pending != "" || st.RolledBack ||
+		st.Booted != st.Committed || st.Committed != u.Slot ||
+		(u.Outcome != journal.OutcomeActivated && u.Outcome != journal.OutcomeCommitted) {
+		return nil, nil
+	}
+	if u.Outcome != journal.OutcomeCommitted {
+		if err := e.updateRecord(func(r *journal.Record) {
+			nu := *u
+			nu.Outcome, nu.Time = journal.OutcomeCommitted, time.Now().UTC()
+			r.LastUpdate = &nu
+		}); err != nil {
+			e.log.Error("record not saved after commit", "error", err)
+		}
+	}
+	e.log.Info("commit repeated: the slot is committed already", "slot", st.Committed, "job", jobID)
+	return &otav1.UpdateInfo{JobId: u.JobID, Target: u.Target, Slot: u.Slot, Version: u.Version}, nil
 }
 
 // Reject implements server.Core: roll back from a trial boot; the device must reboot into the

@@ -114,6 +114,18 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 		if m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
 			bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
 			m.CertName == req.GetCertName() && m.Version == req.GetVersion() {
+			// What the last client wrote but did not see synced becomes durable now, so the
+			// resumed client does not fetch it again.
+			if err := s.lockIdle(ctx); err != nil {
+				return nil, err
+			}
+			if s.pendingBytes > 0 && s.writableLocked() == nil {
+				if err := e.syncLocked(s); err != nil {
+					s.mu.Unlock()
+					return nil, err
+				}
+			}
+			s.mu.Unlock()
 			if info := s.info(); info != nil {
 				e.log.Info("session resumed", "session", s.id, "job", m.JobID, "durable", info.DurableBlocks, "total", info.TotalBlocks)
 				return &otav1.BeginSessionResponse{Session: info, Resumed: true}, nil

@@ -277,7 +277,7 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		j.reboot(ctx)
 		key = stateKey(ex)
 		return
-	case selfTest && img == otav1.ImageState_IMAGE_STATE_NORMAL && ours:
+	case selfTest && img == otav1.ImageState_IMAGE_STATE_NORMAL && ours && runs(st, lu.GetTarget(), lu.GetSlot()):
 		// The writer committed this job's slot but the answer (or our report) was lost to a
 		// crash: the writer confirms a repeated commit only in exactly that state.
 		var cr *otav1.CommitResponse
@@ -298,6 +298,16 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 	if j.install(ctx, doc) {
 		key = stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
 	}
+}
+
+// runs says whether the device runs slot of target.
+func runs(st *otav1.DeviceState, target, slot string) bool {
+	for _, t := range st.GetTargets() {
+		if t.GetName() == target {
+			return slot != "" && t.GetActiveSlot() == slot
+		}
+	}
+	return false
 }
 
 func hasFinishedSessions(st *otav1.DeviceState, jobID string) bool {

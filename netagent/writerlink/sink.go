@@ -48,6 +48,10 @@ type syncMark struct {
 // Sink opens the block stream of the session.
 func (s *Session) Sink(ctx context.Context) (*Sink, error) {
 	budget := min(s.l.cfg.BatchBytes, s.l.MaxBlockSize())
+	if s.l.cfg.MaxAheadBytes > 0 {
+		// A batch is not durable either: it counts against the bound.
+		budget = min(budget, int(s.l.cfg.SyncBytes))
+	}
 	if budget < s.BlockSize() {
 		budget = s.BlockSize()
 	}

@@ -133,7 +133,12 @@ func TestHappyPathAB(t *testing.T) {
 	if st.ImageState != otav1.ImageState_IMAGE_STATE_NORMAL {
 		t.Fatalf("after commit: %v", st.ImageState)
 	}
-	_, err = r.e.Commit(ctx, "job-1")
+	// A repeated commit (the answer was lost to a crash) confirms the committed update; any
+	// other job is still refused.
+	if c, err := r.e.Commit(ctx, "job-1"); err != nil || c.Committed.GetJobId() != "job-1" || c.Committed.GetSlot() != "b" {
+		t.Fatalf("repeated commit: %v %v", c, err)
+	}
+	_, err = r.e.Commit(ctx, "job-other")
 	wantReason(t, err, otav1.Reason_REASON_BAD_IMAGE_STATE)
 	// Version policy "newer": the same version again is refused, a newer one goes to slot a.
 	_, err = r.begin(img, 0, func(q *otav1.BeginSessionRequest) { q.JobId = "job-2"; q.Version = "1.2.0" })

@@ -131,8 +131,21 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 		}
 	}()
 
+	sd, err := stream.New(conn, stream.Config{
+		Thing: cfg.ThingName, Format: cfg.StreamFormat, BlockSize: cfg.BlockSize,
+		BlocksPerRequest: cfg.BlocksPerRequest, RequestsInFlight: cfg.RequestsInFlight,
+		QuietPeriod: cfg.QuietPeriod.Duration, MaxQuietPeriod: cfg.MaxQuietPeriod.Duration,
+		MaxFruitlessRounds: cfg.MaxFruitlessRounds, Logger: log.Named("stream"),
+	})
+	if err != nil {
+		return err
+	}
+
 	log.Info("waiting for the writer", "socket", cfg.WriterSocket)
-	link, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: cfg.WriterSocket, Name: "ota-net " + version, Logger: log.Named("writer")})
+	// Blocks not yet durable in the writer stay within one download window: a writer crash
+	// costs at most that much fetched again.
+	link, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: cfg.WriterSocket, Name: "ota-net " + version,
+		MaxAheadBytes: sd.Config().WindowBytes(), Logger: log.Named("writer")})
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil
@@ -146,15 +159,6 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 		return err
 	}
 	defer jc.Close(context.Background())
-	sd, err := stream.New(conn, stream.Config{
-		Thing: cfg.ThingName, Format: cfg.StreamFormat, BlockSize: cfg.BlockSize,
-		BlocksPerRequest: cfg.BlocksPerRequest, RequestsInFlight: cfg.RequestsInFlight,
-		QuietPeriod: cfg.QuietPeriod.Duration, MaxQuietPeriod: cfg.MaxQuietPeriod.Duration,
-		MaxFruitlessRounds: cfg.MaxFruitlessRounds, Logger: log.Named("stream"),
-	})
-	if err != nil {
-		return err
-	}
 	hd, err := httpdl.New(httpdl.Config{ReadTimeout: cfg.HTTPReadTimeout.Duration, Logger: log.Named("http")})
 	if err != nil {
 		return err

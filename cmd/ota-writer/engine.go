@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -51,7 +52,15 @@ func newBoot(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bo
 			return nil, err
 		}
 		if serve {
-			if err := f.Boot(ctx); err != nil {
+			idFile := cfg.Boot.BootIDFile
+			if idFile == "" {
+				idFile = boot.DefaultBootIDFile
+			}
+			id, err := os.ReadFile(idFile)
+			if err != nil {
+				return nil, fmt.Errorf("boot id: %w", err)
+			}
+			if err := f.Boot(ctx, strings.TrimSpace(string(id))); err != nil {
 				return nil, fmt.Errorf("simulated boot: %w", err)
 			}
 		}

@@ -18,6 +18,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/crashpoint"
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobdoc"
 	"github.com/gwota/gwota/netagent/jobs"
@@ -276,6 +277,19 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		j.reboot(ctx)
 		key = stateKey(ex)
 		return
+	case selfTest && img == otav1.ImageState_IMAGE_STATE_NORMAL && ours && runs(st, lu.GetTarget(), lu.GetSlot()):
+		// The writer committed this job's slot but the answer (or our report) was lost to a
+		// crash: the writer confirms a repeated commit only in exactly that state.
+		var cr *otav1.CommitResponse
+		if err := a.call(ctx, "commit", func(ctx context.Context) (err error) { cr, err = a.writer.Commit(ctx, ex.JobID); return err }); err != nil {
+			j.log.Warn("job says self test but the platform runs committed and the writer refuses the commit", "error", err)
+			j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
+			return
+		}
+		j.log.Info("new image committed (before a restart)", "version", cr.GetCommitted().GetVersion())
+		j.final.Store(true)
+		_ = j.report(ctx, j.rep.Succeeded)
+		return
 	case selfTest && !hasFinishedSessions(st, ex.JobID):
 		j.log.Warn("job says self test but the platform is not in a trial boot", "image_state", img.String())
 		j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
@@ -284,6 +298,16 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 	if j.install(ctx, doc) {
 		key = stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
 	}
+}
+
+// runs says whether the device runs slot of target.
+func runs(st *otav1.DeviceState, target, slot string) bool {
+	for _, t := range st.GetTargets() {
+		if t.GetName() == target {
+			return slot != "" && t.GetActiveSlot() == slot
+		}
+	}
+	return false
 }
 
 func hasFinishedSessions(st *otav1.DeviceState, jobID string) bool {
@@ -359,8 +383,13 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		}
 		var resp *otav1.ActivateResponse
 		if err := a.call(ctx, "activate", func(ctx context.Context) (err error) { resp, err = a.writer.Activate(ctx, sess.ID()); return err }); err != nil {
-			j.fail(ctx, err, "")
-			return false
+			if !j.activatedBefore(ctx, sess) {
+				j.fail(ctx, err, "")
+				return false
+			}
+			// The writer activated the slot and crashed before answering: its state says so.
+			reboot = true
+			continue
 		}
 		j.log.Info("activated", "target", resp.GetTarget(), "slot", resp.GetSlot(), "reboot_required", resp.GetRebootRequired())
 		reboot = reboot || resp.GetRebootRequired()
@@ -372,6 +401,23 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		return false
 	}
 	return j.reboot(ctx)
+}
+
+// activatedBefore asks the writer whether sess's slot is activated for this job already (a
+// writer that crashed after switching the boot slot and before answering drops the session
+// when it restarts, so the repeated Activate fails although the activation happened).
+func (j *job) activatedBefore(ctx context.Context, sess Session) bool {
+	var st *otav1.DeviceState
+	if err := j.a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = j.a.writer.State(ctx); return err }); err != nil {
+		return false
+	}
+	lu := st.GetLastUpdate()
+	ok := st.GetImageState() == otav1.ImageState_IMAGE_STATE_ACTIVATED && lu.GetJobId() == j.ex.JobID &&
+		lu.GetTarget() == sess.Info().GetTarget() && lu.GetSlot() == sess.Info().GetSlot()
+	if ok {
+		j.log.Info("activation happened before the writer restarted", "target", lu.GetTarget(), "slot", lu.GetSlot())
+	}
+	return ok
 }
 
 func (j *job) reboot(ctx context.Context) bool {
@@ -430,6 +476,9 @@ type countingSink struct {
 func (c *countingSink) WriteBlock(ctx context.Context, i int, data []byte) error {
 	err := c.Sink.WriteBlock(ctx, i, data)
 	c.after(err)
+	if err == nil {
+		crashpoint.Hit(crashpoint.NetBlock)
+	}
 	return err
 }
 
@@ -509,6 +558,7 @@ func (j *job) selfTest(ctx context.Context) {
 		j.rejectTrial(ctx, reason)
 		return
 	}
+	crashpoint.Hit(crashpoint.NetTested)
 	var cr *otav1.CommitResponse
 	if err := a.call(ctx, "commit", func(ctx context.Context) (err error) { cr, err = a.writer.Commit(ctx, j.ex.JobID); return err }); err != nil {
 		if ctx.Err() != nil {

@@ -201,7 +201,7 @@ func (w *writerRig) start(bootNow bool) {
 		w.t.Fatal(err)
 	}
 	if bootNow {
-		if err := fb.Boot(context.Background()); err != nil {
+		if err := fb.Boot(context.Background(), ""); err != nil {
 			w.t.Fatal(err)
 		}
 	}

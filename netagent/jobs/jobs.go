@@ -22,6 +22,8 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gwota/gwota/internal/crashpoint"
 )
 
 // MQTT is what the client needs from the connection (mqttconn.Conn provides it).
@@ -399,6 +401,9 @@ func (c *Client) request(ctx context.Context, op, jobID string, body map[string]
 			return response{}, ctx.Err()
 		}
 		return response{}, fmt.Errorf("jobs %s %s: %w", op, jobID, err)
+	}
+	if op == "update" {
+		crashpoint.Hit(crashpoint.NetReported)
 	}
 	select {
 	case r := <-ch:

@@ -213,6 +213,11 @@ func New(t Transport, cfg Config) (*Downloader, error) {
 // Config returns the effective configuration (defaults filled in).
 func (d *Downloader) Config() Config { return d.cfg }
 
+// WindowBytes is the block data of all requests in flight: what one request window holds.
+func (c Config) WindowBytes() int64 {
+	return int64(c.BlockSize) * int64(c.BlocksPerRequest) * int64(c.RequestsInFlight)
+}
+
 // Topic returns a stream topic: op is get, data or rejected.
 func (d *Downloader) Topic(stream, op string) string {
 	return "$aws/things/" + d.cfg.Thing + "/streams/" + stream + "/" + op + "/" + d.cfg.Format

@@ -26,6 +26,8 @@ type Sink struct {
 	batchLen int
 	unsynced int64
 	sentSeq  uint64 // last seq sent on the current stream
+	sent     int64  // block bytes sent on the current stream
+	marks    []syncMark
 
 	mu       sync.Mutex
 	acked    uint64 // durable seq on the current stream
@@ -36,9 +38,20 @@ type Sink struct {
 	streamID int // bumps on reconnect, so a stale ack goroutine is ignored
 }
 
+// syncMark is a message that asked for a sync: once its seq is acknowledged, the writer
+// holds the first bytes block bytes of the stream durably.
+type syncMark struct {
+	seq   uint64
+	bytes int64
+}
+
 // Sink opens the block stream of the session.
 func (s *Session) Sink(ctx context.Context) (*Sink, error) {
 	budget := min(s.l.cfg.BatchBytes, s.l.MaxBlockSize())
+	if s.l.cfg.MaxAheadBytes > 0 {
+		// A batch is not durable either: it counts against the bound.
+		budget = min(budget, int(s.l.cfg.SyncBytes))
+	}
 	if budget < s.BlockSize() {
 		budget = s.BlockSize()
 	}
@@ -61,7 +74,7 @@ func (k *Sink) open(ctx context.Context) error {
 	id := k.streamID
 	k.acked, k.ackErr, k.ended = 0, nil, false
 	k.mu.Unlock()
-	k.stream, k.sentSeq, k.unsynced = st, 0, 0
+	k.stream, k.sentSeq, k.unsynced, k.sent, k.marks = st, 0, 0, 0, nil
 	k.batch, k.batchLen = nil, 0
 	go k.readAcks(st, id)
 	return nil
@@ -104,6 +117,9 @@ func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
 			return err
 		}
 	}
+	if err := k.holdBack(ctx, int64(len(data))); err != nil {
+		return err
+	}
 	k.batch = append(k.batch, &otav1.Block{Offset: uint64(i) * uint64(k.s.BlockSize()), Data: data})
 	k.batchLen += len(data)
 	if k.batchLen >= k.budget {
@@ -126,11 +142,61 @@ func (k *Sink) send(ctx context.Context, sync bool) error {
 		return k.recover(ctx, err)
 	}
 	k.sentSeq = seq
+	k.sent += int64(k.batchLen)
 	k.batch, k.batchLen = nil, 0
 	if sync {
 		k.unsynced = 0
+		k.marks = append(k.marks, syncMark{seq: seq, bytes: k.sent})
 	}
 	return nil
+}
+
+// holdBack keeps the blocks that are not yet durable within MaxAheadBytes: what a writer
+// crash can lose, and ota-net must fetch again, stays bounded (by the download window when
+// ota-net sets it so). It asks for a sync and waits for the acknowledgement when the next
+// block would go past the bound.
+func (k *Sink) holdBack(ctx context.Context, n int64) error {
+	limit := k.s.l.cfg.MaxAheadBytes
+	if limit <= 0 {
+		return nil
+	}
+	for {
+		k.mu.Lock()
+		acked, ended, aerr, ch := k.acked, k.ended, k.ackErr, k.changed
+		k.mu.Unlock()
+		var durable int64
+		for len(k.marks) > 0 && k.marks[0].seq <= acked {
+			durable = k.marks[0].bytes
+			k.marks = k.marks[1:]
+		}
+		if durable > 0 {
+			k.sent -= durable
+			for i := range k.marks {
+				k.marks[i].bytes -= durable
+			}
+		}
+		if k.sent+int64(k.batchLen)+n <= limit {
+			return nil
+		}
+		if ended {
+			if aerr == nil {
+				aerr = status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "writer ended the block stream")
+			}
+			return k.recover(ctx, aerr)
+		}
+		if len(k.marks) == 0 || k.batchLen > 0 {
+			// Nothing asked to be synced yet (or more is batched): ask now.
+			if err := k.send(ctx, true); err != nil {
+				return err
+			}
+			continue
+		}
+		select {
+		case <-ch:
+		case <-ctx.Done():
+			return fmt.Errorf("writer link: waiting for durable blocks: %w", ctx.Err())
+		}
+	}
 }
 
 func (k *Sink) streamErr() error {

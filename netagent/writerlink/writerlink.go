@@ -38,9 +38,13 @@ type Config struct {
 	// SocketPath of the writer (Dial only).
 	SocketPath string
 	// Name is sent in the handshake ("ota-net 1.2.0").
-	Name             string
-	BatchBytes       int
-	SyncBytes        int64
+	Name       string
+	BatchBytes int
+	SyncBytes  int64
+	// MaxAheadBytes bounds the block data sent but not yet acknowledged durable (0: no
+	// bound beyond SyncBytes). ota-net sets it to its download window, so a writer crash
+	// costs at most about one window fetched again; a sync is then asked every half of it.
+	MaxAheadBytes    int64
 	ReconnectTimeout time.Duration
 	Logger           hclog.Logger
 }
@@ -78,6 +82,9 @@ func New(ctx context.Context, c *client.Client, cfg Config) (*Link, error) {
 	}
 	if cfg.SyncBytes <= 0 {
 		cfg.SyncBytes = DefaultSyncBytes
+	}
+	if cfg.MaxAheadBytes > 0 && cfg.SyncBytes > cfg.MaxAheadBytes/2 {
+		cfg.SyncBytes = max(cfg.MaxAheadBytes/2, 1)
 	}
 	if cfg.ReconnectTimeout <= 0 {
 		cfg.ReconnectTimeout = DefaultReconnectTimeout

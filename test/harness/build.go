@@ -37,6 +37,8 @@ type BuildOptions struct {
 	Race bool
 	// Only builds these commands (names as in Commands); empty: all.
 	Only []string
+	// Tags are build tags (the crash campaign builds with gwota_crashpoints).
+	Tags []string
 }
 
 // Commands are the packages Build compiles, by binary name.
@@ -70,6 +72,9 @@ func Build(ctx context.Context, opts BuildOptions) (*Binaries, error) {
 	if opts.Race {
 		args = append(args, "-race")
 	}
+	if len(opts.Tags) > 0 {
+		args = append(args, "-tags", strings.Join(opts.Tags, ","))
+	}
 	// One go build for all: the shared packages compile once.
 	names := opts.Only
 	if len(names) == 0 {
@@ -89,7 +94,7 @@ func Build(ctx context.Context, opts BuildOptions) (*Binaries, error) {
 		}
 		args = append(args, pkg)
 	}
-	if len(args) == 3+btoi(opts.Race) {
+	if len(args) == 3+btoi(opts.Race)+2*btoi(len(opts.Tags) > 0) {
 		return b, nil // nothing left to build
 	}
 	cmd := exec.CommandContext(ctx, goBin, args...)

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"io"
@@ -62,12 +64,19 @@ type DeviceOptions struct {
 	// defaults); tests that act mid-download use 1 and 1 with a paced stream, so the
 	// download lasts many round trips.
 	BlocksPerRequest, RequestsInFlight int
+	// BlockSize is ota-net's stream block size (0: its default).
+	BlockSize int
 	// Env is added to both processes' environment.
 	Env []string
 	// OnReboot is called when a simulated reboot begins (done false) and when it has ended
 	// (done true: both processes started again, or err says what stopped it); n counts the
 	// reboots from 1.
 	OnReboot func(n int, done bool, err error)
+	// Supervise restarts a process that dies without the harness asking (as systemd's
+	// Restart=always does) instead of failing the device; OnCrash, when set, is called first
+	// with the program's name ("ota-writer" or "ota-net").
+	Supervise bool
+	OnCrash   func(name string)
 }
 
 // Device is one simulated gateway: ota-writer and ota-net as processes, file-backed A/B
@@ -86,7 +95,10 @@ type Device struct {
 	WriterLog    string
 	NetLog       string
 	WriterState  string // writer state_dir
-	NetState     string // ota-net state_dir
+	// BootIDFile identifies the simulated device's current boot (the file boot backend's
+	// boot_id_file): Reboot writes a new one, a crash and restart keeps it.
+	BootIDFile string
+	NetState   string // ota-net state_dir
 
 	ownDir bool
 	fifo   *os.File
@@ -98,6 +110,8 @@ type Device struct {
 	rebootDone int           // reboots completed (both processes started again)
 	rebootCh   chan struct{} // closed and replaced when a reboot completes
 	failed     chan struct{} // closed on the first unexpected failure
+	crashes    map[string]int
+	restartMu  sync.Mutex // serialises supervised restarts with reboots
 	failErr    error
 	closed     bool
 	wg         sync.WaitGroup
@@ -120,7 +134,7 @@ func NewDevice(bin *Binaries, opts DeviceOptions) (*Device, error) {
 	if opts.LogLevel == "" {
 		opts.LogLevel = "debug"
 	}
-	d := &Device{Bin: bin, Opts: opts, Dir: opts.Dir, failed: make(chan struct{}), rebootCh: make(chan struct{}), rebootQ: make(chan struct{}, 16), stop: make(chan struct{})}
+	d := &Device{Bin: bin, Opts: opts, Dir: opts.Dir, failed: make(chan struct{}), crashes: map[string]int{}, rebootCh: make(chan struct{}), rebootQ: make(chan struct{}, 16), stop: make(chan struct{})}
 	if d.Dir == "" {
 		dir, err := os.MkdirTemp("", "gw")
 		if err != nil {
@@ -136,6 +150,10 @@ func NewDevice(bin *Binaries, opts DeviceOptions) (*Device, error) {
 	d.WriterConfig = filepath.Join(d.Dir, "writer.toml")
 	d.NetConfig = filepath.Join(d.Dir, "net.toml")
 	d.WriterLog = filepath.Join(d.Dir, "ota-writer.log")
+	d.BootIDFile = filepath.Join(d.Dir, "boot_id")
+	if err := d.newBootID(); err != nil {
+		return nil, err
+	}
 	d.NetLog = filepath.Join(d.Dir, "ota-net.log")
 	keys := filepath.Join(d.Dir, "keys")
 	for _, p := range []string{d.WriterState, d.NetState, keys} {
@@ -224,7 +242,7 @@ func (d *Device) writerConfig(trusted []string, fifo string) ([]byte, error) {
 		VersionPolicy:   config.VersionAny,
 		SelfTestTimeout: "60s",
 		LogLevel:        d.Opts.LogLevel,
-		Boot:            map[string]any{"backend": config.BootFile, "boot_limit": 3},
+		Boot:            map[string]any{"backend": config.BootFile, "boot_limit": 3, "boot_id_file": d.BootIDFile},
 		Targets: []map[string]any{{
 			"name":       TargetName,
 			"kind":       config.KindAB,
@@ -261,7 +279,7 @@ func (d *Device) StartWriter(ctx context.Context) error {
 	d.mu.Lock()
 	if d.writer != nil && d.writer.Running() {
 		d.mu.Unlock()
-		return errors.New("harness: writer already running")
+		return fmt.Errorf("harness: writer %w", errRunning)
 	}
 	d.mu.Unlock()
 	p, err := startProc("ota-writer", []string{d.Bin.Writer, "serve", "--config", d.WriterConfig}, d.Opts.Env, d.WriterLog, d.Opts.LogTee, d.onExit)
@@ -300,7 +318,7 @@ func (d *Device) StartNet(ctx context.Context) error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	if d.net != nil && d.net.Running() {
-		return errors.New("harness: ota-net already running")
+		return fmt.Errorf("harness: ota-net %w", errRunning)
 	}
 	p, err := startProc("ota-net", d.netArgv(), d.Opts.Env, d.NetLog, d.Opts.LogTee, d.onExit)
 	if err != nil {
@@ -309,6 +327,8 @@ func (d *Device) StartNet(ctx context.Context) error {
 	d.net = p
 	return nil
 }
+
+var errRunning = errors.New("already running")
 
 // Writer and Net return the current processes (nil before the first start).
 func (d *Device) Writer() *Proc { d.mu.Lock(); defer d.mu.Unlock(); return d.writer }
@@ -335,11 +355,67 @@ func (d *Device) onExit(p *Proc, expected bool) {
 	if expected {
 		return
 	}
+	if d.Opts.Supervise {
+		d.mu.Lock()
+		closed := d.closed
+		if !closed {
+			d.crashes[p.Name]++
+			d.wg.Add(1)
+		}
+		d.mu.Unlock()
+		if !closed {
+			go d.restart(p)
+		}
+		return
+	}
 	log := d.WriterLog
 	if p.Name == "ota-net" {
 		log = d.NetLog
 	}
 	d.fail(fmt.Errorf("%s (pid %d) exited unexpectedly: %s; log %s:\n%s", p.Name, p.Pid, exitText(p.err), log, tail(log, 60)))
+}
+
+// restart starts a crashed process again (Supervise).
+func (d *Device) restart(p *Proc) {
+	defer d.wg.Done()
+	if d.Opts.OnCrash != nil {
+		d.Opts.OnCrash(p.Name)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	// One restart at a time, and never while a reboot stops and starts the processes.
+	d.restartMu.Lock()
+	defer d.restartMu.Unlock()
+	d.mu.Lock()
+	closed := d.closed
+	cur := d.writer
+	if p.Name == "ota-net" {
+		cur = d.net
+	}
+	d.mu.Unlock()
+	if closed || cur != p {
+		return // closed, or already started again (a reboot)
+	}
+	var err error
+	if p.Name == "ota-net" {
+		err = d.StartNet(ctx)
+	} else {
+		err = d.StartWriter(ctx)
+	}
+	if err != nil && !errors.Is(err, errRunning) {
+		d.fail(fmt.Errorf("restarting %s after a crash: %w", p.Name, err))
+	}
+}
+
+// Crashes counts the unexpected exits of each program a supervised device restarted.
+func (d *Device) Crashes() map[string]int {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	out := map[string]int{}
+	for k, v := range d.crashes {
+		out[k] = v
+	}
+	return out
 }
 
 func (d *Device) fail(err error) {
@@ -402,7 +478,9 @@ func (d *Device) rebootLoop() {
 			d.Opts.OnReboot(n, false, nil)
 		}
 		ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+		d.restartMu.Lock()
 		err := d.Reboot(ctx)
+		d.restartMu.Unlock()
 		cancel()
 		if err != nil {
 			d.fail(fmt.Errorf("simulated reboot %d: %w", n, err))
@@ -438,6 +516,9 @@ func (d *Device) Reboot(ctx context.Context) error {
 	if err := d.StopWriter(ctx); err != nil {
 		return err
 	}
+	if err := d.newBootID(); err != nil {
+		return err
+	}
 	if err := d.StartWriter(ctx); err != nil {
 		return err
 	}
@@ -445,6 +526,15 @@ func (d *Device) Reboot(ctx context.Context) error {
 		return nil
 	}
 	return d.StartNet(ctx)
+}
+
+// newBootID starts a new simulated boot.
+func (d *Device) newBootID() error {
+	var b [16]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	return os.WriteFile(d.BootIDFile, []byte(hex.EncodeToString(b[:])+"\n"), 0o600)
 }
 
 // WaitReboots waits until n reboots requested by the writer have completed (both processes

@@ -19,6 +19,7 @@ type netTOML struct {
 	// the demo shows it moving.
 	ReportInterval    string `toml:"report_interval"`
 	ReportPercentStep int    `toml:"report_percent_step"`
+	BlockSize         int    `toml:"block_size,omitempty"`
 	BlocksPerRequest  int    `toml:"blocks_per_request,omitempty"`
 	RequestsInFlight  int    `toml:"requests_in_flight,omitempty"`
 	LogLevel          string `toml:"log_level"`
@@ -35,6 +36,7 @@ func (d *Device) netConfig() ([]byte, error) {
 		StateDir:          d.NetState,
 		ReportInterval:    "100ms",
 		ReportPercentStep: 1,
+		BlockSize:         d.Opts.BlockSize,
 		BlocksPerRequest:  d.Opts.BlocksPerRequest,
 		RequestsInFlight:  d.Opts.RequestsInFlight,
 		LogLevel:          d.Opts.LogLevel,

@@ -109,6 +109,18 @@ func (p *Proc) Signal(sig syscall.Signal) error {
 	return nil
 }
 
+// Crash sends SIGKILL to the process group without waiting and without telling the harness:
+// the exit counts as unexpected (a supervised device restarts the process).
+func (p *Proc) Crash() error {
+	if !p.Running() {
+		return nil
+	}
+	if err := syscall.Kill(-p.Pid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return err
+	}
+	return nil
+}
+
 // Kill sends SIGKILL to the process group (a crash: nothing gets to clean up) and waits for
 // the exit.
 func (p *Proc) Kill(ctx context.Context) error {

@@ -52,7 +52,7 @@ func newFileRig(t *testing.T) rig {
 	}
 	return rig{b: f, boot: func(t *testing.T) {
 		t.Helper()
-		if err := f.Boot(context.Background()); err != nil {
+		if err := f.Boot(context.Background(), ""); err != nil {
 			t.Fatal(err)
 		}
 		// A real boot also restarts the writer: reopen from disk to prove persistence.

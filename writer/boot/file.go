@@ -48,9 +48,14 @@ type File struct {
 	limit int
 	log   hclog.Logger
 
-	mu sync.Mutex
-	st State
+	mu     sync.Mutex
+	st     State
+	bootID string // the boot the last Boot step ran in (persisted)
 }
+
+// DefaultBootIDFile names the kernel's identity of the current boot: it changes at every
+// power-on and stays the same across process restarts.
+const DefaultBootIDFile = "/proc/sys/kernel/random/boot_id"
 
 // fileState is the on-disk form. Version guards against reading a future format.
 type fileState struct {
@@ -61,6 +66,9 @@ type fileState struct {
 	Trial      bool   `json:"trial,omitempty"`
 	RolledBack bool   `json:"rolled_back,omitempty"`
 	BootCount  int    `json:"boot_count"`
+	// BootID is the boot in which the last simulated bootloader step ran: a writer that
+	// restarts within the same boot (a crash, systemd's Restart=) takes no bootloader step.
+	BootID string `json:"boot_id,omitempty"`
 }
 
 const fileVersion = 1
@@ -82,7 +90,7 @@ func NewFile(path string, bootLimit int, log hclog.Logger) (*File, error) {
 	switch {
 	case errors.Is(err, fs.ErrNotExist):
 		f.st = State{Booted: SlotA, Committed: SlotA}
-		if err := f.save(f.st); err != nil {
+		if err := f.save(f.st, ""); err != nil {
 			return nil, err
 		}
 		log.Info("boot state file created", "path", path, "slot", SlotA)
@@ -90,22 +98,27 @@ func NewFile(path string, bootLimit int, log hclog.Logger) (*File, error) {
 	case err != nil:
 		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "boot file: %w", err)
 	}
-	st, err := decodeFileState(b)
+	st, id, err := decodeFileState(b)
 	if err != nil {
 		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "boot file %s: %w", path, err)
 	}
-	f.st = st
+	f.st, f.bootID = st, id
 	return f, nil
 }
 
-func decodeFileState(b []byte) (State, error) {
+func decodeFileState(b []byte) (State, string, error) {
 	var fsx fileState
 	if err := json.Unmarshal(b, &fsx); err != nil {
-		return State{}, err
+		return State{}, "", err
 	}
 	if fsx.Version != fileVersion {
-		return State{}, fmt.Errorf("format version %d, want %d", fsx.Version, fileVersion)
+		return State{}, "", fmt.Errorf("format version %d, want %d", fsx.Version, fileVersion)
 	}
+	st, err := checkFileState(fsx)
+	return st, fsx.BootID, err
+}
+
+func checkFileState(fsx fileState) (State, error) {
 	st := State{Booted: fsx.Booted, Committed: fsx.Committed, Pending: fsx.Pending, Trial: fsx.Trial, RolledBack: fsx.RolledBack, BootCount: fsx.BootCount}
 	switch {
 	case !ValidSlot(st.Booted) || !ValidSlot(st.Committed):
@@ -132,9 +145,20 @@ func (f *File) State(ctx context.Context) (State, error) {
 	return f.st, nil
 }
 
-// Boot simulates one power-on of the bootloader (see the type's state machine).
-func (f *File) Boot(ctx context.Context) error {
-	return f.update(func(st *State) error {
+// Boot simulates one power-on of the bootloader (see the type's state machine), once per
+// boot: bootID identifies the current boot (the content of DefaultBootIDFile on a device). A
+// writer restarted within the same boot finds its boot ID recorded and takes no step, so a
+// crash of the writer is not mistaken for a reboot (it would otherwise start a trial of a
+// slot that is only pending, without any reboot). An empty bootID always takes the step.
+func (f *File) Boot(ctx context.Context, bootID string) error {
+	f.mu.Lock()
+	same := bootID != "" && bootID == f.bootID
+	f.mu.Unlock()
+	if same {
+		f.log.Info("boot: same boot as the last start (writer restarted), no bootloader step", "boot_id", bootID)
+		return nil
+	}
+	return f.updateBoot(bootID, func(st *State) error {
 		switch {
 		case st.Pending != "":
 			st.Booted, st.Pending = st.Pending, ""
@@ -204,25 +228,33 @@ func (f *File) Reject(ctx context.Context) error {
 // update applies fn to a copy of the state and keeps it only once it is durable.
 func (f *File) update(fn func(*State) error) error {
 	f.mu.Lock()
+	id := f.bootID
+	f.mu.Unlock()
+	return f.updateBoot(id, fn)
+}
+
+// updateBoot is update that also records bootID as the boot of the last bootloader step.
+func (f *File) updateBoot(bootID string, fn func(*State) error) error {
+	f.mu.Lock()
 	defer f.mu.Unlock()
 	st := f.st
 	if err := fn(&st); err != nil {
 		return err
 	}
-	if st == f.st {
+	if st == f.st && bootID == f.bootID {
 		return nil
 	}
-	if err := f.save(st); err != nil {
+	if err := f.save(st, bootID); err != nil {
 		return err
 	}
-	f.st = st
+	f.st, f.bootID = st, bootID
 	return nil
 }
 
-func (f *File) save(st State) error {
+func (f *File) save(st State, bootID string) error {
 	b, err := json.MarshalIndent(fileState{
 		Version: fileVersion, Booted: st.Booted, Committed: st.Committed, Pending: st.Pending,
-		Trial: st.Trial, RolledBack: st.RolledBack, BootCount: st.BootCount,
+		Trial: st.Trial, RolledBack: st.RolledBack, BootCount: st.BootCount, BootID: bootID,
 	}, "", "  ")
 	if err != nil {
 		return status.Errorf(otav1.Reason_REASON_OTHER, "boot file: %w", err)

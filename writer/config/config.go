@@ -109,6 +109,10 @@ type Boot struct {
 	// slot "b"; absent: "a"/"b" in either case. See cmdline.go.
 	SlotFromCmdline   string            `toml:"slot_from_cmdline"`
 	CmdlineSlotValues map[string]string `toml:"cmdline_slot_values"`
+	// BootIDFile (file backend): the file whose content identifies the current boot; the
+	// simulated bootloader steps once per boot, not at every writer start. Default the
+	// kernel's /proc/sys/kernel/random/boot_id.
+	BootIDFile string `toml:"boot_id_file"`
 }
 
 // Target is one flash target: an A/B slot pair or a plain file.
@@ -333,7 +337,13 @@ func (c *Config) validateBoot(bad func(string, ...any)) {
 		if b.FwEnvConfig != "" || b.FwPrintenv != "" || b.FwSetenv != "" || b.GrubEnv != "" || b.GrubEditenv != "" {
 			bad("boot: uboot/grub keys set with backend %q", b.Backend)
 		}
+		if b.BootIDFile != "" && !filepath.IsAbs(b.BootIDFile) {
+			bad("boot.boot_id_file: %q is not an absolute path", b.BootIDFile)
+		}
 	case BootUBoot:
+		if b.BootIDFile != "" {
+			bad("boot.boot_id_file: only for backend %q", BootFile)
+		}
 		if b.FwEnvConfig != "" && !filepath.IsAbs(b.FwEnvConfig) {
 			bad("boot.fw_env_config: %q is not an absolute path", b.FwEnvConfig)
 		}

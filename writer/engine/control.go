@@ -5,6 +5,7 @@ import (
 	"errors"
 	"time"
 
+	"github.com/gwota/gwota/internal/crashpoint"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/boot"
@@ -97,6 +98,7 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 	}); err != nil {
 		return nil, err
 	}
+	crashpoint.Hit(crashpoint.WriterActivateBoot)
 	if err := e.deps.Boot.Activate(ctx, m.Slot); err != nil {
 		if rerr := e.updateRecord(func(r *journal.Record) { *r = prev }); rerr != nil {
 			e.log.Error("record not restored after failed activation", "error", rerr)
@@ -104,6 +106,7 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 		e.log.Error("boot activation failed", "session", s.id, "slot", m.Slot, "error", err)
 		return nil, typed(err, otav1.Reason_REASON_OTHER, "activate slot "+m.Slot)
 	}
+	crashpoint.Hit(crashpoint.WriterActivateSaved)
 	e.recMu.Lock()
 	e.rebootArmed = true
 	e.recMu.Unlock()
@@ -203,6 +206,7 @@ func (e *Engine) SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestRes
 	if e.deps.SelfTest == nil {
 		return &otav1.SelfTestResponse{Passed: true}, nil
 	}
+	crashpoint.Hit(crashpoint.WriterSelfTest)
 	tctx, cancel := context.WithTimeout(ctx, e.cfg.SelfTestTimeout)
 	defer cancel()
 	res, err := e.deps.SelfTest.Run(tctx)
@@ -219,6 +223,9 @@ func (e *Engine) SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestRes
 		res.Reason = otav1.Reason_REASON_SELF_TEST_FAILED
 	}
 	e.log.Info("self test", "job", jobID, "passed", res.GetPassed(), "reason", status.Name(res.GetReason()))
+	if res.GetPassed() {
+		crashpoint.Hit(crashpoint.WriterSelfTested)
+	}
 	return res, nil
 }
 
@@ -228,8 +235,12 @@ func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitRespons
 	defer e.ctl.Unlock()
 	st, u, err := e.trialFor(ctx, "commit", jobID)
 	if err != nil {
+		if done, derr := e.committedAlready(ctx, jobID); derr == nil && done != nil {
+			return &otav1.CommitResponse{Committed: done}, nil
+		}
 		return nil, err
 	}
+	crashpoint.Hit(crashpoint.WriterCommitBoot)
 	if err := e.deps.Boot.Commit(ctx); err != nil {
 		e.log.Error("commit failed", "slot", st.Booted, "error", err)
 		var se *status.Error
@@ -238,6 +249,7 @@ func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitRespons
 		}
 		return nil, status.Errorf(otav1.Reason_REASON_COMMIT_FAILED, "commit slot %s: %w", st.Booted, err)
 	}
+	crashpoint.Hit(crashpoint.WriterCommitSaved)
 	info := &otav1.UpdateInfo{Slot: st.Booted}
 	if u != nil {
 		info = &otav1.UpdateInfo{JobId: u.JobID, Target: u.Target, Slot: u.Slot, Version: u.Version}
@@ -251,6 +263,39 @@ func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitRespons
 	}
 	e.log.Info("trial slot committed", "slot", st.Booted, "job", info.JobId)
 	return &otav1.CommitResponse{Committed: info}, nil
+}
+
+// committedAlready answers a Commit repeated after a crash that came between the bootloader's
+// commit and the answer (or the record): the boot state runs jobID's slot committed, with no
+// trial and nothing pending, and the record names jobID's update of that slot. The record is
+// completed and the commit reported again; anything else is nil (not this case).
+func (e *Engine) committedAlready(ctx context.Context, jobID string) (*otav1.UpdateInfo, error) {
+	if jobID == "" {
+		return nil, nil
+	}
+	st, err := e.bootState(ctx)
+	if err != nil {
+		return nil, err
+	}
+	e.recMu.Lock()
+	u := e.record.LastUpdate
+	e.recMu.Unlock()
+	if u == nil || u.JobID != jobID || st.Trial || st.Pending != "" || st.RolledBack ||
+		st.Booted != st.Committed || st.Committed != u.Slot ||
+		(u.Outcome != journal.OutcomeActivated && u.Outcome != journal.OutcomeCommitted) {
+		return nil, nil
+	}
+	if u.Outcome != journal.OutcomeCommitted {
+		if err := e.updateRecord(func(r *journal.Record) {
+			nu := *u
+			nu.Outcome, nu.Time = journal.OutcomeCommitted, time.Now().UTC()
+			r.LastUpdate = &nu
+		}); err != nil {
+			e.log.Error("record not saved after commit", "error", err)
+		}
+	}
+	e.log.Info("commit repeated: the slot is committed already", "slot", st.Committed, "job", jobID)
+	return &otav1.UpdateInfo{JobId: u.JobID, Target: u.Target, Slot: u.Slot, Version: u.Version}, nil
 }
 
 // Reject implements server.Core: roll back from a trial boot; the device must reboot into the

@@ -93,7 +93,7 @@ func TestHappyPathAB(t *testing.T) {
 	}
 	// The device reboots: the bootloader tries slot b, a new writer process starts.
 	r.e.Close()
-	if err := r.boot.Boot(ctx); err != nil {
+	if err := r.boot.Boot(ctx, ""); err != nil {
 		t.Fatal(err)
 	}
 	r.open()
@@ -133,7 +133,12 @@ func TestHappyPathAB(t *testing.T) {
 	if st.ImageState != otav1.ImageState_IMAGE_STATE_NORMAL {
 		t.Fatalf("after commit: %v", st.ImageState)
 	}
-	_, err = r.e.Commit(ctx, "job-1")
+	// A repeated commit (the answer was lost to a crash) confirms the committed update; any
+	// other job is still refused.
+	if c, err := r.e.Commit(ctx, "job-1"); err != nil || c.Committed.GetJobId() != "job-1" || c.Committed.GetSlot() != "b" {
+		t.Fatalf("repeated commit: %v %v", c, err)
+	}
+	_, err = r.e.Commit(ctx, "job-other")
 	wantReason(t, err, otav1.Reason_REASON_BAD_IMAGE_STATE)
 	// Version policy "newer": the same version again is refused, a newer one goes to slot a.
 	_, err = r.begin(img, 0, func(q *otav1.BeginSessionRequest) { q.JobId = "job-2"; q.Version = "1.2.0" })
@@ -155,7 +160,7 @@ func TestRejectRollsBack(t *testing.T) {
 	writeAll(t, r, s.SessionId, img, 4096)
 	must[*otav1.FinishSessionResponse](t)(r.e.Finish(ctx, s.SessionId))
 	must[*otav1.ActivateResponse](t)(r.e.Activate(ctx, s.SessionId))
-	r.boot.Boot(ctx)
+	r.boot.Boot(ctx, "")
 	_, err := r.e.Reject(ctx, "job-9", otav1.Reason_REASON_SELF_TEST_FAILED)
 	wantReason(t, err, otav1.Reason_REASON_BAD_IMAGE_STATE)
 	rej, err := r.e.Reject(ctx, "job-1", otav1.Reason_REASON_SELF_TEST_FAILED)
@@ -172,7 +177,7 @@ func TestRejectRollsBack(t *testing.T) {
 	if err := r.e.Reboot(ctx); err != nil {
 		t.Fatal(err)
 	}
-	r.boot.Boot(ctx)
+	r.boot.Boot(ctx, "")
 	st = must[*otav1.DeviceState](t)(r.e.State(ctx))
 	if st.Targets[0].ActiveSlot != "a" || st.ImageState != otav1.ImageState_IMAGE_STATE_ROLLED_BACK {
 		t.Fatalf("after rollback reboot: %v", st)

@@ -82,7 +82,7 @@ func TestSelfTestAndExtensions(t *testing.T) {
 			must[*otav1.FinishSessionResponse](t)(r.e.Finish(ctx, s.SessionId))
 			must[*otav1.ActivateResponse](t)(r.e.Activate(ctx, s.SessionId))
 			r.e.Close()
-			r.boot.Boot(ctx)
+			r.boot.Boot(ctx, "")
 			r.open()
 			r.e.Close()
 			var err error

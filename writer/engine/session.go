@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/gwota/gwota/internal/crashpoint"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
@@ -113,6 +114,18 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 		if m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
 			bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
 			m.CertName == req.GetCertName() && m.Version == req.GetVersion() {
+			// What the last client wrote but did not see synced becomes durable now, so the
+			// resumed client does not fetch it again.
+			if err := s.lockIdle(ctx); err != nil {
+				return nil, err
+			}
+			if s.pendingBytes > 0 && s.writableLocked() == nil {
+				if err := e.syncLocked(s); err != nil {
+					s.mu.Unlock()
+					return nil, err
+				}
+			}
+			s.mu.Unlock()
 			if info := s.info(); info != nil {
 				e.log.Info("session resumed", "session", s.id, "job", m.JobID, "durable", info.DurableBlocks, "total", info.TotalBlocks)
 				return &otav1.BeginSessionResponse{Session: info, Resumed: true}, nil
@@ -266,6 +279,7 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 		s.received[k>>3] |= mask
 		s.nReceived++
 		s.pendingBytes += int64(len(b.GetData()))
+		crashpoint.Hit(crashpoint.WriterBlock)
 	}
 	if s.pendingBytes > 0 && (sync || s.pendingBytes >= e.cfg.SyncBytes || time.Since(s.lastSync) >= e.cfg.SyncInterval) {
 		if err := e.syncLocked(s); err != nil {
@@ -363,6 +377,7 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "%w", err)
 	}
 	e.log.Info("image verified", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "slot", s.meta.Slot, "sha256", s.sha)
+	crashpoint.Hit(crashpoint.WriterVerified)
 	return &otav1.FinishSessionResponse{Session: s.infoLocked(), Sha256: s.sha}, nil
 }
 
@@ -375,7 +390,7 @@ func (e *Engine) verifyMedium(ctx context.Context, m target.Medium, meta *journa
 	}
 	defer rb.Close()
 	e.log.Debug("reading the image back", "path", m.Path(), "direct", rb.Direct())
-	return e.trust.Verify(ctx, rb, int64(meta.FileSize), otav1.SigAlgorithm(meta.Algorithm), meta.Signature, meta.CertName)
+	return e.trust.Verify(ctx, halfwayHook(rb, int64(meta.FileSize)), int64(meta.FileSize), otav1.SigAlgorithm(meta.Algorithm), meta.Signature, meta.CertName)
 }
 
 // lockIdle locks s.mu once no verification is running (ctx bounds the wait).

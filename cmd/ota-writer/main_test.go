@@ -52,6 +52,17 @@ func TestMain(m *testing.M) {
 type bench struct {
 	dir, cfg, sock, key, pub string
 	slotA, slotB             string
+	bootID                   string // the file backend's boot_id_file
+	boots                    int
+}
+
+// reboot starts a new simulated boot: the next writer start takes the bootloader step.
+func (b *bench) reboot(t *testing.T) {
+	t.Helper()
+	b.boots++
+	if err := os.WriteFile(b.bootID, []byte(fmt.Sprintf("boot-%d\n", b.boots)), 0o600); err != nil {
+		t.Fatal(err)
+	}
 }
 
 const testMaxBlock = 4096
@@ -65,7 +76,8 @@ func newBench(t *testing.T, extra string) *bench {
 	t.Cleanup(func() { os.RemoveAll(dir) })
 	b := &bench{dir: dir, cfg: filepath.Join(dir, "writer.toml"), sock: filepath.Join(dir, "w.sock"),
 		key: filepath.Join(dir, "key.pem"), pub: filepath.Join(dir, "pub.pem"),
-		slotA: filepath.Join(dir, "slot_a"), slotB: filepath.Join(dir, "slot_b")}
+		slotA: filepath.Join(dir, "slot_a"), slotB: filepath.Join(dir, "slot_b"), bootID: filepath.Join(dir, "boot_id")}
+	b.reboot(t)
 	openssl(t, "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", b.key)
 	openssl(t, "ec", "-in", b.key, "-pubout", "-out", b.pub)
 	for _, s := range []string{b.slotA, b.slotB} {
@@ -81,6 +93,7 @@ log_level = "debug"
 sync_bytes = 1048576
 [boot]
 backend = "file"
+boot_id_file = %q
 [[target]]
 name = "rootfs"
 kind = "ab"
@@ -88,7 +101,7 @@ file_types = [0]
 file_paths = ["/opt/fw/gateway.img"]
 slots = [%q, %q]
 max_size = 1048576
-%s`, b.sock, filepath.Join(dir, "state"), b.pub, testMaxBlock, b.slotA, b.slotB, extra)
+%s`, b.sock, filepath.Join(dir, "state"), b.pub, testMaxBlock, b.bootID, b.slotA, b.slotB, extra)
 	if err := os.WriteFile(b.cfg, []byte(cfg), 0o600); err != nil {
 		t.Fatal(err)
 	}

@@ -138,8 +138,9 @@ func TestKillMidSessionResumeAndCommit(t *testing.T) {
 	if !bytes.Equal(onSlot[:len(img)], img) {
 		t.Fatalf("slot %s content differs from the image", slot)
 	}
-	// Simulated reboot: the file backend's Boot runs at writer start.
+	// Simulated reboot: a new boot ID, and the file backend's Boot runs at writer start.
 	w2.stop(t)
+	b.reboot(t)
 	b.serve(t)
 	c3 := dialWriter(t, b.sock)
 	ds, err := c3.State(ctx)

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The worst-day suite at a chosen size, and its report (docs/RELIABILITY.md).
+#   scripts/faults.sh -n N [-fuzztime D] [-o FILE]
+# -n scales every suite (crash runs at random moments, power cuts, hostile rounds; CI's
+# `go test` uses small defaults); -fuzztime runs each fuzz target that long when
+# scripts/fuzz.sh exists. Needs root (loop devices, FUSE, other uids), like scripts/test.sh.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+n=50 fuzztime="" out=docs/RELIABILITY.md
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -n) n=$2; shift 2 ;;
+    -fuzztime) fuzztime=$2; shift 2 ;;
+    -o) out=$2; shift 2 ;;
+    *) echo "usage: $0 -n N [-fuzztime D] [-o FILE]" >&2; exit 2 ;;
+  esac
+done
+dir=$(mktemp -d)
+trap 'rm -rf "$dir"' EXIT
+export GWOTA_FAULTS_OUT=$dir GWOTA_FAULTS_N=$n
+# Every package that writes a summary to GWOTA_FAULTS_OUT.
+pkgs=()
+for p in ./test/crash ./test/powercut ./test/hostile; do
+  [ -d "$p" ] && pkgs+=("$p")
+done
+echo "== fault suites (${pkgs[*]}), N=$n"
+go test -count=1 -timeout 6h "${pkgs[@]}"
+if [ -n "$fuzztime" ] && [ -x scripts/fuzz.sh ]; then
+  echo "== fuzzing, $fuzztime per target"
+  scripts/fuzz.sh -fuzztime "$fuzztime" -o "$dir/fuzz.json"
+fi
+go run ./test/cmd/faultreport -in "$dir" -o "$out" -cmd "scripts/faults.sh -n $n${fuzztime:+ -fuzztime $fuzztime}"
+echo "wrote $out"

@@ -18,6 +18,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -93,6 +94,10 @@ type Config struct {
 	// MaxPayload caps an outgoing packet (default DefaultMaxPayload); the broker's announced
 	// maximum packet size applies as well.
 	MaxPayload int
+	// MaxIncomingPacket is the Maximum Packet Size announced in CONNECT and enforced on what
+	// the broker sends (default DefaultMaxIncomingPacket): a larger packet drops the
+	// connection before its body is read.
+	MaxIncomingPacket int
 	// Logger (hclog.NewNullLogger() when nil).
 	Logger hclog.Logger
 	// Subscriptions are attached before the first connection, so messages the broker kept in
@@ -174,6 +179,9 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 	if cfg.MaxPayload <= 0 {
 		cfg.MaxPayload = DefaultMaxPayload
 	}
+	if cfg.MaxIncomingPacket <= 0 {
+		cfg.MaxIncomingPacket = DefaultMaxIncomingPacket
+	}
 
 	var tlsCfg *tls.Config
 	switch strings.ToLower(u.Scheme) {
@@ -241,6 +249,21 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 		OnConnectionDown:              c.connectionDown,
 		OnConnectError: func(err error) {
 			c.log.Warn("mqtt connect failed", "broker", u.Redacted(), "error", err)
+		},
+		// paho announces no Maximum Packet Size and sizes its read buffer from whatever
+		// length a packet declares: announce ours and enforce it on the connection.
+		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
+			if cp.Properties == nil {
+				cp.Properties = &paho.ConnectProperties{}
+			}
+			mp := uint32(cfg.MaxIncomingPacket)
+			cp.Properties.MaximumPacketSize = &mp
+			return cp, nil
+		},
+		AttemptConnection: func(ctx context.Context, _ autopaho.ClientConfig, u *url.URL) (net.Conn, error) {
+			return dialLimited(ctx, u, tlsCfg, cfg.ConnectTimeout, cfg.MaxIncomingPacket, func(n int) {
+				c.log.Error("broker sent a packet over the maximum packet size; disconnecting", "declared_bytes", n, "max", cfg.MaxIncomingPacket)
+			})
 		},
 		ClientConfig: paho.ClientConfig{
 			ClientID:          cfg.ClientID,

@@ -39,6 +39,45 @@ const (
 
 var baseKeys = []string{KeySelfTest, KeyProgress, KeyReason, KeyErrorCode}
 
+// Field is one statusDetails pair. Ordered slices of fields carry the extension fields from
+// the writer to the report, so the budget goes to them in the order the operator configured.
+type Field struct {
+	Key, Value string
+}
+
+// Fields is an ordered list of pairs; on a repeated key the first wins.
+type Fields []Field
+
+// Map returns the pairs as a map (the first of a repeated key wins).
+func (fs Fields) Map() map[string]string {
+	m := make(map[string]string, len(fs))
+	for _, f := range fs {
+		if _, dup := m[f.Key]; !dup {
+			m[f.Key] = f.Value
+		}
+	}
+	return m
+}
+
+// Get returns the value of key (the first one) and whether it is there.
+func (fs Fields) Get(key string) (string, bool) {
+	for _, f := range fs {
+		if f.Key == key {
+			return f.Value, true
+		}
+	}
+	return "", false
+}
+
+// SortedFields turns a map into fields in key order (for a source that has no order).
+func SortedFields(m map[string]string) Fields {
+	out := make(Fields, 0, len(m))
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, Field{k, m[k]})
+	}
+	return out
+}
+
 // Base is what the agent itself reports.
 type Base struct {
 	SelfTest string
@@ -46,16 +85,20 @@ type Base struct {
 	Received, Total uint64
 	// Reason, when not unspecified, adds reason and error_code.
 	Reason otav1.Reason
+	// Failure are further fields that explain the failure (rollback_reason, rollback_code):
+	// they come right after the base keys, before any extension field.
+	Failure Fields
 }
 
 // Progress renders "received/total".
 func Progress(received, total uint64) string { return fmt.Sprintf("%d/%d", received, total) }
 
-// Build returns the flat statusDetails map: base fields, then extension fields in key order,
-// within MaxPairs. Extension keys that are invalid or reserved are dropped; values with
-// control or invisible characters are cleaned, over-long ones truncated, empty ones dropped.
-// The result always satisfies Validate.
-func Build(b Base, ext map[string]string) map[string]string {
+// Build returns the flat statusDetails map within MaxPairs: the base keys (self_test,
+// progress, reason, error_code) always, then the failure fields, then the extension fields
+// in their order until the budget is spent. Keys that are invalid, reserved or already set
+// are skipped; values with control or invisible characters are cleaned, over-long ones
+// truncated, empty ones dropped. The result always satisfies Validate.
+func Build(b Base, ext Fields) map[string]string {
 	out := make(map[string]string, MaxPairs)
 	if b.SelfTest != "" {
 		out[KeySelfTest] = b.SelfTest
@@ -67,15 +110,17 @@ func Build(b Base, ext map[string]string) map[string]string {
 		out[KeyReason] = Name(b.Reason)
 		out[KeyErrorCode] = Code(b.Reason)
 	}
-	for _, k := range slices.Sorted(maps.Keys(ext)) {
-		if len(out) >= MaxPairs {
-			break
-		}
-		if slices.Contains(baseKeys, k) || !ValidKey(k) {
-			continue
-		}
-		if v, ok := CleanValue(ext[k]); ok {
-			out[k] = v
+	for _, fs := range []Fields{b.Failure, ext} {
+		for _, f := range fs {
+			if len(out) >= MaxPairs {
+				return out
+			}
+			if _, set := out[f.Key]; set || slices.Contains(baseKeys, f.Key) || !ValidKey(f.Key) {
+				continue
+			}
+			if v, ok := CleanValue(f.Value); ok {
+				out[f.Key] = v
+			}
 		}
 	}
 	return out
@@ -141,4 +186,14 @@ func Validate(d map[string]string) error {
 		}
 	}
 	return nil
+}
+
+// Pairs builds Fields from alternating keys and values (a trailing key without a value is
+// ignored).
+func Pairs(kv ...string) Fields {
+	out := make(Fields, 0, len(kv)/2)
+	for i := 0; i+1 < len(kv); i += 2 {
+		out = append(out, Field{Key: kv[i], Value: kv[i+1]})
+	}
+	return out
 }

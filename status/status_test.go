@@ -55,26 +55,27 @@ func TestRustotVocabulary(t *testing.T) {
 }
 
 func TestBuildExamples(t *testing.T) {
-	ext := map[string]string{"firmware_version": "4.2.0"}
+	ext := Fields{{"firmware_version", "4.2.0"}}
 	tests := []struct {
 		name string
 		base Base
-		ext  map[string]string
+		ext  Fields
 		want map[string]string
 	}{
 		{"receiving", Base{SelfTest: SelfTestReceiving, Received: 23, Total: 95}, ext,
 			map[string]string{"self_test": "receiving", "progress": "23/95", "firmware_version": "4.2.0"}},
 		{"failed", Base{SelfTest: SelfTestAborted, Received: 95, Total: 95, Reason: otav1.Reason_REASON_SIG_CHECK_FAILED}, ext,
 			map[string]string{"self_test": "aborted", "progress": "95/95", "reason": "sig_check_failed", "error_code": "1001", "firmware_version": "4.2.0"}},
-		{"accepted", Base{SelfTest: SelfTestAccepted}, map[string]string{"firmware_version": "4.3.0", "boot_slot": "b"},
+		{"accepted", Base{SelfTest: SelfTestAccepted}, Fields{{"firmware_version", "4.3.0"}, {"boot_slot", "b"}},
 			map[string]string{"self_test": "accepted", "firmware_version": "4.3.0", "boot_slot": "b"}},
-		{"base wins", Base{SelfTest: SelfTestReady}, map[string]string{"self_test": "hacked", "reason": "x", "error_code": "0", "progress": "1/1"},
+		{"base wins", Base{SelfTest: SelfTestReady}, Fields{{"self_test", "hacked"}, {"reason", "x"}, {"error_code", "0"}, {"progress", "1/1"}},
 			map[string]string{"self_test": "ready"}},
-		{"bad extensions dropped or cleaned", Base{SelfTest: SelfTestReady}, map[string]string{
-			"bad key": "v", "": "v", "empty": "", "ctl": "a\nb\x00c", "only_ctl": "\n\t", strings.Repeat("k", 129): "v",
-			"long": strings.Repeat("é", 1100), "zw": "a\u200bb",
+		{"bad extensions dropped or cleaned", Base{SelfTest: SelfTestReady}, Fields{
+			{"bad key", "v"}, {"", "v"}, {"empty", ""}, {"ctl", "a\nb\x00c"}, {"only_ctl", "\n\t"}, {strings.Repeat("k", 129), "v"},
+			{"long", strings.Repeat("é", 1100)}, {"zw", "a\u200bb"},
 		}, map[string]string{"self_test": "ready", "ctl": "a b c", "long": strings.Repeat("é", 1024), "zw": "a b"}},
 		{"unspecified reason reports nothing", Base{SelfTest: SelfTestReceiving}, nil, map[string]string{"self_test": "receiving"}},
+		{"first of a repeated key wins", Base{}, Fields{{"site", "a"}, {"site", "b"}}, map[string]string{"site": "a"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -89,22 +90,65 @@ func TestBuildExamples(t *testing.T) {
 	}
 }
 
+// numbered is n extension fields named prefix00.., in that order.
+func numbered(prefix string, n int) Fields {
+	var fs Fields
+	for i := range n {
+		fs = append(fs, Field{fmt.Sprintf("%s%02d", prefix, i), "v"})
+	}
+	return fs
+}
+
+// The 10-pair budget: base keys, then failure keys, always make it; extensions fill what is
+// left in their own order (not in key order).
 func TestBuildBudget(t *testing.T) {
-	ext := map[string]string{}
-	for i := range 20 {
-		ext[fmt.Sprintf("ext_%02d", i)] = "v"
+	rollback := Fields{{"rollback_reason", "self_test_failed"}, {"rollback_code", "3005"}}
+	tests := []struct {
+		name string
+		base Base
+		ext  Fields
+		want map[string]string
+	}{
+		{"extensions in their order, not key order", Base{SelfTest: SelfTestAborted, Received: 1, Total: 2, Reason: otav1.Reason_REASON_MOMENTUM_ABORT},
+			append(Fields{{"zz_first", "1"}, {"yy_second", "2"}}, numbered("aa", 20)...),
+			map[string]string{"self_test": "aborted", "progress": "1/2", "reason": "momentum_abort", "error_code": "2003",
+				"zz_first": "1", "yy_second": "2", "aa00": "v", "aa01": "v", "aa02": "v", "aa03": "v"}},
+		{"failure keys before any extension", Base{SelfTest: SelfTestRejected, Reason: otav1.Reason_REASON_ROLLED_BACK, Failure: rollback},
+			numbered("a", 20),
+			map[string]string{"self_test": "rejected", "reason": "rolled_back", "error_code": "3007",
+				"rollback_reason": "self_test_failed", "rollback_code": "3005", "a00": "v", "a01": "v", "a02": "v", "a03": "v", "a04": "v"}},
+		{"an extension cannot replace a failure key", Base{Reason: otav1.Reason_REASON_ROLLED_BACK, Failure: rollback},
+			Fields{{"rollback_reason", "forged"}, {"site", "x"}},
+			map[string]string{"reason": "rolled_back", "error_code": "3007", "rollback_reason": "self_test_failed", "rollback_code": "3005", "site": "x"}},
+		{"failure keys cannot replace base keys", Base{SelfTest: SelfTestAborted, Reason: otav1.Reason_REASON_OTHER, Failure: Fields{{"reason", "forged"}, {"bad key", "x"}, {"detail", "kept"}}},
+			nil,
+			map[string]string{"self_test": "aborted", "reason": "other", "error_code": "1099", "detail": "kept"}},
+		{"no reason: extensions get six more", Base{SelfTest: SelfTestAccepted}, numbered("e", 20),
+			map[string]string{"self_test": "accepted", "e00": "v", "e01": "v", "e02": "v", "e03": "v", "e04": "v", "e05": "v", "e06": "v", "e07": "v", "e08": "v"}},
 	}
-	got := Build(Base{SelfTest: SelfTestAborted, Received: 1, Total: 2, Reason: otav1.Reason_REASON_MOMENTUM_ABORT}, ext)
-	if len(got) != MaxPairs {
-		t.Fatalf("got %d pairs, want %d", len(got), MaxPairs)
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			got := Build(tc.base, tc.ext)
+			if d := cmp.Diff(tc.want, got); d != "" {
+				t.Errorf("Build (-want +got):\n%s", d)
+			}
+			if len(got) > MaxPairs {
+				t.Errorf("%d pairs, budget %d", len(got), MaxPairs)
+			}
+		})
 	}
-	for _, k := range []string{"self_test", "progress", "reason", "error_code", "ext_00", "ext_05"} {
-		if _, ok := got[k]; !ok {
-			t.Errorf("missing %s in %v", k, got)
-		}
+}
+
+func TestFields(t *testing.T) {
+	fs := Fields{{"b", "1"}, {"a", "2"}, {"b", "3"}}
+	if d := cmp.Diff(map[string]string{"a": "2", "b": "1"}, fs.Map()); d != "" {
+		t.Errorf("Map (-want +got):\n%s", d)
 	}
-	if _, ok := got["ext_06"]; ok {
-		t.Errorf("ext_06 should be past the budget: %v", got)
+	if v, ok := fs.Get("b"); !ok || v != "1" {
+		t.Errorf("Get(b) = %q, %v", v, ok)
+	}
+	if d := cmp.Diff(Fields{{"a", "2"}, {"b", "1"}}, SortedFields(map[string]string{"b": "1", "a": "2"})); d != "" {
+		t.Errorf("SortedFields (-want +got):\n%s", d)
 	}
 }
 

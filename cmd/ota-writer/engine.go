@@ -34,7 +34,7 @@ func newEngine(ctx context.Context, cfg *config.Config, log hclog.Logger, serve 
 	}
 	deps := engine.Deps{
 		Boot:       b,
-		Extensions: ext.New(ext.Config{Static: cfg.Extensions, Commands: cmds, StateDir: cfg.StateDir}, log.Named("ext")),
+		Extensions: ext.New(ext.Config{Static: cfg.StaticExtensions(), Commands: cmds, StateDir: cfg.StateDir}, log.Named("ext")),
 		SelfTest:   newSelfTest(cfg, log.Named("selftest")),
 	}
 	return engine.New(ctx, cfg, deps, log)

@@ -7,8 +7,9 @@
 //	ota-writer status [--config FILE] [--socket S] [--json]
 //	ota-writer accept [--config FILE] [--socket S]  commit the trial boot
 //	ota-writer reject [--config FILE] [--socket S]  roll back from the trial boot
+//	ota-writer abort  [--config FILE] [--socket S] [--target T] [--job-id J]  drop sessions
 //
-// status, accept and reject talk to the running writer over its socket. When no writer
+// status, accept, reject and abort talk to the running writer over its socket. When no writer
 // answers there and --config is given, they run the same engine in-process (a board where
 // the writer is not running, or a recovery shell).
 //
@@ -61,6 +62,8 @@ commands:
   status  [--config FILE] [--socket PATH] [--json]
   accept  [--config FILE] [--socket PATH]   commit the trial boot
   reject  [--config FILE] [--socket PATH]   roll back from the trial boot
+  abort   [--config FILE] [--socket PATH] [--target NAME] [--job-id ID]
+                                            drop the session of a target (default: all)
 
 Run "ota-writer <command> -h" for a command's flags.
 `
@@ -98,6 +101,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdAcceptReject(ctx, args[1:], stdout, stderr, true)
 	case "reject":
 		err = cmdAcceptReject(ctx, args[1:], stdout, stderr, false)
+	case "abort":
+		err = cmdAbort(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return exitOK

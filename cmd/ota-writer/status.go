@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"google.golang.org/protobuf/encoding/protojson"
-	"maps"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -24,14 +23,18 @@ import (
 	"github.com/gwota/gwota/writer/config"
 )
 
-// writerAPI is what status, accept and reject need; the socket client and the in-process
-// engine both provide it.
+// writerAPI is what status, accept, reject and abort need; the socket client and the
+// in-process engine both provide it.
 type writerAPI interface {
 	State(ctx context.Context) (*otav1.DeviceState, error)
-	Extensions(ctx context.Context) (map[string]string, error)
+	Extensions(ctx context.Context) (status.Fields, error)
 	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
 	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
+	Abort(ctx context.Context, sessionID string, reason otav1.Reason) error
 }
+
+// defaultStale is how long a session may make no progress before status calls it stale.
+const defaultStale = 15 * time.Minute
 
 type connFlags struct {
 	config, socket *string
@@ -144,6 +147,7 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.SetOutput(stderr)
 	cf := addConnFlags(fs)
 	asJSON := fs.Bool("json", false, "print JSON")
+	stale := fs.Duration("stale", defaultStale, "a session without progress for this long is reported stale")
 	if err := fs.Parse(args); err != nil {
 		return usageError{err}
 	}
@@ -160,26 +164,65 @@ func cmdStatus(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
+	sums := summarize(st.GetSessions(), time.Now(), *stale)
 	if *asJSON {
-		return printJSON(stdout, st, ext, via)
+		return printJSON(stdout, st, ext, sums, via)
 	}
-	printHuman(stdout, st, ext, via)
+	printHuman(stdout, st, ext, sums, via)
 	return nil
 }
 
-func printJSON(w io.Writer, st *otav1.DeviceState, ext map[string]string, via string) error {
+// sessionSummary is a session as an operator reads it: how old, how far, and whether it
+// looks stuck (no progress for the stale time: typically a job canceled while ota-net was
+// down; `ota-writer abort --target T` frees the target).
+type sessionSummary struct {
+	Target         string `json:"target"`
+	JobID          string `json:"job_id"`
+	SessionID      string `json:"session_id"`
+	FileIndex      uint32 `json:"file_index"`
+	State          string `json:"state"`
+	AgeSeconds     int64  `json:"age_s"`
+	IdleSeconds    int64  `json:"idle_s"`
+	ReceivedBlocks uint64 `json:"received_blocks"`
+	DurableBlocks  uint64 `json:"durable_blocks"`
+	TotalBlocks    uint64 `json:"total_blocks"`
+	Stale          bool   `json:"stale"`
+}
+
+func summarize(ss []*otav1.SessionInfo, now time.Time, stale time.Duration) []sessionSummary {
+	out := []sessionSummary{}
+	for _, s := range ss {
+		since := func(unix int64) int64 {
+			if unix <= 0 {
+				return -1
+			}
+			return max(0, int64(now.Sub(time.Unix(unix, 0))/time.Second))
+		}
+		sum := sessionSummary{
+			Target: s.GetTarget(), JobID: s.GetJobId(), SessionID: s.GetSessionId(), FileIndex: s.GetFileIndex(),
+			State:      enumName(s.GetState().String(), "SESSION_STATE_"),
+			AgeSeconds: since(s.GetCreatedUnix()), IdleSeconds: since(s.GetUpdatedUnix()),
+			ReceivedBlocks: max(s.GetReceivedBlocks(), s.GetDurableBlocks()), DurableBlocks: s.GetDurableBlocks(), TotalBlocks: s.GetTotalBlocks(),
+		}
+		sum.Stale = sum.IdleSeconds >= 0 && time.Duration(sum.IdleSeconds)*time.Second >= stale
+		out = append(out, sum)
+	}
+	return out
+}
+
+func printJSON(w io.Writer, st *otav1.DeviceState, ext status.Fields, sums []sessionSummary, via string) error {
 	raw, err := protojson.MarshalOptions{UseProtoNames: true, EmitUnpopulated: true}.Marshal(st)
 	if err != nil {
 		return err
 	}
-	if ext == nil {
-		ext = map[string]string{}
-	}
 	out, err := json.MarshalIndent(struct {
 		Via        string            `json:"via"`
 		State      json.RawMessage   `json:"state"`
+		Sessions   []sessionSummary  `json:"sessions"`
 		Extensions map[string]string `json:"extensions"`
-	}{via, raw, ext}, "", "  ")
+		// ExtensionOrder: the order the fields take the statusDetails budget.
+		ExtensionOrder []string `json:"extension_order"`
+	}{via, raw, sums, ext.Map(), extKeys(ext)}, "", "  ")
 	if err != nil {
 		return err
 	}
@@ -187,10 +230,26 @@ func printJSON(w io.Writer, st *otav1.DeviceState, ext map[string]string, via st
 	return err
 }
 
+func extKeys(ext status.Fields) []string {
+	out := []string{}
+	for _, f := range ext {
+		out = append(out, f.Key)
+	}
+	return out
+}
+
 // enumName turns IMAGE_STATE_TRIAL into "trial".
 func enumName(s, prefix string) string { return strings.ToLower(strings.TrimPrefix(s, prefix)) }
 
-func printHuman(w io.Writer, st *otav1.DeviceState, ext map[string]string, via string) {
+// age renders seconds as a short duration ("-" when unknown).
+func age(secs int64) string {
+	if secs < 0 {
+		return "-"
+	}
+	return (time.Duration(secs) * time.Second).String()
+}
+
+func printHuman(w io.Writer, st *otav1.DeviceState, ext status.Fields, sums []sessionSummary, via string) {
 	fmt.Fprintf(w, "=== System Info ===\n")
 	fmt.Fprintf(w, "Image state:   %s\n", enumName(st.GetImageState().String(), "IMAGE_STATE_"))
 	fmt.Fprintf(w, "Boot backend:  %s\n", st.GetBootBackend())
@@ -229,17 +288,65 @@ func printHuman(w io.Writer, st *otav1.DeviceState, ext map[string]string, via s
 	if len(st.GetSessions()) == 0 {
 		fmt.Fprintf(w, "  none\n")
 	}
-	for _, s := range st.GetSessions() {
-		fmt.Fprintf(w, "  %s  job %s file %d -> %s/%s: %s, %d/%d blocks durable (%d bytes, block %d)\n",
-			s.GetSessionId(), s.GetJobId(), s.GetFileIndex(), s.GetTarget(), s.GetSlot(),
-			enumName(s.GetState().String(), "SESSION_STATE_"), s.GetDurableBlocks(), s.GetTotalBlocks(), s.GetFileSize(), s.GetBlockSize())
-	}
-	if len(ext) > 0 {
-		fmt.Fprintf(w, "=== Extensions ===\n")
-		for _, k := range slices.Sorted(maps.Keys(ext)) {
-			fmt.Fprintf(w, "  %s = %s\n", k, ext[k])
+	for i, s := range st.GetSessions() {
+		sum := sums[i]
+		fmt.Fprintf(w, "  target %s: job %s file %d, %s, %d/%d blocks received (%d durable), age %s, no progress for %s\n",
+			sum.Target, sum.JobID, sum.FileIndex, sum.State, sum.ReceivedBlocks, sum.TotalBlocks, sum.DurableBlocks, age(sum.AgeSeconds), age(sum.IdleSeconds))
+		fmt.Fprintf(w, "    session %s -> slot %s (%d bytes, block %d)\n", s.GetSessionId(), s.GetSlot(), s.GetFileSize(), s.GetBlockSize())
+		if sum.Stale {
+			fmt.Fprintf(w, "    STALE: if job %s is no longer the device's job, \"ota-writer abort --target %s\" frees the target\n", sum.JobID, sum.Target)
 		}
 	}
+	if len(ext) > 0 {
+		fmt.Fprintf(w, "=== Extensions (statusDetails order) ===\n")
+		for _, f := range ext {
+			fmt.Fprintf(w, "  %s = %s\n", f.Key, f.Value)
+		}
+	}
+}
+
+// cmdAbort drops sessions: every session, or the one of --target (and only of --job-id).
+// The slot stays inactive; the next job on the target starts a new session.
+func cmdAbort(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs := flag.NewFlagSet("abort", flag.ContinueOnError)
+	fs.SetOutput(stderr)
+	cf := addConnFlags(fs)
+	target := fs.String("target", "", "abort only the session of this target (default: every session)")
+	jobID := fs.String("job-id", "", "abort only sessions of this job")
+	if err := fs.Parse(args); err != nil {
+		return usageError{err}
+	}
+	if fs.NArg() > 0 {
+		return usagef("abort: unexpected arguments %v", fs.Args())
+	}
+	w, via, closeFn, err := connect(ctx, cf, stderr)
+	if err != nil {
+		return err
+	}
+	defer closeFn()
+	st, err := w.State(ctx)
+	if err != nil {
+		return err
+	}
+	if *target != "" && !slices.ContainsFunc(st.GetTargets(), func(t *otav1.TargetState) bool { return t.GetName() == *target }) {
+		return status.Errorf(otav1.Reason_REASON_TARGET_UNKNOWN, "no target %q is configured", *target)
+	}
+	n := 0
+	for _, s := range st.GetSessions() {
+		if (*target != "" && s.GetTarget() != *target) || (*jobID != "" && s.GetJobId() != *jobID) {
+			continue
+		}
+		if err := w.Abort(ctx, s.GetSessionId(), otav1.Reason_REASON_USER_ABORT); err != nil {
+			return fmt.Errorf("abort session %s (target %s, job %s): %w", s.GetSessionId(), s.GetTarget(), s.GetJobId(), err)
+		}
+		fmt.Fprintf(stdout, "aborted: target %s, job %s file %d, session %s (%d/%d blocks were durable) via %s\n",
+			s.GetTarget(), s.GetJobId(), s.GetFileIndex(), s.GetSessionId(), s.GetDurableBlocks(), s.GetTotalBlocks(), via)
+		n++
+	}
+	if n == 0 {
+		fmt.Fprintf(stdout, "no session to abort via %s\n", via)
+	}
+	return nil
 }
 
 func cmdAcceptReject(ctx context.Context, args []string, stdout, stderr io.Writer, accept bool) error {

@@ -28,6 +28,12 @@ import (
 	"github.com/gwota/gwota/status"
 )
 
+// statusDetails keys of a rollback: why the writer (or the bootloader) rolled back.
+const (
+	KeyRollbackReason = "rollback_reason"
+	KeyRollbackCode   = "rollback_code"
+)
+
 // Defaults.
 const (
 	DefaultWriterWait      = 10 * time.Minute
@@ -262,14 +268,13 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		return
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_ROLLED_BACK && ours:
 		j.log.Warn("new image was rolled back", "writer_reason", status.String(lu.GetReason()))
-		extra := map[string]string{}
+		var failure []status.Field
 		if lu.GetReason() != otav1.Reason_REASON_UNSPECIFIED {
-			extra["rollback_reason"] = status.Name(lu.GetReason())
-			extra["rollback_code"] = status.Code(lu.GetReason())
+			failure = []status.Field{{Key: KeyRollbackReason, Value: status.Name(lu.GetReason())}, {Key: KeyRollbackCode, Value: status.Code(lu.GetReason())}}
 		}
 		j.final.Store(true)
 		j.report(ctx, func(ctx context.Context) error {
-			return j.rep.Failed(ctx, otav1.Reason_REASON_ROLLED_BACK, status.SelfTestRejected, extra)
+			return j.rep.Failed(ctx, otav1.Reason_REASON_ROLLED_BACK, status.SelfTestRejected, failure...)
 		})
 		return
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_ACTIVATED && ours:

@@ -18,6 +18,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
 
@@ -34,6 +35,7 @@ import (
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
+	"github.com/gwota/gwota/writer/ext"
 	"github.com/gwota/gwota/writer/selftest"
 	"github.com/gwota/gwota/writer/server"
 )
@@ -144,6 +146,12 @@ const slotSize = 4 << 20
 
 func newWriter(t *testing.T, check string, topLevel ...string) *writerRig {
 	t.Helper()
+	return newWriterExt(t, check, nil, topLevel...)
+}
+
+// newWriterExt is newWriter with extra [extensions] lines (static status fields, in order).
+func newWriterExt(t *testing.T, check string, extLines []string, topLevel ...string) *writerRig {
+	t.Helper()
 	keys := signer(t)
 	dir := t.TempDir()
 	sdir, err := os.MkdirTemp("/tmp", "ag")
@@ -181,7 +189,7 @@ name = "health"
 command = ["` + check + `"]
 [extensions]
 hardware_rev = "C2"
-`
+` + strings.Join(extLines, "\n") + "\n"
 	cfg, err := config.Parse([]byte(toml))
 	if err != nil {
 		t.Fatal(err)
@@ -210,8 +218,9 @@ func (w *writerRig) start(bootNow bool) {
 		checks = append(checks, selftest.Check{Name: c.Name, Argv: c.Command, Timeout: c.Timeout})
 	}
 	eng, err := engine.New(context.Background(), w.cfg, engine.Deps{
-		Boot:     fb,
-		SelfTest: selftest.New(checks, w.cfg.SelfTestTimeout, hclog.NewNullLogger()),
+		Boot:       fb,
+		SelfTest:   selftest.New(checks, w.cfg.SelfTestTimeout, hclog.NewNullLogger()),
+		Extensions: ext.New(ext.Config{Static: w.cfg.StaticExtensions(), StateDir: w.cfg.StateDir}, hclog.NewNullLogger()),
 		Reboot: func(context.Context) error {
 			w.reboots <- struct{}{}
 			return nil
@@ -538,6 +547,37 @@ func TestBootloaderRolledBack(t *testing.T) {
 	ex := waitStatus(t, e, "job-rb", jobs.StatusSucceeded, jobs.StatusFailed)
 	if ex.Status != jobs.StatusFailed || ex.StatusDetails["reason"] != "rolled_back" || ex.StatusDetails["error_code"] != "3007" {
 		t.Fatalf("job %+v", ex)
+	}
+}
+
+// The statusDetails budget: with many static extension fields configured, a rollback's
+// reason, error_code, rollback_reason and rollback_code still reach the cloud, and the static
+// fields take what is left in the order of the configuration (k11 first), not in key order.
+func TestRollbackReasonWinsOverStaticExtensions(t *testing.T) {
+	e := startEmulator(t)
+	var lines []string
+	for i := 11; i >= 0; i-- {
+		lines = append(lines, fmt.Sprintf("k%02d = \"v%d\"", i, i))
+	}
+	w := newWriterExt(t, "/bin/true", lines)
+	readyAndStop(t, e, w, "job-budget")
+	for range 3 { // the new slot never comes up; the bootloader falls back
+		w.start(true)
+		w.stop()
+	}
+	w.start(true)
+	startDevice(t, e, w, agent.Config{})
+	ex := waitStatus(t, e, "job-budget", jobs.StatusSucceeded, jobs.StatusFailed)
+	want := map[string]string{
+		"self_test": "rejected", "reason": "rolled_back", "error_code": "3007",
+		"rollback_reason": "rolled_back", "rollback_code": "3007",
+		"hardware_rev": "C2", "k11": "v11", "k10": "v10", "k09": "v9", "k08": "v8",
+	}
+	if ex.Status != jobs.StatusFailed {
+		t.Fatalf("job %+v", ex)
+	}
+	if d := cmp.Diff(want, ex.StatusDetails); d != "" {
+		t.Errorf("statusDetails (-want +got):\n%s", d)
 	}
 }
 

@@ -8,6 +8,7 @@ import (
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/netagent/writerlink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 )
 
 // Jobs is the AWS IoT Jobs client as the agent uses it (jobs.Client provides it).
@@ -28,7 +29,8 @@ type Writer interface {
 	SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error)
 	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
 	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
-	Extensions(ctx context.Context) (map[string]string, error)
+	// Extensions returns the status extension fields in the writer's order.
+	Extensions(ctx context.Context) (status.Fields, error)
 }
 
 // Session is one writer session (one file of a job).

@@ -7,7 +7,7 @@ package report
 import (
 	"context"
 	"errors"
-	"maps"
+	"slices"
 	"sync"
 	"time"
 
@@ -23,9 +23,10 @@ type Updater interface {
 	Update(ctx context.Context, jobID string, u jobs.Update) (*jobs.ExecutionState, error)
 }
 
-// ExtensionsFunc returns the writer's status extension fields (writer GetExtensions). It may
-// fail (writer away): the last good values are used then.
-type ExtensionsFunc func(ctx context.Context) (map[string]string, error)
+// ExtensionsFunc returns the writer's status extension fields (writer GetExtensions) in the
+// order they take the statusDetails budget. It may fail (writer away): the last good values
+// are used then.
+type ExtensionsFunc func(ctx context.Context) (status.Fields, error)
 
 // Defaults.
 const (
@@ -95,7 +96,7 @@ type Reporter struct {
 	jobID string
 
 	extMu   sync.Mutex
-	lastExt map[string]string
+	lastExt status.Fields
 
 	mu       sync.Mutex
 	received uint64
@@ -119,7 +120,7 @@ func New(upd Updater, ext ExtensionsFunc, jobID string, cfg Config) *Reporter {
 	return &Reporter{upd: upd, ext: ext, cfg: cfg, log: cfg.Logger.With("job_id", jobID), jobID: jobID, kick: make(chan struct{}, 1)}
 }
 
-func (r *Reporter) extensions(ctx context.Context) map[string]string {
+func (r *Reporter) extensions(ctx context.Context) status.Fields {
 	r.extMu.Lock()
 	defer r.extMu.Unlock()
 	if r.ext != nil {
@@ -127,7 +128,7 @@ func (r *Reporter) extensions(ctx context.Context) map[string]string {
 		m, err := r.ext(ectx)
 		cancel()
 		if err == nil {
-			r.lastExt = maps.Clone(m)
+			r.lastExt = slices.Clone(m)
 		} else {
 			r.log.Debug("writer extensions unavailable; using the last known", "error", err)
 		}
@@ -135,24 +136,14 @@ func (r *Reporter) extensions(ctx context.Context) map[string]string {
 	return r.lastExt
 }
 
-// Details builds the statusDetails for b with the current extensions; extra fields win over
-// extensions of the same name (base fields win over both).
-func (r *Reporter) Details(ctx context.Context, b status.Base, extra ...map[string]string) map[string]string {
-	ext := r.extensions(ctx)
-	if len(extra) > 0 {
-		ext = maps.Clone(ext)
-		if ext == nil {
-			ext = map[string]string{}
-		}
-		for _, m := range extra {
-			maps.Copy(ext, m)
-		}
-	}
-	return status.Build(b, ext)
+// Details builds the statusDetails for b with the current extensions (status.Build: base
+// keys, then b.Failure, then the extensions in the writer's order, within the budget).
+func (r *Reporter) Details(ctx context.Context, b status.Base) map[string]string {
+	return status.Build(b, r.extensions(ctx))
 }
 
-func (r *Reporter) send(ctx context.Context, st string, b status.Base, extra ...map[string]string) error {
-	d := r.Details(ctx, b, extra...)
+func (r *Reporter) send(ctx context.Context, st string, b status.Base) error {
+	d := r.Details(ctx, b)
 	_, err := r.upd.Update(ctx, r.jobID, jobs.Update{Status: st, StatusDetails: d})
 	if err != nil {
 		r.log.Warn("job update failed", "status", st, "self_test", b.SelfTest, "error", err)
@@ -291,9 +282,10 @@ func (r *Reporter) Succeeded(ctx context.Context) error {
 }
 
 // Failed reports FAILED with reason. selfTest is status.SelfTestRejected when the new image
-// was rejected in its trial, else aborted. Progress is included when known; extra fields
-// (such as the writer's rollback reason) are merged like extensions.
-func (r *Reporter) Failed(ctx context.Context, reason otav1.Reason, selfTest string, extra ...map[string]string) error {
+// was rejected in its trial, else aborted. Progress is included when known; failure fields
+// (such as the writer's rollback reason) come right after the base keys, before any
+// extension field.
+func (r *Reporter) Failed(ctx context.Context, reason otav1.Reason, selfTest string, failure ...status.Field) error {
 	r.stopProgress()
 	if reason == otav1.Reason_REASON_UNSPECIFIED {
 		reason = otav1.Reason_REASON_OTHER
@@ -302,7 +294,7 @@ func (r *Reporter) Failed(ctx context.Context, reason otav1.Reason, selfTest str
 		selfTest = status.SelfTestAborted
 	}
 	rec, tot := r.progress()
-	return r.send(ctx, jobs.StatusFailed, status.Base{SelfTest: selfTest, Received: rec, Total: tot, Reason: reason}, extra...)
+	return r.send(ctx, jobs.StatusFailed, status.Base{SelfTest: selfTest, Received: rec, Total: tot, Reason: reason, Failure: failure})
 }
 
 // Rejected reports REJECTED with reason: a job that cannot run at all, still QUEUED.

@@ -125,12 +125,12 @@ func TestFlowWithExtensions(t *testing.T) {
 		ext["z"+string(rune('a'+i))] = "filler"
 	}
 	calls := 0
-	extFn := func(context.Context) (map[string]string, error) {
+	extFn := func(context.Context) (status.Fields, error) {
 		calls++
 		if calls == 2 {
 			return nil, errors.New("writer away") // the last good values are used
 		}
-		return ext, nil
+		return status.SortedFields(ext), nil
 	}
 	// A huge interval: only Start's update may go out during the download.
 	r := report.New(v.jobs, extFn, "job-r1", report.Config{Interval: time.Hour})

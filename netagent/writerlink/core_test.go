@@ -165,6 +165,6 @@ func (c *memCore) Commit(context.Context, string) (*otav1.CommitResponse, error)
 func (c *memCore) Reject(context.Context, string, otav1.Reason) (*otav1.RejectResponse, error) {
 	return &otav1.RejectResponse{}, nil
 }
-func (c *memCore) Extensions(context.Context) (map[string]string, error) {
-	return map[string]string{"fw": "1"}, nil
+func (c *memCore) Extensions(context.Context) (status.Fields, error) {
+	return status.Pairs("fw", "1"), nil
 }

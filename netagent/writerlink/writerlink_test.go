@@ -153,7 +153,7 @@ func TestSinkDurable(t *testing.T) {
 		t.Fatalf("resume: %v %+v", err, s2)
 	}
 	// Pass-through calls.
-	if ext, err := l.Extensions(ctx); err != nil || ext["fw"] != "1" {
+	if ext, err := l.Extensions(ctx); err != nil || ext.Map()["fw"] != "1" {
 		t.Fatalf("extensions %v %v", ext, err)
 	}
 }

@@ -217,11 +217,19 @@ func (c *Client) Reject(ctx context.Context, jobID string, reason otav1.Reason) 
 	return r, wrap(err)
 }
 
-// Extensions returns the writer's status extension fields.
-func (c *Client) Extensions(ctx context.Context) (map[string]string, error) {
+// Extensions returns the writer's status extension fields in the order they take the
+// statusDetails budget (an older writer sends only the unordered map: key order then).
+func (c *Client) Extensions(ctx context.Context) (status.Fields, error) {
 	r, err := c.w.GetExtensions(ctx, &otav1.GetExtensionsRequest{})
 	if err != nil {
 		return nil, wrap(err)
 	}
-	return r.GetValues(), nil
+	if len(r.GetFields()) == 0 {
+		return status.SortedFields(r.GetValues()), nil
+	}
+	out := make(status.Fields, 0, len(r.GetFields()))
+	for _, f := range r.GetFields() {
+		out = append(out, status.Field{Key: f.GetKey(), Value: f.GetValue()})
+	}
+	return out, nil
 }

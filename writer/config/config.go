@@ -88,6 +88,9 @@ type Config struct {
 	Checks            []Command         `toml:"check"`
 	Extensions        map[string]string `toml:"extensions"`
 	ExtensionCommands []Command         `toml:"extension_command"`
+	// ExtensionOrder is the order of the [extensions] keys in the file (Parse fills it): the
+	// statusDetails budget goes to the fields in that order.
+	ExtensionOrder []string `toml:"-"`
 }
 
 // Boot selects and configures the boot control backend.
@@ -173,11 +176,35 @@ func Parse(data []byte) (*Config, error) {
 		}
 		return nil, fmt.Errorf("unknown keys: %s", strings.Join(keys, ", "))
 	}
+	for _, k := range md.Keys() {
+		if len(k) == 2 && k[0] == "extensions" {
+			c.ExtensionOrder = append(c.ExtensionOrder, k[1])
+		}
+	}
 	c.applyDefaults()
 	if err := errors.Join(c.Validate(), c.resolvePeerUsers()); err != nil {
 		return nil, err
 	}
 	return &c, nil
+}
+
+// StaticExtensions returns the [extensions] pairs in the order of the file; pairs that are
+// not in ExtensionOrder (set in code) follow in key order.
+func (c *Config) StaticExtensions() status.Fields {
+	out := make(status.Fields, 0, len(c.Extensions))
+	seen := map[string]bool{}
+	for _, k := range c.ExtensionOrder {
+		if v, ok := c.Extensions[k]; ok && !seen[k] {
+			out = append(out, status.Field{Key: k, Value: v})
+			seen[k] = true
+		}
+	}
+	for _, f := range status.SortedFields(c.Extensions) {
+		if !seen[f.Key] {
+			out = append(out, f)
+		}
+	}
+	return out
 }
 
 // resolvePeerUsers adds the uid of every peer_users name to PeerUIDs. A name that does not

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/gwota/gwota/status"
 )
 
 const minimal = `
@@ -187,5 +189,22 @@ func TestPeerUsers(t *testing.T) {
 		if err == nil || !strings.Contains(err.Error(), want) {
 			t.Errorf("Parse error %v, want it to contain %q", err, want)
 		}
+	}
+}
+
+// The [extensions] pairs keep the order of the file: the statusDetails budget goes to them in
+// that order.
+func TestStaticExtensionsKeepFileOrder(t *testing.T) {
+	c, err := Parse([]byte(minimal + "\n[extensions]\nzz_site = \"north\"\nhardware_rev = \"C2\"\naa_rack = \"7\"\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if d := cmp.Diff(status.Pairs("zz_site", "north", "hardware_rev", "C2", "aa_rack", "7"), c.StaticExtensions()); d != "" {
+		t.Errorf("StaticExtensions (-want +got):\n%s", d)
+	}
+	// Pairs set in code (no file order) follow in key order.
+	c.Extensions["b_code"], c.Extensions["a_code"] = "1", "2"
+	if d := cmp.Diff(status.Pairs("zz_site", "north", "hardware_rev", "C2", "aa_rack", "7", "a_code", "2", "b_code", "1"), c.StaticExtensions()); d != "" {
+		t.Errorf("StaticExtensions with code-set pairs (-want +got):\n%s", d)
 	}
 }

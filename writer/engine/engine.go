@@ -44,9 +44,10 @@ type Boot interface {
 	Reject(ctx context.Context) error                // roll back to the committed slot
 }
 
-// Extensions provides the configured status extension fields (writer/ext implements it).
+// Extensions provides the configured status extension fields (writer/ext implements it):
+// given the engine's own fields, it returns every field in statusDetails budget order.
 type Extensions interface {
-	Collect(ctx context.Context) map[string]string
+	Collect(ctx context.Context, own status.Fields) status.Fields
 }
 
 // SelfTester runs the configured health checks (writer/selftest implements it).
@@ -462,27 +463,27 @@ func (e *Engine) saveRecordLocked() error {
 	return nil
 }
 
-// Extensions implements server.Core: slot-derived fields under the configured ones.
-func (e *Engine) Extensions(ctx context.Context) (map[string]string, error) {
-	out := map[string]string{}
+// Extensions implements server.Core: the configured fields, with the slot-derived ones
+// (firmware_version, boot_slot, image_state, boot_count) under them, in budget order.
+func (e *Engine) Extensions(ctx context.Context) (status.Fields, error) {
+	var own status.Fields
 	if st, err := e.deps.Boot.State(ctx); err == nil {
-		out[ExtBootSlot] = st.Booted
-		out[ExtBootCount] = fmt.Sprint(st.BootCount)
-		out[ExtImageState] = strings.ToLower(strings.TrimPrefix(st.ImageState().String(), "IMAGE_STATE_"))
 		if t := e.firmwareTarget(); t != nil {
 			if v := e.currentVersion(t, st.Booted); v != "" {
-				out[ExtFirmwareVersion] = v
+				own = append(own, status.Field{Key: ExtFirmwareVersion, Value: v})
 			}
 		}
+		own = append(own,
+			status.Field{Key: ExtBootSlot, Value: st.Booted},
+			status.Field{Key: ExtImageState, Value: strings.ToLower(strings.TrimPrefix(st.ImageState().String(), "IMAGE_STATE_"))},
+			status.Field{Key: ExtBootCount, Value: fmt.Sprint(st.BootCount)})
 	} else {
 		e.log.Warn("extensions: boot state unavailable", "error", err)
 	}
-	if e.deps.Extensions != nil {
-		for k, v := range e.deps.Extensions.Collect(ctx) {
-			out[k] = v
-		}
+	if e.deps.Extensions == nil {
+		return own, nil
 	}
-	return out, nil
+	return e.deps.Extensions.Collect(ctx, own), nil
 }
 
 // firmwareTarget is the target whose version is "the firmware version": the A/B target of

@@ -14,6 +14,7 @@ import (
 	"google.golang.org/protobuf/testing/protocmp"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
 )
 
@@ -112,8 +113,8 @@ func TestHappyPathAB(t *testing.T) {
 	if d := cmp.Diff(want, st, protocmp.Transform()); d != "" {
 		t.Fatalf("trial state (-want +got):\n%s", d)
 	}
-	ext := must[map[string]string](t)(r.e.Extensions(ctx))
-	if d := cmp.Diff(map[string]string{"boot_slot": "b", "boot_count": "1", "image_state": "trial", "firmware_version": "1.2.0"}, ext); d != "" {
+	ext := must[status.Fields](t)(r.e.Extensions(ctx))
+	if d := cmp.Diff(status.Pairs("firmware_version", "1.2.0", "boot_slot", "b", "image_state", "trial", "boot_count", "1"), ext); d != "" {
 		t.Fatalf("extensions (-want +got):\n%s", d)
 	}
 	// A new update cannot start while the trial is open (it would overwrite the fallback).

@@ -12,6 +12,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/ext"
 	"github.com/gwota/gwota/writer/selftest"
@@ -89,7 +90,7 @@ func TestSelfTestAndExtensions(t *testing.T) {
 			r.e, err = New(ctx, r.cfg, Deps{
 				Boot:       r.boot,
 				SelfTest:   selftest.New(tc.checks, time.Minute, nil),
-				Extensions: ext.New(ext.Config{Static: map[string]string{"site": "plant-7", "boot_count": "static-wins"}}, nil),
+				Extensions: ext.New(ext.Config{Static: status.Pairs("site", "plant-7", "boot_count", "static-wins")}, nil),
 				Reboot:     r.reboot,
 			}, testLog(t))
 			if err != nil {
@@ -99,13 +100,14 @@ func TestSelfTestAndExtensions(t *testing.T) {
 			if err != nil || res.Passed != tc.passed || res.Reason != tc.reason {
 				t.Fatalf("self test: %v %v", res, err)
 			}
-			got := must[map[string]string](t)(r.e.Extensions(ctx))
-			for k := range got { // the collector's own sysfs/procfs fields vary by machine
-				if k == "uptime_s" || strings.HasPrefix(k, "temp") || strings.HasPrefix(k, "battery") || strings.HasPrefix(k, "free") {
-					delete(got, k)
+			var got status.Fields
+			for _, f := range must[status.Fields](t)(r.e.Extensions(ctx)) { // the collector's own sysfs/procfs fields vary by machine
+				if k := f.Key; k != "uptime_s" && !strings.HasPrefix(k, "temp") && !strings.HasPrefix(k, "battery") && !strings.HasPrefix(k, "free") {
+					got = append(got, f)
 				}
 			}
-			want := map[string]string{"site": "plant-7", "boot_count": "static-wins", "boot_slot": "b", "image_state": "trial", "firmware_version": "3.0"}
+			// Configured first, then the writer's own fields; the static boot_count wins, in its place.
+			want := status.Pairs("site", "plant-7", "boot_count", "static-wins", "firmware_version", "3.0", "boot_slot", "b", "image_state", "trial")
 			if d := cmp.Diff(want, got); d != "" {
 				t.Fatalf("extensions (-want +got):\n%s", d)
 			}

@@ -37,17 +37,23 @@ type session struct {
 	nReceived, nDurable uint64
 	pendingBytes        int64
 	lastSync            time.Time
-	reloaded            bool // verified by an earlier process: verify again before activation
+	updated             time.Time // last progress (journaled)
+	reloaded            bool      // verified by an earlier process: verify again before activation
 	sha                 string
 }
 
 func newSession(js *journal.Session, t *target.Target) *session {
 	bs := uint64(js.BlockSize)
 	total := (js.FileSize + bs - 1) / bs
+	updated := js.Updated
+	if updated.IsZero() {
+		updated = js.Created
+	}
 	return &session{
 		id: js.ID, meta: *js, tgt: t, total: total,
 		lastLen:  js.FileSize - (total-1)*bs,
 		lastSync: time.Now(),
+		updated:  updated,
 	}
 }
 
@@ -85,7 +91,15 @@ func (s *session) infoLocked() *otav1.SessionInfo {
 		SessionId: s.id, JobId: s.meta.JobID, FileIndex: s.meta.FileIndex, Target: s.meta.Target,
 		Slot: s.meta.Slot, FileSize: s.meta.FileSize, BlockSize: s.meta.BlockSize, TotalBlocks: s.total,
 		DurableBlocks: s.nDurable, Missing: missing, State: st, Version: s.meta.Version,
+		CreatedUnix: unixOrZero(s.meta.Created), UpdatedUnix: unixOrZero(s.updated), ReceivedBlocks: s.nReceived,
 	}
+}
+
+func unixOrZero(t time.Time) int64 {
+	if t.IsZero() {
+		return 0
+	}
+	return t.Unix()
 }
 
 // saveLocked persists the metadata and the durable bitmap.
@@ -94,6 +108,7 @@ func (s *session) journalRecord() *journal.Session {
 	js.State = int32(s.state)
 	js.Durable = s.durable
 	js.SHA256 = s.sha
+	js.Updated = s.updated
 	return &js
 }
 
@@ -317,6 +332,7 @@ func (e *Engine) syncLocked(s *session) error {
 		return target.IOError(err, "sync")
 	}
 	copy(s.durable, s.received)
+	s.updated = time.Now().UTC()
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		e.log.Error("journal save failed", "session", s.id, "error", err)
 		return status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "%w", err)
@@ -372,6 +388,7 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 	}
 	s.sha = fmt.Sprintf("%x", sum)
 	s.state = otav1.SessionState_SESSION_STATE_VERIFIED
+	s.updated = time.Now().UTC()
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		s.state = otav1.SessionState_SESSION_STATE_RECEIVING
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "%w", err)

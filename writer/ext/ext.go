@@ -14,9 +14,15 @@
 //	<command>    every key=value line printed by a Config.Commands provider
 //
 // A source that is absent (no thermal zone, no battery) or fails contributes nothing.
-// Precedence on equal keys: static config > command providers > built-in sources. The
-// engine adds the slot-derived fields (firmware_version, boot_slot, boot_count) itself.
-// The statusDetails base keys (self_test, progress, reason, error_code) are never produced.
+// Precedence on equal keys: static config > command providers (a later one wins) > the
+// writer's own fields (firmware_version, boot_slot, ..., passed to Collect) > built-in
+// sources. The statusDetails base keys (self_test, progress, reason, error_code) are never
+// produced.
+//
+// Order: the statusDetails budget is 10 pairs, and what is left after the agent's own keys
+// goes to the fields in the order Collect returns them: what the operator configured first
+// (static pairs in configuration order, then each provider's lines in provider order), then
+// the writer's own fields, then the built-in sources.
 //
 // Every key satisfies status.ValidKey and every value is cleaned with status.CleanValue:
 // nothing collected here can make AWS reject a job update.
@@ -66,7 +72,8 @@ type Command struct {
 
 // Config of the collector.
 type Config struct {
-	Static   map[string]string
+	// Static pairs, in the order of the configuration file.
+	Static   status.Fields
 	Commands []Command
 	// StateDir is measured for free_bytes; "" leaves free_bytes out.
 	StateDir string
@@ -80,7 +87,7 @@ type Config struct {
 // Collector gathers the extension fields. Safe for concurrent use.
 type Collector struct {
 	cfg    Config
-	static map[string]string
+	static status.Fields
 	cmds   []Command
 	log    hclog.Logger
 }
@@ -106,14 +113,17 @@ func New(cfg Config, log hclog.Logger) *Collector {
 	if cfg.MaxOutput <= 0 {
 		cfg.MaxOutput = DefaultMaxOutput
 	}
-	c := &Collector{cfg: cfg, static: map[string]string{}, log: log}
-	for k, v := range cfg.Static {
-		cv, ok := status.CleanValue(v)
-		if !usableKey(k) || !ok {
-			log.Warn("static extension field dropped: key must be 1..128 of [a-zA-Z0-9:_-] and not reserved, value printable", "key", k)
+	c := &Collector{cfg: cfg, log: log}
+	for _, f := range cfg.Static {
+		cv, ok := status.CleanValue(f.Value)
+		if !usableKey(f.Key) || !ok {
+			log.Warn("static extension field dropped: key must be 1..128 of [a-zA-Z0-9:_-] and not reserved, value printable", "key", f.Key)
 			continue
 		}
-		c.static[k] = cv
+		if _, dup := c.static.Get(f.Key); dup {
+			continue
+		}
+		c.static = append(c.static, status.Field{Key: f.Key, Value: cv})
 	}
 	for i, cmd := range cfg.Commands {
 		if cmd.Name == "" {
@@ -131,14 +141,15 @@ func New(cfg Config, log hclog.Logger) *Collector {
 	return c
 }
 
-// Collect returns the current fields. It never fails: a failing source is logged and left
-// out. It returns within the longest provider timeout (providers run in parallel), or
-// sooner when ctx ends.
-func (c *Collector) Collect(ctx context.Context) map[string]string {
-	out := map[string]string{}
+// Collect returns the current fields in budget order (see the package comment), own being
+// the writer's own fields. It never fails: a failing source is logged and left out. It
+// returns within the longest provider timeout (providers run in parallel), or sooner when
+// ctx ends.
+func (c *Collector) Collect(ctx context.Context, own status.Fields) status.Fields {
+	var builtin status.Fields
 	put := func(k, v string) {
 		if cv, ok := status.CleanValue(v); ok && usableKey(k) {
-			out[k] = cv
+			builtin = append(builtin, status.Field{Key: k, Value: cv})
 		}
 	}
 	if v, ok := c.uptime(); ok {
@@ -154,7 +165,7 @@ func (c *Collector) Collect(ctx context.Context) map[string]string {
 		put(KeyBattery, v)
 	}
 
-	results := make([]map[string]string, len(c.cmds))
+	results := make([]status.Fields, len(c.cmds))
 	var wg sync.WaitGroup
 	for i, cmd := range c.cmds {
 		wg.Add(1)
@@ -164,19 +175,49 @@ func (c *Collector) Collect(ctx context.Context) map[string]string {
 		}()
 	}
 	wg.Wait()
-	for _, r := range results { // config order: a later provider wins
-		for k, v := range r {
-			out[k] = v
+
+	// Every candidate in budget order, ranked by precedence; each key keeps the candidate of
+	// the highest rank, at that candidate's place.
+	type cand struct {
+		f    status.Field
+		rank int
+	}
+	var all []cand
+	for _, f := range c.static {
+		all = append(all, cand{f, len(results) + 2})
+	}
+	for i, r := range results { // config order: a later provider wins
+		for _, f := range r {
+			all = append(all, cand{f, i + 2})
 		}
 	}
-	for k, v := range c.static {
-		out[k] = v
+	for _, f := range own {
+		if cv, ok := status.CleanValue(f.Value); ok && usableKey(f.Key) {
+			all = append(all, cand{status.Field{Key: f.Key, Value: cv}, 1})
+		}
+	}
+	for _, f := range builtin {
+		all = append(all, cand{f, 0})
+	}
+	best := map[string]int{}
+	for _, x := range all {
+		if r, seen := best[x.f.Key]; !seen || x.rank > r {
+			best[x.f.Key] = x.rank
+		}
+	}
+	out := status.Fields{}
+	for _, x := range all {
+		if r, ok := best[x.f.Key]; ok && r == x.rank {
+			out = append(out, x.f)
+			delete(best, x.f.Key)
+		}
 	}
 	return out
 }
 
-// runProvider runs one provider and returns its validated fields, nil when it failed.
-func (c *Collector) runProvider(ctx context.Context, cmd Command) map[string]string {
+// runProvider runs one provider and returns its validated fields in line order, nil when it
+// failed.
+func (c *Collector) runProvider(ctx context.Context, cmd Command) status.Fields {
 	log := c.log.With("provider", cmd.Name)
 	r := proc.Run(ctx, cmd.Argv, proc.Options{Timeout: cmd.Timeout, MaxOutput: c.cfg.MaxOutput})
 	if r.Err != nil {
@@ -194,10 +235,12 @@ func (c *Collector) runProvider(ctx context.Context, cmd Command) map[string]str
 	return fields
 }
 
-// parseLines reads key=value lines. Blank lines and lines starting with # are ignored;
-// other lines without a usable key or a printable value count as bad.
-func parseLines(b []byte) (map[string]string, int) {
-	fields := map[string]string{}
+// parseLines reads key=value lines in order (a repeated key keeps its first place and its
+// last value). Blank lines and lines starting with # are ignored; other lines without a
+// usable key or a printable value count as bad.
+func parseLines(b []byte) (status.Fields, int) {
+	fields := status.Fields{}
+	at := map[string]int{}
 	bad := 0
 	sc := bufio.NewScanner(bytes.NewReader(b))
 	sc.Buffer(make([]byte, 0, 4096), len(b)+1)
@@ -213,7 +256,12 @@ func parseLines(b []byte) (map[string]string, int) {
 			bad++
 			continue
 		}
-		fields[k] = cv
+		if i, dup := at[k]; dup {
+			fields[i].Value = cv
+			continue
+		}
+		at[k] = len(fields)
+		fields = append(fields, status.Field{Key: k, Value: cv})
 	}
 	return fields, bad
 }

@@ -58,13 +58,13 @@ func TestCollect(t *testing.T) {
 	pidFile := filepath.Join(dir, "slow.pid")
 	collect := func(slow time.Duration) map[string]string {
 		return New(Config{
-			Static: map[string]string{
-				"site":       "north\tgate", // cleaned
-				"bad key!":   "x",           // invalid key: dropped
-				"reason":     "not allowed", // reserved: dropped
-				"empty":      "\x00\x01",    // nothing printable: dropped
-				"fw_channel": "stable",      // also printed by a provider: static wins
-			},
+			Static: status.Pairs(
+				"site", "north\tgate", // cleaned
+				"bad key!", "x", // invalid key: dropped
+				"reason", "not allowed", // reserved: dropped
+				"empty", "\x00\x01", // nothing printable: dropped
+				"fw_channel", "stable", // also printed by a provider: static wins
+			),
 			Commands: []Command{
 				sh("good", "printf 'model=gw-100\\n# comment\\n\\nserial = SN42 \\ntemp_c=99.9\\nfw_channel=beta\\n'", 0),
 				sh("garbage", "printf 'no equals sign\\nbad key=1\\nok_key=\\001\\002\\nfine=yes\\nprogress=1/2\\n'; head -c 64 /dev/urandom", 0),
@@ -77,7 +77,7 @@ func TestCollect(t *testing.T) {
 			StateDir: dir,
 			SysRoot:  sys,
 			ProcRoot: procRoot,
-		}, logger(t)).Collect(context.Background())
+		}, logger(t)).Collect(context.Background(), nil).Map()
 	}
 	// The slow provider's timeout must hit after its shell wrote its pid, which a loaded
 	// machine does not promise within any fixed time: start at 300 ms and double, up to
@@ -115,7 +115,7 @@ func TestCollect(t *testing.T) {
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("Collect (-want +got):\n%s", d)
 	}
-	if err := status.Validate(status.Build(status.Base{}, got)); err != nil {
+	if err := status.Validate(status.Build(status.Base{}, status.SortedFields(got))); err != nil {
 		t.Errorf("collected fields break the AWS limits: %v", err)
 	}
 
@@ -149,7 +149,7 @@ func TestBuiltinSources(t *testing.T) {
 				write(t, filepath.Join(root, p), s)
 			}
 			c := New(Config{SysRoot: filepath.Join(root, "sys"), ProcRoot: filepath.Join(root, "proc")}, nil)
-			if d := cmp.Diff(tt.want, c.Collect(context.Background())); d != "" {
+			if d := cmp.Diff(tt.want, c.Collect(context.Background(), nil).Map()); d != "" {
 				t.Errorf("(-want +got):\n%s", d)
 			}
 		})
@@ -159,7 +159,7 @@ func TestBuiltinSources(t *testing.T) {
 func TestStateDirMissing(t *testing.T) {
 	root := t.TempDir()
 	c := New(Config{StateDir: filepath.Join(root, "gone"), SysRoot: root, ProcRoot: root}, nil)
-	if got := c.Collect(context.Background()); len(got) != 0 {
+	if got := c.Collect(context.Background(), nil); len(got) != 0 {
 		t.Errorf("got %v, want nothing", got)
 	}
 }
@@ -170,7 +170,7 @@ func TestCollectHonoursContext(t *testing.T) {
 	c := New(Config{SysRoot: root, ProcRoot: root, Commands: []Command{sh("slow", "echo k=v; exec sleep 300", time.Hour)}}, nil)
 	ctx, cancel := context.WithTimeout(context.Background(), 200*time.Millisecond)
 	defer cancel()
-	if got := c.Collect(ctx); len(got) != 0 {
+	if got := c.Collect(ctx, nil); len(got) != 0 {
 		t.Errorf("got %v from a provider that was cut off", got)
 	}
 	if ctx.Err() == nil {
@@ -181,21 +181,49 @@ func TestCollectHonoursContext(t *testing.T) {
 func TestParseLines(t *testing.T) {
 	tests := []struct {
 		in      string
-		want    map[string]string
+		want    status.Fields
 		wantBad int
 	}{
-		{"a=1\nb=2\n", map[string]string{"a": "1", "b": "2"}, 0},
-		{"a=x=y", map[string]string{"a": "x=y"}, 0},
-		{"=v\nk=\n", map[string]string{}, 2},
-		{"k=" + strings.Repeat("v", 2000), map[string]string{"k": strings.Repeat("v", status.MaxValueLen)}, 0},
-		{strings.Repeat("k", 129) + "=v", map[string]string{}, 1},
-		{"\xff\xfe=1\nk=\xff1", map[string]string{"k": "1"}, 1},
-		{"error_code=7\nself_test=x", map[string]string{}, 2},
+		{"b=1\na=2\n", status.Pairs("b", "1", "a", "2"), 0},
+		{"a=x=y", status.Pairs("a", "x=y"), 0},
+		{"=v\nk=\n", status.Fields{}, 2},
+		{"k=" + strings.Repeat("v", 2000), status.Pairs("k", strings.Repeat("v", status.MaxValueLen)), 0},
+		{strings.Repeat("k", 129) + "=v", status.Fields{}, 1},
+		{"\xff\xfe=1\nk=\xff1", status.Pairs("k", "1"), 1},
+		{"error_code=7\nself_test=x", status.Fields{}, 2},
+		{"a=1\nb=2\na=3", status.Pairs("a", "3", "b", "2"), 0},
 	}
 	for _, tt := range tests {
 		got, bad := parseLines([]byte(tt.in))
 		if d := cmp.Diff(tt.want, got); d != "" || bad != tt.wantBad {
 			t.Errorf("%q: bad=%d want %d, (-want +got):\n%s", tt.in, bad, tt.wantBad, d)
 		}
+	}
+}
+
+// Collect returns the fields in budget order: static pairs in configuration order, then the
+// providers' lines in provider and line order, then the writer's own fields, then the
+// built-in sources; each key once, where its winning value comes from.
+func TestCollectOrder(t *testing.T) {
+	sys, procRoot := fakeSys(t)
+	c := New(Config{
+		Static: status.Pairs("zz_site", "north", "aa_rack", "7", "mm_model", "static"),
+		Commands: []Command{
+			sh("first", "printf 'p1_b=1\\np1_a=2\\nshared=first\\nmm_model=provider\\n'", 0),
+			sh("second", "printf 'shared=second\\ntemp_c=99.9\\n'", 0),
+		},
+		SysRoot: sys, ProcRoot: procRoot,
+	}, logger(t))
+	own := status.Pairs("firmware_version", "4.2.0", "boot_slot", "b", "zz_site", "own loses")
+	got := c.Collect(context.Background(), own)
+	want := status.Pairs(
+		"zz_site", "north", "aa_rack", "7", "mm_model", "static", // static, in config order
+		"p1_b", "1", "p1_a", "2", // first provider, line order
+		"shared", "second", "temp_c", "99.9", // a later provider wins, and over a built-in
+		"firmware_version", "4.2.0", "boot_slot", "b", // the writer's own
+		KeyUptime, "12345", KeyBattery, "87", // built-in sources
+	)
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("Collect order (-want +got):\n%s", d)
 	}
 }

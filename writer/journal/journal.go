@@ -119,6 +119,9 @@ type Session struct {
 	Durable []byte    `json:"durable"`
 	SHA256  string    `json:"sha256,omitempty"` // hex digest read back, once verified
 	Created time.Time `json:"created"`
+	// Updated: the last progress (blocks made durable, verified); an operator tells a stuck
+	// session by it.
+	Updated time.Time `json:"updated,omitzero"`
 }
 
 // Update names the last activated update, so state after a reboot can name its job.

@@ -4,6 +4,7 @@ import (
 	"context"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 )
 
 // Core is the plain Go writer the gRPC adapter serves (implemented by writer/engine). It
@@ -24,7 +25,9 @@ type Core interface {
 	SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error)
 	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
 	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
-	Extensions(ctx context.Context) (map[string]string, error)
+	// Extensions returns the status extension fields in the order they take the
+	// statusDetails budget.
+	Extensions(ctx context.Context) (status.Fields, error)
 	MaxBlockSize() uint32
 }
 

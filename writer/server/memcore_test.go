@@ -127,9 +127,9 @@ func (c *memCore) Commit(context.Context, string) (*otav1.CommitResponse, error)
 func (c *memCore) Reject(context.Context, string, otav1.Reason) (*otav1.RejectResponse, error) {
 	return &otav1.RejectResponse{}, nil
 }
-func (c *memCore) Extensions(context.Context) (map[string]string, error) {
+func (c *memCore) Extensions(context.Context) (status.Fields, error) {
 	if c.panicOn {
 		panic("boom")
 	}
-	return map[string]string{"k": "v"}, nil
+	return status.Pairs("k", "v"), nil
 }

@@ -150,5 +150,9 @@ func (s *service) GetExtensions(ctx context.Context, _ *otav1.GetExtensionsReque
 	if err != nil {
 		return nil, err
 	}
-	return &otav1.GetExtensionsResponse{Values: v}, nil
+	resp := &otav1.GetExtensionsResponse{Values: v.Map()}
+	for _, f := range v {
+		resp.Fields = append(resp.Fields, &otav1.ExtensionField{Key: f.Key, Value: f.Value})
+	}
+	return resp, nil
 }

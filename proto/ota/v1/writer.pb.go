@@ -697,11 +697,17 @@ type SessionInfo struct {
 	DurableBlocks uint64 `protobuf:"varint,9,opt,name=durable_blocks,json=durableBlocks,proto3" json:"durable_blocks,omitempty"`
 	// Bitmap of blocks still missing (not durable): bit k is block k, byte k>>3, mask
 	// 1<<(k&7), the AWS stream bitmap order.
-	Missing       []byte       `protobuf:"bytes,10,opt,name=missing,proto3" json:"missing,omitempty"`
-	State         SessionState `protobuf:"varint,11,opt,name=state,proto3,enum=ota.v1.SessionState" json:"state,omitempty"`
-	Version       string       `protobuf:"bytes,12,opt,name=version,proto3" json:"version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Missing []byte       `protobuf:"bytes,10,opt,name=missing,proto3" json:"missing,omitempty"`
+	State   SessionState `protobuf:"varint,11,opt,name=state,proto3,enum=ota.v1.SessionState" json:"state,omitempty"`
+	Version string       `protobuf:"bytes,12,opt,name=version,proto3" json:"version,omitempty"`
+	// When the session was begun and when it last made progress (blocks became durable, or it
+	// was verified), in Unix seconds: an operator tells a stuck session by its idle time.
+	CreatedUnix int64 `protobuf:"varint,13,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
+	UpdatedUnix int64 `protobuf:"varint,14,opt,name=updated_unix,json=updatedUnix,proto3" json:"updated_unix,omitempty"`
+	// Blocks written (not necessarily durable) while this writer process runs.
+	ReceivedBlocks uint64 `protobuf:"varint,15,opt,name=received_blocks,json=receivedBlocks,proto3" json:"received_blocks,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *SessionInfo) Reset() {
@@ -816,6 +822,27 @@ func (x *SessionInfo) GetVersion() string {
 		return x.Version
 	}
 	return ""
+}
+
+func (x *SessionInfo) GetCreatedUnix() int64 {
+	if x != nil {
+		return x.CreatedUnix
+	}
+	return 0
+}
+
+func (x *SessionInfo) GetUpdatedUnix() int64 {
+	if x != nil {
+		return x.UpdatedUnix
+	}
+	return 0
+}
+
+func (x *SessionInfo) GetReceivedBlocks() uint64 {
+	if x != nil {
+		return x.ReceivedBlocks
+	}
+	return 0
 }
 
 type DeviceState struct {
@@ -2028,8 +2055,12 @@ func (*GetExtensionsRequest) Descriptor() ([]byte, []int) {
 }
 
 type GetExtensionsResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Values        map[string]string      `protobuf:"bytes,1,rep,name=values,proto3" json:"values,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// Every field, unordered (kept for older clients).
+	Values map[string]string `protobuf:"bytes,1,rep,name=values,proto3" json:"values,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"bytes,2,opt,name=value"`
+	// The same fields in the order they take the statusDetails budget: the operator's
+	// configured fields first, in configuration order.
+	Fields        []*ExtensionField `protobuf:"bytes,2,rep,name=fields,proto3" json:"fields,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -2071,6 +2102,65 @@ func (x *GetExtensionsResponse) GetValues() map[string]string {
 	return nil
 }
 
+func (x *GetExtensionsResponse) GetFields() []*ExtensionField {
+	if x != nil {
+		return x.Fields
+	}
+	return nil
+}
+
+type ExtensionField struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Key           string                 `protobuf:"bytes,1,opt,name=key,proto3" json:"key,omitempty"`
+	Value         string                 `protobuf:"bytes,2,opt,name=value,proto3" json:"value,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ExtensionField) Reset() {
+	*x = ExtensionField{}
+	mi := &file_ota_v1_writer_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ExtensionField) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ExtensionField) ProtoMessage() {}
+
+func (x *ExtensionField) ProtoReflect() protoreflect.Message {
+	mi := &file_ota_v1_writer_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ExtensionField.ProtoReflect.Descriptor instead.
+func (*ExtensionField) Descriptor() ([]byte, []int) {
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *ExtensionField) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+func (x *ExtensionField) GetValue() string {
+	if x != nil {
+		return x.Value
+	}
+	return ""
+}
+
 var File_ota_v1_writer_proto protoreflect.FileDescriptor
 
 const file_ota_v1_writer_proto_rawDesc = "" +
@@ -2105,7 +2195,7 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x12\n" +
 	"\x04slot\x18\x03 \x01(\tR\x04slot\x12\x18\n" +
 	"\aversion\x18\x04 \x01(\tR\aversion\x12&\n" +
-	"\x06reason\x18\x05 \x01(\x0e2\x0e.ota.v1.ReasonR\x06reason\"\xf4\x02\n" +
+	"\x06reason\x18\x05 \x01(\x0e2\x0e.ota.v1.ReasonR\x06reason\"\xe3\x03\n" +
 	"\vSessionInfo\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x15\n" +
@@ -2122,7 +2212,10 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\amissing\x18\n" +
 	" \x01(\fR\amissing\x12*\n" +
 	"\x05state\x18\v \x01(\x0e2\x14.ota.v1.SessionStateR\x05state\x12\x18\n" +
-	"\aversion\x18\f \x01(\tR\aversion\"\xfa\x01\n" +
+	"\aversion\x18\f \x01(\tR\aversion\x12!\n" +
+	"\fcreated_unix\x18\r \x01(\x03R\vcreatedUnix\x12!\n" +
+	"\fupdated_unix\x18\x0e \x01(\x03R\vupdatedUnix\x12'\n" +
+	"\x0freceived_blocks\x18\x0f \x01(\x04R\x0ereceivedBlocks\"\xfa\x01\n" +
 	"\vDeviceState\x123\n" +
 	"\vimage_state\x18\x01 \x01(\x0e2\x12.ota.v1.ImageStateR\n" +
 	"imageState\x12-\n" +
@@ -2208,12 +2301,16 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\x06reason\x18\x02 \x01(\x0e2\x0e.ota.v1.ReasonR\x06reason\"9\n" +
 	"\x0eRejectResponse\x12'\n" +
 	"\x0freboot_required\x18\x01 \x01(\bR\x0erebootRequired\"\x16\n" +
-	"\x14GetExtensionsRequest\"\x95\x01\n" +
+	"\x14GetExtensionsRequest\"\xc5\x01\n" +
 	"\x15GetExtensionsResponse\x12A\n" +
-	"\x06values\x18\x01 \x03(\v2).ota.v1.GetExtensionsResponse.ValuesEntryR\x06values\x1a9\n" +
+	"\x06values\x18\x01 \x03(\v2).ota.v1.GetExtensionsResponse.ValuesEntryR\x06values\x12.\n" +
+	"\x06fields\x18\x02 \x03(\v2\x16.ota.v1.ExtensionFieldR\x06fields\x1a9\n" +
 	"\vValuesEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*K\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01\"8\n" +
+	"\x0eExtensionField\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value*K\n" +
 	"\x0fProtocolVersion\x12 \n" +
 	"\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n" +
 	"\x12PROTOCOL_VERSION_1\x10\x01*\x85\x02\n" +
@@ -2271,7 +2368,7 @@ func file_ota_v1_writer_proto_rawDescGZIP() []byte {
 }
 
 var file_ota_v1_writer_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_ota_v1_writer_proto_msgTypes = make([]protoimpl.MessageInfo, 31)
+var file_ota_v1_writer_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
 var file_ota_v1_writer_proto_goTypes = []any{
 	(ProtocolVersion)(0),          // 0: ota.v1.ProtocolVersion
 	(SigAlgorithm)(0),             // 1: ota.v1.SigAlgorithm
@@ -2308,8 +2405,9 @@ var file_ota_v1_writer_proto_goTypes = []any{
 	(*RejectResponse)(nil),        // 32: ota.v1.RejectResponse
 	(*GetExtensionsRequest)(nil),  // 33: ota.v1.GetExtensionsRequest
 	(*GetExtensionsResponse)(nil), // 34: ota.v1.GetExtensionsResponse
-	nil,                           // 35: ota.v1.GetExtensionsResponse.ValuesEntry
-	(Reason)(0),                   // 36: ota.v1.Reason
+	(*ExtensionField)(nil),        // 35: ota.v1.ExtensionField
+	nil,                           // 36: ota.v1.GetExtensionsResponse.ValuesEntry
+	(Reason)(0),                   // 37: ota.v1.Reason
 }
 var file_ota_v1_writer_proto_depIdxs = []int32{
 	0,  // 0: ota.v1.HandshakeRequest.protocol_version:type_name -> ota.v1.ProtocolVersion
@@ -2317,7 +2415,7 @@ var file_ota_v1_writer_proto_depIdxs = []int32{
 	1,  // 2: ota.v1.HandshakeResponse.sig_algorithms:type_name -> ota.v1.SigAlgorithm
 	3,  // 3: ota.v1.TargetState.kind:type_name -> ota.v1.TargetKind
 	8,  // 4: ota.v1.TargetState.slots:type_name -> ota.v1.SlotInfo
-	36, // 5: ota.v1.UpdateInfo.reason:type_name -> ota.v1.Reason
+	37, // 5: ota.v1.UpdateInfo.reason:type_name -> ota.v1.Reason
 	4,  // 6: ota.v1.SessionInfo.state:type_name -> ota.v1.SessionState
 	2,  // 7: ota.v1.DeviceState.image_state:type_name -> ota.v1.ImageState
 	9,  // 8: ota.v1.DeviceState.targets:type_name -> ota.v1.TargetState
@@ -2327,43 +2425,44 @@ var file_ota_v1_writer_proto_depIdxs = []int32{
 	11, // 12: ota.v1.BeginSessionResponse.session:type_name -> ota.v1.SessionInfo
 	15, // 13: ota.v1.WriteBlocksRequest.blocks:type_name -> ota.v1.Block
 	11, // 14: ota.v1.FinishSessionResponse.session:type_name -> ota.v1.SessionInfo
-	36, // 15: ota.v1.AbortSessionRequest.reason:type_name -> ota.v1.Reason
-	36, // 16: ota.v1.SelfTestResponse.reason:type_name -> ota.v1.Reason
+	37, // 15: ota.v1.AbortSessionRequest.reason:type_name -> ota.v1.Reason
+	37, // 16: ota.v1.SelfTestResponse.reason:type_name -> ota.v1.Reason
 	27, // 17: ota.v1.SelfTestResponse.checks:type_name -> ota.v1.CheckResult
 	10, // 18: ota.v1.CommitResponse.committed:type_name -> ota.v1.UpdateInfo
-	36, // 19: ota.v1.RejectRequest.reason:type_name -> ota.v1.Reason
-	35, // 20: ota.v1.GetExtensionsResponse.values:type_name -> ota.v1.GetExtensionsResponse.ValuesEntry
-	5,  // 21: ota.v1.Writer.Handshake:input_type -> ota.v1.HandshakeRequest
-	7,  // 22: ota.v1.Writer.GetState:input_type -> ota.v1.GetStateRequest
-	13, // 23: ota.v1.Writer.BeginSession:input_type -> ota.v1.BeginSessionRequest
-	16, // 24: ota.v1.Writer.WriteBlocks:input_type -> ota.v1.WriteBlocksRequest
-	16, // 25: ota.v1.Writer.WriteBatch:input_type -> ota.v1.WriteBlocksRequest
-	18, // 26: ota.v1.Writer.FinishSession:input_type -> ota.v1.FinishSessionRequest
-	20, // 27: ota.v1.Writer.AbortSession:input_type -> ota.v1.AbortSessionRequest
-	22, // 28: ota.v1.Writer.Activate:input_type -> ota.v1.ActivateRequest
-	24, // 29: ota.v1.Writer.Reboot:input_type -> ota.v1.RebootRequest
-	26, // 30: ota.v1.Writer.SelfTest:input_type -> ota.v1.SelfTestRequest
-	29, // 31: ota.v1.Writer.Commit:input_type -> ota.v1.CommitRequest
-	31, // 32: ota.v1.Writer.Reject:input_type -> ota.v1.RejectRequest
-	33, // 33: ota.v1.Writer.GetExtensions:input_type -> ota.v1.GetExtensionsRequest
-	6,  // 34: ota.v1.Writer.Handshake:output_type -> ota.v1.HandshakeResponse
-	12, // 35: ota.v1.Writer.GetState:output_type -> ota.v1.DeviceState
-	14, // 36: ota.v1.Writer.BeginSession:output_type -> ota.v1.BeginSessionResponse
-	17, // 37: ota.v1.Writer.WriteBlocks:output_type -> ota.v1.WriteAck
-	17, // 38: ota.v1.Writer.WriteBatch:output_type -> ota.v1.WriteAck
-	19, // 39: ota.v1.Writer.FinishSession:output_type -> ota.v1.FinishSessionResponse
-	21, // 40: ota.v1.Writer.AbortSession:output_type -> ota.v1.AbortSessionResponse
-	23, // 41: ota.v1.Writer.Activate:output_type -> ota.v1.ActivateResponse
-	25, // 42: ota.v1.Writer.Reboot:output_type -> ota.v1.RebootResponse
-	28, // 43: ota.v1.Writer.SelfTest:output_type -> ota.v1.SelfTestResponse
-	30, // 44: ota.v1.Writer.Commit:output_type -> ota.v1.CommitResponse
-	32, // 45: ota.v1.Writer.Reject:output_type -> ota.v1.RejectResponse
-	34, // 46: ota.v1.Writer.GetExtensions:output_type -> ota.v1.GetExtensionsResponse
-	34, // [34:47] is the sub-list for method output_type
-	21, // [21:34] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	37, // 19: ota.v1.RejectRequest.reason:type_name -> ota.v1.Reason
+	36, // 20: ota.v1.GetExtensionsResponse.values:type_name -> ota.v1.GetExtensionsResponse.ValuesEntry
+	35, // 21: ota.v1.GetExtensionsResponse.fields:type_name -> ota.v1.ExtensionField
+	5,  // 22: ota.v1.Writer.Handshake:input_type -> ota.v1.HandshakeRequest
+	7,  // 23: ota.v1.Writer.GetState:input_type -> ota.v1.GetStateRequest
+	13, // 24: ota.v1.Writer.BeginSession:input_type -> ota.v1.BeginSessionRequest
+	16, // 25: ota.v1.Writer.WriteBlocks:input_type -> ota.v1.WriteBlocksRequest
+	16, // 26: ota.v1.Writer.WriteBatch:input_type -> ota.v1.WriteBlocksRequest
+	18, // 27: ota.v1.Writer.FinishSession:input_type -> ota.v1.FinishSessionRequest
+	20, // 28: ota.v1.Writer.AbortSession:input_type -> ota.v1.AbortSessionRequest
+	22, // 29: ota.v1.Writer.Activate:input_type -> ota.v1.ActivateRequest
+	24, // 30: ota.v1.Writer.Reboot:input_type -> ota.v1.RebootRequest
+	26, // 31: ota.v1.Writer.SelfTest:input_type -> ota.v1.SelfTestRequest
+	29, // 32: ota.v1.Writer.Commit:input_type -> ota.v1.CommitRequest
+	31, // 33: ota.v1.Writer.Reject:input_type -> ota.v1.RejectRequest
+	33, // 34: ota.v1.Writer.GetExtensions:input_type -> ota.v1.GetExtensionsRequest
+	6,  // 35: ota.v1.Writer.Handshake:output_type -> ota.v1.HandshakeResponse
+	12, // 36: ota.v1.Writer.GetState:output_type -> ota.v1.DeviceState
+	14, // 37: ota.v1.Writer.BeginSession:output_type -> ota.v1.BeginSessionResponse
+	17, // 38: ota.v1.Writer.WriteBlocks:output_type -> ota.v1.WriteAck
+	17, // 39: ota.v1.Writer.WriteBatch:output_type -> ota.v1.WriteAck
+	19, // 40: ota.v1.Writer.FinishSession:output_type -> ota.v1.FinishSessionResponse
+	21, // 41: ota.v1.Writer.AbortSession:output_type -> ota.v1.AbortSessionResponse
+	23, // 42: ota.v1.Writer.Activate:output_type -> ota.v1.ActivateResponse
+	25, // 43: ota.v1.Writer.Reboot:output_type -> ota.v1.RebootResponse
+	28, // 44: ota.v1.Writer.SelfTest:output_type -> ota.v1.SelfTestResponse
+	30, // 45: ota.v1.Writer.Commit:output_type -> ota.v1.CommitResponse
+	32, // 46: ota.v1.Writer.Reject:output_type -> ota.v1.RejectResponse
+	34, // 47: ota.v1.Writer.GetExtensions:output_type -> ota.v1.GetExtensionsResponse
+	35, // [35:48] is the sub-list for method output_type
+	22, // [22:35] is the sub-list for method input_type
+	22, // [22:22] is the sub-list for extension type_name
+	22, // [22:22] is the sub-list for extension extendee
+	0,  // [0:22] is the sub-list for field type_name
 }
 
 func init() { file_ota_v1_writer_proto_init() }
@@ -2379,7 +2478,7 @@ func file_ota_v1_writer_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ota_v1_writer_proto_rawDesc), len(file_ota_v1_writer_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   31,
+			NumMessages:   32,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -73,6 +73,9 @@ type Agent struct {
 	// re-announcement of the same state (reconnect, duplicate) is not acted on twice.
 	mu      sync.Mutex
 	handled map[string]string
+	// reconcileAgain: an abort or a reconciliation could not reach the writer or the cloud;
+	// reconcile again when the agent is idle.
+	reconcileAgain atomic.Bool
 }
 
 // New builds an agent. Either downloader may be nil (that protocol is then unusable).
@@ -124,6 +127,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("jobs: %w", err)
 	}
 	a.checkForeignTrial(ctx)
+	a.reconcile(ctx, "", nil)
 
 	var cur *running
 	stop := func(cause error) {
@@ -144,6 +148,9 @@ func (a *Agent) Run(ctx context.Context) error {
 			return nil
 		case <-curDone:
 			cur, curDone = nil, nil
+			if a.reconcileAgain.Load() {
+				a.reconcile(ctx, "", nil)
+			}
 		case ex := <-a.jobs.Next():
 			if cur != nil && (ex == nil || ex.JobID != cur.jobID) {
 				a.log.Info("current job is no longer next", "job_id", cur.jobID, "next", nextID(ex))
@@ -300,6 +307,8 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
 		return
 	}
+	// A session left by a job that is gone would keep its target busy (session_busy).
+	a.reconcile(ctx, ex.JobID, st)
 	if j.install(ctx, doc) {
 		key = stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
 	}
@@ -691,6 +700,10 @@ func (j *job) abortSessions(reason otav1.Reason) {
 		}
 		if err := s.Abort(ctx, reason); err != nil {
 			j.log.Warn("abort session failed", "session", s.ID(), "error", err)
+			if status.ReasonOf(err) == otav1.Reason_REASON_WRITER_UNAVAILABLE {
+				// The writer keeps the session in its journal: abort it once it is back.
+				j.a.reconcileAgain.Store(true)
+			}
 		}
 	}
 	j.sessions = nil
@@ -756,6 +769,92 @@ func (a *Agent) checkForeignTrial(ctx context.Context) {
 	if rr.GetRebootRequired() {
 		if err := a.writer.Reboot(ctx); err != nil {
 			a.log.Error("reboot after reject failed", "error", err)
+		}
+	}
+}
+
+// reconcile aborts the writer's sessions whose job is no longer the device's job: gone in
+// the cloud (canceled, removed, timed out, or ended) as DescribeJobExecution says. Such a
+// session is an orphan (the job was canceled while ota-net was down, or while the writer was
+// away so the abort did not reach it) and would keep its target busy for every later job.
+// current is the job the agent runs now; "" asks the cloud ($next). A session of the
+// current job is resumed by the job, never aborted here; a session of a job still open in
+// the cloud (queued, in progress, in self test) is left alone, and so is an activated one.
+// st is the writer's state when the caller has it. When the writer or the cloud cannot
+// answer, nothing is aborted and reconciliation runs again when the agent is idle.
+func (a *Agent) reconcile(ctx context.Context, current string, st *otav1.DeviceState) {
+	a.reconcileAgain.Store(false)
+	if st == nil {
+		if err := a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = a.writer.State(ctx); return err }); err != nil {
+			if ctx.Err() == nil {
+				a.log.Warn("reconcile: writer state unavailable", "error", err)
+				a.reconcileAgain.Store(true)
+			}
+			return
+		}
+	}
+	var todo []*otav1.SessionInfo
+	for _, s := range st.GetSessions() {
+		if s.GetJobId() != current && s.GetState() != otav1.SessionState_SESSION_STATE_ACTIVATED {
+			todo = append(todo, s)
+		}
+	}
+	if len(todo) == 0 {
+		return
+	}
+	if current == "" {
+		next, err := a.jobs.Describe(ctx, "$next")
+		switch {
+		case err == nil:
+			current = next.JobID
+		case errors.Is(err, jobs.ErrNotFound):
+		default:
+			// Not knowing the next job is no reason to hold back: a job the cloud itself
+			// calls gone is never the next one.
+			a.log.Warn("reconcile: next job unknown", "error", err)
+		}
+	}
+	gone := map[string]bool{}
+	for _, s := range todo {
+		jobID := s.GetJobId()
+		log := a.log.With("job_id", jobID, "target", s.GetTarget(), "session", s.GetSessionId())
+		if jobID == current {
+			log.Info("reconcile: session of the current job is kept for resuming")
+			continue
+		}
+		isGone, known := gone[jobID]
+		if !known {
+			ex, err := a.jobs.Describe(ctx, jobID)
+			var te *jobs.TerminalError
+			switch {
+			case errors.As(err, &te), errors.Is(err, jobs.ErrNotFound):
+				isGone = true
+			case err == nil:
+				isGone = jobs.Terminal(ex.Status)
+			default:
+				if ctx.Err() != nil {
+					return
+				}
+				log.Warn("reconcile: cannot tell whether the session's job is gone; kept", "error", err)
+				a.reconcileAgain.Store(true)
+				continue
+			}
+			gone[jobID] = isGone
+		}
+		if !isGone {
+			log.Info("reconcile: the session's job is still open in the cloud; kept")
+			continue
+		}
+		log.Warn("reconcile: the session's job is gone in the cloud: aborting the orphaned session",
+			"durable_blocks", s.GetDurableBlocks(), "total_blocks", s.GetTotalBlocks())
+		err := a.writer.Abort(ctx, s.GetSessionId(), otav1.Reason_REASON_USER_ABORT)
+		switch r := status.ReasonOf(err); {
+		case err == nil, r == otav1.Reason_REASON_BAD_FILE_HANDLE: // gone already
+		case r == otav1.Reason_REASON_WRITER_UNAVAILABLE:
+			log.Warn("reconcile: writer unavailable; aborting later", "error", err)
+			a.reconcileAgain.Store(true)
+		default:
+			log.Error("reconcile: abort failed", "error", err)
 		}
 	}
 }

@@ -29,6 +29,8 @@ type Writer interface {
 	SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error)
 	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
 	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
+	// Abort drops a session by id (reconciliation of sessions whose job is gone).
+	Abort(ctx context.Context, sessionID string, reason otav1.Reason) error
 	// Extensions returns the status extension fields in the writer's order.
 	Extensions(ctx context.Context) (status.Fields, error)
 }

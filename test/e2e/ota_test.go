@@ -374,3 +374,58 @@ func uniq(xs []int) []int {
 	slices.Sort(s)
 	return slices.Compact(s)
 }
+
+// TestCancelWhileNetDown: ota-net is killed with SIGKILL mid-download and the job is canceled
+// while it is down, so nobody aborts the writer's session. At its next start ota-net finds
+// the job gone in the cloud and aborts the orphaned session: a new job on the same target
+// installs (without the reconciliation it was REJECTED session_busy/3012, for ever).
+func TestCancelWhileNetDown(t *testing.T) {
+	onBrokers(t, func(t *testing.T, broker string) {
+		e := newEnv(t, broker, paced)
+		img := e.image("v2.img", midImage, 12)
+		if err := e.dev.StartWriter(e.ctx); err != nil {
+			t.Fatal(err)
+		}
+		e.createJob("orphan", e.signer.File(img))
+		slow(e, "orphan")
+		if err := e.dev.StartNet(e.ctx); err != nil {
+			t.Fatal(err)
+		}
+		waitMid(t, e, "orphan")
+		if err := e.dev.KillNet(e.ctx); err != nil {
+			t.Fatal(err)
+		}
+		if err := e.cloud.CancelJob(e.ctx, "orphan", true); err != nil {
+			t.Fatal(err)
+		}
+		if ex := e.waitEnd("orphan"); ex.Status != backend.StatusCanceled {
+			t.Fatalf("status %s, want CANCELED", ex.Status)
+		}
+		// The writer still holds the canceled job's session: the orphan.
+		if missing, total := sessionMissing(t, e, "orphan"); len(missing) == 0 || len(missing) == total {
+			t.Fatalf("want a half-written session, the writer misses %d of %d blocks", len(missing), total)
+		}
+		before := e.slots()
+
+		if err := e.dev.StartNet(e.ctx); err != nil {
+			t.Fatal(err)
+		}
+		img2 := e.image("v3.img", smallImage, 13)
+		e.createJob("after-orphan", e.signer.File(img2))
+		e.waitEnd("after-orphan")
+		checkSteps(t, e.cloud, "after-orphan", happy)
+		e.checkInstalled(img2, 1)
+		if got := e.slots().A; got != before.A {
+			t.Errorf("running slot a changed")
+		}
+		st, err := e.dev.State(e.ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, s := range st.GetSessions() {
+			t.Errorf("session left after the new job: %v", s)
+		}
+		// The canceled job got no report after its cancel.
+		checkSteps(t, e.cloud, "orphan", []harness.Step{receiving, {Status: backend.StatusCanceled, SelfTest: "receiving"}})
+	})
+}

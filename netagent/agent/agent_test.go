@@ -282,7 +282,9 @@ func startDevice(t *testing.T, e *emulator.Emulator, w *writerRig, cfg agent.Con
 	if err != nil {
 		t.Fatal(err)
 	}
-	cfg.Logger = logger(t, "agent")
+	if cfg.Logger == nil {
+		cfg.Logger = logger(t, "agent")
+	}
 	if cfg.BlockSize == 0 {
 		cfg.BlockSize = 4096
 	}
@@ -503,6 +505,73 @@ func TestCancelAbortsSession(t *testing.T) {
 	if ex := waitStatus(t, e, "job-c", jobs.StatusCanceled); ex.Status != jobs.StatusCanceled {
 		t.Fatal(ex)
 	}
+}
+
+// A job canceled while the writer is away: ota-net's abort cannot reach it and the writer
+// keeps the session in its journal. Once the writer is back, ota-net aborts the orphan (the
+// job is gone in the cloud), and the next job on the same target is not refused session_busy.
+func TestCancelWhileWriterDownAbortsOnReconnect(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	// The writer comes back only once ota-net's own abort has failed.
+	abortFailed := &lineWaiter{want: "abort session failed", seen: make(chan struct{})}
+	startDevice(t, e, w, agent.Config{Logger: hclog.New(&hclog.LoggerOptions{Name: "agent", Level: hclog.Debug, Output: abortFailed})})
+	img := newImage(t, 1<<20)
+	createJob(t, e, "job-wd", []string{"MQTT"}, img, 0, nil)
+	e.SetFaults(e.StreamName("job-wd"), emulator.Faults{Delay: 200 * time.Millisecond})
+	waitStatus(t, e, "job-wd", jobs.StatusInProgress)
+	w.stop()
+	if err := e.CancelJob(context.Background(), "job-wd", true); err != nil {
+		t.Fatal(err)
+	}
+	waitStatus(t, e, "job-wd", jobs.StatusCanceled)
+	select {
+	case <-abortFailed.seen:
+	case <-time.After(60 * time.Second):
+		t.Fatal("ota-net's abort did not fail with the writer away")
+	}
+	w.start(false)
+	if st, err := w.eng.State(context.Background()); err != nil || len(st.GetSessions()) != 1 {
+		t.Fatalf("the writer came back with %v (%v), want the canceled job's session", st.GetSessions(), err)
+	}
+	next := newImage(t, 30*1024)
+	createJob(t, e, "job-next", []string{"MQTT"}, next, 0, nil)
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	refused := make(chan backend.Execution, 1)
+	go func() {
+		if ex, err := e.WaitStatus(ctx, "job-next", jobs.StatusRejected, jobs.StatusFailed); err == nil {
+			refused <- ex
+		}
+	}()
+	select {
+	case <-w.reboots: // installed, activated: the target was free
+	case ex := <-refused:
+		t.Fatalf("next job refused: %+v", ex)
+	case <-ctx.Done():
+		t.Fatal("next job: no reboot")
+	}
+	if ex := waitStatus(t, e, "job-next", jobs.StatusInProgress); ex.StatusDetails["self_test"] != "ready" {
+		t.Fatalf("next job %+v", ex)
+	}
+}
+
+// lineWaiter is a log output that closes seen once a line contains want.
+type lineWaiter struct {
+	want string
+	mu   sync.Mutex
+	seen chan struct{}
+	done bool
+}
+
+func (l *lineWaiter) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if !l.done && strings.Contains(string(p), l.want) {
+		l.done = true
+		close(l.seen)
+	}
+	return len(p), nil
 }
 
 func TestWriterUnavailableFailsJob(t *testing.T) {

@@ -983,3 +983,79 @@ func TestVersionPolicyRejects(t *testing.T) {
 		t.Fatalf("%d blocks downloaded for a refused image", n)
 	}
 }
+
+// Reconciliation at start-up decides by the cloud's word on each session's job: a session
+// of a job still open (here QUEUED, not the next one as far as the agent can tell) is kept
+// for resuming; a session of a canceled job is aborted.
+func TestReconcileKeepsOpenAbortsGone(t *testing.T) {
+	b := mqtttest.Start(t, mqtttest.Options{})
+	w := newWriter(t, "/bin/true")
+	const thing = "gw-rec"
+	cloud := newHandCloud(t, b, thing)
+	cloud.mu.Lock()
+	cloud.status["gone-1"] = jobs.StatusCanceled
+	cloud.mu.Unlock()
+
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
+	defer lcancel()
+	link, err := writerlink.Dial(lctx, writerlink.Config{SocketPath: w.sock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer link.Close()
+	// Sessions a previous ota-net left: job open-1 on rootfs, job gone-1 on app.
+	img := newImage(t, 64*1024)
+	for _, s := range []struct {
+		job string
+		ft  int32
+	}{{"open-1", 0}, {"gone-1", 1}} {
+		ft := s.ft
+		if _, err := link.Begin(ctx, &otav1.BeginSessionRequest{JobId: s.job, FileType: &ft, FileSize: uint64(len(img.data)), BlockSize: 4096,
+			SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: img.sig, CertName: "signer.crt.pem"}); err != nil {
+			t.Fatal(err)
+		}
+	}
+
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(context.Background())
+	// The hand cloud never answers $next/get: the agent cannot learn the next job and must
+	// decide by each job's own execution.
+	jc, err := jobs.New(conn, thing, jobs.Options{ResponseTimeout: 200 * time.Millisecond, Attempts: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer jc.Close(context.Background())
+	a := agent.New(jc, agent.LinkWriter(link), nil, nil, agent.Config{Logger: logger(t, "agent")})
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	defer func() { cancel(); <-done }()
+
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		st, err := link.State(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var jobsLeft []string
+		for _, s := range st.GetSessions() {
+			jobsLeft = append(jobsLeft, s.GetJobId())
+		}
+		if len(jobsLeft) == 1 && jobsLeft[0] == "open-1" {
+			break // rootfs (open-1) is decided before app (gone-1): kept, not just not yet seen
+		}
+		if len(jobsLeft) == 0 || time.Now().After(deadline) {
+			t.Fatalf("sessions left: %v, want only open-1's", jobsLeft)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	select {
+	case u := <-cloud.updates:
+		t.Errorf("reconciliation reported %q; it must only abort", u)
+	default:
+	}
+}

@@ -4,7 +4,9 @@
 // reboots; after a restart in a trial boot it runs the self test and commits or rolls back.
 // Every failure ends as FAILED (or REJECTED when the job never started) with reason and
 // error_code plus the writer's extension fields. A SIGTERM (context cancellation) stops
-// without reporting or aborting anything, so the next start resumes.
+// without reporting or aborting anything, so the next start resumes. Writer sessions whose
+// job is gone in the cloud (canceled while ota-net or the writer was down) are aborted at
+// start-up, before each job and after an abort the writer missed (reconcile).
 package agent
 
 import (

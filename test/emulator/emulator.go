@@ -69,7 +69,9 @@ type Emulator struct {
 	httpLn   net.Listener
 	httpSrv  *http.Server
 	httpBase string
-	urlKey   []byte
+	// httpBytes counts file bytes served over presigned URLs, per job.
+	httpBytes map[string]int64
+	urlKey    []byte
 
 	qMu     sync.Mutex
 	queue   []message     // requests waiting for the worker, unbounded (see enqueue)
@@ -121,21 +123,22 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 		opts.Logger = hclog.NewNullLogger()
 	}
 	e := &Emulator{
-		opts:     opts,
-		log:      opts.Logger,
-		thing:    opts.Thing,
-		qSignal:  make(chan struct{}, 1),
-		evSignal: make(chan struct{}, 1),
-		stop:     make(chan struct{}),
-		jobs:     map[string]*job{},
-		things:   map[string][]*execution{},
-		streams:  map[string]*job{},
-		lastNext: map[string]string{},
-		lastPend: map[string]string{},
-		faults:   map[string]*faultState{},
-		records:  map[string][]StreamRequest{},
-		changed:  make(chan struct{}),
-		urlKey:   []byte(fmt.Sprintf("emulator-url-key-%d-%d", opts.Seed, time.Now().UnixNano())),
+		opts:      opts,
+		log:       opts.Logger,
+		thing:     opts.Thing,
+		qSignal:   make(chan struct{}, 1),
+		evSignal:  make(chan struct{}, 1),
+		stop:      make(chan struct{}),
+		jobs:      map[string]*job{},
+		things:    map[string][]*execution{},
+		streams:   map[string]*job{},
+		lastNext:  map[string]string{},
+		lastPend:  map[string]string{},
+		faults:    map[string]*faultState{},
+		records:   map[string][]StreamRequest{},
+		httpBytes: map[string]int64{},
+		changed:   make(chan struct{}),
+		urlKey:    []byte(fmt.Sprintf("emulator-url-key-%d-%d", opts.Seed, time.Now().UnixNano())),
 	}
 
 	ln, err := net.Listen("tcp", opts.HTTPListen)
@@ -280,7 +283,11 @@ func (e *Emulator) ThingName() string { return e.thing }
 func (e *Emulator) BrokerURL() string { return e.tr.url() }
 
 // HTTPURL is the base URL of the presigned-URL file server.
-func (e *Emulator) HTTPURL() string { return e.httpBase }
+func (e *Emulator) HTTPURL() string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.httpBase
+}
 
 // StopBroker stops the embedded broker: every client is disconnected and connections are
 // refused until StartBroker. Jobs and streams keep their state.

@@ -97,5 +97,36 @@ func (e *Emulator) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	w.Header().Set("Content-Type", "application/octet-stream")
 	w.Header().Set("ETag", `"`+j.id+"-"+strconv.Itoa(fileID)+`"`)
 	// ServeContent handles Range and copies from the file in small chunks.
-	http.ServeContent(w, r, "", time.Time{}, io.NewSectionReader(file.f, 0, file.size))
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, "", time.Time{}, io.NewSectionReader(file.f, 0, file.size))
+	e.mu.Lock()
+	e.httpBytes[parts[1]] += cw.n
+	e.mu.Unlock()
+}
+
+// countingWriter counts the body bytes a response wrote (what the device was sent).
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+// HTTPBytes is the number of file bytes the presigned-URL server sent for a job.
+func (e *Emulator) HTTPBytes(jobID string) int64 {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.httpBytes[jobID]
+}
+
+// SetHTTPURL makes presigned URLs name base (for example a proxy in front of the file
+// server, "http://127.0.0.1:1234") instead of the server's own address.
+func (e *Emulator) SetHTTPURL(base string) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	e.httpBase = base
 }

@@ -70,8 +70,9 @@ type Emulator struct {
 	httpSrv  *http.Server
 	httpBase string
 	// httpBytes counts file bytes served over presigned URLs, per job.
-	httpBytes map[string]int64
-	urlKey    []byte
+	httpBytes  map[string]int64
+	httpRanges map[string][]string
+	urlKey     []byte
 
 	qMu     sync.Mutex
 	queue   []message     // requests waiting for the worker, unbounded (see enqueue)
@@ -123,22 +124,23 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 		opts.Logger = hclog.NewNullLogger()
 	}
 	e := &Emulator{
-		opts:      opts,
-		log:       opts.Logger,
-		thing:     opts.Thing,
-		qSignal:   make(chan struct{}, 1),
-		evSignal:  make(chan struct{}, 1),
-		stop:      make(chan struct{}),
-		jobs:      map[string]*job{},
-		things:    map[string][]*execution{},
-		streams:   map[string]*job{},
-		lastNext:  map[string]string{},
-		lastPend:  map[string]string{},
-		faults:    map[string]*faultState{},
-		records:   map[string][]StreamRequest{},
-		httpBytes: map[string]int64{},
-		changed:   make(chan struct{}),
-		urlKey:    []byte(fmt.Sprintf("emulator-url-key-%d-%d", opts.Seed, time.Now().UnixNano())),
+		opts:       opts,
+		log:        opts.Logger,
+		thing:      opts.Thing,
+		qSignal:    make(chan struct{}, 1),
+		evSignal:   make(chan struct{}, 1),
+		stop:       make(chan struct{}),
+		jobs:       map[string]*job{},
+		things:     map[string][]*execution{},
+		streams:    map[string]*job{},
+		lastNext:   map[string]string{},
+		lastPend:   map[string]string{},
+		faults:     map[string]*faultState{},
+		records:    map[string][]StreamRequest{},
+		httpBytes:  map[string]int64{},
+		httpRanges: map[string][]string{},
+		changed:    make(chan struct{}),
+		urlKey:     []byte(fmt.Sprintf("emulator-url-key-%d-%d", opts.Seed, time.Now().UnixNano())),
 	}
 
 	ln, err := net.Listen("tcp", opts.HTTPListen)

@@ -101,7 +101,16 @@ func (e *Emulator) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	http.ServeContent(cw, r, "", time.Time{}, io.NewSectionReader(file.f, 0, file.size))
 	e.mu.Lock()
 	e.httpBytes[parts[1]] += cw.n
+	e.httpRanges[parts[1]] = append(e.httpRanges[parts[1]], r.Header.Get("Range"))
 	e.mu.Unlock()
+}
+
+// HTTPRanges lists the Range header of every GET served for a job, in order ("" when the
+// request had none: the whole file).
+func (e *Emulator) HTTPRanges(jobID string) []string {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return append([]string(nil), e.httpRanges[jobID]...)
 }
 
 // countingWriter counts the body bytes a response wrote (what the device was sent).
@@ -116,7 +125,8 @@ func (c *countingWriter) Write(p []byte) (int, error) {
 	return n, err
 }
 
-// HTTPBytes is the number of file bytes the presigned-URL server sent for a job.
+// HTTPBytes is the number of file bytes the presigned-URL server wrote for a job (what it
+// handed to the network; a link that breaks loses part of it).
 func (e *Emulator) HTTPBytes(jobID string) int64 {
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -59,6 +59,11 @@ func (e *Emulator) serveHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if !time.Now().Before(signed.Add(time.Duration(secs) * time.Second)) {
+		if parts := strings.Split(strings.TrimPrefix(r.URL.Path, "/"), "/"); len(parts) == 3 {
+			e.mu.Lock()
+			e.httpRanges[parts[1]] = append(e.httpRanges[parts[1]], "expired")
+			e.mu.Unlock()
+		}
 		s3Error(w, http.StatusForbidden, "AccessDenied", "Request has expired")
 		return
 	}
@@ -106,7 +111,7 @@ func (e *Emulator) serveHTTP(w http.ResponseWriter, r *http.Request) {
 }
 
 // HTTPRanges lists the Range header of every GET served for a job, in order ("" when the
-// request had none: the whole file).
+// request had none: the whole file; "expired" for a GET refused because its URL expired).
 func (e *Emulator) HTTPRanges(jobID string) []string {
 	e.mu.Lock()
 	defer e.mu.Unlock()

@@ -33,6 +33,9 @@ const (
 	DefaultSelfTestTimeout = 5 * time.Minute
 	DefaultBootLimit       = 3
 	DefaultCommandTimeout  = 10 * time.Second
+	// DefaultFreeSpaceReserve is what a growable (regular-file) medium leaves free on its
+	// filesystem: the journal and the system keep working when an image fills the rest.
+	DefaultFreeSpaceReserve = 32 << 20
 )
 
 // Version policies.
@@ -67,9 +70,12 @@ type Config struct {
 	// at install time, so a shipped config can name the user but not know the number.
 	PeerUsers []string `toml:"peer_users"`
 	// TrustedKeys are PEM certificates or public keys; a job's certfile only selects among them.
-	TrustedKeys   []string `toml:"trusted_keys"`
-	AllowSHA1     bool     `toml:"allow_sha1"`
-	RebootCommand []string `toml:"reboot_command"`
+	TrustedKeys []string `toml:"trusted_keys"`
+	// AllowAnyTrustedKey lets a job that names no certfile be verified against every trusted
+	// key. Default false: such a job is refused (untrusted_signer).
+	AllowAnyTrustedKey bool     `toml:"allow_any_trusted_key"`
+	AllowSHA1          bool     `toml:"allow_sha1"`
+	RebootCommand      []string `toml:"reboot_command"`
 	// MaxBlockSize is the largest block a session may use (bytes).
 	MaxBlockSize uint32 `toml:"max_block_size"`
 	// SyncBytes / SyncInterval: make written blocks durable (fdatasync + journal) after this
@@ -82,6 +88,10 @@ type Config struct {
 	SelfTestTimeout time.Duration `toml:"self_test_timeout"`
 	LogLevel        string        `toml:"log_level"`
 	LogJSON         bool          `toml:"log_json"`
+
+	// FreeSpaceReserve: bytes a regular-file slot or a file target's temporary file must leave
+	// free on its filesystem (nil: DefaultFreeSpaceReserve).
+	FreeSpaceReserve *uint64 `toml:"free_space_reserve"`
 
 	Boot              Boot              `toml:"boot"`
 	Targets           []Target          `toml:"target"`
@@ -129,12 +139,18 @@ type Target struct {
 	Slots []string `toml:"slots"`
 	// Path: kind "file", the destination.
 	Path string `toml:"path"`
-	// MaxSize limits the image size in bytes (0: only the medium's capacity limits it).
+	// MaxSize limits the image size in bytes (0: only the medium's capacity limits it; a
+	// regular file is bounded by its filesystem's free space minus free_space_reserve).
 	MaxSize uint64 `toml:"max_size"`
 	// AllowWritableDir: kind "file", accept a destination directory (or one on its way) that
 	// a user other than root can write. Such a user can swap the file between verification
 	// and use, so this is off unless the operator says so.
 	AllowWritableDir bool `toml:"allow_writable_dir"`
+	// TrustedKeys, when set, are the only keys that verify this target's images (PEM paths,
+	// like the global trusted_keys, which then do not apply to this target).
+	TrustedKeys []string `toml:"trusted_keys"`
+	// AllowAnyTrustedKey: like the global key, for this target only.
+	AllowAnyTrustedKey bool `toml:"allow_any_trusted_key"`
 }
 
 // Command is a health check ([[check]]) or an executable extension provider
@@ -258,6 +274,10 @@ func (c *Config) applyDefaults() {
 	}
 	if c.SelfTestTimeout == 0 {
 		c.SelfTestTimeout = DefaultSelfTestTimeout
+	}
+	if c.FreeSpaceReserve == nil {
+		r := uint64(DefaultFreeSpaceReserve)
+		c.FreeSpaceReserve = &r
 	}
 	if c.LogLevel == "" {
 		c.LogLevel = "info"
@@ -395,6 +415,7 @@ func (c *Config) validateTargets(bad func(string, ...any)) {
 	types := map[int32]string{}
 	paths := map[string]string{}
 	media := map[string]string{}
+	abTarget := ""
 	useMedium := func(t, p string) {
 		p = filepath.Clean(p)
 		if other, ok := media[p]; ok {
@@ -432,8 +453,21 @@ func (c *Config) validateTargets(bad func(string, ...any)) {
 			}
 			paths[fp] = t.Name
 		}
+		for j, k := range t.TrustedKeys {
+			if !filepath.IsAbs(k) {
+				bad("%s: trusted_keys[%d]: %q is not an absolute path", where, j, k)
+			}
+		}
 		switch t.Kind {
 		case KindAB:
+			// The boot backend has one switch: activating slot b boots slot b of every A/B
+			// target, so a second one could boot its unverified, half-written slot.
+			if abTarget != "" {
+				bad("%s: a second A/B target; target %q already uses the only boot switch (boot.backend %q), which would boot slot b of both when either is activated: keep one A/B target (put the kernel in the root file system) or make %q a file target",
+					where, abTarget, c.Boot.Backend, t.Name)
+			} else {
+				abTarget = t.Name
+			}
 			if t.Path != "" {
 				bad("%s: path is for kind \"file\"; kind \"ab\" uses slots", where)
 			}
@@ -492,6 +526,14 @@ func (c *Config) validateCommands(section string, cmds []Command, bad func(strin
 			bad("%s: timeout must be positive", where)
 		}
 	}
+}
+
+// Reserve is FreeSpaceReserve with its default applied.
+func (c *Config) Reserve() uint64 {
+	if c.FreeSpaceReserve == nil {
+		return DefaultFreeSpaceReserve
+	}
+	return *c.FreeSpaceReserve
 }
 
 // TargetByName returns the configured target called name.

@@ -69,8 +69,8 @@ func TestDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := []any{c.Socket, c.MaxBlockSize, c.SyncBytes, c.SyncInterval, c.VersionPolicy, c.Boot.Backend, c.Boot.BootLimit, c.AllowSHA1}
-	want := []any{DefaultSocket, uint32(DefaultMaxBlockSize), int64(DefaultSyncBytes), DefaultSyncInterval, VersionAny, BootFile, DefaultBootLimit, false}
+	got := []any{c.Socket, c.MaxBlockSize, c.SyncBytes, c.SyncInterval, c.VersionPolicy, c.Boot.Backend, c.Boot.BootLimit, c.AllowSHA1, c.AllowAnyTrustedKey, c.Reserve()}
+	want := []any{DefaultSocket, uint32(DefaultMaxBlockSize), int64(DefaultSyncBytes), DefaultSyncInterval, VersionAny, BootFile, DefaultBootLimit, false, false, uint64(DefaultFreeSpaceReserve)}
 	if d := cmp.Diff(want, got); d != "" {
 		t.Errorf("defaults (-want +got):\n%s", d)
 	}
@@ -107,6 +107,10 @@ func TestInvalid(t *testing.T) {
 		{"bad duration", "sync_interval = \"soon\"\n" + minimal, "sync_interval"},
 		{"relative key", strings.Replace(minimal, "/etc/ota/keys/signer.crt.pem", "signer.pem", 1), "trusted_keys[0]"},
 		{"bad ext key", minimal + "[extensions]\n\"a b\" = \"c\"\n", `key "a b"`},
+		{"relative target key", minimal + "[[target]]\nname = \"app\"\nkind = \"file\"\nfile_types = [1]\npath = \"/x/y\"\ntrusted_keys = [\"k.pem\"]\n", `target[1] "app": trusted_keys[0]: "k.pem"`},
+		// One boot switch: a second A/B target is refused, naming both.
+		{"second ab target", minimal + "[[target]]\nname = \"kernel\"\nkind = \"ab\"\nfile_types = [2]\nslots = [\"/dev/mmcblk0p5\", \"/dev/mmcblk0p6\"]\n",
+			`target[1] "kernel": a second A/B target; target "rootfs" already uses the only boot switch`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := Parse([]byte(tc.toml))
@@ -206,5 +210,21 @@ func TestStaticExtensionsKeepFileOrder(t *testing.T) {
 	c.Extensions["b_code"], c.Extensions["a_code"] = "1", "2"
 	if d := cmp.Diff(status.Pairs("zz_site", "north", "hardware_rev", "C2", "aa_rack", "7", "a_code", "2", "b_code", "1"), c.StaticExtensions()); d != "" {
 		t.Errorf("StaticExtensions with code-set pairs (-want +got):\n%s", d)
+	}
+}
+
+// The trust and space policy keys parse as written; an explicit reserve of 0 is kept, not
+// replaced by the default.
+func TestPolicyKeys(t *testing.T) {
+	c, err := Parse([]byte("allow_any_trusted_key = true\nfree_space_reserve = 0\n" + minimal +
+		"trusted_keys = [\"/etc/ota/keys/rootfs.pem\"]\nallow_any_trusted_key = false\n" +
+		"[[target]]\nname = \"app\"\nkind = \"file\"\nfile_types = [1]\npath = \"/opt/app/a.tar\"\nallow_any_trusted_key = true\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := []any{c.AllowAnyTrustedKey, c.Reserve(), c.Targets[0].TrustedKeys, c.Targets[0].AllowAnyTrustedKey, c.Targets[1].TrustedKeys, c.Targets[1].AllowAnyTrustedKey}
+	want := []any{true, uint64(0), []string{"/etc/ota/keys/rootfs.pem"}, false, []string(nil), true}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("(-want +got):\n%s", d)
 	}
 }

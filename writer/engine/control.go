@@ -107,6 +107,9 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 		return nil, typed(err, otav1.Reason_REASON_OTHER, "activate slot "+m.Slot)
 	}
 	crashpoint.Hit(crashpoint.WriterActivateSaved)
+	if _, err := e.bootState(ctx); err != nil {
+		e.log.Warn("boot state after activation", "error", err)
+	}
 	e.recMu.Lock()
 	e.rebootArmed = true
 	e.recMu.Unlock()
@@ -200,7 +203,8 @@ func (e *Engine) trialFor(ctx context.Context, op, jobID string) (boot.State, *j
 // SelfTest implements server.Core: the configured health checks, in a trial boot only, within
 // self_test_timeout.
 func (e *Engine) SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error) {
-	if _, _, err := e.trialFor(ctx, "self test", jobID); err != nil {
+	st, u, err := e.trialFor(ctx, "self test", jobID)
+	if err != nil {
 		return nil, err
 	}
 	if e.deps.SelfTest == nil {
@@ -212,7 +216,9 @@ func (e *Engine) SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestRes
 	res, err := e.deps.SelfTest.Run(tctx)
 	if err != nil {
 		if errors.Is(err, context.DeadlineExceeded) || tctx.Err() == context.DeadlineExceeded {
-			return &otav1.SelfTestResponse{Passed: false, Reason: otav1.Reason_REASON_SELF_TEST_TIMEOUT}, nil
+			res := &otav1.SelfTestResponse{Passed: false, Reason: otav1.Reason_REASON_SELF_TEST_TIMEOUT}
+			e.recordSelfTest(st, u, res)
+			return res, nil
 		}
 		return nil, typed(err, otav1.Reason_REASON_OTHER, "self test")
 	}
@@ -222,6 +228,7 @@ func (e *Engine) SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestRes
 	if !res.GetPassed() && res.GetReason() == otav1.Reason_REASON_UNSPECIFIED {
 		res.Reason = otav1.Reason_REASON_SELF_TEST_FAILED
 	}
+	e.recordSelfTest(st, u, res)
 	e.log.Info("self test", "job", jobID, "passed", res.GetPassed(), "reason", status.Name(res.GetReason()))
 	if res.GetPassed() {
 		crashpoint.Hit(crashpoint.WriterSelfTested)
@@ -238,6 +245,9 @@ func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitRespons
 		if done, derr := e.committedAlready(ctx, jobID); derr == nil && done != nil {
 			return &otav1.CommitResponse{Committed: done}, nil
 		}
+		return nil, err
+	}
+	if err := e.checkSelfTestPassed(st, u); err != nil {
 		return nil, err
 	}
 	crashpoint.Hit(crashpoint.WriterCommitBoot)

@@ -88,6 +88,7 @@ type Engine struct {
 	log     hclog.Logger
 	deps    Deps
 	trust   *verify.Store
+	trustBy map[string]*verify.Store // targets with their own trusted_keys
 	journal *journal.Journal
 	targets []*target.Target
 	byName  map[string]*target.Target
@@ -98,10 +99,12 @@ type Engine struct {
 	mu       sync.RWMutex
 	sessions map[string]*session // by id
 	byTarget map[string]*session
+	fence    fence
 
 	recMu       sync.Mutex
 	record      *journal.Record
-	rebootArmed bool // an activation or rejection in this process asks for a reboot
+	recordErr   error // the record could not be loaded: the version policy fails closed
+	rebootArmed bool  // an activation or rejection in this process asks for a reboot
 }
 
 // New builds the engine: trust store, journal, targets, and the sessions a previous run left
@@ -117,19 +120,25 @@ func New(ctx context.Context, cfg *config.Config, deps Deps, log hclog.Logger) (
 		log = hclog.NewNullLogger()
 	}
 	log = log.Named("engine")
-	trust, err := verify.Load(cfg.TrustedKeys, cfg.AllowSHA1)
+	if err := checkOneAB(cfg); err != nil {
+		return nil, err
+	}
+	if len(cfg.Checks) > 0 && deps.SelfTest == nil {
+		return nil, errors.New("engine: checks configured but no self test runner")
+	}
+	trust, trustBy, err := loadTrust(cfg)
 	if err != nil {
 		return nil, fmt.Errorf("engine: %w", err)
 	}
 	if len(cfg.TrustedKeys) == 0 {
-		log.Warn("no trusted_keys configured: no image can be verified or activated")
+		log.Warn("no trusted_keys configured: only targets with their own trusted_keys can be verified and activated")
 	}
 	j, err := journal.Open(cfg.StateDir)
 	if err != nil {
 		return nil, fmt.Errorf("engine: %w", err)
 	}
 	e := &Engine{
-		cfg: cfg, log: log, deps: deps, trust: trust, journal: j,
+		cfg: cfg, log: log, deps: deps, trust: trust, trustBy: trustBy, journal: j,
 		byName:   map[string]*target.Target{},
 		sessions: map[string]*session{},
 		byTarget: map[string]*session{},
@@ -145,6 +154,9 @@ func New(ctx context.Context, cfg *config.Config, deps Deps, log hclog.Logger) (
 	}
 	e.record, err = j.LoadRecord()
 	if err != nil {
+		// Versions the record held are unknown now: the version policy refuses until an
+		// operator records the running version again (SetRunningVersion).
+		e.recordErr = err
 		log.Error("update record unreadable, starting without it", "error", err)
 	}
 	if e.record.Versions == nil {
@@ -191,7 +203,7 @@ func (e *Engine) reload(ctx context.Context) error {
 		s, err := e.restore(js)
 		if err == nil && e.byName[js.Target].IsAB() {
 			if !haveBoot {
-				if st, err = e.deps.Boot.State(ctx); err == nil {
+				if st, err = e.bootState(ctx); err == nil {
 					haveBoot = true
 				}
 			}
@@ -241,6 +253,9 @@ func (e *Engine) restore(js *journal.Session) (*session, error) {
 		return nil, fmt.Errorf("file size %d not allowed", js.FileSize)
 	case !jobIDRE.MatchString(js.JobID) || len(js.ID) != 32:
 		return nil, fmt.Errorf("bad identifiers")
+	}
+	if err := e.checkSigner(t, js.CertName); err != nil {
+		return nil, err
 	}
 	st := otav1.SessionState(js.State)
 	if st != otav1.SessionState_SESSION_STATE_RECEIVING && st != otav1.SessionState_SESSION_STATE_VERIFIED {
@@ -328,6 +343,7 @@ func (e *Engine) bootState(ctx context.Context) (boot.State, error) {
 	if err != nil {
 		return st, typed(err, otav1.Reason_REASON_OTHER, "boot state")
 	}
+	e.setFence(st)
 	return st, nil
 }
 
@@ -396,9 +412,9 @@ func (e *Engine) checkVersion(t *target.Target, booted, version string) error {
 	if version == "" {
 		return status.Errorf(otav1.Reason_REASON_VERSION_CHECK, "version policy %q needs the image version, the job has none", e.cfg.VersionPolicy)
 	}
-	cur := e.currentVersion(t, booted)
-	if cur == "" {
-		return nil
+	cur, err := e.runningVersion(t, booted)
+	if err != nil {
+		return err
 	}
 	c := CompareVersions(version, cur)
 	refuse := c == 0

@@ -50,6 +50,10 @@ func TestHappyPathAB(t *testing.T) {
 		t.Fatalf("handshake: %v %v", hs, err)
 	}
 	img := newImage(t, 1_000_003)
+	// The factory records what runs: without it the "newer" policy has nothing to compare.
+	if slot, err := r.e.SetRunningVersion(ctx, "rootfs", "1.0.0"); err != nil || slot != "a" {
+		t.Fatalf("set running version: %q %v", slot, err)
+	}
 	begin, err := r.begin(img, 0, func(q *otav1.BeginSessionRequest) { q.Version = "1.2.0" })
 	if err != nil {
 		t.Fatal(err)
@@ -105,7 +109,7 @@ func TestHappyPathAB(t *testing.T) {
 		LastUpdate:  &otav1.UpdateInfo{JobId: "job-1", Target: "rootfs", Slot: "b", Version: "1.2.0"},
 		Targets: []*otav1.TargetState{
 			{Name: "rootfs", Kind: otav1.TargetKind_TARGET_KIND_AB, ActiveSlot: "b", InactiveSlot: "a", FileTypes: []int32{0},
-				Slots: []*otav1.SlotInfo{{Name: "a"}, {Name: "b", Version: "1.2.0", Active: true}}},
+				Slots: []*otav1.SlotInfo{{Name: "a", Version: "1.0.0"}, {Name: "b", Version: "1.2.0", Active: true}}},
 			{Name: "app", Kind: otav1.TargetKind_TARGET_KIND_FILE, ActiveSlot: "file", FileTypes: []int32{1},
 				Slots: []*otav1.SlotInfo{{Name: "file", Active: true}}},
 		},

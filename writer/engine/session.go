@@ -130,8 +130,12 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 			bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
 			m.CertName == req.GetCertName() && m.Version == req.GetVersion() {
 			// What the last client wrote but did not see synced becomes durable now, so the
-			// resumed client does not fetch it again.
+			// resumed client does not fetch it again, unless its slot may no longer be written.
 			if err := s.lockIdle(ctx); err != nil {
+				return nil, err
+			}
+			if err := e.refuseFencedLocked(ctx, s, true); err != nil {
+				s.mu.Unlock()
 				return nil, err
 			}
 			if s.pendingBytes > 0 && s.writableLocked() == nil {
@@ -175,6 +179,9 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 		}
 	}
 	if err := e.checkVersion(t, booted, req.GetVersion()); err != nil {
+		return nil, err
+	}
+	if err := e.checkRoom(t, slot, req.GetFileSize()); err != nil {
 		return nil, err
 	}
 
@@ -246,7 +253,10 @@ func (e *Engine) checkBegin(req *otav1.BeginSessionRequest) (*target.Target, err
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "image of %d bytes exceeds max_size %d of target %s", req.GetFileSize(), max, t.Name()).
 			WithMeta("max_size", fmt.Sprint(max))
 	}
-	if err := e.trust.Check(req.GetSigAlgorithm(), req.GetSignature(), req.GetCertName()); err != nil {
+	if err := e.checkSigner(t, req.GetCertName()); err != nil {
+		return nil, err
+	}
+	if err := e.trustFor(t.Name()).Check(req.GetSigAlgorithm(), req.GetSignature(), req.GetCertName()); err != nil {
 		return nil, err
 	}
 	return t, nil
@@ -262,6 +272,9 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if err := s.writableLocked(); err != nil {
+		return s.resultLocked(false), err
+	}
+	if err := e.refuseFencedLocked(ctx, s, false); err != nil {
 		return s.resultLocked(false), err
 	}
 	bs := uint64(s.meta.BlockSize)
@@ -297,6 +310,10 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 		crashpoint.Hit(crashpoint.WriterBlock)
 	}
 	if s.pendingBytes > 0 && (sync || s.pendingBytes >= e.cfg.SyncBytes || time.Since(s.lastSync) >= e.cfg.SyncInterval) {
+		// Blocks become durable only in a slot that is still writable.
+		if err := e.refuseFencedLocked(ctx, s, true); err != nil {
+			return s.resultLocked(false), err
+		}
 		if err := e.syncLocked(s); err != nil {
 			return s.resultLocked(false), err
 		}
@@ -360,6 +377,9 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 	if err := s.writableLocked(); err != nil {
 		return nil, err
 	}
+	if err := e.refuseFencedLocked(ctx, s, true); err != nil {
+		return nil, err
+	}
 	if s.pendingBytes > 0 {
 		if err := e.syncLocked(s); err != nil {
 			return nil, err
@@ -407,7 +427,7 @@ func (e *Engine) verifyMedium(ctx context.Context, m target.Medium, meta *journa
 	}
 	defer rb.Close()
 	e.log.Debug("reading the image back", "path", m.Path(), "direct", rb.Direct())
-	return e.trust.Verify(ctx, halfwayHook(rb, int64(meta.FileSize)), int64(meta.FileSize), otav1.SigAlgorithm(meta.Algorithm), meta.Signature, meta.CertName)
+	return e.trustFor(meta.Target).Verify(ctx, halfwayHook(rb, int64(meta.FileSize)), int64(meta.FileSize), otav1.SigAlgorithm(meta.Algorithm), meta.Signature, meta.CertName)
 }
 
 // lockIdle locks s.mu once no verification is running (ctx bounds the wait).

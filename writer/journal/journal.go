@@ -140,6 +140,20 @@ type Record struct {
 	LastUpdate *Update `json:"last_update,omitempty"`
 	// Versions: target -> slot -> image version written there ("" unknown).
 	Versions map[string]map[string]string `json:"versions,omitempty"`
+	// SelfTest is the last self test of a trial boot; a commit needs one that passed in
+	// this boot (same kernel boot id, slot and boot count).
+	SelfTest *SelfTestRun `json:"self_test,omitempty"`
+}
+
+// SelfTestRun is the outcome of one self test and the boot it ran in.
+type SelfTestRun struct {
+	BootID    string    `json:"boot_id"`
+	Slot      string    `json:"slot"`
+	BootCount int       `json:"boot_count"`
+	JobID     string    `json:"job_id"`
+	Passed    bool      `json:"passed"`
+	Reason    int32     `json:"reason,omitempty"` // otav1.Reason of a failure
+	Time      time.Time `json:"time"`
 }
 
 // Outcomes of an update.

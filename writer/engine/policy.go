@@ -42,13 +42,21 @@ func checkOneAB(cfg *config.Config) error {
 type fence struct {
 	known           bool
 	booted, pending string
+	read            time.Time
 }
 
 // setFence records st; every boot state read of the engine goes through it.
 func (e *Engine) setFence(st boot.State) {
 	e.mu.Lock()
-	e.fence = fence{known: true, booted: st.Booted, pending: st.Pending}
+	e.fence = fence{known: true, booted: st.Booted, pending: st.Pending, read: time.Now()}
 	e.mu.Unlock()
+}
+
+// fenceStale: the boot state was last read longer than sync_interval ago.
+func (e *Engine) fenceStale() bool {
+	e.mu.RLock()
+	defer e.mu.RUnlock()
+	return time.Since(e.fence.read) >= e.cfg.SyncInterval
 }
 
 // fencedLocked says why s may not write its slot now ("" when it may). The caller holds s.mu.

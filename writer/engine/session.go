@@ -274,7 +274,11 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 	if err := s.writableLocked(); err != nil {
 		return s.resultLocked(false), err
 	}
-	if err := e.refuseFencedLocked(ctx, s, false); err != nil {
+	// The boot state is read again when blocks are to become durable or the last read is
+	// older than sync_interval: a slot switched behind the engine's back is caught before
+	// the blocks of a sync are written, and within sync_interval otherwise.
+	refreshed := sync || e.fenceStale()
+	if err := e.refuseFencedLocked(ctx, s, refreshed); err != nil {
 		return s.resultLocked(false), err
 	}
 	bs := uint64(s.meta.BlockSize)
@@ -311,7 +315,7 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 	}
 	if s.pendingBytes > 0 && (sync || s.pendingBytes >= e.cfg.SyncBytes || time.Since(s.lastSync) >= e.cfg.SyncInterval) {
 		// Blocks become durable only in a slot that is still writable.
-		if err := e.refuseFencedLocked(ctx, s, true); err != nil {
+		if err := e.refuseFencedLocked(ctx, s, !refreshed); err != nil {
 			return s.resultLocked(false), err
 		}
 		if err := e.syncLocked(s); err != nil {

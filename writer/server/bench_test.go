@@ -38,7 +38,7 @@ func benchBlockPath(b *testing.B, core server.Core, mode string, bs, per int) {
 	const fileSize = 256 << 20
 	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "bench", FilePath: "mem", FileSize: fileSize, BlockSize: uint32(bs),
 		// Only checked at Finish, which the benchmark never reaches; a DER-shaped value.
-		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig})
+		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig, CertName: certName})
 	if err != nil {
 		b.Fatal(err)
 	}

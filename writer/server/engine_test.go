@@ -50,6 +50,22 @@ func newBenchEngine(b testing.TB, maxBlock uint32) *engine.Engine {
 // newEngineWithKey returns an engine over file-backed slots in a temporary directory, the
 // private key it trusts, and that directory.
 func newEngineWithKey(b testing.TB, maxBlock uint32) (*engine.Engine, *ecdsa.PrivateKey, string) {
+	r := newEngineRig(b, maxBlock)
+	return r.e, r.key, r.dir
+}
+
+// engineRig is an engine over file-backed slots with the file boot backend it drives.
+type engineRig struct {
+	e    *engine.Engine
+	key  *ecdsa.PrivateKey
+	dir  string
+	boot *boot.File
+}
+
+// certName names the engine's trusted key in a job (its file base name).
+const certName = "pub.pem"
+
+func newEngineRig(b testing.TB, maxBlock uint32) *engineRig {
 	dir := b.TempDir()
 	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	der, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
@@ -81,7 +97,7 @@ slots = [%q, %q]
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { e.Close() })
-	return e, key, dir
+	return &engineRig{e: e, key: key, dir: dir, boot: bt}
 }
 
 // A session with small blocks has a missing-block bitmap far larger than the block message
@@ -91,7 +107,7 @@ func TestLargeBitmapOverSocket(t *testing.T) {
 	c := dial(t, r.sock)
 	const size, bs = 64 << 20, 256
 	res, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "big", FilePath: "mem", FileSize: size, BlockSize: bs,
-		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig})
+		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig, CertName: certName})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,7 +137,7 @@ func TestEngineSessionOverStream(t *testing.T) {
 		t.Fatal(err)
 	}
 	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "happy", FilePath: "mem", FileSize: uint64(len(img)), BlockSize: 4096,
-		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig})
+		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig, CertName: certName})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -103,6 +103,7 @@ type rig struct {
 	rebootMu sync.Mutex
 	slots    [2]string
 	appPath  string
+	selfTest SelfTester // given to every engine open starts (nil: none)
 }
 
 const slotSize = 4 << 20
@@ -174,7 +175,7 @@ func (r *rig) open() *Engine {
 		r.t.Fatal(err)
 	}
 	r.boot = fb
-	e, err := New(context.Background(), r.cfg, Deps{Boot: fb, Reboot: r.reboot}, testLog(r.t))
+	e, err := New(context.Background(), r.cfg, Deps{Boot: fb, Reboot: r.reboot, SelfTest: r.selfTest}, testLog(r.t))
 	if err != nil {
 		r.t.Fatal(err)
 	}

@@ -76,7 +76,7 @@ now() { date +%s.%N; }
 flash_once() {
   rm -rf "$work/state"
   /usr/bin/time -f '%e %U %S %M' -o "$work/t" "${2:-$work/ota-writer}" flash --config "$work/writer.toml" --target rootfs \
-    --image "$work/img$1" --sig-file "$work/img$1.sig" --sig-alg ecdsa-p256-sha256 --block-size "$BLOCK" >/dev/null 2>"$work/flash.err" \
+    --image "$work/img$1" --sig-file "$work/img$1.sig" --sig-alg ecdsa-p256-sha256 --cert-name pub.pem --block-size "$BLOCK" >/dev/null 2>"$work/flash.err" \
     || { cat "$work/flash.err" >&2; exit 1; }
   awk '{printf "%s %.3f %s\n", $1, $2 + $3, $4}' "$work/t"
 }

@@ -41,7 +41,7 @@ func cmdFlash(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	sigFile := fs.String("sig-file", "", "signature `file` (raw bytes, e.g. DER from openssl dgst -sign)")
 	sigB64 := fs.String("sig", "", "signature, `base64`")
 	sigAlg := fs.String("sig-alg", "", "signature algorithm: ecdsa-p256-sha256 | rsa-pkcs1v15-sha256 | rsa-pss-sha256 | ed25519-sha256")
-	certName := fs.String("cert-name", "", "trusted key to check against (file base name or certificate CN); default: any trusted key")
+	certName := fs.String("cert-name", "", "trusted key to check against (file base name or certificate CN); required unless the configuration sets allow_any_trusted_key")
 	blockSize := fs.Uint("block-size", 0, "block size in bytes (default: the configured maximum)")
 	activate := fs.Bool("activate", false, "activate the new slot after a successful verification")
 	if err := fs.Parse(args); err != nil {

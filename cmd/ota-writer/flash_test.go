@@ -20,7 +20,7 @@ func TestFlashCLI(t *testing.T) {
 		bad := bytes.Clone(sig)
 		bad[len(bad)-2] ^= 0xff
 		out, errOut, code := runCLI(t, "flash", "--config", b.cfg, "--target", "rootfs", "--image", img,
-			"--sig", base64.StdEncoding.EncodeToString(bad), "--sig-alg", "ecdsa-p256-sha256")
+			"--sig", base64.StdEncoding.EncodeToString(bad), "--sig-alg", "ecdsa-p256-sha256", "--cert-name", "pub.pem")
 		if code != exitFailed || !strings.Contains(errOut, "reason: sig_check_failed/1001") {
 			t.Fatalf("exit %d, want 1 with sig_check_failed/1001\nstdout: %s\nstderr: %s", code, out, errOut)
 		}
@@ -30,7 +30,7 @@ func TestFlashCLI(t *testing.T) {
 	})
 	t.Run("unknown target", func(t *testing.T) {
 		_, errOut, code := runCLI(t, "flash", "--config", b.cfg, "--target", "nope", "--image", img,
-			"--sig-file", img+".sig", "--sig-alg", "ecdsa-p256-sha256")
+			"--sig-file", img+".sig", "--sig-alg", "ecdsa-p256-sha256", "--cert-name", "pub.pem")
 		if code != exitFailed || !strings.Contains(errOut, "reason: target_unknown/3003") {
 			t.Fatalf("exit %d, want 1 with target_unknown/3003\n%s", code, errOut)
 		}
@@ -43,7 +43,7 @@ func TestFlashCLI(t *testing.T) {
 	})
 	t.Run("good signature, activate", func(t *testing.T) {
 		out, errOut, code := runCLI(t, "flash", "--config", b.cfg, "--target", "rootfs", "--image", img,
-			"--sig-file", img+".sig", "--sig-alg", "ecdsa-p256-sha256", "--activate")
+			"--sig-file", img+".sig", "--sig-alg", "ecdsa-p256-sha256", "--cert-name", "pub.pem", "--activate")
 		if code != 0 {
 			t.Fatalf("exit %d\nstdout: %s\nstderr: %s", code, out, errOut)
 		}

@@ -5,9 +5,10 @@
 //	ota-writer flash  --config FILE --target T --image IMG (--sig-file F | --sig B64) --sig-alg A
 //	                  [--cert-name N] [--block-size N] [--activate]
 //	ota-writer status [--config FILE] [--socket S] [--json]
-//	ota-writer accept [--config FILE] [--socket S]  commit the trial boot
+//	ota-writer accept [--config FILE] [--socket S]  self test, then commit the trial boot
 //	ota-writer reject [--config FILE] [--socket S]  roll back from the trial boot
 //	ota-writer abort  [--config FILE] [--socket S] [--target T] [--job-id J]  drop sessions
+//	ota-writer set-version --config FILE --target T --version V   record what runs now
 //
 // status, accept, reject and abort talk to the running writer over its socket. When no writer
 // answers there and --config is given, they run the same engine in-process (a board where
@@ -60,10 +61,12 @@ commands:
   flash   --config FILE --target NAME --image FILE (--sig-file FILE | --sig BASE64)
           --sig-alg ALG [--cert-name NAME] [--block-size N] [--activate]
   status  [--config FILE] [--socket PATH] [--json]
-  accept  [--config FILE] [--socket PATH]   commit the trial boot
+  accept  [--config FILE] [--socket PATH]   run the self test, then commit the trial boot
   reject  [--config FILE] [--socket PATH]   roll back from the trial boot
   abort   [--config FILE] [--socket PATH] [--target NAME] [--job-id ID]
                                             drop the session of a target (default: all)
+  set-version --config FILE --target NAME --version V
+                                            record the version that runs now (version policy)
 
 Run "ota-writer <command> -h" for a command's flags.
 `
@@ -103,6 +106,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdAcceptReject(ctx, args[1:], stdout, stderr, false)
 	case "abort":
 		err = cmdAbort(ctx, args[1:], stdout, stderr)
+	case "set-version":
+		err = cmdSetVersion(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return exitOK

@@ -18,7 +18,7 @@ import (
 func beginReq(size int, sig []byte) *otav1.BeginSessionRequest {
 	return &otav1.BeginSessionRequest{
 		JobId: "job-1", FilePath: "/opt/fw/gateway.img", FileSize: uint64(size), BlockSize: testMaxBlock,
-		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig,
+		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig, CertName: "pub.pem",
 	}
 }
 

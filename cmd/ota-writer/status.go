@@ -28,6 +28,7 @@ import (
 type writerAPI interface {
 	State(ctx context.Context) (*otav1.DeviceState, error)
 	Extensions(ctx context.Context) (status.Fields, error)
+	SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error)
 	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
 	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
 	Abort(ctx context.Context, sessionID string, reason otav1.Reason) error
@@ -367,6 +368,21 @@ func cmdAcceptReject(ctx context.Context, args []string, stdout, stderr io.Write
 	}
 	defer closeFn()
 	if accept {
+		// The writer commits only after a self test that passed in this boot: run it here.
+		st, err := w.SelfTest(ctx, *jobID)
+		if err != nil {
+			return err
+		}
+		if !st.GetPassed() {
+			for _, c := range st.GetChecks() {
+				fmt.Fprintf(stdout, "check %s: passed %v: %s\n", c.GetName(), c.GetPassed(), c.GetDetail())
+			}
+			r := st.GetReason()
+			if r == otav1.Reason_REASON_UNSPECIFIED {
+				r = otav1.Reason_REASON_SELF_TEST_FAILED
+			}
+			return status.Errorf(r, "self test failed: not committed (reject the trial, or fix and accept again)")
+		}
 		r, err := w.Commit(ctx, *jobID)
 		if err != nil {
 			return err

@@ -79,7 +79,17 @@ func TestWriterExamples(t *testing.T) {
 			if len(cfg.TrustedKeys) == 0 || len(cfg.PeerUIDs) == 0 {
 				t.Error("an example without trusted_keys or peer_uids cannot update anything")
 			}
-			for _, k := range cfg.TrustedKeys {
+			keys := slices.Clone(cfg.TrustedKeys)
+			for _, tg := range cfg.Targets {
+				keys = append(keys, tg.TrustedKeys...)
+				if tg.AllowAnyTrustedKey {
+					t.Errorf("target %s allows any trusted key: a shipped example keeps the fail-closed default", tg.Name)
+				}
+			}
+			if cfg.AllowAnyTrustedKey {
+				t.Error("allow_any_trusted_key: a shipped example keeps the fail-closed default")
+			}
+			for _, k := range keys {
 				if !strings.HasPrefix(k, "/etc/ota/keys/") {
 					t.Errorf("trusted key %q outside the root-only /etc/ota/keys", k)
 				}

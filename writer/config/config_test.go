@@ -48,7 +48,8 @@ func TestExampleParses(t *testing.T) {
 	want := []Target{
 		{Name: "rootfs", Kind: KindAB, FileTypes: []int32{0}, FilePaths: []string{"/opt/fw/gateway.img"},
 			Slots: []string{"/dev/mmcblk0p2", "/dev/mmcblk0p3"}, MaxSize: 536870912},
-		{Name: "app", Kind: KindFile, FileTypes: []int32{1}, Path: "/opt/app/bundle.tar", MaxSize: 268435456},
+		{Name: "app", Kind: KindFile, FileTypes: []int32{1}, Path: "/opt/app/bundle.tar", MaxSize: 268435456,
+			TrustedKeys: []string{"/etc/ota/keys/app-signer.crt.pem"}},
 	}
 	if d := cmp.Diff(want, c.Targets); d != "" {
 		t.Errorf("targets (-want +got):\n%s", d)

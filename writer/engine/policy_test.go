@@ -14,6 +14,7 @@ import (
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/selftest"
+	"github.com/gwota/gwota/writer/target/targettest"
 )
 
 // outcome is "ok" or the reason name of err, for transcripts compared with go-cmp.
@@ -22,19 +23,6 @@ func outcome(err error) string {
 		return "ok"
 	}
 	return status.Name(status.ReasonOf(err))
-}
-
-// requireRoot skips a test that needs root, except in CI, where every prerequisite is
-// installed and a skip would hide a failure.
-func requireRoot(t *testing.T, why string) {
-	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("%s needs root (CI runs the tests as root)", why)
-	}
-	t.Skipf("%s needs root", why)
 }
 
 // The engine refuses two A/B targets itself, whatever validated the configuration: they
@@ -302,10 +290,10 @@ func TestSignerPolicy(t *testing.T) {
 // free_space_reserve: an image declared larger is refused at Begin with file_too_large,
 // before a byte is written or reserved. On a 16 MiB tmpfs with a 4 MiB reserve.
 func TestGrowableMediumBounded(t *testing.T) {
-	requireRoot(t, "mounting a small tmpfs")
+	targettest.Need(t, os.Geteuid() == 0, "mounting a small tmpfs needs root")
 	const mib = 1 << 20
 	fs := t.TempDir()
-	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", fs).CombinedOutput(); err != nil {
+	if out, err := exec.Command("mount", "-t", "tmpfs", "-o", "size=16m,mode=0755", "tmpfs", fs).CombinedOutput(); err != nil {
 		t.Fatalf("mount tmpfs: %v: %s", err, out)
 	}
 	t.Cleanup(func() { exec.Command("umount", fs).Run() })

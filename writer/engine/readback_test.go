@@ -52,9 +52,11 @@ func TestVerifyReadsTheDisk(t *testing.T) {
 		os.WriteFile(s, nil, 0o600)
 	}
 	os.Mkdir(filepath.Join(mnt, "app"), 0o755)
+	reserve := uint64(1 << 20) // the 32 MiB filesystem is smaller than the default reserve
 	r := newRig(t, func(c *config.Config) {
 		c.Targets[0].Slots = slots
 		c.Targets[1].Path = filepath.Join(mnt, "app", "bundle.tar")
+		c.FreeSpaceReserve = &reserve
 	})
 	change := func(p func() string) func(int64, []byte) {
 		return func(off int64, b []byte) { targettest.Overwrite(t, backing, targettest.PhysicalOffset(t, p(), off), b) }

@@ -85,7 +85,7 @@ func (c *calls) restart() {
 
 func (c *calls) reboot() {
 	c.r.e.Close()
-	c.note("reboot", c.r.boot.Boot(ctx))
+	c.note("reboot", c.r.boot.Boot(ctx, ""))
 	c.r.open()
 }
 

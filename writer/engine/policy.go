@@ -204,15 +204,19 @@ func (e *Engine) SetRunningVersion(ctx context.Context, name, version string) (s
 	return slot, nil
 }
 
-// bootIDPath names the kernel's random id of this boot.
-const bootIDPath = "/proc/sys/kernel/random/boot_id"
-
-// processBootID stands in when the kernel's boot id is unreadable: a self test then counts
-// for this process only, which is still within this boot.
+// processBootID stands in when no boot id is readable: a self test then counts for this
+// process only, which is still within this boot.
 var processBootID = newID()
 
-func currentBootID() string {
-	b, err := os.ReadFile(bootIDPath)
+// currentBootID identifies this boot: the kernel's boot id, or the file the file boot
+// backend is configured to take it from (boot.boot_id_file), so a simulated reboot is one
+// for the self test too.
+func (e *Engine) currentBootID() string {
+	p := e.cfg.Boot.BootIDFile
+	if p == "" {
+		p = boot.DefaultBootIDFile
+	}
+	b, err := os.ReadFile(p)
 	if id := strings.TrimSpace(string(b)); err == nil && id != "" {
 		return id
 	}
@@ -226,7 +230,7 @@ func (e *Engine) selfTestRequired() bool { return len(e.cfg.Checks) > 0 }
 // recordSelfTest stores the outcome of the self test run in this boot of the trial slot.
 func (e *Engine) recordSelfTest(st boot.State, u *journal.Update, res *otav1.SelfTestResponse) {
 	run := &journal.SelfTestRun{
-		BootID: currentBootID(), Slot: st.Booted, BootCount: st.BootCount,
+		BootID: e.currentBootID(), Slot: st.Booted, BootCount: st.BootCount,
 		Passed: res.GetPassed(), Reason: int32(res.GetReason()), Time: time.Now().UTC(),
 	}
 	if u != nil {
@@ -252,7 +256,7 @@ func (e *Engine) checkSelfTestPassed(st boot.State, u *journal.Update) error {
 	if u != nil {
 		job = u.JobID
 	}
-	if run == nil || run.BootID != currentBootID() || run.Slot != st.Booted || run.BootCount != st.BootCount || run.JobID != job {
+	if run == nil || run.BootID != e.currentBootID() || run.Slot != st.Booted || run.BootCount != st.BootCount || run.JobID != job {
 		return status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "commit: no self test has run in this boot of slot %s: run the self test first", st.Booted)
 	}
 	if !run.Passed {

@@ -146,7 +146,7 @@ func TestCommitNeedsSelfTestOfThisBoot(t *testing.T) {
 		note(what, err)
 	}
 	commit := func(what string) { _, err := r.e.Commit(ctx, "job-1"); note(what, err) }
-	boot := func() { r.e.Close(); note("boot", r.boot.Boot(ctx)); r.open() }
+	boot := func() { r.e.Close(); note("boot", r.boot.Boot(ctx, "")); r.open() }
 
 	boot()
 	commit("commit with no self test")

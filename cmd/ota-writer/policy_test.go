@@ -19,6 +19,7 @@ func TestAcceptRunsSelfTest(t *testing.T) {
 		"--sig-file", img+".sig", "--sig-alg", "ecdsa-p256-sha256", "--cert-name", "pub.pem", "--activate"); code != 0 {
 		t.Fatalf("flash: exit %d\n%s%s", code, out, errOut)
 	}
+	b.reboot(t)
 	b.serve(t) // the file backend's simulated boot: slot b on trial
 	dialWriter(t, b.sock).Close()
 	out, errOut, code := runCLI(t, "accept", "--socket", b.sock)

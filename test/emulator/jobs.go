@@ -943,6 +943,11 @@ func (e *Emulator) updateLocked(topic, thing, jobID, token string, req jobReques
 		if f.RejectCode != "" {
 			return withDelay(rejected(topic, f.RejectCode, "injected fault", token, nil))
 		}
+		if f.RejectUpdate != nil {
+			if code := f.RejectUpdate(status, details); code != "" {
+				return withDelay(rejected(topic, code, "injected fault", token, nil))
+			}
+		}
 	}
 	x := e.findLocked(thing, jobID)
 	if x == nil || (req.ExecutionNumber != nil && *req.ExecutionNumber != x.number) {

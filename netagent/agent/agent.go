@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -263,7 +264,7 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 	ours := lu.GetJobId() == ex.JobID
 	switch img := st.GetImageState(); {
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours && selfTest:
-		j.selfTest(ctx)
+		j.selfTest(ctx, doc, lu)
 		return
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours:
 		// Platform in trial but the job is not in self test: reject and roll back.
@@ -534,10 +535,25 @@ func popcount(b []byte) int {
 	return n
 }
 
-// selfTest runs in a trial boot of this job: active, self test, commit or reject.
-func (j *job) selfTest(ctx context.Context) {
+// selfTest runs in a trial boot of this job: active, self test, commit or reject. lu is the
+// writer's record of the update on trial.
+func (j *job) selfTest(ctx context.Context, doc *jobdoc.Document, lu *otav1.UpdateInfo) {
 	a := j.a
 	if err := j.report(ctx, j.rep.Active); err != nil {
+		return
+	}
+	// The version check of a trial boot: when the job names versions, the image on trial
+	// must be one of them. A writer whose record says otherwise (another image was written
+	// under this job id, or its state was restored) is not running what the job delivers.
+	var versions []string
+	for _, f := range doc.Files {
+		if f.Version != "" {
+			versions = append(versions, f.Version)
+		}
+	}
+	if len(versions) > 0 && !slices.Contains(versions, lu.GetVersion()) {
+		j.log.Warn("the trial runs a version the job does not name: rolling back", "running", lu.GetVersion(), "job_versions", versions)
+		j.rejectTrial(ctx, otav1.Reason_REASON_SELF_TEST_VERSION_CHECK)
 		return
 	}
 	var res *otav1.SelfTestResponse

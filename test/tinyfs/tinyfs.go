@@ -36,11 +36,31 @@ func Tmpfs(t testing.TB, size int64) string {
 	if err := os.Mkdir(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Mount("tinyfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, fmt.Sprintf("size=%d,mode=0755", size)); err != nil {
+	MountTmpfs(t, dir, size)
+	return dir
+}
+
+// MountTmpfs mounts a tmpfs of size bytes on the existing directory dir (hiding what it
+// held) until t ends.
+func MountTmpfs(t testing.TB, dir string, size int64) {
+	t.Helper()
+	Need(t)
+	if err := unix.Mount("tinyfs", dir, "tmpfs", unix.MS_NOSUID|unix.MS_NODEV, fmt.Sprintf("size=%d,mode=0700", size)); err != nil {
 		t.Fatalf("tinyfs: mount tmpfs on %s: %v", dir, err)
 	}
 	t.Cleanup(func() { unmount(t, dir) })
-	return dir
+}
+
+// Bind bind-mounts dir onto itself, writable, until t ends: a mount point that a later
+// `mount -o remount,bind,ro dir` (say, from a command the code under test runs) turns
+// read-only.
+func Bind(t testing.TB, dir string) {
+	t.Helper()
+	Need(t)
+	if err := unix.Mount(dir, dir, "", unix.MS_BIND, ""); err != nil {
+		t.Fatalf("tinyfs: bind %s: %v", dir, err)
+	}
+	t.Cleanup(func() { unmount(t, dir) })
 }
 
 // FillName is the file Fill writes.

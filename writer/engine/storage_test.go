@@ -1,6 +1,8 @@
 package engine
 
 import (
+	"os"
+	"path/filepath"
 	"testing"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
@@ -54,4 +56,26 @@ func TestStateDirFull(t *testing.T) {
 	if _, err := r.e.Activate(ctx, id); err != nil {
 		t.Fatalf("activation once space is free: %v", err)
 	}
+}
+
+// TestMediaFull: a slot file or a file target's directory on a full filesystem refuses the
+// image at Begin with storage_full: the space is reserved before any block is written.
+func TestMediaFull(t *testing.T) {
+	media := tinyfs.Tmpfs(t, 256<<10)
+	slots := [2]string{filepath.Join(media, "slot-a.img"), filepath.Join(media, "slot-b.img")}
+	for _, p := range slots {
+		if err := os.WriteFile(p, nil, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	r := newRig(t, func(c *config.Config) {
+		c.Targets[0].Slots = slots[:]
+		c.Targets[1].Path = filepath.Join(media, "bundle.tar")
+	})
+	tinyfs.Fill(t, media)
+	img := newImage(t, 64<<10)
+	_, err := r.begin(img, 0, nil)
+	wantReason(t, err, otav1.Reason_REASON_STORAGE_FULL)
+	_, err = r.begin(img, 1, func(q *otav1.BeginSessionRequest) { q.JobId = "job-app" })
+	wantReason(t, err, otav1.Reason_REASON_STORAGE_FULL)
 }

@@ -600,7 +600,11 @@ func reasonRows() map[otav1.Reason]reasonRow {
 				t.Fatal(err)
 			}
 			// Behind the writer's back: slot b activated, booted and committed.
-			for _, step := range []func(context.Context) error{func(ctx context.Context) error { return fb.Activate(ctx, "b") }, fb.Boot, fb.Commit} {
+			for _, step := range []func(context.Context) error{
+				func(ctx context.Context) error { return fb.Activate(ctx, "b") },
+				func(ctx context.Context) error { return fb.Boot(ctx, "") },
+				fb.Commit,
+			} {
 				if err := step(ctx); err != nil {
 					t.Fatal(err)
 				}

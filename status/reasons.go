@@ -61,6 +61,7 @@ var Table = map[otav1.Reason]Entry{
 	otav1.Reason_REASON_UNTRUSTED_SIGNER:     {"untrusted_signer", codes.FailedPrecondition},
 	otav1.Reason_REASON_JOB_UPDATE_FAILED:    {"job_update_failed", codes.Unavailable},
 	otav1.Reason_REASON_SESSION_LOST:         {"session_lost", codes.NotFound},
+	otav1.Reason_REASON_BOOT_CONTROL_FAILED:  {"boot_control_failed", codes.Internal},
 }
 
 // Name is the statusDetails string of r ("other" for values outside the table).

@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -263,7 +264,7 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 	ours := lu.GetJobId() == ex.JobID
 	switch img := st.GetImageState(); {
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours && selfTest:
-		j.selfTest(ctx)
+		j.selfTest(ctx, doc, lu)
 		return
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours:
 		// Platform in trial but the job is not in self test: reject and roll back.
@@ -387,7 +388,15 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		}
 		j.log.Info("file verified", "file", f.Index, "sha256", fin.GetSha256())
 	}
-	if err := j.report(ctx, j.rep.Ready); err != nil {
+	// The trial boot's self test runs only for a job the cloud shows ready (or active). If the
+	// cloud refused "ready" for good, activating would reboot into a trial that the next start
+	// rolls back as state_mismatch, hiding the cause: the job fails with job_update_failed
+	// instead, nothing is activated.
+	err := j.rep.Ready(ctx)
+	if status.ReasonOf(err) != otav1.Reason_REASON_JOB_UPDATE_FAILED {
+		err = j.report(ctx, func(context.Context) error { return err })
+	}
+	if err != nil {
 		j.fail(ctx, err, "")
 		return false
 	}
@@ -526,10 +535,25 @@ func popcount(b []byte) int {
 	return n
 }
 
-// selfTest runs in a trial boot of this job: active, self test, commit or reject.
-func (j *job) selfTest(ctx context.Context) {
+// selfTest runs in a trial boot of this job: active, self test, commit or reject. lu is the
+// writer's record of the update on trial.
+func (j *job) selfTest(ctx context.Context, doc *jobdoc.Document, lu *otav1.UpdateInfo) {
 	a := j.a
 	if err := j.report(ctx, j.rep.Active); err != nil {
+		return
+	}
+	// The version check of a trial boot: when the job names versions, the image on trial
+	// must be one of them. A writer whose record says otherwise (another image was written
+	// under this job id, or its state was restored) is not running what the job delivers.
+	var versions []string
+	for _, f := range doc.Files {
+		if f.Version != "" {
+			versions = append(versions, f.Version)
+		}
+	}
+	if len(versions) > 0 && !slices.Contains(versions, lu.GetVersion()) {
+		j.log.Warn("the trial runs a version the job does not name: rolling back", "running", lu.GetVersion(), "job_versions", versions)
+		j.rejectTrial(ctx, otav1.Reason_REASON_SELF_TEST_VERSION_CHECK)
 		return
 	}
 	var res *otav1.SelfTestResponse
@@ -633,6 +657,11 @@ func (j *job) report(ctx context.Context, f func(context.Context) error) error {
 		return err
 	case ctx.Err() != nil:
 		return err
+	case status.ReasonOf(err) == otav1.Reason_REASON_JOB_UPDATE_FAILED:
+		// A refused progress or phase update leaves nothing behind (the next update replaces
+		// the statusDetails); the device's work goes on.
+		j.log.Error("the cloud refused a job update; continuing", "reason", status.String(otav1.Reason_REASON_JOB_UPDATE_FAILED), "error", err)
+		return nil
 	}
 	j.log.Warn("status report failed; continuing", "error", err)
 	return nil
@@ -667,11 +696,17 @@ func (j *job) fail(ctx context.Context, err error, selfTest string) {
 	j.final.Store(true)
 	fctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), finalTimeout)
 	defer cancel()
+	var rerr error
 	if !j.started && j.ex.Status == jobs.StatusQueued {
-		_ = j.rep.Rejected(fctx, reason)
-		return
+		rerr = j.rep.Rejected(fctx, reason)
+	} else {
+		rerr = j.rep.Failed(fctx, reason, selfTest)
 	}
-	_ = j.rep.Failed(fctx, reason, selfTest)
+	if rerr != nil {
+		// Nothing more can reach the cloud about this job: it keeps its last status until
+		// its timeout. The log is where the operator finds both reasons.
+		j.log.Error("final job update not delivered; the cloud keeps the job's last status", "reason", status.String(reason), "error", rerr)
+	}
 }
 
 // canceled handles a job that stopped being the next one: canceled or removed in the cloud

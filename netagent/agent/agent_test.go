@@ -1059,3 +1059,33 @@ func TestReconcileKeepsOpenAbortsGone(t *testing.T) {
 	default:
 	}
 }
+
+// The cloud refuses "ready" for good: nothing is activated (a reboot would lead into a trial
+// the next start rolls back as state_mismatch), the session is dropped and the job FAILED
+// job_update_failed, which the cloud does accept.
+func TestReadyRefusedFailsWithoutActivating(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	e.SetFaults("job-ready", emulator.Faults{RejectUpdate: func(_ string, d map[string]string) string {
+		if d["self_test"] == "ready" {
+			return jobs.CodeInvalidRequest
+		}
+		return ""
+	}})
+	d := startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 50*1024)
+	createJob(t, e, "job-ready", []string{"MQTT"}, img, 0, nil)
+	ex := waitStatus(t, e, "job-ready", jobs.StatusSucceeded, jobs.StatusFailed)
+	if ex.Status != jobs.StatusFailed || ex.StatusDetails["reason"] != "job_update_failed" || ex.StatusDetails["error_code"] != "3016" {
+		t.Fatalf("job %+v", ex)
+	}
+	st, err := d.link.State(context.Background())
+	if err != nil || st.GetImageState() != otav1.ImageState_IMAGE_STATE_NORMAL || len(st.GetSessions()) != 0 {
+		t.Fatalf("writer after the refused ready: %v %v, want nothing activated and no session", st, err)
+	}
+	select {
+	case <-w.reboots:
+		t.Fatal("the device rebooted although the cloud never saw ready")
+	default:
+	}
+}

@@ -24,6 +24,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/gwota/gwota/internal/crashpoint"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 )
 
 // MQTT is what the client needs from the connection (mqttconn.Conn provides it).
@@ -516,7 +518,9 @@ type Update struct {
 // Update changes the execution's status. It refuses to leave a terminal state (ErrTerminal,
 // as a *TerminalError), retries throttling and internal errors with backoff, and treats a
 // repeated terminal update whose first attempt was lost as done. It returns the execution
-// state the service reported.
+// state the service reported. An update the service refused for good (a rejection that is
+// not worth retrying, or throttling that outlasted every attempt) is a *status.Error with
+// REASON_JOB_UPDATE_FAILED around the *RejectedError.
 func (c *Client) Update(ctx context.Context, jobID string, u Update) (*ExecutionState, error) {
 	if !ValidJobID(jobID) {
 		return nil, fmt.Errorf("invalid job id %q", jobID)
@@ -585,10 +589,15 @@ func (c *Client) Update(ctx context.Context, jobID string, u Update) (*Execution
 			if rej.Code == CodeVersionMismatch && mismatches < 3 {
 				continue // our view was stale; the update carries no expectedVersion, so retry
 			}
-			return nil, err
+			return nil, refused(err)
 		case CodeResourceNotFound:
 			return nil, &TerminalError{JobID: jobID, Status: StatusRemoved}
 		}
-		return nil, err
+		return nil, refused(err)
 	}
+}
+
+// refused types an update the service refused for good.
+func refused(err error) error {
+	return status.Errorf(otav1.Reason_REASON_JOB_UPDATE_FAILED, "%w", err)
 }

@@ -16,6 +16,8 @@ import (
 	"github.com/gwota/gwota/netagent/jobs"
 	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
 )
@@ -196,6 +198,9 @@ func TestThrottledUpdateRetries(t *testing.T) {
 	if !errors.As(err, &rej) || rej.Code != jobs.CodeRequestThrottled {
 		t.Fatalf("err %v", err)
 	}
+	if r := status.ReasonOf(err); r != otav1.Reason_REASON_JOB_UPDATE_FAILED {
+		t.Fatalf("throttled past every attempt: reason %s, want job_update_failed", status.String(r))
+	}
 }
 
 func TestCancelAndReplace(t *testing.T) {
@@ -263,8 +268,13 @@ func TestNoResponse(t *testing.T) {
 	b := mqtttest.Start(t, mqtttest.Options{})
 	conn := connect(t, b.URL(), "gw-silent")
 	c := newClient(t, conn, "gw-silent", jobs.Options{ResponseTimeout: 50 * time.Millisecond, Attempts: 2, BackoffMin: time.Millisecond})
-	if _, err := c.Update(ctxT(t), "job-x", jobs.Update{Status: jobs.StatusInProgress}); !errors.Is(err, jobs.ErrNoResponse) {
+	_, err := c.Update(ctxT(t), "job-x", jobs.Update{Status: jobs.StatusInProgress})
+	if !errors.Is(err, jobs.ErrNoResponse) {
 		t.Fatalf("err %v", err)
+	}
+	// Unanswered is not refused: the cloud may never have seen it.
+	if r := status.ReasonOf(err); r == otav1.Reason_REASON_JOB_UPDATE_FAILED {
+		t.Fatalf("no response typed as %s", status.String(r))
 	}
 }
 
@@ -330,6 +340,9 @@ func TestRejectionCodes(t *testing.T) {
 		}
 		if rej.Retryable() != (code == jobs.CodeInternalError) {
 			t.Fatalf("%s: retryable %v", code, rej.Retryable())
+		}
+		if r := status.ReasonOf(err); r != otav1.Reason_REASON_JOB_UPDATE_FAILED {
+			t.Fatalf("%s: reason %s, want job_update_failed", code, status.String(r))
 		}
 	}
 	e.ClearFaults("job-v")

@@ -369,6 +369,10 @@ type Faults struct {
 	RejectCode string
 	// ThrottleUpdates rejects the next N UpdateJobExecution requests with RequestThrottled.
 	ThrottleUpdates int
+	// RejectUpdate, when set, is asked about every UpdateJobExecution of the job (after
+	// ThrottleUpdates): a non-empty jobs error code rejects that update, "" lets it through.
+	// It runs under the emulator's lock and must not call the emulator.
+	RejectUpdate func(status string, details map[string]string) string
 	// DisconnectAfterBlocks drops the requesting client's connection once after it has been
 	// sent this many blocks (embedded broker only: an external broker gives no such control,
 	// and the fault then only stops the blocks after the Nth).

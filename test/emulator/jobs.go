@@ -943,6 +943,11 @@ func (e *Emulator) updateLocked(topic, thing, jobID, token string, req jobReques
 		if f.RejectCode != "" {
 			return withDelay(rejected(topic, f.RejectCode, "injected fault", token, nil))
 		}
+		if f.RejectUpdate != nil {
+			if code := f.RejectUpdate(status, details); code != "" {
+				return withDelay(rejected(topic, code, "injected fault", token, nil))
+			}
+		}
 	}
 	x := e.findLocked(thing, jobID)
 	if x == nil || (req.ExecutionNumber != nil && *req.ExecutionNumber != x.number) {
@@ -1060,3 +1065,21 @@ func (e *Emulator) drainPushes() {
 // timeAfterFunc starts step timers; a test replaces it to order a timer's expiry after a
 // device's request.
 var timeAfterFunc = func(d time.Duration, f func()) interface{ Stop() bool } { return time.AfterFunc(d, f) }
+
+// AnnounceNext publishes a notify-next naming jobID on thing, whatever $next is now: AWS does
+// not promise that notifications arrive in order, so a device can hear of another job while
+// its current one is still open.
+func (e *Emulator) AnnounceNext(thing, jobID string) error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	x := e.findLocked(thing, jobID)
+	if x == nil {
+		return fmt.Errorf("job %s on %s: %w", jobID, thing, ErrNotFound)
+	}
+	now := time.Now()
+	e.publishAsync("$aws/things/"+thing+"/jobs/notify-next", mustJSON(struct {
+		Timestamp int64             `json:"timestamp"`
+		Execution *jobExecutionJSON `json:"execution"`
+	}{now.Unix(), e.executionJSON(x, true, now)}))
+	return nil
+}

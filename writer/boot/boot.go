@@ -4,12 +4,15 @@
 // through grub-editenv (GRUB).
 //
 // Errors are *status.Error: REASON_BAD_IMAGE_STATE for a transition that is not allowed now,
-// REASON_COMMIT_FAILED when a commit could not be made permanent, REASON_OTHER when a tool or
-// the state storage fails (the tool's stderr is in the message).
+// REASON_COMMIT_FAILED when a commit could not be made permanent, REASON_STORAGE_FULL when
+// the state storage is out of space, REASON_BOOT_CONTROL_FAILED when a tool, the environment
+// or the state storage fails otherwise (the tool's stderr is in the message).
 package boot
 
 import (
 	"context"
+	"errors"
+	"syscall"
 
 	"github.com/gwota/gwota/status"
 
@@ -70,6 +73,17 @@ func Other(slot string) string {
 
 // ValidSlot reports whether slot is "a" or "b".
 func ValidSlot(slot string) bool { return slot == SlotA || slot == SlotB }
+
+// controlErr types a failure of the boot control itself. Out of space (ENOSPC, EDQUOT) is
+// REASON_STORAGE_FULL, which the operator repairs by freeing space; anything else is
+// REASON_BOOT_CONTROL_FAILED.
+func controlErr(format string, args ...any) *status.Error {
+	e := status.Errorf(otav1.Reason_REASON_BOOT_CONTROL_FAILED, format, args...)
+	if errors.Is(e.Err, syscall.ENOSPC) || errors.Is(e.Err, syscall.EDQUOT) {
+		e.Reason = otav1.Reason_REASON_STORAGE_FULL
+	}
+	return e
+}
 
 func badState(format string, args ...any) error {
 	return status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, format, args...)

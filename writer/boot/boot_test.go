@@ -16,6 +16,7 @@ import (
 	"go.uber.org/goleak"
 
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/tinyfs"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
@@ -326,8 +327,8 @@ func TestFileRejectsCorruptState(t *testing.T) {
 			path := filepath.Join(t.TempDir(), "boot.json")
 			mustWrite(t, path, tt.content)
 			_, err := NewFile(path, limit, nil)
-			if got := status.ReasonOf(err); got != otav1.Reason_REASON_OTHER {
-				t.Fatalf("error %v (reason %v), want REASON_OTHER", err, got)
+			if got := status.ReasonOf(err); got != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
+				t.Fatalf("error %v (reason %v), want REASON_BOOT_CONTROL_FAILED", err, got)
 			}
 			b, _ := os.ReadFile(path)
 			if string(b) != tt.content {
@@ -335,7 +336,7 @@ func TestFileRejectsCorruptState(t *testing.T) {
 			}
 		})
 	}
-	if _, err := NewFile(filepath.Join(t.TempDir(), "x.json"), 0, nil); status.ReasonOf(err) != otav1.Reason_REASON_OTHER {
+	if _, err := NewFile(filepath.Join(t.TempDir(), "x.json"), 0, nil); status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
 		t.Fatalf("boot limit 0: %v", err)
 	}
 }
@@ -357,8 +358,8 @@ func TestFileAtomicWriteLeavesNoTemp(t *testing.T) {
 	if err := os.RemoveAll(dir); err != nil {
 		t.Fatal(err)
 	}
-	if err := f.Reject(context.Background()); status.ReasonOf(err) != otav1.Reason_REASON_OTHER {
-		t.Fatalf("reject without a state directory: %v, want REASON_OTHER", err)
+	if err := f.Reject(context.Background()); status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
+		t.Fatalf("reject without a state directory: %v, want REASON_BOOT_CONTROL_FAILED", err)
 	}
 	if st, _ := f.State(context.Background()); st.Pending != "b" || st.RolledBack {
 		t.Fatalf("state after a failed save %+v, want still pending b", st)
@@ -383,11 +384,11 @@ func TestEnvBadValues(t *testing.T) {
 				t.Fatal(err)
 			}
 			ctx := context.Background()
-			if _, err := u.State(ctx); status.ReasonOf(err) != otav1.Reason_REASON_OTHER {
-				t.Fatalf("State: %v, want REASON_OTHER", err)
+			if _, err := u.State(ctx); status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
+				t.Fatalf("State: %v, want REASON_BOOT_CONTROL_FAILED", err)
 			}
-			if err := u.Activate(ctx, "b"); status.ReasonOf(err) != otav1.Reason_REASON_OTHER {
-				t.Fatalf("Activate: %v, want REASON_OTHER", err)
+			if err := u.Activate(ctx, "b"); status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
+				t.Fatalf("Activate: %v, want REASON_BOOT_CONTROL_FAILED", err)
 			}
 		})
 	}
@@ -403,14 +404,14 @@ func TestUBootToolFailures(t *testing.T) {
 		mustWrite(t, cfg, filepath.Join(dir, "uboot.env")+" 0x0000 0x4000\n")
 		u, _ := NewUBoot(UBootOptions{Config: cfg, DefaultEnv: filepath.Join(dir, "missing")})
 		_, err := u.State(ctx)
-		if status.ReasonOf(err) != otav1.Reason_REASON_OTHER || !strings.Contains(err.Error(), "Cannot read") {
-			t.Fatalf("State: %v, want REASON_OTHER with the tool's stderr", err)
+		if status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED || !strings.Contains(err.Error(), "Cannot read") {
+			t.Fatalf("State: %v, want REASON_BOOT_CONTROL_FAILED with the tool's stderr", err)
 		}
 	})
 	t.Run("tool missing", func(t *testing.T) {
 		u, _ := NewUBoot(UBootOptions{PrintEnv: "/nonexistent/fw_printenv"})
 		_, err := u.State(ctx)
-		if status.ReasonOf(err) != otav1.Reason_REASON_OTHER || !strings.Contains(err.Error(), "not installed") {
+		if status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED || !strings.Contains(err.Error(), "not installed") {
 			t.Fatalf("State: %v", err)
 		}
 	})
@@ -468,7 +469,7 @@ func TestGRUBMissingFile(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := g.State(context.Background()); status.ReasonOf(err) != otav1.Reason_REASON_OTHER {
+	if _, err := g.State(context.Background()); status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
 		t.Fatalf("State on a missing env file: %v", err)
 	}
 	if _, err := NewGRUB(GRUBOptions{}); err == nil {
@@ -512,8 +513,8 @@ func TestCmdlineDetection(t *testing.T) {
 			}
 			st, err := g.State(context.Background())
 			if tt.err {
-				if status.ReasonOf(err) != otav1.Reason_REASON_OTHER {
-					t.Fatalf("State %+v, %v: want REASON_OTHER", st, err)
+				if status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
+					t.Fatalf("State %+v, %v: want REASON_BOOT_CONTROL_FAILED", st, err)
 				}
 				return
 			}
@@ -546,4 +547,82 @@ func TestOptionsValidation(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestBootControlFailures: a boot tool or state store that cannot store the change fails
+// with boot_control_failed (storage_full when it is out of space), with the cause in the
+// message, and the boot state stays what it was. Real tools, real read-only and full
+// filesystems.
+func TestBootControlFailures(t *testing.T) {
+	ctx := context.Background()
+	check := func(t *testing.T, b Backend, want otav1.Reason, msg string) {
+		t.Helper()
+		before, err := b.State(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = b.Activate(ctx, "b")
+		if got := status.ReasonOf(err); got != want || !strings.Contains(err.Error(), msg) {
+			t.Fatalf("Activate: %v (%s), want %s mentioning %q", err, status.Name(got), status.Name(want), msg)
+		}
+		if after, err := b.State(ctx); err != nil || after != before {
+			t.Fatalf("state after the failed activation %+v, %v; want %+v", after, err, before)
+		}
+	}
+	t.Run("fw_setenv on a read-only environment", func(t *testing.T) {
+		cfg := newUBootEnv(t, "boot_part=a\n")
+		u, err := NewUBoot(UBootOptions{Config: cfg})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tinyfs.ReadOnly(t, filepath.Dir(cfg))
+		check(t, u, otav1.Reason_REASON_BOOT_CONTROL_FAILED, "fw_setenv")
+	})
+	t.Run("fw_setenv missing", func(t *testing.T) {
+		cfg := newUBootEnv(t, "boot_part=a\n")
+		u, err := NewUBoot(UBootOptions{Config: cfg, SetEnv: "/nonexistent/fw_setenv"})
+		if err != nil {
+			t.Fatal(err)
+		}
+		check(t, u, otav1.Reason_REASON_BOOT_CONTROL_FAILED, "not installed")
+	})
+	t.Run("grub-editenv on a read-only directory", func(t *testing.T) {
+		r := newGRUBRig(t, false)
+		tinyfs.ReadOnly(t, filepath.Dir(r.b.(*GRUB).store.(*grubEnv).o.EnvFile))
+		check(t, r.b, otav1.Reason_REASON_BOOT_CONTROL_FAILED, "read-only")
+	})
+	t.Run("grub-editenv on a full filesystem", func(t *testing.T) {
+		tool := needTool(t, "grub-editenv")
+		dir := tinyfs.Tmpfs(t, 64<<10)
+		env := filepath.Join(dir, "grubenv")
+		for _, args := range [][]string{{env, "create"}, {env, "set", "boot_part=a"}} {
+			if out, err := exec.Command(tool, args...).CombinedOutput(); err != nil {
+				t.Fatalf("grub-editenv %v: %v: %s", args, err, out)
+			}
+		}
+		g, err := NewGRUB(GRUBOptions{EnvFile: env})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tinyfs.Fill(t, dir)
+		check(t, g, otav1.Reason_REASON_STORAGE_FULL, "no space")
+	})
+	t.Run("file backend on a full filesystem", func(t *testing.T) {
+		dir := tinyfs.Tmpfs(t, 64<<10)
+		f, err := NewFile(filepath.Join(dir, "boot.json"), limit, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tinyfs.Fill(t, dir)
+		check(t, f, otav1.Reason_REASON_STORAGE_FULL, "no space")
+	})
+	t.Run("file backend on a read-only directory", func(t *testing.T) {
+		dir := t.TempDir()
+		f, err := NewFile(filepath.Join(dir, "boot.json"), limit, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tinyfs.ReadOnly(t, dir)
+		check(t, f, otav1.Reason_REASON_BOOT_CONTROL_FAILED, "read-only")
+	})
 }

@@ -182,7 +182,7 @@ func (b *envBackend) state(ctx context.Context) (State, map[string]string, error
 	if raw := env[v.Slot]; raw != "" {
 		p, ok := b.slotOf(raw)
 		if !ok {
-			return State{}, nil, status.Errorf(otav1.Reason_REASON_OTHER, "%s: %s=%q names no slot", b.name, v.Slot, raw)
+			return State{}, nil, controlErr("%s: %s=%q names no slot", b.name, v.Slot, raw)
 		}
 		part = p
 	}
@@ -192,19 +192,19 @@ func (b *envBackend) state(ctx context.Context) (State, map[string]string, error
 	case "1":
 		upgrade = true
 	default:
-		return State{}, nil, status.Errorf(otav1.Reason_REASON_OTHER, "%s: %s=%q, want 0 or 1", b.name, v.Upgrade, env[v.Upgrade])
+		return State{}, nil, controlErr("%s: %s=%q, want 0 or 1", b.name, v.Upgrade, env[v.Upgrade])
 	}
 	if c := env[v.BootCount]; c != "" {
 		n, err := strconv.Atoi(c)
 		if err != nil || n < 0 {
-			return State{}, nil, status.Errorf(otav1.Reason_REASON_OTHER, "%s: %s=%q is not a count", b.name, v.BootCount, c)
+			return State{}, nil, controlErr("%s: %s=%q is not a count", b.name, v.BootCount, c)
 		}
 		st.BootCount = n
 	}
 	trialSlot := ""
 	if t := env[v.TrialSlot]; t != "" {
 		if !ValidSlot(t) {
-			return State{}, nil, status.Errorf(otav1.Reason_REASON_OTHER, "%s: %s=%q names no slot", b.name, v.TrialSlot, t)
+			return State{}, nil, controlErr("%s: %s=%q names no slot", b.name, v.TrialSlot, t)
 		}
 		trialSlot = t
 	}
@@ -217,7 +217,7 @@ func (b *envBackend) state(ctx context.Context) (State, map[string]string, error
 	}
 	if part == "" {
 		if booted == "" || upgrade {
-			return State{}, nil, status.Errorf(otav1.Reason_REASON_OTHER, "%s: variable %s is not set", b.name, v.Slot)
+			return State{}, nil, controlErr("%s: variable %s is not set", b.name, v.Slot)
 		}
 		part = booted
 	}
@@ -252,7 +252,7 @@ func (b *envBackend) state(ctx context.Context) (State, map[string]string, error
 func (b *envBackend) cmdlineSlot() (string, error) {
 	raw, err := os.ReadFile(b.s.CmdlinePath)
 	if err != nil {
-		return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: booted slot: %w", b.name, err)
+		return "", controlErr("%s: booted slot: %w", b.name, err)
 	}
 	val, found := "", false
 	for _, f := range strings.Fields(string(raw)) {
@@ -261,12 +261,12 @@ func (b *envBackend) cmdlineSlot() (string, error) {
 			continue
 		}
 		if found && v != val {
-			return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s given twice, %q and %q: the running slot is ambiguous", b.name, k, val, v)
+			return "", controlErr("%s: kernel parameter %s given twice, %q and %q: the running slot is ambiguous", b.name, k, val, v)
 		}
 		val, found = v, true
 	}
 	if !found {
-		return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s not in %s", b.name, b.s.CmdlineKey, b.s.CmdlinePath)
+		return "", controlErr("%s: kernel parameter %s not in %s", b.name, b.s.CmdlineKey, b.s.CmdlinePath)
 	}
 	if b.s.CmdlineValues == nil {
 		if s := strings.ToLower(val); ValidSlot(s) {
@@ -278,7 +278,7 @@ func (b *envBackend) cmdlineSlot() (string, error) {
 			return slot, nil
 		}
 	}
-	return "", status.Errorf(otav1.Reason_REASON_OTHER, "%s: kernel parameter %s=%q names no slot", b.name, b.s.CmdlineKey, val)
+	return "", controlErr("%s: kernel parameter %s=%q names no slot", b.name, b.s.CmdlineKey, val)
 }
 
 // bootID is the current boot's id, "" when unavailable (then a rejected slot shows as
@@ -393,7 +393,7 @@ func run(ctx context.Context, stdin []byte, name string, args ...string) ([]byte
 		if errors.Is(err, exec.ErrNotFound) || errors.Is(err, fs.ErrNotExist) {
 			msg = "not installed"
 		}
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "%s %s: %w: %s", name, strings.Join(args, " "), err, msg)
+		return nil, controlErr("%s %s: %w: %s", name, strings.Join(args, " "), err, msg)
 	}
 	return stdout.Bytes(), nil
 }

@@ -80,7 +80,7 @@ var _ Backend = (*File)(nil)
 // never silently reset: it may be the only record of which slot is good.
 func NewFile(path string, bootLimit int, log hclog.Logger) (*File, error) {
 	if bootLimit < 1 {
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "boot file %s: boot limit %d, want >= 1", path, bootLimit)
+		return nil, controlErr("boot file %s: boot limit %d, want >= 1", path, bootLimit)
 	}
 	if log == nil {
 		log = hclog.NewNullLogger()
@@ -96,11 +96,11 @@ func NewFile(path string, bootLimit int, log hclog.Logger) (*File, error) {
 		log.Info("boot state file created", "path", path, "slot", SlotA)
 		return f, nil
 	case err != nil:
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "boot file: %w", err)
+		return nil, controlErr("boot file: %w", err)
 	}
 	st, id, err := decodeFileState(b)
 	if err != nil {
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "boot file %s: %w", path, err)
+		return nil, controlErr("boot file %s: %w", path, err)
 	}
 	f.st, f.bootID = st, id
 	return f, nil
@@ -204,7 +204,7 @@ func (f *File) Commit(ctx context.Context) error {
 		return nil
 	})
 	var se *status.Error
-	if err != nil && errors.As(err, &se) && se.Reason == otav1.Reason_REASON_OTHER {
+	if err != nil && errors.As(err, &se) && se.Reason == otav1.Reason_REASON_BOOT_CONTROL_FAILED {
 		return status.Errorf(otav1.Reason_REASON_COMMIT_FAILED, "commit: %w", err)
 	}
 	return err
@@ -257,10 +257,10 @@ func (f *File) save(st State, bootID string) error {
 		Trial: st.Trial, RolledBack: st.RolledBack, BootCount: st.BootCount, BootID: bootID,
 	}, "", "  ")
 	if err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "boot file: %w", err)
+		return controlErr("boot file: %w", err)
 	}
 	if err := writeFileAtomic(f.path, append(b, '\n'), 0o600); err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "boot file: %w", err)
+		return controlErr("boot file: %w", err)
 	}
 	return nil
 }

@@ -10,10 +10,6 @@ import (
 	"slices"
 
 	"github.com/hashicorp/go-hclog"
-
-	"github.com/gwota/gwota/status"
-
-	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
 // GRUBOptions configures the GRUB backend (grub-editenv on the GRUB environment block).
@@ -52,10 +48,10 @@ var _ Backend = (*GRUB)(nil)
 // NewGRUB checks opts and returns the backend. It does not touch the environment.
 func NewGRUB(opts GRUBOptions) (*GRUB, error) {
 	if err := opts.Scheme.setDefaults(); err != nil {
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "grub: %w", err)
+		return nil, controlErr("grub: %w", err)
 	}
 	if opts.EnvFile == "" {
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "grub: no environment file configured")
+		return nil, controlErr("grub: no environment file configured")
 	}
 	if opts.EditEnv == "" {
 		opts.EditEnv = "grub-editenv"
@@ -71,7 +67,7 @@ type grubEnv struct{ o GRUBOptions }
 func (e *grubEnv) read(ctx context.Context) (map[string]string, error) {
 	// grub-editenv lists a missing file as empty: that must not read as "no update".
 	if _, err := os.Stat(e.o.EnvFile); err != nil {
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "grub: %w", err)
+		return nil, controlErr("grub: %w", err)
 	}
 	out, err := run(ctx, nil, e.o.EditEnv, e.o.EnvFile, "list")
 	if err != nil {
@@ -89,21 +85,21 @@ func (e *grubEnv) write(ctx context.Context, vars map[string]string) error {
 	for _, k := range slices.Sorted(maps.Keys(vars)) {
 		v := vars[k]
 		if !validVarName(k) || !validVarValue(v) {
-			return status.Errorf(otav1.Reason_REASON_OTHER, "grub: refusing to write %q=%q", k, v)
+			return controlErr("grub: refusing to write %q=%q", k, v)
 		}
 		args = append(args, k+"="+v)
 	}
 	cur, err := os.ReadFile(e.o.EnvFile)
 	if err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "grub: %w", err)
+		return controlErr("grub: %w", err)
 	}
 	fi, err := os.Stat(e.o.EnvFile)
 	if err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "grub: %w", err)
+		return controlErr("grub: %w", err)
 	}
 	tmp, err := os.CreateTemp(filepath.Dir(e.o.EnvFile), "."+filepath.Base(e.o.EnvFile)+".tmp*")
 	if err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "grub: %w", err)
+		return controlErr("grub: %w", err)
 	}
 	tmpName := tmp.Name()
 	done := false
@@ -117,14 +113,14 @@ func (e *grubEnv) write(ctx context.Context, vars map[string]string) error {
 		werr = cerr
 	}
 	if werr != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "grub: %w", werr)
+		return controlErr("grub: %w", werr)
 	}
 	args[0] = tmpName
 	if _, err := run(ctx, nil, e.o.EditEnv, args...); err != nil {
 		return err
 	}
 	if err := syncRename(tmpName, e.o.EnvFile, fi.Mode().Perm()); err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "grub: %w", err)
+		return controlErr("grub: %w", err)
 	}
 	done = true
 	return nil

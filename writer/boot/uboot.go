@@ -8,10 +8,6 @@ import (
 	"strings"
 
 	"github.com/hashicorp/go-hclog"
-
-	"github.com/gwota/gwota/status"
-
-	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
 // UBootOptions configures the U-Boot backend (fw_printenv/fw_setenv from libubootenv).
@@ -48,7 +44,7 @@ var _ Backend = (*UBoot)(nil)
 // NewUBoot checks opts and returns the backend. It does not touch the environment.
 func NewUBoot(opts UBootOptions) (*UBoot, error) {
 	if err := opts.Scheme.setDefaults(); err != nil {
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "uboot: %w", err)
+		return nil, controlErr("uboot: %w", err)
 	}
 	if opts.PrintEnv == "" {
 		opts.PrintEnv = "fw_printenv"
@@ -90,7 +86,7 @@ func (e *fwEnv) write(ctx context.Context, vars map[string]string) error {
 	for _, k := range slices.Sorted(maps.Keys(vars)) {
 		v := vars[k]
 		if !validVarName(k) || !validVarValue(v) {
-			return status.Errorf(otav1.Reason_REASON_OTHER, "uboot: refusing to write %q=%q", k, v)
+			return controlErr("uboot: refusing to write %q=%q", k, v)
 		}
 		switch {
 		case !e.o.ClassicScript:
@@ -103,15 +99,15 @@ func (e *fwEnv) write(ctx context.Context, vars map[string]string) error {
 	}
 	f, err := os.CreateTemp("", "ota-fwenv-*.script")
 	if err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "uboot: %w", err)
+		return controlErr("uboot: %w", err)
 	}
 	defer os.Remove(f.Name())
 	if _, err := f.WriteString(sb.String()); err != nil {
 		f.Close()
-		return status.Errorf(otav1.Reason_REASON_OTHER, "uboot: %w", err)
+		return controlErr("uboot: %w", err)
 	}
 	if err := f.Close(); err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "uboot: %w", err)
+		return controlErr("uboot: %w", err)
 	}
 	_, err = run(ctx, nil, e.o.SetEnv, append(e.args(), "-s", f.Name())...)
 	return err

@@ -9,7 +9,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
+	"net"
+	"os"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"google.golang.org/grpc"
@@ -50,6 +54,7 @@ type Client struct {
 	w      otav1.WriterClient
 	health healthpb.HealthClient
 	name   string
+	sock   string
 	// sendMax is the writer's receive limit once the handshake told it, else maxMsg.
 	sendMax atomic.Int64
 }
@@ -73,7 +78,7 @@ func Dial(ctx context.Context, socketPath string, opts Options) (*Client, error)
 	if err != nil {
 		return nil, fmt.Errorf("client: %w", err)
 	}
-	c := &Client{cc: cc, w: otav1.NewWriterClient(cc), health: healthpb.NewHealthClient(cc), name: opts.Name}
+	c := &Client{cc: cc, w: otav1.NewWriterClient(cc), health: healthpb.NewHealthClient(cc), name: opts.Name, sock: socketPath}
 	c.sendMax.Store(int64(maxMsg))
 	return c, nil
 }
@@ -102,6 +107,7 @@ func wrap(err error) error {
 // refusal (permission denied) returns at once: waiting would not change it.
 func (c *Client) WaitReady(ctx context.Context) error {
 	backoff := 20 * time.Millisecond
+	refusals := 0
 	for {
 		attempt, cancel := context.WithTimeout(ctx, 2*time.Second)
 		resp, err := c.health.Check(attempt, &healthpb.HealthCheckRequest{Service: ServiceName}, grpc.WaitForReady(true))
@@ -112,6 +118,18 @@ func (c *Client) WaitReady(ctx context.Context) error {
 		if err != nil {
 			if st, ok := grpcstatus.FromError(err); ok && (st.Code() == codes.PermissionDenied || st.Code() == codes.Unauthenticated) {
 				return wrap(err)
+			}
+			if c.refused() {
+				refusals++
+			} else {
+				refusals = 0
+			}
+			// Twice in a row, so a writer that crashed right after an accept is not taken
+			// for a refusal.
+			if refusals >= 2 {
+				return status.Errorf(otav1.Reason_REASON_PERMISSION_DENIED,
+					"the writer on %s closes the connection without answering: it does not allow uid %d (only root and the peer_uids/peer_users of its configuration)",
+					c.sock, os.Geteuid())
 			}
 		}
 		select {
@@ -124,6 +142,22 @@ func (c *Client) WaitReady(ctx context.Context) error {
 		}
 		backoff = min(backoff*2, 500*time.Millisecond)
 	}
+}
+
+// refused tells whether the writer refuses this process's uid. The writer closes the
+// connection of a peer it does not allow at accept, before grpc can answer anything (so grpc
+// only sees an unavailable server); a writer that takes a connection sends its HTTP/2
+// SETTINGS at once. End of stream before any byte is a refusal; a byte, no listener, or
+// silence (a writer still starting under socket activation) is not.
+func (c *Client) refused() bool {
+	conn, err := net.DialTimeout("unix", c.sock, time.Second)
+	if err != nil {
+		return false
+	}
+	defer conn.Close()
+	conn.SetReadDeadline(time.Now().Add(time.Second))
+	n, err := conn.Read(make([]byte, 1))
+	return n == 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET))
 }
 
 // Handshake checks the protocol version and learns the writer's limits; the client adopts

@@ -2,6 +2,7 @@ package client_test
 
 import (
 	"context"
+	"net"
 	"os"
 	"path/filepath"
 	"testing"
@@ -120,5 +121,66 @@ func TestBlockStreamCloseUndrained(t *testing.T) {
 func TestDialEmptyPath(t *testing.T) {
 	if _, err := client.Dial(t.Context(), "", client.Options{}); err == nil {
 		t.Fatal("no error")
+	}
+}
+
+// A socket that takes connections and closes them without a byte is how the writer refuses a
+// peer uid at accept: WaitReady says permission_denied at once. One that takes them and stays
+// silent (a writer still starting) is waited for. (The real refusal, ota-net under a uid the
+// writer does not allow, is driven by test/e2e TestEveryReason.)
+func TestWaitReadyTellsRefusalFromSilence(t *testing.T) {
+	for _, tc := range []struct {
+		name  string
+		close bool
+		want  otav1.Reason
+	}{
+		{"closed at accept", true, otav1.Reason_REASON_PERMISSION_DENIED},
+		{"silent", false, otav1.Reason_REASON_WRITER_UNAVAILABLE},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, err := os.MkdirTemp("", "owc")
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer os.RemoveAll(dir)
+			sock := filepath.Join(dir, "w.sock")
+			ln, err := net.Listen("unix", sock)
+			if err != nil {
+				t.Fatal(err)
+			}
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				var held []net.Conn
+				defer func() {
+					for _, c := range held {
+						c.Close()
+					}
+				}()
+				for {
+					c, err := ln.Accept()
+					if err != nil {
+						return
+					}
+					if tc.close {
+						c.Close()
+					} else {
+						held = append(held, c)
+					}
+				}
+			}()
+			defer func() { ln.Close(); <-done }()
+			c, err := client.Dial(t.Context(), sock, client.Options{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			ctx, cancel := context.WithTimeout(t.Context(), 8*time.Second)
+			defer cancel()
+			err = c.WaitReady(ctx)
+			if got := status.ReasonOf(err); got != tc.want {
+				t.Fatalf("WaitReady: %v (%s), want %s", err, status.Name(got), status.Name(tc.want))
+			}
+		})
 	}
 }

@@ -3,6 +3,7 @@ package engine
 import (
 	"context"
 	"errors"
+	"fmt"
 	"time"
 
 	"github.com/gwota/gwota/internal/crashpoint"
@@ -87,7 +88,7 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 	}
 
 	if err := s.medium.Sync(); err != nil {
-		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "sync slot: %w", err)
+		return nil, saveErr(fmt.Errorf("sync slot: %w", err), otav1.Reason_REASON_FILE_CLOSE_FAILED)
 	}
 	var prev journal.Record
 	upd.Outcome = journal.OutcomeActivated
@@ -104,7 +105,7 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 			e.log.Error("record not restored after failed activation", "error", rerr)
 		}
 		e.log.Error("boot activation failed", "session", s.id, "slot", m.Slot, "error", err)
-		return nil, typed(err, otav1.Reason_REASON_OTHER, "activate slot "+m.Slot)
+		return nil, typed(err, otav1.Reason_REASON_BOOT_CONTROL_FAILED, "activate slot "+m.Slot)
 	}
 	crashpoint.Hit(crashpoint.WriterActivateSaved)
 	if _, err := e.bootState(ctx); err != nil {
@@ -254,8 +255,8 @@ func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitRespons
 	if err := e.deps.Boot.Commit(ctx); err != nil {
 		e.log.Error("commit failed", "slot", st.Booted, "error", err)
 		var se *status.Error
-		if errors.As(err, &se) && se.Reason == otav1.Reason_REASON_BAD_IMAGE_STATE {
-			return nil, err
+		if errors.As(err, &se) && (se.Reason == otav1.Reason_REASON_BAD_IMAGE_STATE || se.Reason == otav1.Reason_REASON_STORAGE_FULL) {
+			return nil, err // not allowed now / free space: more telling than commit_failed
 		}
 		return nil, status.Errorf(otav1.Reason_REASON_COMMIT_FAILED, "commit slot %s: %w", st.Booted, err)
 	}
@@ -322,7 +323,7 @@ func (e *Engine) Reject(ctx context.Context, jobID string, reason otav1.Reason) 
 	}
 	if err := e.deps.Boot.Reject(ctx); err != nil {
 		e.log.Error("reject failed", "slot", st.Booted, "error", err)
-		return nil, typed(err, otav1.Reason_REASON_OTHER, "reject")
+		return nil, typed(err, otav1.Reason_REASON_BOOT_CONTROL_FAILED, "reject")
 	}
 	if u != nil {
 		if err := e.updateRecord(func(r *journal.Record) {

@@ -20,6 +20,7 @@ import (
 	"regexp"
 	"strings"
 	"sync"
+	"syscall"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -341,7 +342,7 @@ func (e *Engine) MaxBlockSize() uint32 { return e.cfg.MaxBlockSize }
 func (e *Engine) bootState(ctx context.Context) (boot.State, error) {
 	st, err := e.deps.Boot.State(ctx)
 	if err != nil {
-		return st, typed(err, otav1.Reason_REASON_OTHER, "boot state")
+		return st, typed(err, otav1.Reason_REASON_BOOT_CONTROL_FAILED, "boot state")
 	}
 	e.setFence(st)
 	return st, nil
@@ -474,9 +475,19 @@ func comparePart(x, y string) int {
 
 func (e *Engine) saveRecordLocked() error {
 	if err := e.journal.SaveRecord(e.record); err != nil {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "%w", err)
+		return saveErr(err, otav1.Reason_REASON_FILE_WRITE_FAILED)
 	}
 	return nil
+}
+
+// saveErr types a failed write of the state directory (journal, record): out of space
+// (ENOSPC, EDQUOT) is REASON_STORAGE_FULL, which the operator repairs by freeing space;
+// anything else is r.
+func saveErr(err error, r otav1.Reason) *status.Error {
+	if errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT) {
+		r = otav1.Reason_REASON_STORAGE_FULL
+	}
+	return status.Errorf(r, "%w", err)
 }
 
 // Extensions implements server.Core: the configured fields, with the slot-derived ones

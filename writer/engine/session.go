@@ -212,7 +212,7 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		m.Close()
 		t.Discard()
-		return nil, status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "%w", err)
+		return nil, saveErr(err, otav1.Reason_REASON_FILE_WRITE_FAILED)
 	}
 	e.mu.Lock()
 	e.sessions[s.id] = s
@@ -356,7 +356,7 @@ func (e *Engine) syncLocked(s *session) error {
 	s.updated = time.Now().UTC()
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		e.log.Error("journal save failed", "session", s.id, "error", err)
-		return status.Errorf(otav1.Reason_REASON_FILE_WRITE_FAILED, "%w", err)
+		return saveErr(err, otav1.Reason_REASON_FILE_WRITE_FAILED)
 	}
 	s.nDurable = s.nReceived
 	s.pendingBytes = 0
@@ -415,7 +415,7 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 	s.updated = time.Now().UTC()
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		s.state = otav1.SessionState_SESSION_STATE_RECEIVING
-		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "%w", err)
+		return nil, saveErr(err, otav1.Reason_REASON_FILE_CLOSE_FAILED)
 	}
 	e.log.Info("image verified", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "slot", s.meta.Slot, "sha256", s.sha)
 	crashpoint.Hit(crashpoint.WriterVerified)

@@ -38,14 +38,16 @@ import (
 // Kind classifies operations for counting and for Freeze.
 type Kind int
 
-// Kinds of operations. Sync counts file and directory fsyncs (and fdatasyncs); Any counts
-// every operation that changes the tree or makes something durable.
+// Kinds of operations. Sync counts file and directory fsyncs (and fdatasyncs); Boundary
+// counts syncs and renames (the points where what a cut keeps changes, or where a program
+// relies on it having changed); Any counts every operation that changes the tree or makes
+// something durable.
 const (
 	Sync Kind = iota
 	Rename
+	Boundary
 	Write
 	Any
-	numKinds
 )
 
 func (k Kind) String() string {
@@ -54,6 +56,8 @@ func (k Kind) String() string {
 		return "sync"
 	case Rename:
 		return "rename"
+	case Boundary:
+		return "boundary"
 	case Write:
 		return "write"
 	case Any:
@@ -207,6 +211,8 @@ func (f *FS) count(kind Kind) int {
 		return f.counts.Syncs
 	case Rename:
 		return f.counts.Renames
+	case Boundary:
+		return f.counts.Boundaries()
 	case Write:
 		return f.counts.Writes
 	}

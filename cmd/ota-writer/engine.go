@@ -11,8 +11,8 @@ import (
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
-	"github.com/gwota/gwota/writer/journal"
 	"github.com/gwota/gwota/writer/ext"
+	"github.com/gwota/gwota/writer/journal"
 	"github.com/gwota/gwota/writer/selftest"
 )
 

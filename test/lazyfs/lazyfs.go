@@ -86,6 +86,7 @@ type FS struct {
 	objs    map[uint64]*object
 	counts  Counts
 	trigger *trigger
+	trace   []string // the boundaries, in order: "fsync <path>", "rename <old> <new>"
 	frozen  bool
 	release chan struct{} // closed by Release: blocked operations fail
 }
@@ -183,6 +184,22 @@ func (f *FS) Counts() Counts {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	return f.counts
+}
+
+// Trace lists the boundaries seen so far, in order: "fsync <path>" (files and directories,
+// relative to the mount) and "rename <old> <new>".
+func (f *FS) Trace() []string {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	return append([]string(nil), f.trace...)
+}
+
+func (f *FS) rel(p string) string {
+	r, err := filepath.Rel(f.live, p)
+	if err != nil {
+		return p
+	}
+	return r
 }
 
 // Freeze arms the trigger: once k more operations of kind have completed (counted from now),
@@ -295,6 +312,11 @@ func (f *FS) done(kind Kind) {
 
 // after counts a completed operation that only changed the live tree.
 func (f *FS) after(kind Kind, errno syscall.Errno) syscall.Errno {
+	return f.afterTrace(kind, errno, "")
+}
+
+// afterTrace is after, also tracing a boundary.
+func (f *FS) afterTrace(kind Kind, errno syscall.Errno, trace string) syscall.Errno {
 	if errno != 0 {
 		return errno
 	}
@@ -303,6 +325,9 @@ func (f *FS) after(kind Kind, errno syscall.Errno) syscall.Errno {
 	if f.frozen {
 		// Started before the freeze: its effect is lost with the cut like any other.
 		return syscall.EIO
+	}
+	if trace != "" {
+		f.trace = append(f.trace, trace)
 	}
 	f.done(kind)
 	return 0
@@ -334,13 +359,13 @@ func victim(p string) uint64 {
 
 // removed counts a completed removal of the name whose inode was ino (victim): the inode
 // number may be reused, and must then get a fresh object.
-func (f *FS) removed(kind Kind, ino uint64, errno syscall.Errno) syscall.Errno {
+func (f *FS) removed(kind Kind, ino uint64, errno syscall.Errno, trace string) syscall.Errno {
 	if errno == 0 && ino != 0 {
 		f.mu.Lock()
 		delete(f.ids, ino)
 		f.mu.Unlock()
 	}
-	return f.after(kind, errno)
+	return f.afterTrace(kind, errno, trace)
 }
 
 // syncFile makes the content of the live file at p durable; f.mu held.
@@ -571,6 +596,7 @@ func (n *node) Fsync(ctx context.Context, fh fs.FileHandle, flags uint32) syscal
 	if err != nil {
 		return fs.ToErrno(err)
 	}
+	f.trace = append(f.trace, "fsync "+f.rel(n.path()))
 	f.done(Sync)
 	return 0
 }
@@ -667,10 +693,12 @@ func (n *node) Rename(ctx context.Context, name string, newParent fs.InodeEmbedd
 		return syscall.EXDEV
 	}
 	var ino uint64
+	from, to := filepath.Join(n.path(), name), filepath.Join(np.path(), newName)
 	if flags&unixRenameExchange == 0 {
-		ino = victim(filepath.Join(np.path(), newName))
+		ino = victim(to)
 	}
-	return n.fs.removed(Rename, ino, n.LoopbackNode.Rename(ctx, name, newParent, newName, flags))
+	errno := n.LoopbackNode.Rename(ctx, name, newParent, newName, flags)
+	return n.fs.removed(Rename, ino, errno, "rename "+n.fs.rel(from)+" "+n.fs.rel(to))
 }
 
 const unixRenameExchange = 2 // RENAME_EXCHANGE
@@ -681,7 +709,7 @@ func (n *node) Unlink(ctx context.Context, name string) syscall.Errno {
 		return e
 	}
 	ino := victim(filepath.Join(n.path(), name))
-	return n.fs.removed(Any, ino, n.LoopbackNode.Unlink(ctx, name))
+	return n.fs.removed(Any, ino, n.LoopbackNode.Unlink(ctx, name), "")
 }
 
 // Rmdir removes in the live tree.
@@ -690,7 +718,7 @@ func (n *node) Rmdir(ctx context.Context, name string) syscall.Errno {
 		return e
 	}
 	ino := victim(filepath.Join(n.path(), name))
-	return n.fs.removed(Any, ino, n.LoopbackNode.Rmdir(ctx, name))
+	return n.fs.removed(Any, ino, n.LoopbackNode.Rmdir(ctx, name), "")
 }
 
 // Setattr (truncate, chmod, ...) changes the live tree only.

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -28,6 +29,31 @@ type Summary struct {
 	Seed              uint64  `json:"seed"`
 	Seconds           float64 `json:"seconds"`
 	AllBoundariesSeen bool    `json:"all_boundaries_cut"`
+	// CutsByArea counts the boundary cuts by what the boundary belongs to: "boot state"
+	// (the file boot backend's state file: activation, boot, commit, reject), "session
+	// journal", "record", "slot", "directory".
+	CutsByArea map[string]int `json:"boundary_cuts_by_area"`
+}
+
+// area names what boundary k (1-based) of trace belongs to; a directory sync right after a
+// rename completes that rename's save.
+func area(trace []string, k int) string {
+	op := trace[k-1]
+	if strings.HasPrefix(op, "fsync ") && k > 1 && strings.HasPrefix(trace[k-2], "rename ") &&
+		strings.HasPrefix(strings.Fields(trace[k-2])[2], strings.TrimPrefix(op, "fsync ")+"/") {
+		op = trace[k-2]
+	}
+	switch {
+	case strings.Contains(op, "boot-state"):
+		return "boot state"
+	case strings.Contains(op, "sessions/"):
+		return "session journal"
+	case strings.Contains(op, "state/record"):
+		return "record"
+	case strings.Contains(op, "slot-"):
+		return "slot"
+	}
+	return "directory"
 }
 
 func envInt(name string, def int) int {
@@ -71,6 +97,8 @@ func TestPowerCuts(t *testing.T) {
 
 	var sum Summary
 	sum.Seed = sd
+	sum.CutsByArea = map[string]int{}
+	var trace []string
 	record := func(ok bool, cuts int, boundary bool) {
 		sum.Runs++
 		sum.PowerCuts += cuts
@@ -92,6 +120,10 @@ func TestPowerCuts(t *testing.T) {
 		}
 		cnt := r.fs.Counts()
 		sum.Boundaries, sum.Ops = cnt.Boundaries(), cnt.Any
+		trace = r.fs.Trace()
+		if len(trace) != cnt.Boundaries() {
+			t.Fatalf("trace of %d boundaries, counted %d", len(trace), cnt.Boundaries())
+		}
 		t.Logf("scenario: %d sync boundaries (%d file syncs, %d directory syncs, %d renames), %d operations",
 			cnt.Boundaries(), cnt.FileSyncs, cnt.DirSyncs, cnt.Renames, cnt.Any)
 	})
@@ -116,7 +148,9 @@ func TestPowerCuts(t *testing.T) {
 	}
 	for _, k := range ks {
 		var cuts int
+		op := trace[k-1]
 		ok := t.Run(fmt.Sprintf("boundary-%03d", k), func(t *testing.T) {
+			t.Logf("cut right after boundary %d: %s (%s)", k, op, area(trace, k))
 			r := newRig(t, c)
 			r.fired = r.fs.Freeze(lazyfs.Boundary, k)
 			err := r.run()
@@ -129,6 +163,7 @@ func TestPowerCuts(t *testing.T) {
 			}
 		})
 		record(ok, cuts, true)
+		sum.CutsByArea[area(trace, k)] += cuts
 	}
 
 	// Random cut points among all operations, one to three per run.

@@ -35,9 +35,11 @@ const (
 	factorySize = 48 << 10
 )
 
-// image is one update: written to slot, signed by the rig's signer.
+// image is one update: written to slot, signed by the rig's signer, and committed after its
+// trial boot or rejected.
 type image struct {
 	job, version, slot string
+	commit             bool
 	data, sig          []byte
 }
 
@@ -47,7 +49,9 @@ type common struct {
 	signer   *harness.Signer
 	keysDir  string
 	factory  []byte
-	imgs     [2]*image // [0] goes to slot b and is committed; [1] to slot a and is rejected
+	// The scenario's phases: [0] goes to slot b and is committed, [1] to slot a and is
+	// rejected, [2] to slot a again and is committed.
+	imgs     []*image
 	certPath string
 }
 
@@ -82,14 +86,19 @@ func newCommon(t *testing.T) *common {
 	// Sizes not multiples of the block size: the last block is short.
 	for i, spec := range []struct {
 		job, version, slot string
+		commit             bool
 		size               int64
-	}{{"job-commit", "1.0.0", "b", 15*blockSize + 123}, {"job-reject", "2.0.0", "a", 10*blockSize + 7}} {
+	}{
+		{"job-commit-b", "1.0.0", "b", true, 15*blockSize + 123},
+		{"job-reject-a", "2.0.0", "a", false, 10*blockSize + 7},
+		{"job-commit-a", "3.0.0", "a", true, 9*blockSize + 2001},
+	} {
 		data := mk(spec.job, spec.size, uint64(10+i))
 		sig, err := c.signer.SignFile(filepath.Join(dir, spec.job))
 		if err != nil {
 			t.Fatal(err)
 		}
-		c.imgs[i] = &image{job: spec.job, version: spec.version, slot: spec.slot, data: data, sig: sig}
+		c.imgs = append(c.imgs, &image{job: spec.job, version: spec.version, slot: spec.slot, commit: spec.commit, data: data, sig: sig})
 	}
 	return c
 }
@@ -112,8 +121,8 @@ type acked struct {
 	session string
 	durable []bool // by block
 	sent    []bool // written in a successful batch since the session's last durable ack
-	// level per image: 1 verified, 2 activated, 3 committed (image 0) or rejected (image 1).
-	level [2]int
+	// level of the current phase's image: 1 verified, 2 activated, 3 committed or rejected.
+	level int
 }
 
 // rig is one run: a fresh lazy FS with the device's files, the writer process, a client.
@@ -137,6 +146,8 @@ type rig struct {
 
 	phase int
 	ack   acked
+	// committed is the slot the last acknowledged commit made permanent (a: the factory).
+	committed string
 }
 
 func newRig(t *testing.T, c *common) *rig {
@@ -146,7 +157,7 @@ func newRig(t *testing.T, c *common) *rig {
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := &rig{t: t, c: c, dir: dir, mnt: filepath.Join(dir, "m"), sock: filepath.Join(dir, "w.sock"),
+	r := &rig{t: t, c: c, dir: dir, committed: "a", mnt: filepath.Join(dir, "m"), sock: filepath.Join(dir, "w.sock"),
 		cfgPath: filepath.Join(dir, "writer.toml"), logPath: filepath.Join(dir, "writer.log")}
 	if r.fs, err = lazyfs.New(filepath.Join(dir, "fs"), r.mnt); err != nil {
 		t.Fatal(err)
@@ -438,24 +449,15 @@ func (r *rig) holds(slot string, want []byte) bool {
 	return err == nil && len(b) >= len(want) && bytes.Equal(b[:len(want)], want)
 }
 
-// bootable: what may boot from slot. Slot a's factory image counts as verified (it is what
-// the device shipped with); otherwise only the image written to that slot, whole.
-func (r *rig) bootable(slot string) bool {
+// committable: what a committed slot may hold: the factory image (slot a, what the device
+// shipped with) or, whole, an image written there that is committed in its phase.
+func (r *rig) committable(slot string) bool {
 	for _, im := range r.c.imgs {
-		if im.slot == slot && r.holds(slot, im.data) {
+		if im.slot == slot && im.commit && r.holds(slot, im.data) {
 			return true
 		}
 	}
 	return slot == "a" && r.holds("a", r.c.factory)
-}
-
-func (r *rig) imageFor(slot string) *image {
-	for _, im := range r.c.imgs {
-		if im.slot == slot {
-			return im
-		}
-	}
-	return nil
 }
 
 // checkDurable checks what survived the cut, with the writer dead, from the files.
@@ -472,42 +474,44 @@ func (r *rig) checkDurable() error {
 			return fmt.Errorf("boot state unreadable after the cut: %v: %q", err, b)
 		}
 	}
-	// The boot state names only bootable, verified slots.
-	if !r.bootable(bf.Committed) {
+	cur := r.c.imgs[min(r.phase, len(r.c.imgs)-1)]
+	// The boot state names only bootable, verified slots: the committed slot holds a
+	// committed (or the factory) image, and a slot activated or on trial holds the verified
+	// image of this phase, whole.
+	if !r.committable(bf.Committed) {
 		return fmt.Errorf("boot state %+v: committed slot %s does not hold a verified image", bf, bf.Committed)
 	}
-	if bf.Pending != "" && !r.holds(bf.Pending, r.imageFor(bf.Pending).data) {
-		return fmt.Errorf("boot state %+v: activated slot %s does not hold the verified image (unverified activation)", bf, bf.Pending)
+	if bf.Pending != "" && (bf.Pending != cur.slot || !r.holds(bf.Pending, cur.data)) {
+		return fmt.Errorf("boot state %+v: activated slot %s does not hold the verified image of %s (unverified activation)", bf, bf.Pending, cur.job)
 	}
-	if (bf.Trial || bf.Booted != bf.Committed) && !r.holds(bf.Booted, r.imageFor(bf.Booted).data) {
-		return fmt.Errorf("boot state %+v: running slot %s does not hold the verified image", bf, bf.Booted)
+	if (bf.Trial || bf.Booted != bf.Committed) && (bf.Booted != cur.slot || !r.holds(bf.Booted, cur.data)) {
+		return fmt.Errorf("boot state %+v: running slot %s does not hold the verified image of %s", bf, bf.Booted, cur.job)
+	}
+	// The committed slot is the one the last acknowledged commit chose, or this phase's slot
+	// when its commit was made and the cut came before the answer.
+	if bf.Committed != r.committed && !(cur.commit && bf.Committed == cur.slot) {
+		return fmt.Errorf("boot state %+v: committed slot changed from %s without a commit", bf, r.committed)
 	}
 
-	// Acknowledged boot transitions stay.
-	lv0 := 0
+	// Acknowledged boot transitions of this phase stay.
+	tried := bf.Pending == cur.slot || (bf.Trial && bf.Booted == cur.slot)
+	limitRollback := bf.RolledBack && bf.Committed != cur.slot && bf.BootCount > bootLimit
+	lv := 0
 	switch {
-	case bf.Committed == "b":
-		lv0 = 3
-	case bf.Pending == "b" || (bf.Trial && bf.Booted == "b"):
-		lv0 = 2
+	case cur.commit && bf.Committed == cur.slot:
+		lv = 3
+	case !cur.commit && bf.RolledBack && !tried && bf.Committed != cur.slot:
+		lv = 3
+	case tried:
+		lv = 2
 	}
-	lv1 := 0
-	switch {
-	case bf.Pending == "a" || (bf.Trial && bf.Booted == "a"):
-		lv1 = 2
-	case bf.RolledBack && bf.Committed == "b" && (r.phase == 1 || r.ack.level[1] >= 2):
-		lv1 = 3
-	}
-	if r.phase == 0 && bf.RolledBack && bf.Committed == "a" && bf.BootCount > bootLimit {
-		// Image 0 rolled back by the boot limit: the cuts during its trial were failed boots.
-		// The driver writes it again.
+	if cur.commit && limitRollback && r.ack.level == 2 {
+		// Rolled back by the boot limit: the cuts during the trial were failed boots. The
+		// driver writes the image again.
 		r.ack = acked{}
 	}
-	if r.ack.level[0] >= 2 && lv0 < r.ack.level[0] {
-		return fmt.Errorf("boot state %+v lost the acknowledged %s of %s", bf, levelName(r.ack.level[0]), r.c.imgs[0].job)
-	}
-	if r.ack.level[1] >= 2 && lv1 < r.ack.level[1] {
-		return fmt.Errorf("boot state %+v lost the acknowledged %s of %s", bf, levelName(r.ack.level[1]), r.c.imgs[1].job)
+	if r.ack.level >= 2 && lv < r.ack.level {
+		return fmt.Errorf("boot state %+v lost the acknowledged %s of %s", bf, levelName(r.ack.level), cur.job)
 	}
 
 	// The journal is never ahead of the data.
@@ -544,8 +548,7 @@ func (r *rig) checkDurable() error {
 	// No acknowledged durable block is lost: the session is still there with every acked
 	// block, or its image went on to be activated.
 	if r.ack.session != "" {
-		idx := r.phase
-		activated := (idx == 0 && lv0 >= 2) || (idx == 1 && lv1 >= 2)
+		activated := lv >= 2
 		n := 0
 		for _, d := range r.ack.durable {
 			if d {
@@ -559,11 +562,11 @@ func (r *rig) checkDurable() error {
 					return fmt.Errorf("block %d was acknowledged durable, the journal lost it", k)
 				}
 			}
-			if r.ack.level[idx] == 1 && js.State != int32(otav1.SessionState_SESSION_STATE_VERIFIED) {
+			if r.ack.level == 1 && js.State != int32(otav1.SessionState_SESSION_STATE_VERIFIED) {
 				return fmt.Errorf("session %s was acknowledged verified, the journal says state %d", js.ID, js.State)
 			}
 		case activated:
-		case n > 0 || r.ack.level[idx] == 1:
+		case n > 0 || r.ack.level == 1:
 			return fmt.Errorf("session %s with %d blocks acknowledged durable is gone (journal has %q)", r.ack.session, n, js.ID)
 		}
 	}
@@ -577,8 +580,11 @@ func (r *rig) checkDurable() error {
 		if v == "" {
 			continue
 		}
-		im := r.imageFor(slot)
-		if im == nil || im.version != v || !r.holds(slot, im.data) {
+		ok := false
+		for _, im := range r.c.imgs {
+			ok = ok || (im.slot == slot && im.version == v && r.holds(slot, im.data))
+		}
+		if !ok {
 			return fmt.Errorf("record says slot %s holds version %s, it does not", slot, v)
 		}
 	}
@@ -590,7 +596,8 @@ func levelName(l int) string {
 }
 
 // run drives the whole scenario to its end: image 0 written, activated, tried, committed;
-// image 1 written, activated, tried, rejected, rolled back.
+// image 1 written, activated, tried, rejected, rolled back; image 2 written, activated,
+// tried, committed.
 func (r *rig) run() error {
 	if err := r.start(); err != nil && !errors.Is(err, errCut) {
 		return err
@@ -654,7 +661,7 @@ func (r *rig) step() (bool, error) {
 		if booted != im.slot {
 			return false, fmt.Errorf("trial of slot %s in phase %d", booted, r.phase)
 		}
-		if r.phase == 0 {
+		if im.commit {
 			var res *otav1.SelfTestResponse
 			if err := r.call("self test", func(ctx context.Context) (err error) { res, err = r.cl.SelfTest(ctx, im.job); return err }); err != nil {
 				return false, err
@@ -663,37 +670,58 @@ func (r *rig) step() (bool, error) {
 				return false, fmt.Errorf("self test failed: %v", res)
 			}
 			return false, r.callAck("commit", func(ctx context.Context) error { _, err := r.cl.Commit(ctx, im.job); return err },
-				func() { r.ack.level[0] = 3 })
+				func() { r.ack.level = 3 })
 		}
 		if err := r.callAck("reject", func(ctx context.Context) error {
 			_, err := r.cl.Reject(ctx, im.job, otav1.Reason_REASON_SELF_TEST_FAILED)
 			return err
-		}, func() { r.ack.level[1] = 3 }); err != nil {
+		}, func() { r.ack.level = 3 }); err != nil {
 			return false, err
 		}
 		return false, r.reboot()
 	case otav1.ImageState_IMAGE_STATE_ROLLED_BACK:
-		if booted == im.slot {
+		switch {
+		case booted == im.slot:
 			return false, r.reboot() // rejected, still running it: reboot into the committed slot
+		case !im.commit && r.sawActivation(st):
+			return r.nextPhase(), nil
 		}
-		if r.phase == 1 {
-			return true, nil
-		}
-		// Image 0 rolled back by the boot limit: write it again.
+		// Before this phase's activation (the rollback is the previous phase's), or a
+		// commit phase rolled back by the boot limit: write the image.
 		return false, r.update(im)
 	case otav1.ImageState_IMAGE_STATE_NORMAL:
-		if r.phase == 0 && booted == "b" {
-			for _, s := range st.GetTargets()[0].GetSlots() {
-				if s.GetName() == "b" && s.GetVersion() == im.version {
-					r.phase = 1
-					r.ack = acked{level: r.ack.level}
-					return false, nil
+		if im.commit && booted == im.slot {
+			for _, sl := range st.GetTargets()[0].GetSlots() {
+				if sl.GetName() == im.slot && sl.GetVersion() == im.version {
+					return r.nextPhase(), nil
 				}
 			}
 		}
 		return false, r.update(im)
 	}
 	return false, fmt.Errorf("image state %s", st.GetImageState())
+}
+
+// sawActivation: in a reject phase, a rollback is this phase's once its image was activated;
+// the record names the activated version in the slot from then on.
+func (r *rig) sawActivation(st *otav1.DeviceState) bool {
+	im := r.c.imgs[r.phase]
+	for _, sl := range st.GetTargets()[0].GetSlots() {
+		if sl.GetName() == im.slot && sl.GetVersion() == im.version {
+			return true
+		}
+	}
+	return false
+}
+
+// nextPhase moves on; it reports whether the scenario is over.
+func (r *rig) nextPhase() bool {
+	if im := r.c.imgs[r.phase]; im.commit {
+		r.committed = im.slot
+	}
+	r.ack = acked{}
+	r.phase++
+	return r.phase == len(r.c.imgs)
 }
 
 // reboot asks the writer to reboot, then simulates it: a clean shutdown (the file system is
@@ -730,9 +758,7 @@ func (r *rig) update(im *image) error {
 	total := int(s.GetTotalBlocks())
 	if s.GetSessionId() != r.ack.session {
 		// A new attempt at this image (the first, or after a rollback by the boot limit).
-		lv := r.ack.level
-		lv[r.phase] = 0
-		r.ack = acked{session: s.GetSessionId(), durable: make([]bool, total), sent: make([]bool, total), level: lv}
+		r.ack = acked{session: s.GetSessionId(), durable: make([]bool, total), sent: make([]bool, total)}
 	}
 	// What the writer reports durable is acknowledged too.
 	for k := 0; k < total; k++ {
@@ -776,7 +802,7 @@ func (r *rig) update(im *image) error {
 		}
 		if err := r.callAck("finish", func(ctx context.Context) error { _, err := r.cl.Finish(ctx, s.GetSessionId()); return err },
 			func() {
-				r.ack.level[r.phase] = 1
+				r.ack.level = 1
 				for k := range r.ack.durable {
 					r.ack.durable[k] = true
 				}
@@ -785,7 +811,7 @@ func (r *rig) update(im *image) error {
 		}
 	}
 	if err := r.callAck("activate", func(ctx context.Context) error { _, err := r.cl.Activate(ctx, s.GetSessionId()); return err },
-		func() { r.ack.level[r.phase] = 2 }); err != nil {
+		func() { r.ack.level = 2 }); err != nil {
 		return err
 	}
 	return r.reboot()
@@ -798,14 +824,21 @@ func (r *rig) checkFinal() error {
 		return err
 	}
 	tg := st.GetTargets()[0]
-	if st.GetImageState() != otav1.ImageState_IMAGE_STATE_ROLLED_BACK || tg.GetActiveSlot() != "b" {
-		return fmt.Errorf("end state %s running %s, want rolled back running b", st.GetImageState(), tg.GetActiveSlot())
+	if st.GetImageState() != otav1.ImageState_IMAGE_STATE_NORMAL || tg.GetActiveSlot() != "a" {
+		return fmt.Errorf("end state %s running %s, want normal running a", st.GetImageState(), tg.GetActiveSlot())
 	}
 	if len(st.GetSessions()) != 0 {
 		return fmt.Errorf("sessions left: %v", st.GetSessions())
 	}
-	if !r.holds("b", r.c.imgs[0].data) || !r.holds("a", r.c.imgs[1].data) {
-		return errors.New("slots do not hold the images written to them")
+	vers := map[string]string{}
+	for _, sl := range tg.GetSlots() {
+		vers[sl.GetName()] = sl.GetVersion()
+	}
+	if vers["a"] != r.c.imgs[2].version || vers["b"] != r.c.imgs[0].version {
+		return fmt.Errorf("versions %v", vers)
+	}
+	if !r.holds("b", r.c.imgs[0].data) || !r.holds("a", r.c.imgs[2].data) {
+		return errors.New("slots do not hold the images committed to them")
 	}
 	b, err := os.ReadFile(r.path("state/boot-state.json"))
 	if err != nil {
@@ -815,8 +848,26 @@ func (r *rig) checkFinal() error {
 	if err := json.Unmarshal(b, &bf); err != nil {
 		return err
 	}
-	if bf.Committed != "b" || bf.Booted != "b" || bf.Pending != "" || bf.Trial || !bf.RolledBack {
+	if bf.Committed != "a" || bf.Booted != "a" || bf.Pending != "" || bf.Trial || bf.RolledBack {
 		return fmt.Errorf("final boot state %+v", bf)
+	}
+	// Nothing left behind by interrupted saves.
+	var left []string
+	for _, d := range []string{"state", "state/sessions"} {
+		ents, err := os.ReadDir(r.path(d))
+		if err != nil {
+			return err
+		}
+		for _, e := range ents {
+			switch filepath.Join(d, e.Name()) {
+			case "state/boot-state.json", "state/record", "state/sessions":
+			default:
+				left = append(left, filepath.Join(d, e.Name()))
+			}
+		}
+	}
+	if len(left) > 0 {
+		return fmt.Errorf("files left in the state directory: %v", left)
 	}
 	return nil
 }

@@ -45,10 +45,10 @@ type image struct {
 
 // common is what every run shares: the writer binary, the signer, the images.
 type common struct {
-	bin      string
-	signer   *harness.Signer
-	keysDir  string
-	factory  []byte
+	bin     string
+	signer  *harness.Signer
+	keysDir string
+	factory []byte
 	// The scenario's phases: [0] goes to slot b and is committed, [1] to slot a and is
 	// rejected, [2] to slot a again and is committed.
 	imgs     []*image

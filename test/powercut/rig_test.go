@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strings"
 	"syscall"
 	"testing"
@@ -59,7 +60,10 @@ func newCommon(t *testing.T) *common {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
 	defer cancel()
-	bins, err := harness.Build(ctx, harness.BuildOptions{Dir: t.TempDir(), Race: harness.RaceEnabled, Only: []string{"ota-writer"}})
+	// Without -race even under `go test -race`: a run restarts the writer five to ten times,
+	// and the race runtime's start-up cost would make the campaign several times slower. The
+	// end-to-end suites run the race-built writer; this one is about what survives a cut.
+	bins, err := harness.Build(ctx, harness.BuildOptions{Dir: t.TempDir(), Only: []string{"ota-writer"}})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -201,6 +205,13 @@ func newRig(t *testing.T, c *common) *rig {
 		t.Fatal(err)
 	}
 	t.Cleanup(r.close)
+	// A run takes seconds; one that hangs shows where.
+	wd := time.AfterFunc(45*time.Second, func() {
+		buf := make([]byte, 1<<20)
+		n := runtime.Stack(buf, true)
+		r.t.Logf("run still going after 45s (fs %+v); goroutines:\n%s", r.fs.Counts(), buf[:n])
+	})
+	t.Cleanup(func() { wd.Stop() })
 	return r
 }
 

@@ -98,8 +98,15 @@ func TestPowerCuts(t *testing.T) {
 	var sum Summary
 	sum.Seed = sd
 	sum.CutsByArea = map[string]int{}
+	// Written however the campaign ends, failures included.
+	defer writeSummary(t, &sum, start)
 	var trace []string
+	ran := false // set by each run that is not filtered out by -run
 	record := func(ok bool, cuts int, boundary bool) {
+		if !ran {
+			return
+		}
+		ran = false
 		sum.Runs++
 		sum.PowerCuts += cuts
 		if boundary {
@@ -114,6 +121,7 @@ func TestPowerCuts(t *testing.T) {
 
 	// Dry run: no cut. It must end right, and it gives the number of boundaries.
 	ok := t.Run("dry", func(t *testing.T) {
+		ran = true
 		r := newRig(t, c)
 		if err := r.run(); err != nil {
 			t.Fatal(err)
@@ -150,6 +158,7 @@ func TestPowerCuts(t *testing.T) {
 		var cuts int
 		op := trace[k-1]
 		ok := t.Run(fmt.Sprintf("boundary-%03d", k), func(t *testing.T) {
+			ran = true
 			t.Logf("cut right after boundary %d: %s (%s)", k, op, area(trace, k))
 			r := newRig(t, c)
 			r.fired = r.fs.Freeze(lazyfs.Boundary, k)
@@ -175,6 +184,7 @@ func TestPowerCuts(t *testing.T) {
 		}
 		var cuts int
 		ok := t.Run(fmt.Sprintf("random-%03d", i), func(t *testing.T) {
+			ran = true
 			t.Logf("cuts after %v operations (each counted from the previous cut)", pts)
 			r := newRig(t, c)
 			next := 0
@@ -194,18 +204,24 @@ func TestPowerCuts(t *testing.T) {
 		})
 		record(ok, cuts, false)
 	}
+}
+
+// writeSummary logs sum and writes it to $GWOTA_FAULTS_OUT/powercut.json when set.
+func writeSummary(t *testing.T, sum *Summary, start time.Time) {
 	sum.Seconds = time.Since(start).Seconds()
-	t.Logf("summary: %+v", sum)
-	if dir := os.Getenv("GWOTA_FAULTS_OUT"); dir != "" {
-		b, err := json.MarshalIndent(sum, "", "  ")
-		if err != nil {
-			t.Fatal(err)
-		}
-		if err := os.MkdirAll(dir, 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(filepath.Join(dir, "powercut.json"), append(b, '\n'), 0o644); err != nil {
-			t.Fatal(err)
-		}
+	t.Logf("summary: %+v", *sum)
+	dir := os.Getenv("GWOTA_FAULTS_OUT")
+	if dir == "" {
+		return
+	}
+	b, err := json.MarshalIndent(sum, "", "  ")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "powercut.json"), append(b, '\n'), 0o644); err != nil {
+		t.Fatal(err)
 	}
 }

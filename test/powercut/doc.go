@@ -13,8 +13,9 @@
 // image of the committed slot), acknowledged activations, commits and rejections stay, and
 // the update then completes with the right bytes.
 //
-// GWOTA_FAULTS_N scales the campaign (default 6: six sync boundaries spread over the update
-// and six runs with random cuts; at N or more boundaries every boundary is cut).
+// GWOTA_FAULTS_N scales the campaign (default 6): N sync boundaries spread over the scenario
+// (every boundary once N reaches their number) and N/2 runs, at least 3, with one to three
+// random cuts each.
 // GWOTA_FAULTS_SEED sets the seed (printed otherwise). With GWOTA_FAULTS_OUT set to a
 // directory, a JSON summary is written to powercut.json there.
 package powercut

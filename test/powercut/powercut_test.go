@@ -175,8 +175,8 @@ func TestPowerCuts(t *testing.T) {
 		sum.CutsByArea[area(trace, k)] += cuts
 	}
 
-	// Random cut points among all operations, one to three per run.
-	for i := 0; i < n; i++ {
+	// Random cut points among all operations, one to three per run; N/2 runs (at least 3).
+	for i := 0; i < max(3, n/2); i++ {
 		want := 1 + rng.IntN(3)
 		var pts []int
 		for j := 0; j < want; j++ {

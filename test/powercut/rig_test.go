@@ -138,6 +138,8 @@ type rig struct {
 	mnt string
 
 	cfgPath, sock, logPath string
+	bootIDPath             string // the boot ID file: a new ID at every power-on
+	boots                  int
 	proc                   *exec.Cmd
 	procDone               chan struct{}
 	cl                     *client.Client
@@ -162,7 +164,10 @@ func newRig(t *testing.T, c *common) *rig {
 		t.Fatal(err)
 	}
 	r := &rig{t: t, c: c, dir: dir, committed: "a", mnt: filepath.Join(dir, "m"), sock: filepath.Join(dir, "w.sock"),
-		cfgPath: filepath.Join(dir, "writer.toml"), logPath: filepath.Join(dir, "writer.log")}
+		cfgPath: filepath.Join(dir, "writer.toml"), logPath: filepath.Join(dir, "writer.log"), bootIDPath: filepath.Join(dir, "boot_id")}
+	if err := r.powerOn(); err != nil {
+		t.Fatal(err)
+	}
 	if r.fs, err = lazyfs.New(filepath.Join(dir, "fs"), r.mnt); err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +193,7 @@ func newRig(t *testing.T, c *common) *rig {
 		"sync_interval":  "1h",
 		"version_policy": "any",
 		"log_level":      "debug",
-		"boot":           map[string]any{"backend": "file", "boot_limit": bootLimit},
+		"boot":           map[string]any{"backend": "file", "boot_limit": bootLimit, "boot_id_file": r.bootIDPath},
 		"target": []map[string]any{{
 			"name": targetName, "kind": "ab", "file_types": []int{0},
 			"slots": []string{filepath.Join(r.mnt, "slot-a.img"), filepath.Join(r.mnt, "slot-b.img")},
@@ -239,6 +244,13 @@ func tail(p string, n int) string {
 }
 
 func (r *rig) path(rel string) string { return filepath.Join(r.mnt, rel) }
+
+// powerOn starts a new boot: a new boot ID (like /proc/sys/kernel/random/boot_id), so the
+// writer's next start takes the file backend's bootloader step.
+func (r *rig) powerOn() error {
+	r.boots++
+	return os.WriteFile(r.bootIDPath, []byte(fmt.Sprintf("boot-%d\n", r.boots)), 0o644)
+}
 
 // spawn starts ota-writer serve.
 func (r *rig) spawn() error {
@@ -358,6 +370,9 @@ func (r *rig) settle() error {
 		return err
 	}
 	r.cuts++
+	if err := r.powerOn(); err != nil {
+		return err
+	}
 	r.t.Logf("cut %d: after fs operations %+v", r.cuts, r.fs.Counts())
 	if err := r.checkDurable(); err != nil {
 		return fmt.Errorf("after cut %d: %w", r.cuts, err)
@@ -751,6 +766,9 @@ func (r *rig) reboot() error {
 		return r.settle()
 	}
 	if err := r.fs.Sync(); err != nil {
+		return err
+	}
+	if err := r.powerOn(); err != nil {
 		return err
 	}
 	return r.start()

@@ -13,6 +13,7 @@ import (
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
 	"github.com/gwota/gwota/writer/ext"
+	"github.com/gwota/gwota/writer/journal"
 	"github.com/gwota/gwota/writer/selftest"
 )
 
@@ -44,7 +45,8 @@ func newBoot(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bo
 	scheme := boot.Scheme{BootLimit: cfg.Boot.BootLimit, CmdlineKey: cfg.Boot.SlotFromCmdline, CmdlineValues: cfg.Boot.CmdlineSlotValues}
 	switch cfg.Boot.Backend {
 	case config.BootFile:
-		if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
+		// Durably: the boot state file inside must not vanish with an unsynced directory.
+		if err := journal.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("state dir: %w", err)
 		}
 		f, err := boot.NewFile(filepath.Join(cfg.StateDir, bootStateFile), cfg.Boot.BootLimit, log)

@@ -91,6 +91,33 @@ func ReadFile(path string, v any) error {
 	return nil
 }
 
+// MkdirAll creates dir and its missing parents like os.MkdirAll, durably: each directory it
+// creates is synced into its parent, so a power cut cannot take away a directory (and every
+// file later made durable inside it) whose creation was never synced.
+func MkdirAll(dir string, perm os.FileMode) error {
+	dir = filepath.Clean(dir)
+	fi, err := os.Stat(dir)
+	if err == nil {
+		if !fi.IsDir() {
+			return fmt.Errorf("mkdir %s: not a directory", dir)
+		}
+		return nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return err
+	}
+	parent := filepath.Dir(dir)
+	if parent != dir {
+		if err := MkdirAll(parent, perm); err != nil {
+			return err
+		}
+	}
+	if err := os.Mkdir(dir, perm); err != nil && !errors.Is(err, os.ErrExist) {
+		return err
+	}
+	return syncDir(parent)
+}
+
 func syncDir(dir string) error {
 	d, err := os.Open(dir)
 	if err != nil {
@@ -172,7 +199,7 @@ type Journal struct {
 // Open creates (if needed) and opens the journal under stateDir.
 func Open(stateDir string) (*Journal, error) {
 	dir := filepath.Join(stateDir, "sessions")
-	if err := os.MkdirAll(dir, 0o700); err != nil {
+	if err := MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("journal: %w", err)
 	}
 	return &Journal{dir: stateDir}, nil

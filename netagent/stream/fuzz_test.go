@@ -36,7 +36,7 @@ func FuzzDecodeBlock(f *testing.F) {
 	}
 	// Indefinite-length map and byte string (chunks), as AWS may send them.
 	add(false, []byte{0xbf, 0x61, 'f', 0x00, 0x61, 'i', 0x00, 0x61, 'l', 0x02, 0x61, 'p', 0x5f, 0x41, 0xaa, 0x41, 0xbb, 0xff, 0xff}, 2, 256)
-	add(false, []byte{0xa2, 0x61, 'f', 0x00, 0x61, 'f', 0x01}, 1, 256)              // duplicate key
+	add(false, []byte{0xa2, 0x61, 'f', 0x00, 0x61, 'f', 0x01}, 1, 256)                                // duplicate key
 	add(false, []byte{0xa1, 0x61, 'p', 0x5b, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}, 1, 256) // 2^64-1 bytes
 	add(true, []byte(`{"f":0,"i":-1,"l":0,"p":""}`), 1, 256)
 	add(true, []byte(`{"f":0,"i":0,"l":1,"p":"!!"}`), 1, 256)

@@ -152,6 +152,7 @@ func refusal(err error) (otav1.Reason, bool) {
 // writer is the ota-writer serve process under attack.
 type writer struct {
 	dir, sock, stateDir, log string
+	bin                      string // the ota-writer binary
 	slotA, slotB, appDest    string
 	keysDir, attackerDir     string
 	cmd                      *exec.Cmd
@@ -255,6 +256,7 @@ max_size = %d
 	if err != nil {
 		t.Fatal(err)
 	}
+	w.bin = bin.Writer
 	w.cmd = exec.Command(bin.Writer, "serve", "--config", cfgPath)
 	w.cmd.Stdout, w.cmd.Stderr = logf, logf
 	w.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

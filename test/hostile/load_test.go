@@ -370,6 +370,25 @@ func intruder(sock string) int {
 		{"GetExtensions", func() error { _, err := w.GetExtensions(ctx, &otav1.GetExtensionsRequest{}); return err }},
 	}
 	var out []intruderResult
+	// What the writer does with a peer uid it does not allow: it closes the connection at
+	// accept, before a byte of HTTP/2 (the CLI reports that as permission_denied).
+	probe := intruderResult{Call: "probe"}
+	if conn, err := net.Dial("unix", sock); err != nil {
+		probe.Err = err.Error()
+	} else {
+		conn.SetReadDeadline(time.Now().Add(5 * time.Second))
+		n, err := conn.Read(make([]byte, 1))
+		switch {
+		case n == 0 && (errors.Is(err, io.EOF) || errors.Is(err, syscall.ECONNRESET)):
+			probe.Code = "closed"
+		case n > 0:
+			probe.Code = "answered"
+		default:
+			probe.Code, probe.Err = "no answer", fmt.Sprint(err)
+		}
+		conn.Close()
+	}
+	out = append(out, probe)
 	for _, call := range calls {
 		err := call.fn()
 		r := intruderResult{Call: call.name}
@@ -409,9 +428,29 @@ func otherUID(t *testing.T, ctx context.Context, w *writer, s *summary, n int) {
 	if err := os.WriteFile(bin, b, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	as := func(argv ...string) *exec.Cmd {
+		return exec.CommandContext(ctx, setpriv, append([]string{fmt.Sprintf("--reuid=%d", intruderID), fmt.Sprintf("--regid=%d", intruderID), "--clear-groups",
+			"--no-new-privs", "--"}, argv...)...)
+	}
+	// The writer's own CLI, as that uid, names the refusal.
+	cli := filepath.Join(w.dir, "ota-writer")
+	if b, err = os.ReadFile(w.bin); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(cli, b, 0o755); err != nil {
+		t.Fatal(err)
+	}
 	for range n {
-		cmd := exec.CommandContext(ctx, setpriv, fmt.Sprintf("--reuid=%d", intruderID), fmt.Sprintf("--regid=%d", intruderID), "--clear-groups",
-			"--no-new-privs", "--", bin, "-test.run=^$")
+		for _, sub := range []string{"status", "accept", "reject"} {
+			out, err := as(cli, sub, "--socket", w.sock).CombinedOutput()
+			s.tried(cat, 1)
+			if err == nil || !strings.Contains(string(out), "permission_denied") || !strings.Contains(string(out), "3002") {
+				s.failed(t, "ota-writer %s as uid %d: %v, want permission_denied/3002:\n%s", sub, intruderID, err, out)
+				continue
+			}
+			s.reason(cat, rDenied)
+		}
+		cmd := as(bin, "-test.run=^$")
 		cmd.Env = append(os.Environ(), envRole+"=intruder", envSocket+"="+w.sock)
 		var stderr bytes.Buffer
 		cmd.Stderr = &stderr
@@ -425,14 +464,21 @@ func otherUID(t *testing.T, ctx context.Context, w *writer, s *summary, n int) {
 		}
 		for _, r := range res {
 			s.tried(cat, 1)
-			if r.Code != codes.PermissionDenied.String() || r.Reason != otav1.Reason_REASON_PERMISSION_DENIED.String() || !r.Typed {
+			switch {
+			case r.Call == "probe":
+				if r.Code != "closed" {
+					s.failed(t, "uid %d: connection %s (%s), want closed at accept", intruderID, r.Code, r.Err)
+				}
+			case r.Code == codes.Unavailable.String() && !r.Typed:
+				// Closed before any HTTP/2: no handler, nor grpc's own answers, ran.
+			case r.Code == codes.PermissionDenied.String() && r.Reason == otav1.Reason_REASON_PERMISSION_DENIED.String() && r.Typed:
+				// Refused per request (the second line of defence).
+			default:
 				s.failed(t, "uid %d: %s: %s %s typed=%v (%s)", intruderID, r.Call, r.Code, r.Reason, r.Typed, r.Err)
-				continue
 			}
-			s.reason(cat, rDenied)
 		}
 	}
-	if !strings.Contains(tail(w.log, 400), fmt.Sprintf("uid=%d", intruderID)) {
+	if log := tail(w.log, 400); !strings.Contains(log, "uid not allowed") || !strings.Contains(log, fmt.Sprintf("uid=%d", intruderID)) {
 		s.failed(t, "the writer did not log the refused uid %d", intruderID)
 	}
 	noActivation(t, w, s)

@@ -161,7 +161,7 @@ func (r *fuzzRig) start(powerCycle bool) {
 		r.t.Fatal(err)
 	}
 	if powerCycle {
-		if err := fb.Boot(context.Background()); err != nil {
+		if err := fb.Boot(context.Background(), ""); err != nil { // no boot id: always a power-on
 			r.t.Fatal(err)
 		}
 	}

@@ -178,7 +178,9 @@ func Parse(data []byte) (*Config, error) {
 		return nil, fmt.Errorf("unknown keys: %s", strings.Join(keys, ", "))
 	}
 	for _, k := range md.Keys() {
-		if len(k) == 2 && k[0] == "extensions" {
+		// The decoder matches table names to fields ignoring case ([Extensions] fills
+		// Extensions), so the order must be read the same way.
+		if len(k) == 2 && strings.EqualFold(k[0], "extensions") {
 			c.ExtensionOrder = append(c.ExtensionOrder, k[1])
 		}
 	}

@@ -4,12 +4,14 @@
 # inputs, result) to the report directory. The seed corpora (f.Add and testdata/fuzz) run in
 # every ordinary `go test`; this is the long run.
 #
-#   scripts/fuzz.sh [-t FUZZTIME] [-j JOBS] [-o DIR] [TARGET-REGEXP]
-# fuzz.json: per target "fuzz_seconds" (fuzzing proper) and "seconds" (with the build).
+#   scripts/fuzz.sh [-t FUZZTIME] [-j JOBS] [-o DIR] [-s N] [TARGET-REGEXP]
 #     -t  time per target, as go test's -fuzztime (default 10m; "30s" for a quick look)
 #     -j  targets fuzzed at once (default 1; each with -parallel 1: one worker)
 #     -o  directory for fuzz.json and the logs (default $GWOTA_FAULTS_OUT, else ./fuzz-out)
+#     -s  afterwards, copy up to N of the inputs the fuzzer found interesting (spread over
+#         the sizes, at most 8 KiB each) from go's cache into testdata/fuzz/<Target>/ as seeds
 #   TARGET-REGEXP selects "package:Target" names, e.g. 'engine|jobdoc'.
+# fuzz.json: per target "fuzz_seconds" (fuzzing proper) and "seconds" (with the build).
 #
 # A failing input is written by go test to the package's testdata/fuzz/<Target>/: commit it
 # with the fix, it then runs as a regression test in CI.
@@ -21,12 +23,14 @@ fuzztime=10m
 jobs=1
 out=${GWOTA_FAULTS_OUT:-}
 filter=.
-while getopts "t:j:o:h" opt; do
+save=0
+while getopts "t:j:o:s:h" opt; do
   case $opt in
     t) fuzztime=$OPTARG ;;
     j) jobs=$OPTARG ;;
     o) out=$OPTARG ;;
-    *) sed -n '2,16p' "$0"; exit 2 ;;
+    s) save=$OPTARG ;;
+    *) sed -n '2,18p' "$0"; exit 2 ;;
   esac
 done
 shift $((OPTIND - 1))
@@ -98,4 +102,20 @@ failures=0
 } >"$out/fuzz.json.tmp"
 mv "$out/fuzz.json.tmp" "$out/fuzz.json"
 echo "fuzz.sh: wrote $out/fuzz.json ($failures failing targets)"
+
+if [ "$save" -gt 0 ]; then
+  cache="$(go env GOCACHE)/fuzz/$(go list -m)"
+  for t in $targets; do
+    pkg=${t%%:*} name=${t##*:}
+    src="$cache/${pkg#./}/$name"
+    [ -d "$src" ] || continue
+    dst="$pkg/testdata/fuzz/$name"
+    mkdir -p "$dst"
+    # Spread over the sizes, not only the smallest.
+    mapfile -t files < <(find "$src" -type f -size -8k -printf '%s %p\n' | sort -n | cut -d' ' -f2-)
+    m=${#files[@]}
+    for ((i = 0; i < save && i < m; i++)); do cp "${files[$((i * m / (save < m ? save : m)))]}" "$dst/"; done
+    echo "fuzz.sh: $(ls "$dst" | wc -l) seeds in $dst"
+  done
+fi
 [ "$failures" -eq 0 ]

@@ -28,6 +28,9 @@ func (d *duration) UnmarshalText(b []byte) error {
 	return nil
 }
 
+// MarshalText writes the form UnmarshalText reads, so a configuration can be written back.
+func (d duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
 // Config is ota-net's TOML configuration. Zero values take the documented defaults.
 type Config struct {
 	// Broker is mqtts://host:8883 (AWS IoT), mqtts://host:443 (ALPN), or mqtt://host:port
@@ -87,9 +90,19 @@ func loadConfig(path string) (Config, error) {
 	if err != nil {
 		return c, err
 	}
-	md, err := toml.Decode(string(data), &c)
+	c, err = parseConfig(data)
 	if err != nil {
 		return c, fmt.Errorf("%s: %w", path, err)
+	}
+	return c, nil
+}
+
+// parseConfig decodes TOML over the defaults, refusing unknown keys.
+func parseConfig(data []byte) (Config, error) {
+	c := defaults()
+	md, err := toml.Decode(string(data), &c)
+	if err != nil {
+		return c, err
 	}
 	if und := md.Undecoded(); len(und) > 0 {
 		keys := make([]string, len(und))
@@ -97,7 +110,7 @@ func loadConfig(path string) (Config, error) {
 			keys[i] = k.String()
 		}
 		sort.Strings(keys)
-		return c, fmt.Errorf("%s: unknown keys: %s", path, strings.Join(keys, ", "))
+		return c, fmt.Errorf("unknown keys: %s", strings.Join(keys, ", "))
 	}
 	return c, nil
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
@@ -24,6 +25,12 @@ import (
 var binDir string
 
 func TestMain(m *testing.M) {
+	// A fuzz worker runs only the fuzz target: no binaries to build (each worker would
+	// rebuild them).
+	flag.Parse()
+	if f := flag.Lookup("test.fuzzworker"); f != nil && f.Value.String() == "true" {
+		os.Exit(m.Run())
+	}
 	dir, err := os.MkdirTemp("", "otanetbin")
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)

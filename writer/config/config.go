@@ -7,6 +7,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"math"
 	"os"
 	"os/user"
 	"path/filepath"
@@ -193,7 +194,9 @@ func Parse(data []byte) (*Config, error) {
 		return nil, fmt.Errorf("unknown keys: %s", strings.Join(keys, ", "))
 	}
 	for _, k := range md.Keys() {
-		if len(k) == 2 && k[0] == "extensions" {
+		// The decoder matches table names to fields ignoring case ([Extensions] fills
+		// Extensions), so the order must be read the same way.
+		if len(k) == 2 && strings.EqualFold(k[0], "extensions") {
 			c.ExtensionOrder = append(c.ExtensionOrder, k[1])
 		}
 	}
@@ -328,8 +331,10 @@ func (c *Config) Validate() error {
 		bad("state_dir: %q is not an absolute path", c.StateDir)
 	}
 	for _, u := range c.PeerUIDs {
-		if u < 0 {
-			bad("peer_uids: %d is negative", u)
+		// uid_t is 32 bits and (uid_t)-1 is "no uid": a larger number would wrap to another
+		// user where the server converts it (4294967297 would allow uid 1).
+		if u < 0 || int64(u) >= math.MaxUint32 {
+			bad("peer_uids: %d is not a uid (0..%d)", u, uint32(math.MaxUint32-1))
 		}
 	}
 	for i, k := range c.TrustedKeys {

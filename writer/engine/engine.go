@@ -266,6 +266,11 @@ func (e *Engine) restore(js *journal.Session) (*session, error) {
 	if uint64(len(js.Durable)) != (s.total+7)/8 {
 		return nil, fmt.Errorf("bitmap of %d bytes for %d blocks", len(js.Durable), s.total)
 	}
+	// A bit past the last block would count as durable and leave the session claiming more
+	// blocks than the image has.
+	if r := s.total & 7; r != 0 && js.Durable[len(js.Durable)-1]>>r != 0 {
+		return nil, fmt.Errorf("bitmap names blocks past block %d", s.total-1)
+	}
 	s.durable = js.Durable
 	s.received = append([]byte(nil), js.Durable...)
 	s.nDurable = popcount(s.durable)

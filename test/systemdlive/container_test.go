@@ -37,6 +37,9 @@ type container struct {
 	NetNS string // /run/netns/<name>
 	Log   string // systemd-nspawn's output, all boots
 	Binds []string
+	// NoBPF boots without the unified hierarchy, CAP_BPF and the bpf system call: the
+	// negative control for the settings systemd enforces with BPF programs.
+	NoBPF bool
 
 	mu       sync.Mutex
 	cmd      *exec.Cmd
@@ -81,8 +84,10 @@ func (c *container) deleteNetNS() {
 func (c *container) nspawnArgs(boot bool, extra ...string) []string {
 	a := []string{"-D", c.Dir, "--register=no", "--keep-unit", "-q"}
 	if boot {
-		a = append(a, "-b", "--network-namespace-path="+c.NetNS, "--capability=CAP_BPF",
-			"--system-call-filter=bpf", "--console=pipe", "-M", c.Name)
+		a = append(a, "-b", "--network-namespace-path="+c.NetNS, "--console=pipe", "-M", c.Name)
+		if !c.NoBPF {
+			a = append(a, "--capability=CAP_BPF", "--system-call-filter=bpf")
+		}
 		for _, b := range c.Binds {
 			a = append(a, "--bind="+b)
 		}
@@ -115,7 +120,10 @@ func (c *container) start(ctx context.Context) error {
 	defer logf.Close()
 	begin := time.Now()
 	cmd := exec.Command("systemd-nspawn", c.nspawnArgs(true)...)
-	cmd.Env = append(os.Environ(), "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1")
+	cmd.Env = os.Environ()
+	if !c.NoBPF {
+		cmd.Env = append(cmd.Env, "SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1")
+	}
 	cmd.Stdout, cmd.Stderr = logf, logf
 	// A test binary killed by its timeout still halts the container.
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}

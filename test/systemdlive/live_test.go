@@ -93,6 +93,7 @@ type live struct {
 	broker  int // emulator broker port on the container's loopback
 	llPort  int // a listener on the link-local address
 	credSHA map[string]string
+	score   map[string]string // systemd-analyze security, live
 	timing  map[string]time.Duration
 }
 
@@ -118,10 +119,13 @@ func TestLiveDeployment(t *testing.T) {
 	}
 	t.Run("FaultContainerReboot", l.testRebootMidDownload)
 	t.Run("SameUpdateOutsideSystemd", l.testOutside)
+	t.Run("SystemdBuildAndAnalyze", l.testPlatform)
+	t.Run("WithoutBPFNotEnforced", l.testWithoutBPF)
 
 	bt := l.c.BootTimes()
-	t.Logf("FIGURES: rootfs tarball %s; extract %s; .deb build %s; boots %d, first boot %s, all %v; update under systemd %s (incl. container reboot), same update outside systemd %s",
-		l.timing["rootfs"], l.timing["extract"], l.timing["deb"], len(bt), first(bt), bt, l.timing["ota"], l.timing["outside"])
+	t.Logf("FIGURES: rootfs tarball %s; extract %s; .deb build %s; boots %d, first boot %s, all %v; update to ready (downloaded, verified, activated) under systemd %s, outside %s; to SUCCEEDED (reboot, trial, commit) under systemd %s (a container reboot), outside %s (both processes restarted)",
+		l.timing["rootfs"], l.timing["extract"], l.timing["deb"], len(bt), first(bt), bt,
+		l.timing["ota-ready"], l.timing["outside-ready"], l.timing["ota"], l.timing["outside"])
 }
 
 func first(d []time.Duration) time.Duration {
@@ -141,7 +145,7 @@ func setUp(t *testing.T, ctx context.Context) *live {
 	if err != nil {
 		t.Fatal(err)
 	}
-	l := &live{t: t, ctx: ctx, tmp: tmp, timing: map[string]time.Duration{}}
+	l := &live{t: t, ctx: ctx, tmp: tmp, timing: map[string]time.Duration{}, score: map[string]string{}}
 	t.Cleanup(func() {
 		if t.Failed() || os.Getenv("GWOTA_LIVE_KEEP") != "" {
 			t.Logf("container root kept: %s", tmp)
@@ -204,6 +208,7 @@ func setUp(t *testing.T, ctx context.Context) *live {
 	}
 	l.c = c
 	t.Cleanup(func() {
+		c := l.c // the negative-control boot replaces it
 		if t.Failed() && c.PID1() != 0 {
 			out, _ := c.Exec(context.Background(), "journalctl", "--no-pager", "-o", "short-monotonic", "-u", "ota-writer.service", "-u", "ota-net.service", "-u", "ota-writer.socket")
 			t.Logf("journal of the units (all boots):\n%s", tail(out, 300))
@@ -505,8 +510,10 @@ func (l *live) finish(t *testing.T, j *jobRun) {
 func (l *live) testOTA(t *testing.T) {
 	l.sh(t, "systemctl", "start", "ota-net.service")
 	j := l.startJob(t, "live-ota", 101, false)
+	readyIn := timeToReady(l.ctx, l.cloud, j.id, j.created)
 	l.finish(t, j)
 	l.timing["ota"] = j.duration
+	l.timing["ota-ready"] = <-readyIn
 	// The writer ran from the socket systemd passed, never binding its own.
 	log := l.sh(t, "journalctl", "--no-pager", "-o", "cat", "-u", "ota-writer.service")
 	if !strings.Contains(log, "using socket passed by systemd") {
@@ -592,11 +599,15 @@ func (l *live) probeInUnit(t *testing.T, unit, stateDir string, ops ...string) m
 		l.sh(t, "systemctl", "daemon-reload")
 	}()
 	l.sh(t, "systemctl", "daemon-reload")
-	l.sh(t, "systemctl", "restart", unit)
-	b, err := os.ReadFile(l.c.hostPath(out))
-	if err != nil {
-		t.Fatalf("the probe in %s left no result: %v", unit, err)
-	}
+	// --no-block: the probe's result is complete before ExecStart= runs, whether or not the
+	// daemon then becomes ready (in the negative-control boot ota-net has no broker).
+	l.sh(t, "systemctl", "restart", "--no-block", unit)
+	var b []byte
+	l.waitFor(t, "the probe's result in "+unit, time.Minute, func() bool {
+		var err error
+		b, err = os.ReadFile(l.c.hostPath(out))
+		return err == nil
+	})
 	return parseProbe(t, b)
 }
 
@@ -829,8 +840,11 @@ func (l *live) testWatchdog(t *testing.T) {
 
 	j := l.startJob(t, "live-watchdog", 107, true)
 	l.waitMid(t, j)
-	// The writer has now lived through 2 watchdog periods without being killed: its
-	// keep-alives arrive (the negative control for the kill below).
+	// Hold the stream (responses from now on come 30 s late): the writer idles mid-session
+	// through two watchdog periods without being killed, so its keep-alives arrive (the
+	// negative control for the kill below).
+	l.cloud.SetFaults(j.id, emulator.Faults{Delay: 30 * time.Second})
+	defer l.cloud.ClearFaults(j.id)
 	if rest := 2*wd - time.Since(started); rest > 0 {
 		time.Sleep(rest)
 	}
@@ -843,9 +857,10 @@ func (l *live) testWatchdog(t *testing.T) {
 	os.Remove(drop)
 	l.sh(t, "systemctl", "daemon-reload") // the running writer keeps its 2 s watchdog
 	stopped := time.Now()
-	l.sh(t, "kill", "-STOP", pid)
+	l.sh(t, "systemctl", "kill", "--signal=SIGSTOP", "--kill-who=main", "ota-writer.service")
 	l.waitFor(t, "the hung writer restarted by systemd", 30*time.Second, func() bool { return l.restarts(t, "ota-writer.service") > nr })
 	t.Logf("hung writer restarted %s after SIGSTOP (WatchdogSec=%s)", time.Since(stopped).Round(time.Millisecond), wd)
+	l.cloud.ClearFaults(j.id)
 	log := l.sh(t, "journalctl", "--no-pager", "-o", "cat", "-u", "ota-writer.service")
 	if !strings.Contains(log, "Watchdog timeout") {
 		t.Errorf("no watchdog timeout in the journal:\n%s", tail(log, 20))
@@ -933,6 +948,7 @@ func (l *live) testOutside(t *testing.T) {
 		t.Fatal(err)
 	}
 	begin := time.Now()
+	readyIn := timeToReady(l.ctx, cloud, "outside", begin)
 	if err := cloud.CreateJob(l.ctx, backend.JobSpec{JobID: "outside", Protocols: []string{backend.ProtocolMQTT}, Files: []backend.FileSpec{l.signer.File(img)}}); err != nil {
 		t.Fatal(err)
 	}
@@ -941,7 +957,108 @@ func (l *live) testOutside(t *testing.T) {
 		t.Fatalf("outside: %v %v\n%s", ex, err, dev.Logs())
 	}
 	l.timing["outside"] = time.Since(begin)
+	l.timing["outside-ready"] = <-readyIn
 	t.Logf("the same update outside systemd: %s", l.timing["outside"].Round(time.Millisecond))
+}
+
+// timeToReady reports how long after begin the job reached "ready" (downloaded, verified,
+// activated), or 0 if it never does.
+func timeToReady(ctx context.Context, cloud *harness.Cloud, jobID string, begin time.Time) <-chan time.Duration {
+	ch := make(chan time.Duration, 1)
+	go func() {
+		if _, err := cloud.WaitSelfTest(ctx, jobID, backend.StatusInProgress, "ready"); err != nil {
+			ch <- 0
+			return
+		}
+		ch <- time.Since(begin)
+	}()
+	return ch
+}
+
+// exposure runs systemd-analyze security on the live unit (its drop-ins included) and
+// returns the overall exposure figure.
+func (l *live) exposure(t *testing.T, unit string) string {
+	t.Helper()
+	out := l.sh(t, "systemd-analyze", "security", "--no-pager", unit)
+	_, rest, ok := strings.Cut(out, "Overall exposure level for "+unit+": ")
+	if !ok {
+		t.Fatalf("systemd-analyze security %s: no overall exposure in\n%s", unit, tail(out, 5))
+	}
+	return strings.Fields(rest)[0]
+}
+
+// testPlatform: what deploy/README says of Debian 12's systemd and the live exposure.
+func (l *live) testPlatform(t *testing.T) {
+	v := l.sh(t, "systemctl", "--version")
+	if !strings.Contains(v, "-BPF_FRAMEWORK") || !strings.Contains(v, "+SECCOMP") {
+		t.Errorf("systemctl --version: %q, want -BPF_FRAMEWORK and +SECCOMP", v)
+	}
+	if got := l.sh(t, "stat", "-fc", "%T", "/sys/fs/cgroup"); got != "cgroup2fs" {
+		t.Errorf("/sys/fs/cgroup is %q in the container, want cgroup2fs", got)
+	}
+	for _, u := range []string{"ota-writer.service", "ota-net.service", "ota-writer.socket"} {
+		b, err := os.ReadFile(l.c.hostPath("/lib/systemd/system/" + u))
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, k := range []string{"RestrictFileSystems=", "RestrictNetworkInterfaces=", "SocketBindAllow=", "SocketBindDeny="} {
+			if strings.Contains(string(b), "\n"+k) {
+				t.Errorf("%s uses %s, which Debian's systemd never enforces", u, k)
+			}
+		}
+	}
+	for u, want := range map[string]string{"ota-writer.service": "0.9", "ota-net.service": "1.0"} {
+		got := l.exposure(t, u)
+		l.score[u] = got
+		if got != want {
+			t.Errorf("live exposure of %s (with the board drop-in): %s, want %s as deploy/README says", u, got, want)
+		}
+	}
+}
+
+// testWithoutBPF boots the same disk without the unified hierarchy, CAP_BPF and the bpf
+// system call: systemd starts the same units without complaint, systemd-analyze gives the
+// same exposure, and neither DeviceAllow= nor IPAddressDeny= is enforced. The checks above
+// would have passed falsely on such a boot without their negative controls.
+func (l *live) testWithoutBPF(t *testing.T) {
+	if err := l.c.Stop(); err != nil {
+		t.Fatal(err)
+	}
+	c, err := newContainer(l.c.Dir, l.c.Name+"-nobpf", filepath.Join(l.tmp, "nspawn-nobpf.log"), l.c.Binds)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.NoBPF = true
+	l.c = c // the set-up's clean-up halts whichever container is current
+	if err := c.Boot(l.ctx); err != nil {
+		t.Fatal(err)
+	}
+	var llPort int
+	if err := inNetNS(c.NetNS, func() error {
+		ln, err := net.Listen("tcp", linkLocalAddr+":0")
+		if err != nil {
+			return err
+		}
+		llPort = ln.Addr().(*net.TCPAddr).Port
+		go acceptAndClose(ln)
+		t.Cleanup(func() { ln.Close() })
+		return nil
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if got := l.sh(t, "stat", "-fc", "%T", "/sys/fs/cgroup"); got == "cgroup2fs" {
+		t.Errorf("the negative-control boot has the unified hierarchy too")
+	}
+	for u, want := range l.score {
+		if got := l.exposure(t, u); got != want {
+			t.Errorf("exposure of %s without BPF: %s, with: %s", u, got, want)
+		}
+	}
+	w := l.probeInUnit(t, "ota-writer.service", "/var/lib/ota-writer", "open-rw:"+l.loopB, "setuid")
+	expect(t, "in ota-writer.service without BPF", w, map[string]string{"open-rw:" + l.loopB: "ok", "setuid": "EPERM"})
+	n := l.probeInUnit(t, "ota-net.service", "/var/lib/ota-net", "connect:"+linkLocalAddr+":"+itoa(llPort), "setuid")
+	expect(t, "in ota-net.service without BPF", n, map[string]string{"connect:" + linkLocalAddr + ":" + itoa(llPort): "ok", "setuid": "EPERM"})
+	t.Logf("without BPF: the writer opened %s outside its DeviceAllow=, ota-net reached %s; seccomp still refused setuid", l.loopB, linkLocalAddr)
 }
 
 func lookupUID(passwd, user string) (int, error) {

@@ -728,11 +728,14 @@ func (l *live) testNetSandbox(t *testing.T) {
 			t.Errorf("ota-net %s: %q, want %q", k, st[k], want)
 		}
 	}
+	if got := l.netDevs(t, pid); !slices.Contains(got, "gwv0") {
+		t.Errorf("ota-net sees interfaces %v, want the container's (gwv0 among them)", got)
+	}
 	cert := "/etc/ota/keys/" + l.signer.CertName
 	cred := "/run/credentials/ota-net.service/tls_device.key.pem"
 	want := map[string]string{
 		"whoami":                            "ok",
-		"open-r:" + slotDir + "/slot-a.img": "any",
+		"open-r:" + slotDir + "/slot-a.img": "EACCES",
 		"open-r:/var/lib/ota-writer/boot-state.json": "EACCES",
 		"open-r:" + cert:                      "EACCES",
 		"open-r:/etc/ota/net/device.key.pem":  "EACCES",

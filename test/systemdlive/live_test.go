@@ -39,6 +39,7 @@ const (
 	// A directory ota-net owns outside its StateDirectory: its permissions allow the write,
 	// only ProtectSystem=strict refuses it.
 	netScratch = "/srv/ota-net-scratch"
+	bootIDCopy = "/run/gwota-test-boot-id"
 	signerCN   = "live-signer"
 	imageSize  = 1 << 20 // 16 stream blocks of 64 KiB
 	// Paced jobs hold every stream response back this long (one block per request, one
@@ -326,6 +327,7 @@ log_level = "debug"
 
 [boot]
 backend = "file"
+boot_id_file = "%s"
 
 [[target]]
 name = "rootfs"
@@ -339,7 +341,26 @@ slots = ["%s/slot-a.img", "%s/slot-b.img"]
 name = "ota-net-active"
 command = ["/usr/bin/systemctl", "is-active", "--quiet", "ota-net.service"]
 timeout = "20s"
-`, l.signer.CertName, harness.DevicePath, slotDir, slotDir)), 0o644))
+`, l.signer.CertName, bootIDCopy, harness.DevicePath, slotDir, slotDir)), 0o644))
+	// The file boot backend takes its bootloader step once per boot, told by the boot id. In
+	// this container the writer's sandbox does not see the container's boot id: nspawn
+	// gives each container boot its own by a bind mount over /proc/sys/kernel/random/boot_id,
+	// but ProtectProc= mounts the writer a fresh /proc, which shows the host's, the same at
+	// every container boot. A unit copies PID 1's view to /run (a new tmpfs each boot) first.
+	must(os.WriteFile(c.hostPath("/etc/systemd/system/gwota-test-boot-id.service"), []byte(`[Unit]
+Description=test: the container's boot id where the writer's sandbox reads it
+DefaultDependencies=no
+Before=sysinit.target ota-writer.socket ota-writer.service
+
+[Service]
+Type=oneshot
+ExecStart=/bin/cp /proc/sys/kernel/random/boot_id `+bootIDCopy+`
+
+[Install]
+WantedBy=sysinit.target
+`), 0o644))
+	must(os.MkdirAll(c.hostPath("/etc/systemd/system/sysinit.target.wants"), 0o755))
+	must(os.Symlink("../gwota-test-boot-id.service", c.hostPath("/etc/systemd/system/sysinit.target.wants/gwota-test-boot-id.service")))
 	must(os.MkdirAll(c.hostPath("/etc/systemd/system/ota-writer.service.d"), 0o755))
 	must(os.WriteFile(c.hostPath("/etc/systemd/system/ota-writer.service.d/board.conf"), []byte(fmt.Sprintf(`[Service]
 ReadWritePaths=%s
@@ -408,6 +429,7 @@ func (l *live) testInstalled(t *testing.T) {
 
 	l.configure(t)
 	l.sh(t, "systemctl", "daemon-reload")
+	l.sh(t, "systemctl", "start", "gwota-test-boot-id.service")
 	l.sh(t, "systemctl", "start", "ota-writer.socket")
 	if got := l.show(t, "ota-writer.service", "ActiveState"); got != "inactive" {
 		t.Errorf("ota-writer.service %q after starting only the socket, want inactive (socket activation)", got)
@@ -941,6 +963,9 @@ func (l *live) testOutside(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer cloud.Close()
+	if err := os.Mkdir(filepath.Join(l.tmp, "o"), 0o700); err != nil {
+		t.Fatal(err)
+	}
 	dev, err := harness.NewDevice(bin, harness.DeviceOptions{Dir: filepath.Join(l.tmp, "o"), Thing: thing, BrokerURL: cloud.BrokerURL(),
 		Trusted: []*harness.Signer{l.signer}, BlocksPerRequest: 1, RequestsInFlight: 1, LogLevel: "debug"})
 	if err != nil {

@@ -536,9 +536,12 @@ func (l *live) finish(t *testing.T, j *jobRun) {
 // testOTA: a whole OTA through the installed units; the writer's reboot_command reboots the
 // container through systemd, which boots again on the same disk into the trial.
 func (l *live) testOTA(t *testing.T) {
-	l.sh(t, "systemctl", "start", "ota-net.service")
+	// The job exists before ota-net first starts, as in test/e2e: one created while ota-net is
+	// starting can be failed by its start-up reconciliation (a stale "no next job" answer
+	// applied after the job's notification: user_abort/2006), a defect of ota-net's.
 	j := l.startJob(t, "live-ota", 101, false)
 	readyIn := timeToReady(l.ctx, l.cloud, j.id, j.created)
+	l.sh(t, "systemctl", "start", "ota-net.service")
 	l.finish(t, j)
 	l.timing["ota"] = j.duration
 	l.timing["ota-ready"] = <-readyIn

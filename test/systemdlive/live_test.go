@@ -726,6 +726,12 @@ func (l *live) testWriterSandbox(t *testing.T) {
 	ops := keys(want)
 	in := l.probeInUnit(t, "ota-writer.service", "/var/lib/ota-writer", ops...)
 	expect(t, "in ota-writer.service", in, want)
+	if !in["open-rw:"+l.loopA].OK {
+		// Seen once on a machine shared with other tests using loop devices: say what the
+		// unit allowed and what the nodes and loop devices were.
+		t.Logf("DeviceAllow: %s; nodes: %s; host: %s", l.show(t, "ota-writer.service", "DeviceAllow"),
+			l.sh(t, "ls", "-l", l.loopA, l.loopB), hostLoops(l.loopA, l.loopB))
+	}
 	if in["whoami"].Value != "uid=0 gid=0" {
 		t.Errorf("in ota-writer.service: %s", in["whoami"].Value)
 	}
@@ -1099,6 +1105,17 @@ func (l *live) testWithoutBPF(t *testing.T) {
 		return
 	}
 	t.Logf("without BPF: the writer opened %s outside its DeviceAllow=, ota-net reached %s; seccomp still refused setuid", l.loopB, linkLocalAddr)
+}
+
+// hostLoops describes the loop devices as the host sees them (node, backing file).
+func hostLoops(devs ...string) string {
+	var out []string
+	for _, d := range devs {
+		b, _ := os.ReadFile("/sys/block/" + filepath.Base(d) + "/loop/backing_file")
+		fi, err := os.Stat(d)
+		out = append(out, fmt.Sprintf("%s stat=%v backing=%q", d, err == nil && fi.Mode()&os.ModeDevice != 0, strings.TrimSpace(string(b))))
+	}
+	return strings.Join(out, "; ")
 }
 
 func lookupUID(passwd, user string) (int, error) {

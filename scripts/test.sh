@@ -18,6 +18,11 @@ declare -A need=(
   [setpriv]=util-linux
   [unshare]=util-linux
   [dpkg-deb]=dpkg
+  # test/systemdlive: a Debian container booted with systemd as PID 1
+  [systemd-nspawn]=systemd-container
+  [mmdebstrap]=mmdebstrap
+  [ip]=iproute2
+  [nsenter]=util-linux
 )
 missing=()
 for cmd in "${!need[@]}"; do

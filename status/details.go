@@ -11,7 +11,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
-// AWS IoT Jobs limits on statusDetails (PROTOCOL.md section 1). An update that breaks them is
+// AWS IoT Jobs limits on statusDetails (docs/PROTOCOL.md section 1). An update that breaks them is
 // rejected whole, so every pair is checked before it is published.
 const (
 	MaxPairs    = 10

@@ -34,7 +34,7 @@ func TestTableComplete(t *testing.T) {
 	}
 }
 
-// The numbers and strings shared with rustot (REASONS.md) must not drift.
+// The numbers and strings shared with rustot (docs/REASONS.md) must not drift.
 func TestRustotVocabulary(t *testing.T) {
 	want := map[string]string{
 		"1001": "sig_check_failed", "1002": "file_write_failed", "1003": "file_too_large",

@@ -17,7 +17,7 @@
 // Exit status:
 //
 //	0  success
-//	1  the operation failed; the last line on stderr is "reason: <name>/<code>" (REASONS.md)
+//	1  the operation failed; the last line on stderr is "reason: <name>/<code>" (docs/REASONS.md)
 //	2  usage or configuration error
 //	   (flash while a writer serves the configuration's socket: session_busy/3012)
 //	3  the writer is unavailable (not running and no --config to run in-process)

@@ -10,7 +10,7 @@ import (
 	"github.com/fxamacker/cbor/v2"
 )
 
-// Wire limits of AWS IoT MQTT-based file delivery (PROTOCOL.md section 2).
+// Wire limits of AWS IoT MQTT-based file delivery (docs/PROTOCOL.md section 2).
 const (
 	MinBlockSize    = 256
 	MaxBlockSize    = 128 * 1024
@@ -31,7 +31,7 @@ const (
 )
 
 // Request is a GetStream request. Fields are encoded in this order (c, s, f, l, o, n, b): the
-// PROTOCOL.md vector encodes c, f, l, o, b. Pointers tell "absent" from zero.
+// docs/PROTOCOL.md vector encodes c, f, l, o, b. Pointers tell "absent" from zero.
 type Request struct {
 	ClientToken   string `cbor:"c,omitempty"`
 	StreamVersion *int64 `cbor:"s,omitempty"`
@@ -110,7 +110,7 @@ type Rejection struct {
 	ClientToken string `cbor:"c,omitempty" json:"c,omitempty"`
 }
 
-// Stream error codes (PROTOCOL.md section 2).
+// Stream error codes (docs/PROTOCOL.md section 2).
 const (
 	CodeInvalidTopic            = "InvalidTopic"
 	CodeInvalidJSON             = "InvalidJson"
@@ -128,7 +128,7 @@ const (
 )
 
 var (
-	// Definite-length maps in struct field order: the request vector of PROTOCOL.md.
+	// Definite-length maps in struct field order: the request vector of docs/PROTOCOL.md.
 	encMode = mustEnc(cbor.EncOptions{Sort: cbor.SortNone, IndefLength: cbor.IndefLengthForbidden})
 	// Both definite and indefinite-length maps are legal in responses. Unknown keys are
 	// ignored (AWS may add some); duplicate keys are refused, they make a block ambiguous.
@@ -256,7 +256,7 @@ func BlockLen(fileSize int64, blockSize, i int) int {
 }
 
 // BitmapHex is the JSON form of a bitmap: "0x" and hex, trailing zero bytes dropped
-// (PROTOCOL.md: bytes 13 00 80 00 are "0x130080").
+// (docs/PROTOCOL.md: bytes 13 00 80 00 are "0x130080").
 func BitmapHex(bm []byte) string {
 	n := len(bm)
 	for n > 1 && bm[n-1] == 0 {

@@ -19,7 +19,7 @@ func unhex(t *testing.T, s string) []byte {
 	return b
 }
 
-// PROTOCOL.md: blocks 20, 21, 24, 43 wanted with o = 20 are bits 0, 1, 4, 23: bytes
+// docs/PROTOCOL.md: blocks 20, 21, 24, 43 wanted with o = 20 are bits 0, 1, 4, 23: bytes
 // 13 00 80 00, JSON "0x130080", CBOR byte string 44 13 00 80 00.
 func TestBitmapVector(t *testing.T) {
 	bm := NewBitmap(32)
@@ -54,7 +54,7 @@ func TestBitmapVector(t *testing.T) {
 	}
 }
 
-// PROTOCOL.md: a 31-block window all wanted is FF FF FF 7F, CBOR 44 FF FF FF 7F.
+// docs/PROTOCOL.md: a 31-block window all wanted is FF FF FF 7F, CBOR 44 FF FF FF 7F.
 func TestFullWindowVector(t *testing.T) {
 	bm := FullBitmap(31)
 	if want := unhex(t, "FF FF FF 7F"); !bytes.Equal(bm, want) {
@@ -66,7 +66,7 @@ func TestFullWindowVector(t *testing.T) {
 	}
 }
 
-// PROTOCOL.md: {c:"rdy", f:0, l:2048, o:0, b:h'FFFFFF7F'} encodes as a definite map in
+// docs/PROTOCOL.md: {c:"rdy", f:0, l:2048, o:0, b:h'FFFFFF7F'} encodes as a definite map in
 // that key order.
 func TestRequestVector(t *testing.T) {
 	got, err := EncodeRequest(FormatCBOR, Request{ClientToken: "rdy", FileID: 0, BlockSize: 2048, Offset: 0, Bitmap: unhex(t, "FFFFFF7F")})

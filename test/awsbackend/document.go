@@ -23,7 +23,7 @@ type docFile struct {
 }
 
 // buildDocument returns the afr_ota job document in the shape the OTA service produces
-// (PROTOCOL.md section 3). streamName is empty when MQTT is not offered.
+// (docs/PROTOCOL.md section 3). streamName is empty when MQTT is not offered.
 func buildDocument(protocols []string, streamName string, files []docFile) (string, error) {
 	type afrOTA struct {
 		Protocols  []string         `json:"protocols"`

@@ -10,7 +10,7 @@ import (
 	"github.com/fxamacker/cbor/v2"
 )
 
-// Wire formats of AWS IoT MQTT-based file delivery (PROTOCOL.md section 2). They are exported so
+// Wire formats of AWS IoT MQTT-based file delivery (docs/PROTOCOL.md section 2). They are exported so
 // that tests can build requests byte for byte; the device side has its own codec.
 
 // Stream payload formats, named by the topic suffix.
@@ -20,7 +20,7 @@ const (
 )
 
 // GetStreamRequest is a GetStream request. Pointers tell "absent" from zero; the field order is
-// the encoding order (the PROTOCOL.md vector encodes c, f, l, o, b in that order).
+// the encoding order (the docs/PROTOCOL.md vector encodes c, f, l, o, b in that order).
 type GetStreamRequest struct {
 	ClientToken   *string `cbor:"c,omitempty" json:"c,omitempty"`
 	StreamVersion *int64  `cbor:"s,omitempty" json:"s,omitempty"`
@@ -77,7 +77,7 @@ type DescribeStreamResponse struct {
 	Files       []StreamFile `cbor:"r" json:"r"`
 }
 
-// Stream error codes (PROTOCOL.md section 2).
+// Stream error codes (docs/PROTOCOL.md section 2).
 const (
 	StreamInvalidTopic            = "InvalidTopic"
 	StreamInvalidJSON             = "InvalidJson"
@@ -95,7 +95,7 @@ const (
 )
 
 var (
-	// Definite-length maps, fields in struct order: the request vector of PROTOCOL.md.
+	// Definite-length maps, fields in struct order: the request vector of docs/PROTOCOL.md.
 	cborEnc = func() cbor.EncMode {
 		em, err := cbor.EncOptions{Sort: cbor.SortNone, IndefLength: cbor.IndefLengthForbidden}.EncMode()
 		if err != nil {
@@ -272,7 +272,7 @@ func BitmapBlocks(offset int, bm []byte) []int {
 }
 
 // BitmapHex is the JSON form of a bitmap: "0x" and lower-case hex, trailing zero bytes dropped
-// (PROTOCOL.md: bytes 13 00 80 00 are "0x130080").
+// (docs/PROTOCOL.md: bytes 13 00 80 00 are "0x130080").
 func BitmapHex(bm []byte) string {
 	n := len(bm)
 	for n > 1 && bm[n-1] == 0 {

@@ -24,7 +24,7 @@ import (
 	"github.com/gwota/gwota/test/sign"
 )
 
-// Jobs error codes (PROTOCOL.md section 1).
+// Jobs error codes (docs/PROTOCOL.md section 1).
 const (
 	CodeInvalidTopic           = "InvalidTopic"
 	CodeInvalidJSON            = "InvalidJson"

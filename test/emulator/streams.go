@@ -6,7 +6,7 @@ import (
 	"time"
 )
 
-// GetStream limits (PROTOCOL.md section 2).
+// GetStream limits (docs/PROTOCOL.md section 2).
 const (
 	minBlockSize    = 256
 	maxBlockSize    = 128 * 1024

@@ -519,13 +519,27 @@ func (d *Device) Reboot(ctx context.Context) error {
 	if err := d.newBootID(); err != nil {
 		return err
 	}
-	if err := d.StartWriter(ctx); err != nil {
+	if err := d.StartWriter(ctx); err != nil && !d.crashedStarting(d.Writer()) {
 		return err
 	}
 	if !withNet {
 		return nil
 	}
-	return d.StartNet(ctx)
+	if err := d.StartNet(ctx); err != nil && !d.crashedStarting(d.Net()) {
+		return err
+	}
+	return nil
+}
+
+// crashedStarting says whether p was killed while a reboot started it, on a supervised
+// device: the supervisor starts it again (as systemd would), so the reboot itself succeeded.
+func (d *Device) crashedStarting(p *Proc) bool {
+	if !d.Opts.Supervise || p == nil || p.Running() {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return !p.stopping
 }
 
 // newBootID starts a new simulated boot.

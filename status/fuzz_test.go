@@ -10,7 +10,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
-// The AWS statusDetails limits as AWS writes them (PROTOCOL.md section 1): an independent
+// The AWS statusDetails limits as AWS writes them (docs/PROTOCOL.md section 1): an independent
 // oracle for ValidKey/ValidValue.
 var (
 	awsKeyRE   = regexp.MustCompile(`^[a-zA-Z0-9:_-]+$`)

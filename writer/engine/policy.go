@@ -237,8 +237,14 @@ func (e *Engine) recordSelfTest(st boot.State, u *journal.Update, res *otav1.Sel
 		run.JobID = u.JobID
 	}
 	if err := e.updateRecord(func(r *journal.Record) { r.SelfTest = run }); err != nil {
-		// Without the record a commit is refused: fail closed, the self test can run again.
-		e.log.Error("self test outcome not recorded", "error", err)
+		// The outcome is still true for this process, which runs in this boot: keep it in
+		// memory, so a commit that follows meets its own failure (commit_failed, storage_full)
+		// instead of "no self test". A restarted writer finds no record and asks for the
+		// self test again: fail closed.
+		e.log.Error("self test outcome not recorded; kept for this process only", "error", err)
+		e.recMu.Lock()
+		e.record.SelfTest = run
+		e.recMu.Unlock()
 	}
 }
 
@@ -279,6 +285,12 @@ func (e *Engine) checkRoom(t *target.Target, slot string, size uint64) error {
 		return target.IOError(err, "free space for target %s", t.Name())
 	}
 	if grows && size > room {
+		// A filesystem already down to its reserve is full: freeing space is the repair.
+		// Otherwise the image is larger than what the target may take.
+		if free, ferr := t.FreeSpace(slot); ferr == nil && free <= e.cfg.Reserve() {
+			return status.Errorf(otav1.Reason_REASON_STORAGE_FULL, "image of %d bytes: the filesystem of target %s is full (%d bytes free, free_space_reserve %d)",
+				size, t.Name(), free, e.cfg.Reserve()).WithMeta("available", fmt.Sprint(room))
+		}
 		return status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "image of %d bytes does not fit target %s: %d bytes available (free space minus free_space_reserve %d)",
 			size, t.Name(), room, e.cfg.Reserve()).WithMeta("available", fmt.Sprint(room))
 	}

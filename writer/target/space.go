@@ -40,3 +40,17 @@ func (t *Target) Room(slot string, reserve uint64) (room uint64, grows bool, err
 	}
 	return held, true, nil
 }
+
+// FreeSpace is the free space, for an unprivileged writer, of the filesystem holding slot's
+// medium (a regular file or a file target's directory).
+func (t *Target) FreeSpace(slot string) (uint64, error) {
+	p, err := t.mediumPath(slot)
+	if err != nil {
+		return 0, err
+	}
+	var fs unix.Statfs_t
+	if err := unix.Statfs(filepath.Dir(p), &fs); err != nil {
+		return 0, err
+	}
+	return fs.Bavail * uint64(fs.Bsize), nil
+}

@@ -374,9 +374,17 @@ func untrustedKeys(t *testing.T, ctx context.Context, w *writer, s *summary, n i
 		_, err := c.BeginSession(ctx, req)
 		expect(t, s, cat, tc.what, err, tc.want)
 	}
-	// Signed by the attacker but naming the trusted certificate (or none): the whole image
-	// is taken, verification against the trust store fails, nothing is activated.
-	for _, cert := range []string{w.trusted.CertName, "", "hostile-signer"} {
+	// Naming no certificate at all is refused at once: the writer does not pick "any
+	// trusted key" unless its configuration says so.
+	{
+		req := w.beginReq("untrusted-sig")
+		req.CertName, req.Signature = "", w.evilSig
+		_, err := c.BeginSession(ctx, req)
+		expect(t, s, cat, "attacker's signature with no cert name", err, rUntrusted)
+	}
+	// Signed by the attacker but naming the trusted certificate (or an unknown one): the whole
+	// image is taken, verification against the trust store fails, nothing is activated.
+	for _, cert := range []string{w.trusted.CertName, "hostile-signer"} {
 		req := w.beginReq("untrusted-sig")
 		req.CertName, req.Signature = cert, w.evilSig
 		id := begin(t, ctx, c, req)

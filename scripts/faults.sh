@@ -18,16 +18,18 @@ done
 dir=$(mktemp -d)
 trap 'rm -rf "$dir"' EXIT
 export GWOTA_FAULTS_OUT=$dir GWOTA_FAULTS_N=$n
+# The blackout: an hour-long outage is the same code path as a minute-long one.
+export GWOTA_BLACKOUT=${GWOTA_BLACKOUT:-60s}
 # Every package that writes a summary to GWOTA_FAULTS_OUT.
 pkgs=()
-for p in ./test/crash ./test/powercut ./test/hostile; do
+for p in ./test/crash ./test/powercut ./test/hostile ./test/netfaults; do
   [ -d "$p" ] && pkgs+=("$p")
 done
 echo "== fault suites (${pkgs[*]}), N=$n"
 go test -count=1 -timeout 6h "${pkgs[@]}"
 if [ -n "$fuzztime" ] && [ -x scripts/fuzz.sh ]; then
   echo "== fuzzing, $fuzztime per target"
-  scripts/fuzz.sh -fuzztime "$fuzztime" -o "$dir/fuzz.json"
+  scripts/fuzz.sh -t "$fuzztime" -o "$dir"
 fi
 go run ./test/cmd/faultreport -in "$dir" -o "$out" -cmd "scripts/faults.sh -n $n${fuzztime:+ -fuzztime $fuzztime}"
 echo "wrote $out"

@@ -29,7 +29,8 @@ echo "== fault suites (${pkgs[*]}), N=$n"
 go test -count=1 -timeout 6h "${pkgs[@]}"
 if [ -n "$fuzztime" ] && [ -x scripts/fuzz.sh ]; then
   echo "== fuzzing, $fuzztime per target"
-  scripts/fuzz.sh -t "$fuzztime" -o "$dir"
+  # A failing target still gets its row in the report; the logs stay for the failure.
+  scripts/fuzz.sh -t "$fuzztime" -o "$dir" || { mkdir -p fuzz-out && cp -r "$dir/fuzz-logs" fuzz-out/ && echo "fuzz logs kept in fuzz-out/fuzz-logs"; }
 fi
 go run ./test/cmd/faultreport -in "$dir" -o "$out" -cmd "scripts/faults.sh -n $n${fuzztime:+ -fuzztime $fuzztime}"
 echo "wrote $out"

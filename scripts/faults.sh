@@ -32,5 +32,5 @@ if [ -n "$fuzztime" ] && [ -x scripts/fuzz.sh ]; then
   # A failing target still gets its row in the report; the logs stay for the failure.
   scripts/fuzz.sh -t "$fuzztime" -o "$dir" || { mkdir -p fuzz-out && cp -r "$dir/fuzz-logs" fuzz-out/ && echo "fuzz logs kept in fuzz-out/fuzz-logs"; }
 fi
-go run ./test/cmd/faultreport -in "$dir" -o "$out" -cmd "scripts/faults.sh -n $n${fuzztime:+ -fuzztime $fuzztime}"
+go run ./test/cmd/faultreport -in "$dir" -o "$out" -cmd "GWOTA_BLACKOUT=$GWOTA_BLACKOUT scripts/faults.sh -n $n${fuzztime:+ -fuzztime $fuzztime}"
 echo "wrote $out"

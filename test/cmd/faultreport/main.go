@@ -19,6 +19,7 @@ func main() {
 	in := flag.String("in", "", "directory holding the suites' JSON summaries")
 	out := flag.String("o", "docs/RELIABILITY.md", "report to write")
 	cmd := flag.String("cmd", "", "the command that produced the summaries (printed in the report)")
+	commit := flag.String("commit", "", "the source revision the suites ran on (printed in the report)")
 	flag.Parse()
 	if *in == "" {
 		fmt.Fprintln(os.Stderr, "faultreport: -in is required")
@@ -36,6 +37,9 @@ func main() {
 	fmt.Fprintf(&b, "Written by `scripts/faults.sh` on %s (%s/%s, %d CPUs, host %s).\n", time.Now().UTC().Format("2006-01-02 15:04 MST"), runtime.GOOS, runtime.GOARCH, runtime.NumCPU(), host)
 	if *cmd != "" {
 		fmt.Fprintf(&b, "Command: `%s`.\n", *cmd)
+	}
+	if *commit != "" {
+		fmt.Fprintf(&b, "Source: `%s`.\n", *commit)
 	}
 	fmt.Fprintf(&b, "\nEach section is one suite's own summary; `failures` must be 0.\n")
 	failures := 0

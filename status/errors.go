@@ -47,43 +47,40 @@ func (e *Error) Error() string {
 
 func (e *Error) Unwrap() error { return e.Err }
 
-// ReasonOf reads the typed reason from any error: an *Error in its chain, or a gRPC status
-// carrying a ReasonDetail. Errors without one map by kind: context cancellation and deadline,
-// unreachable writer, otherwise REASON_OTHER. Never looks at message text.
+// Fields is the metadata as statusDetails pairs, in key order: the failure's own evidence
+// (the read-back sha256, the refused cert_name, the stream_error, ...) that the report puts
+// right after the base keys.
+func (e *Error) Fields() Fields {
+	if e == nil {
+		return nil
+	}
+	return SortedFields(e.Meta)
+}
+
+// Class is the class of e's reason.
+func (e *Error) Class() Class { return ClassOf(e.Reason) }
+
+// ReasonOf reads the typed reason from any error (see FromError); nil is
+// REASON_UNSPECIFIED. Never looks at message text.
 func ReasonOf(err error) otav1.Reason {
 	if err == nil {
 		return otav1.Reason_REASON_UNSPECIFIED
 	}
-	var e *Error
-	if errors.As(err, &e) {
-		return e.Reason
-	}
-	if st, ok := grpcstatus.FromError(err); ok {
-		for _, d := range st.Details() {
-			if rd, ok := d.(*otav1.ReasonDetail); ok {
-				return rd.GetReason()
-			}
-		}
-		switch st.Code() {
-		case codes.Unavailable:
-			return otav1.Reason_REASON_WRITER_UNAVAILABLE
-		case codes.PermissionDenied, codes.Unauthenticated:
-			return otav1.Reason_REASON_PERMISSION_DENIED
-		case codes.Canceled:
-			return otav1.Reason_REASON_USER_ABORT
-		case codes.ResourceExhausted:
-			// grpc-go refuses an oversize message before any interceptor can attach a reason.
-			return otav1.Reason_REASON_INVALID_REQUEST
-		}
-	}
-	if errors.Is(err, context.Canceled) {
-		return otav1.Reason_REASON_USER_ABORT
-	}
-	return otav1.Reason_REASON_OTHER
+	return FromError(err).Reason
 }
 
-// FromError returns err as an *Error: itself if it is one, decoded from a gRPC status with a
-// ReasonDetail, or wrapped with ReasonOf(err). Nil stays nil.
+// IsClass tells whether err carries a reason of class c (nil never does).
+func IsClass(err error, c Class) bool {
+	return err != nil && ClassOf(ReasonOf(err)) == c
+}
+
+// FromError returns err as an *Error: itself if one is in its chain, decoded from a gRPC
+// status with a ReasonDetail, or wrapped with a reason by kind. This is the one place where a
+// gRPC status becomes a reason (ToGRPC is the other direction). A status without a detail
+// comes from grpc itself, not from the writer's code: an unreachable writer, a refused peer,
+// a canceled call, or a message over the size limit (refused before any handler ran: a
+// malformed request). Context cancellation is user_abort; anything else REASON_OTHER.
+// Nil stays nil.
 func FromError(err error) *Error {
 	if err == nil {
 		return nil
@@ -92,41 +89,40 @@ func FromError(err error) *Error {
 	if errors.As(err, &e) {
 		return e
 	}
+	r := otav1.Reason_REASON_OTHER
 	if st, ok := grpcstatus.FromError(err); ok {
 		for _, d := range st.Details() {
 			if rd, ok := d.(*otav1.ReasonDetail); ok {
 				return &Error{Reason: rd.GetReason(), Msg: rd.GetMessage(), Meta: maps.Clone(rd.GetMetadata()), Err: err}
 			}
 		}
+		if gr, ok := grpcReasons[st.Code()]; ok {
+			r = gr
+		}
 	}
-	return &Error{Reason: ReasonOf(err), Msg: err.Error(), Err: err}
+	if errors.Is(err, context.Canceled) {
+		r = otav1.Reason_REASON_USER_ABORT
+	}
+	return &Error{Reason: r, Msg: err.Error(), Err: err}
 }
 
-// ToGRPC converts any error to a gRPC status error carrying a ReasonDetail. It is the one
-// boundary where reasons become gRPC codes (the writer's server interceptors call it).
-// Context errors keep their natural codes.
+// grpcReasons reads a gRPC status that carries no ReasonDetail.
+var grpcReasons = map[codes.Code]otav1.Reason{
+	codes.Unavailable:       otav1.Reason_REASON_WRITER_UNAVAILABLE,
+	codes.PermissionDenied:  otav1.Reason_REASON_PERMISSION_DENIED,
+	codes.Unauthenticated:   otav1.Reason_REASON_PERMISSION_DENIED,
+	codes.Canceled:          otav1.Reason_REASON_USER_ABORT,
+	codes.ResourceExhausted: otav1.Reason_REASON_INVALID_REQUEST,
+}
+
+// ToGRPC converts any error to a gRPC status error carrying a ReasonDetail (the writer's
+// server interceptors call it). The code comes from the reason table; a deadline keeps its
+// natural code.
 func ToGRPC(err error) error {
 	if err == nil {
 		return nil
 	}
-	if st, ok := grpcstatus.FromError(err); ok {
-		for _, d := range st.Details() {
-			if _, ok := d.(*otav1.ReasonDetail); ok {
-				return st.Err()
-			}
-		}
-	}
-	var e *Error
-	if !errors.As(err, &e) {
-		switch {
-		case errors.Is(err, context.Canceled):
-			e = &Error{Reason: otav1.Reason_REASON_USER_ABORT, Msg: err.Error()}
-		case errors.Is(err, context.DeadlineExceeded):
-			e = &Error{Reason: otav1.Reason_REASON_OTHER, Msg: err.Error()}
-		default:
-			e = &Error{Reason: otav1.Reason_REASON_OTHER, Msg: err.Error()}
-		}
-	}
+	e := FromError(err)
 	code := GRPCCode(e.Reason)
 	if errors.Is(err, context.DeadlineExceeded) {
 		code = codes.DeadlineExceeded

@@ -211,3 +211,87 @@ func TestReasonOfWithoutDetail(t *testing.T) {
 		t.Errorf("plain error -> %v", got)
 	}
 }
+
+// The classes code branches on: one row per reason that a caller acts on by class.
+func TestClassOf(t *testing.T) {
+	got := map[otav1.Reason]Class{}
+	for _, r := range []otav1.Reason{
+		otav1.Reason_REASON_WRITER_UNAVAILABLE, otav1.Reason_REASON_FILE_CLOSE_FAILED, otav1.Reason_REASON_FILE_WRITE_FAILED,
+		otav1.Reason_REASON_STORAGE_FULL, otav1.Reason_REASON_SIG_CHECK_FAILED, otav1.Reason_REASON_UNTRUSTED_SIGNER,
+		otav1.Reason_REASON_BAD_FILE_HANDLE, otav1.Reason_REASON_SESSION_LOST, otav1.Reason_REASON_USER_ABORT,
+		otav1.Reason_REASON_NEWER_JOB, otav1.Reason_REASON_INVALID_REQUEST, otav1.Reason_REASON_ROLLED_BACK,
+		otav1.Reason_REASON_OTHER, otav1.Reason(4242),
+	} {
+		got[r] = ClassOf(r)
+	}
+	want := map[otav1.Reason]Class{
+		otav1.Reason_REASON_WRITER_UNAVAILABLE: ClassUnavailable,
+		otav1.Reason_REASON_FILE_CLOSE_FAILED:  ClassRetryable,
+		otav1.Reason_REASON_FILE_WRITE_FAILED:  ClassRetryable,
+		otav1.Reason_REASON_STORAGE_FULL:       ClassRetryable,
+		otav1.Reason_REASON_SIG_CHECK_FAILED:   ClassFatal,
+		otav1.Reason_REASON_UNTRUSTED_SIGNER:   ClassRefused,
+		otav1.Reason_REASON_BAD_FILE_HANDLE:    ClassGone,
+		otav1.Reason_REASON_SESSION_LOST:       ClassGone,
+		otav1.Reason_REASON_USER_ABORT:         ClassCanceled,
+		otav1.Reason_REASON_NEWER_JOB:          ClassCanceled,
+		otav1.Reason_REASON_INVALID_REQUEST:    ClassInvalid,
+		otav1.Reason_REASON_ROLLED_BACK:        ClassRollback,
+		otav1.Reason_REASON_OTHER:              ClassFatal,
+		otav1.Reason(4242):                     ClassFatal,
+	}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Errorf("ClassOf (-want +got):\n%s", d)
+	}
+	for r, e := range Table {
+		if s := e.Class.String(); strings.HasPrefix(s, "class(") {
+			t.Errorf("%v has no named class (%s)", r, s)
+		}
+	}
+}
+
+// FromError is the one decoder: a writer's ReasonDetail, grpc's own statuses by code (the
+// size-limit refusal included, so no caller needs a rule of its own), context cancellation.
+func TestFromError(t *testing.T) {
+	withDetail := ToGRPC(Errorf(otav1.Reason_REASON_SIG_CHECK_FAILED, "bad").WithMeta("sha256", "ab"))
+	type out struct {
+		Reason otav1.Reason
+		Meta   map[string]string
+		Class  string
+	}
+	for _, tc := range []struct {
+		name string
+		err  error
+		want out
+	}{
+		{"detail", fmt.Errorf("client: %w", withDetail), out{otav1.Reason_REASON_SIG_CHECK_FAILED, map[string]string{"sha256": "ab"}, "fatal"}},
+		{"unavailable", grpcstatus.Error(codes.Unavailable, "connection refused"), out{otav1.Reason_REASON_WRITER_UNAVAILABLE, nil, "unavailable"}},
+		{"unauthenticated", grpcstatus.Error(codes.Unauthenticated, "no"), out{otav1.Reason_REASON_PERMISSION_DENIED, nil, "refused"}},
+		{"over the size limit", grpcstatus.Error(codes.ResourceExhausted, "grpc: received message larger than max"), out{otav1.Reason_REASON_INVALID_REQUEST, nil, "invalid"}},
+		{"canceled call", grpcstatus.Error(codes.Canceled, "context canceled"), out{otav1.Reason_REASON_USER_ABORT, nil, "canceled"}},
+		{"context", fmt.Errorf("x: %w", context.Canceled), out{otav1.Reason_REASON_USER_ABORT, nil, "canceled"}},
+		{"deadline", context.DeadlineExceeded, out{otav1.Reason_REASON_OTHER, nil, "fatal"}},
+		{"internal without detail", grpcstatus.Error(codes.Internal, "boom"), out{otav1.Reason_REASON_OTHER, nil, "fatal"}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := FromError(tc.err)
+			got := out{e.Reason, e.Meta, e.Class().String()}
+			if d := cmp.Diff(tc.want, got); d != "" {
+				t.Errorf("FromError (-want +got):\n%s", d)
+			}
+			if FromError(e) != e {
+				t.Error("an *Error is decoded again")
+			}
+		})
+	}
+}
+
+func TestErrorFields(t *testing.T) {
+	e := Errorf(otav1.Reason_REASON_SESSION_BUSY, "busy").WithMeta("target", "rootfs").WithMeta("job_id", "j1")
+	if d := cmp.Diff(Fields{{"job_id", "j1"}, {"target", "rootfs"}}, e.Fields()); d != "" {
+		t.Errorf("Fields (-want +got):\n%s", d)
+	}
+	if (*Error)(nil).Fields() != nil {
+		t.Error("nil error has fields")
+	}
+}

@@ -34,7 +34,6 @@ import (
 	"runtime/debug"
 	"syscall"
 
-	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 )
 
@@ -131,7 +130,7 @@ func report(err error, stderr io.Writer) int {
 	r := status.ReasonOf(err)
 	fmt.Fprintf(stderr, "ota-writer: %v\n", err)
 	fmt.Fprintf(stderr, "reason: %s\n", status.String(r))
-	if r == otav1.Reason_REASON_WRITER_UNAVAILABLE {
+	if status.ClassOf(r) == status.ClassUnavailable {
 		return exitUnavailable
 	}
 	return exitFailed

@@ -71,7 +71,7 @@ func connect(ctx context.Context, cf connFlags, stderr io.Writer) (writerAPI, st
 	if err == nil {
 		return c, "socket " + sock, func() { c.Close() }, nil
 	}
-	if status.ReasonOf(err) != otav1.Reason_REASON_WRITER_UNAVAILABLE || cfg == nil {
+	if !status.IsClass(err, status.ClassUnavailable) || cfg == nil {
 		return nil, "", nil, err
 	}
 	eng, err := newEngine(ctx, cfg, newLogger(cfg, stderr), false)

@@ -737,7 +737,7 @@ func (j *job) abortSessions(reason otav1.Reason) {
 		}
 		if err := s.Abort(ctx, reason); err != nil {
 			j.log.Warn("abort session failed", "session", s.ID(), "error", err)
-			if status.ReasonOf(err) == otav1.Reason_REASON_WRITER_UNAVAILABLE {
+			if status.IsClass(err, status.ClassUnavailable) {
 				// The writer keeps the session in its journal: abort it once it is back.
 				j.a.reconcileAgain.Store(true)
 			}
@@ -753,7 +753,7 @@ func (a *Agent) call(ctx context.Context, what string, f func(context.Context) e
 	backoff := 100 * time.Millisecond
 	for {
 		err := f(ctx)
-		if err == nil || ctx.Err() != nil || status.ReasonOf(err) != otav1.Reason_REASON_WRITER_UNAVAILABLE {
+		if err == nil || ctx.Err() != nil || !status.IsClass(err, status.ClassUnavailable) {
 			return err
 		}
 		if since.IsZero() {

@@ -227,7 +227,7 @@ func (e *ResumedError) Missing() []byte { return e.missing }
 // retryable tells whether a block-stream error is the link's (writer restarting, socket
 // gone) rather than the writer refusing the data.
 func retryable(err error) bool {
-	return status.ReasonOf(err) == otav1.Reason_REASON_WRITER_UNAVAILABLE
+	return status.IsClass(err, status.ClassUnavailable)
 }
 
 var errClosed = errors.New("writer link: sink closed")

@@ -18,10 +18,8 @@ import (
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/backoff"
-	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	grpcstatus "google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
@@ -90,17 +88,12 @@ func (c *Client) Close() error { return c.cc.Close() }
 func (c *Client) Raw() otav1.WriterClient { return c.w }
 
 // wrap makes every error a *status.Error carrying the reason (kept as a plain error so a nil
-// error stays a nil interface). grpc itself, not the writer's code, refuses a message over
-// the writer's size limit (ResourceExhausted without a reason): that is a malformed request.
+// error stays a nil interface). status.FromError is the one decoder of gRPC statuses.
 func wrap(err error) error {
 	if err == nil {
 		return nil
 	}
-	e := status.FromError(err)
-	if st, ok := grpcstatus.FromError(err); ok && st.Code() == codes.ResourceExhausted && len(st.Details()) == 0 {
-		e = &status.Error{Reason: otav1.Reason_REASON_INVALID_REQUEST, Msg: st.Message(), Err: err}
-	}
-	return e
+	return status.FromError(err)
 }
 
 // WaitReady waits until the writer answers SERVING on its health service, or ctx ends. A
@@ -116,8 +109,8 @@ func (c *Client) WaitReady(ctx context.Context) error {
 			return nil
 		}
 		if err != nil {
-			if st, ok := grpcstatus.FromError(err); ok && (st.Code() == codes.PermissionDenied || st.Code() == codes.Unauthenticated) {
-				return wrap(err)
+			if e := status.FromError(err); e.Reason == otav1.Reason_REASON_PERMISSION_DENIED {
+				return e
 			}
 			if c.refused() {
 				refusals++

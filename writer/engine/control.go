@@ -56,7 +56,7 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 	if s.reloaded {
 		// Verified by an earlier process: the medium may have changed since. Check again.
 		if _, err := e.verifyMedium(ctx, s.medium, &m); err != nil {
-			if status.ReasonOf(err) != otav1.Reason_REASON_FILE_CLOSE_FAILED {
+			if !status.IsClass(err, status.ClassRetryable) {
 				e.drop(s, "verification before activation failed")
 			}
 			return nil, err

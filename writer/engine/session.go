@@ -402,7 +402,8 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 	s.verifying = nil
 	close(done)
 	if verr != nil {
-		if status.ReasonOf(verr) == otav1.Reason_REASON_FILE_CLOSE_FAILED {
+		if status.IsClass(verr, status.ClassRetryable) {
+			// The medium could not be read back: the session stays, Finish may be repeated.
 			e.log.Error("read back failed", "session", s.id, "error", verr)
 			return nil, verr
 		}

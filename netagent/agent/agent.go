@@ -284,7 +284,7 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		}
 		j.final.Store(true)
 		j.report(ctx, func(ctx context.Context) error {
-			return j.rep.Failed(ctx, otav1.Reason_REASON_ROLLED_BACK, status.SelfTestRejected, failure...)
+			return j.rep.Failed(ctx, &status.Error{Reason: otav1.Reason_REASON_ROLLED_BACK}, status.SelfTestRejected, failure...)
 		})
 		return
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_ACTIVATED && ours:
@@ -629,7 +629,9 @@ func (j *job) rejectTrial(ctx context.Context, reason otav1.Reason) {
 		j.log.Error("reject failed", "error", err)
 	}
 	j.final.Store(true)
-	if err := j.report(ctx, func(ctx context.Context) error { return j.rep.Failed(ctx, reason, status.SelfTestRejected) }); err != nil {
+	if err := j.report(ctx, func(ctx context.Context) error {
+		return j.rep.Failed(ctx, &status.Error{Reason: reason}, status.SelfTestRejected)
+	}); err != nil {
 		return
 	}
 	if rr.GetRebootRequired() {
@@ -669,7 +671,8 @@ func (j *job) report(ctx context.Context, f func(context.Context) error) error {
 
 // fail ends the job after err: on a shutdown nothing happens; on cancel/replace the sessions
 // are aborted (user_abort or newer_job); otherwise sessions are aborted and the job reported
-// FAILED (REJECTED if it never started) with err's typed reason.
+// FAILED (REJECTED if it never started) with err's typed reason and its metadata: the
+// *status.Error that the writer (or ota-net's own code) raised goes to the report as it is.
 func (j *job) fail(ctx context.Context, err error, selfTest string) {
 	cause := context.Cause(ctx)
 	if ctx.Err() != nil && errors.Is(cause, errShutdown) {
@@ -681,13 +684,14 @@ func (j *job) fail(ctx context.Context, err error, selfTest string) {
 		j.canceled(g)
 		return
 	}
-	reason := status.ReasonOf(err)
-	if reason == otav1.Reason_REASON_UNSPECIFIED {
-		reason = otav1.Reason_REASON_OTHER
+	e := status.FromError(err)
+	if e == nil || e.Reason == otav1.Reason_REASON_UNSPECIFIED {
+		e = &status.Error{Reason: otav1.Reason_REASON_OTHER, Err: err}
 	}
 	if j.terminal.Load() {
-		reason = otav1.Reason_REASON_USER_ABORT
+		e = &status.Error{Reason: otav1.Reason_REASON_USER_ABORT, Err: err}
 	}
+	reason := e.Reason
 	j.log.Warn("job failed", "reason", status.String(reason), "error", err)
 	j.abortSessions(reason)
 	if j.terminal.Load() {
@@ -698,9 +702,9 @@ func (j *job) fail(ctx context.Context, err error, selfTest string) {
 	defer cancel()
 	var rerr error
 	if !j.started && j.ex.Status == jobs.StatusQueued {
-		rerr = j.rep.Rejected(fctx, reason)
+		rerr = j.rep.Rejected(fctx, e)
 	} else {
-		rerr = j.rep.Failed(fctx, reason, selfTest)
+		rerr = j.rep.Failed(fctx, e, selfTest)
 	}
 	if rerr != nil {
 		// Nothing more can reach the cloud about this job: it keeps its last status until
@@ -724,7 +728,7 @@ func (j *job) canceled(g *gone) {
 	j.log.Info("job canceled", "reason", status.String(reason), "next", nextID(g.next))
 	j.abortSessions(reason)
 	if open {
-		_ = j.rep.Failed(ctx, reason, "")
+		_ = j.rep.Failed(ctx, &status.Error{Reason: reason}, "")
 	}
 }
 
@@ -735,12 +739,17 @@ func (j *job) abortSessions(reason otav1.Reason) {
 		if s.Info().GetState() == otav1.SessionState_SESSION_STATE_ACTIVATED {
 			continue
 		}
-		if err := s.Abort(ctx, reason); err != nil {
+		switch err := s.Abort(ctx, reason); {
+		case err == nil:
+		case status.IsClass(err, status.ClassGone):
+			// The writer dropped it already (a refused image, a lost slot): nothing to do.
+			j.log.Debug("session already closed by the writer", "session", s.ID())
+		case status.IsClass(err, status.ClassUnavailable):
+			// The writer keeps the session in its journal: abort it once it is back.
+			j.log.Warn("abort session failed; aborting it once the writer is back", "session", s.ID(), "error", err)
+			j.a.reconcileAgain.Store(true)
+		default:
 			j.log.Warn("abort session failed", "session", s.ID(), "error", err)
-			if status.IsClass(err, status.ClassUnavailable) {
-				// The writer keeps the session in its journal: abort it once it is back.
-				j.a.reconcileAgain.Store(true)
-			}
 		}
 	}
 	j.sessions = nil
@@ -885,9 +894,9 @@ func (a *Agent) reconcile(ctx context.Context, current string, st *otav1.DeviceS
 		log.Warn("reconcile: the session's job is gone in the cloud: aborting the orphaned session",
 			"durable_blocks", s.GetDurableBlocks(), "total_blocks", s.GetTotalBlocks())
 		err := a.writer.Abort(ctx, s.GetSessionId(), otav1.Reason_REASON_USER_ABORT)
-		switch r := status.ReasonOf(err); {
-		case err == nil, r == otav1.Reason_REASON_BAD_FILE_HANDLE: // gone already
-		case r == otav1.Reason_REASON_WRITER_UNAVAILABLE:
+		switch {
+		case err == nil, status.IsClass(err, status.ClassGone): // gone already
+		case status.IsClass(err, status.ClassUnavailable):
 			log.Warn("reconcile: writer unavailable; aborting later", "error", err)
 			a.reconcileAgain.Store(true)
 		default:

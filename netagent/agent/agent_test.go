@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
+	"crypto/sha256"
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
@@ -12,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -136,6 +138,8 @@ type writerRig struct {
 	slots   [2]string
 	appPath string
 	reboots chan struct{}
+	// log, when set, gets the engine's and the server's logs.
+	log hclog.Logger
 
 	eng  *engine.Engine
 	srv  *server.Server
@@ -225,7 +229,7 @@ func (w *writerRig) start(bootNow bool) {
 			w.reboots <- struct{}{}
 			return nil
 		},
-	}, hclog.NewNullLogger())
+	}, w.logger())
 	if err != nil {
 		w.t.Fatal(err)
 	}
@@ -233,8 +237,15 @@ func (w *writerRig) start(bootNow bool) {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	w.eng, w.srv, w.done = eng, server.New(eng, server.Options{}), make(chan error, 1)
+	w.eng, w.srv, w.done = eng, server.New(eng, server.Options{Log: w.logger()}), make(chan error, 1)
 	go func(srv *server.Server, done chan error) { done <- srv.Serve(ln) }(w.srv, w.done)
+}
+
+func (w *writerRig) logger() hclog.Logger {
+	if w.log == nil {
+		return hclog.NewNullLogger()
+	}
+	return w.log
 }
 
 func (w *writerRig) stop() {
@@ -442,10 +453,18 @@ func TestSelfTestFailsRollsBack(t *testing.T) {
 	waitReboot(t, w) // back to the previous image
 }
 
+// A refused image: the job fails with sig_check_failed and the writer's evidence, the sha256
+// it read back from the medium, reaches statusDetails. The session the writer dropped when it
+// refused the image is not aborted noisily afterwards, and the end of the block stream is not
+// a failed call in the writer's log: the only failed call is FinishSession.
 func TestBadSignatureFails(t *testing.T) {
 	e := startEmulator(t)
 	w := newWriter(t, "/bin/true")
-	startDevice(t, e, w, agent.Config{})
+	wlog, alog := &logLines{}, &logLines{}
+	w.stop()
+	w.log = hclog.New(&hclog.LoggerOptions{Name: "writer", Level: hclog.Debug, Output: wlog})
+	w.start(false)
+	startDevice(t, e, w, agent.Config{Logger: hclog.New(&hclog.LoggerOptions{Name: "agent", Level: hclog.Debug, Output: alog})})
 	img := newImage(t, 40*1024)
 	other := newImage(t, 40*1024)
 	createJob(t, e, "job-sig", []string{"MQTT"}, img, 1, func(fs *backend.FileSpec) { fs.Signature = other.sig })
@@ -454,9 +473,45 @@ func TestBadSignatureFails(t *testing.T) {
 		ex.StatusDetails["progress"] != "10/10" {
 		t.Fatalf("job %+v", ex)
 	}
+	if want := fmt.Sprintf("%x", sha256.Sum256(img.data)); ex.StatusDetails["sha256"] != want {
+		t.Errorf("statusDetails sha256 = %q, want the read-back digest %s (details %v)", ex.StatusDetails["sha256"], want, ex.StatusDetails)
+	}
 	if _, err := os.Stat(w.appPath); !os.IsNotExist(err) {
 		t.Fatalf("unverified file installed: %v", err)
 	}
+	var failed []string
+	for _, l := range wlog.lines() {
+		if strings.Contains(l, "call failed") {
+			failed = append(failed, l)
+		}
+	}
+	if len(failed) != 1 || !strings.Contains(failed[0], "FinishSession") || !strings.Contains(failed[0], "sig_check_failed/1001") {
+		t.Errorf("writer's failed calls: want only FinishSession sig_check_failed, got:\n%s", strings.Join(failed, "\n"))
+	}
+	for _, l := range alog.lines() {
+		if strings.Contains(l, "abort session failed") || strings.Contains(l, "[WARN]") && strings.Contains(l, "bad_file_handle") {
+			t.Errorf("ota-net warns about the session the writer dropped: %s", l)
+		}
+	}
+}
+
+// logLines is a log output that keeps every line.
+type logLines struct {
+	mu sync.Mutex
+	ls []string
+}
+
+func (l *logLines) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.ls = append(l.ls, strings.Split(strings.TrimRight(string(p), "\n"), "\n")...)
+	return len(p), nil
+}
+
+func (l *logLines) lines() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return slices.Clone(l.ls)
 }
 
 func TestUnknownTargetRejected(t *testing.T) {

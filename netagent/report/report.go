@@ -281,27 +281,31 @@ func (r *Reporter) Succeeded(ctx context.Context) error {
 	return r.send(ctx, jobs.StatusSucceeded, status.Base{SelfTest: status.SelfTestAccepted})
 }
 
-// Failed reports FAILED with reason. selfTest is status.SelfTestRejected when the new image
-// was rejected in its trial, else aborted. Progress is included when known; failure fields
-// (such as the writer's rollback reason) come right after the base keys, before any
-// extension field.
-func (r *Reporter) Failed(ctx context.Context, reason otav1.Reason, selfTest string, failure ...status.Field) error {
+// Failed reports FAILED with err's reason. selfTest is status.SelfTestRejected when the new
+// image was rejected in its trial, else aborted. Progress is included when known. The
+// failure's own fields come right after the base keys, before any extension field: first
+// failure (such as the writer's rollback reason), then err's metadata (the read-back sha256,
+// the refused cert_name, the stream_error, ...). A nil err or an unspecified reason is
+// reported as other.
+func (r *Reporter) Failed(ctx context.Context, err *status.Error, selfTest string, failure ...status.Field) error {
 	r.stopProgress()
-	if reason == otav1.Reason_REASON_UNSPECIFIED {
-		reason = otav1.Reason_REASON_OTHER
-	}
 	if selfTest == "" {
 		selfTest = status.SelfTestAborted
 	}
 	rec, tot := r.progress()
-	return r.send(ctx, jobs.StatusFailed, status.Base{SelfTest: selfTest, Received: rec, Total: tot, Reason: reason, Failure: failure})
+	return r.send(ctx, jobs.StatusFailed, status.Base{SelfTest: selfTest, Received: rec, Total: tot, Reason: reasonOf(err), Failure: append(slices.Clip(failure), err.Fields()...)})
 }
 
-// Rejected reports REJECTED with reason: a job that cannot run at all, still QUEUED.
-func (r *Reporter) Rejected(ctx context.Context, reason otav1.Reason) error {
+// Rejected reports REJECTED with err's reason and metadata: a job that cannot run at all,
+// still QUEUED.
+func (r *Reporter) Rejected(ctx context.Context, err *status.Error) error {
 	r.stopProgress()
-	if reason == otav1.Reason_REASON_UNSPECIFIED {
-		reason = otav1.Reason_REASON_OTHER
+	return r.send(ctx, jobs.StatusRejected, status.Base{Reason: reasonOf(err), Failure: err.Fields()})
+}
+
+func reasonOf(err *status.Error) otav1.Reason {
+	if err == nil || err.Reason == otav1.Reason_REASON_UNSPECIFIED {
+		return otav1.Reason_REASON_OTHER
 	}
-	return r.send(ctx, jobs.StatusRejected, status.Base{Reason: reason})
+	return err.Reason
 }

@@ -144,7 +144,10 @@ func TestFlowWithExtensions(t *testing.T) {
 	if err := r.Ready(ctx); err != nil {
 		t.Fatal(err)
 	}
-	if err := r.Failed(ctx, otav1.Reason_REASON_SIG_CHECK_FAILED, ""); err != nil {
+	// The writer's typed error reaches the report whole: its read-back sha256 takes a pair
+	// before any extension field.
+	sigErr := status.Errorf(otav1.Reason_REASON_SIG_CHECK_FAILED, "signature does not verify").WithMeta("sha256", "9f86d081")
+	if err := r.Failed(ctx, sigErr, ""); err != nil {
 		t.Fatal(err)
 	}
 	ups := v.e.Updates("job-r1")
@@ -160,7 +163,7 @@ func TestFlowWithExtensions(t *testing.T) {
 		t.Fatalf("updates (-want +got)\n%s", diff)
 	}
 	last := ups[len(ups)-1].StatusDetails
-	if last["reason"] != "sig_check_failed" || last["error_code"] != "1001" || last["boot_slot"] != "a" || last["firmware_version"] != "4.2.0" {
+	if last["reason"] != "sig_check_failed" || last["error_code"] != "1001" || last["sha256"] != "9f86d081" || last["boot_slot"] != "a" || last["firmware_version"] != "4.2.0" {
 		t.Fatalf("failure details %v", last)
 	}
 	if len(last) != status.MaxPairs {
@@ -209,7 +212,7 @@ func TestRejectedAndTerminal(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	r := report.New(v.jobs, nil, "job-r3", report.Config{})
-	if err := r.Rejected(ctx, otav1.Reason_REASON_JOB_DOCUMENT_INVALID); err != nil {
+	if err := r.Rejected(ctx, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "bad")); err != nil {
 		t.Fatal(err)
 	}
 	ex, err := v.e.WaitStatus(ctx, "job-r3", jobs.StatusRejected)
@@ -220,7 +223,7 @@ func TestRejectedAndTerminal(t *testing.T) {
 		t.Fatalf("details %v", ex.StatusDetails)
 	}
 	// Terminal now: a later report fails typed, and nothing is sent.
-	if err := r.Failed(ctx, otav1.Reason_REASON_OTHER, ""); !errors.Is(err, jobs.ErrTerminal) {
+	if err := r.Failed(ctx, nil, ""); !errors.Is(err, jobs.ErrTerminal) {
 		t.Fatalf("err %v", err)
 	}
 	if n := len(v.e.Updates("job-r3")); n != 1 {

@@ -170,9 +170,15 @@ func (s *Server) streamErrors(srv any, ss grpc.ServerStream, info *grpc.StreamSe
 }
 
 func (s *Server) logErr(method string, err error) {
-	r := status.ReasonOf(err)
-	if r == otav1.Reason_REASON_PERMISSION_DENIED {
+	e := status.FromError(err)
+	switch {
+	case e.Reason == otav1.Reason_REASON_PERMISSION_DENIED:
 		return // the authorizer logged who and why
+	case method == otav1.Writer_AbortSession_FullMethodName && e.Class() == status.ClassGone:
+		// The session is closed already (verification refused it, its slot became active):
+		// the abort had nothing left to do. The caller still gets bad_file_handle.
+		s.log.Debug("abort: session already closed", "error", err)
+		return
 	}
-	s.log.Info("call failed", "method", method, "reason", status.String(r), "error", err)
+	s.log.Info("call failed", "method", method, "reason", status.String(e.Reason), "error", err)
 }

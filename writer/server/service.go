@@ -72,6 +72,13 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 			return nil
 		}
 		if err != nil {
+			if ctx.Err() != nil {
+				// The client closed the stream (ota-net's sink ends every stream this way,
+				// after its last flush): the end of the blocks, not a failure. What was not
+				// acknowledged durable is fetched again on a resume.
+				s.log.Debug("block stream closed by the client", "session", sessionID, "last_seq", lastSeq)
+				return nil
+			}
 			// grpc has already sent its own status for transport-level refusals (a message
 			// over the size limit is ResourceExhausted); this only ends the handler.
 			return err
@@ -94,6 +101,10 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 		}
 		if res.Synced {
 			if err := stream.Send(ack(sessionID, req.GetSeq(), res)); err != nil {
+				if ctx.Err() != nil {
+					s.log.Debug("block stream closed by the client before its ack", "session", sessionID, "seq", req.GetSeq())
+					return nil
+				}
 				return err
 			}
 		}

@@ -155,6 +155,14 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.reconcile(ctx, "", nil)
 			}
 		case ex := <-a.jobs.Next():
+			if cur != nil && ex == nil && !a.gone(ctx, cur.jobID) {
+				// "Nothing pending" can be stale: AWS does not order its answers and
+				// notifications, and a $next/get asked before this job existed can be
+				// answered after it started. Only the cloud's answer about the job itself
+				// ends it (or the job's own updates, which find it terminal).
+				a.log.Info("the cloud says nothing is pending, but the current job is open: stale answer ignored", "job_id", cur.jobID)
+				continue
+			}
 			if cur != nil && (ex == nil || ex.JobID != cur.jobID) {
 				a.log.Info("current job is no longer next", "job_id", cur.jobID, "next", nextID(ex))
 				stop(&gone{next: ex})
@@ -173,6 +181,23 @@ func (a *Agent) Run(ctx context.Context) error {
 			}()
 		}
 	}
+}
+
+// gone asks the cloud about jobID itself (DescribeJobExecution): true only when the job is
+// terminal or does not exist. A cloud that cannot answer leaves the job running.
+func (a *Agent) gone(ctx context.Context, jobID string) bool {
+	ctx, cancel := context.WithTimeout(ctx, finalTimeout)
+	defer cancel()
+	ex, err := a.jobs.Describe(ctx, jobID)
+	var te *jobs.TerminalError
+	switch {
+	case errors.As(err, &te), errors.Is(err, jobs.ErrNotFound):
+		return true
+	case err != nil:
+		a.log.Warn("cannot ask the cloud about the current job; it goes on", "job_id", jobID, "error", err)
+		return false
+	}
+	return jobs.Terminal(ex.Status)
 }
 
 func nextID(ex *jobs.Execution) string {
@@ -823,9 +848,11 @@ func (a *Agent) checkForeignTrial(ctx context.Context) {
 // the cloud (canceled, removed, timed out, or ended) as DescribeJobExecution says. Such a
 // session is an orphan (the job was canceled while ota-net was down, or while the writer was
 // away so the abort did not reach it) and would keep its target busy for every later job.
-// current is the job the agent runs now; "" asks the cloud ($next). A session of the
-// current job is resumed by the job, never aborted here; a session of a job still open in
-// the cloud (queued, in progress, in self test) is left alone, and so is an activated one.
+// current is the job the agent runs now ("" for none). A session of the current job is
+// resumed by the job, never aborted here; a session of a job still open in the cloud
+// (queued, in progress, in self test) is left alone, and so is an activated one. Only the
+// cloud's answer about the session's own job decides, never the absence of that job from a
+// "next job" answer, which can be stale (asked before the job was created, answered after).
 // st is the writer's state when the caller has it. When the writer or the cloud cannot
 // answer, nothing is aborted and reconciliation runs again when the agent is idle.
 func (a *Agent) reconcile(ctx context.Context, current string, st *otav1.DeviceState) {
@@ -847,18 +874,6 @@ func (a *Agent) reconcile(ctx context.Context, current string, st *otav1.DeviceS
 	}
 	if len(todo) == 0 {
 		return
-	}
-	if current == "" {
-		next, err := a.jobs.Describe(ctx, "$next")
-		switch {
-		case err == nil:
-			current = next.JobID
-		case errors.Is(err, jobs.ErrNotFound):
-		default:
-			// Not knowing the next job is no reason to hold back: a job the cloud itself
-			// calls gone is never the next one.
-			a.log.Warn("reconcile: next job unknown", "error", err)
-		}
 	}
 	gone := map[string]bool{}
 	for _, s := range todo {

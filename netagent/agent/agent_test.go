@@ -514,6 +514,38 @@ func (l *logLines) lines() []string {
 	return slices.Clone(l.ls)
 }
 
+// A job created right after ota-net started: ota-net's $next/get at start-up is answered
+// "nothing pending" (the job did not exist yet), but that answer reaches ota-net only after
+// the notify-next of the new job, while the job runs. The stale answer must not kill the
+// job: only the cloud's answer about the job itself (DescribeJobExecution of its id) says it
+// is gone. Before the fix the job was reported FAILED user_abort.
+func TestStaleNothingPendingKeepsNewJob(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	held, release := e.HoldNext()
+	defer release()
+	startDevice(t, e, w, agent.Config{})
+	select {
+	case <-held: // the start-up $next/get is answered "nothing pending", and held back
+	case <-time.After(30 * time.Second):
+		t.Fatal("ota-net asked no $next/get at start")
+	}
+	img := newImage(t, 256*1024)
+	createJob(t, e, "job-new", []string{"MQTT"}, img, 1, nil)
+	// Slow blocks keep the job running when the stale answer arrives.
+	e.SetFaults(e.StreamName("job-new"), emulator.Faults{Delay: 100 * time.Millisecond})
+	waitStatus(t, e, "job-new", jobs.StatusInProgress)
+	release()
+	ex := waitStatus(t, e, "job-new", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected, jobs.StatusCanceled)
+	if ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("job %s %v after a stale \"nothing pending\", want SUCCEEDED (updates %v)", ex.Status, ex.StatusDetails, selfTests(e, "job-new"))
+	}
+	got, err := os.ReadFile(w.appPath)
+	if err != nil || !bytes.Equal(got, img.data) {
+		t.Fatalf("installed file: %v (equal %v)", err, bytes.Equal(got, img.data))
+	}
+}
+
 func TestUnknownTargetRejected(t *testing.T) {
 	e := startEmulator(t)
 	w := newWriter(t, "/bin/true")

@@ -96,6 +96,8 @@ type Emulator struct {
 	pushQ    []jobReply                 // notifications waiting to be published, in order
 	pushing  bool
 	removed  []*job // deleted jobs whose files stay open until Close
+	// holdNext, while set, keeps the answers to $next/get (see HoldNext).
+	holdNext *heldAnswers
 }
 
 var _ backend.Backend = (*Emulator)(nil)

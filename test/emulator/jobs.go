@@ -16,6 +16,7 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 	"unicode"
 	"unicode/utf8"
@@ -738,6 +739,15 @@ func (e *Emulator) handleJobs(m message, thing string, rest []string) {
 		reply = e.getPendingLocked(m.topic, thing, token)
 	case "describe":
 		reply = e.describeLocked(m.topic, thing, jobID, token, req)
+		if h := e.holdNext; h != nil && jobID == "$next" {
+			h.replies = append(h.replies, heldReply{m.clientID, reply})
+			select {
+			case h.held <- struct{}{}:
+			default:
+			}
+			e.mu.Unlock()
+			return
+		}
 	case "start-next":
 		reply = e.startNextLocked(m.topic, thing, token, req)
 	case "update":
@@ -1082,4 +1092,41 @@ func (e *Emulator) AnnounceNext(thing, jobID string) error {
 		Execution *jobExecutionJSON `json:"execution"`
 	}{now.Unix(), e.executionJSON(x, true, now)}))
 	return nil
+}
+
+type heldReply struct {
+	clientID string
+	reply    jobReply
+}
+
+type heldAnswers struct {
+	held    chan struct{}
+	replies []heldReply
+}
+
+// HoldNext holds back the answers to $next/get (DescribeJobExecution of "$next"): each is
+// computed when its request arrives, as AWS does, and sent only when release is called, in
+// order. AWS does not order its responses and notifications, so an answer saying "nothing
+// pending" can reach a device after the notify-next of a job created meanwhile; this makes
+// that order happen. held gets a value each time an answer is held.
+func (e *Emulator) HoldNext() (held <-chan struct{}, release func()) {
+	h := &heldAnswers{held: make(chan struct{}, 16)}
+	e.mu.Lock()
+	e.holdNext = h
+	e.mu.Unlock()
+	var once sync.Once
+	return h.held, func() {
+		once.Do(func() {
+			e.mu.Lock()
+			if e.holdNext == h {
+				e.holdNext = nil
+			}
+			replies := h.replies
+			h.replies = nil
+			e.mu.Unlock()
+			for _, r := range replies {
+				e.send(r.clientID, r.reply)
+			}
+		})
+	}
 }

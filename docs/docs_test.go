@@ -27,14 +27,15 @@ const repoRoot = ".."
 
 // reasonRow is what the test checks of a row of the reason table.
 type reasonRow struct {
-	Name string
-	Code int
-	GRPC string
+	Name  string
+	Code  int
+	GRPC  string
+	Class string
 }
 
 // TestReasonTableMatchesCode parses the reason table of REASONS.md and compares it with the
 // Reason enum and status.Table: one row per enum value but the unspecified one, with its
-// statusDetails string, number and gRPC code.
+// statusDetails string, number, gRPC code and class.
 func TestReasonTableMatchesCode(t *testing.T) {
 	doc, err := os.ReadFile("REASONS.md")
 	if err != nil {
@@ -56,15 +57,15 @@ func TestReasonTableMatchesCode(t *testing.T) {
 		if r == otav1.Reason_REASON_UNSPECIFIED {
 			continue
 		}
-		want = append(want, reasonRow{Name: status.Name(r), Code: int(v), GRPC: status.GRPCCode(r).String()})
+		want = append(want, reasonRow{Name: status.Name(r), Code: int(v), GRPC: status.GRPCCode(r).String(), Class: status.ClassOf(r).String()})
 	}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Errorf("docs/REASONS.md reason table differs from the Reason enum and status.Table (-code +doc):\n%s", diff)
 	}
 }
 
-// parseReasonTable reads the table whose header has the columns reason, code and gRPC code,
-// in document order. Cells may be in backquotes.
+// parseReasonTable reads the table whose header has the columns reason, code, gRPC code and
+// class, in document order. Cells may be in backquotes.
 func parseReasonTable(doc []byte) ([]reasonRow, error) {
 	var rows []reasonRow
 	var cols map[string]int
@@ -88,7 +89,8 @@ func parseReasonTable(doc []byte) ([]reasonRow, error) {
 			_, a := m["reason"]
 			_, b := m["code"]
 			_, c := m["gRPC code"]
-			if a && b && c {
+			_, d := m["class"]
+			if a && b && c && d {
 				cols = m
 			}
 			continue
@@ -96,33 +98,33 @@ func parseReasonTable(doc []byte) ([]reasonRow, error) {
 		if strings.Trim(cells[0], "-: ") == "" {
 			continue // the separator line
 		}
-		if len(cells) <= max(cols["reason"], cols["code"], cols["gRPC code"]) {
+		if len(cells) <= max(cols["reason"], cols["code"], cols["gRPC code"], cols["class"]) {
 			return nil, errors.New("short row: " + line)
 		}
 		code, err := strconv.Atoi(cells[cols["code"]])
 		if err != nil {
 			return nil, errors.New("bad code in row: " + line)
 		}
-		rows = append(rows, reasonRow{Name: cells[cols["reason"]], Code: code, GRPC: cells[cols["gRPC code"]]})
+		rows = append(rows, reasonRow{Name: cells[cols["reason"]], Code: code, GRPC: cells[cols["gRPC code"]], Class: cells[cols["class"]]})
 	}
 	if cols == nil {
-		return nil, errors.New("no table with the columns reason, code and gRPC code")
+		return nil, errors.New("no table with the columns reason, code, gRPC code and class")
 	}
 	return rows, nil
 }
 
 func TestParseReasonTable(t *testing.T) {
-	doc := "intro\n\n| reason | code | meaning | gRPC code |\n|---|---|---|---|\n| `a` | 1 | x | Internal |\n| b | 2 | y | NotFound |\n\n| other | table |\n"
+	doc := "intro\n\n| reason | code | meaning | gRPC code | class |\n|---|---|---|---|---|\n| `a` | 1 | x | Internal | fatal |\n| b | 2 | y | NotFound | `gone` |\n\n| other | table |\n"
 	got, err := parseReasonTable([]byte(doc))
 	if err != nil {
 		t.Fatal(err)
 	}
-	want := []reasonRow{{"a", 1, "Internal"}, {"b", 2, "NotFound"}}
+	want := []reasonRow{{"a", 1, "Internal", "fatal"}, {"b", 2, "NotFound", "gone"}}
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Error(diff)
 	}
-	if _, err := parseReasonTable([]byte("| reason | code |\n|---|---|\n")); err == nil {
-		t.Error("a table without a gRPC code column was accepted")
+	if _, err := parseReasonTable([]byte("| reason | code | gRPC code |\n|---|---|---|\n")); err == nil {
+		t.Error("a table without a class column was accepted")
 	}
 }
 

@@ -28,30 +28,47 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 		return nil, err
 	}
 	defer s.mu.Unlock()
+	st, err := e.checkActivation(ctx, s)
+	if err != nil {
+		return nil, err
+	}
+	m := s.meta
+	upd := &journal.Update{JobID: m.JobID, Target: m.Target, Slot: m.Slot, Version: m.Version, Time: time.Now().UTC()}
+	if !s.tgt.IsAB() {
+		return e.installFile(s, st, upd)
+	}
+	return e.activateSlot(ctx, s, upd)
+}
+
+// checkActivation refuses what may not be activated now: a closed or unverified session, a
+// boot state in an update cycle, a version the policy refuses, and (for a session verified
+// by an earlier process) an image the medium no longer holds. A session whose image can no
+// longer be trusted is dropped. It returns the boot state. The caller holds s.mu.
+func (e *Engine) checkActivation(ctx context.Context, s *session) (boot.State, error) {
 	if s.dropped {
-		return nil, status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is closed", s.id)
+		return boot.State{}, status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is closed", s.id)
 	}
 	if s.state != otav1.SessionState_SESSION_STATE_VERIFIED {
-		return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "session %s is %s: only a verified image is activated", s.id, s.state)
+		return boot.State{}, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "session %s is %s: only a verified image is activated", s.id, s.state)
 	}
 	m := s.meta
 	st, err := e.bootState(ctx)
 	if err != nil {
-		return nil, err
+		return st, err
 	}
 	if s.tgt.IsAB() {
 		switch {
 		case st.Trial || st.Pending != "" || st.Booted != st.Committed:
-			return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "boot state does not allow an activation now (running %s, committed %s, pending %q, trial %v)",
+			return st, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "boot state does not allow an activation now (running %s, committed %s, pending %q, trial %v)",
 				st.Booted, st.Committed, st.Pending, st.Trial)
 		case m.Slot != boot.Other(st.Booted):
 			// The device booted the slot this session wrote: its image can no longer be trusted.
 			e.drop(s, "slot became active")
-			return nil, status.Errorf(otav1.Reason_REASON_SESSION_LOST, "slot %s is running now; the image must be written again", m.Slot)
+			return st, status.Errorf(otav1.Reason_REASON_SESSION_LOST, "slot %s is running now; the image must be written again", m.Slot)
 		}
 	}
 	if err := e.checkVersion(s.tgt, st.Booted, m.Version); err != nil {
-		return nil, err
+		return st, err
 	}
 	if s.reloaded {
 		// Verified by an earlier process: the medium may have changed since. Check again.
@@ -59,34 +76,42 @@ func (e *Engine) Activate(ctx context.Context, sessionID string) (*otav1.Activat
 			if !status.IsClass(err, status.ClassRetryable) {
 				e.drop(s, "verification before activation failed")
 			}
-			return nil, err
+			return st, err
 		}
 		s.reloaded = false
 	}
+	return st, nil
+}
 
-	upd := &journal.Update{JobID: m.JobID, Target: m.Target, Slot: m.Slot, Version: m.Version, Time: time.Now().UTC()}
-	if !s.tgt.IsAB() {
-		if err := s.tgt.Install(s.medium); err != nil {
-			s.medium = nil
-			e.drop(s, "install failed")
-			return nil, err
-		}
+// installFile puts a plain file in place (no reboot) and records it. The caller holds s.mu.
+func (e *Engine) installFile(s *session, st boot.State, upd *journal.Update) (*otav1.ActivateResponse, error) {
+	m := s.meta
+	if err := s.tgt.Install(s.medium); err != nil {
 		s.medium = nil
-		upd.Outcome = journal.OutcomeCommitted
-		// A file update does not replace the record of an A/B update still in its cycle.
-		keepAB := st.Pending != "" || st.Trial
-		if err := e.updateRecord(func(r *journal.Record) {
-			setVer(r, m.Target, m.Slot, m.Version)
-			if !keepAB {
-				r.LastUpdate = upd
-			}
-		}); err != nil {
-			e.log.Error("record not saved after install", "error", err)
-		}
-		e.drop(s, "activated (installed)")
-		return &otav1.ActivateResponse{RebootRequired: false, Target: m.Target, Slot: m.Slot}, nil
+		e.drop(s, "install failed")
+		return nil, err
 	}
+	s.medium = nil
+	upd.Outcome = journal.OutcomeCommitted
+	// A file update does not replace the record of an A/B update still in its cycle.
+	keepAB := st.Pending != "" || st.Trial
+	if err := e.updateRecord(func(r *journal.Record) {
+		setVer(r, m.Target, m.Slot, m.Version)
+		if !keepAB {
+			r.LastUpdate = upd
+		}
+	}); err != nil {
+		e.log.Error("record not saved after install", "error", err)
+	}
+	e.drop(s, "activated (installed)")
+	return &otav1.ActivateResponse{RebootRequired: false, Target: m.Target, Slot: m.Slot}, nil
+}
 
+// activateSlot makes the boot backend try s's slot at the next boot: the slot is synced,
+// the record names the update, then the bootloader switches (a failed switch restores the
+// record). The caller holds s.mu.
+func (e *Engine) activateSlot(ctx context.Context, s *session, upd *journal.Update) (*otav1.ActivateResponse, error) {
+	m := s.meta
 	if err := s.medium.Sync(); err != nil {
 		return nil, saveErr(fmt.Errorf("sync slot: %w", err), otav1.Reason_REASON_FILE_CLOSE_FAILED)
 	}

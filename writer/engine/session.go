@@ -112,7 +112,8 @@ func (s *session) journalRecord() *journal.Session {
 	return &js
 }
 
-// Begin implements server.Core.
+// Begin implements server.Core: it resumes the target's session when the request is the
+// same file of the same job, and otherwise begins a new one on the writable slot.
 func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
 	t, err := e.checkBegin(req)
 	if err != nil {
@@ -121,62 +122,12 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 	e.ctl.Lock()
 	defer e.ctl.Unlock()
 
-	e.mu.RLock()
-	s := e.byTarget[t.Name()]
-	e.mu.RUnlock()
-	if s != nil {
-		m := s.meta
-		if m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
-			bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
-			m.CertName == req.GetCertName() && m.Version == req.GetVersion() {
-			// What the last client wrote but did not see synced becomes durable now, so the
-			// resumed client does not fetch it again, unless its slot may no longer be written.
-			if err := s.lockIdle(ctx); err != nil {
-				return nil, err
-			}
-			if err := e.refuseFencedLocked(ctx, s, true); err != nil {
-				s.mu.Unlock()
-				return nil, err
-			}
-			if s.pendingBytes > 0 && s.writableLocked() == nil {
-				if err := e.syncLocked(s); err != nil {
-					s.mu.Unlock()
-					return nil, err
-				}
-			}
-			s.mu.Unlock()
-			if info := s.info(); info != nil {
-				e.log.Info("session resumed", "session", s.id, "job", m.JobID, "durable", info.DurableBlocks, "total", info.TotalBlocks)
-				return &otav1.BeginSessionResponse{Session: info, Resumed: true}, nil
-			}
-		} else {
-			return nil, status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "target %s is busy with job %s file %d: abort that session first", t.Name(), m.JobID, m.FileIndex).
-				WithMeta("job_id", m.JobID).WithMeta("session_id", s.id).WithMeta("file_index", fmt.Sprint(m.FileIndex)).WithMeta("target", t.Name())
-		}
+	if resp, err := e.resume(ctx, t, req); resp != nil || err != nil {
+		return resp, err
 	}
-
-	booted := ""
-	slot := target.FileSlot
-	if t.IsAB() {
-		st, err := e.bootState(ctx)
-		if err != nil {
-			return nil, err
-		}
-		// Writing the inactive slot during a trial or after a rollback that has not rebooted
-		// yet would overwrite the only known-good image; while an activation waits for its
-		// reboot it would overwrite the image about to be tried.
-		switch {
-		case st.Trial:
-			return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "slot %s is on trial: commit or reject it before a new update", st.Booted)
-		case st.Pending != "":
-			return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "slot %s is activated and waits for a reboot", st.Pending)
-		case st.Booted != st.Committed:
-			return nil, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "running slot %s is not the committed slot %s: reboot first", st.Booted, st.Committed)
-		}
-		booted = st.Booted
-		if slot, err = t.Inactive(booted); err != nil {
-			return nil, err
-		}
+	booted, slot, err := e.writableSlot(ctx, t)
+	if err != nil {
+		return nil, err
 	}
 	if err := e.checkVersion(t, booted, req.GetVersion()); err != nil {
 		return nil, err
@@ -184,14 +135,86 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 	if err := e.checkRoom(t, slot, req.GetFileSize()); err != nil {
 		return nil, err
 	}
+	return e.beginNew(t, req, booted, slot)
+}
 
+// resume answers a Begin for the file t's session is writing: what the last client wrote
+// but did not see synced becomes durable now, so the resumed client does not fetch it
+// again, unless its slot may no longer be written. Another job's session makes the target
+// busy. (nil, nil): no session to resume, begin a new one. The caller holds e.ctl.
+func (e *Engine) resume(ctx context.Context, t *target.Target, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
+	e.mu.RLock()
+	s := e.byTarget[t.Name()]
+	e.mu.RUnlock()
+	if s == nil {
+		return nil, nil
+	}
+	m := s.meta
+	if !(m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
+		bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
+		m.CertName == req.GetCertName() && m.Version == req.GetVersion()) {
+		return nil, status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "target %s is busy with job %s file %d: abort that session first", t.Name(), m.JobID, m.FileIndex).
+			WithMeta("job_id", m.JobID).WithMeta("session_id", s.id).WithMeta("file_index", fmt.Sprint(m.FileIndex)).WithMeta("target", t.Name())
+	}
+	if err := s.lockIdle(ctx); err != nil {
+		return nil, err
+	}
+	if err := e.refuseFencedLocked(ctx, s, true); err != nil {
+		s.mu.Unlock()
+		return nil, err
+	}
+	if s.pendingBytes > 0 && s.writableLocked() == nil {
+		if err := e.syncLocked(s); err != nil {
+			s.mu.Unlock()
+			return nil, err
+		}
+	}
+	s.mu.Unlock()
+	info := s.info()
+	if info == nil {
+		return nil, nil // dropped meanwhile
+	}
+	e.log.Info("session resumed", "session", s.id, "job", m.JobID, "durable", info.DurableBlocks, "total", info.TotalBlocks)
+	return &otav1.BeginSessionResponse{Session: info, Resumed: true}, nil
+}
+
+// writableSlot is the slot a new session of t writes, and the running slot ("" for a file
+// target). Writing the inactive slot during a trial or after a rollback that has not
+// rebooted yet would overwrite the only known-good image; while an activation waits for its
+// reboot it would overwrite the image about to be tried.
+func (e *Engine) writableSlot(ctx context.Context, t *target.Target) (booted, slot string, err error) {
+	if !t.IsAB() {
+		return "", target.FileSlot, nil
+	}
+	st, err := e.bootState(ctx)
+	if err != nil {
+		return "", "", err
+	}
+	switch {
+	case st.Trial:
+		return "", "", status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "slot %s is on trial: commit or reject it before a new update", st.Booted)
+	case st.Pending != "":
+		return "", "", status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "slot %s is activated and waits for a reboot", st.Pending)
+	case st.Booted != st.Committed:
+		return "", "", status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "running slot %s is not the committed slot %s: reboot first", st.Booted, st.Committed)
+	}
+	if slot, err = t.Inactive(st.Booted); err != nil {
+		return "", "", err
+	}
+	return st.Booted, slot, nil
+}
+
+// beginNew begins a new session of req on t's slot: the slot's recorded version is forgotten,
+// the medium opened fresh and the session journaled before it is known. The caller holds
+// e.ctl.
+func (e *Engine) beginNew(t *target.Target, req *otav1.BeginSessionRequest, booted, slot string) (*otav1.BeginSessionResponse, error) {
 	js := &journal.Session{
 		ID: newID(), JobID: req.GetJobId(), FileIndex: req.GetFileIndex(), Target: t.Name(), Slot: slot,
 		FileSize: req.GetFileSize(), BlockSize: req.GetBlockSize(), Signature: bytes.Clone(req.GetSignature()),
 		Algorithm: int32(req.GetSigAlgorithm()), CertName: req.GetCertName(), Version: req.GetVersion(),
 		State: int32(otav1.SessionState_SESSION_STATE_RECEIVING), Created: time.Now().UTC(),
 	}
-	s = newSession(js, t)
+	s := newSession(js, t)
 	if (s.total+7)/8 > maxBitmapBytes {
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "%d blocks of %d bytes: too many, use larger blocks", s.total, js.BlockSize)
 	}

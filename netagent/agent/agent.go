@@ -598,12 +598,11 @@ func (j *job) selfTest(ctx context.Context, doc *jobdoc.Document, lu *otav1.Upda
 	var reason otav1.Reason
 	switch {
 	case err != nil:
-		reason = status.ReasonOf(err)
-		if reason == otav1.Reason_REASON_WRITER_UNAVAILABLE || reason == otav1.Reason_REASON_OTHER {
+		// A self test that could not run (writer away, unknown failure) did not pass.
+		e := status.FromError(err)
+		reason = e.Reason
+		if e.Class() == status.ClassUnavailable || reason == otav1.Reason_REASON_OTHER {
 			reason = otav1.Reason_REASON_SELF_TEST_FAILED
-		}
-		if status.ReasonOf(err) == otav1.Reason_REASON_SELF_TEST_TIMEOUT {
-			reason = otav1.Reason_REASON_SELF_TEST_TIMEOUT
 		}
 	case !res.GetPassed():
 		reason = res.GetReason()

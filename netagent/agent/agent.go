@@ -155,12 +155,7 @@ func (a *Agent) Run(ctx context.Context) error {
 				a.reconcile(ctx, "", nil)
 			}
 		case ex := <-a.jobs.Next():
-			if cur != nil && ex == nil && !a.gone(ctx, cur.jobID) {
-				// "Nothing pending" can be stale: AWS does not order its answers and
-				// notifications, and a $next/get asked before this job existed can be
-				// answered after it started. Only the cloud's answer about the job itself
-				// ends it (or the job's own updates, which find it terminal).
-				a.log.Info("the cloud says nothing is pending, but the current job is open: stale answer ignored", "job_id", cur.jobID)
+			if cur != nil && a.stale(ctx, cur.jobID, ex) {
 				continue
 			}
 			if cur != nil && (ex == nil || ex.JobID != cur.jobID) {
@@ -181,6 +176,25 @@ func (a *Agent) Run(ctx context.Context) error {
 			}()
 		}
 	}
+}
+
+// stale tells whether a next-job answer that does not name the current job is out of date.
+// AWS does not order its answers and notifications: a $next/get asked before the current job
+// existed (or while an earlier job was still open, at a reconnection) can be answered after
+// the current job started. Only the cloud's answer about a job itself counts: "nothing
+// pending" stops the current job only when the job is gone; another job replaces it only
+// when that job is still open. Otherwise the job goes on (its own updates find it terminal
+// if it is).
+func (a *Agent) stale(ctx context.Context, current string, next *jobs.Execution) bool {
+	switch {
+	case next == nil && !a.gone(ctx, current):
+		a.log.Info("the cloud says nothing is pending, but the current job is open: stale answer ignored", "job_id", current)
+		return true
+	case next != nil && next.JobID != current && a.gone(ctx, next.JobID) && !a.gone(ctx, current):
+		a.log.Info("the cloud names a job that has ended as the next one: stale answer ignored", "job_id", current, "named", next.JobID)
+		return true
+	}
+	return false
 }
 
 // gone asks the cloud about jobID itself (DescribeJobExecution): true only when the job is

@@ -546,6 +546,40 @@ func TestStaleNothingPendingKeepsNewJob(t *testing.T) {
 	}
 }
 
+// The same race one job later: at a reconnection while job A runs, ota-net asks $next/get
+// and the cloud answers "A". That answer arrives only after A succeeded and job B started.
+// B is not replaced by a job that has ended: before the fix B was reported FAILED newer_job.
+func TestStaleNextNamingEndedJobKeepsJob(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	startDevice(t, e, w, agent.Config{})
+	imgA, imgB := newImage(t, 64*1024), newImage(t, 256*1024)
+	createJob(t, e, "job-a", []string{"MQTT"}, imgA, 1, nil)
+	e.SetFaults(e.StreamName("job-a"), emulator.Faults{Delay: 100 * time.Millisecond})
+	waitStatus(t, e, "job-a", jobs.StatusInProgress)
+	held, release := e.HoldNext()
+	defer release()
+	if !e.DisconnectClient(e.ThingName()) {
+		t.Fatal("device not connected")
+	}
+	select {
+	case <-held: // asked at the reconnection, answered "job-a", held back
+	case <-time.After(30 * time.Second):
+		t.Fatal("ota-net asked no $next/get after reconnecting")
+	}
+	if ex := waitStatus(t, e, "job-a", jobs.StatusSucceeded, jobs.StatusFailed); ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("job-a %+v", ex)
+	}
+	createJob(t, e, "job-b", []string{"MQTT"}, imgB, 1, nil)
+	e.SetFaults(e.StreamName("job-b"), emulator.Faults{Delay: 100 * time.Millisecond})
+	waitStatus(t, e, "job-b", jobs.StatusInProgress)
+	release()
+	ex := waitStatus(t, e, "job-b", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected, jobs.StatusCanceled)
+	if ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("job-b %s %v after a stale answer naming job-a, want SUCCEEDED (updates %v)", ex.Status, ex.StatusDetails, selfTests(e, "job-b"))
+	}
+}
+
 func TestUnknownTargetRejected(t *testing.T) {
 	e := startEmulator(t)
 	w := newWriter(t, "/bin/true")
@@ -555,6 +589,10 @@ func TestUnknownTargetRejected(t *testing.T) {
 	ex := waitStatus(t, e, "job-tgt", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected)
 	if ex.Status != jobs.StatusRejected || ex.StatusDetails["reason"] != "target_unknown" || ex.StatusDetails["error_code"] != "3003" {
 		t.Fatalf("job %+v", ex)
+	}
+	// The writer's refusal names what selected no target.
+	if ex.StatusDetails["file_type"] != "7" || ex.StatusDetails["file_path"] != "/nowhere" {
+		t.Errorf("statusDetails %v lack the writer's file_type and file_path", ex.StatusDetails)
 	}
 	// The agent moves on to the next job.
 	createJob(t, e, "job-next", []string{"MQTT"}, img, 1, nil)

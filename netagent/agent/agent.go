@@ -198,7 +198,8 @@ func (a *Agent) stale(ctx context.Context, current string, next *jobs.Execution)
 }
 
 // gone asks the cloud about jobID itself (DescribeJobExecution): true only when the job is
-// terminal or does not exist. A cloud that cannot answer leaves the job running.
+// terminal or does not exist. A job the cloud cannot answer about is taken as open, so a
+// running job goes on.
 func (a *Agent) gone(ctx context.Context, jobID string) bool {
 	ctx, cancel := context.WithTimeout(ctx, finalTimeout)
 	defer cancel()
@@ -208,7 +209,7 @@ func (a *Agent) gone(ctx context.Context, jobID string) bool {
 	case errors.As(err, &te), errors.Is(err, jobs.ErrNotFound):
 		return true
 	case err != nil:
-		a.log.Warn("cannot ask the cloud about the current job; it goes on", "job_id", jobID, "error", err)
+		a.log.Warn("cannot ask the cloud about a job; taken as open", "job_id", jobID, "error", err)
 		return false
 	}
 	return jobs.Terminal(ex.Status)

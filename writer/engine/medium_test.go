@@ -6,10 +6,12 @@ import (
 	"fmt"
 	"os"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
 	"github.com/gwota/gwota/writer/server"
@@ -328,4 +330,36 @@ func TestReverifyAfterRestart(t *testing.T) {
 	if st := must[any](t)(r.boot.State(ctx)); fmt.Sprint(st) != "{a a  false false 0}" {
 		t.Fatalf("boot state changed: %v", st)
 	}
+}
+
+// TestReadBackFailureKeepsSession: a read-back that fails is of class retryable: the session
+// stays open with every block durable, and FinishSession repeated verifies the image, which
+// is then activated. A refused signature (class fatal) drops the session instead.
+func TestReadBackFailureKeepsSession(t *testing.T) {
+	const bs = 4096
+	var fail atomic.Bool
+	r := newFaultRig(t, func(m *targettest.Medium) {
+		m.SyncErr = func(int) error {
+			if fail.CompareAndSwap(true, false) {
+				return syscall.EIO
+			}
+			return nil
+		}
+	})
+	img := newImage(t, 12*bs+5)
+	s := must[*otav1.BeginSessionResponse](t)(r.begin(img, 0, nil)).Session
+	writeAll(t, r.rig, s.SessionId, img, bs)
+	must[server.WriteResult](t)(r.e.Write(ctx, s.SessionId, nil, true))
+	fail.Store(true)
+	_, err := r.e.Finish(ctx, s.SessionId)
+	wantReason(t, err, otav1.Reason_REASON_FILE_CLOSE_FAILED)
+	if !status.IsClass(err, status.ClassRetryable) {
+		t.Fatalf("read-back failure %v is not retryable", err)
+	}
+	st := must[*otav1.DeviceState](t)(r.e.State(ctx))
+	if len(st.Sessions) != 1 || st.Sessions[0].DurableBlocks != st.Sessions[0].TotalBlocks {
+		t.Fatalf("sessions after a failed read-back: %v", st.Sessions)
+	}
+	must[*otav1.FinishSessionResponse](t)(r.e.Finish(ctx, s.SessionId))
+	must[*otav1.ActivateResponse](t)(r.e.Activate(ctx, s.SessionId))
 }

@@ -50,7 +50,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 		uids = append(uids, uint32(u))
 	}
 	log.Info("allowed peers", "uids", uids, "users", cfg.PeerUsers)
-	srv := server.New(eng, server.Options{AllowedUIDs: uids, Log: log})
+	srv := server.New(eng, server.Options{AllowedUIDs: uids, MaxBlockSize: eng.MaxBlockSize(), Log: log})
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	// Ready once the engine is up and the socket accepts: systemd (Type=notify) holds the

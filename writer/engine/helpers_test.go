@@ -18,10 +18,7 @@ import (
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
-	"github.com/gwota/gwota/writer/server"
 )
-
-var _ server.Core = (*Engine)(nil)
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 

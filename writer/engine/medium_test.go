@@ -10,9 +10,9 @@ import (
 	"testing"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
-	"github.com/gwota/gwota/writer/server"
 	"github.com/gwota/gwota/writer/target"
 	"github.com/gwota/gwota/writer/target/targettest"
 )
@@ -297,7 +297,7 @@ func TestMediumFaults(t *testing.T) {
 						again = append(again, blocks(img.data, bs, k, k+1)...)
 					}
 				}
-				must[server.WriteResult](t)(r.e.Write(ctx, s.SessionId, again, true))
+				must[api.WriteResult](t)(r.e.Write(ctx, s.SessionId, again, true))
 			}
 			_, err = r.e.Finish(ctx, s.SessionId)
 			if tc.finishErr == otav1.Reason_REASON_UNSPECIFIED {

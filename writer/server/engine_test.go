@@ -17,11 +17,12 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
-	"github.com/gwota/gwota/writer/server"
-
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
+	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // BenchmarkBlockPathEngine is BenchmarkBlockPath with the real engine behind the socket:
@@ -81,7 +82,7 @@ max_block_size = %d
 [[target]]
 name = "mem"
 kind = "ab"
-file_paths = ["mem"]
+file_paths = ["/fw"]
 slots = [%q, %q]
 `, filepath.Join(dir, "state"), pub, maxBlock, filepath.Join(dir, "slot_a"), filepath.Join(dir, "slot_b")))
 	if err != nil {
@@ -104,14 +105,14 @@ slots = [%q, %q]
 // limit; BeginSession and GetState must still reach the client.
 func TestLargeBitmapOverSocket(t *testing.T) {
 	r := start(t, newBenchEngine(t, 4096), server.Options{}, server.ListenConfig{})
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	const size, bs = 64 << 20, 256
-	res, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "big", FilePath: "mem", FileSize: size, BlockSize: bs,
+	res, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "big", FilePath: writertest.Target, FileSize: size, BlockSize: bs,
 		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig, CertName: certName})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, limit := len(res.GetSession().GetMissing()), server.MaxMessageSize(4096); got != size/bs/8 || got <= limit {
+	if got, limit := len(res.GetSession().GetMissing()), api.MaxMessageSize(4096); got != size/bs/8 || got <= limit {
 		t.Fatalf("bitmap of %d bytes, want %d (above the %d-byte request limit)", got, size/bs/8, limit)
 	}
 	st, err := c.State(t.Context())
@@ -128,7 +129,7 @@ func TestLargeBitmapOverSocket(t *testing.T) {
 func TestEngineSessionOverStream(t *testing.T) {
 	eng, key, dir := newEngineWithKey(t, 4096)
 	r := start(t, eng, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	ctx := t.Context()
 	img := randBytes(t, 75*4096+321)
 	sum := sha256.Sum256(img)
@@ -136,7 +137,7 @@ func TestEngineSessionOverStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "happy", FilePath: "mem", FileSize: uint64(len(img)), BlockSize: 4096,
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "happy", FilePath: writertest.Target, FileSize: uint64(len(img)), BlockSize: 4096,
 		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig, CertName: certName})
 	if err != nil {
 		t.Fatal(err)

@@ -15,6 +15,7 @@ import (
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/client"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // wireCalls drives the real engine through the gRPC server on a Unix socket and notes each
@@ -41,7 +42,7 @@ func (w *wireCalls) note(call string, err error) {
 }
 
 func (w *wireCalls) begin(job string) {
-	res, err := w.c.Begin(w.t.Context(), &otav1.BeginSessionRequest{JobId: job, FilePath: "mem", FileSize: uint64(len(w.img)), BlockSize: wireBlock,
+	res, err := w.c.Begin(w.t.Context(), &otav1.BeginSessionRequest{JobId: job, FilePath: writertest.Target, FileSize: uint64(len(w.img)), BlockSize: wireBlock,
 		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: w.sig, CertName: certName})
 	if err == nil {
 		w.id = res.GetSession().GetSessionId()
@@ -127,7 +128,7 @@ func TestNoWriteIntoPendingSlotOverSocket(t *testing.T) {
 			if w.sig, err = ecdsa.SignASN1(rand.Reader, r.key, sum[:]); err != nil {
 				t.Fatal(err)
 			}
-			w.c = dial(t, start(t, r.e, server.Options{}, server.ListenConfig{}).sock)
+			w.c = dial(t, start(t, r.e, server.Options{}, server.ListenConfig{}).Sock)
 			tc.run(w)
 			if d := cmp.Diff(tc.want, w.got); d != "" {
 				t.Fatalf("calls (-want +got):\n%s", d)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"fmt"
 	"os"
@@ -16,7 +15,6 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
-	"github.com/gwota/gwota/writer/client"
 )
 
 // binary is ota-writer built once for the process tests.
@@ -185,24 +183,6 @@ func (p *writerProc) kill9() {
 	p.cmd.Process.Signal(syscall.SIGKILL)
 	err := <-p.done
 	p.done <- err
-}
-
-func dialWriter(t *testing.T, sock string) *client.Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, sock, client.Options{Name: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := c.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Handshake(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 // runCLI runs ota-writer with args and returns stdout, stderr and the exit status.

@@ -38,6 +38,7 @@ import (
 	"github.com/gwota/gwota/writer/ext"
 	"github.com/gwota/gwota/writer/selftest"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 func TestMain(m *testing.M) {
@@ -137,9 +138,8 @@ type writerRig struct {
 	appPath string
 	reboots chan struct{}
 
-	eng  *engine.Engine
-	srv  *server.Server
-	done chan error
+	eng *engine.Engine
+	srv *writertest.Server
 }
 
 const slotSize = 4 << 20
@@ -154,12 +154,7 @@ func newWriterExt(t *testing.T, check string, extLines []string, topLevel ...str
 	t.Helper()
 	keys := signer(t)
 	dir := t.TempDir()
-	sdir, err := os.MkdirTemp("/tmp", "ag")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sdir) })
-	w := &writerRig{t: t, dir: dir, sock: filepath.Join(sdir, "w.sock"), reboots: make(chan struct{}, 10)}
+	w := &writerRig{t: t, dir: dir, reboots: make(chan struct{}, 10)}
 	w.slots = [2]string{filepath.Join(dir, "slot-a.img"), filepath.Join(dir, "slot-b.img")}
 	for _, p := range w.slots {
 		if err := os.WriteFile(p, bytes.Repeat([]byte{0xEE}, slotSize), 0o600); err != nil {
@@ -229,22 +224,23 @@ func (w *writerRig) start(bootNow bool) {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	ln, err := server.Listen(w.sock, server.ListenConfig{})
-	if err != nil {
-		w.t.Fatal(err)
-	}
-	w.eng, w.srv, w.done = eng, server.New(eng, server.Options{}), make(chan error, 1)
-	go func(srv *server.Server, done chan error) { done <- srv.Serve(ln) }(w.srv, w.done)
-}
-
-func (w *writerRig) stop() {
+	w.eng = eng
 	if w.srv == nil {
+		w.srv = writertest.Serve(w.t, eng, server.Options{Log: hclog.NewNullLogger()}, server.ListenConfig{})
+		w.sock = w.srv.Sock
 		return
 	}
-	w.srv.Stop()
-	<-w.done
+	w.srv.Restart(eng)
+}
+
+// stop kills the writer: connections cut, the engine closed.
+func (w *writerRig) stop() {
+	if w.eng == nil {
+		return
+	}
+	w.srv.Kill()
 	_ = w.eng.Close()
-	w.srv = nil
+	w.eng = nil
 }
 
 // device is one ota-net: MQTT connection, jobs client, downloaders, writer link, agent.

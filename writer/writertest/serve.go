@@ -93,6 +93,14 @@ func (s *Server) Start() {
 	s.mu.Unlock()
 }
 
+// Restart serves impl instead, on the same socket: Kill, then Start (a writer process
+// restarted with its engine opened again).
+func (s *Server) Restart(impl api.Writer) {
+	s.Kill()
+	s.impl = impl
+	s.Start()
+}
+
 // Kill stops serving at once: connections are cut, nothing graceful.
 func (s *Server) Kill() {
 	s.mu.Lock()

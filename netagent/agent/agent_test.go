@@ -226,7 +226,7 @@ func (w *writerRig) start(bootNow bool) {
 	}
 	w.eng = eng
 	if w.srv == nil {
-		w.srv = writertest.Serve(w.t, eng, server.Options{Log: hclog.NewNullLogger()}, server.ListenConfig{})
+		w.srv = writertest.Serve(w.t, eng, server.Options{}, server.ListenConfig{}, hclog.NewNullLogger())
 		w.sock = w.srv.Sock
 		return
 	}

@@ -76,7 +76,7 @@ func randImage(n int) []byte {
 
 func TestSinkDurable(t *testing.T) {
 	core := newFake()
-	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{})
+	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
 	l := dial(t, w)
 	ctx := context.Background()
 	img := randImage(100*1024 + 5)
@@ -123,7 +123,7 @@ func TestSinkDurable(t *testing.T) {
 
 func TestTypedErrors(t *testing.T) {
 	core := newFake()
-	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{})
+	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
 	l := dial(t, w)
 	ctx := context.Background()
 	_, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: "/nope", FileSize: 10, BlockSize: 4096})
@@ -182,7 +182,7 @@ func TestStreamDownloadSurvivesWriterRestart(t *testing.T) {
 
 	core := newFake()
 	core.SyncEvery = 1 // every message durable: 64 blocks of 4 KiB per message
-	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{})
+	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
 	l := dial(t, w)
 	const bs = 4096
 	s, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "job1", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})

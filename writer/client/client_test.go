@@ -24,7 +24,7 @@ func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 // serve is a fake writer with one session "s-j" of a 1 MiB image in 4 KiB blocks.
 func serve(t *testing.T) *client.Client {
 	fake := writertest.NewFake(4096)
-	c := writertest.Dial(t, writertest.Serve(t, fake, server.Options{}, server.ListenConfig{}).Sock)
+	c := writertest.Dial(t, writertest.Serve(t, fake, server.Options{}, server.ListenConfig{}, nil).Sock)
 	if _, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: 1 << 20, BlockSize: 4096}); err != nil {
 		t.Fatal(err)
 	}

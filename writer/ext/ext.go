@@ -104,6 +104,7 @@ func New(cfg Config, log hclog.Logger) *Collector {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
+	log = log.Named("ext")
 	if cfg.SysRoot == "" {
 		cfg.SysRoot = "/sys"
 	}

@@ -52,6 +52,7 @@ func New(checks []Check, overall time.Duration, log hclog.Logger) *Runner {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
+	log = log.Named("selftest")
 	cs := make([]Check, len(checks))
 	for i, c := range checks {
 		if c.Name == "" {

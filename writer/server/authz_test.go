@@ -205,7 +205,7 @@ func TestAuthorization(t *testing.T) {
 		t.Run(tt.name, func(t *testing.T) {
 			logs := &lockedBuffer{}
 			log := hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Warn, Output: io.MultiWriter(logs, writertest.LogWriter(t))})
-			r := start(t, writertest.NewFake(4096), server.Options{AllowedUIDs: tt.allowed, Log: log}, server.ListenConfig{Mode: 0o666})
+			r := writertest.Serve(t, writertest.NewFake(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666}, log)
 			os.Chmod(filepath.Dir(r.Sock), 0o755)
 			cases := authzCases(t, r.Server())
 			w := tt.want(cases)

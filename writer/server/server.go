@@ -31,7 +31,6 @@ type Options struct {
 	// MaxBlockSize is the writer's largest block (the engine's max_block_size): it sizes the
 	// receive limit (api.MaxMessageSize). 0: api.DefaultMaxMessageSize.
 	MaxBlockSize uint32
-	Log          hclog.Logger
 }
 
 // Server serves an api.Writer over gRPC.
@@ -48,9 +47,9 @@ type Server struct {
 var recvPool = mem.NewTieredBufferPool(api.BufferTiers()...)
 
 // New builds a server for impl, the writer (writer/engine). Call Serve with a listener
-// (Listen, or one passed by systemd).
-func New(impl api.Writer, opts Options) *Server {
-	log := opts.Log
+// (Listen, or one passed by systemd). log is the process's logger (nil: none); the server logs
+// under its own name.
+func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}

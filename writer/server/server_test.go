@@ -64,7 +64,7 @@ func helperClient(sock string) int {
 
 func start(t testing.TB, impl api.Writer, opts server.Options, lc server.ListenConfig) *writertest.Server {
 	t.Helper()
-	return writertest.Serve(t, impl, opts, lc)
+	return writertest.Serve(t, impl, opts, lc, nil)
 }
 
 func dial(t testing.TB, sock string) *client.Client {
@@ -356,7 +356,7 @@ func TestPeerUID(t *testing.T) {
 		{"not allowed, no check at accept", nil, server.ServeWithoutConnCheck, "reason=permission_denied/3002 code=PermissionDenied"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			r := writertest.ServeWith(t, writertest.NewFake(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666}, tt.serve)
+			r := writertest.ServeWith(t, writertest.NewFake(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666}, nil, tt.serve)
 			os.Chmod(filepath.Dir(r.Sock), 0o755)
 			cmd := exec.Command(bin, "-test.run=^$")
 			cmd.Env = append(os.Environ(), helperEnv+"="+r.Sock)
@@ -397,7 +397,7 @@ func TestWaitReadyWaitsForStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := server.New(writertest.NewFake(4096), server.Options{})
+	srv := server.New(writertest.NewFake(4096), server.Options{}, nil)
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
 	if err := <-ready; err != nil {

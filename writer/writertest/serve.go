@@ -28,6 +28,7 @@ type Server struct {
 	impl  api.Writer
 	opts  server.Options
 	lc    server.ListenConfig
+	log   hclog.Logger
 	serve func(*server.Server, net.Listener) error
 
 	mu   sync.Mutex
@@ -36,22 +37,22 @@ type Server struct {
 }
 
 // Serve serves impl on a new socket. opts.MaxBlockSize defaults to impl's MaxBlockSize (the
-// Fake's, the engine's configured one) and opts.Log to a logger into the test's log.
-func Serve(t testing.TB, impl api.Writer, opts server.Options, lc server.ListenConfig) *Server {
+// Fake's, the engine's configured one); log nil is the test's log at Warn.
+func Serve(t testing.TB, impl api.Writer, opts server.Options, lc server.ListenConfig, log hclog.Logger) *Server {
 	t.Helper()
-	return ServeWith(t, impl, opts, lc, (*server.Server).Serve)
+	return ServeWith(t, impl, opts, lc, log, (*server.Server).Serve)
 }
 
 // ServeWith is Serve with the function that serves the listener (tests of Serve's variants).
-func ServeWith(t testing.TB, impl api.Writer, opts server.Options, lc server.ListenConfig, serve func(*server.Server, net.Listener) error) *Server {
+func ServeWith(t testing.TB, impl api.Writer, opts server.Options, lc server.ListenConfig, log hclog.Logger, serve func(*server.Server, net.Listener) error) *Server {
 	t.Helper()
 	if m, ok := impl.(interface{ MaxBlockSize() uint32 }); ok && opts.MaxBlockSize == 0 {
 		opts.MaxBlockSize = m.MaxBlockSize()
 	}
-	if opts.Log == nil {
-		opts.Log = Logger(t, hclog.Warn)
+	if log == nil {
+		log = Logger(t, hclog.Warn)
 	}
-	s := &Server{Sock: filepath.Join(ShortDir(t), "w.sock"), t: t, impl: impl, opts: opts, lc: lc, serve: serve}
+	s := &Server{Sock: filepath.Join(ShortDir(t), "w.sock"), t: t, impl: impl, opts: opts, lc: lc, log: log, serve: serve}
 	s.Start()
 	t.Cleanup(func() {
 		s.mu.Lock()
@@ -85,7 +86,7 @@ func (s *Server) Start() {
 	if err != nil {
 		s.t.Fatal(err)
 	}
-	srv := server.New(s.impl, s.opts)
+	srv := server.New(s.impl, s.opts, s.log)
 	done := make(chan error, 1)
 	go func() { done <- s.serve(srv, ln) }()
 	s.mu.Lock()

@@ -82,7 +82,8 @@ func NewFile(path string, bootLimit int, log hclog.Logger) (*File, error) {
 	if bootLimit < 1 {
 		return nil, controlErr("boot file %s: boot limit %d, want >= 1", path, bootLimit)
 	}
-	f := &File{path: path, limit: bootLimit, log: named(log)}
+	log = named(log)
+	f := &File{path: path, limit: bootLimit, log: log}
 	b, err := os.ReadFile(path)
 	switch {
 	case errors.Is(err, fs.ErrNotExist):

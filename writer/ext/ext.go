@@ -46,7 +46,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gwota/gwota/status"
-	"github.com/gwota/gwota/writer/ext/proc"
+	"github.com/gwota/gwota/writer/internal/proc"
 )
 
 // Stable keys of the built-in sources.

@@ -15,10 +15,9 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
-	"github.com/gwota/gwota/status"
-	"github.com/gwota/gwota/writer/ext/proc"
-
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/internal/proc"
 )
 
 // DefaultCheckTimeout applies to a check configured without a timeout.

@@ -32,6 +32,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
@@ -86,20 +87,17 @@ func signer(t *testing.T) string {
 		if keysErr != nil {
 			return
 		}
-		for _, args := range [][]string{
-			{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", filepath.Join(keysDir, "ec.key")},
-			{"req", "-new", "-x509", "-key", filepath.Join(keysDir, "ec.key"), "-subj", "/CN=ota-signer", "-days", "30", "-out", filepath.Join(keysDir, "signer.crt.pem")},
-		} {
-			if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
-				keysErr = &os.PathError{Op: "openssl " + strings.Join(args, " "), Path: string(out), Err: err}
-				return
-			}
-		}
+		keysErr = opensslAt(keysDir).Make()
 	})
 	if keysErr != nil {
 		t.Fatal(keysErr)
 	}
 	return keysDir
+}
+
+// opensslAt is the signer's files in dir: ec.key, and signer.crt.pem with CN "ota-signer".
+func opensslAt(dir string) sign.OpenSSL {
+	return sign.OpenSSL{Key: filepath.Join(dir, "ec.key"), Cert: filepath.Join(dir, "signer.crt.pem"), CN: "ota-signer"}
 }
 
 type image struct {
@@ -116,11 +114,7 @@ func newImage(t *testing.T, size int) image {
 	if err := os.WriteFile(p, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("openssl", "dgst", "-sha256", "-sign", filepath.Join(signer(t), "ec.key"), "-out", p+".sig", p).CombinedOutput()
-	if err != nil {
-		t.Fatalf("openssl sign: %v: %s", err, out)
-	}
-	sig, err := os.ReadFile(p + ".sig")
+	sig, err := opensslAt(signer(t)).SignFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}

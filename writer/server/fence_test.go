@@ -2,9 +2,6 @@ package server_test
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/rand"
-	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"testing"
@@ -123,9 +120,8 @@ func TestNoWriteIntoPendingSlotOverSocket(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newEngineRig(t, 4096)
 			w := &wireCalls{t: t, r: r, img: randBytes(t, 8*wireBlock+100)}
-			sum := sha256.Sum256(w.img)
 			var err error
-			if w.sig, err = ecdsa.SignASN1(rand.Reader, r.key, sum[:]); err != nil {
+			if w.sig, err = r.id.Sign(w.img); err != nil {
 				t.Fatal(err)
 			}
 			w.c = dial(t, start(t, r.e, server.Options{}, server.ListenConfig{}).Sock)

@@ -44,7 +44,8 @@ import (
 const authzEnv = "OTA_SERVER_TEST_AUTHZ_SOCKET"
 
 // authzRow is a request every served RPC gets in the authorization test, and the code the
-// in-memory core answers an allowed caller with (which proves the call reached the handler).
+// fake writer (writertest) answers an allowed caller with (which proves the call reached the
+// handler).
 type authzRow struct {
 	req     proto.Message
 	allowed codes.Code

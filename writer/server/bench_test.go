@@ -12,7 +12,7 @@ import (
 
 // BenchmarkBlockPath compares the two block paths of the contract over a real Unix socket:
 // the WriteBlocks stream and the WriteBatch unary call, one block per message and batched to
-// 128 KiB per message. The core discards blocks, so this is the transport's figure only
+// 128 KiB per message. The fake writer discards blocks, so this is the transport's figure only
 // (the engine's own benchmarks add the medium). One op = one block.
 //
 //	go test -run '^$' -bench BlockPath -benchtime 2s ./writer/server/

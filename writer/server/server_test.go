@@ -221,9 +221,9 @@ func TestTypedErrors(t *testing.T) {
 		}, otav1.Reason_REASON_BAD_FILE_HANDLE, codes.NotFound},
 		{"commit outside trial", func() error { _, err := c.Commit(ctx, ""); return err },
 			otav1.Reason_REASON_BAD_IMAGE_STATE, codes.FailedPrecondition},
-		{"untyped core error", func() error { _, err := c.Activate(ctx, id); return err },
+		{"untyped writer error", func() error { _, err := c.Activate(ctx, id); return err },
 			otav1.Reason_REASON_OTHER, codes.Internal},
-		{"panic in core", func() error { _, err := c.Extensions(ctx); return err },
+		{"panic in the writer", func() error { _, err := c.Extensions(ctx); return err },
 			otav1.Reason_REASON_OTHER, codes.Internal},
 		{"stream: block out of range", func() error {
 			return streamErr(&otav1.WriteBlocksRequest{SessionId: id, Seq: 1, Blocks: []*otav1.Block{{Offset: 1 << 20}}})

@@ -51,9 +51,7 @@ func TestMain(m *testing.M) {
 		opts = append(opts, goleak.IgnoreTopFunction(f))
 	}
 	code := m.Run()
-	if keysDir != "" {
-		os.RemoveAll(keysDir)
-	}
+	sign.RemoveShared()
 	if code == 0 {
 		if err := goleak.Find(opts...); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
@@ -70,35 +68,22 @@ func logger(t *testing.T, name string) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Name: t.Name() + "." + name, Level: hclog.Debug})
 }
 
-var (
-	keysOnce sync.Once
-	keysDir  string
-	keysErr  error
-)
-
-// signer makes an ECDSA P-256 key and certificate with openssl, as a fleet operator does.
-func signer(t *testing.T) string {
+// opensslSigner is an ECDSA P-256 key and certificate made with openssl, as a fleet operator
+// does, once per test binary (sign.SharedOpenSSL: ec.key, signer.crt.pem).
+func opensslSigner(t *testing.T) sign.OpenSSL {
 	t.Helper()
 	if _, err := exec.LookPath("openssl"); err != nil {
 		t.Skip("openssl not installed")
 	}
-	keysOnce.Do(func() {
-		keysDir, keysErr = os.MkdirTemp("", "agent-keys")
-		if keysErr != nil {
-			return
-		}
-		keysErr = opensslAt(keysDir).Make()
-	})
-	if keysErr != nil {
-		t.Fatal(keysErr)
+	o, err := sign.SharedOpenSSL()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return keysDir
+	return o
 }
 
-// opensslAt is the signer's files in dir: ec.key, and signer.crt.pem with CN "ota-signer".
-func opensslAt(dir string) sign.OpenSSL {
-	return sign.OpenSSL{Key: filepath.Join(dir, "ec.key"), Cert: filepath.Join(dir, "signer.crt.pem"), CN: "ota-signer"}
-}
+// signer is the directory of the signer's files.
+func signer(t *testing.T) string { return filepath.Dir(opensslSigner(t).Key) }
 
 type image struct {
 	path string
@@ -114,7 +99,7 @@ func newImage(t *testing.T, size int) image {
 	if err := os.WriteFile(p, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	sig, err := opensslAt(signer(t)).SignFile(p)
+	sig, err := opensslSigner(t).SignFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}

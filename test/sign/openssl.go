@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"strings"
+	"sync"
 )
 
 // OpenSSL makes a signing identity and signatures with the openssl command line, as a fleet
@@ -51,4 +53,33 @@ func openssl(args ...string) error {
 		return fmt.Errorf("openssl %s: %w: %s", strings.Join(args, " "), err, out)
 	}
 	return nil
+}
+
+var shared struct {
+	once sync.Once
+	o    OpenSSL
+	err  error
+}
+
+// SharedOpenSSL is one openssl identity per test process, made on first use in a temporary
+// directory: ec.key, and signer.crt.pem with common name "ota-signer". Every writer of a
+// test binary can trust it, and openssl runs once.
+func SharedOpenSSL() (OpenSSL, error) {
+	shared.once.Do(func() {
+		dir, err := os.MkdirTemp("", "openssl-signer")
+		if err != nil {
+			shared.err = err
+			return
+		}
+		shared.o = OpenSSL{Key: filepath.Join(dir, "ec.key"), Cert: filepath.Join(dir, "signer.crt.pem"), CN: "ota-signer"}
+		shared.err = shared.o.Make()
+	})
+	return shared.o, shared.err
+}
+
+// RemoveShared removes SharedOpenSSL's directory, if it was made (at the end of TestMain).
+func RemoveShared() {
+	if shared.o.Key != "" {
+		os.RemoveAll(filepath.Dir(shared.o.Key))
+	}
 }

@@ -23,34 +23,18 @@ import (
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-var (
-	keysOnce sync.Once
-	keysDir  string
-	keysErr  error
-)
-
 // opensslSigner is the key the tests' writers trust, made by the openssl command line once
-// per test binary: ec.key, and signer.crt.pem with CN "ota-signer".
+// per test binary (sign.SharedOpenSSL: ec.key, and signer.crt.pem with CN "ota-signer").
 func opensslSigner(t testing.TB) sign.OpenSSL {
 	t.Helper()
 	if _, err := exec.LookPath("openssl"); err != nil {
 		t.Skip("openssl not installed")
 	}
-	keysOnce.Do(func() {
-		keysDir, keysErr = os.MkdirTemp("", "engine-keys")
-		if keysErr != nil {
-			return
-		}
-		keysErr = opensslAt(keysDir).Make()
-	})
-	if keysErr != nil {
-		t.Fatal(keysErr)
+	o, err := sign.SharedOpenSSL()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return opensslAt(keysDir)
-}
-
-func opensslAt(dir string) sign.OpenSSL {
-	return sign.OpenSSL{Key: filepath.Join(dir, "ec.key"), Cert: filepath.Join(dir, "signer.crt.pem"), CN: "ota-signer"}
+	return o
 }
 
 // signer returns the directory of the trusted key and certificate.

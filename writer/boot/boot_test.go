@@ -15,10 +15,9 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
 
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/test/tinyfs"
-
-	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }

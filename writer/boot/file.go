@@ -12,9 +12,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
-	"github.com/gwota/gwota/status"
-
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 )
 
 // File is a boot backend that keeps the boot state in a JSON file and simulates the

@@ -148,23 +148,31 @@ func TestWaitReadyTellsRefusalFromSilence(t *testing.T) {
 	}
 }
 
-// Write is the api.Writer form of WriteBatch: Synced only when the writer synced.
+// Write is the api.Writer form of WriteBatch: Synced when the writer synced, asked or by its
+// own policy (here every third write), with its block counts.
 func TestWrite(t *testing.T) {
-	c := serve(t)
-	for _, tc := range []struct {
-		off  uint64
+	fake := writertest.NewFake(4096)
+	fake.SyncEvery = 3
+	c := writertest.Dial(t, writertest.Serve(t, fake, server.Options{}, server.ListenConfig{}, nil).Sock)
+	if _, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: 1 << 20, BlockSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	for i, tc := range []struct {
 		sync bool
 		want api.WriteResult
 	}{
-		{0, false, api.WriteResult{Synced: false, Durable: 0, Received: 1, Total: 256}},
-		{4096, true, api.WriteResult{Synced: true, Durable: 2, Received: 2, Total: 256}},
+		{false, api.WriteResult{Synced: false, Durable: 0, Received: 1, Total: 256}},
+		{true, api.WriteResult{Synced: true, Durable: 2, Received: 2, Total: 256}},
+		{false, api.WriteResult{Synced: false, Durable: 2, Received: 3, Total: 256}},
+		{false, api.WriteResult{Synced: false, Durable: 2, Received: 4, Total: 256}},
+		{false, api.WriteResult{Synced: true, Durable: 5, Received: 5, Total: 256}}, // the writer's own sync
 	} {
-		got, err := c.Write(t.Context(), session, []*otav1.Block{{Offset: tc.off, Data: block}}, tc.sync)
+		got, err := c.Write(t.Context(), session, []*otav1.Block{{Offset: uint64(i) * 4096, Data: block}}, tc.sync)
 		if err != nil {
 			t.Fatal(err)
 		}
 		if diff := cmp.Diff(tc.want, got); diff != "" {
-			t.Errorf("write at %d, sync %v (-want +got):\n%s", tc.off, tc.sync, diff)
+			t.Errorf("write %d, sync %v (-want +got):\n%s", i, tc.sync, diff)
 		}
 	}
 	if _, err := c.Write(t.Context(), session, []*otav1.Block{{Offset: 2 << 20, Data: block}}, true); status.ReasonOf(err) != otav1.Reason_REASON_BLOCK_OUT_OF_RANGE {

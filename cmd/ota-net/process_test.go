@@ -17,6 +17,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/client"
 )
 
@@ -113,13 +114,9 @@ func (p *proc) term(t *testing.T) error {
 
 func signedImage(t *testing.T, dir string, size int) (string, []byte) {
 	t.Helper()
-	for _, args := range [][]string{
-		{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", filepath.Join(dir, "ec.key")},
-		{"req", "-new", "-x509", "-key", filepath.Join(dir, "ec.key"), "-subj", "/CN=ota-signer", "-days", "30", "-out", filepath.Join(dir, "signer.crt.pem")},
-	} {
-		if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
-			t.Fatalf("openssl: %v\n%s", err, out)
-		}
+	o := sign.OpenSSL{Key: filepath.Join(dir, "ec.key"), Cert: filepath.Join(dir, "signer.crt.pem"), CN: "ota-signer"}
+	if err := o.Make(); err != nil {
+		t.Fatal(err)
 	}
 	data := make([]byte, size)
 	_, _ = rand.Read(data)
@@ -127,10 +124,7 @@ func signedImage(t *testing.T, dir string, size int) (string, []byte) {
 	if err := os.WriteFile(img, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if out, err := exec.Command("openssl", "dgst", "-sha256", "-sign", filepath.Join(dir, "ec.key"), "-out", img+".sig", img).CombinedOutput(); err != nil {
-		t.Fatalf("openssl sign: %v\n%s", err, out)
-	}
-	sig, err := os.ReadFile(img + ".sig")
+	sig, err := o.SignFile(img)
 	if err != nil {
 		t.Fatal(err)
 	}

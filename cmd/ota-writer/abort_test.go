@@ -11,6 +11,7 @@ import (
 	"github.com/google/go-cmp/cmp/cmpopts"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // statusSessions runs `ota-writer status --json` with args and returns its session summaries.
@@ -35,7 +36,7 @@ func startSession(t *testing.T, b *bench, n int) *otav1.SessionInfo {
 	t.Helper()
 	imgPath, sig := b.image(t, "img", 20*testMaxBlock)
 	img, _ := os.ReadFile(imgPath)
-	c := dialWriter(t, b.sock)
+	c := writertest.Dial(t, b.sock)
 	resp, err := c.Begin(t.Context(), beginReq(len(img), sig))
 	if err != nil {
 		t.Fatal(err)
@@ -78,7 +79,7 @@ func TestStatusAndAbortStuckSession(t *testing.T) {
 	}
 
 	// The target is busy for any other job.
-	c := dialWriter(t, b.sock)
+	c := writertest.Dial(t, b.sock)
 	_, sig2 := b.image(t, "img2", 1000)
 	other := beginReq(1000, sig2)
 	other.JobId = "job-2"

@@ -25,7 +25,7 @@ const bootStateFile = "boot-state.json"
 // backend simulate the bootloader's power-on (flash, status, accept and reject must not
 // count as a boot).
 func newEngine(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bool) (*engine.Engine, error) {
-	b, err := newBoot(ctx, cfg, log.Named("boot"), serve)
+	b, err := newBoot(ctx, cfg, log, serve)
 	if err != nil {
 		return nil, err
 	}
@@ -35,8 +35,8 @@ func newEngine(ctx context.Context, cfg *config.Config, log hclog.Logger, serve 
 	}
 	deps := engine.Deps{
 		Boot:       b,
-		Extensions: ext.New(ext.Config{Static: cfg.StaticExtensions(), Commands: cmds, StateDir: cfg.StateDir}, log.Named("ext")),
-		SelfTest:   newSelfTest(cfg, log.Named("selftest")),
+		Extensions: ext.New(ext.Config{Static: cfg.StaticExtensions(), Commands: cmds, StateDir: cfg.StateDir}, log),
+		SelfTest:   newSelfTest(cfg, log),
 	}
 	return engine.New(ctx, cfg, deps, log)
 }
@@ -68,9 +68,9 @@ func newBoot(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bo
 		}
 		return f, nil
 	case config.BootUBoot:
-		return boot.NewUBoot(boot.UBootOptions{Scheme: scheme, PrintEnv: cfg.Boot.FwPrintenv, SetEnv: cfg.Boot.FwSetenv, Config: cfg.Boot.FwEnvConfig, Log: log})
+		return boot.NewUBoot(boot.UBootOptions{Scheme: scheme, PrintEnv: cfg.Boot.FwPrintenv, SetEnv: cfg.Boot.FwSetenv, Config: cfg.Boot.FwEnvConfig}, log)
 	case config.BootGRUB:
-		return boot.NewGRUB(boot.GRUBOptions{Scheme: scheme, EditEnv: cfg.Boot.GrubEditenv, EnvFile: cfg.Boot.GrubEnv, Log: log})
+		return boot.NewGRUB(boot.GRUBOptions{Scheme: scheme, EditEnv: cfg.Boot.GrubEditenv, EnvFile: cfg.Boot.GrubEnv}, log)
 	}
 	return nil, usagef("boot backend %q unknown", cfg.Boot.Backend)
 }

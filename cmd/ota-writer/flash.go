@@ -17,8 +17,8 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/config"
-	"github.com/gwota/gwota/writer/server"
 )
 
 // sigAlgs are the --sig-alg names.
@@ -29,10 +29,68 @@ var sigAlgs = map[string]otav1.SigAlgorithm{
 	"ed25519-sha256":      otav1.SigAlgorithm_SIG_ALGORITHM_ED25519_SHA256,
 }
 
-// flashBatch bounds the bytes handed to the core per Write: the only image buffer flash holds.
+// flashBatch bounds the bytes handed to the engine per Write: the only image buffer flash holds.
 const flashBatch = 1 << 20
 
+// flashArgs are the checked flags of one flash.
+type flashArgs struct {
+	cfgPath, target, image, certName string
+	sig                              []byte
+	alg                              otav1.SigAlgorithm
+	blockSize                        uint32 // 0: the configured maximum
+	activate                         bool
+}
+
 func cmdFlash(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	a, err := parseFlashArgs(args, stderr)
+	if err != nil {
+		return err
+	}
+	cfg, err := config.Load(a.cfgPath)
+	if err != nil {
+		return usageError{err}
+	}
+	sel, err := selectTarget(cfg, a.target)
+	if err != nil {
+		return err
+	}
+	if err := refuseIfServing(ctx, cfg.Socket); err != nil {
+		return err
+	}
+	img, err := os.Open(a.image)
+	if err != nil {
+		return usagef("flash: %v", err)
+	}
+	defer img.Close()
+	fi, err := img.Stat()
+	if err != nil {
+		return usagef("flash: %v", err)
+	}
+	req := beginRequest(a, cfg, sel, fi.Size())
+	eng, err := newEngine(ctx, cfg, newLogger(cfg, stderr), false)
+	if err != nil {
+		return err
+	}
+	defer eng.Close()
+	prog := newProgress(stderr, fi.Size())
+	start := time.Now()
+	res, err := flashImage(ctx, eng, req, img, a.activate, prog)
+	prog.done(err)
+	if err != nil {
+		return err
+	}
+	el := time.Since(start)
+	fmt.Fprintf(stdout, "flashed %s to target %s slot %s: %d bytes in %.2fs (%.1f MB/s), sha256 %s, signature verified\n",
+		a.image, a.target, res.finish.GetSession().GetSlot(), fi.Size(), el.Seconds(), float64(fi.Size())/el.Seconds()/1e6, res.finish.GetSha256())
+	if res.activate != nil {
+		fmt.Fprintf(stdout, "activated: target %s slot %s, reboot required: %v\n", res.activate.GetTarget(), res.activate.GetSlot(), res.activate.GetRebootRequired())
+	}
+	return nil
+}
+
+// parseFlashArgs reads and checks flash's flags and the signature they name; every problem
+// is a usage error.
+func parseFlashArgs(args []string, stderr io.Writer) (flashArgs, error) {
 	fs := flag.NewFlagSet("flash", flag.ContinueOnError)
 	fs.SetOutput(stderr)
 	cfgPath := fs.String("config", "", "writer configuration `file` (required)")
@@ -45,17 +103,17 @@ func cmdFlash(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	blockSize := fs.Uint("block-size", 0, "block size in bytes (default: the configured maximum)")
 	activate := fs.Bool("activate", false, "activate the new slot after a successful verification")
 	if err := fs.Parse(args); err != nil {
-		return usageError{err}
+		return flashArgs{}, usageError{err}
 	}
 	if *cfgPath == "" || *target == "" || *image == "" || *sigAlg == "" {
-		return usagef("flash: --config, --target, --image and --sig-alg are required")
+		return flashArgs{}, usagef("flash: --config, --target, --image and --sig-alg are required")
 	}
 	if (*sigFile == "") == (*sigB64 == "") {
-		return usagef("flash: give exactly one of --sig-file and --sig")
+		return flashArgs{}, usagef("flash: give exactly one of --sig-file and --sig")
 	}
 	alg, ok := sigAlgs[*sigAlg]
 	if !ok {
-		return usagef("flash: unknown --sig-alg %q", *sigAlg)
+		return flashArgs{}, usagef("flash: unknown --sig-alg %q", *sigAlg)
 	}
 	var sig []byte
 	var err error
@@ -65,65 +123,31 @@ func cmdFlash(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		sig, err = base64.StdEncoding.DecodeString(*sigB64)
 	}
 	if err != nil {
-		return usagef("flash: signature: %v", err)
+		return flashArgs{}, usagef("flash: signature: %v", err)
 	}
-	cfg, err := config.Load(*cfgPath)
-	if err != nil {
-		return usageError{err}
-	}
-	bs := uint32(*blockSize)
+	return flashArgs{cfgPath: *cfgPath, target: *target, image: *image, certName: *certName, sig: sig, alg: alg,
+		blockSize: uint32(*blockSize), activate: *activate}, nil
+}
+
+// beginRequest is the session a job carrying this image would open. The job id is derived
+// from the signature: flashing the same image again resumes an interrupted run, a different
+// image gets its own session.
+func beginRequest(a flashArgs, cfg *config.Config, sel targetSel, size int64) *otav1.BeginSessionRequest {
+	bs := a.blockSize
 	if bs == 0 {
 		bs = cfg.MaxBlockSize
 	}
-	sel, err := selectTarget(cfg, *target)
-	if err != nil {
-		return err
-	}
-	if err := refuseIfServing(ctx, cfg.Socket); err != nil {
-		return err
-	}
-	img, err := os.Open(*image)
-	if err != nil {
-		return usagef("flash: %v", err)
-	}
-	defer img.Close()
-	fi, err := img.Stat()
-	if err != nil {
-		return usagef("flash: %v", err)
-	}
-	// The job id is derived from the signature: flashing the same image again resumes an
-	// interrupted run, a different image gets its own session.
-	sum := sha256.Sum256(sig)
-	req := &otav1.BeginSessionRequest{
+	sum := sha256.Sum256(a.sig)
+	return &otav1.BeginSessionRequest{
 		JobId:        "flash-" + hex.EncodeToString(sum[:8]),
 		FileType:     sel.fileType,
 		FilePath:     sel.filePath,
-		FileSize:     uint64(fi.Size()),
+		FileSize:     uint64(size),
 		BlockSize:    bs,
-		SigAlgorithm: alg,
-		Signature:    sig,
-		CertName:     *certName,
+		SigAlgorithm: a.alg,
+		Signature:    a.sig,
+		CertName:     a.certName,
 	}
-	log := newLogger(cfg, stderr)
-	eng, err := newEngine(ctx, cfg, log, false)
-	if err != nil {
-		return err
-	}
-	defer eng.Close()
-	prog := newProgress(stderr, fi.Size())
-	start := time.Now()
-	res, err := flashImage(ctx, eng, req, img, *activate, prog)
-	prog.done(err)
-	if err != nil {
-		return err
-	}
-	el := time.Since(start)
-	fmt.Fprintf(stdout, "flashed %s to target %s slot %s: %d bytes in %.2fs (%.1f MB/s), sha256 %s, signature verified\n",
-		*image, *target, res.finish.GetSession().GetSlot(), fi.Size(), el.Seconds(), float64(fi.Size())/el.Seconds()/1e6, res.finish.GetSha256())
-	if res.activate != nil {
-		fmt.Fprintf(stdout, "activated: target %s slot %s, reboot required: %v\n", res.activate.GetTarget(), res.activate.GetSlot(), res.activate.GetRebootRequired())
-	}
-	return nil
 }
 
 type targetSel struct {
@@ -165,20 +189,40 @@ type progress interface {
 	done(err error)
 }
 
-// flashImage runs one session through core: begin (or resume), write the missing blocks in
-// batches of at most flashBatch bytes from one reused buffer, finish (read back and verify),
-// and optionally activate. On failure the session is left for a resume, as with ota-net.
-func flashImage(ctx context.Context, core server.Core, req *otav1.BeginSessionRequest, img io.ReaderAt, activate bool, prog progress) (*flashResult, error) {
-	begin, err := core.Begin(ctx, req)
+// flashImage runs one session through w: begin (or resume), write the missing blocks,
+// finish (read back and verify), and optionally activate. On failure the session is left for
+// a resume, as with ota-net.
+func flashImage(ctx context.Context, w api.Writer, req *otav1.BeginSessionRequest, img io.ReaderAt, activate bool, prog progress) (*flashResult, error) {
+	begin, err := w.Begin(ctx, req)
 	if err != nil {
 		return nil, err
 	}
+	if err := writeMissing(ctx, w, begin, int64(req.GetFileSize()), img, prog); err != nil {
+		return nil, err
+	}
+	prog.verifying()
+	id := begin.GetSession().GetSessionId()
+	res := &flashResult{}
+	if res.finish, err = w.Finish(ctx, id); err != nil {
+		return nil, err
+	}
+	if activate {
+		if res.activate, err = w.Activate(ctx, id); err != nil {
+			return res, err
+		}
+	}
+	return res, nil
+}
+
+// writeMissing writes the blocks of img the session still misses (all of them unless it
+// was resumed) in batches of at most flashBatch bytes from one reused buffer; the last
+// write asks for a sync.
+func writeMissing(ctx context.Context, w api.Writer, begin *otav1.BeginSessionResponse, size int64, img io.ReaderAt, prog progress) error {
 	sess := begin.GetSession()
 	bs := int64(sess.GetBlockSize())
 	if bs <= 0 {
-		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "writer returned block size %d", bs)
+		return status.Errorf(otav1.Reason_REASON_OTHER, "writer returned block size %d", bs)
 	}
-	size := int64(req.GetFileSize())
 	total := (size + bs - 1) / bs
 	missing := sess.GetMissing()
 	isMissing := func(k int64) bool {
@@ -195,7 +239,7 @@ func flashImage(ctx context.Context, core server.Core, req *otav1.BeginSessionRe
 		if len(blocks) == 0 && !last {
 			return nil
 		}
-		if _, err := core.Write(ctx, sess.GetSessionId(), blocks, last); err != nil {
+		if _, err := w.Write(ctx, sess.GetSessionId(), blocks, last); err != nil {
 			return err
 		}
 		blocks = blocks[:0]
@@ -204,40 +248,26 @@ func flashImage(ctx context.Context, core server.Core, req *otav1.BeginSessionRe
 	}
 	for k := range total {
 		if err := ctx.Err(); err != nil {
-			return nil, status.Errorf(otav1.Reason_REASON_USER_ABORT, "flash interrupted: %w", err)
+			return status.Errorf(otav1.Reason_REASON_USER_ABORT, "flash interrupted: %w", err)
 		}
 		off := k * bs
 		n := min(bs, size-off)
+		written += n
 		if !isMissing(k) {
-			written += n
 			continue
 		}
 		slot := buf[int64(len(blocks))*bs:][:n]
 		if _, err := img.ReadAt(slot, off); err != nil {
-			return nil, status.Errorf(otav1.Reason_REASON_OTHER, "reading image at %d: %w", off, err)
+			return status.Errorf(otav1.Reason_REASON_OTHER, "reading image at %d: %w", off, err)
 		}
 		blocks = append(blocks, &otav1.Block{Offset: uint64(off), Data: slot})
-		written += n
 		if len(blocks) == int(perBatch) {
 			if err := flush(false); err != nil {
-				return nil, err
+				return err
 			}
 		}
 	}
-	if err := flush(true); err != nil {
-		return nil, err
-	}
-	prog.verifying()
-	res := &flashResult{}
-	if res.finish, err = core.Finish(ctx, sess.GetSessionId()); err != nil {
-		return nil, err
-	}
-	if activate {
-		if res.activate, err = core.Activate(ctx, sess.GetSessionId()); err != nil {
-			return res, err
-		}
-	}
-	return res, nil
+	return flush(true)
 }
 
 // newProgress draws a bar on a terminal and prints a plain line per 10 % otherwise (logs,

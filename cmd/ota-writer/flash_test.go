@@ -7,6 +7,8 @@ import (
 	"os"
 	"strings"
 	"testing"
+
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // `ota-writer flash` as a process: an openssl-signed image is written, verified and
@@ -77,7 +79,7 @@ func TestFlashCLI(t *testing.T) {
 	t.Run("reject the trial", func(t *testing.T) {
 		// A writer start is the file backend's simulated boot: the activated slot is tried.
 		w := b.serve(t)
-		dialWriter(t, b.sock).Close()
+		writertest.Dial(t, b.sock).Close()
 		w.stop(t)
 		if st := statusJSON(t, b); st != "IMAGE_STATE_TRIAL" {
 			t.Fatalf("image state %s after the simulated boot, want trial", st)

@@ -2,7 +2,6 @@ package main
 
 import (
 	"bytes"
-	"context"
 	"crypto/rand"
 	"fmt"
 	"os"
@@ -16,7 +15,7 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
-	"github.com/gwota/gwota/writer/client"
+	"github.com/gwota/gwota/test/sign"
 )
 
 // binary is ota-writer built once for the process tests.
@@ -78,8 +77,9 @@ func newBench(t *testing.T, extra string) *bench {
 		key: filepath.Join(dir, "key.pem"), pub: filepath.Join(dir, "pub.pem"),
 		slotA: filepath.Join(dir, "slot_a"), slotB: filepath.Join(dir, "slot_b"), bootID: filepath.Join(dir, "boot_id")}
 	b.reboot(t)
-	openssl(t, "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", b.key)
-	openssl(t, "ec", "-in", b.key, "-pubout", "-out", b.pub)
+	if err := b.signer().Make(); err != nil {
+		t.Fatal(err)
+	}
 	for _, s := range []string{b.slotA, b.slotB} {
 		if err := os.WriteFile(s, nil, 0o600); err != nil {
 			t.Fatal(err)
@@ -108,14 +108,8 @@ max_size = 1048576
 	return b
 }
 
-func openssl(t *testing.T, args ...string) []byte {
-	t.Helper()
-	out, err := exec.Command("openssl", args...).Output()
-	if err != nil {
-		t.Fatalf("openssl %v: %v", args, err)
-	}
-	return out
-}
+// signer is the bench's openssl key; the writer trusts its bare public key (pub.pem).
+func (b *bench) signer() sign.OpenSSL { return sign.OpenSSL{Key: b.key, Pub: b.pub} }
 
 // image writes n random bytes and their openssl signature; returns image path and signature.
 func (b *bench) image(t *testing.T, name string, n int) (string, []byte) {
@@ -126,8 +120,7 @@ func (b *bench) image(t *testing.T, name string, n int) (string, []byte) {
 	if err := os.WriteFile(p, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	openssl(t, "dgst", "-sha256", "-sign", b.key, "-out", p+".sig", p)
-	sig, err := os.ReadFile(p + ".sig")
+	sig, err := b.signer().SignFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -185,24 +178,6 @@ func (p *writerProc) kill9() {
 	p.cmd.Process.Signal(syscall.SIGKILL)
 	err := <-p.done
 	p.done <- err
-}
-
-func dialWriter(t *testing.T, sock string) *client.Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, sock, client.Options{Name: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := c.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Handshake(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 // runCLI runs ota-writer with args and returns stdout, stderr and the exit status.

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // `ota-writer accept` runs the self test and commits only when it passed: with a failing
@@ -21,13 +22,13 @@ func TestAcceptRunsSelfTest(t *testing.T) {
 	}
 	b.reboot(t)
 	b.serve(t) // the file backend's simulated boot: slot b on trial
-	dialWriter(t, b.sock).Close()
+	writertest.Dial(t, b.sock).Close()
 	out, errOut, code := runCLI(t, "accept", "--socket", b.sock)
 	if code != exitFailed || !strings.Contains(errOut, "reason: self_test_failed/") || !strings.Contains(out, "check healthy: passed false") {
 		t.Fatalf("accept with a failing check: exit %d\n%s%s", code, out, errOut)
 	}
 	imageState := func() otav1.ImageState {
-		st, err := dialWriter(t, b.sock).State(t.Context())
+		st, err := writertest.Dial(t, b.sock).State(t.Context())
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -63,9 +64,9 @@ func TestSetVersionCLI(t *testing.T) {
 	begin := func(version string) error {
 		req := beginReq(3*testMaxBlock, sig)
 		req.Version = version
-		res, err := dialWriter(t, b.sock).Begin(t.Context(), req)
+		res, err := writertest.Dial(t, b.sock).Begin(t.Context(), req)
 		if err == nil {
-			dialWriter(t, b.sock).Abort(t.Context(), res.GetSession().GetSessionId(), otav1.Reason_REASON_USER_ABORT)
+			writertest.Dial(t, b.sock).Abort(t.Context(), res.GetSession().GetSessionId(), otav1.Reason_REASON_USER_ABORT)
 		}
 		return err
 	}

@@ -7,6 +7,7 @@ import (
 	"testing"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // Every hostile or out-of-order request against a real writer process is refused with its
@@ -14,7 +15,7 @@ import (
 func TestRefusals(t *testing.T) {
 	b := newBench(t, "")
 	b.serve(t)
-	c := dialWriter(t, b.sock)
+	c := writertest.Dial(t, b.sock)
 	ctx := t.Context()
 	const n = 8
 	imgPath, sig := b.image(t, "img", n*testMaxBlock-10)
@@ -176,7 +177,7 @@ func TestForeignUIDRefused(t *testing.T) {
 	b := newBench(t, "")
 	os.Chmod(b.dir, 0o755)
 	w := b.serve(t)
-	dialWriter(t, b.sock) // up
+	writertest.Dial(t, b.sock) // up
 	os.Chmod(b.sock, 0o666)
 	cmd := cliAs(65534, "status", "--socket", b.sock)
 	out, _ := cmd.CombinedOutput()

@@ -50,7 +50,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 		uids = append(uids, uint32(u))
 	}
 	log.Info("allowed peers", "uids", uids, "users", cfg.PeerUsers)
-	srv := server.New(eng, server.Options{AllowedUIDs: uids, Log: log})
+	srv := server.New(eng, server.Options{AllowedUIDs: uids, MaxBlockSize: eng.MaxBlockSize()}, log)
 	served := make(chan error, 1)
 	go func() { served <- srv.Serve(ln) }()
 	// Ready once the engine is up and the socket accepts: systemd (Type=notify) holds the
@@ -97,7 +97,9 @@ func listen(cfg *config.Config, log hclog.Logger) (net.Listener, error) {
 	return server.Listen(cfg.Socket, server.ListenConfig{Group: cfg.SocketGroup})
 }
 
-// newLogger is the one logger of the process; packages get Named sub-loggers of it.
+// newLogger is the one logger of the process. It is passed down as the last argument of each
+// constructor (engine, server, boot, ext, selftest), which names its own sub-logger
+// ("ota-writer.engine"); nil there means no logging.
 func newLogger(cfg *config.Config, w io.Writer) hclog.Logger {
 	lvl := hclog.LevelFromString(cfg.LogLevel)
 	if lvl == hclog.NoLevel {

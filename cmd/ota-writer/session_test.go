@@ -13,6 +13,7 @@ import (
 	"time"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 func beginReq(size int, sig []byte) *otav1.BeginSessionRequest {
@@ -33,7 +34,7 @@ func TestKillMidSessionResumeAndCommit(t *testing.T) {
 	ctx := t.Context()
 
 	w := b.serve(t)
-	c := dialWriter(t, b.sock)
+	c := writertest.Dial(t, b.sock)
 	begin, err := c.Begin(ctx, beginReq(len(img), sig))
 	if err != nil {
 		t.Fatal(err)
@@ -95,7 +96,7 @@ func TestKillMidSessionResumeAndCommit(t *testing.T) {
 	}
 
 	w2 := b.serve(t)
-	c2 := dialWriter(t, b.sock)
+	c2 := writertest.Dial(t, b.sock)
 	res, err := c2.Begin(ctx, beginReq(len(img), sig))
 	if err != nil {
 		t.Fatal(err)
@@ -142,7 +143,7 @@ func TestKillMidSessionResumeAndCommit(t *testing.T) {
 	w2.stop(t)
 	b.reboot(t)
 	b.serve(t)
-	c3 := dialWriter(t, b.sock)
+	c3 := writertest.Dial(t, b.sock)
 	ds, err := c3.State(ctx)
 	if err != nil {
 		t.Fatal(err)
@@ -196,7 +197,7 @@ func TestServeSocketActivation(t *testing.T) {
 	}
 	done := make(chan error, 1)
 	go func() { done <- cmd.Wait() }()
-	c := dialWriter(t, b.sock)
+	c := writertest.Dial(t, b.sock)
 	if _, err := c.State(t.Context()); err != nil {
 		t.Error(err)
 	}
@@ -214,7 +215,7 @@ func TestServeSocketActivation(t *testing.T) {
 func TestSecondWriterRefused(t *testing.T) {
 	b := newBench(t, "")
 	b.serve(t)
-	dialWriter(t, b.sock)
+	writertest.Dial(t, b.sock)
 	bootFile := b.dir + "/state/" + bootStateFile
 	before, err := os.ReadFile(bootFile)
 	if err != nil {
@@ -229,7 +230,7 @@ func TestSecondWriterRefused(t *testing.T) {
 		t.Errorf("boot state changed by the refused writer:\n%s\n%s", before, after)
 	}
 	// The first writer still serves.
-	if _, err := dialWriter(t, b.sock).State(t.Context()); err != nil {
+	if _, err := writertest.Dial(t, b.sock).State(t.Context()); err != nil {
 		t.Error(err)
 	}
 }

@@ -19,20 +19,10 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/client"
 	"github.com/gwota/gwota/writer/config"
 )
-
-// writerAPI is what status, accept, reject and abort need; the socket client and the
-// in-process engine both provide it.
-type writerAPI interface {
-	State(ctx context.Context) (*otav1.DeviceState, error)
-	Extensions(ctx context.Context) (status.Fields, error)
-	SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error)
-	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
-	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
-	Abort(ctx context.Context, sessionID string, reason otav1.Reason) error
-}
 
 // defaultStale is how long a session may make no progress before status calls it stale.
 const defaultStale = 15 * time.Minute
@@ -51,7 +41,9 @@ func addConnFlags(fs *flag.FlagSet) connFlags {
 // connect returns the running writer over its socket or, when none answers there and a
 // configuration is given, the engine in-process. The second result says which ("socket" or
 // "in-process") and the closer releases it.
-func connect(ctx context.Context, cf connFlags, stderr io.Writer) (writerAPI, string, func(), error) {
+// status, accept, reject and abort need only the control plane, which the socket client and
+// the in-process engine both provide.
+func connect(ctx context.Context, cf connFlags, stderr io.Writer) (api.Control, string, func(), error) {
 	var cfg *config.Config
 	if *cf.config != "" {
 		c, err := config.Load(*cf.config)
@@ -110,7 +102,7 @@ func dialRunning(ctx context.Context, sock string) (*client.Client, error) {
 		c.Close()
 		return nil, err
 	}
-	if _, err := c.Handshake(ctx); err != nil {
+	if _, err := c.Handshake(ctx, nil); err != nil {
 		c.Close()
 		return nil, err
 	}

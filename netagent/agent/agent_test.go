@@ -34,12 +34,14 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
 	"github.com/gwota/gwota/writer/ext"
 	"github.com/gwota/gwota/writer/selftest"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 func TestMain(m *testing.M) {
@@ -51,9 +53,7 @@ func TestMain(m *testing.M) {
 		opts = append(opts, goleak.IgnoreTopFunction(f))
 	}
 	code := m.Run()
-	if keysDir != "" {
-		os.RemoveAll(keysDir)
-	}
+	sign.RemoveShared()
 	if code == 0 {
 		if err := goleak.Find(opts...); err != nil {
 			fmt.Fprintln(os.Stderr, "goleak:", err)
@@ -70,38 +70,22 @@ func logger(t *testing.T, name string) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Name: t.Name() + "." + name, Level: hclog.Debug})
 }
 
-var (
-	keysOnce sync.Once
-	keysDir  string
-	keysErr  error
-)
-
-// signer makes an ECDSA P-256 key and certificate with openssl, as a fleet operator does.
-func signer(t *testing.T) string {
+// opensslSigner is an ECDSA P-256 key and certificate made with openssl, as a fleet operator
+// does, once per test binary (sign.SharedOpenSSL: ec.key, signer.crt.pem).
+func opensslSigner(t *testing.T) sign.OpenSSL {
 	t.Helper()
 	if _, err := exec.LookPath("openssl"); err != nil {
 		t.Skip("openssl not installed")
 	}
-	keysOnce.Do(func() {
-		keysDir, keysErr = os.MkdirTemp("", "agent-keys")
-		if keysErr != nil {
-			return
-		}
-		for _, args := range [][]string{
-			{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", filepath.Join(keysDir, "ec.key")},
-			{"req", "-new", "-x509", "-key", filepath.Join(keysDir, "ec.key"), "-subj", "/CN=ota-signer", "-days", "30", "-out", filepath.Join(keysDir, "signer.crt.pem")},
-		} {
-			if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
-				keysErr = &os.PathError{Op: "openssl " + strings.Join(args, " "), Path: string(out), Err: err}
-				return
-			}
-		}
-	})
-	if keysErr != nil {
-		t.Fatal(keysErr)
+	o, err := sign.SharedOpenSSL()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return keysDir
+	return o
 }
+
+// signer is the directory of the signer's files.
+func signer(t *testing.T) string { return filepath.Dir(opensslSigner(t).Key) }
 
 type image struct {
 	path string
@@ -117,11 +101,7 @@ func newImage(t *testing.T, size int) image {
 	if err := os.WriteFile(p, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command("openssl", "dgst", "-sha256", "-sign", filepath.Join(signer(t), "ec.key"), "-out", p+".sig", p).CombinedOutput()
-	if err != nil {
-		t.Fatalf("openssl sign: %v: %s", err, out)
-	}
-	sig, err := os.ReadFile(p + ".sig")
+	sig, err := opensslSigner(t).SignFile(p)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -141,9 +121,8 @@ type writerRig struct {
 	// log, when set, gets the engine's and the server's logs.
 	log hclog.Logger
 
-	eng  *engine.Engine
-	srv  *server.Server
-	done chan error
+	eng *engine.Engine
+	srv *writertest.Server
 }
 
 const slotSize = 4 << 20
@@ -158,12 +137,7 @@ func newWriterExt(t *testing.T, check string, extLines []string, topLevel ...str
 	t.Helper()
 	keys := signer(t)
 	dir := t.TempDir()
-	sdir, err := os.MkdirTemp("/tmp", "ag")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(sdir) })
-	w := &writerRig{t: t, dir: dir, sock: filepath.Join(sdir, "w.sock"), reboots: make(chan struct{}, 10)}
+	w := &writerRig{t: t, dir: dir, reboots: make(chan struct{}, 10)}
 	w.slots = [2]string{filepath.Join(dir, "slot-a.img"), filepath.Join(dir, "slot-b.img")}
 	for _, p := range w.slots {
 		if err := os.WriteFile(p, bytes.Repeat([]byte{0xEE}, slotSize), 0o600); err != nil {
@@ -233,12 +207,13 @@ func (w *writerRig) start(bootNow bool) {
 	if err != nil {
 		w.t.Fatal(err)
 	}
-	ln, err := server.Listen(w.sock, server.ListenConfig{})
-	if err != nil {
-		w.t.Fatal(err)
+	w.eng = eng
+	if w.srv == nil {
+		w.srv = writertest.Serve(w.t, eng, server.Options{}, server.ListenConfig{}, w.logger())
+		w.sock = w.srv.Sock
+		return
 	}
-	w.eng, w.srv, w.done = eng, server.New(eng, server.Options{Log: w.logger()}), make(chan error, 1)
-	go func(srv *server.Server, done chan error) { done <- srv.Serve(ln) }(w.srv, w.done)
+	w.srv.Restart(eng)
 }
 
 func (w *writerRig) logger() hclog.Logger {
@@ -248,14 +223,14 @@ func (w *writerRig) logger() hclog.Logger {
 	return w.log
 }
 
+// stop kills the writer: connections cut, the engine closed.
 func (w *writerRig) stop() {
-	if w.srv == nil {
+	if w.eng == nil {
 		return
 	}
-	w.srv.Stop()
-	<-w.done
+	w.srv.Kill()
 	_ = w.eng.Close()
-	w.srv = nil
+	w.eng = nil
 }
 
 // device is one ota-net: MQTT connection, jobs client, downloaders, writer link, agent.

@@ -8,7 +8,7 @@ import (
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/netagent/writerlink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
-	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 )
 
 // Jobs is the AWS IoT Jobs client as the agent uses it (jobs.Client provides it).
@@ -19,20 +19,13 @@ type Jobs interface {
 	Update(ctx context.Context, jobID string, u jobs.Update) (*jobs.ExecutionState, error)
 }
 
-// Writer is the writer link as the agent drives it. Errors carry the writer's typed reason
-// (status.ReasonOf); an unreachable writer reads as REASON_WRITER_UNAVAILABLE.
+// Writer is the writer as the agent drives it: the writer API's control plane (Abort also
+// reconciles sessions whose job is gone), and sessions opened through the writer link, which
+// streams their blocks. Errors carry the writer's typed reason (status.ReasonOf); an
+// unreachable writer reads as REASON_WRITER_UNAVAILABLE.
 type Writer interface {
-	State(ctx context.Context) (*otav1.DeviceState, error)
+	api.Control
 	Begin(ctx context.Context, req *otav1.BeginSessionRequest) (Session, error)
-	Activate(ctx context.Context, sessionID string) (*otav1.ActivateResponse, error)
-	Reboot(ctx context.Context) error
-	SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error)
-	Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error)
-	Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error)
-	// Abort drops a session by id (reconciliation of sessions whose job is gone).
-	Abort(ctx context.Context, sessionID string, reason otav1.Reason) error
-	// Extensions returns the status extension fields in the writer's order.
-	Extensions(ctx context.Context) (status.Fields, error)
 }
 
 // Session is one writer session (one file of a job).
@@ -63,6 +56,8 @@ type StreamDownloader interface {
 type HTTPDownloader interface {
 	Download(ctx context.Context, f httpdl.File, missing []byte, sink httpdl.Sink, refresh httpdl.RefreshFunc) (httpdl.Stats, error)
 }
+
+var _ Writer = linkWriter{}
 
 // LinkWriter adapts a writerlink.Link to Writer.
 func LinkWriter(l *writerlink.Link) Writer { return linkWriter{l} }

@@ -7,11 +7,9 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/client"
 )
-
-// maxBlocksPerMessage is the writer's cap on blocks in one WriteBlocks message.
-const maxBlocksPerMessage = 256
 
 // Sink streams a session's blocks to the writer. Blocks are batched into WriteBlocks
 // messages; the writer acknowledges durability (journal synced) and Durable/Flush report it.
@@ -112,7 +110,7 @@ func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
 	if err := k.streamErr(); err != nil {
 		return k.recover(ctx, err)
 	}
-	if len(k.batch) > 0 && (k.batchLen+len(data) > k.budget || len(k.batch) == maxBlocksPerMessage) {
+	if len(k.batch) > 0 && (k.batchLen+len(data) > k.budget || len(k.batch) == api.MaxBlocksPerMessage) {
 		if err := k.send(ctx, false); err != nil {
 			return err
 		}

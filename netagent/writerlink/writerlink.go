@@ -103,7 +103,7 @@ func (l *Link) hello(ctx context.Context) error {
 	if err := l.WaitReady(ctx); err != nil {
 		return err
 	}
-	h, err := l.Handshake(ctx)
+	h, err := l.Handshake(ctx, nil)
 	if err != nil {
 		return err
 	}

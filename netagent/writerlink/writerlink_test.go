@@ -23,6 +23,7 @@ import (
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 func TestMain(m *testing.M) {
@@ -40,64 +41,26 @@ func logger(t *testing.T) hclog.Logger {
 	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug})
 }
 
-// writer serves a core on a Unix socket and can be killed and restarted on the same path.
-type writer struct {
-	t    *testing.T
-	core *memCore
-	sock string
-
-	mu   sync.Mutex
-	srv  *server.Server
-	done chan error
+// newFake is the writer the link's tests talk to: blocks up to 1 MiB, durable every 8 writes
+// or when asked.
+func newFake() *writertest.Fake {
+	f := writertest.NewFake(1 << 20)
+	f.SyncEvery = 8
+	return f
 }
 
-func startWriter(t *testing.T, core *memCore) *writer {
-	dir, err := os.MkdirTemp("/tmp", "wl")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	w := &writer{t: t, core: core, sock: filepath.Join(dir, "w.sock")}
-	w.start()
-	t.Cleanup(w.stop)
-	return w
+// restart kills the writer and starts it again on the same socket: what was not durable is
+// lost, as when the writer process is killed.
+func restart(w *writertest.Server, f *writertest.Fake) {
+	w.Kill()
+	f.Crash()
+	w.Start()
 }
 
-func (w *writer) start() {
-	ln, err := server.Listen(w.sock, server.ListenConfig{})
-	if err != nil {
-		w.t.Fatal(err)
-	}
-	srv := server.New(w.core, server.Options{})
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	w.mu.Lock()
-	w.srv, w.done = srv, done
-	w.mu.Unlock()
-}
-
-// stop kills the writer: connections cut, nothing graceful.
-func (w *writer) stop() {
-	w.mu.Lock()
-	srv, done := w.srv, w.done
-	w.srv = nil
-	w.mu.Unlock()
-	if srv != nil {
-		srv.Stop()
-		<-done
-	}
-}
-
-func (w *writer) restart() {
-	w.stop()
-	w.core.crash()
-	w.start()
-}
-
-func dial(t *testing.T, w *writer) *writerlink.Link {
+func dial(t *testing.T, w *writertest.Server) *writerlink.Link {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	l, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: w.sock, Name: "test", Logger: logger(t), ReconnectTimeout: 10 * time.Second})
+	l, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: w.Sock, Name: "test", Logger: logger(t), ReconnectTimeout: 10 * time.Second})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -112,8 +75,8 @@ func randImage(n int) []byte {
 }
 
 func TestSinkDurable(t *testing.T) {
-	core := newMemCore()
-	w := startWriter(t, core)
+	core := newFake()
+	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
 	l := dial(t, w)
 	ctx := context.Background()
 	img := randImage(100*1024 + 5)
@@ -141,7 +104,7 @@ func TestSinkDurable(t *testing.T) {
 	if k.Durable() != 26 {
 		t.Fatalf("durable %d", k.Durable())
 	}
-	if !bytes.Equal(core.image(s.ID()), img) {
+	if !bytes.Equal(core.Image(s.ID()), img) {
 		t.Fatal("image differs")
 	}
 	if _, err := s.Finish(ctx); err != nil {
@@ -159,8 +122,8 @@ func TestSinkDurable(t *testing.T) {
 }
 
 func TestTypedErrors(t *testing.T) {
-	core := newMemCore()
-	w := startWriter(t, core)
+	core := newFake()
+	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
 	l := dial(t, w)
 	ctx := context.Background()
 	_, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: "/nope", FileSize: 10, BlockSize: 4096})
@@ -176,9 +139,7 @@ func TestTypedErrors(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer k.Close()
-	core.mu.Lock()
-	core.failWrite = status.Errorf(otav1.Reason_REASON_STORAGE_FULL, "no space")
-	core.mu.Unlock()
+	core.Fail("Write", status.Errorf(otav1.Reason_REASON_STORAGE_FULL, "no space"))
 	err = k.WriteBlock(ctx, 0, make([]byte, 4096))
 	if err == nil {
 		err = k.Flush(ctx)
@@ -219,9 +180,9 @@ func TestStreamDownloadSurvivesWriterRestart(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	core := newMemCore()
-	core.syncEvery = 1 // every message durable: 64 blocks of 4 KiB per message
-	w := startWriter(t, core)
+	core := newFake()
+	core.SyncEvery = 1 // every message durable: 64 blocks of 4 KiB per message
+	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
 	l := dial(t, w)
 	const bs = 4096
 	s, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "job1", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})
@@ -242,10 +203,8 @@ func TestStreamDownloadSurvivesWriterRestart(t *testing.T) {
 			// those blocks are not fetched again (a fixed block count raced the first ack).
 			if k.Durable() > 0 {
 				once.Do(func() {
-					w.restart()
-					core.mu.Lock()
-					durableAtCrash = len(core.sessions[s.ID()].durable)
-					core.mu.Unlock()
+					restart(w, core)
+					durableAtCrash = core.Durable(s.ID())
 				})
 			}
 		}})
@@ -262,7 +221,7 @@ func TestStreamDownloadSurvivesWriterRestart(t *testing.T) {
 	if k.Durable() != st.Blocks {
 		t.Fatalf("durable %d of %d", k.Durable(), st.Blocks)
 	}
-	if !bytes.Equal(core.image(s.ID()), img) {
+	if !bytes.Equal(core.Image(s.ID()), img) {
 		t.Fatal("image differs after the restart")
 	}
 	if _, err := s.Finish(ctx); err != nil {

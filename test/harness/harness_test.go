@@ -73,7 +73,7 @@ func TestWriterUpdateCycle(t *testing.T) {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	if _, err := c.Handshake(dctx); err != nil {
+	if _, err := c.Handshake(dctx, nil); err != nil {
 		t.Fatal(err)
 	}
 	ft := int32(0)

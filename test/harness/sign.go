@@ -2,72 +2,29 @@ package harness
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
-	"encoding/pem"
 	"fmt"
 	"io"
-	"math/big"
 	mrand "math/rand/v2"
 	"os"
-	"path/filepath"
-	"time"
 
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/sign"
 )
 
-// Signer is a code-signing identity made for one run: an ECDSA P-256 key (the AWS default)
-// and a self-signed certificate the writer trusts.
-type Signer struct {
-	Key     *ecdsa.PrivateKey
-	KeyPEM  []byte // PKCS#8
-	CertPEM []byte
-	// CertName is the job document's certfile, and the certificate's file name in the writer's
-	// trust store.
-	CertName string
-}
+// Signer is a code-signing identity made for one run (sign.Identity: an ECDSA P-256 key, the
+// AWS default, and a self-signed certificate the writer trusts), with the job file spec
+// that carries it.
+type Signer struct{ *sign.Identity }
 
 // NewSigner generates a key and a certificate with common name cn.
 func NewSigner(cn string) (*Signer, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	id, err := sign.NewIdentity(cn)
 	if err != nil {
 		return nil, err
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(time.Now().UnixNano()),
-		Subject:               pkix.Name{CommonName: cn},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(24 * time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageCodeSigning},
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, err
-	}
-	p8, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		return nil, err
-	}
-	return &Signer{
-		Key:      key,
-		KeyPEM:   pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: p8}),
-		CertPEM:  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
-		CertName: cn + ".crt.pem",
-	}, nil
-}
-
-// WriteCert writes the certificate into dir under CertName and returns its path.
-func (s *Signer) WriteCert(dir string) (string, error) {
-	p := filepath.Join(dir, s.CertName)
-	return p, os.WriteFile(p, s.CertPEM, 0o644)
+	return &Signer{id}, nil
 }
 
 // SignFile signs the SHA-256 of the file at path (ASN.1 DER ECDSA signature, as in

@@ -463,7 +463,7 @@ func rssBoundMiB() int {
 // legitimateUpdate: a whole update the ordinary way, ending with the slot activated.
 func legitimateUpdate(t *testing.T, ctx context.Context, w *writer, sum *summary) {
 	c := w.client(t)
-	if _, err := c.Handshake(ctx); err != nil {
+	if _, err := c.Handshake(ctx, nil); err != nil {
 		sum.failed(t, "handshake: %v", err)
 		return
 	}

@@ -59,7 +59,7 @@ func legitCalls(t *testing.T, ctx context.Context, w *writer, s *summary, key st
 			name string
 			fn   func() error
 		}{
-			{"handshake", func() error { _, err := c.Handshake(ctx); return err }},
+			{"handshake", func() error { _, err := c.Handshake(ctx, nil); return err }},
 			{"state", func() error { _, err := c.State(ctx); return err }},
 			{"begin", func() error {
 				r, err := raw.BeginSession(ctx, &otav1.BeginSessionRequest{JobId: fmt.Sprintf("legit-%s-%d", key, i), FileType: ptr(int32(1)), FileSize: 5000, BlockSize: 1024,
@@ -200,7 +200,7 @@ func idleConnections(t *testing.T, ctx context.Context, w *writer, s *summary, n
 			t.Fatal(err)
 		}
 		clients = append(clients, c)
-		if _, err := c.Handshake(ctx); err != nil {
+		if _, err := c.Handshake(ctx, nil); err != nil {
 			s.failed(t, "idle client %d: %v", i, err)
 			return
 		}

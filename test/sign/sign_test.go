@@ -12,7 +12,6 @@ import (
 	"crypto/x509"
 	"encoding/pem"
 	"errors"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -31,14 +30,6 @@ func pemKey(t *testing.T, k crypto.Signer, form string) []byte {
 		t.Fatal(err)
 	}
 	return b
-}
-
-func openssl(args ...string) error {
-	out, err := exec.Command("openssl", args...).CombinedOutput()
-	if err != nil {
-		return fmt.Errorf("openssl %s: %w: %s", strings.Join(args, " "), err, out)
-	}
-	return nil
 }
 
 func needOpenSSL(t *testing.T) {

@@ -14,9 +14,10 @@ import (
 	"errors"
 	"syscall"
 
-	"github.com/gwota/gwota/status"
+	"github.com/hashicorp/go-hclog"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 )
 
 // Slot names.
@@ -104,4 +105,12 @@ func checkActivate(st State, slot string) error {
 		return badState("activate %s: running slot %s is not the committed slot %s, reboot first", slot, st.Booted, st.Committed)
 	}
 	return nil
+}
+
+// named is the backends' logger: log (nil: none) under the name "boot".
+func named(log hclog.Logger) hclog.Logger {
+	if log == nil {
+		log = hclog.NewNullLogger()
+	}
+	return log.Named("boot")
 }

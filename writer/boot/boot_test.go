@@ -15,10 +15,9 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
 
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/test/tinyfs"
-
-	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -139,7 +138,7 @@ func mustWrite(t *testing.T, path, s string) {
 func newUBootRig(t *testing.T, cmdline bool) rig {
 	cfg := newUBootEnv(t, "boot_part=2\nbootcmd=run distro_bootcmd\n")
 	dir := filepath.Dir(cfg)
-	opts := UBootOptions{Config: cfg, Log: testLogger(t)}
+	opts := UBootOptions{Config: cfg}
 	opts.BootLimit = limit
 	opts.SlotValues = map[string]string{SlotA: "2", SlotB: "3"} // Mender-style partition numbers
 	opts.BootIDPath = filepath.Join(dir, "boot_id")
@@ -149,7 +148,7 @@ func newUBootRig(t *testing.T, cmdline bool) rig {
 		opts.CmdlinePath, opts.CmdlineKey = cl, "root"
 		opts.CmdlineValues = map[string]string{SlotA: "/dev/mmcblk0p2", SlotB: "/dev/mmcblk0p3"}
 	}
-	u, err := NewUBoot(opts)
+	u, err := NewUBoot(opts, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -167,7 +166,7 @@ func newGRUBRig(t *testing.T, cmdline bool) rig {
 			t.Fatalf("grub-editenv %v: %v: %s", args, err, out)
 		}
 	}
-	opts := GRUBOptions{EnvFile: envFile, Log: testLogger(t)}
+	opts := GRUBOptions{EnvFile: envFile}
 	opts.BootLimit = limit
 	opts.BootIDPath = filepath.Join(dir, "boot_id")
 	cl := ""
@@ -175,7 +174,7 @@ func newGRUBRig(t *testing.T, cmdline bool) rig {
 		cl = filepath.Join(dir, "cmdline")
 		opts.CmdlinePath, opts.CmdlineKey = cl, "rauc.slot" // A/B, matched in any case
 	}
-	g, err := NewGRUB(opts)
+	g, err := NewGRUB(opts, testLogger(t))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -379,7 +378,7 @@ func TestEnvBadValues(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
 			cfg := newUBootEnv(t, tt.env)
-			u, err := NewUBoot(UBootOptions{Config: cfg})
+			u, err := NewUBoot(UBootOptions{Config: cfg}, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -402,14 +401,14 @@ func TestUBootToolFailures(t *testing.T) {
 		mustWrite(t, filepath.Join(dir, "uboot.env"), strings.Repeat("\x00", 0x4000))
 		cfg := filepath.Join(dir, "fw_env.config")
 		mustWrite(t, cfg, filepath.Join(dir, "uboot.env")+" 0x0000 0x4000\n")
-		u, _ := NewUBoot(UBootOptions{Config: cfg, DefaultEnv: filepath.Join(dir, "missing")})
+		u, _ := NewUBoot(UBootOptions{Config: cfg, DefaultEnv: filepath.Join(dir, "missing")}, nil)
 		_, err := u.State(ctx)
 		if status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED || !strings.Contains(err.Error(), "Cannot read") {
 			t.Fatalf("State: %v, want REASON_BOOT_CONTROL_FAILED with the tool's stderr", err)
 		}
 	})
 	t.Run("tool missing", func(t *testing.T) {
-		u, _ := NewUBoot(UBootOptions{PrintEnv: "/nonexistent/fw_printenv"})
+		u, _ := NewUBoot(UBootOptions{PrintEnv: "/nonexistent/fw_printenv"}, nil)
 		_, err := u.State(ctx)
 		if status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED || !strings.Contains(err.Error(), "not installed") {
 			t.Fatalf("State: %v", err)
@@ -423,7 +422,7 @@ func TestUBootToolFailures(t *testing.T) {
 			if err != nil {
 				t.Skip(err)
 			}
-			u, _ := NewUBoot(UBootOptions{Config: cfg, SetEnv: path})
+			u, _ := NewUBoot(UBootOptions{Config: cfg, SetEnv: path}, nil)
 			err = u.Commit(ctx)
 			if status.ReasonOf(err) != otav1.Reason_REASON_COMMIT_FAILED {
 				t.Fatalf("Commit: %v, want REASON_COMMIT_FAILED", err)
@@ -465,14 +464,14 @@ func TestUBootClassicScript(t *testing.T) {
 
 func TestGRUBMissingFile(t *testing.T) {
 	needTool(t, "grub-editenv")
-	g, err := NewGRUB(GRUBOptions{EnvFile: filepath.Join(t.TempDir(), "grubenv")})
+	g, err := NewGRUB(GRUBOptions{EnvFile: filepath.Join(t.TempDir(), "grubenv")}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if _, err := g.State(context.Background()); status.ReasonOf(err) != otav1.Reason_REASON_BOOT_CONTROL_FAILED {
 		t.Fatalf("State on a missing env file: %v", err)
 	}
-	if _, err := NewGRUB(GRUBOptions{}); err == nil {
+	if _, err := NewGRUB(GRUBOptions{}, nil); err == nil {
 		t.Fatal("NewGRUB without EnvFile succeeded")
 	}
 }
@@ -507,7 +506,7 @@ func TestCmdlineDetection(t *testing.T) {
 			mustWrite(t, cl, tt.cmdline+"\n")
 			opts := GRUBOptions{EnvFile: env}
 			opts.CmdlinePath, opts.CmdlineKey, opts.CmdlineValues = cl, tt.key, tt.values
-			g, err := NewGRUB(opts)
+			g, err := NewGRUB(opts, testLogger(t))
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -540,7 +539,7 @@ func TestOptionsValidation(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, err := NewUBoot(UBootOptions{Scheme: tt.s})
+			_, err := NewUBoot(UBootOptions{Scheme: tt.s}, nil)
 			var se *status.Error
 			if !errors.As(err, &se) {
 				t.Fatalf("NewUBoot: %v, want a *status.Error", err)
@@ -571,7 +570,7 @@ func TestBootControlFailures(t *testing.T) {
 	}
 	t.Run("fw_setenv on a read-only environment", func(t *testing.T) {
 		cfg := newUBootEnv(t, "boot_part=a\n")
-		u, err := NewUBoot(UBootOptions{Config: cfg})
+		u, err := NewUBoot(UBootOptions{Config: cfg}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -580,7 +579,7 @@ func TestBootControlFailures(t *testing.T) {
 	})
 	t.Run("fw_setenv missing", func(t *testing.T) {
 		cfg := newUBootEnv(t, "boot_part=a\n")
-		u, err := NewUBoot(UBootOptions{Config: cfg, SetEnv: "/nonexistent/fw_setenv"})
+		u, err := NewUBoot(UBootOptions{Config: cfg, SetEnv: "/nonexistent/fw_setenv"}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -600,7 +599,7 @@ func TestBootControlFailures(t *testing.T) {
 				t.Fatalf("grub-editenv %v: %v: %s", args, err, out)
 			}
 		}
-		g, err := NewGRUB(GRUBOptions{EnvFile: env})
+		g, err := NewGRUB(GRUBOptions{EnvFile: env}, nil)
 		if err != nil {
 			t.Fatal(err)
 		}

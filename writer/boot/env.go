@@ -15,9 +15,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
-	"github.com/gwota/gwota/status"
-
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 )
 
 // Scheme is the bootloader variable scheme shared by the U-Boot and GRUB backends. It is

@@ -12,9 +12,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
-	"github.com/gwota/gwota/status"
-
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 )
 
 // File is a boot backend that keeps the boot state in a JSON file and simulates the
@@ -82,9 +81,7 @@ func NewFile(path string, bootLimit int, log hclog.Logger) (*File, error) {
 	if bootLimit < 1 {
 		return nil, controlErr("boot file %s: boot limit %d, want >= 1", path, bootLimit)
 	}
-	if log == nil {
-		log = hclog.NewNullLogger()
-	}
+	log = named(log)
 	f := &File{path: path, limit: bootLimit, log: log}
 	b, err := os.ReadFile(path)
 	switch {

@@ -37,7 +37,6 @@ type GRUBOptions struct {
 	EditEnv string
 	// EnvFile is the environment block, e.g. /boot/grub/grubenv. It must exist.
 	EnvFile string
-	Log     hclog.Logger
 }
 
 // GRUB is the GRUB environment backend; see Scheme for the variables.
@@ -46,7 +45,7 @@ type GRUB struct{ envBackend }
 var _ Backend = (*GRUB)(nil)
 
 // NewGRUB checks opts and returns the backend. It does not touch the environment.
-func NewGRUB(opts GRUBOptions) (*GRUB, error) {
+func NewGRUB(opts GRUBOptions, log hclog.Logger) (*GRUB, error) {
 	if err := opts.Scheme.setDefaults(); err != nil {
 		return nil, controlErr("grub: %w", err)
 	}
@@ -56,10 +55,7 @@ func NewGRUB(opts GRUBOptions) (*GRUB, error) {
 	if opts.EditEnv == "" {
 		opts.EditEnv = "grub-editenv"
 	}
-	if opts.Log == nil {
-		opts.Log = hclog.NewNullLogger()
-	}
-	return &GRUB{envBackend{name: "grub", s: opts.Scheme, store: &grubEnv{o: opts}, log: opts.Log}}, nil
+	return &GRUB{envBackend{name: "grub", s: opts.Scheme, store: &grubEnv{o: opts}, log: named(log)}}, nil
 }
 
 type grubEnv struct{ o GRUBOptions }

@@ -33,7 +33,6 @@ type UBootOptions struct {
 	// ClassicScript writes the -s script as "name value" lines, for U-Boot's own
 	// fw_setenv (u-boot-tools). libubootenv (the default) reads "name=value" lines.
 	ClassicScript bool
-	Log           hclog.Logger
 }
 
 // UBoot is the U-Boot environment backend; see Scheme for the variables.
@@ -42,7 +41,7 @@ type UBoot struct{ envBackend }
 var _ Backend = (*UBoot)(nil)
 
 // NewUBoot checks opts and returns the backend. It does not touch the environment.
-func NewUBoot(opts UBootOptions) (*UBoot, error) {
+func NewUBoot(opts UBootOptions, log hclog.Logger) (*UBoot, error) {
 	if err := opts.Scheme.setDefaults(); err != nil {
 		return nil, controlErr("uboot: %w", err)
 	}
@@ -52,10 +51,7 @@ func NewUBoot(opts UBootOptions) (*UBoot, error) {
 	if opts.SetEnv == "" {
 		opts.SetEnv = "fw_setenv"
 	}
-	if opts.Log == nil {
-		opts.Log = hclog.NewNullLogger()
-	}
-	return &UBoot{envBackend{name: "uboot", s: opts.Scheme, store: &fwEnv{o: opts}, log: opts.Log}}, nil
+	return &UBoot{envBackend{name: "uboot", s: opts.Scheme, store: &fwEnv{o: opts}, log: named(log)}}, nil
 }
 
 type fwEnv struct{ o UBootOptions }

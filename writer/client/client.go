@@ -1,5 +1,6 @@
-// Package client is the writer's gRPC client (used by ota-net and the ota-writer CLI). It does
-// not link the server: the privileged code stays out of the network agent.
+// Package client is the writer's gRPC client (used by ota-net and the ota-writer CLI): a
+// Client is an api.Writer on the other side of the socket (the GRPCClient of hashicorp/go-plugin's
+// model). It does not link the server: the privileged code stays out of the network agent.
 //
 // Every error a method returns is a *status.Error (or wraps one), so status.ReasonOf(err)
 // gives the writer's typed reason; transport failures read as REASON_WRITER_UNAVAILABLE.
@@ -24,25 +25,17 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 )
 
-// ServiceName is the writer's service name on the health service.
-const ServiceName = "ota.v1.Writer"
-
-// MaxResponseSize is what the client accepts from the writer (the writer is trusted; its
-// session bitmaps can be megabytes with small blocks).
-const MaxResponseSize = 64 << 20
-
-// DefaultMaxMessageSize is used until Handshake reports the writer's limit: large enough for
-// a 1 MiB block with framing.
-const DefaultMaxMessageSize = 1<<20 + 16<<10
+var _ api.Writer = (*Client)(nil)
 
 // Options configure Dial.
 type Options struct {
 	// Name is sent in the handshake for the writer's logs ("ota-net 1.2.0").
 	Name string
 	// MaxMessageSize bounds what the client sends until the handshake tells the writer's
-	// limit; DefaultMaxMessageSize when 0.
+	// limit; api.DefaultMaxMessageSize when 0.
 	MaxMessageSize int
 }
 
@@ -65,11 +58,11 @@ func Dial(ctx context.Context, socketPath string, opts Options) (*Client, error)
 	}
 	maxMsg := opts.MaxMessageSize
 	if maxMsg <= 0 {
-		maxMsg = DefaultMaxMessageSize
+		maxMsg = api.DefaultMaxMessageSize
 	}
 	cc, err := grpc.NewClient("unix://"+socketPath,
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
-		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(MaxResponseSize), grpc.MaxCallSendMsgSize(maxMsg)),
+		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(api.MaxResponseSize), grpc.MaxCallSendMsgSize(maxMsg)),
 		// A local socket: reconnect fast after a writer restart instead of grpc's 1 s base.
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second}, MinConnectTimeout: 5 * time.Second}),
 	)
@@ -103,7 +96,7 @@ func (c *Client) WaitReady(ctx context.Context) error {
 	refusals := 0
 	for {
 		attempt, cancel := context.WithTimeout(ctx, 2*time.Second)
-		resp, err := c.health.Check(attempt, &healthpb.HealthCheckRequest{Service: ServiceName}, grpc.WaitForReady(true))
+		resp, err := c.health.Check(attempt, &healthpb.HealthCheckRequest{Service: api.ServiceName}, grpc.WaitForReady(true))
 		cancel()
 		if err == nil && resp.GetStatus() == healthpb.HealthCheckResponse_SERVING {
 			return nil
@@ -154,9 +147,13 @@ func (c *Client) refused() bool {
 }
 
 // Handshake checks the protocol version and learns the writer's limits; the client adopts
-// the writer's maximum message size for sending.
-func (c *Client) Handshake(ctx context.Context) (*otav1.HandshakeResponse, error) {
-	resp, err := c.w.Handshake(ctx, &otav1.HandshakeRequest{ProtocolVersion: otav1.ProtocolVersion_PROTOCOL_VERSION_1, Client: c.name})
+// the writer's maximum message size for sending. req nil sends this client's own request
+// (protocol version 1, Options.Name).
+func (c *Client) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
+	if req == nil {
+		req = &otav1.HandshakeRequest{ProtocolVersion: otav1.ProtocolVersion_PROTOCOL_VERSION_1, Client: c.name}
+	}
+	resp, err := c.w.Handshake(ctx, req)
 	if err != nil {
 		return nil, wrap(err)
 	}
@@ -179,6 +176,17 @@ func (c *Client) State(ctx context.Context) (*otav1.DeviceState, error) {
 func (c *Client) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
 	r, err := c.w.BeginSession(ctx, req)
 	return r, wrap(err)
+}
+
+// Write writes blocks in one unary call (WriteBatch); for a stream of them see
+// OpenBlockStream.
+func (c *Client) Write(ctx context.Context, sessionID string, blocks []*otav1.Block, sync bool) (api.WriteResult, error) {
+	// seq 1: the ack names it when the writer synced.
+	a, err := c.WriteBatch(ctx, sessionID, 1, blocks, sync)
+	if err != nil {
+		return api.WriteResult{}, err
+	}
+	return api.WriteResult{Synced: a.GetDurableSeq() == 1, Durable: a.GetDurableBlocks(), Received: a.GetReceivedBlocks(), Total: a.GetTotalBlocks()}, nil
 }
 
 // WriteBatch writes blocks in one unary call; with sync the ack's DurableSeq is seq.

@@ -8,85 +8,48 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"go.uber.org/goleak"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/client"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-// failCore syncs every write and refuses the message that carries an offset past 1 MiB.
-type failCore struct{ server.Core }
-
-func (failCore) MaxBlockSize() uint32 { return 4096 }
-func (failCore) Handshake(context.Context, *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
-	return &otav1.HandshakeResponse{ProtocolVersion: otav1.ProtocolVersion_PROTOCOL_VERSION_1}, nil
-}
-func (failCore) Write(_ context.Context, _ string, blocks []*otav1.Block, sync bool) (server.WriteResult, error) {
-	for _, b := range blocks {
-		if b.GetOffset() >= 1<<20 {
-			return server.WriteResult{}, status.Errorf(otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, "offset %d", b.GetOffset())
-		}
-	}
-	return server.WriteResult{Synced: sync}, nil
-}
-
-func serve(t *testing.T) string {
-	dir, err := os.MkdirTemp("", "owc")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
-	sock := filepath.Join(dir, "w.sock")
-	ln, err := server.Listen(sock, server.ListenConfig{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	srv := server.New(failCore{}, server.Options{})
-	done := make(chan error, 1)
-	go func() { done <- srv.Serve(ln) }()
-	t.Cleanup(func() {
-		srv.GracefulStop(context.Background())
-		<-done
-	})
-	return sock
-}
-
-func dial(t *testing.T, sock string) *client.Client {
-	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, sock, client.Options{Name: "client-test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := c.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Handshake(ctx); err != nil {
+// serve is a fake writer with one session "s-j" of a 1 MiB image in 4 KiB blocks.
+func serve(t *testing.T) *client.Client {
+	fake := writertest.NewFake(4096)
+	c := writertest.Dial(t, writertest.Serve(t, fake, server.Options{}, server.ListenConfig{}, nil).Sock)
+	if _, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: 1 << 20, BlockSize: 4096}); err != nil {
 		t.Fatal(err)
 	}
 	return c
 }
 
+const session = "s-j"
+
+var block = make([]byte, 4096)
+
 // The writer's refusal ends the stream: Acks closes, and both Send and Wait report the
 // typed reason.
 func TestBlockStreamError(t *testing.T) {
-	c := dial(t, serve(t))
-	st, err := c.OpenBlockStream(t.Context(), "s")
+	c := serve(t)
+	st, err := c.OpenBlockStream(t.Context(), session)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if seq, err := st.Send([]*otav1.Block{{Offset: 0}}, true); err != nil || seq != 1 {
+	if seq, err := st.Send([]*otav1.Block{{Offset: 0, Data: block}}, true); err != nil || seq != 1 {
 		t.Fatalf("send: seq %d err %v", seq, err)
 	}
 	if a := <-st.Acks(); a.GetDurableSeq() != 1 {
 		t.Fatalf("ack %v, want durable_seq 1", a)
 	}
-	if _, err := st.Send([]*otav1.Block{{Offset: 2 << 20}}, true); err != nil {
+	if _, err := st.Send([]*otav1.Block{{Offset: 2 << 20, Data: block}}, true); err != nil {
 		t.Fatal(err) // the refusal arrives asynchronously
 	}
 	for range st.Acks() {
@@ -102,13 +65,13 @@ func TestBlockStreamError(t *testing.T) {
 
 // Close without reading acks releases everything (goleak checks at exit).
 func TestBlockStreamCloseUndrained(t *testing.T) {
-	c := dial(t, serve(t))
-	st, err := c.OpenBlockStream(t.Context(), "s")
+	c := serve(t)
+	st, err := c.OpenBlockStream(t.Context(), session)
 	if err != nil {
 		t.Fatal(err)
 	}
 	for range 40 { // more than the ack buffer
-		if _, err := st.Send([]*otav1.Block{{Offset: 0}}, true); err != nil {
+		if _, err := st.Send([]*otav1.Block{{Offset: 0, Data: block}}, true); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -182,5 +145,37 @@ func TestWaitReadyTellsRefusalFromSilence(t *testing.T) {
 				t.Fatalf("WaitReady: %v (%s), want %s", err, status.Name(got), status.Name(tc.want))
 			}
 		})
+	}
+}
+
+// Write is the api.Writer form of WriteBatch: Synced when the writer synced, asked or by its
+// own policy (here every third write), with its block counts.
+func TestWrite(t *testing.T) {
+	fake := writertest.NewFake(4096)
+	fake.SyncEvery = 3
+	c := writertest.Dial(t, writertest.Serve(t, fake, server.Options{}, server.ListenConfig{}, nil).Sock)
+	if _, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: 1 << 20, BlockSize: 4096}); err != nil {
+		t.Fatal(err)
+	}
+	for i, tc := range []struct {
+		sync bool
+		want api.WriteResult
+	}{
+		{false, api.WriteResult{Synced: false, Durable: 0, Received: 1, Total: 256}},
+		{true, api.WriteResult{Synced: true, Durable: 2, Received: 2, Total: 256}},
+		{false, api.WriteResult{Synced: false, Durable: 2, Received: 3, Total: 256}},
+		{false, api.WriteResult{Synced: false, Durable: 2, Received: 4, Total: 256}},
+		{false, api.WriteResult{Synced: true, Durable: 5, Received: 5, Total: 256}}, // the writer's own sync
+	} {
+		got, err := c.Write(t.Context(), session, []*otav1.Block{{Offset: uint64(i) * 4096, Data: block}}, tc.sync)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(tc.want, got); diff != "" {
+			t.Errorf("write %d, sync %v (-want +got):\n%s", i, tc.sync, diff)
+		}
+	}
+	if _, err := c.Write(t.Context(), session, []*otav1.Block{{Offset: 2 << 20, Data: block}}, true); status.ReasonOf(err) != otav1.Reason_REASON_BLOCK_OUT_OF_RANGE {
+		t.Errorf("write past the end: %v, want block_out_of_range", err)
 	}
 }

@@ -8,15 +8,12 @@ import (
 	protoenc "google.golang.org/grpc/encoding/proto"
 	"google.golang.org/grpc/mem"
 	"google.golang.org/protobuf/proto"
+
+	"github.com/gwota/gwota/writer/api"
 )
 
-// blockPool holds marshal buffers for block messages. grpc's default pool has no tier between
-// 32 KiB and 1 MiB, so every 64..256 KiB WriteBlocks message took a 1 MiB buffer, and under
-// ota-net's soft memory limit (frequent GCs empty sync.Pools) it was usually a fresh
-// allocation: as much garbage as the image itself, several times over. The tiers are powers of
-// two plus room for the message's framing (offsets, tags, session id).
-var blockPool = mem.NewTieredBufferPool(256, 4<<10, 16<<10, 32<<10,
-	64<<10+4<<10, 128<<10+4<<10, 256<<10+4<<10, 512<<10+4<<10, 1<<20+16<<10)
+// blockPool holds marshal buffers for block messages, sized for them (see api.BufferTiers).
+var blockPool = mem.NewTieredBufferPool(api.BufferTiers()...)
 
 // blockCodec is grpc's proto codec with marshal buffers from blockPool. It keeps the name
 // "proto": the wire format and content-subtype are the same, the server sees no difference.

@@ -13,7 +13,7 @@ import (
 	"github.com/gwota/gwota/writer/journal"
 )
 
-// Activate implements server.Core. Only a verified session is activated. A/B: the record
+// Activate implements api.Writer. Only a verified session is activated. A/B: the record
 // names the update first (so a trial boot can name its job even after a crash right after
 // the bootloader switch), then the boot backend tries the slot at the next boot. Plain file:
 // atomic rename into place, no reboot.
@@ -175,7 +175,7 @@ func (e *Engine) updateRecord(fn func(*journal.Record)) error {
 	return nil
 }
 
-// Reboot implements server.Core: only when an activation or rejection needs one.
+// Reboot implements api.Writer: only when an activation or rejection needs one.
 func (e *Engine) Reboot(ctx context.Context) error {
 	e.ctl.Lock()
 	defer e.ctl.Unlock()
@@ -226,7 +226,7 @@ func (e *Engine) trialFor(ctx context.Context, op, jobID string) (boot.State, *j
 	return st, u, nil
 }
 
-// SelfTest implements server.Core: the configured health checks, in a trial boot only, within
+// SelfTest implements api.Writer: the configured health checks, in a trial boot only, within
 // self_test_timeout.
 func (e *Engine) SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestResponse, error) {
 	st, u, err := e.trialFor(ctx, "self test", jobID)
@@ -262,7 +262,7 @@ func (e *Engine) SelfTest(ctx context.Context, jobID string) (*otav1.SelfTestRes
 	return res, nil
 }
 
-// Commit implements server.Core.
+// Commit implements api.Writer.
 func (e *Engine) Commit(ctx context.Context, jobID string) (*otav1.CommitResponse, error) {
 	e.ctl.Lock()
 	defer e.ctl.Unlock()
@@ -334,7 +334,7 @@ func (e *Engine) committedAlready(ctx context.Context, jobID string) (*otav1.Upd
 	return &otav1.UpdateInfo{JobId: u.JobID, Target: u.Target, Slot: u.Slot, Version: u.Version}, nil
 }
 
-// Reject implements server.Core: roll back from a trial boot; the device must reboot into the
+// Reject implements api.Writer: roll back from a trial boot; the device must reboot into the
 // committed slot.
 func (e *Engine) Reject(ctx context.Context, jobID string, reason otav1.Reason) (*otav1.RejectResponse, error) {
 	e.ctl.Lock()

@@ -1,6 +1,7 @@
 // Package engine is the writer's plain Go core: sessions, block writes, durability, the
-// journal, verification, activation and the trial/commit/reject cycle. The gRPC adapter
-// (writer/server) serves it through server.Core; it returns *status.Error values only.
+// journal, verification, activation and the trial/commit/reject cycle. It implements
+// api.Writer, which the gRPC adapter (writer/server) serves and `ota-writer flash` drives
+// in-process; it returns *status.Error values only.
 //
 // Everything a caller sends is treated as hostile: sizes, offsets, targets and the call order
 // are checked against the configuration and the session state.
@@ -26,6 +27,7 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
@@ -83,7 +85,9 @@ var (
 	versionRE = regexp.MustCompile(`^[A-Za-z0-9._+~-]{1,64}$`)
 )
 
-// Engine implements server.Core.
+var _ api.Writer = (*Engine)(nil)
+
+// Engine implements api.Writer.
 type Engine struct {
 	cfg     *config.Config
 	log     hclog.Logger
@@ -326,7 +330,7 @@ func newID() string {
 	return hex.EncodeToString(b[:])
 }
 
-// Handshake implements server.Core.
+// Handshake implements api.Writer.
 func (e *Engine) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
 	if req.GetProtocolVersion() != otav1.ProtocolVersion_PROTOCOL_VERSION_1 {
 		return nil, status.Errorf(otav1.Reason_REASON_PROTOCOL_VERSION, "protocol version %s not supported", req.GetProtocolVersion()).
@@ -341,7 +345,7 @@ func (e *Engine) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*o
 	}, nil
 }
 
-// MaxBlockSize implements server.Core.
+// MaxBlockSize is the configured largest block (it sizes the server's receive limit).
 func (e *Engine) MaxBlockSize() uint32 { return e.cfg.MaxBlockSize }
 
 func (e *Engine) bootState(ctx context.Context) (boot.State, error) {
@@ -495,7 +499,7 @@ func saveErr(err error, r otav1.Reason) *status.Error {
 	return status.Errorf(r, "%w", err)
 }
 
-// Extensions implements server.Core: the configured fields, with the slot-derived ones
+// Extensions implements api.Writer: the configured fields, with the slot-derived ones
 // (firmware_version, boot_slot, image_state, boot_count) under them, in budget order.
 func (e *Engine) Extensions(ctx context.Context) (status.Fields, error) {
 	var own status.Fields
@@ -541,7 +545,7 @@ func (e *Engine) firmwareTarget() *target.Target {
 	return firstAB
 }
 
-// State implements server.Core.
+// State implements api.Writer.
 func (e *Engine) State(ctx context.Context) (*otav1.DeviceState, error) {
 	st, err := e.bootState(ctx)
 	if err != nil {

@@ -4,28 +4,22 @@ import (
 	"bytes"
 	"context"
 	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"encoding/hex"
 	"encoding/json"
-	"encoding/pem"
 	"errors"
 	"fmt"
-	"math/big"
 	"math/bits"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/hashicorp/go-hclog"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
@@ -49,35 +43,33 @@ type fuzzKit struct {
 
 func newFuzzKit(tb testing.TB) *fuzzKit {
 	dir := tb.TempDir()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	id, err := sign.NewIdentity("ota-signer")
 	if err != nil {
 		tb.Fatal(err)
 	}
-	tmpl := &x509.Certificate{SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "ota-signer"},
-		NotBefore: time.Now().Add(-time.Hour), NotAfter: time.Now().Add(24 * time.Hour)}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
+	id.CertName = "signer.crt.pem"
+	if _, err := id.WriteCert(dir); err != nil {
 		tb.Fatal(err)
 	}
-	if err := os.WriteFile(filepath.Join(dir, "signer.crt.pem"), pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		tb.Fatal(err)
-	}
-	k := &fuzzKit{keys: dir, key: key}
+	k := &fuzzKit{keys: dir, key: id.Key}
 	for i, n := range []int{2500, 1024, 700} {
 		img := make([]byte, n)
 		for j := range img {
 			img[j] = byte(j*7 + i*31 + j>>8)
 		}
-		sum := sha256.Sum256(img)
-		sig, err := ecdsa.SignASN1(rand.Reader, key, sum[:])
+		sig, err := id.Sign(img)
 		if err != nil {
 			tb.Fatal(err)
 		}
 		k.imgs, k.sigs = append(k.imgs, img), append(k.sigs, sig)
 	}
-	other, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	sum := sha256.Sum256(k.imgs[0])
-	k.untrusted, _ = ecdsa.SignASN1(rand.Reader, other, sum[:])
+	other, err := sign.NewIdentity("untrusted")
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if k.untrusted, err = other.Sign(k.imgs[0]); err != nil {
+		tb.Fatal(err)
+	}
 	return k
 }
 

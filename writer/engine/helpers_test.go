@@ -16,58 +16,33 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
-	"github.com/gwota/gwota/writer/server"
 )
-
-var _ server.Core = (*Engine)(nil)
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
 
-var (
-	keysOnce sync.Once
-	keysDir  string
-	keysErr  error
-)
-
-// signer returns a directory with an ECDSA P-256 key and self-signed certificate made by the
-// openssl command line (ec.key, signer.crt.pem, CN "ota-signer").
-func signer(t testing.TB) string {
+// opensslSigner is the key the tests' writers trust, made by the openssl command line once
+// per test binary (sign.SharedOpenSSL: ec.key, and signer.crt.pem with CN "ota-signer").
+func opensslSigner(t testing.TB) sign.OpenSSL {
 	t.Helper()
 	if _, err := exec.LookPath("openssl"); err != nil {
 		t.Skip("openssl not installed")
 	}
-	keysOnce.Do(func() {
-		keysDir, keysErr = os.MkdirTemp("", "engine-keys")
-		if keysErr != nil {
-			return
-		}
-		for _, args := range [][]string{
-			{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", filepath.Join(keysDir, "ec.key")},
-			{"req", "-new", "-x509", "-key", filepath.Join(keysDir, "ec.key"), "-subj", "/CN=ota-signer", "-days", "30", "-out", filepath.Join(keysDir, "signer.crt.pem")},
-		} {
-			if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
-				keysErr = &os.PathError{Op: "openssl " + strings.Join(args, " "), Path: string(out), Err: err}
-				return
-			}
-		}
-	})
-	if keysErr != nil {
-		t.Fatal(keysErr)
+	o, err := sign.SharedOpenSSL()
+	if err != nil {
+		t.Fatal(err)
 	}
-	return keysDir
+	return o
 }
+
+// signer returns the directory of the trusted key and certificate.
+func signer(t testing.TB) string { return filepath.Dir(opensslSigner(t).Key) }
 
 // signFile signs with `openssl dgst -sha256 -sign` (ECDSA P-256, DER), as a fleet operator does.
 func signFile(t testing.TB, path string) []byte {
-	dir := signer(t)
-	sig := path + ".sig"
-	out, err := exec.Command("openssl", "dgst", "-sha256", "-sign", filepath.Join(dir, "ec.key"), "-out", sig, path).CombinedOutput()
-	if err != nil {
-		t.Fatalf("openssl sign: %v: %s", err, out)
-	}
-	b, err := os.ReadFile(sig)
+	b, err := opensslSigner(t).SignFile(path)
 	if err != nil {
 		t.Fatal(err)
 	}

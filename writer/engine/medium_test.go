@@ -12,9 +12,9 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
-	"github.com/gwota/gwota/writer/server"
 	"github.com/gwota/gwota/writer/target"
 	"github.com/gwota/gwota/writer/target/targettest"
 )
@@ -299,7 +299,7 @@ func TestMediumFaults(t *testing.T) {
 						again = append(again, blocks(img.data, bs, k, k+1)...)
 					}
 				}
-				must[server.WriteResult](t)(r.e.Write(ctx, s.SessionId, again, true))
+				must[api.WriteResult](t)(r.e.Write(ctx, s.SessionId, again, true))
 			}
 			_, err = r.e.Finish(ctx, s.SessionId)
 			if tc.finishErr == otav1.Reason_REASON_UNSPECIFIED {
@@ -349,7 +349,7 @@ func TestReadBackFailureKeepsSession(t *testing.T) {
 	img := newImage(t, 12*bs+5)
 	s := must[*otav1.BeginSessionResponse](t)(r.begin(img, 0, nil)).Session
 	writeAll(t, r.rig, s.SessionId, img, bs)
-	must[server.WriteResult](t)(r.e.Write(ctx, s.SessionId, nil, true))
+	must[api.WriteResult](t)(r.e.Write(ctx, s.SessionId, nil, true))
 	fail.Store(true)
 	_, err := r.e.Finish(ctx, s.SessionId)
 	wantReason(t, err, otav1.Reason_REASON_FILE_CLOSE_FAILED)

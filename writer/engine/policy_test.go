@@ -12,6 +12,7 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/selftest"
 	"github.com/gwota/gwota/writer/target/targettest"
@@ -185,20 +186,14 @@ func TestCommitNeedsSelfTestOfThisBoot(t *testing.T) {
 	}
 }
 
-// otherSigner makes a second ECDSA P-256 key and certificate with openssl (CN rootfs-signer)
-// and returns the key and certificate paths.
-func otherSigner(t *testing.T) (key, cert string) {
+// otherSigner makes a second ECDSA P-256 key and certificate with openssl (CN rootfs-signer).
+func otherSigner(t *testing.T) sign.OpenSSL {
 	dir := t.TempDir()
-	key, cert = filepath.Join(dir, "rootfs.key"), filepath.Join(dir, "rootfs.crt.pem")
-	for _, args := range [][]string{
-		{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key},
-		{"req", "-new", "-x509", "-key", key, "-subj", "/CN=rootfs-signer", "-days", "30", "-out", cert},
-	} {
-		if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
-			t.Fatalf("openssl %v: %v: %s", args, err, out)
-		}
+	o := sign.OpenSSL{Key: filepath.Join(dir, "rootfs.key"), Cert: filepath.Join(dir, "rootfs.crt.pem"), CN: "rootfs-signer"}
+	if err := o.Make(); err != nil {
+		t.Fatal(err)
 	}
-	return key, cert
+	return o
 }
 
 // The certfile policy and per-target keys: a job that names no certificate is refused unless
@@ -206,14 +201,12 @@ func otherSigner(t *testing.T) (key, cert string) {
 // by those only.
 func TestSignerPolicy(t *testing.T) {
 	signer(t)
-	rootKey, rootCert := otherSigner(t)
+	root := otherSigner(t)
+	rootCert := root.Cert
 	global := newImage(t, 6000) // signed by the global key (signer.crt.pem)
 	own := newImage(t, 6000)
-	out, err := exec.Command("openssl", "dgst", "-sha256", "-sign", rootKey, "-out", own.path+".own.sig", own.path).CombinedOutput()
-	if err != nil {
-		t.Fatalf("openssl: %v: %s", err, out)
-	}
-	if own.sig, err = os.ReadFile(own.path + ".own.sig"); err != nil {
+	var err error
+	if own.sig, err = root.SignFile(own.path); err != nil {
 		t.Fatal(err)
 	}
 	type job struct {

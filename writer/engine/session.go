@@ -11,9 +11,9 @@ import (
 	"github.com/gwota/gwota/internal/crashpoint"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
-	"github.com/gwota/gwota/writer/server"
 	"github.com/gwota/gwota/writer/target"
 )
 
@@ -112,7 +112,7 @@ func (s *session) journalRecord() *journal.Session {
 	return &js
 }
 
-// Begin implements server.Core: it resumes the target's session when the request is the
+// Begin implements api.Writer: it resumes the target's session when the request is the
 // same file of the same job, and otherwise begins a new one on the writable slot.
 func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
 	t, err := e.checkBegin(req)
@@ -285,12 +285,12 @@ func (e *Engine) checkBegin(req *otav1.BeginSessionRequest) (*target.Target, err
 	return t, nil
 }
 
-// Write implements server.Core. Blocks are validated as a batch before any is written; a
+// Write implements api.Writer. Blocks are validated as a batch before any is written; a
 // block already written in this session is skipped (idempotent).
-func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Block, sync bool) (server.WriteResult, error) {
+func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Block, sync bool) (api.WriteResult, error) {
 	s, err := e.lookup(sessionID)
 	if err != nil {
-		return server.WriteResult{}, err
+		return api.WriteResult{}, err
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -361,8 +361,8 @@ func (s *session) writableLocked() error {
 	return nil
 }
 
-func (s *session) resultLocked(synced bool) server.WriteResult {
-	return server.WriteResult{Synced: synced, Durable: s.nDurable, Received: s.nReceived, Total: s.total}
+func (s *session) resultLocked(synced bool) api.WriteResult {
+	return api.WriteResult{Synced: synced, Durable: s.nDurable, Received: s.nReceived, Total: s.total}
 }
 
 // syncLocked makes every written block durable: fdatasync of the medium first, then the
@@ -387,7 +387,7 @@ func (e *Engine) syncLocked(s *session) error {
 	return nil
 }
 
-// Finish implements server.Core: flush, check every block is durable, read the image back
+// Finish implements api.Writer: flush, check every block is durable, read the image back
 // from the medium and verify its signature. A signature failure closes the session (its data
 // cannot be told apart from a corrupted medium; the client starts over) and the slot is never
 // activated; a read failure leaves it open to retry.
@@ -475,7 +475,7 @@ func (s *session) lockIdle(ctx context.Context) error {
 	}
 }
 
-// Abort implements server.Core.
+// Abort implements api.Writer.
 func (e *Engine) Abort(ctx context.Context, sessionID string, reason otav1.Reason) error {
 	e.ctl.Lock()
 	defer e.ctl.Unlock()

@@ -46,7 +46,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/gwota/gwota/status"
-	"github.com/gwota/gwota/writer/ext/proc"
+	"github.com/gwota/gwota/writer/internal/proc"
 )
 
 // Stable keys of the built-in sources.
@@ -104,6 +104,7 @@ func New(cfg Config, log hclog.Logger) *Collector {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
+	log = log.Named("ext")
 	if cfg.SysRoot == "" {
 		cfg.SysRoot = "/sys"
 	}

@@ -15,10 +15,9 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
-	"github.com/gwota/gwota/status"
-	"github.com/gwota/gwota/writer/ext/proc"
-
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/internal/proc"
 )
 
 // DefaultCheckTimeout applies to a check configured without a timeout.
@@ -52,6 +51,7 @@ func New(checks []Check, overall time.Duration, log hclog.Logger) *Runner {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
+	log = log.Named("selftest")
 	cs := make([]Check, len(checks))
 	for i, c := range checks {
 		if c.Name == "" {

@@ -34,7 +34,9 @@ import (
 	"google.golang.org/protobuf/reflect/protoregistry"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // authzEnv makes the test binary run the authorization cases (read as JSON from stdin)
@@ -42,7 +44,8 @@ import (
 const authzEnv = "OTA_SERVER_TEST_AUTHZ_SOCKET"
 
 // authzRow is a request every served RPC gets in the authorization test, and the code the
-// in-memory core answers an allowed caller with (which proves the call reached the handler).
+// fake writer (writertest) answers an allowed caller with (which proves the call reached the
+// handler).
 type authzRow struct {
 	req     proto.Message
 	allowed codes.Code
@@ -53,7 +56,7 @@ type authzRow struct {
 var authzRows = map[string]authzRow{
 	otav1.Writer_Handshake_FullMethodName: {&otav1.HandshakeRequest{ProtocolVersion: otav1.ProtocolVersion_PROTOCOL_VERSION_1}, codes.OK},
 	otav1.Writer_GetState_FullMethodName:  {&otav1.GetStateRequest{}, codes.OK},
-	otav1.Writer_BeginSession_FullMethodName: {&otav1.BeginSessionRequest{JobId: "authz", FilePath: "mem", FileSize: 4096, BlockSize: 4096},
+	otav1.Writer_BeginSession_FullMethodName: {&otav1.BeginSessionRequest{JobId: "authz", FilePath: writertest.Target, FileSize: 4096, BlockSize: 4096},
 		codes.OK},
 	otav1.Writer_WriteBlocks_FullMethodName: {&otav1.WriteBlocksRequest{SessionId: "none", Seq: 1, Sync: true,
 		Blocks: []*otav1.Block{{Offset: 0, Data: make([]byte, 512)}}}, codes.NotFound},
@@ -61,17 +64,16 @@ var authzRows = map[string]authzRow{
 		Blocks: []*otav1.Block{{Offset: 0, Data: make([]byte, 512)}}}, codes.NotFound},
 	otav1.Writer_FinishSession_FullMethodName: {&otav1.FinishSessionRequest{SessionId: "none"}, codes.NotFound},
 	otav1.Writer_AbortSession_FullMethodName:  {&otav1.AbortSessionRequest{SessionId: "none"}, codes.OK},
-	// memCore answers Activate with an untyped error: the adapter's REASON_OTHER.
-	otav1.Writer_Activate_FullMethodName:      {&otav1.ActivateRequest{SessionId: "none"}, codes.Internal},
+	otav1.Writer_Activate_FullMethodName:      {&otav1.ActivateRequest{SessionId: "none"}, codes.NotFound},
 	otav1.Writer_Reboot_FullMethodName:        {&otav1.RebootRequest{}, codes.OK},
 	otav1.Writer_SelfTest_FullMethodName:      {&otav1.SelfTestRequest{JobId: "authz"}, codes.OK},
 	otav1.Writer_Commit_FullMethodName:        {&otav1.CommitRequest{JobId: "authz"}, codes.FailedPrecondition},
 	otav1.Writer_Reject_FullMethodName:        {&otav1.RejectRequest{JobId: "authz"}, codes.OK},
 	otav1.Writer_GetExtensions_FullMethodName: {&otav1.GetExtensionsRequest{}, codes.OK},
-	healthpb.Health_Check_FullMethodName:      {&healthpb.HealthCheckRequest{Service: server.ServiceName}, codes.OK},
+	healthpb.Health_Check_FullMethodName:      {&healthpb.HealthCheckRequest{Service: api.ServiceName}, codes.OK},
 	healthpb.Health_List_FullMethodName:       {&healthpb.HealthListRequest{}, codes.OK},
 	// Server streaming: the first message (the current status) is the answer.
-	healthpb.Health_Watch_FullMethodName: {&healthpb.HealthCheckRequest{Service: server.ServiceName}, codes.OK},
+	healthpb.Health_Watch_FullMethodName: {&healthpb.HealthCheckRequest{Service: api.ServiceName}, codes.OK},
 }
 
 // Case kinds besides the RPCs themselves: what grpc answers before any interceptor runs.
@@ -203,10 +205,10 @@ func TestAuthorization(t *testing.T) {
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			logs := &lockedBuffer{}
-			log := hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Warn, Output: io.MultiWriter(logs, testWriter{t})})
-			r := start(t, newMemCore(4096), server.Options{AllowedUIDs: tt.allowed, Log: log}, server.ListenConfig{Mode: 0o666})
-			os.Chmod(filepath.Dir(r.sock), 0o755)
-			cases := authzCases(t, r.srv)
+			log := hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Warn, Output: io.MultiWriter(logs, writertest.LogWriter(t))})
+			r := writertest.Serve(t, writertest.NewFake(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666}, log)
+			os.Chmod(filepath.Dir(r.Sock), 0o755)
+			cases := authzCases(t, r.Server())
 			w := tt.want(cases)
 
 			in, err := json.Marshal(cases)
@@ -214,7 +216,7 @@ func TestAuthorization(t *testing.T) {
 				t.Fatal(err)
 			}
 			cmd := exec.Command(bin, "-test.run=^$")
-			cmd.Env = append(os.Environ(), authzEnv+"="+r.sock)
+			cmd.Env = append(os.Environ(), authzEnv+"="+r.Sock)
 			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
 			cmd.Stdin = bytes.NewReader(in)
 			var stderr bytes.Buffer
@@ -248,7 +250,7 @@ func TestAuthorization(t *testing.T) {
 				t.Errorf("the refusal does not name uid %d:\n%s", nobody, logs)
 			}
 			// Root is always allowed, and the writer still serves.
-			c := dial(t, r.sock)
+			c := dial(t, r.Sock)
 			if _, err := c.State(t.Context()); err != nil {
 				t.Errorf("root after the cases: %v", err)
 			}
@@ -261,8 +263,8 @@ func TestAuthorization(t *testing.T) {
 func TestAcceptNotStalledByIdlePeers(t *testing.T) {
 	requireRoot(t)
 	const nobody = 65534
-	r := start(t, newMemCore(4096), server.Options{}, server.ListenConfig{Mode: 0o666})
-	os.Chmod(filepath.Dir(r.sock), 0o755)
+	r := start(t, writertest.NewFake(4096), server.Options{}, server.ListenConfig{Mode: 0o666})
+	os.Chmod(filepath.Dir(r.Sock), 0o755)
 	var idle []net.Conn
 	t.Cleanup(func() {
 		for _, c := range idle {
@@ -271,7 +273,7 @@ func TestAcceptNotStalledByIdlePeers(t *testing.T) {
 	})
 	// Allowed peers (root) that stay silent: they pass the uid check and reach grpc.
 	for range 32 {
-		c, err := net.Dial("unix", r.sock)
+		c, err := net.Dial("unix", r.Sock)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -285,7 +287,7 @@ func TestAcceptNotStalledByIdlePeers(t *testing.T) {
 		}
 		f := os.NewFile(uintptr(fd), "idle")
 		// SO_PEERCRED records the credentials of the process at connect: connect as nobody.
-		if err := connectAs(t, fd, r.sock, nobody); err != nil {
+		if err := connectAs(t, fd, r.Sock, nobody); err != nil {
 			f.Close()
 			t.Fatal(err)
 		}
@@ -298,7 +300,7 @@ func TestAcceptNotStalledByIdlePeers(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(t.Context(), 5*time.Second)
 	defer cancel()
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	if _, err := c.State(ctx); err != nil {
 		t.Fatalf("caller behind %d idle peers: %v", len(idle), err)
 	}

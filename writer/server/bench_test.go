@@ -5,12 +5,14 @@ import (
 	"testing"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // BenchmarkBlockPath compares the two block paths of the contract over a real Unix socket:
 // the WriteBlocks stream and the WriteBatch unary call, one block per message and batched to
-// 128 KiB per message. The core discards blocks, so this is the transport's figure only
+// 128 KiB per message. The fake writer discards blocks, so this is the transport's figure only
 // (the engine's own benchmarks add the medium). One op = one block.
 //
 //	go test -run '^$' -bench BlockPath -benchtime 2s ./writer/server/
@@ -20,8 +22,8 @@ func BenchmarkBlockPath(b *testing.B) {
 		for _, per := range []int{1, maxBlock / bs} {
 			for _, mode := range []string{"stream", "unary"} {
 				b.Run(fmt.Sprintf("%s/block=%dKiB/per_msg=%d", mode, bs>>10, per), func(b *testing.B) {
-					core := newMemCore(maxBlock)
-					core.discard = true
+					core := writertest.NewFake(maxBlock)
+					core.Discard = true
 					benchBlockPath(b, core, mode, bs, per)
 				})
 			}
@@ -31,12 +33,12 @@ func BenchmarkBlockPath(b *testing.B) {
 
 var fakeSig = append([]byte{0x30, 0x44, 0x02, 0x20}, append(make([]byte, 32), append([]byte{0x02, 0x20}, make([]byte, 32)...)...)...)
 
-func benchBlockPath(b *testing.B, core server.Core, mode string, bs, per int) {
+func benchBlockPath(b *testing.B, core api.Writer, mode string, bs, per int) {
 	r := start(b, core, server.Options{}, server.ListenConfig{})
-	c := dial(b, r.sock)
+	c := dial(b, r.Sock)
 	ctx := b.Context()
 	const fileSize = 256 << 20
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "bench", FilePath: "mem", FileSize: fileSize, BlockSize: uint32(bs),
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "bench", FilePath: writertest.Target, FileSize: fileSize, BlockSize: uint32(bs),
 		// Only checked at Finish, which the benchmark never reaches; a DER-shaped value.
 		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig, CertName: certName})
 	if err != nil {

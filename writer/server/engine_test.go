@@ -2,13 +2,8 @@ package server_test
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/sha256"
-	"crypto/x509"
 	"encoding/hex"
-	"encoding/pem"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -17,11 +12,13 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
-	"github.com/gwota/gwota/writer/server"
-
+	"github.com/gwota/gwota/test/sign"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/engine"
+	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // BenchmarkBlockPathEngine is BenchmarkBlockPath with the real engine behind the socket:
@@ -49,15 +46,15 @@ func newBenchEngine(b testing.TB, maxBlock uint32) *engine.Engine {
 
 // newEngineWithKey returns an engine over file-backed slots in a temporary directory, the
 // private key it trusts, and that directory.
-func newEngineWithKey(b testing.TB, maxBlock uint32) (*engine.Engine, *ecdsa.PrivateKey, string) {
+func newEngineWithKey(b testing.TB, maxBlock uint32) (*engine.Engine, *sign.Identity, string) {
 	r := newEngineRig(b, maxBlock)
-	return r.e, r.key, r.dir
+	return r.e, r.id, r.dir
 }
 
 // engineRig is an engine over file-backed slots with the file boot backend it drives.
 type engineRig struct {
 	e    *engine.Engine
-	key  *ecdsa.PrivateKey
+	id   *sign.Identity
 	dir  string
 	boot *boot.File
 }
@@ -67,10 +64,14 @@ const certName = "pub.pem"
 
 func newEngineRig(b testing.TB, maxBlock uint32) *engineRig {
 	dir := b.TempDir()
-	key, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	der, _ := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	id, err := sign.NewIdentity("ota-signer")
+	if err != nil {
+		b.Fatal(err)
+	}
 	pub := filepath.Join(dir, "pub.pem")
-	os.WriteFile(pub, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600)
+	if err := id.WritePublicKey(pub); err != nil {
+		b.Fatal(err)
+	}
 	for _, s := range []string{"a", "b"} {
 		os.WriteFile(filepath.Join(dir, "slot_"+s), nil, 0o600)
 	}
@@ -81,7 +82,7 @@ max_block_size = %d
 [[target]]
 name = "mem"
 kind = "ab"
-file_paths = ["mem"]
+file_paths = ["/fw"]
 slots = [%q, %q]
 `, filepath.Join(dir, "state"), pub, maxBlock, filepath.Join(dir, "slot_a"), filepath.Join(dir, "slot_b")))
 	if err != nil {
@@ -97,21 +98,21 @@ slots = [%q, %q]
 		b.Fatal(err)
 	}
 	b.Cleanup(func() { e.Close() })
-	return &engineRig{e: e, key: key, dir: dir, boot: bt}
+	return &engineRig{e: e, id: id, dir: dir, boot: bt}
 }
 
 // A session with small blocks has a missing-block bitmap far larger than the block message
 // limit; BeginSession and GetState must still reach the client.
 func TestLargeBitmapOverSocket(t *testing.T) {
 	r := start(t, newBenchEngine(t, 4096), server.Options{}, server.ListenConfig{})
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	const size, bs = 64 << 20, 256
-	res, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "big", FilePath: "mem", FileSize: size, BlockSize: bs,
+	res, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "big", FilePath: writertest.Target, FileSize: size, BlockSize: bs,
 		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: fakeSig, CertName: certName})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got, limit := len(res.GetSession().GetMissing()), server.MaxMessageSize(4096); got != size/bs/8 || got <= limit {
+	if got, limit := len(res.GetSession().GetMissing()), api.MaxMessageSize(4096); got != size/bs/8 || got <= limit {
 		t.Fatalf("bitmap of %d bytes, want %d (above the %d-byte request limit)", got, size/bs/8, limit)
 	}
 	st, err := c.State(t.Context())
@@ -126,17 +127,17 @@ func TestLargeBitmapOverSocket(t *testing.T) {
 // The whole session through the client, the socket and the real engine: stream, durable
 // acks, verification of an ECDSA signature, activation.
 func TestEngineSessionOverStream(t *testing.T) {
-	eng, key, dir := newEngineWithKey(t, 4096)
+	eng, signer, dir := newEngineWithKey(t, 4096)
 	r := start(t, eng, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	ctx := t.Context()
 	img := randBytes(t, 75*4096+321)
 	sum := sha256.Sum256(img)
-	sig, err := ecdsa.SignASN1(rand.Reader, key, sum[:])
+	sig, err := signer.Sign(img)
 	if err != nil {
 		t.Fatal(err)
 	}
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "happy", FilePath: "mem", FileSize: uint64(len(img)), BlockSize: 4096,
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "happy", FilePath: writertest.Target, FileSize: uint64(len(img)), BlockSize: 4096,
 		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig, CertName: certName})
 	if err != nil {
 		t.Fatal(err)

@@ -2,9 +2,6 @@ package server_test
 
 import (
 	"bytes"
-	"crypto/ecdsa"
-	"crypto/rand"
-	"crypto/sha256"
 	"os"
 	"path/filepath"
 	"testing"
@@ -15,6 +12,7 @@ import (
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/client"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // wireCalls drives the real engine through the gRPC server on a Unix socket and notes each
@@ -41,7 +39,7 @@ func (w *wireCalls) note(call string, err error) {
 }
 
 func (w *wireCalls) begin(job string) {
-	res, err := w.c.Begin(w.t.Context(), &otav1.BeginSessionRequest{JobId: job, FilePath: "mem", FileSize: uint64(len(w.img)), BlockSize: wireBlock,
+	res, err := w.c.Begin(w.t.Context(), &otav1.BeginSessionRequest{JobId: job, FilePath: writertest.Target, FileSize: uint64(len(w.img)), BlockSize: wireBlock,
 		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: w.sig, CertName: certName})
 	if err == nil {
 		w.id = res.GetSession().GetSessionId()
@@ -122,12 +120,11 @@ func TestNoWriteIntoPendingSlotOverSocket(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			r := newEngineRig(t, 4096)
 			w := &wireCalls{t: t, r: r, img: randBytes(t, 8*wireBlock+100)}
-			sum := sha256.Sum256(w.img)
 			var err error
-			if w.sig, err = ecdsa.SignASN1(rand.Reader, r.key, sum[:]); err != nil {
+			if w.sig, err = r.id.Sign(w.img); err != nil {
 				t.Fatal(err)
 			}
-			w.c = dial(t, start(t, r.e, server.Options{}, server.ListenConfig{}).sock)
+			w.c = dial(t, start(t, r.e, server.Options{}, server.ListenConfig{}).Sock)
 			tc.run(w)
 			if d := cmp.Diff(tc.want, w.got); d != "" {
 				t.Fatalf("calls (-want +got):\n%s", d)

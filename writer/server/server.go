@@ -1,6 +1,6 @@
-// Package server is the thin gRPC adapter of the writer: it serves a Core (writer/engine) on
-// a Unix socket, checks the peer credentials of each connection (at accept) and of each
-// request, and converts the core's typed errors to gRPC statuses at one boundary (the
+// Package server is the thin gRPC adapter of the writer: it serves an api.Writer
+// (writer/engine) on a Unix socket, checks the peer credentials of each connection (at accept) and of each
+// request, and converts the writer's typed errors to gRPC statuses at one boundary (the
 // interceptors). Handlers never build statuses.
 package server
 
@@ -21,36 +21,21 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 )
-
-// Message size budget. A WriteBlocksRequest carries at most MaxBlockSize bytes of block data
-// (one full block, or several smaller ones) and at most MaxBlocksPerMessage blocks; the rest
-// of the budget is protobuf framing: per block the offset and length prefixes, per message
-// the session id, seq and sync flag.
-const (
-	MaxBlocksPerMessage = 256
-	perBlockOverhead    = 24
-	perMessageOverhead  = 1024
-)
-
-// MaxResponseSize bounds the writer's responses; clients accept this much.
-const MaxResponseSize = 64 << 20
-
-// MaxMessageSize is the largest gRPC message the writer receives for a given block size.
-func MaxMessageSize(maxBlock uint32) int {
-	return int(maxBlock) + perMessageOverhead + perBlockOverhead*MaxBlocksPerMessage
-}
 
 // Options configure a Server.
 type Options struct {
 	// AllowedUIDs may call the writer besides root.
 	AllowedUIDs []uint32
-	Log         hclog.Logger
+	// MaxBlockSize is the writer's largest block (the engine's max_block_size): it sizes the
+	// receive limit (api.MaxMessageSize). 0: api.DefaultMaxMessageSize.
+	MaxBlockSize uint32
 }
 
-// Server serves a Core over gRPC.
+// Server serves an api.Writer over gRPC.
 type Server struct {
-	core   Core
+	impl   api.Writer
 	log    hclog.Logger
 	grpc   *grpc.Server
 	health *health.Server
@@ -58,24 +43,22 @@ type Server struct {
 	maxMsg int
 }
 
-// ServiceName is the health-checked service name of the writer.
-const ServiceName = "ota.v1.Writer"
+// recvPool holds receive buffers, sized for block messages (see api.BufferTiers).
+var recvPool = mem.NewTieredBufferPool(api.BufferTiers()...)
 
-// New builds a server for core. Call Serve with a listener (Listen, or one passed by systemd).
-// recvPool holds receive buffers. grpc's default pool has no tier between 32 KiB and 1 MiB,
-// so every 64..256 KiB WriteBlocks message took a 1 MiB buffer; under the writer's soft
-// memory limit (GCs empty sync.Pools) that was mostly fresh garbage. Tiers: powers of two plus
-// room for a message's framing, as in writer/client.
-var recvPool = mem.NewTieredBufferPool(256, 4<<10, 16<<10, 32<<10,
-	64<<10+4<<10, 128<<10+4<<10, 256<<10+4<<10, 512<<10+4<<10, 1<<20+16<<10)
-
-func New(core Core, opts Options) *Server {
-	log := opts.Log
+// New builds a server for impl, the writer (writer/engine). Call Serve with a listener
+// (Listen, or one passed by systemd). log is the process's logger (nil: none); the server logs
+// under its own name.
+func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 	if log == nil {
 		log = hclog.NewNullLogger()
 	}
 	log = log.Named("server")
-	s := &Server{core: core, log: log, health: health.NewServer(), maxMsg: MaxMessageSize(core.MaxBlockSize())}
+	maxMsg := api.DefaultMaxMessageSize
+	if opts.MaxBlockSize > 0 {
+		maxMsg = api.MaxMessageSize(opts.MaxBlockSize)
+	}
+	s := &Server{impl: impl, log: log, health: health.NewServer(), maxMsg: maxMsg}
 	auth := newAuthorizer(opts.AllowedUIDs, log.Named("auth"))
 	s.auth = auth
 	s.grpc = grpc.NewServer(
@@ -83,7 +66,7 @@ func New(core Core, opts Options) *Server {
 		grpc.MaxRecvMsgSize(s.maxMsg),
 		// Responses carry missing-block bitmaps (up to 8 MiB per session with small blocks):
 		// they are bounded by the writer's own state, not by the block size.
-		grpc.MaxSendMsgSize(MaxResponseSize),
+		grpc.MaxSendMsgSize(api.MaxResponseSize),
 		// Errors become statuses outermost, so the authorizer's typed refusal is converted too.
 		grpc.ChainUnaryInterceptor(s.unaryErrors, auth.unary),
 		grpc.ChainStreamInterceptor(s.streamErrors, auth.stream),
@@ -92,7 +75,7 @@ func New(core Core, opts Options) *Server {
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		experimental.BufferPool(recvPool),
 	)
-	otav1.RegisterWriterServer(s.grpc, &service{core: core, log: log, maxMsg: s.maxMsg})
+	otav1.RegisterWriterServer(s.grpc, &service{impl: impl, log: log, maxMsg: s.maxMsg})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	return s
 }
@@ -106,7 +89,7 @@ func (s *Server) Serve(ln net.Listener) error {
 
 func (s *Server) serve(ln net.Listener) error {
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_SERVING)
-	s.health.SetServingStatus(ServiceName, healthpb.HealthCheckResponse_SERVING)
+	s.health.SetServingStatus(api.ServiceName, healthpb.HealthCheckResponse_SERVING)
 	s.log.Info("serving", "addr", ln.Addr().String(), "max_message", s.maxMsg)
 	if err := s.grpc.Serve(ln); err != nil {
 		return fmt.Errorf("serve: %w", err)

@@ -16,7 +16,6 @@ import (
 	"time"
 
 	"github.com/google/go-cmp/cmp"
-	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -24,8 +23,10 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/client"
 	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/writertest"
 )
 
 // helperEnv makes the test binary act as a client (run under another uid by the peer tests).
@@ -51,7 +52,7 @@ func helperClient(sock string) int {
 		return 2
 	}
 	defer c.Close()
-	_, err = c.Handshake(ctx)
+	_, err = c.Handshake(ctx, nil)
 	if err == nil {
 		fmt.Println("ok")
 		return 0
@@ -61,74 +62,14 @@ func helperClient(sock string) int {
 	return 1
 }
 
-func shortDir(t testing.TB) string {
+func start(t testing.TB, impl api.Writer, opts server.Options, lc server.ListenConfig) *writertest.Server {
 	t.Helper()
-	// t.TempDir paths can exceed sun_path with long test names.
-	d, err := os.MkdirTemp("", "ows")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(d) })
-	return d
-}
-
-type running struct {
-	srv  *server.Server
-	sock string
-}
-
-func start(t testing.TB, core server.Core, opts server.Options, lc server.ListenConfig) *running {
-	t.Helper()
-	return startWith(t, core, opts, lc, (*server.Server).Serve)
-}
-
-func startWith(t testing.TB, core server.Core, opts server.Options, lc server.ListenConfig, serve func(*server.Server, net.Listener) error) *running {
-	t.Helper()
-	sock := filepath.Join(shortDir(t), "w.sock")
-	ln, err := server.Listen(sock, lc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if opts.Log == nil {
-		opts.Log = hclog.New(&hclog.LoggerOptions{Name: "test", Level: hclog.Warn, Output: testWriter{t}})
-	}
-	srv := server.New(core, opts)
-	done := make(chan error, 1)
-	go func() { done <- serve(srv, ln) }()
-	t.Cleanup(func() {
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		srv.GracefulStop(ctx)
-		if err := <-done; err != nil {
-			t.Errorf("serve: %v", err)
-		}
-	})
-	return &running{srv: srv, sock: sock}
-}
-
-type testWriter struct{ t testing.TB }
-
-func (w testWriter) Write(p []byte) (int, error) {
-	w.t.Log(strings.TrimRight(string(p), "\n"))
-	return len(p), nil
+	return writertest.Serve(t, impl, opts, lc, nil)
 }
 
 func dial(t testing.TB, sock string) *client.Client {
 	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, sock, client.Options{Name: "test"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := c.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Handshake(ctx); err != nil {
-		t.Fatal(err)
-	}
-	return c
+	return writertest.Dial(t, sock)
 }
 
 func randBytes(t testing.TB, n int) []byte {
@@ -138,17 +79,17 @@ func randBytes(t testing.TB, n int) []byte {
 }
 
 func TestSessionOverStream(t *testing.T) {
-	core := newMemCore(4096)
+	core := writertest.NewFake(4096)
 	r := start(t, core, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	ctx := t.Context()
 
-	if got, want := c.MaxMessageSize(), server.MaxMessageSize(4096); got != want {
+	if got, want := c.MaxMessageSize(), api.MaxMessageSize(4096); got != want {
 		t.Errorf("client send limit after handshake = %d, want the writer's %d", got, want)
 	}
 	const bs = 1024
 	img := randBytes(t, 10*bs+100) // a short last block
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j1", FilePath: "mem", FileSize: uint64(len(img)), BlockSize: bs})
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j1", FilePath: writertest.Target, FileSize: uint64(len(img)), BlockSize: bs})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -198,17 +139,17 @@ func TestSessionOverStream(t *testing.T) {
 	if _, err := c.Finish(ctx, id); err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(core.image(id), img) {
+	if !bytes.Equal(core.Image(id), img) {
 		t.Error("image differs from what was sent")
 	}
 }
 
 func TestWriteBatch(t *testing.T) {
-	core := newMemCore(4096)
+	core := writertest.NewFake(4096)
 	r := start(t, core, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	ctx := t.Context()
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j2", FilePath: "mem", FileSize: 8192, BlockSize: 4096})
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j2", FilePath: writertest.Target, FileSize: 8192, BlockSize: 4096})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -231,12 +172,13 @@ func TestWriteBatch(t *testing.T) {
 
 // Every refusal arrives typed, with the table's gRPC code, and the writer keeps serving.
 func TestTypedErrors(t *testing.T) {
-	core := newMemCore(4096)
-	core.panicOn = true
+	core := writertest.NewFake(4096)
+	core.Panic("Extensions")
+	core.Fail("Activate", writertest.ErrUntyped)
 	r := start(t, core, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.sock)
+	c := dial(t, r.Sock)
 	ctx := t.Context()
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j3", FilePath: "mem", FileSize: 8192, BlockSize: 1024})
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j3", FilePath: writertest.Target, FileSize: 8192, BlockSize: 1024})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -259,7 +201,7 @@ func TestTypedErrors(t *testing.T) {
 			}
 		}
 	}
-	manyBlocks := make([]*otav1.Block, server.MaxBlocksPerMessage+1)
+	manyBlocks := make([]*otav1.Block, api.MaxBlocksPerMessage+1)
 	for i := range manyBlocks {
 		manyBlocks[i] = &otav1.Block{Offset: uint64(i%8) * 1024}
 	}
@@ -279,9 +221,9 @@ func TestTypedErrors(t *testing.T) {
 		}, otav1.Reason_REASON_BAD_FILE_HANDLE, codes.NotFound},
 		{"commit outside trial", func() error { _, err := c.Commit(ctx, ""); return err },
 			otav1.Reason_REASON_BAD_IMAGE_STATE, codes.FailedPrecondition},
-		{"untyped core error", func() error { _, err := c.Activate(ctx, id); return err },
+		{"untyped writer error", func() error { _, err := c.Activate(ctx, id); return err },
 			otav1.Reason_REASON_OTHER, codes.Internal},
-		{"panic in core", func() error { _, err := c.Extensions(ctx); return err },
+		{"panic in the writer", func() error { _, err := c.Extensions(ctx); return err },
 			otav1.Reason_REASON_OTHER, codes.Internal},
 		{"stream: block out of range", func() error {
 			return streamErr(&otav1.WriteBlocksRequest{SessionId: id, Seq: 1, Blocks: []*otav1.Block{{Offset: 1 << 20}}})
@@ -297,7 +239,7 @@ func TestTypedErrors(t *testing.T) {
 		}, otav1.Reason_REASON_INVALID_REQUEST, codes.ResourceExhausted},
 		{"client: message over the writer's limit reads as invalid_request", func() error {
 			// A client that skipped the handshake does not know the limit.
-			raw, err := client.Dial(ctx, r.sock, client.Options{MaxMessageSize: 1 << 22})
+			raw, err := client.Dial(ctx, r.Sock, client.Options{MaxMessageSize: 1 << 22})
 			if err != nil {
 				return err
 			}
@@ -335,14 +277,14 @@ func TestTypedErrors(t *testing.T) {
 
 func TestListen(t *testing.T) {
 	t.Run("path too long", func(t *testing.T) {
-		p := filepath.Join(shortDir(t), strings.Repeat("x", 110))
+		p := filepath.Join(writertest.ShortDir(t), strings.Repeat("x", 110))
 		_, err := server.Listen(p, server.ListenConfig{})
 		if err == nil || !strings.Contains(err.Error(), "sun_path") {
 			t.Fatalf("err = %v, want a sun_path length error", err)
 		}
 	})
 	t.Run("regular file is not removed", func(t *testing.T) {
-		p := filepath.Join(shortDir(t), "w.sock")
+		p := filepath.Join(writertest.ShortDir(t), "w.sock")
 		os.WriteFile(p, []byte("keep"), 0o600)
 		if _, err := server.Listen(p, server.ListenConfig{}); err == nil {
 			t.Fatal("listened over a regular file")
@@ -352,7 +294,7 @@ func TestListen(t *testing.T) {
 		}
 	})
 	t.Run("live socket is not taken over", func(t *testing.T) {
-		p := filepath.Join(shortDir(t), "w.sock")
+		p := filepath.Join(writertest.ShortDir(t), "w.sock")
 		ln, err := server.Listen(p, server.ListenConfig{})
 		if err != nil {
 			t.Fatal(err)
@@ -363,7 +305,7 @@ func TestListen(t *testing.T) {
 		}
 	})
 	t.Run("stale socket is replaced; mode and group", func(t *testing.T) {
-		p := filepath.Join(shortDir(t), "w.sock")
+		p := filepath.Join(writertest.ShortDir(t), "w.sock")
 		stale, err := net.ListenUnix("unix", &net.UnixAddr{Name: p, Net: "unix"})
 		if err != nil {
 			t.Fatal(err)
@@ -414,17 +356,17 @@ func TestPeerUID(t *testing.T) {
 		{"not allowed, no check at accept", nil, server.ServeWithoutConnCheck, "reason=permission_denied/3002 code=PermissionDenied"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			r := startWith(t, newMemCore(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666}, tt.serve)
-			os.Chmod(filepath.Dir(r.sock), 0o755)
+			r := writertest.ServeWith(t, writertest.NewFake(4096), server.Options{AllowedUIDs: tt.allowed}, server.ListenConfig{Mode: 0o666}, nil, tt.serve)
+			os.Chmod(filepath.Dir(r.Sock), 0o755)
 			cmd := exec.Command(bin, "-test.run=^$")
-			cmd.Env = append(os.Environ(), helperEnv+"="+r.sock)
+			cmd.Env = append(os.Environ(), helperEnv+"="+r.Sock)
 			cmd.SysProcAttr = &syscall.SysProcAttr{Credential: &syscall.Credential{Uid: nobody, Gid: nobody}}
 			out, _ := cmd.CombinedOutput()
 			if got := strings.TrimSpace(string(out)); got != tt.want {
 				t.Errorf("client under uid %d: %q, want %q", nobody, got, tt.want)
 			}
 			// Root is always allowed.
-			c := dial(t, r.sock)
+			c := dial(t, r.Sock)
 			if _, err := c.State(t.Context()); err != nil {
 				t.Errorf("root refused: %v", err)
 			}
@@ -433,7 +375,7 @@ func TestPeerUID(t *testing.T) {
 }
 
 func TestWaitReadyWaitsForStart(t *testing.T) {
-	sock := filepath.Join(shortDir(t), "w.sock")
+	sock := filepath.Join(writertest.ShortDir(t), "w.sock")
 	c, err := client.Dial(t.Context(), sock, client.Options{})
 	if err != nil {
 		t.Fatal(err)
@@ -455,7 +397,7 @@ func TestWaitReadyWaitsForStart(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := server.New(newMemCore(4096), server.Options{})
+	srv := server.New(writertest.NewFake(4096), server.Options{}, nil)
 	done := make(chan error, 1)
 	go func() { done <- srv.Serve(ln) }()
 	if err := <-ready; err != nil {

@@ -10,47 +10,49 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 )
 
-// service maps each RPC onto Core. It returns the core's errors unchanged (or typed
-// *status.Error for what it checks itself); the interceptors convert them.
+// service maps each RPC onto the api.Writer (the GRPCServer{Impl} of hashicorp/go-plugin's
+// model). It returns the writer's errors unchanged (or typed *status.Error for what it checks
+// itself); the interceptors convert them.
 type service struct {
 	otav1.UnimplementedWriterServer
-	core   Core
+	impl   api.Writer
 	log    hclog.Logger
 	maxMsg int
 }
 
 func (s *service) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
-	resp, err := s.core.Handshake(ctx, req)
+	resp, err := s.impl.Handshake(ctx, req)
 	if err != nil {
 		return nil, err
 	}
 	if resp == nil {
 		resp = &otav1.HandshakeResponse{}
 	}
-	// The transport limit is the adapter's business, not the core's.
+	// The transport limit is the adapter's business, not the writer's.
 	resp.MaxMessageSize = uint32(s.maxMsg)
 	s.log.Debug("handshake", "client", req.GetClient(), "protocol", req.GetProtocolVersion())
 	return resp, nil
 }
 
 func (s *service) GetState(ctx context.Context, _ *otav1.GetStateRequest) (*otav1.DeviceState, error) {
-	return s.core.State(ctx)
+	return s.impl.State(ctx)
 }
 
 func (s *service) BeginSession(ctx context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
-	return s.core.Begin(ctx, req)
+	return s.impl.Begin(ctx, req)
 }
 
 func checkBatch(req *otav1.WriteBlocksRequest) error {
-	if n := len(req.GetBlocks()); n > MaxBlocksPerMessage {
-		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "%d blocks in one message, at most %d", n, MaxBlocksPerMessage)
+	if n := len(req.GetBlocks()); n > api.MaxBlocksPerMessage {
+		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "%d blocks in one message, at most %d", n, api.MaxBlocksPerMessage)
 	}
 	return nil
 }
 
-func ack(sessionID string, seq uint64, r WriteResult) *otav1.WriteAck {
+func ack(sessionID string, seq uint64, r api.WriteResult) *otav1.WriteAck {
 	a := &otav1.WriteAck{SessionId: sessionID, DurableBlocks: r.Durable, TotalBlocks: r.Total, ReceivedBlocks: r.Received}
 	if r.Synced {
 		a.DurableSeq = seq
@@ -58,7 +60,7 @@ func ack(sessionID string, seq uint64, r WriteResult) *otav1.WriteAck {
 	return a
 }
 
-// WriteBlocks: one session per stream, seq strictly increasing, an ack each time the core
+// WriteBlocks: one session per stream, seq strictly increasing, an ack each time the writer
 // reports everything so far durable. The first error ends the stream with its reason; the
 // client reopens a stream and resumes from the last acknowledged seq.
 func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksRequest, otav1.WriteAck]) error {
@@ -95,7 +97,7 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 		if err := checkBatch(req); err != nil {
 			return err
 		}
-		res, err := s.core.Write(ctx, sessionID, req.GetBlocks(), req.GetSync())
+		res, err := s.impl.Write(ctx, sessionID, req.GetBlocks(), req.GetSync())
 		if err != nil {
 			return err
 		}
@@ -115,7 +117,7 @@ func (s *service) WriteBatch(ctx context.Context, req *otav1.WriteBlocksRequest)
 	if err := checkBatch(req); err != nil {
 		return nil, err
 	}
-	res, err := s.core.Write(ctx, req.GetSessionId(), req.GetBlocks(), req.GetSync())
+	res, err := s.impl.Write(ctx, req.GetSessionId(), req.GetBlocks(), req.GetSync())
 	if err != nil {
 		return nil, err
 	}
@@ -123,41 +125,41 @@ func (s *service) WriteBatch(ctx context.Context, req *otav1.WriteBlocksRequest)
 }
 
 func (s *service) FinishSession(ctx context.Context, req *otav1.FinishSessionRequest) (*otav1.FinishSessionResponse, error) {
-	return s.core.Finish(ctx, req.GetSessionId())
+	return s.impl.Finish(ctx, req.GetSessionId())
 }
 
 func (s *service) AbortSession(ctx context.Context, req *otav1.AbortSessionRequest) (*otav1.AbortSessionResponse, error) {
-	if err := s.core.Abort(ctx, req.GetSessionId(), req.GetReason()); err != nil {
+	if err := s.impl.Abort(ctx, req.GetSessionId(), req.GetReason()); err != nil {
 		return nil, err
 	}
 	return &otav1.AbortSessionResponse{}, nil
 }
 
 func (s *service) Activate(ctx context.Context, req *otav1.ActivateRequest) (*otav1.ActivateResponse, error) {
-	return s.core.Activate(ctx, req.GetSessionId())
+	return s.impl.Activate(ctx, req.GetSessionId())
 }
 
 func (s *service) Reboot(ctx context.Context, _ *otav1.RebootRequest) (*otav1.RebootResponse, error) {
-	if err := s.core.Reboot(ctx); err != nil {
+	if err := s.impl.Reboot(ctx); err != nil {
 		return nil, err
 	}
 	return &otav1.RebootResponse{}, nil
 }
 
 func (s *service) SelfTest(ctx context.Context, req *otav1.SelfTestRequest) (*otav1.SelfTestResponse, error) {
-	return s.core.SelfTest(ctx, req.GetJobId())
+	return s.impl.SelfTest(ctx, req.GetJobId())
 }
 
 func (s *service) Commit(ctx context.Context, req *otav1.CommitRequest) (*otav1.CommitResponse, error) {
-	return s.core.Commit(ctx, req.GetJobId())
+	return s.impl.Commit(ctx, req.GetJobId())
 }
 
 func (s *service) Reject(ctx context.Context, req *otav1.RejectRequest) (*otav1.RejectResponse, error) {
-	return s.core.Reject(ctx, req.GetJobId(), req.GetReason())
+	return s.impl.Reject(ctx, req.GetJobId(), req.GetReason())
 }
 
 func (s *service) GetExtensions(ctx context.Context, _ *otav1.GetExtensionsRequest) (*otav1.GetExtensionsResponse, error) {
-	v, err := s.core.Extensions(ctx)
+	v, err := s.impl.Extensions(ctx)
 	if err != nil {
 		return nil, err
 	}

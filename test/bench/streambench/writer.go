@@ -2,27 +2,23 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/sha256"
-	"crypto/x509"
-	"encoding/pem"
 	"fmt"
-	"io"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"syscall"
 	"time"
+
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/sign"
 )
 
 // otaWriter is a real ota-writer serving on a socket, with an A/B target of two slot files
 // and its own trust store (one ECDSA P-256 key made here).
 type otaWriter struct {
 	sock string
-	key  *ecdsa.PrivateKey
+	id   *sign.Identity
 	cmd  *exec.Cmd
 }
 
@@ -31,16 +27,12 @@ func startWriter(ctx context.Context, bin, dir string, maxBlock int) (*otaWriter
 	if err := os.MkdirAll(wd, 0o700); err != nil {
 		return nil, err
 	}
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	der, err := x509.MarshalPKIXPublicKey(&key.PublicKey)
+	id, err := sign.NewIdentity("bench-signer")
 	if err != nil {
 		return nil, err
 	}
 	pub := filepath.Join(wd, "pub.pem")
-	if err := os.WriteFile(pub, pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: der}), 0o600); err != nil {
+	if err := id.WritePublicKey(pub); err != nil {
 		return nil, err
 	}
 	for _, s := range []string{"slot_a", "slot_b"} {
@@ -48,7 +40,7 @@ func startWriter(ctx context.Context, bin, dir string, maxBlock int) (*otaWriter
 			return nil, err
 		}
 	}
-	w := &otaWriter{sock: filepath.Join(wd, "w.sock"), key: key}
+	w := &otaWriter{sock: filepath.Join(wd, "w.sock"), id: id}
 	conf := fmt.Sprintf(`socket = %q
 state_dir = %q
 trusted_keys = [%q]
@@ -93,18 +85,10 @@ func (w *otaWriter) stop() {
 	w.cmd.Wait()
 }
 
-// signImage writes img.sig: the ASN.1 DER ECDSA signature of the image's SHA-256.
+// signImage writes img.sig: the ASN.1 DER ECDSA signature of the image's SHA-256, hashed as
+// a stream.
 func signImage(w *otaWriter, img string) error {
-	f, err := os.Open(img)
-	if err != nil {
-		return err
-	}
-	defer f.Close()
-	h := sha256.New()
-	if _, err := io.Copy(h, f); err != nil {
-		return err
-	}
-	sig, err := ecdsa.SignASN1(rand.Reader, w.key, h.Sum(nil))
+	sig, err := sign.File(context.Background(), img, w.id.KeyPEM, backend.SigSHA256ECDSA)
 	if err != nil {
 		return err
 	}

@@ -3,11 +3,6 @@ package main
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
-	"crypto/x509"
-	"encoding/pem"
 	"net"
 	"net/url"
 	"os"
@@ -19,6 +14,8 @@ import (
 	"time"
 
 	"github.com/eclipse/paho.golang/paho"
+
+	"github.com/gwota/gwota/test/sign"
 )
 
 // The real binary starts, creates a signed job from a file and prints each update a device
@@ -31,10 +28,12 @@ func TestCommandPrintsUpdates(t *testing.T) {
 	}
 	img := filepath.Join(dir, "fw v1.img")
 	os.WriteFile(img, make([]byte, 5000), 0o600)
-	k, _ := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	der, _ := x509.MarshalPKCS8PrivateKey(k)
+	id, err := sign.NewIdentity("ota-signer")
+	if err != nil {
+		t.Fatal(err)
+	}
 	keyPath := filepath.Join(dir, "signer.key")
-	os.WriteFile(keyPath, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: der}), 0o600)
+	os.WriteFile(keyPath, id.KeyPEM, 0o600)
 
 	cmd := exec.Command(bin, "--listen", "127.0.0.1:0", "--http", "127.0.0.1:0", "--thing", "gw-07", "--job-file", img, "--key", keyPath)
 	stdout, err := cmd.StdoutPipe()

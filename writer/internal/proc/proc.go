@@ -1,6 +1,8 @@
-// Package proc runs a configured helper command (status extension provider, self-test check)
-// under a deadline: in its own process group, with capped output, and with the whole group
-// killed on timeout and after the command exits, so nothing it started outlives the call.
+// Package proc runs the writer's configured helper commands, for both of their users: the
+// status extension providers (writer/ext) and the self-test checks (writer/selftest). Internal
+// to writer/: nothing outside the privileged writer runs them. A command runs under a
+// deadline, in its own process group, with capped output, and with the whole group killed on
+// timeout and after the command exits, so nothing it started outlives the call.
 package proc
 
 import (

@@ -1,46 +1,49 @@
-// Package depcheck proves the privilege split at link time: the network agent never links the
-// writer's server-side code, and the writer never links MQTT code (nor the network agent).
+// Package deptest proves the privilege split at link time: the network agent never links the
+// writer's privileged code, and the writer never links MQTT code (nor the network agent). The
+// checks of both binaries are in this package's TestSplit.
 //
-// Checker is the check itself, also used by cmd/ota-net. Every package it lists, forbidden or
-// required, must exist: a renamed or removed package would otherwise turn a check into one
-// that passes without checking anything (tailscale's deptest.DepChecker fails the same way).
-package depcheck
+// DepChecker is the check itself (after tailscale's deptest.DepChecker). Every package it
+// lists, forbidden or required, must exist: a renamed or removed package would otherwise turn
+// a check into one that passes without checking anything.
+package deptest
 
 import (
 	"bytes"
 	"context"
 	"fmt"
+	"maps"
 	"os/exec"
 	"slices"
 	"strings"
 	"testing"
 )
 
-// Checker checks the packages linked into one package (a binary).
-type Checker struct {
+// DepChecker checks the packages linked into one package (a binary).
+type DepChecker struct {
 	// Dir is where go list runs (inside the module); "" is the current directory.
 	Dir string
 	// Package is the import path (or ".") whose linked packages are checked.
 	Package string
-	// Forbidden: packages that must not be linked. An entry stands for itself and everything
-	// below it ("github.com/eclipse/paho.golang" is the whole module).
-	Forbidden []string
-	// Required: packages that must be linked (same matching): they show that the list of
-	// linked packages is the real one and the check is not vacuous.
-	Required []string
+	// BadDeps: packages that must not be linked, each with why. An entry stands for itself
+	// and everything below it ("github.com/eclipse/paho.golang" is the whole module).
+	BadDeps map[string]string
+	// WantDeps: packages that must be linked (same matching), each with why: they show that
+	// the list of linked packages is the real one and the check is not vacuous.
+	WantDeps map[string]string
 }
 
 // Problems returns every problem found, empty when the check passes.
-func (c Checker) Problems(ctx context.Context) []string {
+func (c DepChecker) Problems(ctx context.Context) []string {
 	if c.Package == "" {
-		return []string{"depcheck: no package to check"}
+		return []string{"deptest: no package to check"}
 	}
-	if len(c.Forbidden) == 0 {
-		return []string{fmt.Sprintf("depcheck %s: no forbidden packages listed", c.Package)}
+	if len(c.BadDeps) == 0 {
+		return []string{fmt.Sprintf("deptest %s: no forbidden packages listed", c.Package)}
 	}
 	var problems []string
+	bad, want := slices.Sorted(maps.Keys(c.BadDeps)), slices.Sorted(maps.Keys(c.WantDeps))
 	// Existence first: a listed package that no longer exists is a failure, never a skip.
-	listed := slices.Concat(c.Forbidden, c.Required)
+	listed := slices.Concat(bad, want)
 	patterns := make([]string, len(listed))
 	for i, p := range listed {
 		patterns[i] = p + "/..." // p itself and everything below it
@@ -52,7 +55,7 @@ func (c Checker) Problems(ctx context.Context) []string {
 	for _, p := range listed {
 		if !slices.ContainsFunc(known, func(k string) bool { return under(k, p) }) {
 			kind := "forbidden"
-			if slices.Contains(c.Required, p) {
+			if _, ok := c.WantDeps[p]; ok {
 				kind = "required"
 			}
 			problems = append(problems, fmt.Sprintf("%s: %s package %s does not exist (renamed or removed? update the list)", c.Package, kind, p))
@@ -63,22 +66,22 @@ func (c Checker) Problems(ctx context.Context) []string {
 		return append(problems, err.Error())
 	}
 	for _, d := range deps {
-		for _, f := range c.Forbidden {
+		for _, f := range bad {
 			if under(d, f) {
-				problems = append(problems, fmt.Sprintf("%s links %s (forbidden: %s)", c.Package, d, f))
+				problems = append(problems, fmt.Sprintf("%s links %s (forbidden: %s: %s)", c.Package, d, f, c.BadDeps[f]))
 			}
 		}
 	}
-	for _, r := range c.Required {
+	for _, r := range want {
 		if !slices.ContainsFunc(deps, func(d string) bool { return under(d, r) }) {
-			problems = append(problems, fmt.Sprintf("%s does not link %s, which it must", c.Package, r))
+			problems = append(problems, fmt.Sprintf("%s does not link %s, which it must: %s", c.Package, r, c.WantDeps[r]))
 		}
 	}
 	return problems
 }
 
 // Check reports every problem as a test error.
-func (c Checker) Check(t testing.TB) {
+func (c DepChecker) Check(t testing.TB) {
 	t.Helper()
 	for _, p := range c.Problems(t.Context()) {
 		t.Error(p)
@@ -88,7 +91,7 @@ func (c Checker) Check(t testing.TB) {
 // under reports whether pkg is p or below it.
 func under(pkg, p string) bool { return pkg == p || strings.HasPrefix(pkg, p+"/") }
 
-func (c Checker) goList(ctx context.Context, args ...string) ([]string, error) {
+func (c DepChecker) goList(ctx context.Context, args ...string) ([]string, error) {
 	cmd := exec.CommandContext(ctx, "go", append([]string{"list"}, args...)...)
 	cmd.Dir = c.Dir
 	var stderr bytes.Buffer

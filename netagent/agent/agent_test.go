@@ -213,6 +213,7 @@ func (w *writerRig) start(bootNow bool) {
 		w.sock = w.srv.Sock
 		return
 	}
+	w.srv.SetLogger(w.logger())
 	w.srv.Restart(eng)
 }
 

@@ -102,6 +102,9 @@ func (s *Server) Restart(impl api.Writer) {
 	s.Start()
 }
 
+// SetLogger gives the adapter started by the next Start or Restart this logger.
+func (s *Server) SetLogger(log hclog.Logger) { s.log = log }
+
 // Kill stops serving at once: connections are cut, nothing graceful.
 func (s *Server) Kill() {
 	s.mu.Lock()

@@ -15,6 +15,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/term"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
@@ -180,12 +181,9 @@ func flashImage(ctx context.Context, core server.Core, req *otav1.BeginSessionRe
 	}
 	size := int64(req.GetFileSize())
 	total := (size + bs - 1) / bs
-	missing := sess.GetMissing()
+	missing := bitmap.Bitmap(sess.GetMissing())
 	isMissing := func(k int64) bool {
-		if !begin.GetResumed() || len(missing) == 0 {
-			return true
-		}
-		return int(k>>3) < len(missing) && missing[k>>3]&(1<<(k&7)) != 0
+		return !begin.GetResumed() || len(missing) == 0 || missing.Has(int(k))
 	}
 	perBatch := max(1, flashBatch/bs)
 	buf := make([]byte, perBatch*bs)

@@ -13,7 +13,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/bits"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -22,6 +21,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/gwota/gwota/internal/crashpoint"
+	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobdoc"
 	"github.com/gwota/gwota/netagent/jobs"
@@ -366,7 +366,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		j.sessions = append(j.sessions, sess)
 		info := sess.Info()
 		total := info.GetTotalBlocks()
-		have := total - uint64(popcount(sess.Missing()))
+		have := total - uint64(sess.Missing().Count())
 		if s := info.GetState(); s == otav1.SessionState_SESSION_STATE_VERIFIED || s == otav1.SessionState_SESSION_STATE_ACTIVATED {
 			j.log.Info("file already verified", "file", f.Index)
 			continue
@@ -377,7 +377,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			return false
 		}
 		j.started = true
-		if err := j.download(ctx, doc, f, proto, sess, have, total); err != nil {
+		if err := j.download(ctx, doc, f, proto, sess); err != nil {
 			j.fail(ctx, err, "")
 			return false
 		}
@@ -454,16 +454,17 @@ func (j *job) reboot(ctx context.Context) bool {
 	return true
 }
 
-// download fetches the missing blocks of f into sess.
-func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session, have, total uint64) error {
+// download fetches the missing blocks of f into sess. The downloader tells the reporter its
+// progress; the writer link's sink goes to it as it is (the downloader needs all of it:
+// Sync in a quiet network, Durable in progress, the resumed-session error).
+func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session) error {
 	a := j.a
-	var sink Sink
+	var sink blocksink.Sink
 	if err := a.call(ctx, "open sink", func(ctx context.Context) (err error) { sink, err = sess.OpenSink(ctx); return err }); err != nil {
 		return err
 	}
 	defer sink.Close()
-	cs := &countingSink{Sink: sink, total: total, rep: j.rep}
-	cs.have.Store(have)
+	progress := func(p blocksink.Progress) { j.rep.Progress(uint64(p.Received), uint64(p.Total)) }
 	switch proto {
 	case jobdoc.ProtocolHTTP:
 		refresh := func(ctx context.Context) (string, error) {
@@ -480,59 +481,16 @@ func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File,
 			}
 			return d.Files[f.Index].UpdateDataURL, nil
 		}
-		st, err := a.http.Download(ctx, httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: sess.BlockSize()}, sess.Missing(), cs, refresh)
-		j.log.Debug("http download", "stats", fmt.Sprintf("%+v", st), "error", err)
+		hf := httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
+		st, err := a.http.Download(ctx, hf, sess.Missing(), sink, refresh)
+		j.log.Debug("http download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err
 	default:
-		st, err := a.stream.Download(ctx, stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: sess.BlockSize()}, sess.Missing(), cs)
-		j.log.Debug("stream download", "stats", fmt.Sprintf("%+v", st), "error", err)
+		sf := stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
+		st, err := a.stream.Download(ctx, sf, sess.Missing(), sink)
+		j.log.Debug("stream download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err
 	}
-}
-
-// countingSink reports progress as blocks reach the writer.
-type countingSink struct {
-	Sink
-	have  atomic.Uint64
-	total uint64
-	rep   *report.Reporter
-}
-
-func (c *countingSink) WriteBlock(ctx context.Context, i int, data []byte) error {
-	err := c.Sink.WriteBlock(ctx, i, data)
-	c.after(err)
-	if err == nil {
-		crashpoint.Hit(crashpoint.NetBlock)
-	}
-	return err
-}
-
-func (c *countingSink) Flush(ctx context.Context) error {
-	err := c.Sink.Flush(ctx)
-	if err != nil {
-		c.after(err)
-	}
-	return err
-}
-
-func (c *countingSink) after(err error) {
-	var m interface{ Missing() []byte }
-	switch {
-	case err == nil:
-		c.rep.Progress(min(c.have.Add(1), c.total), c.total)
-	case errors.As(err, &m):
-		// The writer came back and lost what was not durable: recount from its bitmap.
-		c.have.Store(c.total - uint64(popcount(m.Missing())))
-		c.rep.Progress(c.have.Load(), c.total)
-	}
-}
-
-func popcount(b []byte) int {
-	n := 0
-	for _, x := range b {
-		n += bits.OnesCount8(x)
-	}
-	return n
 }
 
 // selfTest runs in a trial boot of this job: active, self test, commit or reject. lu is the

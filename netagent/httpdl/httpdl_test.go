@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -17,6 +18,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"go.uber.org/goleak"
 
+	"github.com/gwota/gwota/internal/bitmap"
+	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/httpdl"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -34,10 +37,13 @@ func TestMain(m *testing.M) {
 	)
 }
 
+// memSink keeps blocks in memory; what it holds counts as durable at a Sync or Flush.
 type memSink struct {
-	mu     sync.Mutex
-	blocks map[int][]byte
-	writes int
+	mu      sync.Mutex
+	blocks  map[int][]byte
+	writes  int
+	durable int
+	syncs   []int // blocks held at each Sync
 }
 
 func newSink() *memSink { return &memSink{blocks: map[int][]byte{}} }
@@ -49,7 +55,28 @@ func (s *memSink) WriteBlock(_ context.Context, i int, d []byte) error {
 	s.writes++
 	return nil
 }
-func (s *memSink) Flush(context.Context) error { return nil }
+func (s *memSink) Flush(context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.durable = len(s.blocks)
+	return nil
+}
+
+func (s *memSink) Sync(context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.durable = len(s.blocks)
+	s.syncs = append(s.syncs, len(s.blocks))
+	return nil
+}
+
+func (s *memSink) Durable() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.durable
+}
+
+func (s *memSink) Close() {}
 
 func (s *memSink) image(t *testing.T, n, bs int) []byte {
 	t.Helper()
@@ -114,10 +141,10 @@ func dl(t *testing.T, cfg httpdl.Config) *httpdl.Downloader {
 	return d
 }
 
-func bitmap(total int, missing ...int) []byte {
-	b := make([]byte, (total+7)/8)
+func missingOf(total int, missing ...int) bitmap.Bitmap {
+	b := bitmap.New(total)
 	for _, i := range missing {
-		b[i>>3] |= 1 << (i & 7)
+		b.Set(i)
 	}
 	return b
 }
@@ -180,7 +207,7 @@ func TestResumeFetchesOnlyMissing(t *testing.T) {
 	const bs = 4096
 	img := randImage(100 * bs)
 	s := newServer(t, img)
-	missing := bitmap(100, 3, 4, 5, 6, 40, 41, 99)
+	missing := missingOf(100, 3, 4, 5, 6, 40, 41, 99)
 	sink := newSink()
 	st, err := dl(t, httpdl.Config{MergeGap: -1}).Download(context.Background(), httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}, missing, sink, nil)
 	if err != nil {
@@ -386,11 +413,6 @@ func TestEmulatorExpiredURL(t *testing.T) {
 	}
 }
 
-type resumedErr struct{ missing []byte }
-
-func (r resumedErr) Error() string   { return "writer restarted; session resumed" }
-func (r resumedErr) Missing() []byte { return r.missing }
-
 // resumingSink fails once, at write n, as the writer link does after a writer restart that
 // lost every block from `lostFrom` on.
 type resumingSink struct {
@@ -403,17 +425,18 @@ func (s *resumingSink) WriteBlock(ctx context.Context, i int, d []byte) error {
 	s.mu.Lock()
 	if !s.done && s.writes+1 == s.n {
 		s.done = true
-		missing := make([]byte, (s.total+7)/8)
+		missing := bitmap.New(s.total)
 		for b := 0; b < s.total; b++ {
 			if b >= s.lostFrom {
 				delete(s.blocks, b)
 			}
 			if _, ok := s.blocks[b]; !ok {
-				missing[b>>3] |= 1 << (b & 7)
+				missing.Set(b)
 			}
 		}
+		s.durable = len(s.blocks)
 		s.mu.Unlock()
-		return fmt.Errorf("sink: %w", resumedErr{missing})
+		return fmt.Errorf("sink: %w", &blocksink.ResumedError{Cause: errors.New("writer restarted"), Missing: missing})
 	}
 	s.mu.Unlock()
 	return s.memSink.WriteBlock(ctx, i, d)
@@ -435,5 +458,52 @@ func TestSinkResumed(t *testing.T) {
 	want := []string{"", fmt.Sprintf("bytes=%d-%d", 8*bs, len(img)-1)}
 	if diff := cmp.Diff(want, s.gotRanges()); diff != "" {
 		t.Fatal(diff)
+	}
+}
+
+// A failed GET is a pause of the network: before waiting to retry, the download asks the sink
+// to sync, so the blocks that came survive a writer crash during the wait. Progress goes to
+// the file's callback, with the sink's durable count.
+func TestSyncBeforeRetryAndProgress(t *testing.T) {
+	const bs = 4096
+	img := randImage(16 * bs)
+	s := newServer(t, img)
+	s.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if n > 1 {
+			return false
+		}
+		// Three blocks, then the connection drops.
+		w.Header().Set("Content-Length", fmt.Sprint(len(img)))
+		w.WriteHeader(http.StatusOK)
+		w.Write(img[:3*bs])
+		w.(http.Flusher).Flush()
+		conn, _, _ := w.(http.Hijacker).Hijack()
+		conn.Close()
+		return true
+	}
+	sink := newSink()
+	var got []blocksink.Progress
+	f := httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs, OnProgress: func(p blocksink.Progress) { got = append(got, p) }}
+	st, err := dl(t, httpdl.Config{}).Download(context.Background(), f, nil, sink, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Retries != 1 || !bytes.Equal(sink.image(t, 16, bs), img) {
+		t.Fatalf("stats %+v", st)
+	}
+	if diff := cmp.Diff([]int{3}, sink.syncs); diff != "" {
+		t.Fatalf("blocks held at each Sync (-want +got):\n%s", diff)
+	}
+	want := []blocksink.Progress{{Received: 0, Durable: 0, Total: 16}}
+	for i := 1; i <= 16; i++ {
+		d := 0
+		if i > 3 {
+			d = 3 // synced before the retry
+		}
+		want = append(want, blocksink.Progress{Received: i, Durable: d, Total: 16})
+	}
+	want = append(want, blocksink.Progress{Received: 16, Durable: 16, Total: 16}) // flushed
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Fatalf("progress (-want +got):\n%s", diff)
 	}
 }

@@ -19,6 +19,8 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
 
+	"github.com/gwota/gwota/internal/bitmap"
+	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
 	"github.com/gwota/gwota/netagent/stream"
@@ -96,6 +98,7 @@ func (e *env) file(bs int) stream.File {
 }
 
 // memSink keeps blocks in memory; it fails the test on a second copy of a block that differs.
+// What it holds counts as durable at a Sync or Flush.
 type memSink struct {
 	t       *testing.T
 	bs      int
@@ -103,6 +106,8 @@ type memSink struct {
 	blocks  map[int][]byte
 	writes  int
 	flushes int
+	syncs   int
+	durable int
 	// failErr, if set, is returned once from WriteBlock at write number failAt, after
 	// lose(blocks) ran (a writer restart losing what was not durable).
 	failAt  int
@@ -133,8 +138,25 @@ func (s *memSink) Flush(context.Context) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.flushes++
+	s.durable = len(s.blocks)
 	return nil
 }
+
+func (s *memSink) Sync(context.Context) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.syncs++
+	s.durable = len(s.blocks)
+	return nil
+}
+
+func (s *memSink) Durable() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.durable
+}
+
+func (s *memSink) Close() {}
 
 // check compares the blocks the sink holds with the image.
 func (s *memSink) check(image []byte, from int) {
@@ -154,7 +176,7 @@ func cfg(t *testing.T, e *env) stream.Config {
 	return stream.Config{Thing: e.emu.ThingName(), QuietPeriod: 150 * time.Millisecond, MaxQuietPeriod: 300 * time.Millisecond, Logger: logger(t)}
 }
 
-func download(t *testing.T, tr stream.Transport, c stream.Config, f stream.File, missing []byte, sink stream.Sink) (stream.Stats, error) {
+func download(t *testing.T, tr stream.Transport, c stream.Config, f stream.File, missing bitmap.Bitmap, sink blocksink.Sink) (stream.Stats, error) {
 	t.Helper()
 	d, err := stream.New(tr, c)
 	if err != nil {
@@ -315,7 +337,7 @@ func TestResumeRequestsOnlyMissing(t *testing.T) {
 	const bs = 1024
 	e := newEnv(t, 200*bs+10)
 	total := stream.NumBlocks(int64(len(e.image)), bs)
-	missing := stream.NewBitmap(total)
+	missing := bitmap.New(total)
 	var want []int
 	for i := 0; i < total; i++ {
 		if i%7 == 3 || (i >= 150 && i < 170) || i == total-1 {
@@ -353,7 +375,7 @@ func TestFarOffsets(t *testing.T) {
 	const bs = 256
 	total := stream.MaxOffset + 300
 	e := newEnv(t, total*bs-17)
-	missing := stream.NewBitmap(total)
+	missing := bitmap.New(total)
 	for i := stream.MaxOffset - 5; i < total; i++ {
 		missing.Set(i)
 	}
@@ -454,18 +476,13 @@ func TestOnlyMalformedFailsIngest(t *testing.T) {
 	}
 }
 
-type resumedErr struct{ missing []byte }
-
-func (r resumedErr) Error() string   { return "writer restarted; session resumed" }
-func (r resumedErr) Missing() []byte { return r.missing }
-
 // The writer restarts mid-download and resumes with a bitmap: blocks it lost are fetched again.
 func TestSinkResumed(t *testing.T) {
 	const bs = 1024
 	e := newEnv(t, 64*bs)
 	sink := newMemSink(t, bs)
 	sink.failAt = 40
-	missing := stream.NewBitmap(64)
+	missing := bitmap.New(64)
 	sink.failErr = func(blocks map[int][]byte) error {
 		// The writer kept only the odd blocks; the one being written is lost too.
 		for i := 0; i < 64; i++ {
@@ -476,7 +493,7 @@ func TestSinkResumed(t *testing.T) {
 				missing.Set(i)
 			}
 		}
-		return fmt.Errorf("write: %w", resumedErr{missing})
+		return fmt.Errorf("write: %w", &blocksink.ResumedError{Cause: errors.New("writer restarted"), Missing: missing})
 	}
 	c := cfg(t, e)
 	c.BlockSize = bs

@@ -1,63 +1,11 @@
 package stream
 
-import "math/bits"
-
-// Bitmap is a set of block indices in the stream's bit order: bit k is byte k>>3, mask
-// 1<<(k&7). The writer's SessionInfo.missing uses the same order.
-type Bitmap []byte
-
-// NewBitmap returns an empty bitmap for n blocks.
-func NewBitmap(n int) Bitmap { return make(Bitmap, (n+7)/8) }
-
-// FullBitmap returns a bitmap of n blocks with every bit set.
-func FullBitmap(n int) Bitmap {
-	b := NewBitmap(n)
-	for i := range b {
-		b[i] = 0xFF
-	}
-	if r := n & 7; r != 0 {
-		b[len(b)-1] = byte(1<<r) - 1
-	}
-	return b
-}
-
-// Has reports whether block i is in the set (false outside the bitmap).
-func (b Bitmap) Has(i int) bool {
-	return i >= 0 && i>>3 < len(b) && b[i>>3]&(1<<(i&7)) != 0
-}
-
-// Set adds block i.
-func (b Bitmap) Set(i int) { b[i>>3] |= 1 << (i & 7) }
-
-// Clear removes block i.
-func (b Bitmap) Clear(i int) { b[i>>3] &^= 1 << (i & 7) }
-
-// Count is the number of blocks in the set.
-func (b Bitmap) Count() int {
-	n := 0
-	for _, x := range b {
-		n += bits.OnesCount8(x)
-	}
-	return n
-}
-
-// Blocks lists the set's blocks in increasing order.
-func (b Bitmap) Blocks() []int {
-	var out []int
-	for i, x := range b {
-		for x != 0 {
-			k := bits.TrailingZeros8(x)
-			out = append(out, i*8+k)
-			x &^= 1 << k
-		}
-	}
-	return out
-}
+import "github.com/gwota/gwota/internal/bitmap"
 
 // window is one request's choice of blocks: offset o and a bitmap relative to it.
 type window struct {
 	offset int
-	bitmap []byte
+	bitmap bitmap.Bitmap
 	blocks []int // absolute, increasing
 }
 
@@ -94,10 +42,9 @@ func nextWindow(want func(i int) bool, start, total, max int) (w window, ok bool
 	}
 	last := w.blocks[len(w.blocks)-1] - o
 	w.offset = o
-	w.bitmap = make([]byte, last/8+1)
+	w.bitmap = bitmap.New(last + 1)
 	for _, i := range w.blocks {
-		k := i - o
-		w.bitmap[k>>3] |= 1 << (k & 7)
+		w.bitmap.Set(i - o)
 	}
 	return w, true
 }

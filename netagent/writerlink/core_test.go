@@ -4,6 +4,7 @@ import (
 	"context"
 	"sync"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/server"
@@ -39,10 +40,10 @@ func (s *memSession) total() uint64 { return (s.req.GetFileSize() + uint64(s.bs)
 
 func (s *memSession) info(id string) *otav1.SessionInfo {
 	n := s.total()
-	missing := make([]byte, (n+7)/8)
-	for i := uint64(0); i < n; i++ {
-		if !s.durable[i] {
-			missing[i>>3] |= 1 << (i & 7)
+	missing := bitmap.New(int(n))
+	for i := range int(n) {
+		if !s.durable[uint64(i)] {
+			missing.Set(i)
 		}
 	}
 	return &otav1.SessionInfo{SessionId: id, JobId: s.req.GetJobId(), FileSize: s.req.GetFileSize(), BlockSize: s.bs,

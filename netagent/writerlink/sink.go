@@ -5,6 +5,8 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/gwota/gwota/internal/crashpoint"
+	"github.com/gwota/gwota/netagent/blocksink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/client"
@@ -13,8 +15,10 @@ import (
 // maxBlocksPerMessage is the writer's cap on blocks in one WriteBlocks message.
 const maxBlocksPerMessage = 256
 
-// Sink streams a session's blocks to the writer. Blocks are batched into WriteBlocks
-// messages; the writer acknowledges durability (journal synced) and Durable/Flush report it.
+// Sink streams a session's blocks to the writer: the blocksink.Sink of both downloaders,
+// with that contract. Blocks are batched into WriteBlocks messages; the writer acknowledges
+// durability (journal synced) and Durable/Flush report it. A broken stream with a retryable
+// reason (writer_unavailable) is repaired here and reported as a *blocksink.ResumedError.
 // Use it from one goroutine (the downloader's); acks are read on a goroutine of its own.
 type Sink struct {
 	s      *Session
@@ -104,8 +108,18 @@ func (k *Sink) notifyLocked() {
 	k.changed = make(chan struct{})
 }
 
+var _ blocksink.Sink = (*Sink)(nil)
+
 // WriteBlock queues block i (data is kept until sent, not copied).
 func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
+	if err := k.writeBlock(ctx, i, data); err != nil {
+		return err
+	}
+	crashpoint.Hit(crashpoint.NetBlock)
+	return nil
+}
+
+func (k *Sink) writeBlock(ctx context.Context, i int, data []byte) error {
 	if k.stream == nil {
 		return errClosed
 	}
@@ -213,7 +227,7 @@ func (k *Sink) streamErr() error {
 
 // recover handles a stream failure: the writer's own refusal is returned with its reason;
 // a broken link is repaired (wait for the writer, begin the session again, new stream) and
-// reported as a *ResumedError carrying the writer's bitmap.
+// reported as a *blocksink.ResumedError carrying the writer's bitmap.
 func (k *Sink) recover(ctx context.Context, err error) error {
 	if !retryable(err) {
 		k.close()
@@ -231,7 +245,7 @@ func (k *Sink) recover(ctx context.Context, err error) error {
 	k.mu.Lock()
 	k.durable = int(k.s.Info().GetDurableBlocks())
 	k.mu.Unlock()
-	return &ResumedError{Cause: err, missing: k.s.Missing()}
+	return &blocksink.ResumedError{Cause: err, Missing: k.s.Missing()}
 }
 
 // Sync asks the writer to make everything sent so far durable, without waiting.

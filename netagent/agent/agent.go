@@ -226,38 +226,67 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		OnTerminal: func(_, st string) { j.terminal.Store(true) },
 	})
 	defer j.rep.Close()
-	key := "*"
-	defer func() { a.markHandled(ex.JobID, key) }()
+	a.markHandled(ex.JobID, j.run(ctx))
+}
 
-	if len(ex.JobDocument) == 0 {
-		// A notification without the document: read the execution in full.
-		full, err := a.jobs.Describe(ctx, ex.JobID)
+// run runs the job and returns what the agent remembers of it (markHandled): "*" never
+// again in this process, "" act on its next announcement, or the state it was left in.
+func (j *job) run(ctx context.Context) string {
+	doc, key := j.document(ctx)
+	if doc == nil {
+		return key
+	}
+	j.log.Info("OTA job", "status", j.ex.Status, "files", len(doc.Files), "protocols", doc.Protocols)
+	a := j.a
+	var st *otav1.DeviceState
+	if err := a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = a.writer.State(ctx); return err }); err != nil {
+		j.fail(ctx, err, "")
+		return "*"
+	}
+	if key, done := j.afterActivation(ctx, doc, st); done {
+		return key
+	}
+	// A session left by a job that is gone would keep its target busy (session_busy).
+	a.reconcile(ctx, j.ex.JobID, st)
+	if j.install(ctx, doc) {
+		return stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
+	}
+	return "*"
+}
+
+// document reads and checks the job document (the whole execution when the notification
+// came without it). A nil document ends the job; key is then what to remember of it.
+func (j *job) document(ctx context.Context) (doc *jobdoc.Document, key string) {
+	if len(j.ex.JobDocument) == 0 {
+		full, err := j.a.jobs.Describe(ctx, j.ex.JobID)
 		if err != nil {
 			j.log.Warn("cannot read the job document", "error", err)
 			if ctx.Err() == nil {
-				key = "" // retried at the next announcement
+				return nil, "" // retried at the next announcement
 			}
-			return
+			return nil, "*"
 		}
-		j.ex, ex = full, full
+		j.ex = full
 	}
-	doc, err := jobdoc.Parse(ex.JobDocument)
+	doc, err := jobdoc.Parse(j.ex.JobDocument)
 	if errors.Is(err, jobdoc.ErrNotOTA) {
 		j.log.Info("custom job (not afr_ota): left alone")
-		return
+		return nil, "*"
 	}
 	if err != nil {
 		j.log.Warn("job document refused", "error", err)
 		j.fail(ctx, err, "")
-		return
+		return nil, "*"
 	}
-	j.log.Info("OTA job", "status", ex.Status, "files", len(doc.Files), "protocols", doc.Protocols)
+	return doc, ""
+}
 
-	var st *otav1.DeviceState
-	if err := a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = a.writer.State(ctx); return err }); err != nil {
-		j.fail(ctx, err, "")
-		return
-	}
+// afterActivation deals with a job whose image went further than a download: a trial boot
+// (this job's or another's), a rollback, an activation without its reboot, a commit whose
+// answer was lost, or a job the cloud shows in self test on a platform that is not. done is
+// false when the job is to be installed; key is what to remember of it otherwise.
+func (j *job) afterActivation(ctx context.Context, doc *jobdoc.Document, st *otav1.DeviceState) (key string, done bool) {
+	a, ex := j.a, j.ex
 	selfTest := ex.Status == jobs.StatusInProgress &&
 		(ex.StatusDetails[status.KeySelfTest] == status.SelfTestReady || ex.StatusDetails[status.KeySelfTest] == status.SelfTestActive)
 	lu := st.GetLastUpdate()
@@ -265,17 +294,14 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 	switch img := st.GetImageState(); {
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours && selfTest:
 		j.selfTest(ctx, doc, lu)
-		return
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours:
 		// Platform in trial but the job is not in self test: reject and roll back.
 		j.log.Warn("trial boot for a job that is not in self test: rolling back", "status", ex.Status)
 		j.rejectTrial(ctx, otav1.Reason_REASON_STATE_MISMATCH)
-		return
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL:
 		// Another job's trial is pending (checkForeignTrial deals with it); nothing can be
 		// installed meanwhile.
 		j.fail(ctx, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "trial boot of job %s pending", lu.GetJobId()), "")
-		return
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_ROLLED_BACK && ours:
 		j.log.Warn("new image was rolled back", "writer_reason", status.String(lu.GetReason()))
 		var failure []status.Field
@@ -286,12 +312,10 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		j.report(ctx, func(ctx context.Context) error {
 			return j.rep.Failed(ctx, otav1.Reason_REASON_ROLLED_BACK, status.SelfTestRejected, failure...)
 		})
-		return
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_ACTIVATED && ours:
 		j.log.Info("activated but not rebooted yet: rebooting")
 		j.reboot(ctx)
-		key = stateKey(ex)
-		return
+		return stateKey(ex), true
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_NORMAL && ours && runs(st, lu.GetTarget(), lu.GetSlot()):
 		// The writer committed this job's slot but the answer (or our report) was lost to a
 		// crash: the writer confirms a repeated commit only in exactly that state.
@@ -299,22 +323,18 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		if err := a.call(ctx, "commit", func(ctx context.Context) (err error) { cr, err = a.writer.Commit(ctx, ex.JobID); return err }); err != nil {
 			j.log.Warn("job says self test but the platform runs committed and the writer refuses the commit", "error", err)
 			j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
-			return
+			return "*", true
 		}
 		j.log.Info("new image committed (before a restart)", "version", cr.GetCommitted().GetVersion())
 		j.final.Store(true)
 		_ = j.report(ctx, j.rep.Succeeded)
-		return
 	case selfTest && !hasFinishedSessions(st, ex.JobID):
 		j.log.Warn("job says self test but the platform is not in a trial boot", "image_state", img.String())
 		j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
-		return
+	default:
+		return "", false
 	}
-	// A session left by a job that is gone would keep its target busy (session_busy).
-	a.reconcile(ctx, ex.JobID, st)
-	if j.install(ctx, doc) {
-		key = stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
-	}
+	return "*", true
 }
 
 // runs says whether the device runs slot of target.

@@ -178,7 +178,7 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 		State: int32(otav1.SessionState_SESSION_STATE_RECEIVING), Created: time.Now().UTC(),
 	}
 	s = newSession(js, t)
-	if (s.total+7)/8 > maxBitmapBytes {
+	if bitmap.Len(int(s.total)) > maxBitmapBytes {
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "%d blocks of %d bytes: too many, use larger blocks", s.total, js.BlockSize)
 	}
 	// The slot's old content is about to be destroyed: forget its version first.

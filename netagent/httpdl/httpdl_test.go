@@ -20,6 +20,7 @@ import (
 
 	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/netagent/blocksink"
+	"github.com/gwota/gwota/netagent/blocksink/blocksinktest"
 	"github.com/gwota/gwota/netagent/httpdl"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -37,52 +38,14 @@ func TestMain(m *testing.M) {
 	)
 }
 
-// memSink keeps blocks in memory; what it holds counts as durable at a Sync or Flush.
-type memSink struct {
-	mu      sync.Mutex
-	blocks  map[int][]byte
-	writes  int
-	durable int
-	syncs   []int // blocks held at each Sync
-}
+func newSink(t *testing.T) *blocksinktest.Sink { return blocksinktest.New(t) }
 
-func newSink() *memSink { return &memSink{blocks: map[int][]byte{}} }
-
-func (s *memSink) WriteBlock(_ context.Context, i int, d []byte) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.blocks[i] = d
-	s.writes++
-	return nil
-}
-func (s *memSink) Flush(context.Context) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.durable = len(s.blocks)
-	return nil
-}
-
-func (s *memSink) Sync(context.Context) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.durable = len(s.blocks)
-	s.syncs = append(s.syncs, len(s.blocks))
-	return nil
-}
-
-func (s *memSink) Durable() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.durable
-}
-
-func (s *memSink) Close() {}
-
-func (s *memSink) image(t *testing.T, n, bs int) []byte {
+// image concatenates the sink's blocks 0..n-1; it fails the test when one is missing.
+func image(t *testing.T, s *blocksinktest.Sink, n int) []byte {
 	t.Helper()
 	var out []byte
 	for i := 0; i < n; i++ {
-		b, ok := s.blocks[i]
+		b, ok := s.Blocks[i]
 		if !ok {
 			t.Fatalf("block %d missing", i)
 		}
@@ -188,12 +151,12 @@ func TestDownloadWhole(t *testing.T) {
 	img := randImage(3<<20 + 11)
 	s := newServer(t, img)
 	const bs = 32 << 10
-	sink := newSink()
+	sink := newSink(t)
 	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL + "/f?sig=1", Size: int64(len(img)), BlockSize: bs}, nil, sink, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(sink.image(t, st.Blocks, bs), img) {
+	if !bytes.Equal(image(t, sink, st.Blocks), img) {
 		t.Fatal("image differs")
 	}
 	// One GET for the whole file, not one per block.
@@ -208,7 +171,7 @@ func TestResumeFetchesOnlyMissing(t *testing.T) {
 	img := randImage(100 * bs)
 	s := newServer(t, img)
 	missing := missingOf(100, 3, 4, 5, 6, 40, 41, 99)
-	sink := newSink()
+	sink := newSink(t)
 	st, err := dl(t, httpdl.Config{MergeGap: -1}).Download(context.Background(), httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}, missing, sink, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -221,11 +184,11 @@ func TestResumeFetchesOnlyMissing(t *testing.T) {
 	if diff := cmp.Diff(want, s.gotRanges()); diff != "" {
 		t.Fatal(diff)
 	}
-	if st.Received != 7 || sink.writes != 7 {
-		t.Fatalf("stats %+v, writes %d", st, sink.writes)
+	if st.Received != 7 || sink.Writes != 7 {
+		t.Fatalf("stats %+v, writes %d", st, sink.Writes)
 	}
 	for _, i := range []int{3, 4, 5, 6, 40, 41, 99} {
-		if !bytes.Equal(sink.blocks[i], img[i*bs:(i+1)*bs]) {
+		if !bytes.Equal(sink.Blocks[i], img[i*bs:(i+1)*bs]) {
 			t.Fatalf("block %d differs", i)
 		}
 	}
@@ -260,13 +223,13 @@ func TestExpiredURLRefreshed(t *testing.T) {
 		refreshes++
 		return s.URL + "/f?sig=fresh", nil
 	}
-	sink := newSink()
+	sink := newSink(t)
 	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL + "/f?sig=old", Size: int64(len(img)), BlockSize: bs}, nil, sink, refresh)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(sink.image(t, 64, bs), img) || refreshes != 1 || sink.writes != 64 {
-		t.Fatalf("refreshes %d, writes %d, stats %+v", refreshes, sink.writes, st)
+	if !bytes.Equal(image(t, sink, 64), img) || refreshes != 1 || sink.Writes != 64 {
+		t.Fatalf("refreshes %d, writes %d, stats %+v", refreshes, sink.Writes, st)
 	}
 	r := s.gotRanges()
 	if want := fmt.Sprintf("bytes=%d-%d", 20*bs, len(img)-1); r[len(r)-1] != want {
@@ -333,13 +296,13 @@ func TestFailures(t *testing.T) {
 			if refresh != nil {
 				refresh = func(ctx context.Context) (string, error) { return s.URL + "/again", nil }
 			}
-			sink := newSink()
+			sink := newSink(t)
 			_, err := dl(t, httpdl.Config{MaxAttempts: 3, ReadTimeout: 200 * time.Millisecond}).Download(context.Background(),
 				httpdl.File{URL: s.URL + "/f", Size: int64(len(img)), BlockSize: bs}, nil, sink, refresh)
 			if got := status.ReasonOf(err); got != tc.reason {
 				t.Fatalf("err %v (%v), want %v", err, got, tc.reason)
 			}
-			if err == nil && !bytes.Equal(sink.image(t, 16, bs), img) {
+			if err == nil && !bytes.Equal(image(t, sink, 16), img) {
 				t.Fatal("image differs")
 			}
 			if tc.gets > 0 && len(s.gotRanges()) != tc.gets {
@@ -401,45 +364,36 @@ func TestEmulatorExpiredURL(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	refreshes := 0
-	sink := newSink()
+	sink := newSink(t)
 	const bs = 64 << 10
 	st, err := dl(t, httpdl.Config{}).Download(ctx, httpdl.File{URL: old, Size: int64(len(img)), BlockSize: bs}, nil, sink,
 		func(context.Context) (string, error) { refreshes++; return docURL(), nil })
 	if err != nil {
 		t.Fatal(err)
 	}
-	if refreshes != 1 || !bytes.Equal(sink.image(t, st.Blocks, bs), img) {
+	if refreshes != 1 || !bytes.Equal(image(t, sink, st.Blocks), img) {
 		t.Fatalf("refreshes %d, stats %+v", refreshes, st)
 	}
 }
 
 // resumingSink fails once, at write n, as the writer link does after a writer restart that
-// lost every block from `lostFrom` on.
-type resumingSink struct {
-	*memSink
-	n, lostFrom, total int
-	done               bool
-}
-
-func (s *resumingSink) WriteBlock(ctx context.Context, i int, d []byte) error {
-	s.mu.Lock()
-	if !s.done && s.writes+1 == s.n {
-		s.done = true
-		missing := bitmap.New(s.total)
-		for b := 0; b < s.total; b++ {
-			if b >= s.lostFrom {
-				delete(s.blocks, b)
+// lost every block from lostFrom on.
+func resumingSink(t *testing.T, n, lostFrom, total int) *blocksinktest.Sink {
+	s := newSink(t)
+	s.FailAt = n
+	s.Fail = func(blocks map[int][]byte) error {
+		missing := bitmap.New(total)
+		for b := 0; b < total; b++ {
+			if b >= lostFrom {
+				delete(blocks, b)
 			}
-			if _, ok := s.blocks[b]; !ok {
+			if _, ok := blocks[b]; !ok {
 				missing.Set(b)
 			}
 		}
-		s.durable = len(s.blocks)
-		s.mu.Unlock()
 		return fmt.Errorf("sink: %w", &blocksink.ResumedError{Cause: errors.New("writer restarted"), Missing: missing})
 	}
-	s.mu.Unlock()
-	return s.memSink.WriteBlock(ctx, i, d)
+	return s
 }
 
 // The writer restarts mid-download: the next GET starts at the writer's first missing block.
@@ -447,12 +401,12 @@ func TestSinkResumed(t *testing.T) {
 	const bs = 4096
 	img := randImage(32 * bs)
 	s := newServer(t, img)
-	sink := &resumingSink{memSink: newSink(), n: 20, lostFrom: 8, total: 32}
+	sink := resumingSink(t, 20, 8, 32)
 	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}, nil, sink, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Resumes != 1 || !bytes.Equal(sink.image(t, 32, bs), img) {
+	if st.Resumes != 1 || !bytes.Equal(image(t, sink, 32), img) {
 		t.Fatalf("stats %+v", st)
 	}
 	want := []string{"", fmt.Sprintf("bytes=%d-%d", 8*bs, len(img)-1)}
@@ -481,17 +435,17 @@ func TestSyncBeforeRetryAndProgress(t *testing.T) {
 		conn.Close()
 		return true
 	}
-	sink := newSink()
+	sink := newSink(t)
 	var got []blocksink.Progress
 	f := httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs, OnProgress: func(p blocksink.Progress) { got = append(got, p) }}
 	st, err := dl(t, httpdl.Config{}).Download(context.Background(), f, nil, sink, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Retries != 1 || !bytes.Equal(sink.image(t, 16, bs), img) {
+	if st.Retries != 1 || !bytes.Equal(image(t, sink, 16), img) {
 		t.Fatalf("stats %+v", st)
 	}
-	if diff := cmp.Diff([]int{3}, sink.syncs); diff != "" {
+	if diff := cmp.Diff([]int{3}, sink.Syncs); diff != "" {
 		t.Fatalf("blocks held at each Sync (-want +got):\n%s", diff)
 	}
 	want := []blocksink.Progress{{Received: 0, Durable: 0, Total: 16}}

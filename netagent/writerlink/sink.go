@@ -112,14 +112,6 @@ var _ blocksink.Sink = (*Sink)(nil)
 
 // WriteBlock queues block i (data is kept until sent, not copied).
 func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
-	if err := k.writeBlock(ctx, i, data); err != nil {
-		return err
-	}
-	crashpoint.Hit(crashpoint.NetBlock)
-	return nil
-}
-
-func (k *Sink) writeBlock(ctx context.Context, i int, data []byte) error {
 	if k.stream == nil {
 		return errClosed
 	}
@@ -137,8 +129,11 @@ func (k *Sink) writeBlock(ctx context.Context, i int, data []byte) error {
 	k.batch = append(k.batch, &otav1.Block{Offset: uint64(i) * uint64(k.s.BlockSize()), Data: data})
 	k.batchLen += len(data)
 	if k.batchLen >= k.budget {
-		return k.send(ctx, false)
+		if err := k.send(ctx, false); err != nil {
+			return err
+		}
 	}
+	crashpoint.Hit(crashpoint.NetBlock) // the block is the writer link's now
 	return nil
 }
 

@@ -15,6 +15,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"golang.org/x/term"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
@@ -224,12 +225,9 @@ func writeMissing(ctx context.Context, w api.Writer, begin *otav1.BeginSessionRe
 		return status.Errorf(otav1.Reason_REASON_OTHER, "writer returned block size %d", bs)
 	}
 	total := (size + bs - 1) / bs
-	missing := sess.GetMissing()
+	missing := bitmap.Bitmap(sess.GetMissing())
 	isMissing := func(k int64) bool {
-		if !begin.GetResumed() || len(missing) == 0 {
-			return true
-		}
-		return int(k>>3) < len(missing) && missing[k>>3]&(1<<(k&7)) != 0
+		return !begin.GetResumed() || len(missing) == 0 || missing.Has(int(k))
 	}
 	perBatch := max(1, flashBatch/bs)
 	buf := make([]byte, perBatch*bs)

@@ -13,6 +13,7 @@ import (
 
 	"go.uber.org/goleak"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/test/sign"
@@ -205,7 +206,7 @@ func blocksOf(img []byte, bs int, from, to int) []*otav1.Block {
 	return out
 }
 
-func missingBit(m []byte, k int) bool { return k>>3 < len(m) && m[k>>3]&(1<<(k&7)) != 0 }
+func missingBit(m []byte, k int) bool { return bitmap.Bitmap(m).Has(k) }
 
 func reasonIs(t *testing.T, err error, want otav1.Reason) {
 	t.Helper()

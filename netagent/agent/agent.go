@@ -13,7 +13,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/bits"
 	"slices"
 	"sync"
 	"sync/atomic"
@@ -22,6 +21,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/gwota/gwota/internal/crashpoint"
+	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobdoc"
 	"github.com/gwota/gwota/netagent/jobs"
@@ -266,38 +266,67 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		OnTerminal: func(_, st string) { j.terminal.Store(true) },
 	})
 	defer j.rep.Close()
-	key := "*"
-	defer func() { a.markHandled(ex.JobID, key) }()
+	a.markHandled(ex.JobID, j.run(ctx))
+}
 
-	if len(ex.JobDocument) == 0 {
-		// A notification without the document: read the execution in full.
-		full, err := a.jobs.Describe(ctx, ex.JobID)
+// run runs the job and returns what the agent remembers of it (markHandled): "*" never
+// again in this process, "" act on its next announcement, or the state it was left in.
+func (j *job) run(ctx context.Context) string {
+	doc, key := j.document(ctx)
+	if doc == nil {
+		return key
+	}
+	j.log.Info("OTA job", "status", j.ex.Status, "files", len(doc.Files), "protocols", doc.Protocols)
+	a := j.a
+	var st *otav1.DeviceState
+	if err := a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = a.writer.State(ctx); return err }); err != nil {
+		j.fail(ctx, err, "")
+		return "*"
+	}
+	if key, done := j.afterActivation(ctx, doc, st); done {
+		return key
+	}
+	// A session left by a job that is gone would keep its target busy (session_busy).
+	a.reconcile(ctx, j.ex.JobID, st)
+	if j.install(ctx, doc) {
+		return stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
+	}
+	return "*"
+}
+
+// document reads and checks the job document (the whole execution when the notification
+// came without it). A nil document ends the job; key is then what to remember of it.
+func (j *job) document(ctx context.Context) (doc *jobdoc.Document, key string) {
+	if len(j.ex.JobDocument) == 0 {
+		full, err := j.a.jobs.Describe(ctx, j.ex.JobID)
 		if err != nil {
 			j.log.Warn("cannot read the job document", "error", err)
 			if ctx.Err() == nil {
-				key = "" // retried at the next announcement
+				return nil, "" // retried at the next announcement
 			}
-			return
+			return nil, "*"
 		}
-		j.ex, ex = full, full
+		j.ex = full
 	}
-	doc, err := jobdoc.Parse(ex.JobDocument)
+	doc, err := jobdoc.Parse(j.ex.JobDocument)
 	if errors.Is(err, jobdoc.ErrNotOTA) {
 		j.log.Info("custom job (not afr_ota): left alone")
-		return
+		return nil, "*"
 	}
 	if err != nil {
 		j.log.Warn("job document refused", "error", err)
 		j.fail(ctx, err, "")
-		return
+		return nil, "*"
 	}
-	j.log.Info("OTA job", "status", ex.Status, "files", len(doc.Files), "protocols", doc.Protocols)
+	return doc, ""
+}
 
-	var st *otav1.DeviceState
-	if err := a.call(ctx, "state", func(ctx context.Context) (err error) { st, err = a.writer.State(ctx); return err }); err != nil {
-		j.fail(ctx, err, "")
-		return
-	}
+// afterActivation deals with a job whose image went further than a download: a trial boot
+// (this job's or another's), a rollback, an activation without its reboot, a commit whose
+// answer was lost, or a job the cloud shows in self test on a platform that is not. done is
+// false when the job is to be installed; key is what to remember of it otherwise.
+func (j *job) afterActivation(ctx context.Context, doc *jobdoc.Document, st *otav1.DeviceState) (key string, done bool) {
+	a, ex := j.a, j.ex
 	selfTest := ex.Status == jobs.StatusInProgress &&
 		(ex.StatusDetails[status.KeySelfTest] == status.SelfTestReady || ex.StatusDetails[status.KeySelfTest] == status.SelfTestActive)
 	lu := st.GetLastUpdate()
@@ -305,17 +334,14 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 	switch img := st.GetImageState(); {
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours && selfTest:
 		j.selfTest(ctx, doc, lu)
-		return
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours:
 		// Platform in trial but the job is not in self test: reject and roll back.
 		j.log.Warn("trial boot for a job that is not in self test: rolling back", "status", ex.Status)
 		j.rejectTrial(ctx, otav1.Reason_REASON_STATE_MISMATCH)
-		return
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL:
 		// Another job's trial is pending (checkForeignTrial deals with it); nothing can be
 		// installed meanwhile.
 		j.fail(ctx, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "trial boot of job %s pending", lu.GetJobId()), "")
-		return
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_ROLLED_BACK && ours:
 		j.log.Warn("new image was rolled back", "writer_reason", status.String(lu.GetReason()))
 		var failure []status.Field
@@ -326,12 +352,10 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		j.report(ctx, func(ctx context.Context) error {
 			return j.rep.Failed(ctx, &status.Error{Reason: otav1.Reason_REASON_ROLLED_BACK}, status.SelfTestRejected, failure...)
 		})
-		return
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_ACTIVATED && ours:
 		j.log.Info("activated but not rebooted yet: rebooting")
 		j.reboot(ctx)
-		key = stateKey(ex)
-		return
+		return stateKey(ex), true
 	case selfTest && img == otav1.ImageState_IMAGE_STATE_NORMAL && ours && runs(st, lu.GetTarget(), lu.GetSlot()):
 		// The writer committed this job's slot but the answer (or our report) was lost to a
 		// crash: the writer confirms a repeated commit only in exactly that state.
@@ -339,22 +363,18 @@ func (a *Agent) runJob(ctx context.Context, ex *jobs.Execution, final *atomic.Bo
 		if err := a.call(ctx, "commit", func(ctx context.Context) (err error) { cr, err = a.writer.Commit(ctx, ex.JobID); return err }); err != nil {
 			j.log.Warn("job says self test but the platform runs committed and the writer refuses the commit", "error", err)
 			j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
-			return
+			return "*", true
 		}
 		j.log.Info("new image committed (before a restart)", "version", cr.GetCommitted().GetVersion())
 		j.final.Store(true)
 		_ = j.report(ctx, j.rep.Succeeded)
-		return
 	case selfTest && !hasFinishedSessions(st, ex.JobID):
 		j.log.Warn("job says self test but the platform is not in a trial boot", "image_state", img.String())
 		j.fail(ctx, status.Errorf(otav1.Reason_REASON_STATE_MISMATCH, "job in self test, platform %s", img), "")
-		return
+	default:
+		return "", false
 	}
-	// A session left by a job that is gone would keep its target busy (session_busy).
-	a.reconcile(ctx, ex.JobID, st)
-	if j.install(ctx, doc) {
-		key = stateKey(&jobs.Execution{Status: jobs.StatusInProgress, StatusDetails: map[string]string{status.KeySelfTest: status.SelfTestReady}})
-	}
+	return "*", true
 }
 
 // runs says whether the device runs slot of target.
@@ -406,7 +426,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		j.sessions = append(j.sessions, sess)
 		info := sess.Info()
 		total := info.GetTotalBlocks()
-		have := total - uint64(popcount(sess.Missing()))
+		have := total - uint64(sess.Missing().Count())
 		if s := info.GetState(); s == otav1.SessionState_SESSION_STATE_VERIFIED || s == otav1.SessionState_SESSION_STATE_ACTIVATED {
 			j.log.Info("file already verified", "file", f.Index)
 			continue
@@ -417,7 +437,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			return false
 		}
 		j.started = true
-		if err := j.download(ctx, doc, f, proto, sess, have, total); err != nil {
+		if err := j.download(ctx, doc, f, proto, sess); err != nil {
 			j.fail(ctx, err, "")
 			return false
 		}
@@ -494,16 +514,17 @@ func (j *job) reboot(ctx context.Context) bool {
 	return true
 }
 
-// download fetches the missing blocks of f into sess.
-func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session, have, total uint64) error {
+// download fetches the missing blocks of f into sess. The downloader tells the reporter its
+// progress; the writer link's sink goes to it as it is (the downloader needs all of it:
+// Sync in a quiet network, Durable in progress, the resumed-session error).
+func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session) error {
 	a := j.a
-	var sink Sink
+	var sink blocksink.Sink
 	if err := a.call(ctx, "open sink", func(ctx context.Context) (err error) { sink, err = sess.OpenSink(ctx); return err }); err != nil {
 		return err
 	}
 	defer sink.Close()
-	cs := &countingSink{Sink: sink, total: total, rep: j.rep}
-	cs.have.Store(have)
+	progress := func(p blocksink.Progress) { j.rep.Progress(uint64(p.Received), uint64(p.Total)) }
 	switch proto {
 	case jobdoc.ProtocolHTTP:
 		refresh := func(ctx context.Context) (string, error) {
@@ -520,59 +541,16 @@ func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File,
 			}
 			return d.Files[f.Index].UpdateDataURL, nil
 		}
-		st, err := a.http.Download(ctx, httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: sess.BlockSize()}, sess.Missing(), cs, refresh)
-		j.log.Debug("http download", "stats", fmt.Sprintf("%+v", st), "error", err)
+		hf := httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
+		st, err := a.http.Download(ctx, hf, sess.Missing(), sink, refresh)
+		j.log.Debug("http download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err
 	default:
-		st, err := a.stream.Download(ctx, stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: sess.BlockSize()}, sess.Missing(), cs)
-		j.log.Debug("stream download", "stats", fmt.Sprintf("%+v", st), "error", err)
+		sf := stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
+		st, err := a.stream.Download(ctx, sf, sess.Missing(), sink)
+		j.log.Debug("stream download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err
 	}
-}
-
-// countingSink reports progress as blocks reach the writer.
-type countingSink struct {
-	Sink
-	have  atomic.Uint64
-	total uint64
-	rep   *report.Reporter
-}
-
-func (c *countingSink) WriteBlock(ctx context.Context, i int, data []byte) error {
-	err := c.Sink.WriteBlock(ctx, i, data)
-	c.after(err)
-	if err == nil {
-		crashpoint.Hit(crashpoint.NetBlock)
-	}
-	return err
-}
-
-func (c *countingSink) Flush(ctx context.Context) error {
-	err := c.Sink.Flush(ctx)
-	if err != nil {
-		c.after(err)
-	}
-	return err
-}
-
-func (c *countingSink) after(err error) {
-	var m interface{ Missing() []byte }
-	switch {
-	case err == nil:
-		c.rep.Progress(min(c.have.Add(1), c.total), c.total)
-	case errors.As(err, &m):
-		// The writer came back and lost what was not durable: recount from its bitmap.
-		c.have.Store(c.total - uint64(popcount(m.Missing())))
-		c.rep.Progress(c.have.Load(), c.total)
-	}
-}
-
-func popcount(b []byte) int {
-	n := 0
-	for _, x := range b {
-		n += bits.OnesCount8(x)
-	}
-	return n
 }
 
 // selfTest runs in a trial boot of this job: active, self test, commit or reject. lu is the

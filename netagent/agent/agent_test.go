@@ -657,6 +657,56 @@ func TestCancelWhileWriterDownAbortsOnReconnect(t *testing.T) {
 	}
 }
 
+// A network that goes quiet is when the downloader asks the writer to make the blocks it
+// holds durable: a writer crash during a long stall then costs nothing already received.
+// The agent used to wrap the writer link's sink in a type that hid Sync (and Durable) from
+// the downloader, so the writer kept those blocks unsynced for as long as the stall lasted.
+func TestQuietNetworkMakesBlocksDurable(t *testing.T) {
+	e := startEmulator(t)
+	// The writer syncs only when asked: no byte count or interval of its own triggers it.
+	w := newWriter(t, "/bin/true", `sync_bytes = 1073741824`, `sync_interval = "1h"`)
+	const served = 20 // blocks before the network stalls
+	e.SetFaults("job-quiet", emulator.Faults{StallAfterBlocks: served})
+	startDevice(t, e, w, agent.Config{})
+	img := newImage(t, 300*1024+17) // 76 blocks of 4 KiB
+	createJob(t, e, "job-quiet", []string{"MQTT"}, img, 1, nil)
+	st := waitWriter(t, w, func(st *otav1.DeviceState) bool {
+		ss := st.GetSessions()
+		return len(ss) == 1 && ss[0].GetDurableBlocks() >= served
+	})
+	if d := st.GetSessions()[0].GetDurableBlocks(); d != served {
+		t.Fatalf("%d blocks durable, the network served %d", d, served)
+	}
+	e.ClearFaults("job-quiet")
+	if ex := waitStatus(t, e, "job-quiet", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected); ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("job %+v", ex)
+	}
+	if got, err := os.ReadFile(w.appPath); err != nil || !bytes.Equal(got, img.data) {
+		t.Fatalf("installed file differs (%v)", err)
+	}
+}
+
+// waitWriter polls the writer's state until ok accepts it (30 s at most).
+func waitWriter(t *testing.T, w *writerRig, ok func(*otav1.DeviceState) bool) *otav1.DeviceState {
+	t.Helper()
+	deadline := time.Now().Add(30 * time.Second)
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		st, err := w.eng.State(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ok(st) {
+			return st
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("writer state never as wanted: %v", st.GetSessions())
+		}
+		<-tick.C
+	}
+}
+
 // lineWaiter is a log output that closes seen once a line contains want.
 type lineWaiter struct {
 	want string

@@ -3,6 +3,8 @@ package agent
 import (
 	"context"
 
+	"github.com/gwota/gwota/internal/bitmap"
+	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobs"
 	"github.com/gwota/gwota/netagent/stream"
@@ -33,28 +35,22 @@ type Session interface {
 	ID() string
 	BlockSize() int
 	// Missing is the bitmap of blocks the writer does not hold durably.
-	Missing() []byte
+	Missing() bitmap.Bitmap
 	Info() *otav1.SessionInfo
-	OpenSink(ctx context.Context) (Sink, error)
+	// OpenSink opens the session's block sink; the agent closes it, the downloader uses it.
+	OpenSink(ctx context.Context) (blocksink.Sink, error)
 	Finish(ctx context.Context) (*otav1.FinishSessionResponse, error)
 	Abort(ctx context.Context, reason otav1.Reason) error
 }
 
-// Sink takes a session's blocks (see stream.Sink for the contract).
-type Sink interface {
-	WriteBlock(ctx context.Context, i int, data []byte) error
-	Flush(ctx context.Context) error
-	Close()
-}
-
 // StreamDownloader downloads over MQTT streams (stream.Downloader provides it).
 type StreamDownloader interface {
-	Download(ctx context.Context, f stream.File, missing []byte, sink stream.Sink) (stream.Stats, error)
+	Download(ctx context.Context, f stream.File, missing bitmap.Bitmap, sink blocksink.Sink) (stream.Stats, error)
 }
 
 // HTTPDownloader downloads from presigned URLs (httpdl.Downloader provides it).
 type HTTPDownloader interface {
-	Download(ctx context.Context, f httpdl.File, missing []byte, sink httpdl.Sink, refresh httpdl.RefreshFunc) (httpdl.Stats, error)
+	Download(ctx context.Context, f httpdl.File, missing bitmap.Bitmap, sink blocksink.Sink, refresh httpdl.RefreshFunc) (httpdl.Stats, error)
 }
 
 var _ Writer = linkWriter{}
@@ -74,7 +70,7 @@ func (w linkWriter) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (
 
 type linkSession struct{ *writerlink.Session }
 
-func (s linkSession) OpenSink(ctx context.Context) (Sink, error) {
+func (s linkSession) OpenSink(ctx context.Context) (blocksink.Sink, error) {
 	k, err := s.Session.Sink(ctx)
 	if err != nil {
 		return nil, err

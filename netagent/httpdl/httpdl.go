@@ -1,7 +1,9 @@
 // Package httpdl downloads a file from a presigned HTTP(S) URL with ranged GETs: only the
 // blocks the writer still misses, coalesced into large ranges, streamed block by block to a
-// Sink (never the whole file in memory). An expired URL (403) is replaced through a
-// callback that fetches a fresh job document.
+// blocksink.Sink (never the whole file in memory), following its contract: the sink is asked
+// to sync before a wait for a retry, and a *blocksink.ResumedError reloads the writer's
+// bitmap. An expired URL (403) is replaced through a callback that fetches a fresh job
+// document.
 package httpdl
 
 import (
@@ -19,19 +21,11 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/bitmap"
+	"github.com/gwota/gwota/netagent/blocksink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 )
-
-// Sink receives blocks (netagent/writerlink.Sink satisfies it). See stream.Sink for the
-// contract: an error with Missing() []byte means the writer resumed and lost what was not
-// durable; any other error ends the download unchanged.
-type Sink interface {
-	WriteBlock(ctx context.Context, i int, data []byte) error
-	Flush(ctx context.Context) error
-}
-
-type resumed interface{ Missing() []byte }
 
 // Defaults.
 const (
@@ -68,8 +62,6 @@ type Config struct {
 	RetryBackoff time.Duration
 	MaxRefreshes int
 	Logger       hclog.Logger
-	// OnProgress is called after every new block; keep it cheap.
-	OnProgress func(received, total int)
 }
 
 // File names what to download.
@@ -77,6 +69,8 @@ type File struct {
 	URL       string
 	Size      int64
 	BlockSize int // the writer session's block size
+	// OnProgress, if set, hears the download's progress.
+	OnProgress blocksink.ProgressFunc
 }
 
 // RefreshFunc returns a fresh URL for the file (the jobs client re-reads the job document,
@@ -192,31 +186,34 @@ func Plan(missing func(i int) bool, size int64, blockSize int, mergeGap, maxRang
 type run struct {
 	d       *Downloader
 	f       File
-	sink    Sink
+	sink    blocksink.Sink
 	refresh RefreshFunc
 	url     string
 	total   int
-	have    []byte
+	have    bitmap.Bitmap // handed to the sink (and not lost since)
 	held    int
 	stats   Stats
 }
 
-func (r *run) missing(i int) bool { return r.have[i>>3]&(1<<(i&7)) == 0 }
+func (r *run) missing(i int) bool { return !r.have.Has(i) }
 
-func (r *run) reload(missing []byte) {
-	r.have = make([]byte, (r.total+7)/8)
-	r.held = 0
-	for i := 0; i < r.total; i++ {
-		if missing != nil && i>>3 < len(missing) && missing[i>>3]&(1<<(i&7)) == 0 {
-			r.have[i>>3] |= 1 << (i & 7)
-			r.held++
-		}
+// reload makes the writer's missing bitmap the truth (blocks past a short one count as
+// missing).
+func (r *run) reload(missing bitmap.Bitmap) {
+	r.have = missing.Complement(r.total)
+	r.held = r.have.Count()
+	r.progress()
+}
+
+func (r *run) progress() {
+	if r.f.OnProgress != nil {
+		r.f.OnProgress(blocksink.Progress{Received: r.held, Durable: r.sink.Durable(), Total: r.total})
 	}
 }
 
 // Download fetches the blocks that missing marks (nil: all) and hands them to sink, then
 // waits until they are durable (sink.Flush). refresh may be nil (a 403 then fails).
-func (d *Downloader) Download(ctx context.Context, f File, missing []byte, sink Sink, refresh RefreshFunc) (Stats, error) {
+func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap, sink blocksink.Sink, refresh RefreshFunc) (Stats, error) {
 	if f.URL == "" || f.Size <= 0 || f.BlockSize <= 0 {
 		return Stats{}, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "http download: url %q, size %d, block size %d", redact(f.URL), f.Size, f.BlockSize)
 	}
@@ -235,6 +232,7 @@ func (r *run) loop(ctx context.Context) error {
 		if len(plan) == 0 {
 			err := r.sink.Flush(ctx)
 			if err == nil {
+				r.progress()
 				return nil
 			}
 			if err := r.sinkErr(err); err != nil {
@@ -296,6 +294,12 @@ func (r *run) loop(ctx context.Context) error {
 				return status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "http download: %d attempts without progress, last: %v", attempts, err)
 			}
 			r.d.log.Warn("http download interrupted; retrying", "error", err, "attempt", attempts, "backoff", backoff)
+			// What arrived before the failure survives a writer crash during the wait.
+			if err := r.sink.Sync(ctx); err != nil {
+				if err := r.sinkErr(err); err != nil {
+					return err
+				}
+			}
 			t := time.NewTimer(backoff)
 			select {
 			case <-t.C:
@@ -308,14 +312,16 @@ func (r *run) loop(ctx context.Context) error {
 	}
 }
 
+// sinkErr handles a sink error by the blocksink.Sink contract: a resumed writer session
+// reloads the bitmap, anything else ends the download.
 func (r *run) sinkErr(err error) error {
-	var res resumed
+	var res *blocksink.ResumedError
 	if !errors.As(err, &res) {
 		return err
 	}
 	r.stats.Resumes++
 	r.d.log.Info("writer session resumed; continuing from its bitmap", "error", err)
-	r.reload(res.Missing())
+	r.reload(res.Missing)
 	return nil
 }
 
@@ -408,12 +414,10 @@ func (r *run) fetch(ctx context.Context, sp Range) error {
 		if err := r.sink.WriteBlock(ctx, i, data); err != nil {
 			return &sinkError{err}
 		}
-		r.have[i>>3] |= 1 << (i & 7)
+		r.have.Set(i)
 		r.held++
 		r.stats.Received++
-		if r.d.cfg.OnProgress != nil {
-			r.d.cfg.OnProgress(r.held, r.total)
-		}
+		r.progress()
 	}
 	return nil
 }

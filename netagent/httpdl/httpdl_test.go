@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net/http"
 	"net/http/httptest"
@@ -17,6 +18,9 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"go.uber.org/goleak"
 
+	"github.com/gwota/gwota/internal/bitmap"
+	"github.com/gwota/gwota/netagent/blocksink"
+	"github.com/gwota/gwota/netagent/blocksink/blocksinktest"
 	"github.com/gwota/gwota/netagent/httpdl"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -34,28 +38,14 @@ func TestMain(m *testing.M) {
 	)
 }
 
-type memSink struct {
-	mu     sync.Mutex
-	blocks map[int][]byte
-	writes int
-}
+func newSink(t *testing.T) *blocksinktest.Sink { return blocksinktest.New(t) }
 
-func newSink() *memSink { return &memSink{blocks: map[int][]byte{}} }
-
-func (s *memSink) WriteBlock(_ context.Context, i int, d []byte) error {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	s.blocks[i] = d
-	s.writes++
-	return nil
-}
-func (s *memSink) Flush(context.Context) error { return nil }
-
-func (s *memSink) image(t *testing.T, n, bs int) []byte {
+// image concatenates the sink's blocks 0..n-1; it fails the test when one is missing.
+func image(t *testing.T, s *blocksinktest.Sink, n int) []byte {
 	t.Helper()
 	var out []byte
 	for i := 0; i < n; i++ {
-		b, ok := s.blocks[i]
+		b, ok := s.Blocks[i]
 		if !ok {
 			t.Fatalf("block %d missing", i)
 		}
@@ -114,10 +104,10 @@ func dl(t *testing.T, cfg httpdl.Config) *httpdl.Downloader {
 	return d
 }
 
-func bitmap(total int, missing ...int) []byte {
-	b := make([]byte, (total+7)/8)
+func missingOf(total int, missing ...int) bitmap.Bitmap {
+	b := bitmap.New(total)
 	for _, i := range missing {
-		b[i>>3] |= 1 << (i & 7)
+		b.Set(i)
 	}
 	return b
 }
@@ -161,12 +151,12 @@ func TestDownloadWhole(t *testing.T) {
 	img := randImage(3<<20 + 11)
 	s := newServer(t, img)
 	const bs = 32 << 10
-	sink := newSink()
+	sink := newSink(t)
 	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL + "/f?sig=1", Size: int64(len(img)), BlockSize: bs}, nil, sink, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(sink.image(t, st.Blocks, bs), img) {
+	if !bytes.Equal(image(t, sink, st.Blocks), img) {
 		t.Fatal("image differs")
 	}
 	// One GET for the whole file, not one per block.
@@ -180,8 +170,8 @@ func TestResumeFetchesOnlyMissing(t *testing.T) {
 	const bs = 4096
 	img := randImage(100 * bs)
 	s := newServer(t, img)
-	missing := bitmap(100, 3, 4, 5, 6, 40, 41, 99)
-	sink := newSink()
+	missing := missingOf(100, 3, 4, 5, 6, 40, 41, 99)
+	sink := newSink(t)
 	st, err := dl(t, httpdl.Config{MergeGap: -1}).Download(context.Background(), httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}, missing, sink, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -194,11 +184,11 @@ func TestResumeFetchesOnlyMissing(t *testing.T) {
 	if diff := cmp.Diff(want, s.gotRanges()); diff != "" {
 		t.Fatal(diff)
 	}
-	if st.Received != 7 || sink.writes != 7 {
-		t.Fatalf("stats %+v, writes %d", st, sink.writes)
+	if st.Received != 7 || sink.Writes != 7 {
+		t.Fatalf("stats %+v, writes %d", st, sink.Writes)
 	}
 	for _, i := range []int{3, 4, 5, 6, 40, 41, 99} {
-		if !bytes.Equal(sink.blocks[i], img[i*bs:(i+1)*bs]) {
+		if !bytes.Equal(sink.Blocks[i], img[i*bs:(i+1)*bs]) {
 			t.Fatalf("block %d differs", i)
 		}
 	}
@@ -233,13 +223,13 @@ func TestExpiredURLRefreshed(t *testing.T) {
 		refreshes++
 		return s.URL + "/f?sig=fresh", nil
 	}
-	sink := newSink()
+	sink := newSink(t)
 	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL + "/f?sig=old", Size: int64(len(img)), BlockSize: bs}, nil, sink, refresh)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !bytes.Equal(sink.image(t, 64, bs), img) || refreshes != 1 || sink.writes != 64 {
-		t.Fatalf("refreshes %d, writes %d, stats %+v", refreshes, sink.writes, st)
+	if !bytes.Equal(image(t, sink, 64), img) || refreshes != 1 || sink.Writes != 64 {
+		t.Fatalf("refreshes %d, writes %d, stats %+v", refreshes, sink.Writes, st)
 	}
 	r := s.gotRanges()
 	if want := fmt.Sprintf("bytes=%d-%d", 20*bs, len(img)-1); r[len(r)-1] != want {
@@ -306,13 +296,13 @@ func TestFailures(t *testing.T) {
 			if refresh != nil {
 				refresh = func(ctx context.Context) (string, error) { return s.URL + "/again", nil }
 			}
-			sink := newSink()
+			sink := newSink(t)
 			_, err := dl(t, httpdl.Config{MaxAttempts: 3, ReadTimeout: 200 * time.Millisecond}).Download(context.Background(),
 				httpdl.File{URL: s.URL + "/f", Size: int64(len(img)), BlockSize: bs}, nil, sink, refresh)
 			if got := status.ReasonOf(err); got != tc.reason {
 				t.Fatalf("err %v (%v), want %v", err, got, tc.reason)
 			}
-			if err == nil && !bytes.Equal(sink.image(t, 16, bs), img) {
+			if err == nil && !bytes.Equal(image(t, sink, 16), img) {
 				t.Fatal("image differs")
 			}
 			if tc.gets > 0 && len(s.gotRanges()) != tc.gets {
@@ -374,49 +364,36 @@ func TestEmulatorExpiredURL(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	refreshes := 0
-	sink := newSink()
+	sink := newSink(t)
 	const bs = 64 << 10
 	st, err := dl(t, httpdl.Config{}).Download(ctx, httpdl.File{URL: old, Size: int64(len(img)), BlockSize: bs}, nil, sink,
 		func(context.Context) (string, error) { refreshes++; return docURL(), nil })
 	if err != nil {
 		t.Fatal(err)
 	}
-	if refreshes != 1 || !bytes.Equal(sink.image(t, st.Blocks, bs), img) {
+	if refreshes != 1 || !bytes.Equal(image(t, sink, st.Blocks), img) {
 		t.Fatalf("refreshes %d, stats %+v", refreshes, st)
 	}
 }
 
-type resumedErr struct{ missing []byte }
-
-func (r resumedErr) Error() string   { return "writer restarted; session resumed" }
-func (r resumedErr) Missing() []byte { return r.missing }
-
 // resumingSink fails once, at write n, as the writer link does after a writer restart that
-// lost every block from `lostFrom` on.
-type resumingSink struct {
-	*memSink
-	n, lostFrom, total int
-	done               bool
-}
-
-func (s *resumingSink) WriteBlock(ctx context.Context, i int, d []byte) error {
-	s.mu.Lock()
-	if !s.done && s.writes+1 == s.n {
-		s.done = true
-		missing := make([]byte, (s.total+7)/8)
-		for b := 0; b < s.total; b++ {
-			if b >= s.lostFrom {
-				delete(s.blocks, b)
+// lost every block from lostFrom on.
+func resumingSink(t *testing.T, n, lostFrom, total int) *blocksinktest.Sink {
+	s := newSink(t)
+	s.FailAt = n
+	s.Fail = func(blocks map[int][]byte) error {
+		missing := bitmap.New(total)
+		for b := 0; b < total; b++ {
+			if b >= lostFrom {
+				delete(blocks, b)
 			}
-			if _, ok := s.blocks[b]; !ok {
-				missing[b>>3] |= 1 << (b & 7)
+			if _, ok := blocks[b]; !ok {
+				missing.Set(b)
 			}
 		}
-		s.mu.Unlock()
-		return fmt.Errorf("sink: %w", resumedErr{missing})
+		return fmt.Errorf("sink: %w", &blocksink.ResumedError{Cause: errors.New("writer restarted"), Missing: missing})
 	}
-	s.mu.Unlock()
-	return s.memSink.WriteBlock(ctx, i, d)
+	return s
 }
 
 // The writer restarts mid-download: the next GET starts at the writer's first missing block.
@@ -424,16 +401,63 @@ func TestSinkResumed(t *testing.T) {
 	const bs = 4096
 	img := randImage(32 * bs)
 	s := newServer(t, img)
-	sink := &resumingSink{memSink: newSink(), n: 20, lostFrom: 8, total: 32}
+	sink := resumingSink(t, 20, 8, 32)
 	st, err := dl(t, httpdl.Config{}).Download(context.Background(), httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}, nil, sink, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Resumes != 1 || !bytes.Equal(sink.image(t, 32, bs), img) {
+	if st.Resumes != 1 || !bytes.Equal(image(t, sink, 32), img) {
 		t.Fatalf("stats %+v", st)
 	}
 	want := []string{"", fmt.Sprintf("bytes=%d-%d", 8*bs, len(img)-1)}
 	if diff := cmp.Diff(want, s.gotRanges()); diff != "" {
 		t.Fatal(diff)
+	}
+}
+
+// A failed GET is a pause of the network: before waiting to retry, the download asks the sink
+// to sync, so the blocks that came survive a writer crash during the wait. Progress goes to
+// the file's callback, with the sink's durable count.
+func TestSyncBeforeRetryAndProgress(t *testing.T) {
+	const bs = 4096
+	img := randImage(16 * bs)
+	s := newServer(t, img)
+	s.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if n > 1 {
+			return false
+		}
+		// Three blocks, then the connection drops.
+		w.Header().Set("Content-Length", fmt.Sprint(len(img)))
+		w.WriteHeader(http.StatusOK)
+		w.Write(img[:3*bs])
+		w.(http.Flusher).Flush()
+		conn, _, _ := w.(http.Hijacker).Hijack()
+		conn.Close()
+		return true
+	}
+	sink := newSink(t)
+	var got []blocksink.Progress
+	f := httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs, OnProgress: func(p blocksink.Progress) { got = append(got, p) }}
+	st, err := dl(t, httpdl.Config{}).Download(context.Background(), f, nil, sink, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Retries != 1 || !bytes.Equal(image(t, sink, 16), img) {
+		t.Fatalf("stats %+v", st)
+	}
+	if diff := cmp.Diff([]int{3}, sink.Syncs); diff != "" {
+		t.Fatalf("blocks held at each Sync (-want +got):\n%s", diff)
+	}
+	want := []blocksink.Progress{{Received: 0, Durable: 0, Total: 16}}
+	for i := 1; i <= 16; i++ {
+		d := 0
+		if i > 3 {
+			d = 3 // synced before the retry
+		}
+		want = append(want, blocksink.Progress{Received: i, Durable: d, Total: 16})
+	}
+	want = append(want, blocksink.Progress{Received: 16, Durable: 16, Total: 16}) // flushed
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Fatalf("progress (-want +got):\n%s", diff)
 	}
 }

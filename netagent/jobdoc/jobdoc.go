@@ -259,112 +259,149 @@ func contains(l []string, s string) bool {
 	return false
 }
 
+// parseFile validates files[i], one group of fields after the other.
 func parseFile(i int, raw json.RawMessage) (File, error) {
 	var m map[string]json.RawMessage
 	if err := strictUnmarshal(raw, &m); err != nil || m == nil {
 		return File{}, invalid("files[%d] is not an object", i)
 	}
+	e := fileEntry{i: i, m: m}
 	f := File{Index: i}
-	field := func(k string) string { return fmt.Sprintf("files[%d].%s", i, k) }
-
-	sz, ok := m["filesize"]
-	if !ok {
-		return f, invalid("%s missing", field("filesize"))
-	}
-	n, err := Number(sz)
-	if err != nil {
-		return f, invalid("%s: %v", field("filesize"), err)
-	}
-	if n == 0 || n > MaxFileSize {
-		return f, invalid("%s %d out of range 1..%d", field("filesize"), n, uint64(MaxFileSize))
-	}
-	f.Size = n
-
-	id, ok := m["fileid"]
-	if !ok {
-		return f, invalid("%s missing", field("fileid"))
-	}
-	if n, err = Number(id); err != nil {
-		return f, invalid("%s: %v", field("fileid"), err)
-	}
-	if n > MaxFileID {
-		return f, invalid("%s %d out of range 0..%d", field("fileid"), n, MaxFileID)
-	}
-	f.FileID = uint32(n)
-
-	if r, ok := m["filepath"]; ok {
-		if f.Path, err = str(r, field("filepath"), 1024); err != nil {
+	for _, parse := range []func(*File) error{e.sizeAndID, e.texts, e.numbers, e.dataURL, e.signature} {
+		if err := parse(&f); err != nil {
 			return f, err
 		}
-	}
-	if r, ok := m["certfile"]; ok {
-		if f.CertFile, err = str(r, field("certfile"), 1024); err != nil {
-			return f, err
-		}
-	}
-	if r, ok := m["version"]; ok {
-		if f.Version, err = str(r, field("version"), 128); err != nil {
-			return f, err
-		}
-	}
-	if r, ok := m["auth_scheme"]; ok {
-		if f.AuthScheme, err = str(r, field("auth_scheme"), 128); err != nil {
-			return f, err
-		}
-	}
-	if r, ok := m["fileType"]; ok {
-		n, err := Number(r)
-		if err != nil || n > math.MaxInt32 {
-			return f, invalid("%s: not a number 0..%d", field("fileType"), math.MaxInt32)
-		}
-		ft := int32(n)
-		f.FileType = &ft
-	}
-	if r, ok := m["attr"]; ok {
-		n, err := Number(r)
-		if err != nil || n > math.MaxUint32 {
-			return f, invalid("%s: not a 32-bit number", field("attr"))
-		}
-		f.Attr = uint32(n)
-	}
-	if r, ok := m["update_data_url"]; ok {
-		s, err := str(r, field("update_data_url"), maxURLLen)
-		if err != nil {
-			return f, err
-		}
-		u, err := url.Parse(s)
-		if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
-			return f, invalid("%s is not an http(s) URL", field("update_data_url"))
-		}
-		f.UpdateDataURL = s
-	}
-
-	for key, alg := range SigKeys {
-		r, ok := m[key]
-		if !ok {
-			continue
-		}
-		if f.SigKey != "" {
-			return f, invalid("files[%d] has two signatures (%s, %s)", i, f.SigKey, key)
-		}
-		s, err := str(r, field(key), 4*MaxSignatureLen)
-		if err != nil {
-			return f, err
-		}
-		sig, err := decodeBase64(s)
-		if err != nil {
-			return f, invalid("%s is not base64: %v", field(key), err)
-		}
-		if len(sig) == 0 || len(sig) > MaxSignatureLen {
-			return f, invalid("%s is %d bytes (1..%d)", field(key), len(sig), MaxSignatureLen)
-		}
-		f.SigKey, f.SigAlgorithm, f.Signature = key, alg, sig
 	}
 	return f, nil
 }
 
-// decodeBase64 accepts standard base64 with or without padding, ignoring line breaks and
-// spaces (signatures copied from PEM-ish tools).
+// fileEntry is one raw entry of "files" being validated.
+type fileEntry struct {
+	i int
+	m map[string]json.RawMessage
+}
+
+// field names key in error messages: files[i].key.
+func (e fileEntry) field(k string) string { return fmt.Sprintf("files[%d].%s", e.i, k) }
+
+// sizeAndID reads the two required fields, filesize and fileid.
+func (e fileEntry) sizeAndID(f *File) error {
+	sz, ok := e.m["filesize"]
+	if !ok {
+		return invalid("%s missing", e.field("filesize"))
+	}
+	n, err := Number(sz)
+	if err != nil {
+		return invalid("%s: %v", e.field("filesize"), err)
+	}
+	if n == 0 || n > MaxFileSize {
+		return invalid("%s %d out of range 1..%d", e.field("filesize"), n, uint64(MaxFileSize))
+	}
+	f.Size = n
+
+	id, ok := e.m["fileid"]
+	if !ok {
+		return invalid("%s missing", e.field("fileid"))
+	}
+	if n, err = Number(id); err != nil {
+		return invalid("%s: %v", e.field("fileid"), err)
+	}
+	if n > MaxFileID {
+		return invalid("%s %d out of range 0..%d", e.field("fileid"), n, MaxFileID)
+	}
+	f.FileID = uint32(n)
+	return nil
+}
+
+// texts reads the optional string fields, each with its length limit.
+func (e fileEntry) texts(f *File) error {
+	for _, sf := range []struct {
+		key string
+		max int
+		dst *string
+	}{
+		{"filepath", 1024, &f.Path},
+		{"certfile", 1024, &f.CertFile},
+		{"version", 128, &f.Version},
+		{"auth_scheme", 128, &f.AuthScheme},
+	} {
+		r, ok := e.m[sf.key]
+		if !ok {
+			continue
+		}
+		v, err := str(r, e.field(sf.key), sf.max)
+		if err != nil {
+			return err
+		}
+		*sf.dst = v
+	}
+	return nil
+}
+
+// numbers reads the optional numeric fields fileType and attr.
+func (e fileEntry) numbers(f *File) error {
+	if r, ok := e.m["fileType"]; ok {
+		n, err := Number(r)
+		if err != nil || n > math.MaxInt32 {
+			return invalid("%s: not a number 0..%d", e.field("fileType"), math.MaxInt32)
+		}
+		ft := int32(n)
+		f.FileType = &ft
+	}
+	if r, ok := e.m["attr"]; ok {
+		n, err := Number(r)
+		if err != nil || n > math.MaxUint32 {
+			return invalid("%s: not a 32-bit number", e.field("attr"))
+		}
+		f.Attr = uint32(n)
+	}
+	return nil
+}
+
+// dataURL reads the optional presigned HTTP(S) URL.
+func (e fileEntry) dataURL(f *File) error {
+	r, ok := e.m["update_data_url"]
+	if !ok {
+		return nil
+	}
+	s, err := str(r, e.field("update_data_url"), maxURLLen)
+	if err != nil {
+		return err
+	}
+	u, err := url.Parse(s)
+	if err != nil || (u.Scheme != "https" && u.Scheme != "http") || u.Host == "" {
+		return invalid("%s is not an http(s) URL", e.field("update_data_url"))
+	}
+	f.UpdateDataURL = s
+	return nil
+}
+
+// signature reads the one signature key the entry may have (SigKeys).
+func (e fileEntry) signature(f *File) error {
+	for key, alg := range SigKeys {
+		r, ok := e.m[key]
+		if !ok {
+			continue
+		}
+		if f.SigKey != "" {
+			return invalid("files[%d] has two signatures (%s, %s)", e.i, f.SigKey, key)
+		}
+		s, err := str(r, e.field(key), 4*MaxSignatureLen)
+		if err != nil {
+			return err
+		}
+		sig, err := decodeBase64(s)
+		if err != nil {
+			return invalid("%s is not base64: %v", e.field(key), err)
+		}
+		if len(sig) == 0 || len(sig) > MaxSignatureLen {
+			return invalid("%s is %d bytes (1..%d)", e.field(key), len(sig), MaxSignatureLen)
+		}
+		f.SigKey, f.SigAlgorithm, f.Signature = key, alg, sig
+	}
+	return nil
+}
+
 func decodeBase64(s string) ([]byte, error) {
 	s = strings.Map(func(r rune) rune {
 		if r == '\n' || r == '\r' || r == ' ' || r == '\t' {

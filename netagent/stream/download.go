@@ -17,9 +17,11 @@
 // subscription is QoS 1, so AWS delivers blocks at QoS 1: blocks published while the link
 // is briefly down wait in the persistent session, and the broker is paced by acks.
 //
-// Durability: the Sink (writer link) reports a writer restart with the writer's bitmap of
-// missing blocks; the download continues from it, so progress survives either process
-// restarting (begin the session again and pass its bitmap as missing).
+// Durability: blocks go to a blocksink.Sink (the writer link), whose contract the download
+// follows: when the network goes quiet the sink is asked to sync, and a writer restart comes
+// back as a *blocksink.ResumedError with the writer's bitmap of missing blocks, from which the
+// download continues. Progress survives either process restarting (begin the session again
+// and pass its bitmap as missing).
 package stream
 
 import (
@@ -34,6 +36,8 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/bitmap"
+	"github.com/gwota/gwota/netagent/blocksink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 )
@@ -43,31 +47,6 @@ type Transport interface {
 	Publish(ctx context.Context, topic string, qos byte, payload []byte) error
 	Subscribe(ctx context.Context, filter string, qos byte, handler func(topic string, payload []byte)) (unsubscribe func(context.Context) error, err error)
 }
-
-// Sink receives validated blocks (netagent/writerlink.Sink satisfies it).
-//
-// When the writer lost blocks that were not durable yet (it restarted and the session was
-// resumed), WriteBlock or Flush return an error with a method Missing() []byte giving the
-// writer's bitmap of blocks still missing; the downloader then continues from that bitmap.
-// Any other error ends the download and is returned unchanged (its typed reason kept).
-type Sink interface {
-	// WriteBlock takes block i; data belongs to the sink after the call.
-	WriteBlock(ctx context.Context, i int, data []byte) error
-	// Flush returns once every block written so far is durable.
-	Flush(ctx context.Context) error
-}
-
-// syncer is implemented by sinks that can be asked to make data durable without waiting;
-// the downloader asks at natural pauses (a quiet round).
-type syncer interface {
-	Sync(ctx context.Context) error
-}
-
-// durableCounter is implemented by sinks that know how many blocks are durable.
-type durableCounter interface{ Durable() int }
-
-// resumed is the error a Sink returns after its writer came back with a resumed session.
-type resumed interface{ Missing() []byte }
 
 // Defaults, chosen by measurement (scripts/bench-stream.sh -sweep: block size x requests in
 // flight through mosquitto on loopback, 128 KB per request). 64 KiB blocks, 2 per request
@@ -120,15 +99,6 @@ type Config struct {
 	// someone else's.
 	ClientToken string
 	Logger      hclog.Logger
-	// OnProgress is called after every new block; keep it cheap (rate-limit reports there).
-	OnProgress func(Progress)
-}
-
-// Progress of one download, in blocks.
-type Progress struct {
-	Received int // blocks held (durable or handed to the sink)
-	Durable  int // blocks the sink reports durable (-1 when it does not tell)
-	Total    int
 }
 
 // File names what to download.
@@ -138,6 +108,8 @@ type File struct {
 	Size       int64
 	// BlockSize is the session's block size (the writer's answer to BeginSession).
 	BlockSize int
+	// OnProgress, if set, hears the download's progress (rate-limit reports there).
+	OnProgress blocksink.ProgressFunc
 }
 
 // Stats describe one Download.
@@ -238,15 +210,15 @@ type request struct {
 type run struct {
 	d      *Downloader
 	f      File
-	sink   Sink
+	sink   blocksink.Sink
 	total  int
 	perReq int
 	token  string
 	events chan event
 	done   chan struct{}
 
-	have     Bitmap // handed to the sink (and not lost since)
-	pending  Bitmap // asked for in an outstanding request
+	have     bitmap.Bitmap // handed to the sink (and not lost since)
+	pending  bitmap.Bitmap // asked for in an outstanding request
 	held     int
 	inflight []*request
 	cursor   int
@@ -260,7 +232,7 @@ type run struct {
 // Download fetches the blocks of f that missing marks (nil: all) and hands them to sink. It
 // returns once every block is durable (sink.Flush), or fails with a typed error
 // (status.ReasonOf): momentum_abort, failed_ingest, download_failed, or the sink's reason.
-func (d *Downloader) Download(ctx context.Context, f File, missing []byte, sink Sink) (Stats, error) {
+func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap, sink blocksink.Sink) (Stats, error) {
 	if f.BlockSize == 0 {
 		f.BlockSize = d.cfg.BlockSize
 	}
@@ -345,7 +317,7 @@ func (r *run) send(ev event) {
 	}
 }
 
-func (r *run) loop(ctx context.Context, missing []byte) error {
+func (r *run) loop(ctx context.Context, missing bitmap.Bitmap) error {
 	if err := r.reload(ctx, missing); err != nil {
 		return err
 	}
@@ -379,40 +351,31 @@ func (r *run) loop(ctx context.Context, missing []byte) error {
 	}
 }
 
-// reload makes the writer's missing bitmap the truth: what it does not miss is held.
-func (r *run) reload(ctx context.Context, missing []byte) error {
-	r.have = FullBitmap(r.total)
-	if missing != nil {
-		m := Bitmap(missing)
-		for i := 0; i < r.total; i++ {
-			// Bits beyond a short bitmap count as missing: fetching again is safe.
-			if m.Has(i) || i>>3 >= len(m) {
-				r.have.Clear(i)
-			}
-		}
-	} else {
-		r.have = NewBitmap(r.total)
-	}
+// reload makes the writer's missing bitmap the truth: what it does not miss is held (blocks
+// past a short bitmap count as missing: fetching again is safe).
+func (r *run) reload(ctx context.Context, missing bitmap.Bitmap) error {
+	r.have = missing.Complement(r.total)
 	r.held = r.have.Count()
-	r.pending = NewBitmap(r.total)
+	r.pending = bitmap.New(r.total)
 	r.inflight = r.inflight[:0]
 	r.cursor = 0
 	r.lastProgress = time.Now()
 	r.fruitless = 0
 	r.d.log.Debug("stream download", "stream", r.f.StreamName, "blocks", r.total, "held", r.held, "block_size", r.f.BlockSize, "per_request", r.perReq)
+	r.progress()
 	return r.fill(ctx)
 }
 
-// resume handles a sink error: a resumed writer session reloads the bitmap, anything else
-// ends the download.
+// resume handles a sink error by the blocksink.Sink contract: a resumed writer session
+// reloads the bitmap, anything else ends the download.
 func (r *run) resume(ctx context.Context, err error) error {
-	var res resumed
+	var res *blocksink.ResumedError
 	if !errors.As(err, &res) {
 		return err
 	}
 	r.stats.Resumes++
 	r.d.log.Info("writer session resumed; continuing from its bitmap", "error", err)
-	return r.reload(ctx, res.Missing())
+	return r.reload(ctx, res.Missing)
 }
 
 func (r *run) want(i int) bool { return !r.have.Has(i) && !r.pending.Has(i) }
@@ -538,11 +501,10 @@ func (r *run) tick(ctx context.Context, now time.Time) error {
 			return r.momentumAbort()
 		}
 		r.d.log.Debug("quiet period: re-requesting", "round", r.fruitless, "held", r.held, "total", r.total)
-		if s, ok := r.sink.(syncer); ok {
-			if err := s.Sync(ctx); err != nil {
-				if err := r.resume(ctx, err); err != nil {
-					return err
-				}
+		// What arrived before the quiet survives a writer crash during it.
+		if err := r.sink.Sync(ctx); err != nil {
+			if err := r.resume(ctx, err); err != nil {
+				return err
 			}
 		}
 		for len(r.inflight) > 0 {
@@ -595,12 +557,7 @@ func (r *run) rejected(rej Rejection) error {
 }
 
 func (r *run) progress() {
-	if r.d.cfg.OnProgress == nil {
-		return
+	if r.f.OnProgress != nil {
+		r.f.OnProgress(blocksink.Progress{Received: r.held, Durable: r.sink.Durable(), Total: r.total})
 	}
-	p := Progress{Received: r.held, Durable: -1, Total: r.total}
-	if dc, ok := r.sink.(durableCounter); ok {
-		p.Durable = dc.Durable()
-	}
-	r.d.cfg.OnProgress(p)
 }

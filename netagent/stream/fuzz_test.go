@@ -2,7 +2,6 @@ package stream
 
 import (
 	"bytes"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"slices"
@@ -10,6 +9,8 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/gwota/gwota/internal/bitmap"
 )
 
 func formatOf(js bool) string {
@@ -137,74 +138,6 @@ func FuzzDecodeRejection(f *testing.F) {
 	})
 }
 
-// FuzzBitmap: Set/Clear/Has/Count/Blocks agree with a plain set, Has is false outside the
-// bitmap (negative indices included), FullBitmap has exactly n bits, and the JSON hex form
-// decodes back to the bitmap without its trailing zero bytes.
-func FuzzBitmap(f *testing.F) {
-	f.Add(uint16(32), []byte{0, 20, 0, 0, 21, 0, 0, 24, 0, 0, 43, 0, 1, 21, 0})
-	f.Add(uint16(1), []byte{0, 0, 0})
-	f.Add(uint16(0), []byte{})
-	f.Add(uint16(65535), []byte{0, 0xff, 0xff, 1, 0xff, 0xff, 0, 7, 0})
-	f.Fuzz(func(t *testing.T, n16 uint16, ops []byte) {
-		n := int(n16)
-		bm := NewBitmap(n)
-		if len(bm) != (n+7)/8 {
-			t.Fatalf("NewBitmap(%d) has %d bytes", n, len(bm))
-		}
-		model := map[int]bool{}
-		for i := 0; i+2 < len(ops) && n > 0; i += 3 {
-			k := (int(ops[i+1]) | int(ops[i+2])<<8) % n
-			if ops[i]&1 == 0 {
-				bm.Set(k)
-				model[k] = true
-			} else {
-				bm.Clear(k)
-				delete(model, k)
-			}
-			if !bm.Has(k) != !model[k] {
-				t.Fatalf("Has(%d) = %v after op %d", k, bm.Has(k), ops[i])
-			}
-		}
-		want := make([]int, 0, len(model))
-		for k := range model {
-			want = append(want, k)
-		}
-		slices.Sort(want)
-		if got := bm.Blocks(); !slices.Equal(got, want) && !(len(got) == 0 && len(want) == 0) {
-			t.Fatalf("Blocks() = %v, want %v", got, want)
-		}
-		if bm.Count() != len(want) {
-			t.Fatalf("Count() = %d, want %d", bm.Count(), len(want))
-		}
-		for _, k := range []int{-1, -8, -1 << 40, len(bm) * 8, len(bm)*8 + 7, 1 << 40} {
-			if bm.Has(k) {
-				t.Fatalf("Has(%d) outside a bitmap of %d bytes", k, len(bm))
-			}
-		}
-		full := FullBitmap(n)
-		if full.Count() != n || len(full) != (n+7)/8 {
-			t.Fatalf("FullBitmap(%d): %d bits in %d bytes", n, full.Count(), len(full))
-		}
-		if blocks := full.Blocks(); n > 0 && (blocks[0] != 0 || blocks[len(blocks)-1] != n-1) {
-			t.Fatalf("FullBitmap(%d) spans %d..%d", n, blocks[0], blocks[len(blocks)-1])
-		}
-		if len(bm) > 0 {
-			h := BitmapHex(bm)
-			dec, err := hex.DecodeString(strings.TrimPrefix(h, "0x"))
-			if err != nil || !strings.HasPrefix(h, "0x") {
-				t.Fatalf("BitmapHex = %q: %v", h, err)
-			}
-			trimmed := bytes.TrimRight(bm, "\x00")
-			if len(trimmed) == 0 {
-				trimmed = []byte{0}
-			}
-			if !bytes.Equal(dec, trimmed) {
-				t.Fatalf("BitmapHex(% x) = %q", []byte(bm), h)
-			}
-		}
-	})
-}
-
 // FuzzNextWindow: every request window the downloader builds obeys the stream's limits
 // (offset <= 98304, bitmap under 12,288 bytes, at most max blocks), asks for wanted blocks
 // only, starts at the first wanted block from the cursor (wrapping once), skips no wanted
@@ -225,7 +158,7 @@ func FuzzNextWindow(f *testing.F) {
 		// A periodic want set: pattern's bits, repeated over the file.
 		want := func(i int) bool {
 			k := i % (len(pattern) * 8)
-			return pattern[k>>3]&(1<<(k&7)) != 0
+			return bitmap.Bitmap(pattern).Has(k)
 		}
 		any := false
 		for i := 0; i < total && !any; i++ {
@@ -248,10 +181,8 @@ func FuzzNextWindow(f *testing.F) {
 			t.Fatalf("window offset %d, bitmap of %d bytes", w.offset, len(w.bitmap))
 		}
 		var fromBitmap []int
-		for k := 0; k < len(w.bitmap)*8; k++ {
-			if w.bitmap[k>>3]&(1<<(k&7)) != 0 {
-				fromBitmap = append(fromBitmap, w.offset+k)
-			}
+		for _, k := range w.bitmap.Blocks() {
+			fromBitmap = append(fromBitmap, w.offset+k)
 		}
 		if !slices.Equal(fromBitmap, w.blocks) {
 			t.Fatalf("bitmap names %v, blocks %v", fromBitmap, w.blocks)

@@ -2,12 +2,13 @@ package stream
 
 import (
 	"encoding/binary"
-	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 
 	"github.com/fxamacker/cbor/v2"
+
+	"github.com/gwota/gwota/internal/bitmap"
 )
 
 // Wire limits of AWS IoT MQTT-based file delivery (docs/PROTOCOL.md section 2).
@@ -171,7 +172,7 @@ func EncodeRequest(format string, r Request) ([]byte, error) {
 	case FormatJSON:
 		j := jsonRequest{r.ClientToken, r.StreamVersion, r.FileID, r.BlockSize, r.Offset, r.NumBlocks, ""}
 		if r.Bitmap != nil {
-			j.Bitmap = BitmapHex(r.Bitmap)
+			j.Bitmap = bitmap.Bitmap(r.Bitmap).Hex()
 		}
 		return json.Marshal(j)
 	}
@@ -253,14 +254,4 @@ func BlockLen(fileSize int64, blockSize, i int) int {
 		return int(rest)
 	}
 	return blockSize
-}
-
-// BitmapHex is the JSON form of a bitmap: "0x" and hex, trailing zero bytes dropped
-// (docs/PROTOCOL.md: bytes 13 00 80 00 are "0x130080").
-func BitmapHex(bm []byte) string {
-	n := len(bm)
-	for n > 1 && bm[n-1] == 0 {
-		n--
-	}
-	return "0x" + hex.EncodeToString(bm[:n])
 }

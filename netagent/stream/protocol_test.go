@@ -8,6 +8,8 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/gwota/gwota/internal/bitmap"
 )
 
 func unhex(t *testing.T, s string) []byte {
@@ -22,14 +24,14 @@ func unhex(t *testing.T, s string) []byte {
 // docs/PROTOCOL.md: blocks 20, 21, 24, 43 wanted with o = 20 are bits 0, 1, 4, 23: bytes
 // 13 00 80 00, JSON "0x130080", CBOR byte string 44 13 00 80 00.
 func TestBitmapVector(t *testing.T) {
-	bm := NewBitmap(32)
+	bm := bitmap.New(32)
 	for _, b := range []int{20, 21, 24, 43} {
 		bm.Set(b - 20)
 	}
 	if want := unhex(t, "13 00 80 00"); !bytes.Equal(bm, want) {
 		t.Fatalf("bitmap % X, want % X", []byte(bm), want)
 	}
-	if got := BitmapHex(bm); got != "0x130080" {
+	if got := bm.Hex(); got != "0x130080" {
 		t.Fatalf("hex %q, want 0x130080", got)
 	}
 	enc, err := encMode.Marshal([]byte(bm))
@@ -56,7 +58,7 @@ func TestBitmapVector(t *testing.T) {
 
 // docs/PROTOCOL.md: a 31-block window all wanted is FF FF FF 7F, CBOR 44 FF FF FF 7F.
 func TestFullWindowVector(t *testing.T) {
-	bm := FullBitmap(31)
+	bm := bitmap.Full(31)
 	if want := unhex(t, "FF FF FF 7F"); !bytes.Equal(bm, want) {
 		t.Fatalf("bitmap % X, want % X", []byte(bm), want)
 	}
@@ -229,7 +231,7 @@ func TestNextWindowLimits(t *testing.T) {
 			if diff := cmp.Diff(tc.blocks, w.blocks); diff != "" {
 				t.Fatal(diff)
 			}
-			if diff := cmp.Diff(tc.blocks, shift(Bitmap(w.bitmap).Blocks(), w.offset)); diff != "" {
+			if diff := cmp.Diff(tc.blocks, shift(w.bitmap.Blocks(), w.offset)); diff != "" {
 				t.Fatalf("bitmap disagrees with blocks: %s", diff)
 			}
 			if len(w.bitmap) > MaxBitmapBytes || w.offset > MaxOffset {

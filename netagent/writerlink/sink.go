@@ -5,14 +5,18 @@ import (
 	"fmt"
 	"sync"
 
+	"github.com/gwota/gwota/internal/crashpoint"
+	"github.com/gwota/gwota/netagent/blocksink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/client"
 )
 
-// Sink streams a session's blocks to the writer. Blocks are batched into WriteBlocks
-// messages; the writer acknowledges durability (journal synced) and Durable/Flush report it.
+// Sink streams a session's blocks to the writer: the blocksink.Sink of both downloaders,
+// with that contract. Blocks are batched into WriteBlocks messages; the writer acknowledges
+// durability (journal synced) and Durable/Flush report it. A broken stream with a retryable
+// reason (writer_unavailable) is repaired here and reported as a *blocksink.ResumedError.
 // Use it from one goroutine (the downloader's); acks are read on a goroutine of its own.
 type Sink struct {
 	s      *Session
@@ -102,6 +106,8 @@ func (k *Sink) notifyLocked() {
 	k.changed = make(chan struct{})
 }
 
+var _ blocksink.Sink = (*Sink)(nil)
+
 // WriteBlock queues block i (data is kept until sent, not copied).
 func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
 	if k.stream == nil {
@@ -121,8 +127,11 @@ func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
 	k.batch = append(k.batch, &otav1.Block{Offset: uint64(i) * uint64(k.s.BlockSize()), Data: data})
 	k.batchLen += len(data)
 	if k.batchLen >= k.budget {
-		return k.send(ctx, false)
+		if err := k.send(ctx, false); err != nil {
+			return err
+		}
 	}
+	crashpoint.Hit(crashpoint.NetBlock) // the block is the writer link's now
 	return nil
 }
 
@@ -211,7 +220,7 @@ func (k *Sink) streamErr() error {
 
 // recover handles a stream failure: the writer's own refusal is returned with its reason;
 // a broken link is repaired (wait for the writer, begin the session again, new stream) and
-// reported as a *ResumedError carrying the writer's bitmap.
+// reported as a *blocksink.ResumedError carrying the writer's bitmap.
 func (k *Sink) recover(ctx context.Context, err error) error {
 	if !retryable(err) {
 		k.close()
@@ -229,7 +238,7 @@ func (k *Sink) recover(ctx context.Context, err error) error {
 	k.mu.Lock()
 	k.durable = int(k.s.Info().GetDurableBlocks())
 	k.mu.Unlock()
-	return &ResumedError{Cause: err, missing: k.s.Missing()}
+	return &blocksink.ResumedError{Cause: err, Missing: k.s.Missing()}
 }
 
 // Sync asks the writer to make everything sent so far durable, without waiting.

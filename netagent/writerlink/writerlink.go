@@ -1,8 +1,8 @@
 // Package writerlink is ota-net's side of the block path to ota-writer: sessions (begin or
-// resume), a Sink that streams blocks over WriteBlocks and tracks the writer's durable
-// acknowledgements, and reconnection when the writer restarts (the session is begun again,
-// resumed, and the downloader continues from the writer's bitmap). Other writer calls pass
-// through to writer/client unchanged.
+// resume), a Sink (the downloaders' blocksink.Sink) that streams blocks over WriteBlocks and
+// tracks the writer's durable acknowledgements, and reconnection when the writer restarts
+// (the session is begun again, resumed, and the downloader continues from the writer's
+// bitmap). Other writer calls pass through to writer/client unchanged.
 //
 // Every error keeps the writer's typed reason: status.ReasonOf(err) reads it.
 package writerlink
@@ -10,12 +10,12 @@ package writerlink
 import (
 	"context"
 	"errors"
-	"fmt"
 	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/client"
@@ -154,7 +154,7 @@ func (s *Session) set(resp *otav1.BeginSessionResponse) error {
 			info.GetSessionId(), bs, info.GetFileSize())
 	}
 	total := (info.GetFileSize() + bs - 1) / bs
-	if uint64(len(info.GetMissing())) != (total+7)/8 {
+	if uint64(len(info.GetMissing())) != uint64(bitmap.Len(int(total))) {
 		return status.Errorf(otav1.Reason_REASON_OTHER, "writer link: missing bitmap of %d bytes for %d blocks", len(info.GetMissing()), total)
 	}
 	s.mu.Lock()
@@ -176,8 +176,8 @@ func (s *Session) ID() string { return s.Info().GetSessionId() }
 // BlockSize is the session's block size.
 func (s *Session) BlockSize() int { return int(s.Info().GetBlockSize()) }
 
-// Missing is the bitmap of blocks the writer does not hold durably (stream bit order).
-func (s *Session) Missing() []byte { return s.Info().GetMissing() }
+// Missing is the bitmap of blocks the writer does not hold durably.
+func (s *Session) Missing() bitmap.Bitmap { return s.Info().GetMissing() }
 
 // Resumed tells whether Begin resumed an existing session.
 func (s *Session) Resumed() bool {
@@ -209,20 +209,6 @@ func (s *Session) reconnect(ctx context.Context) error {
 	}
 	return s.set(resp)
 }
-
-// ResumedError is returned by Sink methods after the writer came back: blocks that were not
-// durable may be lost, and Missing tells what the writer still needs. The downloaders
-// continue from it.
-type ResumedError struct {
-	Cause   error
-	missing []byte
-}
-
-func (e *ResumedError) Error() string {
-	return fmt.Sprintf("writer link: writer stream broke (%v); session resumed", e.Cause)
-}
-func (e *ResumedError) Unwrap() error   { return e.Cause }
-func (e *ResumedError) Missing() []byte { return e.missing }
 
 // retryable tells whether a block-stream error is the link's (writer restarting, socket
 // gone) rather than the writer refusing the data.

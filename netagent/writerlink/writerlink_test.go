@@ -14,6 +14,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 	"go.uber.org/goleak"
 
+	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
 	"github.com/gwota/gwota/netagent/stream"
@@ -85,8 +86,8 @@ func TestSinkDurable(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if s.Resumed() || stream.Bitmap(s.Missing()).Count() != 26 {
-		t.Fatalf("new session: resumed %v, missing %d", s.Resumed(), stream.Bitmap(s.Missing()).Count())
+	if s.Resumed() || s.Missing().Count() != 26 {
+		t.Fatalf("new session: resumed %v, missing %d", s.Resumed(), s.Missing().Count())
 	}
 	k, err := s.Sink(ctx)
 	if err != nil {
@@ -112,7 +113,7 @@ func TestSinkDurable(t *testing.T) {
 	}
 	// Resume of the same job: nothing missing.
 	s2, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j1", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})
-	if err != nil || !s2.Resumed() || stream.Bitmap(s2.Missing()).Count() != 0 {
+	if err != nil || !s2.Resumed() || s2.Missing().Count() != 0 {
 		t.Fatalf("resume: %v %+v", err, s2)
 	}
 	// Pass-through calls.
@@ -147,7 +148,7 @@ func TestTypedErrors(t *testing.T) {
 	if status.ReasonOf(err) != otav1.Reason_REASON_STORAGE_FULL {
 		t.Fatalf("write: %v (%v)", err, status.ReasonOf(err))
 	}
-	var re *writerlink.ResumedError
+	var re *blocksink.ResumedError
 	if errors.As(err, &re) {
 		t.Fatal("a writer refusal must not look like a resume")
 	}
@@ -197,21 +198,22 @@ func TestStreamDownloadSurvivesWriterRestart(t *testing.T) {
 
 	var once sync.Once
 	var durableAtCrash int
-	d, err := stream.New(conn, stream.Config{Thing: emu.ThingName(), BlockSize: bs, QuietPeriod: 200 * time.Millisecond, Logger: logger(t),
-		OnProgress: func(p stream.Progress) {
+	d, err := stream.New(conn, stream.Config{Thing: emu.ThingName(), BlockSize: bs, QuietPeriod: 200 * time.Millisecond, Logger: logger(t)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	f := stream.File{StreamName: emu.StreamName("job1"), Size: int64(len(img)), BlockSize: s.BlockSize(),
+		OnProgress: func(p blocksink.Progress) {
 			// Crash once the writer has acknowledged something durable, so the test proves
 			// those blocks are not fetched again (a fixed block count raced the first ack).
-			if k.Durable() > 0 {
+			if p.Durable > 0 {
 				once.Do(func() {
 					restart(w, core)
 					durableAtCrash = core.Durable(s.ID())
 				})
 			}
-		}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	st, err := d.Download(ctx, stream.File{StreamName: emu.StreamName("job1"), Size: int64(len(img)), BlockSize: s.BlockSize()}, s.Missing(), k)
+		}}
+	st, err := d.Download(ctx, f, s.Missing(), k)
 	if err != nil {
 		t.Fatal(err)
 	}

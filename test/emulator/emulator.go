@@ -381,6 +381,9 @@ type Faults struct {
 	DisconnectAfterBlocks int
 	// ExpireURLAfter shortens the lifetime of presigned URLs issued from now on.
 	ExpireURLAfter time.Duration
+	// StallAfterBlocks sends this many stream blocks, then none (requests are still
+	// recorded) until the faults are replaced or cleared: a network that goes quiet.
+	StallAfterBlocks int
 }
 
 type faultState struct {

@@ -8,6 +8,7 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/netagent/stream"
 )
 
@@ -111,7 +112,7 @@ func FuzzRequestInterop(f *testing.F) {
 			t.Fatalf("client token %q read as %v", token, got.ClientToken)
 		}
 		if len(bm) > 0 {
-			want := stream.Bitmap(bm).Blocks()
+			want := bitmap.Bitmap(bm).Blocks()
 			for i := range want {
 				want[i] += int(off)
 			}

@@ -274,6 +274,12 @@ func (e *Emulator) planBlocks(j *job, fs *faultState, req GetStreamRequest, rec 
 	if fs != nil && fs.Reorder {
 		fs.rng.Shuffle(len(plan.sent), func(a, b int) { plan.sent[a], plan.sent[b] = plan.sent[b], plan.sent[a] })
 	}
+	if fs != nil && fs.StallAfterBlocks > 0 {
+		if left := max(fs.StallAfterBlocks-fs.blocksSent, 0); left < len(plan.sent) {
+			rec.Dropped = append(rec.Dropped, plan.sent[left:]...)
+			plan.sent = plan.sent[:left]
+		}
+	}
 	if fs != nil && fs.DisconnectAfterBlocks > 0 && !fs.disconnected {
 		if left := fs.DisconnectAfterBlocks - fs.blocksSent; left <= len(plan.sent) {
 			plan.sent = plan.sent[:left]

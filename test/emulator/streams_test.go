@@ -294,6 +294,28 @@ func TestStreamRejectAndDisconnectFaults(t *testing.T) {
 	}
 }
 
+// StallAfterBlocks: the first N blocks go out, then none (the requests are still recorded)
+// until the faults are cleared.
+func TestStreamStallFault(t *testing.T) {
+	e, d, prefix, _ := streamSetup(t, Options{}, 64*1024)
+	i := func(v int64) *int64 { return &v }
+	e.SetFaults("job-s", Faults{StallAfterBlocks: 5})
+	d.publish(prefix+"get/cbor", cborReq(t, GetStreamRequest{FileID: i(0), BlockSize: i(1024), NumBlocks: i(8)}))
+	waitBlocks(t, d, prefix+"data/cbor", 5)
+	d.publish(prefix+"get/cbor", cborReq(t, GetStreamRequest{FileID: i(0), BlockSize: i(1024), Offset: i(5), NumBlocks: i(3)}))
+	reqs := waitRequests(t, e, "job-s", 2)
+	got := [][2][]int{{reqs[0].Sent, reqs[0].Dropped}, {reqs[1].Sent, reqs[1].Dropped}}
+	if diff := cmp.Diff([][2][]int{{{0, 1, 2, 3, 4}, {5, 6, 7}}, {nil, {5, 6, 7}}}, got); diff != "" {
+		t.Fatalf("sent and withheld per request (-want +got):\n%s", diff)
+	}
+	e.ClearFaults("job-s")
+	d.publish(prefix+"get/cbor", cborReq(t, GetStreamRequest{FileID: i(0), BlockSize: i(1024), Offset: i(5), NumBlocks: i(3)}))
+	waitBlocks(t, d, prefix+"data/cbor", 3)
+	if n := e.BlocksServed("job-s"); n != 8 {
+		t.Errorf("blocks served = %d, want 8", n)
+	}
+}
+
 // waitRequests waits until the emulator has recorded n GetStream requests.
 func waitRequests(t *testing.T, e *Emulator, stream string, n int) []StreamRequest {
 	t.Helper()

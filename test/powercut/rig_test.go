@@ -17,6 +17,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/test/harness"
 	"github.com/gwota/gwota/test/lazyfs"
@@ -452,7 +453,7 @@ func (r *rig) checkResumed() error {
 	return nil
 }
 
-func missing(bm []byte, k int) bool { return k>>3 < len(bm) && bm[k>>3]&(1<<(k&7)) != 0 }
+func missing(bm []byte, k int) bool { return bitmap.Bitmap(bm).Has(k) }
 
 // bootFile mirrors the file boot backend's state file.
 type bootFile struct {
@@ -558,7 +559,7 @@ func (r *rig) checkDurable() error {
 			return err
 		}
 		for k := 0; k*blockSize < len(im.data); k++ {
-			if js.Durable[k>>3]&(1<<(k&7)) == 0 {
+			if !js.Durable.Has(k) {
 				continue
 			}
 			end := min((k+1)*blockSize, len(im.data))
@@ -584,7 +585,7 @@ func (r *rig) checkDurable() error {
 		switch {
 		case haveSession && js.ID == r.ack.session:
 			for k, d := range r.ack.durable {
-				if d && js.Durable[k>>3]&(1<<(k&7)) == 0 {
+				if d && !js.Durable.Has(k) {
 					return fmt.Errorf("block %d was acknowledged durable, the journal lost it", k)
 				}
 			}

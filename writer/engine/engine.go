@@ -19,6 +19,7 @@ import (
 	"fmt"
 	"os/exec"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"syscall"
@@ -267,17 +268,14 @@ func (e *Engine) restore(js *journal.Session) (*session, error) {
 		return nil, fmt.Errorf("state %s cannot be resumed", st)
 	}
 	s := newSession(js, t)
-	if uint64(len(js.Durable)) != (s.total+7)/8 {
-		return nil, fmt.Errorf("bitmap of %d bytes for %d blocks", len(js.Durable), s.total)
-	}
 	// A bit past the last block would count as durable and leave the session claiming more
 	// blocks than the image has.
-	if r := s.total & 7; r != 0 && js.Durable[len(js.Durable)-1]>>r != 0 {
-		return nil, fmt.Errorf("bitmap names blocks past block %d", s.total-1)
+	if err := js.Durable.Check(int(s.total)); err != nil {
+		return nil, err
 	}
 	s.durable = js.Durable
-	s.received = append([]byte(nil), js.Durable...)
-	s.nDurable = popcount(s.durable)
+	s.received = slices.Clone(js.Durable)
+	s.nDurable = uint64(s.durable.Count())
 	s.nReceived = s.nDurable
 	s.state = st
 	s.sha = js.SHA256

@@ -13,6 +13,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"google.golang.org/protobuf/testing/protocmp"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
@@ -250,7 +251,7 @@ func TestResumeAfterCrash(t *testing.T) {
 		t.Fatalf("resume: %v", b)
 	}
 	for k := 0; k < int(b.Session.TotalBlocks); k++ {
-		missing := b.Session.Missing[k>>3]&(1<<(k&7)) != 0
+		missing := bitmap.Bitmap(b.Session.Missing).Has(k)
 		if missing != (k >= 40) {
 			t.Fatalf("block %d missing=%v", k, missing)
 		}

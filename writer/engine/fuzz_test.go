@@ -9,7 +9,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"math/bits"
 	"os"
 	"path/filepath"
 	"strings"
@@ -17,6 +16,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/test/sign"
@@ -251,17 +251,11 @@ func checkInfo(t *testing.T, op string, s *otav1.SessionInfo) {
 	if bs == 0 || s.GetTotalBlocks() != (s.GetFileSize()+bs-1)/bs || s.GetDurableBlocks() > s.GetTotalBlocks() {
 		t.Fatalf("%s: inconsistent session %v", op, s)
 	}
-	m := s.GetMissing()
-	if uint64(len(m)) != (s.GetTotalBlocks()+7)/8 {
-		t.Fatalf("%s: missing bitmap of %d bytes for %d blocks", op, len(m), s.GetTotalBlocks())
+	m := bitmap.Bitmap(s.GetMissing())
+	if err := m.Check(int(s.GetTotalBlocks())); err != nil {
+		t.Fatalf("%s: missing: %v", op, err)
 	}
-	var n uint64
-	for _, x := range m {
-		n += uint64(bits.OnesCount8(x))
-	}
-	if r := s.GetTotalBlocks() & 7; r != 0 && m[len(m)-1]>>r != 0 {
-		t.Fatalf("%s: missing bitmap names blocks past the end", op)
-	}
+	n := uint64(m.Count())
 	if n != s.GetTotalBlocks()-s.GetDurableBlocks() {
 		t.Fatalf("%s: %d missing + %d durable != %d blocks", op, n, s.GetDurableBlocks(), s.GetTotalBlocks())
 	}

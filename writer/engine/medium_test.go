@@ -10,6 +10,7 @@ import (
 	"syscall"
 	"testing"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
@@ -88,7 +89,7 @@ func checkJournalBehindMedium(t testing.TB, r *rig, img image, bs int) int {
 	}
 	n := 0
 	for k := 0; k*bs < len(img.data); k++ {
-		if durable == nil || durable[k>>3]&(1<<(k&7)) == 0 {
+		if !bitmap.Bitmap(durable).Has(k) {
 			continue
 		}
 		n++
@@ -100,7 +101,7 @@ func checkJournalBehindMedium(t testing.TB, r *rig, img image, bs int) int {
 	return n
 }
 
-func popcountT(b []byte) int { return int(popcount(b)) }
+func popcountT(b []byte) int { return bitmap.Bitmap(b).Count() }
 
 // TestSyncThenJournal proves the order of a sync: at the moment the medium's flush starts,
 // and again once the data is durable but before Sync returns, the journal on disk still names
@@ -208,7 +209,7 @@ func TestPowerCutLeavesJournalBehind(t *testing.T) {
 			}
 			var missing []*otav1.Block
 			for k := 0; k < nBlocks; k++ {
-				if res.Session.Missing[k>>3]&(1<<(k&7)) != 0 {
+				if bitmap.Bitmap(res.Session.Missing).Has(k) {
 					missing = append(missing, blocks(img.data, bs, k, k+1)...)
 				}
 			}
@@ -295,7 +296,7 @@ func TestMediumFaults(t *testing.T) {
 				info := must[*otav1.BeginSessionResponse](t)(r.begin(img, 0, nil)).Session
 				var again []*otav1.Block
 				for k := 0; k < 13; k++ {
-					if info.Missing[k>>3]&(1<<(k&7)) != 0 {
+					if bitmap.Bitmap(info.Missing).Has(k) {
 						again = append(again, blocks(img.data, bs, k, k+1)...)
 					}
 				}

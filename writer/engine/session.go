@@ -4,10 +4,10 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"math/bits"
 	"sync"
 	"time"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/internal/crashpoint"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -33,7 +33,7 @@ type session struct {
 	medium    target.Medium
 	// received: written to the medium (maybe not durable); durable: fdatasync returned and
 	// the journal says so. received is a superset of durable.
-	received, durable   []byte
+	received, durable   bitmap.Bitmap
 	nReceived, nDurable uint64
 	pendingBytes        int64
 	lastSync            time.Time
@@ -57,14 +57,6 @@ func newSession(js *journal.Session, t *target.Target) *session {
 	}
 }
 
-func popcount(b []byte) uint64 {
-	var n uint64
-	for _, x := range b {
-		n += uint64(bits.OnesCount8(x))
-	}
-	return n
-}
-
 // info snapshots the session for State and Begin.
 func (s *session) info() *otav1.SessionInfo {
 	s.mu.Lock()
@@ -76,13 +68,7 @@ func (s *session) info() *otav1.SessionInfo {
 }
 
 func (s *session) infoLocked() *otav1.SessionInfo {
-	missing := make([]byte, len(s.durable))
-	for i, x := range s.durable {
-		missing[i] = ^x
-	}
-	if r := s.total & 7; r != 0 {
-		missing[len(missing)-1] &= byte(1)<<r - 1
-	}
+	missing := s.durable.Complement(int(s.total))
 	st := s.state
 	if s.verifying != nil {
 		st = otav1.SessionState_SESSION_STATE_RECEIVING
@@ -215,7 +201,7 @@ func (e *Engine) beginNew(t *target.Target, req *otav1.BeginSessionRequest, boot
 		State: int32(otav1.SessionState_SESSION_STATE_RECEIVING), Created: time.Now().UTC(),
 	}
 	s := newSession(js, t)
-	if (s.total+7)/8 > maxBitmapBytes {
+	if bitmap.Len(int(s.total)) > maxBitmapBytes {
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "%d blocks of %d bytes: too many, use larger blocks", s.total, js.BlockSize)
 	}
 	// The slot's old content is about to be destroyed: forget its version first.
@@ -230,8 +216,8 @@ func (e *Engine) beginNew(t *target.Target, req *otav1.BeginSessionRequest, boot
 	}
 	s.medium = m
 	s.state = otav1.SessionState_SESSION_STATE_RECEIVING
-	s.received = make([]byte, (s.total+7)/8)
-	s.durable = make([]byte, len(s.received))
+	s.received = bitmap.New(int(s.total))
+	s.durable = bitmap.New(int(s.total))
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		m.Close()
 		t.Discard()
@@ -322,16 +308,15 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 		}
 	}
 	for _, b := range blocks {
-		k := b.GetOffset() / bs
-		mask := byte(1) << (k & 7)
-		if s.received[k>>3]&mask != 0 {
+		k := int(b.GetOffset() / bs)
+		if s.received.Has(k) {
 			continue
 		}
 		if _, err := s.medium.WriteAt(b.GetData(), int64(b.GetOffset())); err != nil {
 			e.log.Error("block write failed", "session", s.id, "offset", b.GetOffset(), "error", err)
 			return s.resultLocked(false), target.IOError(err, "write block at offset %d", b.GetOffset())
 		}
-		s.received[k>>3] |= mask
+		s.received.Set(k)
 		s.nReceived++
 		s.pendingBytes += int64(len(b.GetData()))
 		crashpoint.Hit(crashpoint.WriterBlock)

@@ -146,7 +146,7 @@ var targetRE = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 // included.
 func FuzzSessionRoundTrip(f *testing.F) {
 	s := sample()
-	f.Add(s.ID, s.JobID, s.FileIndex, s.Target, s.Slot, s.FileSize, s.BlockSize, s.Signature, s.Algorithm, s.CertName, s.Version, s.State, s.Durable, s.SHA256, int64(1767323045), uint32(0))
+	f.Add(s.ID, s.JobID, s.FileIndex, s.Target, s.Slot, s.FileSize, s.BlockSize, s.Signature, s.Algorithm, s.CertName, s.Version, s.State, []byte(s.Durable), s.SHA256, int64(1767323045), uint32(0))
 	f.Add("", "", uint32(1<<32-1), "a", "", uint64(1<<64-1), uint32(0), []byte(nil), int32(-1), "../../x", "", int32(99), []byte{}, "zz", int64(0), uint32(999999999))
 	f.Fuzz(func(t *testing.T, id, job string, idx uint32, tgt, slot string, size uint64, bs uint32, sig []byte, alg int32, cert, ver string, st int32, durable []byte, sum string, sec int64, nsec uint32) {
 		for _, s := range []string{id, job, slot, cert, ver, sum} {

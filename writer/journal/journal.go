@@ -17,6 +17,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/gwota/gwota/internal/bitmap"
 )
 
 // ErrCorrupt marks a journal file that fails its checksum or cannot be decoded.
@@ -141,11 +143,11 @@ type Session struct {
 	CertName  string `json:"cert_name"`
 	Version   string `json:"version"`
 	State     int32  `json:"state"` // otav1.SessionState
-	// Durable: bit k (byte k>>3, mask 1<<(k&7)) is set when block k is on the medium
-	// (fdatasync returned) — never set for a block only written.
-	Durable []byte    `json:"durable"`
-	SHA256  string    `json:"sha256,omitempty"` // hex digest read back, once verified
-	Created time.Time `json:"created"`
+	// Durable: block k is set when it is on the medium (fdatasync returned), never for a
+	// block only written. JSON holds it as base64, as any []byte.
+	Durable bitmap.Bitmap `json:"durable"`
+	SHA256  string        `json:"sha256,omitempty"` // hex digest read back, once verified
+	Created time.Time     `json:"created"`
 	// Updated: the last progress (blocks made durable, verified); an operator tells a stuck
 	// session by it.
 	Updated time.Time `json:"updated,omitzero"`

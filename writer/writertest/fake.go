@@ -12,6 +12,7 @@ import (
 	"errors"
 	"sync"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
@@ -130,10 +131,10 @@ func (s *fakeSession) total() uint64 {
 
 func (s *fakeSession) info(id string) *otav1.SessionInfo {
 	n := s.total()
-	missing := make([]byte, (n+7)/8)
+	missing := bitmap.New(int(n))
 	for i := range n {
 		if !s.durable[i] {
-			missing[i>>3] |= 1 << (i & 7)
+			missing.Set(int(i))
 		}
 	}
 	return &otav1.SessionInfo{SessionId: id, JobId: s.req.GetJobId(), Target: "fake", FileSize: s.req.GetFileSize(), BlockSize: s.bs,

@@ -176,8 +176,14 @@ func TestQuotaThroughput(t *testing.T) {
 		if c.on > 1.1*QuotaBytesPerSecond || c.on < 0.5*QuotaBytesPerSecond {
 			t.Errorf("%s with quotas: %.0f KiB/s, want about 512 (0.5x..1.1x)", c.name, c.on/1024)
 		}
-		if c.off < 2*c.on {
-			t.Errorf("%s without quotas: %.0f KiB/s, want at least 2x the %.0f KiB/s with them", c.name, c.off/1024, c.on/1024)
+		// Unthrottled loopback runs at tens of MiB/s; the race detector makes copying the
+		// blocks about ten times slower, so only a smaller margin is certain there.
+		margin := 4.0
+		if raceEnabled {
+			margin = 1.5
+		}
+		if c.off < margin*c.on {
+			t.Errorf("%s without quotas: %.0f KiB/s, want at least %.1fx the %.0f KiB/s with them", c.name, c.off/1024, margin, c.on/1024)
 		}
 	}
 }

@@ -373,10 +373,12 @@ func TestQuotaThrottledClientDelaysNoOneElse(t *testing.T) {
 		bs, n, off := int64(65536), int64(2), o
 		d.publish(prefix+"get/cbor", cborReq(t, GetStreamRequest{FileID: &[]int64{0}[0], BlockSize: &bs, Offset: &off, NumBlocks: &n}))
 	}
-	waitRequests(t, e, e.StreamName("job-s"), 8)
+	d.next(prefix + "data/cbor") // the transfer is under way
 	other.publish("$aws/things/gw-02/jobs/get", []byte(`{"clientToken":"other"}`))
 	other.next("$aws/things/gw-02/jobs/get/accepted")
-	if got := len(d.drain(prefix + "data/cbor")); got >= 16 {
-		t.Errorf("another client's answer came only after all %d throttled blocks", got)
+	// Answered in well under the 2 s the 16 blocks take; had it waited behind them, all
+	// would have been sent.
+	if got := 1 + len(d.drain(prefix+"data/cbor")); got >= 8 {
+		t.Errorf("another client's answer came only after %d of 16 throttled blocks", got)
 	}
 }

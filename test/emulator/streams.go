@@ -234,9 +234,9 @@ func (e *Emulator) planBlocks(j *job, fs *faultState, req GetStreamRequest, rec 
 	if req.NumBlocks != nil && *req.NumBlocks < 0 {
 		return reject(StreamInvalidRequest, "block count (n) must not be negative")
 	}
-	// At most 128 KB of data per request: the rest is silently not sent. Without n (or with
-	// n = 0, which AWS's request model does not tell from an absent n) the count is that cap,
-	// 131072 / l blocks from o: a request that names neither n nor b gets the next 128 KB.
+	// At most 128 KB of data per request: the rest is silently not sent. Without n the count
+	// is that cap, 131072 / l blocks from o; n = 0 counts as absent (docs/PROTOCOL.md,
+	// section 2: AWS does not say, and a request for nothing would never be answered).
 	limit := maxRequestBytes / l
 	if req.NumBlocks != nil && *req.NumBlocks > 0 && *req.NumBlocks < limit {
 		limit = *req.NumBlocks

@@ -27,8 +27,11 @@ type message struct {
 // transport is where the emulator meets MQTT: the embedded broker or an external one.
 type transport interface {
 	// respond sends a response meant for the requester: on the embedded broker it reaches the
-	// requester even when it has not subscribed, as on AWS IoT.
-	respond(clientID, topic string, payload []byte) error
+	// requester even when it has not subscribed, as on AWS IoT. A private response (Jobs
+	// /accepted and /rejected) reaches the requester only: AWS says those "don't pass through
+	// the message broker and they can't be subscribed to by other clients". An external
+	// broker can only publish to the topic.
+	respond(clientID, topic string, payload []byte, private bool) error
 	// publish sends to subscribers only (notify, notify-next).
 	publish(topic string, payload []byte) error
 	// disconnect drops a client's connection (fault injection); false if not possible.
@@ -47,6 +50,7 @@ var requestFilters = []string{"$aws/things/+/jobs/#", "$aws/things/+/streams/#"}
 type embedded struct {
 	log     hclog.Logger
 	handler func(message)
+	quotas  bool // AWS's per-connection quotas (quota.go)
 
 	mu       sync.Mutex
 	addr     string // fixed after the first start so a restart keeps the port
@@ -55,8 +59,8 @@ type embedded struct {
 	starts   int
 }
 
-func newEmbedded(listen string, log hclog.Logger, handler func(message)) (*embedded, error) {
-	e := &embedded{log: log, handler: handler, addr: listen}
+func newEmbedded(listen string, quotas bool, log hclog.Logger, handler func(message)) (*embedded, error) {
+	e := &embedded{log: log, handler: handler, addr: listen, quotas: quotas}
 	s := mqtt.New(&mqtt.Options{
 		InlineClient: true,
 		// Coalesce queued publishes into fewer writes when a subscriber has a backlog.
@@ -65,6 +69,11 @@ func newEmbedded(listen string, log hclog.Logger, handler func(message)) (*embed
 	})
 	if err := s.AddHook(new(allowAll), nil); err != nil {
 		return nil, err
+	}
+	if quotas {
+		if err := s.AddHook(&quotaHook{server: s, log: log.Named("quota")}, nil); err != nil {
+			return nil, err
+		}
 	}
 	for i, f := range requestFilters {
 		err := s.Subscribe(f, i+1, func(_ *mqtt.Client, _ packets.Subscription, pk packets.Packet) {
@@ -103,6 +112,9 @@ func (e *embedded) start() error {
 	e.addr = ln.Addr().String()
 	e.starts++
 	id := fmt.Sprintf("emulator-%d", e.starts)
+	if e.quotas {
+		ln = quotaListener{ln}
+	}
 	if err := e.server.AddListener(listeners.NewNet(id, ln)); err != nil {
 		ln.Close()
 		return err
@@ -143,15 +155,17 @@ func (e *embedded) stop() {
 
 func (e *embedded) current() *mqtt.Server { return e.server }
 
-func (e *embedded) respond(clientID, topic string, payload []byte) error {
+func (e *embedded) respond(clientID, topic string, payload []byte, private bool) error {
 	s := e.current()
 	subscribed := false
-	if clientID != "" {
+	if clientID != "" && !private {
 		_, subscribed = s.Topics.Subscribers(topic).Subscriptions[clientID]
 	}
 	// Everyone subscribed gets it through the broker (QoS is capped by each subscription).
-	if err := s.Publish(topic, payload, false, 1); err != nil {
-		return err
+	if !private || clientID == "" {
+		if err := s.Publish(topic, payload, false, 1); err != nil {
+			return err
+		}
 	}
 	if subscribed || clientID == "" {
 		return nil
@@ -161,6 +175,8 @@ func (e *embedded) respond(clientID, topic string, payload []byte) error {
 		return nil // gone, like on AWS: the response is lost
 	}
 	// AWS IoT delivers responses to the requester without a subscription; write it directly.
+	// This runs on the requester's own sender (Emulator.sendTo): a throttled connection holds
+	// up only its own responses.
 	return cl.WritePacket(packets.Packet{
 		FixedHeader: packets.FixedHeader{Type: packets.Publish},
 		TopicName:   topic,
@@ -339,7 +355,9 @@ func (x *external) connected(ctx context.Context) (*paho.Client, error) {
 	return x.client, nil
 }
 
-func (x *external) respond(_, topic string, payload []byte) error { return x.publish(topic, payload) }
+func (x *external) respond(_, topic string, payload []byte, _ bool) error {
+	return x.publish(topic, payload)
+}
 
 func (x *external) publish(topic string, payload []byte) error {
 	ctx, cancel := context.WithTimeout(x.ctx, 10*time.Second)

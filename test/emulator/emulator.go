@@ -44,6 +44,11 @@ type Options struct {
 	// StepTimeoutUnit is the length of one "minute" of stepTimeoutInMinutes (time.Minute when
 	// zero); tests shorten it to see TIMED_OUT without waiting.
 	StepTimeoutUnit time.Duration
+	// NoQuotas lifts AWS IoT Core's per-connection quotas, which the embedded broker enforces
+	// by default (quota.go): 512 KiB/s each way, 100 inbound publishes per second, 128 KiB
+	// payloads, 50 subscriptions, 8 filters per SUBSCRIBE. Lift them for loopback benchmarks
+	// of the agent itself; an external broker enforces none of them.
+	NoQuotas bool
 	// MaxStatusDetails caps the number of statusDetails pairs (0: no cap). AWS documents a
 	// 10-pair cap for a control-plane call; whether the MQTT API enforces it is unconfirmed.
 	MaxStatusDetails int
@@ -77,6 +82,9 @@ type Emulator struct {
 	qMu     sync.Mutex
 	queue   []message     // requests waiting for the worker, unbounded (see enqueue)
 	qSignal chan struct{} // capacity 1: "the queue is not empty"
+
+	sMu     sync.Mutex
+	senders map[string]*sender // per requesting client, while it has responses to send
 	stop    chan struct{}
 	wg      sync.WaitGroup
 	closing sync.Once
@@ -130,6 +138,7 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 		log:        opts.Logger,
 		thing:      opts.Thing,
 		qSignal:    make(chan struct{}, 1),
+		senders:    map[string]*sender{},
 		evSignal:   make(chan struct{}, 1),
 		stop:       make(chan struct{}),
 		jobs:       map[string]*job{},
@@ -168,7 +177,7 @@ func Start(ctx context.Context, opts Options) (*Emulator, error) {
 		}
 		e.tr = x
 	} else {
-		emb, err := newEmbedded(opts.Listen, e.log.Named("broker"), e.enqueue)
+		emb, err := newEmbedded(opts.Listen, !opts.NoQuotas, e.log.Named("broker"), e.enqueue)
 		if err != nil {
 			e.shutdownHTTP()
 			return nil, err
@@ -242,6 +251,58 @@ func (e *Emulator) later(d time.Duration, f func()) {
 		case <-e.stop:
 		}
 	}()
+}
+
+// sender sends one client's responses in order, on a goroutine of its own.
+type sender struct {
+	queue   []func()
+	running bool
+}
+
+// sendTo runs f (which sends responses to clientID) after d, on that client's sender: the
+// responses to one client keep their order, and a client whose connection is throttled
+// (quotas) delays its own responses only, never the worker or other clients.
+func (e *Emulator) sendTo(clientID string, d time.Duration, f func()) {
+	if d > 0 {
+		e.later(d, func() { e.sendTo(clientID, 0, f) })
+		return
+	}
+	e.sMu.Lock()
+	defer e.sMu.Unlock()
+	s := e.senders[clientID]
+	if s == nil {
+		s = &sender{}
+		e.senders[clientID] = s
+	}
+	s.queue = append(s.queue, f)
+	if !s.running {
+		s.running = true
+		e.wg.Add(1)
+		go e.runSender(clientID, s)
+	}
+}
+
+func (e *Emulator) runSender(clientID string, s *sender) {
+	defer e.wg.Done()
+	for {
+		e.sMu.Lock()
+		if len(s.queue) == 0 {
+			s.running = false
+			delete(e.senders, clientID)
+			e.sMu.Unlock()
+			return
+		}
+		f := s.queue[0]
+		s.queue[0] = nil
+		s.queue = s.queue[1:]
+		e.sMu.Unlock()
+		select {
+		case <-e.stop:
+			return
+		default:
+		}
+		f()
+	}
 }
 
 // Close stops the broker (or disconnects from it), the HTTP server and every timer.

@@ -654,9 +654,17 @@ type jobReply struct {
 	delay   time.Duration
 }
 
-func (e *Emulator) send(clientID string, r jobReply) {
-	e.later(r.delay, func() {
-		if err := e.tr.respond(clientID, r.topic, r.payload); err != nil {
+// send delivers a streams response to the requester (and whoever subscribed to its topic).
+func (e *Emulator) send(clientID string, r jobReply) { e.sendReply(clientID, r, false) }
+
+// sendJobReply delivers a Jobs /accepted or /rejected response to the requester only: on AWS
+// these "don't pass through the message broker and they can't be subscribed to by other
+// clients".
+func (e *Emulator) sendJobReply(clientID string, r jobReply) { e.sendReply(clientID, r, true) }
+
+func (e *Emulator) sendReply(clientID string, r jobReply, private bool) {
+	e.sendTo(clientID, r.delay, func() {
+		if err := e.tr.respond(clientID, r.topic, r.payload, private); err != nil {
 			e.log.Warn("respond", "topic", r.topic, "error", err)
 		}
 	})
@@ -702,7 +710,7 @@ func (e *Emulator) handleJobs(m message, thing string, rest []string) {
 		op, jobID = "update", rest[0]
 	}
 	if op == "" || !validThingName(thing) || (jobID != "" && jobID != "$next" && !jobIDRe.MatchString(jobID)) || (op == "update" && jobID == "$next") {
-		e.send(m.clientID, rejected(m.topic, CodeInvalidTopic, "topic does not map to a Jobs API", "", nil))
+		e.sendJobReply(m.clientID, rejected(m.topic, CodeInvalidTopic, "topic does not map to a Jobs API", "", nil))
 		return
 	}
 	var req jobRequest
@@ -712,7 +720,7 @@ func (e *Emulator) handleJobs(m message, thing string, rest []string) {
 		body = []byte("{}") // an empty request is treated as {}
 	}
 	if !json.Valid(body) || !utf8.Valid(body) {
-		e.send(m.clientID, rejected(m.topic, CodeInvalidJSON, "request is not valid UTF-8 JSON", "", nil))
+		e.sendJobReply(m.clientID, rejected(m.topic, CodeInvalidJSON, "request is not valid UTF-8 JSON", "", nil))
 		return
 	}
 	if err := json.Unmarshal(body, &req); err != nil {
@@ -721,13 +729,13 @@ func (e *Emulator) handleJobs(m message, thing string, rest []string) {
 			ClientToken string `json:"clientToken"`
 		}
 		_ = json.Unmarshal(body, &t)
-		e.send(m.clientID, rejected(m.topic, CodeInvalidRequest, "request has a field of the wrong type: "+err.Error(), t.ClientToken, nil))
+		e.sendJobReply(m.clientID, rejected(m.topic, CodeInvalidRequest, "request has a field of the wrong type: "+err.Error(), t.ClientToken, nil))
 		return
 	}
 	if req.ClientToken != nil {
 		token = *req.ClientToken
 		if len(token) > 64 {
-			e.send(m.clientID, rejected(m.topic, CodeInvalidRequest, "clientToken longer than 64 characters", "", nil))
+			e.sendJobReply(m.clientID, rejected(m.topic, CodeInvalidRequest, "clientToken longer than 64 characters", "", nil))
 			return
 		}
 	}
@@ -754,7 +762,7 @@ func (e *Emulator) handleJobs(m message, thing string, rest []string) {
 		reply = e.updateLocked(m.topic, thing, jobID, token, req)
 	}
 	e.mu.Unlock()
-	e.send(m.clientID, reply)
+	e.sendJobReply(m.clientID, reply)
 }
 
 func (e *Emulator) jobDelayLocked(jobID string) time.Duration {

@@ -175,7 +175,7 @@ func (e *Emulator) getStream(m message, prefix, stream, format string) {
 		return
 	}
 	plan.token, plan.delay = token, delay
-	e.later(delay, func() { e.sendBlocks(m.clientID, prefix, format, plan) })
+	e.sendTo(m.clientID, delay, func() { e.sendBlocks(m.clientID, prefix, format, plan) })
 }
 
 // planBlocks validates a request and decides, under the lock, which blocks go out (faults
@@ -231,15 +231,14 @@ func (e *Emulator) planBlocks(j *job, fs *faultState, req GetStreamRequest, rec 
 	if req.NumBlocks != nil && *req.NumBlocks > maxBlockCount {
 		return reject(StreamBlockCountLimitExceeded, fmt.Sprintf("block count %d over %d", *req.NumBlocks, maxBlockCount))
 	}
-	if req.NumBlocks != nil && *req.NumBlocks < 1 {
-		return reject(StreamInvalidRequest, "block count (n) must be at least 1")
+	if req.NumBlocks != nil && *req.NumBlocks < 0 {
+		return reject(StreamInvalidRequest, "block count (n) must not be negative")
 	}
-	if req.NumBlocks == nil && req.Bitmap == nil {
-		return reject(StreamInvalidRequest, "block count (n) or bitmap (b) is required")
-	}
-	// At most 128 KB of data per request: the rest is silently not sent.
+	// At most 128 KB of data per request: the rest is silently not sent. Without n the count
+	// is that cap, 131072 / l blocks from o; n = 0 counts as absent (docs/PROTOCOL.md,
+	// section 2: AWS does not say, and a request for nothing would never be answered).
 	limit := maxRequestBytes / l
-	if req.NumBlocks != nil && *req.NumBlocks < limit {
+	if req.NumBlocks != nil && *req.NumBlocks > 0 && *req.NumBlocks < limit {
 		limit = *req.NumBlocks
 	}
 	var wanted []int
@@ -304,6 +303,11 @@ func (e *Emulator) sendBlocks(clientID, prefix, format string, p blockPlan) {
 	}
 	topic := prefix + "data/" + format
 	for _, b := range p.sent {
+		select {
+		case <-e.stop:
+			return
+		default:
+		}
 		off := int64(b) * p.blockSize
 		n := p.blockSize
 		if off+n > p.file.size {
@@ -336,7 +340,7 @@ func (e *Emulator) sendBlocks(clientID, prefix, format string, p blockPlan) {
 				return
 			}
 		}
-		if err := e.tr.respond(clientID, topic, payload); err != nil {
+		if err := e.tr.respond(clientID, topic, payload, false); err != nil {
 			e.log.Warn("send block", "block", b, "error", err)
 			return
 		}

@@ -57,7 +57,7 @@ func TestGetStreamErrors(t *testing.T) {
 		{"unknown stream", thingPrefix + "streams/AFR_OTA-nope/get/cbor", cborReq(t, GetStreamRequest{FileID: i(0), BlockSize: i(256), Offset: i(0), NumBlocks: i(1)}), StreamResourceNotFound},
 		{"version mismatch", get, cborReq(t, GetStreamRequest{StreamVersion: i(2), FileID: i(0), BlockSize: i(256), Offset: i(0), NumBlocks: i(1)}), StreamVersionMismatch},
 		{"no file id", get, cborReq(t, GetStreamRequest{BlockSize: i(256), Offset: i(0), NumBlocks: i(1)}), StreamInvalidRequest},
-		{"zero count", get, cborReq(t, GetStreamRequest{FileID: i(0), BlockSize: i(256), Offset: i(0), NumBlocks: i(0)}), StreamInvalidRequest},
+		{"negative count", get, cborReq(t, GetStreamRequest{FileID: i(0), BlockSize: i(256), Offset: i(0), NumBlocks: i(-1)}), StreamInvalidRequest},
 		{"token over 64 bytes", get, cborReq(t, GetStreamRequest{ClientToken: ptr(strings.Repeat("c", 65)), FileID: i(0), BlockSize: i(256), NumBlocks: i(1)}), StreamInvalidRequest},
 		{"malformed CBOR", get, []byte{0xA1, 0x61}, StreamInvalidCBOR},
 		{"wrong CBOR type", get, unhex(t, "A1 61 66 63 61 62 63"), StreamInvalidRequest},
@@ -156,6 +156,36 @@ func TestGetStreamBlocks(t *testing.T) {
 	d.publish(prefix+"describe/cbor", nil)
 	if ds, err = DecodeDescribeStreamResponse(FormatCBOR, d.next(prefix+"description/cbor").Payload); err != nil || ds.Files[0].Size != int64(len(data)) {
 		t.Errorf("describe cbor = %+v, %v", ds, err)
+	}
+}
+
+// A request without n or b, or with n = 0, gets 131072 / l blocks from o (the 128 KB cap),
+// fewer at the end of the file.
+func TestGetStreamDefaultCount(t *testing.T) {
+	e, d, prefix, _ := streamSetup(t, Options{}, 200*1024) // 50 blocks of 4 KiB
+	i := func(v int64) *int64 { return &v }
+	for k, tt := range []struct {
+		name string
+		req  GetStreamRequest
+		want []int
+	}{
+		{"no n, no b", GetStreamRequest{FileID: i(0), BlockSize: i(4096), Offset: i(3)}, seq(3, 32)},
+		{"n = 0", GetStreamRequest{FileID: i(0), BlockSize: i(4096), Offset: i(3), NumBlocks: i(0)}, seq(3, 32)},
+		{"no n, near the end", GetStreamRequest{FileID: i(0), BlockSize: i(4096), Offset: i(40)}, seq(40, 10)},
+		{"no n, 64 KiB blocks", GetStreamRequest{FileID: i(0), BlockSize: i(65536), Offset: i(0)}, seq(0, 2)},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			d.t = t
+			d.publish(prefix+"get/cbor", cborReq(t, tt.req))
+			rec := waitRequests(t, e, e.StreamName("job-s"), k+1)[k]
+			if rec.Rejected != "" {
+				t.Fatalf("rejected with %s", rec.Rejected)
+			}
+			if diff := cmp.Diff(tt.want, rec.Sent); diff != "" {
+				t.Errorf("blocks sent (-want +got):\n%s", diff)
+			}
+			waitBlocks(t, d, prefix+"data/cbor", len(tt.want))
+		})
 	}
 }
 

@@ -3,6 +3,8 @@ package main
 import (
 	"bufio"
 	"context"
+	"fmt"
+	"io"
 	"net"
 	"net/url"
 	"os"
@@ -15,6 +17,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
+	"github.com/gwota/gwota/test/cmd/emulator/internal/cli"
 	"github.com/gwota/gwota/test/sign"
 )
 
@@ -116,5 +119,64 @@ func TestCommandPrintsUpdates(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("command did not stop on SIGTERM")
+	}
+}
+
+// The command enforces AWS's quotas unless -no-quotas is given: a SUBSCRIBE with 9 filters
+// closes the connection (quota exceeded) by default and is granted with the flag.
+func TestCommandNoQuotasFlag(t *testing.T) {
+	for _, tt := range []struct {
+		args    []string
+		granted bool
+	}{{nil, false}, {[]string{"-no-quotas"}, true}} {
+		ctx, stop := context.WithCancel(context.Background())
+		pr, pw := io.Pipe()
+		done := make(chan error, 1)
+		go func() {
+			done <- cli.Run(ctx, append([]string{"-listen", "127.0.0.1:0", "-http", "127.0.0.1:0"}, tt.args...), pw, io.Discard)
+			pw.Close()
+		}()
+		sc := bufio.NewScanner(pr)
+		if !sc.Scan() || !strings.HasPrefix(sc.Text(), "broker ") {
+			t.Fatalf("%v: first line %q", tt.args, sc.Text())
+		}
+		go io.Copy(io.Discard, pr)
+		u, _ := url.Parse(strings.TrimPrefix(sc.Text(), "broker "))
+		conn, err := net.Dial("tcp", u.Host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		gone := make(chan byte, 1)
+		c := paho.NewClient(paho.ClientConfig{Conn: conn, OnServerDisconnect: func(d *paho.Disconnect) { gone <- d.ReasonCode }})
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		if _, err := c.Connect(cctx, &paho.Connect{ClientID: "gw-01", CleanStart: true, KeepAlive: 30}); err != nil {
+			t.Fatal(err)
+		}
+		var subs []paho.SubscribeOptions
+		for i := 0; i < 9; i++ {
+			subs = append(subs, paho.SubscribeOptions{Topic: fmt.Sprintf("f/%d", i), QoS: 1})
+		}
+		subErr := make(chan error, 1)
+		go func() { _, err := c.Subscribe(cctx, &paho.Subscribe{Subscriptions: subs}); subErr <- err }()
+		if tt.granted {
+			if err := <-subErr; err != nil {
+				t.Errorf("%v: 9 filters: %v", tt.args, err)
+			}
+		} else {
+			select {
+			case code := <-gone:
+				if code != 0x97 {
+					t.Errorf("%v: disconnect reason %#x, want 0x97", tt.args, code)
+				}
+			case <-cctx.Done():
+				t.Errorf("%v: 9 filters in one SUBSCRIBE did not close the connection", tt.args)
+			}
+		}
+		cancel() // paho may keep waiting for the SUBACK of a refused SUBSCRIBE: not awaited
+		c.Disconnect(&paho.Disconnect{})
+		stop()
+		if err := <-done; err != nil {
+			t.Errorf("%v: Run: %v", tt.args, err)
+		}
 	}
 }

@@ -47,6 +47,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fileType := fs.Int("file-type", 0, "the document's fileType")
 	seed := fs.Uint64("seed", 1, "fault-injection seed")
 	verbose := fs.Bool("v", false, "log every emulator event to stderr")
+	noQuotas := fs.Bool("no-quotas", false, "lift AWS IoT Core's per-connection quotas (512 KiB/s each way, 100 publishes/s, 128 KiB payloads, 50 subscriptions, 8 filters per SUBSCRIBE) for loopback benchmarks")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -74,6 +75,7 @@ func Run(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	}
 	e, err := emulator.Start(ctx, emulator.Options{
 		Listen: *listen, ExternalBrokerURL: *external, HTTPListen: *httpAddr, Thing: *thing, Seed: *seed, Logger: logger,
+		NoQuotas: *noQuotas,
 		OnUpdate: func(ev emulator.UpdateEvent) {
 			printf("update %s thing=%s job=%s status=%s version=%d by=%s details=%s\n",
 				ev.At.UTC().Format(time.RFC3339Nano), ev.Thing, ev.JobID, ev.Status, ev.VersionNumber, ev.Source, formatDetails(ev.StatusDetails))

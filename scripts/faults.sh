@@ -17,7 +17,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 dir=$(mktemp -d)
-trap 'rm -rf "$dir"' EXIT
+# The suites' JSON summaries are kept in fuzz-out/summaries (not committed), so a report can
+# be written again from the same run.
+trap 'mkdir -p fuzz-out/summaries && cp "$dir"/*.json fuzz-out/summaries/ 2>/dev/null; rm -rf "$dir"' EXIT
 export GWOTA_FAULTS_OUT=$dir GWOTA_FAULTS_N=$n
 # The issue's blackout: an hour-long outage is the same code path as a minute-long one.
 export GWOTA_BLACKOUT=${GWOTA_BLACKOUT:-60s}

@@ -54,9 +54,7 @@ func main() {
 			fmt.Fprintf(os.Stderr, "faultreport: %s: %v\n", f, err)
 			os.Exit(1)
 		}
-		if v, ok := m["failures"].(float64); ok {
-			failures += int(v)
-		}
+		failures += countFailures(m)
 		name := strings.TrimSuffix(filepath.Base(f), ".json")
 		fmt.Fprintf(&b, "\n## %s\n\n| measure | value |\n|---|---|\n", name)
 		keys := make([]string, 0, len(m))
@@ -64,8 +62,18 @@ func main() {
 			keys = append(keys, k)
 		}
 		sort.Strings(keys)
+		var tables []string
 		for _, k := range keys {
+			if rows, ok := records(m[k]); ok {
+				tables = append(tables, k)
+				fmt.Fprintf(&b, "| %s | %d, below |\n", strings.ReplaceAll(k, "_", " "), len(rows))
+				continue
+			}
 			fmt.Fprintf(&b, "| %s | %s |\n", strings.ReplaceAll(k, "_", " "), cell(m[k]))
+		}
+		for _, k := range tables {
+			rows, _ := records(m[k])
+			b.WriteString(table(rows))
 		}
 	}
 	fmt.Fprintf(&b, "\nTotal failures: %d.\n", failures)
@@ -108,4 +116,78 @@ func cell(v any) string {
 		s := fmt.Sprint(x)
 		return strings.NewReplacer("|", "\\|", "\n", " ").Replace(s)
 	}
+}
+
+// countFailures reads a suite's failures, a count or the list of them (null: none), and
+// leaves in m what the report prints: the count, followed by the failures when listed. A
+// listed failure must count: the report's total is what says the run was clean.
+func countFailures(m map[string]any) int {
+	v, ok := m["failures"]
+	if !ok {
+		return 0
+	}
+	switch v := v.(type) {
+	case float64:
+		return int(v)
+	case []any:
+		m["failures"] = append([]any{float64(len(v))}, v...)
+		return len(v)
+	case nil:
+		m["failures"] = float64(0)
+		return 0
+	default:
+		// Unknown shape: count it as a failure rather than hide it.
+		return 1
+	}
+}
+
+// records is a list of JSON objects (fuzz.json's targets): one row each, not one cell.
+func records(v any) ([]map[string]any, bool) {
+	l, ok := v.([]any)
+	if !ok || len(l) == 0 {
+		return nil, false
+	}
+	rows := make([]map[string]any, 0, len(l))
+	for _, e := range l {
+		r, ok := e.(map[string]any)
+		if !ok {
+			return nil, false
+		}
+		rows = append(rows, r)
+	}
+	return rows, true
+}
+
+// table renders records with the union of their keys as columns (logs and per-run paths,
+// which name a temporary directory, left out).
+func table(rows []map[string]any) string {
+	seen := map[string]bool{"log": true}
+	var cols []string
+	for _, r := range rows {
+		for k := range r {
+			if !seen[k] {
+				seen[k] = true
+				cols = append(cols, k)
+			}
+		}
+	}
+	sort.Strings(cols)
+	var b strings.Builder
+	b.WriteString("\n| " + strings.ReplaceAll(strings.Join(cols, " | "), "_", " ") + " |\n|")
+	for range cols {
+		b.WriteString("---|")
+	}
+	b.WriteString("\n")
+	for _, r := range rows {
+		b.WriteString("|")
+		for _, c := range cols {
+			v := ""
+			if x, ok := r[c]; ok {
+				v = cell(x)
+			}
+			b.WriteString(" " + v + " |")
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
 }

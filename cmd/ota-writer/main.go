@@ -107,6 +107,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		err = cmdAbort(ctx, args[1:], stdout, stderr)
 	case "set-version":
 		err = cmdSetVersion(ctx, args[1:], stdout, stderr)
+	case "manifest":
+		err = cmdManifest(ctx, args[1:], stdout, stderr)
 	case "-h", "--help", "help":
 		fmt.Fprint(stdout, usage)
 		return exitOK

@@ -1,0 +1,161 @@
+// Command deltabench measures what a device holding one image downloads to install another
+// through a manifest (scripts/bench-delta.sh runs it). Two modes:
+//
+//	deltabench -new v2.img -local v1.img [-block-size 4096] [-chunk-size 65536]...
+//	    builds v2's manifest and chunk file in a temporary directory for each chunk size and
+//	    prints one JSON line per chunk size: the chunks a device holding v1 must fetch.
+//	deltabench -manifest new.manifest -local v1.img
+//	    only the device's lookup (FindLocal) over v1, for its peak RSS.
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"github.com/gwota/gwota/writer/manifest"
+)
+
+// Figures is one measurement.
+type Figures struct {
+	ChunkSize     uint32 `json:"chunk_size"`
+	ImageBytes    uint64 `json:"image_bytes"`
+	Blocks        uint64 `json:"blocks"`
+	ZeroBlocks    uint64 `json:"zero_blocks"`
+	FoundBlocks   uint64 `json:"found_blocks"`
+	MissingBlocks uint64 `json:"missing_blocks"`
+	ChunkFile     uint64 `json:"chunk_file_bytes"`
+	ChunksNeeded  int    `json:"chunks_needed"`
+	ChunkBytes    uint64 `json:"chunk_bytes"`
+	ManifestBytes uint64 `json:"manifest_bytes"`
+	// Download is what the device fetches: the manifest and the chunks it needs.
+	Download uint64 `json:"download_bytes"`
+}
+
+func main() {
+	newImg := flag.String("new", "", "new image")
+	local := flag.String("local", "", "the image the device runs")
+	mf := flag.String("manifest", "", "lookup only: an existing manifest")
+	bs := flag.Uint("block-size", 4096, "block size")
+	chunks := flag.String("chunk-size", "65536", "comma-separated chunk sizes")
+	flag.Parse()
+	ctx := context.Background()
+	if *mf != "" {
+		st, err := lookupOnly(ctx, *mf, *local)
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "deltabench:", err)
+			os.Exit(1)
+		}
+		fmt.Println(st)
+		return
+	}
+	dir, err := os.MkdirTemp("", "deltabench")
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "deltabench:", err)
+		os.Exit(1)
+	}
+	defer os.RemoveAll(dir)
+	for _, c := range strings.Split(*chunks, ",") {
+		cs, err := strconv.ParseUint(c, 10, 32)
+		if err == nil {
+			var f Figures
+			f, err = Measure(ctx, *newImg, *local, uint32(*bs), uint32(cs), dir)
+			if err == nil {
+				b, _ := json.Marshal(f)
+				fmt.Println(string(b))
+			}
+		}
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "deltabench:", err)
+			os.Exit(1)
+		}
+	}
+}
+
+func lookupOnly(ctx context.Context, mpath, local string) (manifest.LookupStats, error) {
+	f, err := os.Open(mpath)
+	if err != nil {
+		return manifest.LookupStats{}, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return manifest.LookupStats{}, err
+	}
+	m, err := manifest.Open(f, fi.Size())
+	if err != nil {
+		return manifest.LookupStats{}, err
+	}
+	l, err := os.Open(local)
+	if err != nil {
+		return manifest.LookupStats{}, err
+	}
+	defer l.Close()
+	li, err := l.Stat()
+	if err != nil {
+		return manifest.LookupStats{}, err
+	}
+	return m.FindLocal(ctx, l, li.Size(), 0, func(manifest.Match, []byte) error { return nil })
+}
+
+// Measure builds newImg's manifest and chunk file in dir and returns what a device holding
+// local downloads.
+func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, dir string) (Figures, error) {
+	f := Figures{ChunkSize: chunkSize}
+	img, err := os.Open(newImg)
+	if err != nil {
+		return f, err
+	}
+	defer img.Close()
+	mpath, cpath := filepath.Join(dir, "m"), filepath.Join(dir, "c")
+	mf, err := os.Create(mpath)
+	if err != nil {
+		return f, err
+	}
+	defer mf.Close()
+	cf, err := os.Create(cpath)
+	if err != nil {
+		return f, err
+	}
+	defer cf.Close()
+	res, err := manifest.Build(ctx, img, manifest.Params{Target: "rootfs", Compatible: "bench", Version: "2",
+		BlockSize: bs, ChunkSize: chunkSize, TempDir: dir}, cf, mf)
+	if err != nil {
+		return f, err
+	}
+	m, err := manifest.Open(mf, int64(res.ManifestSize))
+	if err != nil {
+		return f, err
+	}
+	l, err := os.Open(local)
+	if err != nil {
+		return f, err
+	}
+	defer l.Close()
+	li, err := l.Stat()
+	if err != nil {
+		return f, err
+	}
+	have := make([]bool, m.Blocks())
+	st, err := m.FindLocal(ctx, l, li.Size(), 0, func(mt manifest.Match, _ []byte) error {
+		have[mt.Block] = true
+		return nil
+	})
+	if err != nil {
+		return f, err
+	}
+	need := m.NeededChunks(func(b uint64) bool { return !have[b] })
+	f.ImageBytes, f.Blocks, f.ZeroBlocks, f.FoundBlocks = res.ImageSize, res.Blocks, st.Zero, st.Found
+	f.MissingBlocks = res.Blocks - st.Zero - st.Found
+	f.ChunkFile, f.ManifestBytes, f.ChunksNeeded = res.ChunkFileSize, res.ManifestSize, len(need)
+	for _, c := range need {
+		f.ChunkBytes += c.Size
+	}
+	f.Download = f.ChunkBytes + f.ManifestBytes
+	return f, nil
+}

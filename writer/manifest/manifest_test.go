@@ -1,0 +1,458 @@
+package manifest
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/binary"
+	"errors"
+	"math/rand/v2"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"go.uber.org/goleak"
+	"google.golang.org/protobuf/proto"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/verify"
+)
+
+func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
+
+const bs = 4096
+
+// testImage returns an image of n blocks (and tail extra bytes): random blocks, zero runs,
+// a block repeated several times, compressible text.
+func testImage(seed uint64, n int, tail int) []byte {
+	r := rand.New(rand.NewPCG(seed, 1))
+	img := make([]byte, n*bs+tail)
+	rep := make([]byte, bs)
+	for i := range rep {
+		rep[i] = byte(r.IntN(256))
+	}
+	for b := range n {
+		blk := img[b*bs : (b+1)*bs]
+		switch k := b % 11; {
+		case k < 3: // zeros
+		case k == 3:
+			copy(blk, rep)
+		case k < 7:
+			for i := range blk {
+				blk[i] = "abcdefgh \n"[r.IntN(10)]
+			}
+		default:
+			for i := range blk {
+				blk[i] = byte(r.IntN(256))
+			}
+		}
+	}
+	for i := n * bs; i < len(img); i++ {
+		img[i] = byte(r.IntN(256))
+	}
+	return img
+}
+
+func params() Params {
+	return Params{Target: "rootfs", Compatible: "acme,gw-1", Version: "4.3.0", BlockSize: bs, ChunkSize: 4 * bs}
+}
+
+// build returns the manifest file and chunk file of img.
+func build(t testing.TB, img []byte, p Params) (mf, chunks []byte, res Result) {
+	t.Helper()
+	var mb, cb bytes.Buffer
+	if p.TempDir == "" {
+		p.TempDir = t.TempDir()
+	}
+	res, err := Build(context.Background(), bytes.NewReader(img), p, &cb, &mb)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return mb.Bytes(), cb.Bytes(), res
+}
+
+func open(t testing.TB, mf []byte) *Manifest {
+	t.Helper()
+	m, err := Open(bytes.NewReader(mf), int64(len(mf)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return m
+}
+
+// TestBuildRoundTrip: the manifest states the image exactly, and decoding every chunk gives
+// back every non-zero block at its place (the zero ones are zeros), so the image is rebuilt
+// byte for byte from the chunk file and the zero bitmap.
+func TestBuildRoundTrip(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		blocks      int
+		tail, chunk int
+	}{
+		{"aligned", 200, 0, 4 * bs},
+		{"short last block", 150, 1000, 4 * bs},
+		{"one chunk per block", 40, 10, bs},
+		{"one short block", 0, 77, 16 * bs},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			img := testImage(uint64(tc.blocks), tc.blocks, tc.tail)
+			p := params()
+			p.ChunkSize = uint32(tc.chunk)
+			mf, chunks, res := build(t, img, p)
+			m := open(t, mf)
+			sum := sha256.Sum256(img)
+			if diff := cmp.Diff([]any{uint64(len(img)), sum[:], "rootfs", "acme,gw-1", "4.3.0", uint32(bs)},
+				[]any{m.ImageSize(), m.ImageSHA256(), m.Target(), m.Compatible(), m.Version(), m.BlockSize()}); diff != "" {
+				t.Error(diff)
+			}
+			msum := sha256.Sum256(mf)
+			if !bytes.Equal(res.ManifestSHA256, msum[:]) || res.ManifestSize != uint64(len(mf)) || res.ChunkFileSize != uint64(len(chunks)) {
+				t.Errorf("result %+v does not describe the files (%d, %d bytes)", res, len(mf), len(chunks))
+			}
+			var zeros uint64
+			for b := range m.Blocks() {
+				blk := img[b*bs : min(uint64(len(img)), (b+1)*bs)]
+				if m.IsZero(b) != allZero(blk) {
+					t.Fatalf("block %d: zero mark %v", b, m.IsZero(b))
+				}
+				if m.IsZero(b) {
+					zeros++
+				}
+				if err := m.CheckBlock(b, blk); err != nil {
+					t.Fatalf("block %d: %v", b, err)
+				}
+			}
+			if zeros != m.ZeroBlocks() || zeros == 0 && tc.blocks > 0 {
+				t.Errorf("%d zero blocks, manifest says %d", zeros, m.ZeroBlocks())
+			}
+			got := make([]byte, len(img))
+			d, err := m.NewChunkDecoder()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			var next uint64
+			for k := range m.Chunks() {
+				c := m.Chunk(k)
+				if c.FirstBlock != next || c.Offset+c.Size > uint64(len(chunks)) {
+					t.Fatalf("chunk %+v", c)
+				}
+				next += c.Blocks
+				if err := d.Decode(k, chunks[c.Offset:c.Offset+c.Size], func(b uint64, data []byte) error {
+					copy(got[b*bs:], data)
+					return nil
+				}); err != nil {
+					t.Fatalf("chunk %d: %v", k, err)
+				}
+			}
+			if !bytes.Equal(got, img) {
+				t.Error("the image rebuilt from the chunks differs")
+			}
+			// Everything missing: every chunk that holds a non-zero block is needed.
+			need := m.NeededChunks(func(uint64) bool { return true })
+			var sz uint64
+			for _, c := range need {
+				sz += c.Size
+			}
+			if sz != uint64(len(chunks)) {
+				t.Errorf("needed chunks hold %d of %d bytes", sz, len(chunks))
+			}
+		})
+	}
+}
+
+// TestCheckBlockRefuses: a block with one bit changed, a short one and non-zero bytes for a
+// zero block are refused with sig_check_failed wrapping ErrBlockHash.
+func TestCheckBlockRefuses(t *testing.T) {
+	img := testImage(3, 30, 0)
+	m := open(t, first(build(t, img, params())))
+	var nz, z uint64
+	for b := range m.Blocks() {
+		if m.IsZero(b) {
+			z = b
+		} else {
+			nz = b
+		}
+	}
+	flipped := bytes.Clone(img[nz*bs : (nz+1)*bs])
+	flipped[100] ^= 1
+	notZero := make([]byte, bs)
+	notZero[bs-1] = 1
+	for name, tc := range map[string]struct {
+		b    uint64
+		data []byte
+	}{
+		"bit flipped":      {nz, flipped},
+		"short":            {nz, img[nz*bs : (nz+1)*bs-1]},
+		"zero block not 0": {z, notZero},
+	} {
+		err := m.CheckBlock(tc.b, tc.data)
+		if !errors.Is(err, ErrBlockHash) || status.ReasonOf(err) != otav1.Reason_REASON_SIG_CHECK_FAILED {
+			t.Errorf("%s: %v", name, err)
+		}
+	}
+	if _, _, err := m.BlockHash(m.Blocks()); status.ReasonOf(err) != otav1.Reason_REASON_BLOCK_OUT_OF_RANGE {
+		t.Errorf("block past the end: %v", err)
+	}
+}
+
+func first[A, B, C any](a A, _ B, _ C) A { return a }
+
+// TestDecodeRefusesDamagedChunks: a chunk altered in transit, another chunk's bytes, a
+// truncated chunk, and a zstd frame that decodes to more than the chunk holds are refused
+// before fn sees any block.
+func TestDecodeRefusesDamagedChunks(t *testing.T) {
+	img := testImage(5, 100, 0)
+	mf, chunks, _ := build(t, img, params())
+	m := open(t, mf)
+	d, err := m.NewChunkDecoder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	var k1, k2 int = -1, -1
+	for k := range m.Chunks() {
+		if m.Chunk(k).Size > 0 {
+			if k1 < 0 {
+				k1 = k
+			} else if k2 < 0 && m.Chunk(k).Size != m.Chunk(k1).Size {
+				k2 = k
+			}
+		}
+	}
+	c1, c2 := m.Chunk(k1), m.Chunk(k2)
+	orig := chunks[c1.Offset : c1.Offset+c1.Size]
+	flipped := bytes.Clone(orig)
+	flipped[len(flipped)/2] ^= 0x40
+	// Same length as chunk 1, other content: chunk 2's blocks, recompressed to fit.
+	bomb := make([]byte, MaxChunkRaw)
+	var zb bytes.Buffer
+	_, _, _ = zb, bomb, c2
+	other := chunks[c2.Offset : c2.Offset+c2.Size]
+	for name, data := range map[string][]byte{
+		"bit flipped":    flipped,
+		"other chunk":    other,
+		"truncated":      orig[:len(orig)-1],
+		"garbage":        bytes.Repeat([]byte{0x28, 0xb5, 0x2f, 0xfd}, len(orig)/4),
+		"padded":         append(bytes.Clone(orig), 0),
+		"empty":          nil,
+		"decodes larger": zstdOf(t, make([]byte, 2*c1.Raw)),
+	} {
+		calls := 0
+		err := d.Decode(k1, data, func(uint64, []byte) error { calls++; return nil })
+		if !errors.Is(err, ErrBlockHash) || status.ReasonOf(err) != otav1.Reason_REASON_SIG_CHECK_FAILED || calls != 0 {
+			t.Errorf("%s: %v, %d blocks delivered", name, err, calls)
+		}
+	}
+	// The decoder is still usable: the real chunk decodes.
+	if err := d.Decode(k1, orig, func(uint64, []byte) error { return nil }); err != nil {
+		t.Error(err)
+	}
+	if err := d.Decode(m.Chunks(), nil, nil); status.ReasonOf(err) != otav1.Reason_REASON_BLOCK_OUT_OF_RANGE {
+		t.Errorf("chunk past the end: %v", err)
+	}
+}
+
+// zstdOf compresses data with the zstd command, an encoder other than the package's own.
+func zstdOf(t *testing.T, data []byte) []byte {
+	t.Helper()
+	if _, err := exec.LookPath("zstd"); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal("zstd missing (scripts/test.sh installs it)")
+		}
+		t.Skip("zstd missing")
+	}
+	cmd := exec.Command("zstd", "-q", "-c")
+	cmd.Stdin = bytes.NewReader(data)
+	out, err := cmd.Output()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestVerify signs a manifest with openssl (ECDSA P-256, as for an image) and verifies it
+// through the writer's trust store: accepted as signed, refused when one byte of the hash
+// section, of the header or of the signature changes, or when the signer is not trusted.
+func TestVerify(t *testing.T) {
+	dir := t.TempDir()
+	mf, _, _ := build(t, testImage(7, 64, 0), params())
+	mpath := filepath.Join(dir, "m")
+	if err := os.WriteFile(mpath, mf, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	sh := func(args ...string) {
+		t.Helper()
+		if out, err := exec.Command(args[0], args[1:]...).CombinedOutput(); err != nil {
+			t.Fatalf("%v: %v\n%s", args, err, out)
+		}
+	}
+	for _, k := range []string{"signer", "other"} {
+		sh("openssl", "ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", filepath.Join(dir, k+".key"))
+		sh("openssl", "ec", "-in", filepath.Join(dir, k+".key"), "-pubout", "-out", filepath.Join(dir, k+".pub.pem"))
+	}
+	sh("openssl", "dgst", "-sha256", "-sign", filepath.Join(dir, "signer.key"), "-out", filepath.Join(dir, "m.sig"), mpath)
+	sig, err := os.ReadFile(filepath.Join(dir, "m.sig"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	store, err := verify.Load([]string{filepath.Join(dir, "signer.pub.pem")}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := verify.Load([]string{filepath.Join(dir, "other.pub.pem")}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ecdsa := otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256
+	ctx := context.Background()
+	m, err := Verify(ctx, store, bytes.NewReader(mf), int64(len(mf)), ecdsa, sig, "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Version() != "4.3.0" {
+		t.Errorf("version %q", m.Version())
+	}
+	flip := func(i int) []byte { b := bytes.Clone(mf); b[i] ^= 1; return b }
+	badSig := bytes.Clone(sig)
+	badSig[len(badSig)-1] ^= 1
+	for name, tc := range map[string]struct {
+		store *verify.Store
+		data  []byte
+		sig   []byte
+		want  otav1.Reason
+	}{
+		"hash section changed": {store, flip(len(mf) - 1), sig, otav1.Reason_REASON_SIG_CHECK_FAILED},
+		"header changed":       {store, flip(prefixSize + 3), sig, otav1.Reason_REASON_SIG_CHECK_FAILED},
+		"signature changed":    {store, mf, badSig, otav1.Reason_REASON_SIG_CHECK_FAILED},
+		"no signature":         {store, mf, nil, otav1.Reason_REASON_SIG_CHECK_FAILED},
+		"untrusted signer":     {other, mf, sig, otav1.Reason_REASON_SIG_CHECK_FAILED},
+	} {
+		if m, err := Verify(ctx, tc.store, bytes.NewReader(tc.data), int64(len(tc.data)), ecdsa, tc.sig, ""); m != nil || status.ReasonOf(err) != tc.want {
+			t.Errorf("%s: %v, want %s", name, err, tc.want)
+		}
+	}
+	empty, err := verify.Load(nil, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Verify(ctx, empty, bytes.NewReader(mf), int64(len(mf)), ecdsa, sig, ""); status.ReasonOf(err) != otav1.Reason_REASON_UNTRUSTED_SIGNER {
+		t.Errorf("empty trust store: %v", err)
+	}
+}
+
+// assemble writes a manifest file from a header and a hash section.
+func assemble(h *otav1.ManifestHeader, hashes []byte) []byte {
+	hb, err := proto.MarshalOptions{Deterministic: true}.Marshal(h)
+	if err != nil {
+		panic(err)
+	}
+	out := append([]byte(Magic), binary.BigEndian.AppendUint32(nil, uint32(len(hb)))...)
+	return append(append(out, hb...), hashes...)
+}
+
+// TestOpenRefuses: every inconsistency between fields, counts and sizes is refused with a
+// typed error (invalid_request wrapping ErrFormat, or unsupported for another version).
+func TestOpenRefuses(t *testing.T) {
+	img := testImage(9, 40, 100)
+	clear(img[8*bs : 16*bs]) // two chunks of zeros
+	mf, _, _ := build(t, img, params())
+	m := open(t, mf)
+	hashes := mf[m.hashOff:]
+	good := m.Header()
+	if _, err := Open(bytes.NewReader(assemble(good, hashes)), int64(len(mf))); err != nil {
+		t.Fatalf("re-assembled manifest refused: %v", err)
+	}
+	invalid, unsupported := otav1.Reason_REASON_INVALID_REQUEST, otav1.Reason_REASON_UNSUPPORTED
+	mut := func(f func(h *otav1.ManifestHeader)) []byte {
+		h := proto.Clone(good).(*otav1.ManifestHeader)
+		f(h)
+		return assemble(h, hashes)
+	}
+	n := len(good.Chunks.BlockCounts)
+	cases := map[string]struct {
+		data []byte
+		want otav1.Reason
+	}{
+		"empty":             {nil, invalid},
+		"no magic":          {append([]byte("GWOTAXX1"), mf[8:]...), invalid},
+		"format 2 magic":    {append([]byte("GWOTAMF2"), mf[8:]...), unsupported},
+		"header length 0":   {append(append([]byte(Magic), 0, 0, 0, 0), mf[12:]...), invalid},
+		"header too long":   {append(append([]byte(Magic), 0xff, 0, 0, 0), mf[12:]...), invalid},
+		"header past end":   {mf[:prefixSize+10], invalid},
+		"hash cut":          {mf[:len(mf)-1], invalid},
+		"hash extra":        {append(bytes.Clone(mf), 0), invalid},
+		"header garbage":    {append(append([]byte(Magic), 0, 0, 0, 4), 0xff, 0xff, 0xff, 0xff), invalid},
+		"format_version 2":  {mut(func(h *otav1.ManifestHeader) { h.FormatVersion = 2 }), unsupported},
+		"no target":         {mut(func(h *otav1.ManifestHeader) { h.Target = "" }), invalid},
+		"control in target": {mut(func(h *otav1.ManifestHeader) { h.Target = "a\nb" }), invalid},
+		"bad utf-8 version": {bytes.Replace(mut(func(h *otav1.ManifestHeader) { h.Version = "V~V~V" }), []byte("V~V~V"), []byte("V\xffV\xffV"), 1), invalid},
+		"no compatible":     {mut(func(h *otav1.ManifestHeader) { h.Compatible = "" }), invalid},
+		"long version":      {mut(func(h *otav1.ManifestHeader) { h.Version = string(make([]byte, 129)) }), invalid},
+		"image_size 0":      {mut(func(h *otav1.ManifestHeader) { h.ImageSize = 0 }), invalid},
+		"image_size +1":     {mut(func(h *otav1.ManifestHeader) { h.ImageSize += bs }), invalid},
+		"image_size huge":   {mut(func(h *otav1.ManifestHeader) { h.ImageSize = 1 << 62 }), invalid},
+		"image_sha256 31":   {mut(func(h *otav1.ManifestHeader) { h.ImageSha256 = h.ImageSha256[:31] }), invalid},
+		"base_sha256 5":     {mut(func(h *otav1.ManifestHeader) { h.BaseSha256 = []byte{1, 2, 3, 4, 5} }), invalid},
+		"block_size 1000":   {mut(func(h *otav1.ManifestHeader) { h.BlockSize = 1000 }), invalid},
+		"block_size 256":    {mut(func(h *otav1.ManifestHeader) { h.BlockSize = 256 }), invalid},
+		"block_size 8192":   {mut(func(h *otav1.ManifestHeader) { h.BlockSize = 8192 }), invalid},
+		"block_count -1":    {mut(func(h *otav1.ManifestHeader) { h.BlockCount-- }), invalid},
+		"bitmap short":      {mut(func(h *otav1.ManifestHeader) { h.ZeroBlocks = h.ZeroBlocks[1:] }), invalid},
+		"bitmap padding":    {mut(func(h *otav1.ManifestHeader) { h.ZeroBlocks[len(h.ZeroBlocks)-1] |= 0x80 }), invalid},
+		"bitmap bit":        {mut(func(h *otav1.ManifestHeader) { h.ZeroBlocks[0] ^= 1 }), invalid},
+		"hash_count +1":     {mut(func(h *otav1.ManifestHeader) { h.HashCount++ }), invalid},
+		"no chunk table":    {mut(func(h *otav1.ManifestHeader) { h.Chunks = nil }), invalid},
+		"no compression":    {mut(func(h *otav1.ManifestHeader) { h.Chunks.Compression = 0 }), unsupported},
+		"no chunks": {mut(func(h *otav1.ManifestHeader) {
+			h.Chunks.BlockCounts, h.Chunks.CompressedSizes, h.Chunks.FileSize = nil, nil, 0
+		}), invalid},
+		"sizes short":  {mut(func(h *otav1.ManifestHeader) { h.Chunks.CompressedSizes = h.Chunks.CompressedSizes[1:] }), invalid},
+		"chunk 0 long": {mut(func(h *otav1.ManifestHeader) { h.Chunks.BlockCounts[0]++ }), invalid},
+		"chunks short": {mut(func(h *otav1.ManifestHeader) { h.Chunks.BlockCounts[n-1]-- }), invalid},
+		"empty chunk": {mut(func(h *otav1.ManifestHeader) {
+			h.Chunks.BlockCounts = append(h.Chunks.BlockCounts, 0)
+			h.Chunks.CompressedSizes = append(h.Chunks.CompressedSizes, 0)
+		}), invalid},
+		"overlap": {mut(func(h *otav1.ManifestHeader) { // chunk 1 also claims chunk 2's blocks
+			h.Chunks.BlockCounts[1] += h.Chunks.BlockCounts[2]
+		}), invalid},
+		"file_size +1":       {mut(func(h *otav1.ManifestHeader) { h.Chunks.FileSize++ }), invalid},
+		"chunk over bound":   {mut(func(h *otav1.ManifestHeader) { h.Chunks.CompressedSizes[1] = 1 << 30; h.Chunks.FileSize += 1 << 30 }), invalid},
+		"zero chunk w/bytes": {mut(func(h *otav1.ManifestHeader) { zeroChunk(t, m, h, true) }), invalid},
+		"data chunk empty":   {mut(func(h *otav1.ManifestHeader) { zeroChunk(t, m, h, false) }), invalid},
+		"unknown field": {func() []byte {
+			h := proto.Clone(good).(*otav1.ManifestHeader)
+			h.ProtoReflect().SetUnknown([]byte{0xf8, 0x01, 0x01}) // field 31, varint 1
+			return assemble(h, hashes)
+		}(), invalid},
+	}
+	for name, tc := range cases {
+		m, err := Open(bytes.NewReader(tc.data), int64(len(tc.data)))
+		if m != nil || status.ReasonOf(err) != tc.want || tc.want == invalid && !errors.Is(err, ErrFormat) {
+			t.Errorf("%s: %v, want %s", name, err, tc.want)
+		}
+	}
+}
+
+// zeroChunk edits h so that a chunk of only zero blocks has bytes (bytes=true), or a chunk
+// with data has none.
+func zeroChunk(t *testing.T, m *Manifest, h *otav1.ManifestHeader, bytes bool) {
+	for k := range m.Chunks() {
+		c := m.Chunk(k)
+		if bytes && c.Size == 0 {
+			h.Chunks.CompressedSizes[k] = 10
+			h.Chunks.FileSize += 10
+			return
+		}
+		if !bytes && c.Size > 0 {
+			h.Chunks.CompressedSizes[k] = 0
+			h.Chunks.FileSize -= c.Size
+			return
+		}
+	}
+	t.Fatal("no such chunk in the test image")
+}

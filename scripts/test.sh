@@ -14,6 +14,8 @@ declare -A need=(
   [openssl]=openssl
   [losetup]=mount
   [mkfs.ext4]=e2fsprogs
+  # writer/manifest: the delta benchmark's floor (zstd --patch-from)
+  [zstd]=zstd
   [systemd-analyze]=systemd
   [setpriv]=util-linux
   [unshare]=util-linux

@@ -86,7 +86,7 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 	hw := bufio.NewWriterSize(tmp, 64<<10)
 
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(p.Level), zstd.WithEncoderConcurrency(1),
-		zstd.WithWindowSize(max(zstd.MinWindowSize, int(p.ChunkSize))), zstd.WithEncoderCRC(false))
+		zstd.WithWindowSize(max(zstd.MinWindowSize, int(p.ChunkSize))), zstd.WithEncoderCRC(false), zstd.WithLowerEncoderMem(true))
 	if err != nil {
 		return res, err
 	}

@@ -13,6 +13,7 @@ import (
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
+	"github.com/klauspost/compress/zstd"
 	"go.uber.org/goleak"
 	"google.golang.org/protobuf/proto"
 
@@ -57,7 +58,8 @@ func testImage(seed uint64, n int, tail int) []byte {
 }
 
 func params() Params {
-	return Params{Target: "rootfs", Compatible: "acme,gw-1", Version: "4.3.0", BlockSize: bs, ChunkSize: 4 * bs}
+	// The fastest level keeps the tests quick; TestDeltaDownload uses the default.
+	return Params{Target: "rootfs", Compatible: "acme,gw-1", Version: "4.3.0", BlockSize: bs, ChunkSize: 4 * bs, Level: zstd.SpeedFastest}
 }
 
 // build returns the manifest file and chunk file of img.
@@ -455,4 +457,81 @@ func zeroChunk(t *testing.T, m *Manifest, h *otav1.ManifestHeader, bytes bool) {
 		}
 	}
 	t.Fatal("no such chunk in the test image")
+}
+
+// TestFindLocal: a device holding v1 finds exactly the blocks of v2 whose bytes v1 holds at
+// some block-aligned offset (brute force over full hashes says which), plus the zero ones,
+// each once, with bytes equal to v2's; the same with a tiny index taking many passes.
+func TestFindLocal(t *testing.T) {
+	v1 := testImage(11, 300, 0)
+	// v2: v1 shifted by 3 blocks (a file moved), 20 new random blocks, a duplicated block
+	// and v1's tail, then a short last block.
+	r := rand.New(rand.NewPCG(12, 1))
+	var v2 []byte
+	v2 = append(v2, v1[100*bs:250*bs]...)
+	for range 20 * bs {
+		v2 = append(v2, byte(r.IntN(256)))
+	}
+	v2 = append(v2, v1[7*bs:8*bs]...)
+	v2 = append(v2, v1[7*bs:8*bs]...)
+	v2 = append(v2, v1[3*bs+17:90*bs+17]...) // not aligned: found only where zeros
+	v2 = append(v2, v1[250*bs:]...)
+	v2 = append(v2, v1[:1000]...)
+	m := open(t, first(build(t, v2, params())))
+
+	local := map[[32]byte]bool{}
+	for o := 0; o+bs <= len(v1); o += bs {
+		local[sha256.Sum256(v1[o:o+bs])] = true
+	}
+	want := map[uint64]bool{}
+	for b := range m.Blocks() {
+		blk := v2[b*bs : min(uint64(len(v2)), (b+1)*bs)]
+		if allZero(blk) || len(blk) == bs && local[sha256.Sum256(blk)] {
+			want[b] = true
+		}
+	}
+	for _, entries := range []int{0, 7, 1} {
+		got := map[uint64]bool{}
+		st, err := m.FindLocal(context.Background(), bytes.NewReader(v1), int64(len(v1)), entries, func(mt Match, data []byte) error {
+			if got[mt.Block] {
+				t.Errorf("block %d reported twice", mt.Block)
+			}
+			got[mt.Block] = true
+			blk := v2[mt.Block*bs : min(uint64(len(v2)), (mt.Block+1)*bs)]
+			switch {
+			case mt.Zero && (data != nil || !allZero(blk)):
+				t.Errorf("block %d reported zero", mt.Block)
+			case !mt.Zero && (!bytes.Equal(data, blk) || !bytes.Equal(v1[mt.LocalOffset:mt.LocalOffset+bs], blk)):
+				t.Errorf("block %d: wrong bytes from local offset %d", mt.Block, mt.LocalOffset)
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if diff := cmp.Diff(want, got); diff != "" {
+			t.Errorf("entries %d: found blocks (-want +got):\n%s", entries, diff)
+		}
+		if st.Zero+st.Found != uint64(len(want)) || entries == 7 && st.Passes < 10 {
+			t.Errorf("entries %d: stats %v", entries, st)
+		}
+	}
+	if len(want) == int(m.Blocks()) || len(want) < int(m.Blocks())/2 {
+		t.Fatalf("test image: %d of %d blocks local", len(want), m.Blocks())
+	}
+	// An error from fn stops the lookup and is returned.
+	stop := errors.New("stop")
+	if _, err := m.FindLocal(context.Background(), bytes.NewReader(v1), int64(len(v1)), 0, func(mt Match, _ []byte) error {
+		if !mt.Zero {
+			return stop
+		}
+		return nil
+	}); !errors.Is(err, stop) {
+		t.Errorf("fn error: %v", err)
+	}
+	// Local data shorter than it claims is a read error, not a short scan.
+	if _, err := m.FindLocal(context.Background(), bytes.NewReader(v1[:len(v1)-bs]), int64(len(v1)), 0,
+		func(Match, []byte) error { return nil }); status.ReasonOf(err) != otav1.Reason_REASON_FILE_CLOSE_FAILED {
+		t.Errorf("short local data: %v", err)
+	}
 }

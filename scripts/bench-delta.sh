@@ -13,12 +13,15 @@
 # Then the peak RSS of `ota-writer manifest` and of the device's lookup (deltabench
 # -manifest) for a 256 MiB and a 2 GiB image (sparse files with data spread through them).
 #
-#   scripts/bench-delta.sh        CHUNKS=16384,65536,262144 BASE=HEAD~40 scripts/bench-delta.sh
+#   scripts/bench-delta.sh        CHUNKS=16384,65536,262144 BASE=HEAD~40 ONLY=debian,zeros,rss PATCH_LEVEL=19 scripts/bench-delta.sh
 # Needs root (the Debian tree has root-owned files), mkfs.ext4, zstd, /usr/bin/time, go.
 set -euo pipefail
 CHUNKS=${CHUNKS:-16384,65536,262144}
 BASE=${BASE:-HEAD~40}
 CACHE=${CACHE:-/var/cache/gwota-test}
+ONLY=${ONLY:-debian,zeros,rss}
+PATCH_LEVEL=${PATCH_LEVEL:-19}
+want() { [[ ",$ONLY," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 for t in mkfs.ext4 zstd /usr/bin/time go tar; do command -v "$t" >/dev/null || { echo "bench-delta: $t missing" >&2; exit 1; }; done
 
@@ -34,12 +37,12 @@ mkimg() { # dir size_mib out
 
 report() { # name v1 v2
   local name=$1 v1=$2 v2=$3
-  zstd -q -19 --patch-from="$v1" "$v2" -o "$work/patch" -f
+  zstd -q -"$PATCH_LEVEL" --patch-from="$v1" "$v2" -o "$work/patch" -f 2>/dev/null
   local patch full
   patch=$(stat -c %s "$work/patch")
   full=$(stat -c %s "$v2")
-  zstd -q -19 "$v2" -o "$work/full.zst" -f
-  echo "== $name: image $(mib "$full") MiB, zstd -19 of the image $(mib "$(stat -c %s "$work/full.zst")") MiB, zstd -19 --patch-from $(mib "$patch") MiB"
+  zstd -q -"$PATCH_LEVEL" "$v2" -o "$work/full.zst" -f
+  echo "== $name: image $(mib "$full") MiB, zstd -$PATCH_LEVEL of the image $(mib "$(stat -c %s "$work/full.zst")") MiB, zstd -$PATCH_LEVEL --patch-from $(mib "$patch") MiB"
   printf '%-8s %8s %8s %10s %10s %10s %10s %8s\n' chunk zero% found% missing_MiB manifest_MiB chunks_MiB download_MiB x_patch
   "$work/deltabench" -new "$v2" -local "$v1" -chunk-size "$CHUNKS" | while read -r line; do
     python3 - "$line" "$patch" <<'PY'
@@ -55,7 +58,9 @@ PY
 
 # --- pair 1: Debian root file system -----------------------------------------------------
 tarball=$(ls "$CACHE"/rootfs-bookworm-*.tar 2>/dev/null | head -1 || true)
-if [ -n "$tarball" ]; then
+if ! want debian; then
+  :
+elif [ -n "$tarball" ]; then
   mkdir -p "$work/deb1" "$work/deb2" "$work/src-base"
   tar -xf "$tarball" -C "$work/deb1"
   git archive "$BASE" | tar -x -C "$work/src-base"
@@ -84,6 +89,7 @@ fi
 
 # --- pair 2: large zero regions ----------------------------------------------------------
 goroot=$(go env GOROOT)
+if want zeros; then
 mkdir -p "$work/z1" "$work/z2"
 cp -a "$goroot/src" "$work/z1/src"
 cp -a "$work/z1/." "$work/z2/"
@@ -97,9 +103,11 @@ mkimg "$work/z2" 1024 "$work/z2.img"
 rm -rf "$work/z1" "$work/z2"
 report zeros "$work/z1.img" "$work/z2.img"
 rm -f "$work/z1.img" "$work/z2.img"
+fi
 
 # --- peak RSS ------------------------------------------------------------------------------
-echo "== peak RSS (KiB): ota-writer manifest (build) and deltabench -manifest (device lookup)"
+want rss || exit 0
+echo "== peak RSS (KiB) and wall time (s): ota-writer manifest (build) and deltabench -manifest (device lookup)"
 for size in 256 2048; do
   img=$work/big$size.img
   truncate -s "${size}M" "$img"
@@ -107,10 +115,11 @@ for size in 256 2048; do
   for ((off = 0; off < size; off += 4)); do
     head -c 1048576 /dev/urandom | dd of="$img" bs=1M seek="$off" conv=notrunc status=none
   done
-  /usr/bin/time -f "%M" -o "$work/rss" "$work/ota-writer" manifest --image "$img" --version 1 --target rootfs \
+  /usr/bin/time -f "%M %e" -o "$work/rss" "$work/ota-writer" manifest --image "$img" --version 1 --target rootfs \
     --compatible bench -o "$work/big.manifest" --chunks "$work/big.chunks" >/dev/null
   build=$(cat "$work/rss")
-  /usr/bin/time -f "%M" -o "$work/rss" "$work/deltabench" -manifest "$work/big.manifest" -local "$img" >"$work/lookup"
-  echo "$size MiB: build $build KiB, lookup $(cat "$work/rss") KiB ($(cat "$work/lookup"))"
+  # The lookup runs inside the writer, under its 12 MiB soft heap limit (cmd/ota-writer).
+  GOMEMLIMIT=12MiB /usr/bin/time -f "%M %e" -o "$work/rss" "$work/deltabench" -manifest "$work/big.manifest" -local "$img" >"$work/lookup"
+  echo "$size MiB: build $build (KiB s), lookup $(cat "$work/rss") (KiB s) ($(cat "$work/lookup"))"
   rm -f "$img" "$work/big.manifest" "$work/big.chunks"
 done

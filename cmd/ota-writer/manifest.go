@@ -16,6 +16,8 @@ import (
 	"io"
 	"os"
 
+	"github.com/klauspost/compress/zstd"
+
 	"github.com/gwota/gwota/writer/manifest"
 )
 
@@ -33,6 +35,7 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	blockSize := fs.Uint("block-size", 4096, "block `size`: the file system's block (ext4: 4096)")
 	chunkSize := fs.Uint("chunk-size", manifest.DefaultChunkSize, "image `bytes` per compressed chunk, a multiple of --block-size")
 	base := fs.String("base", "", "optional delta base image `file`: its SHA-256 is recorded")
+	level := fs.String("level", "better", "zstd `level`: fastest, default, better or best (smallest chunks, about 50 MiB of memory)")
 	key := fs.String("key", "", "ECDSA P-256 private key `file` (PEM) to sign both files with")
 	out := fs.String("o", "", "manifest output `file` (required)")
 	chunks := fs.String("chunks", "", "chunk file output `file` (required)")
@@ -45,6 +48,10 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	if *blockSize > 1<<20 || *chunkSize > 1<<30 {
 		return usagef("manifest: --block-size or --chunk-size too large")
 	}
+	ok, lv := zstd.EncoderLevelFromString(*level)
+	if !ok {
+		return usagef("manifest: --level %q: fastest, default, better or best", *level)
+	}
 	var signer *ecdsa.PrivateKey
 	if *key != "" {
 		k, err := loadECKey(*key)
@@ -54,7 +61,7 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		signer = k
 	}
 	p := manifest.Params{Target: *target, Compatible: *compatible, Version: *version,
-		BlockSize: uint32(*blockSize), ChunkSize: uint32(*chunkSize)}
+		BlockSize: uint32(*blockSize), ChunkSize: uint32(*chunkSize), Level: lv}
 	if *base != "" {
 		sum, err := fileSHA256(*base)
 		if err != nil {

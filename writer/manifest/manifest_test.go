@@ -535,3 +535,27 @@ func TestFindLocal(t *testing.T) {
 		t.Errorf("short local data: %v", err)
 	}
 }
+
+func TestPairFiles(t *testing.T) {
+	for _, tc := range []struct {
+		paths []string
+		want  []Pair
+		err   otav1.Reason
+	}{
+		{[]string{"rootfs.gwota-manifest", "rootfs"}, []Pair{{0, 1}}, 0},
+		{[]string{"/opt/fw/app.img", "rootfs", "/opt/fw/app.img.gwota-manifest"}, []Pair{{2, 0}}, 0},
+		{[]string{"rootfs", "boot"}, nil, 0},
+		{[]string{"rootfs.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{".gwota-manifest", ""}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"rootfs", "rootfs"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"a.gwota-manifest", "a.gwota-manifest.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+	} {
+		got, err := PairFiles(tc.paths)
+		if status.ReasonOf(err) != tc.err || tc.err == 0 && err != nil {
+			t.Errorf("%q: %v, want %v", tc.paths, err, tc.err)
+		}
+		if diff := cmp.Diff(tc.want, got); diff != "" {
+			t.Errorf("%q: %s", tc.paths, diff)
+		}
+	}
+}

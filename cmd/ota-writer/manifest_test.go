@@ -1,0 +1,157 @@
+package main
+
+import (
+	"bytes"
+	"crypto/sha256"
+	"encoding/base64"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"strings"
+	"testing"
+
+	"github.com/gwota/gwota/writer/manifest"
+)
+
+// docCommands returns the commands of the first sh block of docs/MANIFEST.md, continuation
+// lines joined.
+func docCommands(t *testing.T) [][]string {
+	t.Helper()
+	doc, err := os.ReadFile("../../docs/MANIFEST.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile("(?s)```sh\n(.*?)```").FindSubmatch(doc)
+	if m == nil {
+		t.Fatal("no sh block in docs/MANIFEST.md")
+	}
+	var out [][]string
+	for _, l := range strings.Split(strings.ReplaceAll(string(m[1]), "\\\n", " "), "\n") {
+		if f := strings.Fields(l); len(f) > 0 {
+			out = append(out, f)
+		}
+	}
+	return out
+}
+
+// TestManifestCommandAsDocumented runs the commands of docs/MANIFEST.md's "Making an update"
+// as written: openssl makes the key, `ota-writer manifest` writes the manifest, the chunk
+// file and their .sig files. Each signature verifies with openssl over its file and is
+// printed in base64; the manifest states what the command line said. Without --key, the
+// command prints each file's SHA-256 and writes no signature.
+func TestManifestCommandAsDocumented(t *testing.T) {
+	cmds := docCommands(t)
+	t.Chdir(t.TempDir())
+	img := make([]byte, 3<<20+100)
+	for i := range img[1<<20 : 2<<20] {
+		img[1<<20+i] = byte(i * 7 / 5)
+	}
+	if err := os.WriteFile("rootfs-4.3.0.img", img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if len(cmds) != 2 || cmds[0][0] != "openssl" || cmds[1][0] != "ota-writer" {
+		t.Fatalf("documented commands: %q", cmds)
+	}
+	if out, err := exec.Command(cmds[0][0], cmds[0][1:]...).CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	var stdout, stderr bytes.Buffer
+	if code := run(cmds[1][1:], &stdout, &stderr); code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr.String())
+	}
+	if out, err := exec.Command("openssl", "ec", "-in", "signer.key", "-pubout", "-out", "signer.pub").CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	for _, f := range []string{"rootfs.gwota-manifest", "rootfs.chunks"} {
+		if out, err := exec.Command("openssl", "dgst", "-sha256", "-verify", "signer.pub", "-signature", f+".sig", f).CombinedOutput(); err != nil {
+			t.Errorf("%s.sig does not verify: %v\n%s", f, err, out)
+		}
+		sig, err := os.ReadFile(f + ".sig")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("signature %s.sig (sig-sha256-ecdsa): %s\n", f, base64.StdEncoding.EncodeToString(sig)); !strings.Contains(stdout.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, stdout.String())
+		}
+	}
+	mf, err := os.ReadFile("rootfs.gwota-manifest")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := manifest.Open(bytes.NewReader(mf), int64(len(mf)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sum := sha256.Sum256(img)
+	if m.Target() != "rootfs" || m.Compatible() != "acme,gw-1" || m.Version() != "4.3.0" || m.BlockSize() != 4096 ||
+		m.ImageSize() != uint64(len(img)) || !bytes.Equal(m.ImageSHA256(), sum[:]) || m.ZeroBlocks() != 513 { // the short last block is zeros too
+		t.Errorf("manifest states %v", m.Header())
+	}
+
+	// Without --key: the digests to sign, no .sig.
+	args := []string{}
+	for i := 1; i < len(cmds[1]); i++ {
+		switch a := cmds[1][i]; {
+		case a == "--key":
+			i++
+		case a == "-o":
+			args, i = append(args, "-o", "u.gwota-manifest"), i+1
+		case a == "--chunks":
+			args, i = append(args, "--chunks", "u.chunks"), i+1
+		default:
+			args = append(args, a)
+		}
+	}
+	stdout.Reset()
+	if code := run(args, &stdout, &stderr); code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr.String())
+	}
+	for _, f := range []string{"u.gwota-manifest", "u.chunks"} {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if want := fmt.Sprintf("sha256 %s: %x\n", f, sha256.Sum256(b)); !strings.Contains(stdout.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, stdout.String())
+		}
+		if _, err := os.Stat(f + ".sig"); !os.IsNotExist(err) {
+			t.Errorf("%s.sig written without --key: %v", f, err)
+		}
+	}
+}
+
+// TestManifestCommandRefuses: missing flags, a block size that is not a power of two, a key
+// that is not ECDSA P-256 and a missing image are usage errors (exit 2) that leave no output.
+func TestManifestCommandRefuses(t *testing.T) {
+	dir := t.TempDir()
+	t.Chdir(dir)
+	if err := os.WriteFile("img", make([]byte, 10000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := exec.Command("openssl", "genpkey", "-algorithm", "ed25519", "-out", "ed.key").CombinedOutput(); err != nil {
+		t.Fatalf("%v\n%s", err, out)
+	}
+	base := []string{"--image", "img", "--version", "1", "--target", "rootfs", "--compatible", "c", "-o", "m", "--chunks", "c"}
+	for name, args := range map[string][]string{
+		"no version":   {"--image", "img", "--target", "rootfs", "--compatible", "c", "-o", "m", "--chunks", "c"},
+		"block 1000":   append([]string{"--block-size", "1000"}, base...),
+		"chunk 6000":   append([]string{"--chunk-size", "6000"}, base...),
+		"ed25519 key":  append([]string{"--key", "ed.key"}, base...),
+		"no image":     append(append([]string{}, base[2:]...), "--image", "nope"),
+		"bad level":    append([]string{"--level", "max"}, base...),
+		"control char": {"--image", "img", "--version", "1\n2", "--target", "rootfs", "--compatible", "c", "-o", "m", "--chunks", "c"},
+	} {
+		var stdout, stderr bytes.Buffer
+		if code := run(append([]string{"manifest"}, args...), &stdout, &stderr); code != exitUsage {
+			t.Errorf("%s: exit %d, want %d: %s", name, code, exitUsage, stderr.String())
+		}
+		for _, f := range []string{"m", "c"} {
+			if _, err := os.Stat(filepath.Join(dir, f)); !os.IsNotExist(err) {
+				t.Errorf("%s: %s left behind", name, f)
+				os.Remove(f)
+			}
+		}
+	}
+}

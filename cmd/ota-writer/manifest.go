@@ -22,9 +22,11 @@ import (
 )
 
 // cmdManifest is the publisher's side of a delta update: it reads an image once and writes
-// its signed manifest and its chunk file (docs/MANIFEST.md). With --key it signs both files
-// the way an OTA file is signed (ECDSA P-256 over the file's SHA-256, DER), otherwise it
-// prints the digests to sign elsewhere (an HSM, AWS Signer's custom signing).
+// its manifest and its chunk file (docs/MANIFEST.md). With --key it signs the manifest the way
+// an OTA file is signed (ECDSA P-256 over the file's SHA-256, DER), otherwise it prints the
+// digest to sign elsewhere (an HSM, a signing service). The chunk file is never signed: every
+// block in it is checked against the signed manifest, and a writer that would take it for an
+// image refuses it unsigned.
 func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs := flag.NewFlagSet("manifest", flag.ContinueOnError)
 	fs.SetOutput(stderr)
@@ -36,7 +38,7 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	chunkSize := fs.Uint("chunk-size", manifest.DefaultChunkSize, "image `bytes` per compressed chunk, a multiple of --block-size")
 	base := fs.String("base", "", "optional delta base image `file`: its SHA-256 is recorded")
 	level := fs.String("level", "better", "zstd `level`: fastest, default, better or best (smallest chunks, about 50 MiB of memory)")
-	key := fs.String("key", "", "ECDSA P-256 private key `file` (PEM) to sign both files with")
+	key := fs.String("key", "", "ECDSA P-256 private key `file` (PEM) to sign the manifest with")
 	out := fs.String("o", "", "manifest output `file` (required)")
 	chunks := fs.String("chunks", "", "chunk file output `file` (required)")
 	if err := fs.Parse(args); err != nil {
@@ -84,8 +86,7 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		os.Remove(*out)
 		return usagef("manifest: %v", err)
 	}
-	ch := sha256.New()
-	res, err := manifest.Build(ctx, img, p, io.MultiWriter(cf, ch), mf)
+	res, err := manifest.Build(ctx, img, p, cf, mf)
 	for _, f := range []*os.File{mf, cf} {
 		if err == nil {
 			err = f.Sync()
@@ -105,23 +106,18 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fmt.Fprintf(stdout, "manifest: %s (%d bytes): target %s, compatible %s, version %s, %d bytes in %d blocks of %d (%d all zeros)\n",
 		*out, res.ManifestSize, *target, *compatible, *version, res.ImageSize, res.Blocks, *blockSize, res.ZeroBlocks)
 	fmt.Fprintf(stdout, "chunks: %s (%d bytes): %d chunks of %d image bytes, zstd\n", *chunks, res.ChunkFileSize, res.Chunks, *chunkSize)
-	for _, f := range []struct {
-		path string
-		sum  []byte
-	}{{*out, res.ManifestSHA256}, {*chunks, ch.Sum(nil)}} {
-		fmt.Fprintf(stdout, "sha256 %s: %x\n", f.path, f.sum)
-		if signer == nil {
-			continue
-		}
-		sig, err := ecdsa.SignASN1(rand.Reader, signer, f.sum)
-		if err != nil {
-			return err
-		}
-		if err := os.WriteFile(f.path+".sig", sig, 0o644); err != nil {
-			return usagef("manifest: %v", err)
-		}
-		fmt.Fprintf(stdout, "signature %s.sig (sig-sha256-ecdsa): %s\n", f.path, base64.StdEncoding.EncodeToString(sig))
+	fmt.Fprintf(stdout, "sha256 %s: %x\n", *out, res.ManifestSHA256)
+	if signer == nil {
+		return nil
 	}
+	sig, err := ecdsa.SignASN1(rand.Reader, signer, res.ManifestSHA256)
+	if err != nil {
+		return err
+	}
+	if err := os.WriteFile(*out+".sig", sig, 0o644); err != nil {
+		return usagef("manifest: %v", err)
+	}
+	fmt.Fprintf(stdout, "signature %s.sig (sig-sha256-ecdsa): %s\n", *out, base64.StdEncoding.EncodeToString(sig))
 	return nil
 }
 

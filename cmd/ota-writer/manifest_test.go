@@ -37,10 +37,11 @@ func docCommands(t *testing.T) [][]string {
 }
 
 // TestManifestCommandAsDocumented runs the commands of docs/MANIFEST.md's "Making an update"
-// as written: openssl makes the key, `ota-writer manifest` writes the manifest, the chunk
-// file and their .sig files. Each signature verifies with openssl over its file and is
-// printed in base64; the manifest states what the command line said. Without --key, the
-// command prints each file's SHA-256 and writes no signature.
+// as written: openssl makes the key, `ota-writer manifest` writes the manifest, its .sig and
+// the chunk file (never signed). The signature verifies with openssl over the manifest and
+// is printed in base64; the manifest states what the command line said and the chunk file
+// rebuilds the image. Without --key, the command prints the manifest's SHA-256 and writes no
+// signature.
 func TestManifestCommandAsDocumented(t *testing.T) {
 	cmds := docCommands(t)
 	t.Chdir(t.TempDir())
@@ -64,7 +65,10 @@ func TestManifestCommandAsDocumented(t *testing.T) {
 	if out, err := exec.Command("openssl", "ec", "-in", "signer.key", "-pubout", "-out", "signer.pub").CombinedOutput(); err != nil {
 		t.Fatalf("%v\n%s", err, out)
 	}
-	for _, f := range []string{"rootfs.gwota-manifest", "rootfs.chunks"} {
+	if _, err := os.Stat("rootfs.chunks.sig"); !os.IsNotExist(err) {
+		t.Errorf("chunk file signed: %v", err)
+	}
+	for _, f := range []string{"rootfs.gwota-manifest"} {
 		if out, err := exec.Command("openssl", "dgst", "-sha256", "-verify", "signer.pub", "-signature", f+".sig", f).CombinedOutput(); err != nil {
 			t.Errorf("%s.sig does not verify: %v\n%s", f, err, out)
 		}
@@ -89,6 +93,28 @@ func TestManifestCommandAsDocumented(t *testing.T) {
 		m.ImageSize() != uint64(len(img)) || !bytes.Equal(m.ImageSHA256(), sum[:]) || m.ZeroBlocks() != 513 { // the short last block is zeros too
 		t.Errorf("manifest states %v", m.Header())
 	}
+	chunks, err := os.ReadFile("rootfs.chunks")
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := m.NewChunkDecoder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	got := make([]byte, len(img))
+	for k := range m.Chunks() {
+		c := m.Chunk(k)
+		if err := d.Decode(k, chunks[c.Offset:c.Offset+c.Size], func(b uint64, data []byte) error {
+			copy(got[b*4096:], data)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if !bytes.Equal(got, img) || m.ChunkFileSize() != uint64(len(chunks)) {
+		t.Error("the chunk file does not rebuild the image")
+	}
 
 	// Without --key: the digests to sign, no .sig.
 	args := []string{}
@@ -108,7 +134,10 @@ func TestManifestCommandAsDocumented(t *testing.T) {
 	if code := run(args, &stdout, &stderr); code != exitOK {
 		t.Fatalf("exit %d: %s", code, stderr.String())
 	}
-	for _, f := range []string{"u.gwota-manifest", "u.chunks"} {
+	if _, err := os.Stat("u.chunks"); err != nil {
+		t.Error(err)
+	}
+	for _, f := range []string{"u.gwota-manifest"} {
 		b, err := os.ReadFile(f)
 		if err != nil {
 			t.Fatal(err)

@@ -559,3 +559,27 @@ func TestPairFiles(t *testing.T) {
 		}
 	}
 }
+
+// TestUnsignedChunkFileRefusedAsImage: the chunk file carries no signature, and the check the
+// writer makes when a session begins (verify.Store.Check, writer/engine) refuses an image
+// without one, so a writer that took a chunk file for an image would never install it.
+func TestUnsignedChunkFileRefusedAsImage(t *testing.T) {
+	dir := t.TempDir()
+	key := filepath.Join(dir, "k")
+	for _, args := range [][]string{
+		{"ecparam", "-name", "prime256v1", "-genkey", "-noout", "-out", key},
+		{"ec", "-in", key, "-pubout", "-out", key + ".pub.pem"},
+	} {
+		if out, err := exec.Command("openssl", args...).CombinedOutput(); err != nil {
+			t.Fatalf("%v\n%s", err, out)
+		}
+	}
+	store, err := verify.Load([]string{key + ".pub.pem"}, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = store.Check(otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, nil, "")
+	if status.ReasonOf(err) != otav1.Reason_REASON_SIG_CHECK_FAILED {
+		t.Errorf("unsigned file: %v", err)
+	}
+}

@@ -217,7 +217,7 @@ func TestDecodeRefusesDamagedChunks(t *testing.T) {
 	defer d.Close()
 	var k1, k2 int = -1, -1
 	for k := range m.Chunks() {
-		if m.Chunk(k).Size > 0 {
+		if m.Chunk(k).Raw >= 2*bs { // two non-zero blocks at least
 			if k1 < 0 {
 				k1 = k
 			} else if k2 < 0 && m.Chunk(k).Size != m.Chunk(k1).Size {
@@ -229,11 +229,22 @@ func TestDecodeRefusesDamagedChunks(t *testing.T) {
 	orig := chunks[c1.Offset : c1.Offset+c1.Size]
 	flipped := bytes.Clone(orig)
 	flipped[len(flipped)/2] ^= 0x40
-	// Same length as chunk 1, other content: chunk 2's blocks, recompressed to fit.
-	bomb := make([]byte, MaxChunkRaw)
-	var zb bytes.Buffer
-	_, _, _ = zb, bomb, c2
 	other := chunks[c2.Offset : c2.Offset+c2.Size]
+	// A valid frame of the right size whose last block is wrong: chunk 1's blocks with the
+	// last one replaced, recompressed and padded with a skippable frame to chunk 1's size.
+	var raw []byte
+	if err := d.Decode(k1, orig, func(_ uint64, b []byte) error { raw = append(raw, b...); return nil }); err != nil {
+		t.Fatal(err)
+	}
+	copy(raw[len(raw)-bs:], bytes.Repeat([]byte("a"), bs))
+	lastWrong := zstdOf(t, raw)
+	if len(lastWrong)+8 > len(orig) {
+		t.Fatalf("recompressed chunk of %d bytes does not fit in %d", len(lastWrong), len(orig))
+	}
+	pad := len(orig) - len(lastWrong) - 8
+	lastWrong = binary.LittleEndian.AppendUint32(lastWrong, 0x184D2A50)
+	lastWrong = binary.LittleEndian.AppendUint32(lastWrong, uint32(pad))
+	lastWrong = append(lastWrong, make([]byte, pad)...)
 	for name, data := range map[string][]byte{
 		"bit flipped":    flipped,
 		"other chunk":    other,
@@ -242,6 +253,7 @@ func TestDecodeRefusesDamagedChunks(t *testing.T) {
 		"padded":         append(bytes.Clone(orig), 0),
 		"empty":          nil,
 		"decodes larger": zstdOf(t, make([]byte, 2*c1.Raw)),
+		"last block wrong": lastWrong,
 	} {
 		calls := 0
 		err := d.Decode(k1, data, func(uint64, []byte) error { calls++; return nil })

@@ -10,9 +10,10 @@ import (
 // ChunkDecoder decodes chunks of one manifest, checking every block against its hash. It
 // holds one decoded chunk (at most MaxChunkRaw bytes) and is not safe for concurrent use.
 type ChunkDecoder struct {
-	m   *Manifest
-	dec *zstd.Decoder
-	buf []byte
+	m       *Manifest
+	dec     *zstd.Decoder
+	buf     []byte
+	scratch []byte
 }
 
 // NewChunkDecoder returns a decoder whose zstd window and output are bounded by the
@@ -23,7 +24,7 @@ func (m *Manifest) NewChunkDecoder() (*ChunkDecoder, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &ChunkDecoder{m: m, dec: dec}, nil
+	return &ChunkDecoder{m: m, dec: dec, scratch: make([]byte, HashSize)}, nil
 }
 
 // Close releases the decoder.
@@ -63,7 +64,7 @@ func (d *ChunkDecoder) Decode(k int, compressed []byte, fn func(block uint64, da
 			continue
 		}
 		n := m.BlockLen(b)
-		if err := m.CheckBlock(b, out[off:off+n]); err != nil {
+		if err := m.checkBlock(b, out[off:off+n], d.scratch); err != nil {
 			return err
 		}
 		off += n

@@ -2,6 +2,7 @@ package manifest
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/sha256"
 	"encoding/binary"
@@ -78,7 +79,7 @@ func (m *Manifest) FindLocal(ctx context.Context, local io.ReaderAt, size int64,
 	index := make([]uint64, 0, min(uint64(maxEntries), m.h.HashCount))
 	hr := bufio.NewReaderSize(io.NewSectionReader(m.r, m.hashOff, int64(m.h.HashCount)*HashSize), 64<<10)
 	buf := make([]byte, max(bs, localReadSize/bs*bs))
-	var rec [HashSize]byte
+	rec := make([]byte, HashSize) // scratch for the hash section and candidates' full hashes
 	for next := uint64(0); next < full; {
 		// Index the next maxEntries non-zero blocks.
 		index = index[:0]
@@ -86,10 +87,10 @@ func (m *Manifest) FindLocal(ctx context.Context, local io.ReaderAt, size int64,
 			if m.IsZero(next) {
 				continue
 			}
-			if _, err := io.ReadFull(hr, rec[:]); err != nil {
+			if _, err := io.ReadFull(hr, rec); err != nil {
 				return st, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "manifest: read hashes: %w", err)
 			}
-			index = append(index, uint64(binary.BigEndian.Uint32(rec[:4]))<<32|next)
+			index = append(index, uint64(binary.BigEndian.Uint32(rec))<<32|next)
 		}
 		if len(index) == 0 {
 			break
@@ -123,11 +124,10 @@ func (m *Manifest) FindLocal(ctx context.Context, local io.ReaderAt, size int64,
 				matched := false
 				for t := i; t < j; t++ {
 					b := index[t] & low
-					want, _, err := m.BlockHash(b)
-					if err != nil {
+					if _, err := m.hashInto(b, rec); err != nil {
 						return st, err
 					}
-					if want != sum {
+					if !bytes.Equal(rec, sum[:]) {
 						continue
 					}
 					index[t] = key | low

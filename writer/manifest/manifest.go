@@ -314,22 +314,33 @@ func (m *Manifest) record(b uint64) uint64 {
 // BlockHash returns the SHA-256 of block b, read from the hash section; zero reports an
 // all-zero block (which has no record).
 func (m *Manifest) BlockHash(b uint64) (sum [HashSize]byte, zero bool, err error) {
+	zero, err = m.hashInto(b, sum[:])
+	return sum, zero, err
+}
+
+// hashInto reads block b's hash into dst (HashSize bytes; the caller's scratch, so the hot
+// paths allocate nothing per block).
+func (m *Manifest) hashInto(b uint64, dst []byte) (zero bool, err error) {
 	if b >= m.h.BlockCount {
-		return sum, false, status.Errorf(otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, "manifest: block %d of %d", b, m.h.BlockCount)
+		return false, status.Errorf(otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, "manifest: block %d of %d", b, m.h.BlockCount)
 	}
 	if m.IsZero(b) {
-		return sum, true, nil
+		return true, nil
 	}
-	if _, err := m.r.ReadAt(sum[:], m.hashOff+int64(m.record(b))*HashSize); err != nil {
-		return sum, false, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "manifest: read hash of block %d: %w", b, err)
+	if _, err := m.r.ReadAt(dst[:HashSize], m.hashOff+int64(m.record(b))*HashSize); err != nil {
+		return false, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "manifest: read hash of block %d: %w", b, err)
 	}
-	return sum, false, nil
+	return false, nil
 }
 
 // CheckBlock checks that data is block b: the right length and hash (or all zeros). A
 // mismatch is REASON_SIG_CHECK_FAILED wrapping ErrBlockHash.
 func (m *Manifest) CheckBlock(b uint64, data []byte) error {
-	want, zero, err := m.BlockHash(b)
+	return m.checkBlock(b, data, make([]byte, HashSize))
+}
+
+func (m *Manifest) checkBlock(b uint64, data, scratch []byte) error {
+	zero, err := m.hashInto(b, scratch)
 	if err != nil {
 		return err
 	}
@@ -342,7 +353,7 @@ func (m *Manifest) CheckBlock(b uint64, data []byte) error {
 		}
 		return nil
 	}
-	if sha256.Sum256(data) != want {
+	if sum := sha256.Sum256(data); !bytes.Equal(sum[:], scratch[:HashSize]) {
 		return status.Errorf(otav1.Reason_REASON_SIG_CHECK_FAILED, "manifest: %w: block %d", ErrBlockHash, b).WithMeta("block", fmt.Sprint(b))
 	}
 	return nil

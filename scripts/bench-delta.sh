@@ -10,7 +10,8 @@
 #           libraries, /usr/share/doc and man pages of some packages removed, /etc edited.
 #   zeros:  1 GiB holding the Go tree's src/ (about 80 % zeros); v2 edits 300 files,
 #           removes a directory and adds test/.
-# Then the peak RSS of `ota-writer manifest` and of the device's lookup (deltabench
+# stream_MiB is the download over an MQTT stream in 64 KiB stream blocks (every block that
+# overlaps a needed chunk). Then the peak RSS of `ota-writer manifest` and of the device's lookup (deltabench
 # -manifest) for a 256 MiB and a 2 GiB image (sparse files with data spread through them).
 #
 #   scripts/bench-delta.sh        CHUNKS=16384,65536,262144 BASE=HEAD~40 ONLY=debian,zeros,rss PATCH_LEVEL=19 scripts/bench-delta.sh
@@ -43,15 +44,15 @@ report() { # name v1 v2
   full=$(stat -c %s "$v2")
   zstd -q -"$PATCH_LEVEL" "$v2" -o "$work/full.zst" -f
   echo "== $name: image $(mib "$full") MiB, zstd -$PATCH_LEVEL of the image $(mib "$(stat -c %s "$work/full.zst")") MiB, zstd -$PATCH_LEVEL --patch-from $(mib "$patch") MiB"
-  printf '%-8s %8s %8s %10s %10s %10s %10s %8s\n' chunk zero% found% missing_MiB manifest_MiB chunks_MiB download_MiB x_patch
+  printf '%-8s %8s %8s %10s %10s %10s %10s %8s %10s %8s\n' chunk zero% found% missing_MiB manifest_MiB chunks_MiB download_MiB x_patch stream_MiB x_patch
   "$work/deltabench" -new "$v2" -local "$v1" -chunk-size "$CHUNKS" | while read -r line; do
     python3 - "$line" "$patch" <<'PY'
 import json, sys
 f = json.loads(sys.argv[1]); patch = int(sys.argv[2]); M = 1048576
-print("%-8s %8.1f %8.1f %10.1f %10.2f %10.1f %10.1f %8.2f" % (
+print("%-8s %8.1f %8.1f %10.1f %10.2f %10.1f %10.1f %8.2f %10.1f %8.2f" % (
     "%dK" % (f["chunk_size"] // 1024), 100 * f["zero_blocks"] / f["blocks"], 100 * f["found_blocks"] / f["blocks"],
     f["missing_blocks"] * 4096 / M, f["manifest_bytes"] / M, f["chunk_bytes"] / M, f["download_bytes"] / M,
-    f["download_bytes"] / patch))
+    f["download_bytes"] / patch, f["stream_download_bytes"] / M, f["stream_download_bytes"] / patch))
 PY
   done
 }

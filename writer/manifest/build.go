@@ -16,10 +16,12 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 )
 
-// DefaultChunkSize is the image bytes (zero blocks included) one chunk covers, chosen from
-// scripts/bench-delta.sh: at 4 KiB blocks, 64 KiB chunks download about 1.2x the bytes of
-// 16 KiB chunks on a package upgrade yet compress 15 % better than them, and 256 KiB chunks
-// fetch up to 1.5x as much.
+// DefaultChunkSize is the image bytes (zero blocks included) one chunk covers, chosen with
+// scripts/bench-delta.sh (4 KiB blocks, zstd "better"): on an upgrade of a 40 MiB ext4 image
+// the device downloads 3.58, 3.61, 3.73, 3.99 and 4.19 MB of chunks at 16, 32, 64, 128 and
+// 256 KiB in exact ranges (HTTP), but 4.60, 4.39, 4.39, 4.36 and 4.32 MB in the 64 KiB
+// blocks of an MQTT stream. 64 KiB is within 4 % of the best of either, with a quarter of
+// the chunk table of 16 KiB.
 const DefaultChunkSize = 64 << 10
 
 // Params describe the image a manifest is built for.

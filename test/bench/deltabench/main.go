@@ -35,7 +35,13 @@ type Figures struct {
 	ManifestBytes uint64 `json:"manifest_bytes"`
 	// Download is what the device fetches: the manifest and the chunks it needs.
 	Download uint64 `json:"download_bytes"`
+	// StreamDownload is the same fetched over an MQTT stream in blocks of StreamBlock bytes
+	// of the chunk file: every stream block overlapping a needed chunk, plus the manifest.
+	StreamDownload uint64 `json:"stream_download_bytes"`
 }
+
+// StreamBlock is ota-net's stream block size (64 KiB).
+const StreamBlock = 64 << 10
 
 func main() {
 	newImg := flag.String("new", "", "new image")
@@ -153,9 +159,17 @@ func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, di
 	f.ImageBytes, f.Blocks, f.ZeroBlocks, f.FoundBlocks = res.ImageSize, res.Blocks, st.Zero, st.Found
 	f.MissingBlocks = res.Blocks - st.Zero - st.Found
 	f.ChunkFile, f.ManifestBytes, f.ChunksNeeded = res.ChunkFileSize, res.ManifestSize, len(need)
+	last := int64(-1)
 	for _, c := range need {
 		f.ChunkBytes += c.Size
+		for sb := int64(c.Offset / StreamBlock); sb <= int64((c.Offset+c.Size-1)/StreamBlock); sb++ {
+			if sb != last {
+				f.StreamDownload += min(StreamBlock, f.ChunkFile-uint64(sb)*StreamBlock)
+				last = sb
+			}
+		}
 	}
 	f.Download = f.ChunkBytes + f.ManifestBytes
+	f.StreamDownload += f.ManifestBytes
 	return f, nil
 }

@@ -246,13 +246,13 @@ func TestDecodeRefusesDamagedChunks(t *testing.T) {
 	lastWrong = binary.LittleEndian.AppendUint32(lastWrong, uint32(pad))
 	lastWrong = append(lastWrong, make([]byte, pad)...)
 	for name, data := range map[string][]byte{
-		"bit flipped":    flipped,
-		"other chunk":    other,
-		"truncated":      orig[:len(orig)-1],
-		"garbage":        bytes.Repeat([]byte{0x28, 0xb5, 0x2f, 0xfd}, len(orig)/4),
-		"padded":         append(bytes.Clone(orig), 0),
-		"empty":          nil,
-		"decodes larger": zstdOf(t, make([]byte, 2*c1.Raw)),
+		"bit flipped":      flipped,
+		"other chunk":      other,
+		"truncated":        orig[:len(orig)-1],
+		"garbage":          bytes.Repeat([]byte{0x28, 0xb5, 0x2f, 0xfd}, len(orig)/4),
+		"padded":           append(bytes.Clone(orig), 0),
+		"empty":            nil,
+		"decodes larger":   zstdOf(t, make([]byte, 2*c1.Raw)),
 		"last block wrong": lastWrong,
 	} {
 		calls := 0

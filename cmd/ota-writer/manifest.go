@@ -36,7 +36,7 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	compatible := fs.String("compatible", "", "compatible `string` of the boards that may install it (required)")
 	blockSize := fs.Uint("block-size", 4096, "block `size`: the file system's block (ext4: 4096)")
 	chunkSize := fs.Uint("chunk-size", manifest.DefaultChunkSize, "image `bytes` per compressed chunk, a multiple of --block-size")
-	base := fs.String("base", "", "optional delta base image `file`: its SHA-256 is recorded")
+	base := fs.String("base", "", "optional delta base image `file` (what most devices run): its SHA-256 is recorded, and blocks it lacks go to chunks of their own")
 	level := fs.String("level", "better", "zstd `level`: fastest, default, better or best (smallest chunks, about 50 MiB of memory)")
 	key := fs.String("key", "", "ECDSA P-256 private key `file` (PEM) to sign the manifest with")
 	out := fs.String("o", "", "manifest output `file` (required)")
@@ -69,7 +69,16 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		if err != nil {
 			return usagef("manifest: --base: %v", err)
 		}
-		p.BaseSHA256 = sum
+		bf, err := os.Open(*base)
+		if err != nil {
+			return usagef("manifest: --base: %v", err)
+		}
+		defer bf.Close()
+		fi, err := bf.Stat()
+		if err != nil {
+			return usagef("manifest: --base: %v", err)
+		}
+		p.BaseSHA256, p.Base, p.BaseSize = sum, bf, fi.Size()
 	}
 	img, err := os.Open(*image)
 	if err != nil {

@@ -90,7 +90,8 @@ func TestManifestCommandAsDocumented(t *testing.T) {
 	}
 	sum := sha256.Sum256(img)
 	if m.Target() != "rootfs" || m.Compatible() != "acme,gw-1" || m.Version() != "4.3.0" || m.BlockSize() != 4096 ||
-		m.ImageSize() != uint64(len(img)) || !bytes.Equal(m.ImageSHA256(), sum[:]) || m.ZeroBlocks() != 513 { // the short last block is zeros too
+		m.ImageSize() != uint64(len(img)) || !bytes.Equal(m.ImageSHA256(), sum[:]) || m.ZeroBlocks() != 513 || // the short last block is zeros too
+		m.Chunk(0).Blocks != 4 { // 16 KiB by default
 		t.Errorf("manifest states %v", m.Header())
 	}
 	chunks, err := os.ReadFile("rootfs.chunks")

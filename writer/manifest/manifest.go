@@ -49,8 +49,8 @@ const (
 	MaxHeaderSize = 4 << 20
 	// MaxBlocks: 4 Mi blocks is 16 GiB at 4 KiB, 256 GiB at 64 KiB; its bitmap is 512 KiB.
 	MaxBlocks = 1 << 22
-	// MaxChunks bounds the chunk table (1 MiB in memory).
-	MaxChunks = 1 << 17
+	// MaxChunks bounds the chunk table (4 MiB in memory; 8 GiB in 16 KiB chunks).
+	MaxChunks = 1 << 19
 	// MaxChunkRaw bounds one chunk's decoded bytes, which a reader holds at once.
 	MaxChunkRaw = 4 << 20
 	// MaxImageSize matches the job document's largest file.

@@ -595,3 +595,62 @@ func TestUnsignedChunkFileRefusedAsImage(t *testing.T) {
 		t.Errorf("unsigned file: %v", err)
 	}
 }
+
+// TestBuildWithBase: with a delta base, every chunk holds either non-zero blocks the base has
+// (at some block-aligned offset) or blocks it lacks, never both; chunks of new blocks grow
+// past the chunk size (up to NewChunkSize); the chunk file still rebuilds the image.
+func TestBuildWithBase(t *testing.T) {
+	base := testImage(41, 200, 0)
+	r := rand.New(rand.NewPCG(42, 1))
+	img := bytes.Clone(base[:120*bs])
+	for range 30 * bs { // a run of new blocks
+		img = append(img, byte(r.IntN(256)))
+	}
+	img = append(img, base[120*bs:]...)
+	copy(img[10*bs:], bytes.Repeat([]byte{7}, bs)) // one new block among known ones
+	p := params()
+	p.Base, p.BaseSize, p.NewChunkSize = bytes.NewReader(base), int64(len(base)), 16*bs
+	mf, chunks, _ := build(t, img, p)
+	m := open(t, mf)
+	known := map[[32]byte]bool{}
+	for o := 0; o+bs <= len(base); o += bs {
+		known[sha256.Sum256(base[o:o+bs])] = true
+	}
+	big := 0
+	got := make([]byte, len(img))
+	d, err := m.NewChunkDecoder()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	for k := range m.Chunks() {
+		c := m.Chunk(k)
+		kinds := map[bool]int{}
+		for b := c.FirstBlock; b < c.FirstBlock+c.Blocks; b++ {
+			if !m.IsZero(b) {
+				kinds[known[sha256.Sum256(img[b*bs:(b+1)*bs])]]++
+			}
+		}
+		if len(kinds) > 1 {
+			t.Errorf("chunk %d mixes known and new blocks: %v", k, kinds)
+		}
+		if c.Blocks*bs > uint64(p.ChunkSize) {
+			big++
+			if kinds[true] > 0 || c.Blocks > 16 {
+				t.Errorf("chunk %d of %d blocks: %v", k, c.Blocks, kinds)
+			}
+		}
+		if err := d.Decode(k, chunks[c.Offset:c.Offset+c.Size], func(b uint64, data []byte) error {
+			copy(got[b*bs:], data)
+			return nil
+		}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if big == 0 {
+		t.Error("no chunk of new blocks grew past the chunk size")
+	}
+	if !bytes.Equal(got, img) {
+		t.Error("the chunk file does not rebuild the image")
+	}
+}

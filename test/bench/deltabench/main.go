@@ -24,6 +24,7 @@ import (
 // Figures is one measurement.
 type Figures struct {
 	ChunkSize     uint32 `json:"chunk_size"`
+	Base          bool   `json:"base"`
 	ImageBytes    uint64 `json:"image_bytes"`
 	Blocks        uint64 `json:"blocks"`
 	ZeroBlocks    uint64 `json:"zero_blocks"`
@@ -49,6 +50,7 @@ func main() {
 	mf := flag.String("manifest", "", "lookup only: an existing manifest")
 	bs := flag.Uint("block-size", 4096, "block size")
 	chunks := flag.String("chunk-size", "65536", "comma-separated chunk sizes")
+	withBase := flag.Bool("base", false, "build with -local as the delta base (chunks of new blocks apart)")
 	flag.Parse()
 	ctx := context.Background()
 	if *mf != "" {
@@ -70,7 +72,7 @@ func main() {
 		cs, err := strconv.ParseUint(c, 10, 32)
 		if err == nil {
 			var f Figures
-			f, err = Measure(ctx, *newImg, *local, uint32(*bs), uint32(cs), dir)
+			f, err = Measure(ctx, *newImg, *local, uint32(*bs), uint32(cs), dir, *withBase)
 			if err == nil {
 				b, _ := json.Marshal(f)
 				fmt.Println(string(b))
@@ -111,8 +113,8 @@ func lookupOnly(ctx context.Context, mpath, local string) (manifest.LookupStats,
 
 // Measure builds newImg's manifest and chunk file in dir and returns what a device holding
 // local downloads.
-func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, dir string) (Figures, error) {
-	f := Figures{ChunkSize: chunkSize}
+func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, dir string, withBase bool) (Figures, error) {
+	f := Figures{ChunkSize: chunkSize, Base: withBase}
 	img, err := os.Open(newImg)
 	if err != nil {
 		return f, err
@@ -129,8 +131,20 @@ func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, di
 		return f, err
 	}
 	defer cf.Close()
-	res, err := manifest.Build(ctx, img, manifest.Params{Target: "rootfs", Compatible: "bench", Version: "2",
-		BlockSize: bs, ChunkSize: chunkSize, TempDir: dir}, cf, mf)
+	p := manifest.Params{Target: "rootfs", Compatible: "bench", Version: "2", BlockSize: bs, ChunkSize: chunkSize, TempDir: dir}
+	if withBase {
+		b, err := os.Open(local)
+		if err != nil {
+			return f, err
+		}
+		defer b.Close()
+		bi, err := b.Stat()
+		if err != nil {
+			return f, err
+		}
+		p.Base, p.BaseSize = b, bi.Size()
+	}
+	res, err := manifest.Build(ctx, img, p, cf, mf)
 	if err != nil {
 		return f, err
 	}

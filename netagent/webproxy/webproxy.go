@@ -46,7 +46,7 @@ type Settings struct {
 var (
 	// ErrUnreachable: no TCP (or TLS) connection to the proxy itself.
 	ErrUnreachable = errors.New("proxy unreachable")
-	// ErrAuth: the proxy answered 407 Proxy Authentication Required.
+	// ErrAuth: the proxy answered 407 Proxy Authentication Required (or 401).
 	ErrAuth = errors.New("proxy authentication required")
 	// ErrRefused: the proxy answered the CONNECT with another status (403 for a port or host
 	// it does not allow, 502/503/504 when it could not reach the target).
@@ -69,9 +69,10 @@ func (e *Error) Error() string {
 func (e *Error) Unwrap() error { return e.Err }
 
 // Permanent reports whether retrying the same request cannot help: the proxy refused it by
-// policy (403) or for credentials (407). Unreachable proxies and 5xx answers may recover.
+// policy (403) or for credentials (407, or 401 from proxies that use it). Unreachable proxies
+// and 5xx answers may recover.
 func (e *Error) Permanent() bool {
-	return e.Status == http.StatusForbidden || e.Status == http.StatusProxyAuthRequired
+	return errors.Is(e.Err, ErrAuth) || e.Status == http.StatusForbidden
 }
 
 // Proxy is a resolved proxy setting. A nil *Proxy dials directly.
@@ -327,10 +328,13 @@ func (p *Proxy) tunnel(ctx context.Context, addr string) (net.Conn, error) {
 	}
 	if resp.StatusCode != http.StatusOK {
 		conn.Close()
+		// 407 is the standard answer; tinyproxy answers a CONNECT with 401. Either way the
+		// target saw nothing: the proxy wants credentials.
+		auth := resp.StatusCode == http.StatusProxyAuthRequired || resp.StatusCode == http.StatusUnauthorized
 		switch {
-		case resp.StatusCode == http.StatusProxyAuthRequired && p.hasAuth:
+		case auth && p.hasAuth:
 			return nil, fail(resp.StatusCode, fmt.Errorf("%w: %s: the proxy refused the configured credentials", ErrAuth, resp.Status))
-		case resp.StatusCode == http.StatusProxyAuthRequired:
+		case auth:
 			return nil, fail(resp.StatusCode, fmt.Errorf("%w: %s: no credentials configured", ErrAuth, resp.Status))
 		default:
 			return nil, fail(resp.StatusCode, fmt.Errorf("%w: %s", ErrRefused, resp.Status))

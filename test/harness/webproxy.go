@@ -50,7 +50,8 @@ type WebProxy struct {
 	Log    string
 	CAFile string // with TLS: the proxy's (self-signed) certificate
 
-	plainPort int // tinyproxy's own port (== Port without TLS)
+	plainPort int    // tinyproxy's own port (== Port without TLS)
+	listen    string // tinyproxy's own address
 	mu        sync.Mutex
 	proc      *Proc
 	front     *Proc
@@ -59,10 +60,10 @@ type WebProxy struct {
 // StartWebProxy writes a tinyproxy configuration in dir and starts it; it returns once the
 // proxy accepts connections.
 func StartWebProxy(ctx context.Context, dir string, opts WebProxyOptions) (*WebProxy, error) {
-	bin, err := FindTinyproxy()
-	if err != nil {
+	if _, err := FindTinyproxy(); err != nil {
 		return nil, err
 	}
+	var err error
 	if opts.Listen == "" {
 		opts.Listen = "127.0.0.1"
 	}
@@ -85,18 +86,34 @@ func StartWebProxy(ctx context.Context, dir string, opts WebProxyOptions) (*WebP
 			return nil, err
 		}
 	}
-	conf := fmt.Sprintf("# written by the gwota test harness\nPort %d\nListen %s\nTimeout 600\nLogLevel Connect\nMaxClients 100\nDisableViaHeader Yes\n", w.plainPort, listen)
-	if opts.User != "" {
-		conf += fmt.Sprintf("BasicAuth %s %s\n", opts.User, opts.Password)
-	}
-	for _, p := range opts.ConnectPorts {
-		conf += fmt.Sprintf("ConnectPort %d\n", p)
-	}
-	if err := os.WriteFile(w.Conf, []byte(conf), 0o600); err != nil {
+	w.listen = listen
+	if err := w.writeConf(); err != nil {
 		return nil, err
 	}
-	_ = bin
 	return w, w.Start(ctx)
+}
+
+func (w *WebProxy) writeConf() error {
+	conf := fmt.Sprintf("# written by the gwota test harness\nPort %d\nListen %s\nTimeout 600\nLogLevel Connect\nMaxClients 100\nDisableViaHeader Yes\n", w.plainPort, w.listen)
+	if w.Opts.User != "" {
+		conf += fmt.Sprintf("BasicAuth %s %s\n", w.Opts.User, w.Opts.Password)
+	}
+	for _, p := range w.Opts.ConnectPorts {
+		conf += fmt.Sprintf("ConnectPort %d\n", p)
+	}
+	return os.WriteFile(w.Conf, []byte(conf), 0o600)
+}
+
+// SetConnectPorts restarts the proxy allowing CONNECT to these ports only.
+func (w *WebProxy) SetConnectPorts(ctx context.Context, ports ...int) error {
+	w.Opts.ConnectPorts = ports
+	if err := w.writeConf(); err != nil {
+		return err
+	}
+	if err := w.Kill(ctx); err != nil {
+		return err
+	}
+	return w.Start(ctx)
 }
 
 func (w *WebProxy) makeCert(ctx context.Context, dir string) error {
@@ -134,7 +151,7 @@ func (w *WebProxy) Start(ctx context.Context) error {
 	w.mu.Lock()
 	w.proc = p
 	w.mu.Unlock()
-	if err := waitListening(ctx, p, net.JoinHostPort(w.listenPlain(), strconv.Itoa(w.plainPort))); err != nil {
+	if err := waitListening(ctx, p, net.JoinHostPort(w.listen, strconv.Itoa(w.plainPort))); err != nil {
 		return fmt.Errorf("tinyproxy: %w: %s", err, tail(w.Log, 20))
 	}
 	if !w.Opts.TLS {
@@ -154,13 +171,6 @@ func (w *WebProxy) Start(ctx context.Context) error {
 		return fmt.Errorf("socat TLS front: %w", err)
 	}
 	return nil
-}
-
-func (w *WebProxy) listenPlain() string {
-	if w.Opts.TLS {
-		return "127.0.0.1"
-	}
-	return w.Opts.Listen
 }
 
 // waitListening waits until addr accepts a TCP connection or p exits.

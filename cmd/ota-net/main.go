@@ -105,7 +105,11 @@ func run(args []string, stderr io.Writer) int {
 	return 0
 }
 
-// serve wires the parts and runs the agent until ctx ends.
+// serve wires the parts and runs the agent until ctx ends. Logging has one convention on
+// this side: each part takes an hclog.Logger in its configuration's Logger field (a null
+// logger when nil), and gets log.Named(<part>) here; no package makes or looks up a global
+// logger. netagent/webproxy logs nothing: its typed errors are logged by the part that
+// dialled.
 func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)

@@ -322,8 +322,11 @@ func proxyRefusesFiles(t *testing.T, want otav1.Reason) {
 	r.start()
 	before := r.slots()
 	r.createJob("refused", r.signer.File(img), backend.ProtocolHTTP)
-	r.waitEnd("refused")
+	ex := r.waitEnd("refused")
 	checkSteps(t, r.cloud, "refused", []harness.Step{receiving, failed("aborted", status.Name(want), status.Code(want))})
+	if got := ex.StatusDetails["proxy_status"]; got != "403" {
+		t.Errorf("statusDetails proxy_status = %q, want the proxy's 403 (details %v)", got, ex.StatusDetails)
+	}
 	r.checkUntouched(before)
 	if _, err := r.logs.wait(r.ctx, 1, "http download failed at the web proxy", "proxy_status=403"); err != nil {
 		t.Error(err)

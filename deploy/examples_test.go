@@ -285,3 +285,25 @@ func TestExamplesRunningSlot(t *testing.T) {
 		})
 	}
 }
+
+// TestNetProxyDropIn: the proxy drop-in resets ota-net's IP allow list to one address, and
+// its credential is the file name a relative password_file reads from $CREDENTIALS_DIRECTORY
+// (netagent/webproxy TestResolve, test/e2e TestProxyBasicAuth).
+func TestNetProxyDropIn(t *testing.T) {
+	const dropIn = "systemd/examples/ota-net-proxy.conf"
+	allow := unitValues(t, dropIn, "IPAddressAllow")
+	if len(allow) != 2 || allow[0] != "" || !strings.HasSuffix(allow[1], "/32") {
+		t.Errorf("IPAddressAllow=%q: want the reset, then the proxy's one address", allow)
+	}
+	cred := unitValues(t, dropIn, "LoadCredential")
+	if len(cred) != 1 || !strings.HasPrefix(cred[0], "proxy-password:/etc/ota/") {
+		t.Errorf("LoadCredential=%q, want proxy-password:/etc/ota/...", cred)
+	}
+	doc, err := os.ReadFile("../docs/PROXY.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(doc), `password_file = "proxy-password"`) {
+		t.Error(`docs/PROXY.md does not configure password_file = "proxy-password"`)
+	}
+}

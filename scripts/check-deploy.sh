@@ -60,8 +60,10 @@ scratch_root() {
 	cp "$r/usr/bin/ota-writer" "$r/usr/bin/ota-net"
 	chmod 0755 "$r/usr/bin/ota-writer" "$r/usr/bin/ota-net"
 	if [[ -n $dropin ]]; then
-		mkdir -p "$r/etc/systemd/system/ota-writer.service.d"
-		cp "$dropin" "$r/etc/systemd/system/ota-writer.service.d/board.conf"
+		local unit=ota-writer
+		[[ $(basename "$dropin") == ota-net-* ]] && unit=ota-net
+		mkdir -p "$r/etc/systemd/system/$unit.service.d"
+		cp "$dropin" "$r/etc/systemd/system/$unit.service.d/board.conf"
 	fi
 }
 
@@ -87,6 +89,11 @@ for d in "$deploy"/systemd/examples/ota-writer-*.conf; do
 	scratch_root "$r" "$d"
 	exposure "$r" ota-writer.service 15 "ota-writer.service + $(basename "$d")"
 done
+for d in "$deploy"/systemd/examples/ota-net-*.conf; do
+	r=$work/sec-$(basename "$d" .conf)
+	scratch_root "$r" "$d"
+	exposure "$r" ota-net.service 10 "ota-net.service + $(basename "$d")"
+done
 
 echo "== 2. systemd-analyze verify"
 verify() {
@@ -96,7 +103,7 @@ verify() {
 	if ((rc == 0)) && [[ -z $out ]]; then pass "verify $label"; else fail "verify $label (rc $rc)"; echo "$out"; fi
 }
 verify "$work/sec" "units"
-for d in "$deploy"/systemd/examples/ota-writer-*.conf; do
+for d in "$deploy"/systemd/examples/ota-writer-*.conf "$deploy"/systemd/examples/ota-net-*.conf; do
 	verify "$work/sec-$(basename "$d" .conf)" "units + $(basename "$d")"
 done
 

@@ -25,6 +25,9 @@ declare -A need=(
   [mmdebstrap]=mmdebstrap
   [ip]=iproute2
   [nsenter]=util-linux
+  # test/e2e proxy tests, netagent/webproxy: a real web proxy, and a TLS front for it
+  [tinyproxy]=tinyproxy
+  [socat]=socat
 )
 missing=()
 for cmd in "${!need[@]}"; do

@@ -104,6 +104,7 @@ var Table = map[otav1.Reason]Entry{
 	otav1.Reason_REASON_JOB_UPDATE_FAILED:    {"job_update_failed", codes.Unavailable, ClassFatal},
 	otav1.Reason_REASON_SESSION_LOST:         {"session_lost", codes.NotFound, ClassGone},
 	otav1.Reason_REASON_BOOT_CONTROL_FAILED:  {"boot_control_failed", codes.Internal, ClassRetryable},
+	otav1.Reason_REASON_PROXY_FAILED:         {"proxy_failed", codes.Unavailable, ClassFatal},
 }
 
 // Name is the statusDetails string of r ("other" for values outside the table).

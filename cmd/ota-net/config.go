@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/BurntSushi/toml"
+
+	"github.com/gwota/gwota/netagent/webproxy"
 )
 
 // duration reads "5s", "2m" from TOML.
@@ -67,6 +69,10 @@ type Config struct {
 
 	LogLevel string `toml:"log_level"`
 	LogJSON  bool   `toml:"log_json"`
+
+	// Proxy is the web proxy every connection goes through (empty: HTTPS_PROXY, HTTP_PROXY
+	// and NO_PROXY from the environment decide).
+	Proxy webproxy.Settings `toml:"proxy"`
 }
 
 // Defaults.
@@ -160,6 +166,9 @@ func (c Config) validate() error {
 	}
 	if ka := c.KeepAlive.Duration; ka != 0 && (ka < 30*time.Second || ka > 1200*time.Second) {
 		errs = append(errs, fmt.Errorf("keep_alive %v outside AWS's 30s..20m", ka))
+	}
+	if _, err := webproxy.Resolve(c.Proxy, os.Getenv); err != nil {
+		errs = append(errs, err)
 	}
 	switch c.LogLevel {
 	case "trace", "debug", "info", "warn", "error", "off":

@@ -2,13 +2,18 @@ package main
 
 import (
 	"bytes"
+	"flag"
 	"os"
 	"path/filepath"
+	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/google/go-cmp/cmp"
+
+	"github.com/gwota/gwota/netagent/webproxy"
 )
 
 func writeConfig(t *testing.T, body string) string {
@@ -39,6 +44,10 @@ report_percent_step = 10
 writer_wait_timeout = "15m"
 self_test_timeout = "3m"
 keep_alive = "300s"
+
+[proxy]
+url = "http://proxy.plant.example:3128"
+no_proxy = ["10.0.0.0/8"]
 `
 
 func TestConfigFileAndFlags(t *testing.T) {
@@ -55,6 +64,7 @@ func TestConfigFileAndFlags(t *testing.T) {
 		QuietPeriod: duration{2 * time.Second}, MaxFruitlessRounds: 12, PreferHTTP: true, StreamFormat: "cbor",
 		ReportInterval: duration{10 * time.Second}, ReportPercentStep: 10, WriterWaitTimeout: duration{15 * time.Minute},
 		SelfTestTimeout: duration{3 * time.Minute}, KeepAlive: duration{300 * time.Second}, LogLevel: "info",
+		Proxy: webproxy.Settings{URL: "http://proxy.plant.example:3128", NoProxy: []string{"10.0.0.0/8"}},
 	}
 	if diff := cmp.Diff(want, c); diff != "" {
 		t.Fatalf("(-want +got)\n%s", diff)
@@ -79,6 +89,9 @@ func TestConfigErrors(t *testing.T) {
 		{"keep alive", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nkeep_alive=\"5s\"", nil, "keep_alive"},
 		{"bad duration", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nquiet_period=\"soon\"", nil, "soon"},
 		{"flag overrides to invalid", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"--broker", "ftp://h"}, "scheme"},
+		{"proxy scheme", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\n[proxy]\nurl=\"socks5://p:1\"", nil, "proxy"},
+		{"proxy password in url", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"--proxy", "http://u:pw@p:1"}, "password_file"},
+		{"proxy unknown key", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\n[proxy]\npassword=\"pw\"", nil, "unknown keys: proxy.password"},
 		{"stray argument", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"extra"}, "unexpected"},
 	}
 	for _, tt := range tests {
@@ -120,5 +133,45 @@ func TestExampleConfig(t *testing.T) {
 	}
 	if c.ThingName != "gw-01" || c.BlockSize != 65536 || c.WriterWaitTimeout.Duration != 10*time.Minute {
 		t.Fatalf("%+v", c)
+	}
+}
+
+// TestEveryFlagOverridesItsKey: each flag bindFlags declares changes its own configuration
+// field when given, and nothing when not given.
+func TestEveryFlagOverridesItsKey(t *testing.T) {
+	base, err := parseConfig([]byte(example))
+	if err != nil {
+		t.Fatal(err)
+	}
+	probe := flag.NewFlagSet("probe", flag.ContinueOnError)
+	var scratch Config
+	bindFlags(probe, &scratch)
+	n := 0
+	probe.VisitAll(func(f *flag.Flag) {
+		n++
+		c := base
+		fs := flag.NewFlagSet("t", flag.ContinueOnError)
+		bindFlags(fs, &c)
+		if err := fs.Parse(nil); err != nil || !reflect.DeepEqual(c, base) {
+			t.Fatalf("binding the flags changed the configuration: %v", err)
+		}
+		value := "/changed/by/flag"
+		switch cur := fs.Lookup(f.Name).Value; cur.(type) {
+		case interface{ IsBoolFlag() bool }:
+			value = strconv.FormatBool(cur.String() != "true")
+		default:
+			if _, err := strconv.Atoi(f.DefValue); err == nil {
+				value = "4096"
+			}
+		}
+		if err := fs.Parse([]string{"--" + f.Name + "=" + value}); err != nil {
+			t.Fatal(err)
+		}
+		if reflect.DeepEqual(c, base) {
+			t.Errorf("--%s=%s changed no configuration field", f.Name, value)
+		}
+	})
+	if n < 10 {
+		t.Fatalf("only %d flags", n)
 	}
 }

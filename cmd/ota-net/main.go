@@ -22,6 +22,7 @@ import (
 	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/runtimeopts"
 	"github.com/gwota/gwota/netagent/stream"
+	"github.com/gwota/gwota/netagent/webproxy"
 	"github.com/gwota/gwota/netagent/writerlink"
 )
 
@@ -33,23 +34,36 @@ func main() {
 	os.Exit(run(os.Args[1:], os.Stderr))
 }
 
-// parseArgs loads --config and applies the flags that were given on top of it.
+// bindFlags declares every command-line flag, each bound to the configuration field it
+// overrides: a flag and its field are named in this one place.
+func bindFlags(fs *flag.FlagSet, c *Config) {
+	fs.StringVar(&c.Broker, "broker", c.Broker, "broker URL (mqtts://host:8883, mqtt://host:port for tests)")
+	fs.StringVar(&c.ThingName, "thing-name", c.ThingName, "AWS IoT thing name (MQTT client id)")
+	fs.StringVar(&c.CAFile, "ca-file", c.CAFile, "CA certificate PEM")
+	fs.StringVar(&c.CertFile, "cert-file", c.CertFile, "device certificate PEM")
+	fs.StringVar(&c.KeyFile, "key-file", c.KeyFile, "device key PEM")
+	fs.StringVar(&c.WriterSocket, "writer-socket", c.WriterSocket, "ota-writer socket")
+	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "state directory (MQTT session)")
+	fs.IntVar(&c.BlockSize, "block-size", c.BlockSize, "download block size in bytes")
+	fs.BoolVar(&c.PreferHTTP, "prefer-http", c.PreferHTTP, "prefer HTTP when a job offers both")
+	fs.StringVar(&c.Proxy.URL, "proxy", c.Proxy.URL, "web proxy URL (http://host:port or https://host:port)")
+	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace|debug|info|warn|error|off")
+}
+
+// parseArgs loads --config and applies the flags that were given on top of it. The flags are
+// parsed twice: once to find --config, then over the loaded configuration, so a flag that is
+// given overrides its key and one that is not leaves the file's value.
 func parseArgs(args []string, stderr io.Writer) (Config, error) {
-	fs := flag.NewFlagSet("ota-net", flag.ContinueOnError)
-	fs.SetOutput(stderr)
-	cfgPath := fs.String("config", "", "TOML configuration file")
-	var o Config
-	fs.StringVar(&o.Broker, "broker", "", "broker URL (mqtts://host:8883, mqtt://host:port for tests)")
-	fs.StringVar(&o.ThingName, "thing-name", "", "AWS IoT thing name (MQTT client id)")
-	fs.StringVar(&o.CAFile, "ca-file", "", "CA certificate PEM")
-	fs.StringVar(&o.CertFile, "cert-file", "", "device certificate PEM")
-	fs.StringVar(&o.KeyFile, "key-file", "", "device key PEM")
-	fs.StringVar(&o.WriterSocket, "writer-socket", "", "ota-writer socket")
-	fs.StringVar(&o.StateDir, "state-dir", "", "state directory (MQTT session)")
-	fs.IntVar(&o.BlockSize, "block-size", 0, "download block size in bytes")
-	fs.BoolVar(&o.PreferHTTP, "prefer-http", false, "prefer HTTP when a job offers both")
-	fs.StringVar(&o.LogLevel, "log-level", "", "trace|debug|info|warn|error|off")
-	showVersion := fs.Bool("version", false, "print the version and exit")
+	newFlags := func(c *Config) (fs *flag.FlagSet, cfgPath *string, showVersion *bool) {
+		fs = flag.NewFlagSet("ota-net", flag.ContinueOnError)
+		fs.SetOutput(stderr)
+		cfgPath = fs.String("config", "", "TOML configuration file")
+		showVersion = fs.Bool("version", false, "print the version and exit")
+		bindFlags(fs, c)
+		return fs, cfgPath, showVersion
+	}
+	var scratch Config
+	fs, cfgPath, showVersion := newFlags(&scratch)
 	if err := fs.Parse(args); err != nil {
 		return Config{}, err
 	}
@@ -64,30 +78,10 @@ func parseArgs(args []string, stderr io.Writer) (Config, error) {
 	if err != nil {
 		return c, err
 	}
-	fs.Visit(func(f *flag.Flag) {
-		switch f.Name {
-		case "broker":
-			c.Broker = o.Broker
-		case "thing-name":
-			c.ThingName = o.ThingName
-		case "ca-file":
-			c.CAFile = o.CAFile
-		case "cert-file":
-			c.CertFile = o.CertFile
-		case "key-file":
-			c.KeyFile = o.KeyFile
-		case "writer-socket":
-			c.WriterSocket = o.WriterSocket
-		case "state-dir":
-			c.StateDir = o.StateDir
-		case "block-size":
-			c.BlockSize = o.BlockSize
-		case "prefer-http":
-			c.PreferHTTP = o.PreferHTTP
-		case "log-level":
-			c.LogLevel = o.LogLevel
-		}
-	})
+	fs, _, _ = newFlags(&c)
+	if err := fs.Parse(args); err != nil {
+		return c, err
+	}
 	return c, c.validate()
 }
 
@@ -111,16 +105,28 @@ func run(args []string, stderr io.Writer) int {
 	return 0
 }
 
-// serve wires the parts and runs the agent until ctx ends.
+// serve wires the parts and runs the agent until ctx ends. Logging has one convention on
+// this side: each part takes an hclog.Logger in its configuration's Logger field (a null
+// logger when nil), and gets log.Named(<part>) here; no package makes or looks up a global
+// logger. netagent/webproxy logs nothing: its typed errors are logged by the part that
+// dialled.
 func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 	if err := os.MkdirAll(cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("state dir: %w", err)
+	}
+	px, err := webproxy.Resolve(cfg.Proxy, os.Getenv)
+	if err != nil {
+		return err
+	}
+	if px != nil {
+		// Never the credentials: String has no user information.
+		log.Info("using a web proxy", "proxy", px.String(), "from", px.Source, "basic_auth", px.Authenticated())
 	}
 	conn, err := mqttconn.Dial(ctx, mqttconn.Config{
 		BrokerURL: cfg.Broker, ClientID: cfg.ThingName,
 		CAFile: cfg.CAFile, CertFile: cfg.CertFile, KeyFile: cfg.KeyFile, ALPN: cfg.ALPN,
 		KeepAlive: cfg.KeepAlive.Duration, SessionExpiry: cfg.SessionExpiry.Duration,
-		StateDir: cfg.StateDir, Logger: log.Named("mqtt"),
+		StateDir: cfg.StateDir, Proxy: px, Logger: log.Named("mqtt"),
 	})
 	if err != nil {
 		return err
@@ -159,7 +165,7 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 		return err
 	}
 	defer jc.Close(context.Background())
-	hd, err := httpdl.New(httpdl.Config{ReadTimeout: cfg.HTTPReadTimeout.Duration, Logger: log.Named("http")})
+	hd, err := httpdl.New(httpdl.Config{ReadTimeout: cfg.HTTPReadTimeout.Duration, Proxy: px, Logger: log.Named("http")})
 	if err != nil {
 		return err
 	}

@@ -23,6 +23,7 @@ import (
 
 	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/netagent/blocksink"
+	"github.com/gwota/gwota/netagent/webproxy"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 )
@@ -61,7 +62,11 @@ type Config struct {
 	MaxAttempts  int
 	RetryBackoff time.Duration
 	MaxRefreshes int
-	Logger       hclog.Logger
+	// Proxy, when set, carries every connection through its CONNECT tunnel (TLS to the
+	// server runs inside); nil: direct. The environment's proxy variables are never read
+	// here: webproxy.Resolve has applied them already.
+	Proxy  *webproxy.Proxy
+	Logger hclog.Logger
 }
 
 // File names what to download.
@@ -130,6 +135,14 @@ func New(cfg Config) (*Downloader, error) {
 	if hc == nil {
 		tr := http.DefaultTransport.(*http.Transport).Clone()
 		tr.DialContext = (&net.Dialer{Timeout: cfg.ConnectTimeout, KeepAlive: 30 * time.Second}).DialContext
+		tr.Proxy = nil
+		if px := cfg.Proxy; px != nil {
+			tr.DialContext = func(ctx context.Context, network, addr string) (net.Conn, error) {
+				ctx, cancel := context.WithTimeout(ctx, cfg.ConnectTimeout)
+				defer cancel()
+				return px.DialContext(ctx, network, addr)
+			}
+		}
 		tr.TLSHandshakeTimeout = cfg.ConnectTimeout
 		tr.ResponseHeaderTimeout = cfg.HeaderTimeout
 		// Transparent gzip would break byte ranges.
@@ -290,7 +303,13 @@ func (r *run) loop(ctx context.Context) error {
 		default:
 			attempts++
 			r.stats.Retries++
-			if attempts >= r.d.cfg.MaxAttempts {
+			var pxe *webproxy.Error
+			if errors.As(err, &pxe) {
+				r.d.log.Error("http download failed at the web proxy", "proxy", pxe.Proxy, "proxy_status", pxe.Status, "error", err)
+				if pxe.Permanent() || attempts >= r.d.cfg.MaxAttempts {
+					return status.Errorf(otav1.Reason_REASON_PROXY_FAILED, "http download: %v", err).WithMeta("proxy_status", strconv.Itoa(pxe.Status))
+				}
+			} else if attempts >= r.d.cfg.MaxAttempts {
 				return status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "http download: %d attempts without progress, last: %v", attempts, err)
 			}
 			r.d.log.Warn("http download interrupted; retrying", "error", err, "attempt", attempts, "backoff", backoff)

@@ -7,13 +7,13 @@ import (
 	"fmt"
 	"net"
 	"net/url"
-	"os"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/eclipse/paho.golang/packets"
-	"golang.org/x/net/proxy"
+
+	"github.com/gwota/gwota/netagent/webproxy"
 )
 
 // DefaultMaxIncomingPacket is the Maximum Packet Size ota-net announces in CONNECT and
@@ -126,19 +126,16 @@ func (c *limitConn) refuse(declared int) error {
 	return c.err
 }
 
-// dialLimited opens the network connection for autopaho as autopaho itself would (TCP or TLS
-// by the URL's scheme, through the all_proxy proxy when set) and wraps it in a limitConn.
-func dialLimited(ctx context.Context, u *url.URL, tlsCfg *tls.Config, timeout time.Duration, max int, onOver func(int)) (net.Conn, error) {
+// dialLimited opens the network connection for autopaho: TCP, directly or through the web
+// proxy's CONNECT tunnel, then TLS by the URL's scheme, wrapped in a limitConn.
+func dialLimited(ctx context.Context, u *url.URL, tlsCfg *tls.Config, px *webproxy.Proxy, timeout time.Duration, max int, onOver func(int)) (net.Conn, error) {
 	dctx, cancel := context.WithTimeout(ctx, timeout)
 	defer cancel()
-	var conn net.Conn
-	var err error
-	if os.Getenv("all_proxy") != "" {
-		conn, err = proxy.Dial(dctx, "tcp", u.Host)
-	} else {
-		var d net.Dialer
-		conn, err = d.DialContext(dctx, "tcp", u.Host)
+	host := u.Host
+	if u.Port() == "" {
+		host = net.JoinHostPort(u.Hostname(), defaultPort(u.Scheme))
 	}
+	conn, err := px.DialContext(dctx, "tcp", host)
 	if err != nil {
 		return nil, err
 	}
@@ -152,4 +149,12 @@ func dialLimited(ctx context.Context, u *url.URL, tlsCfg *tls.Config, timeout ti
 		conn = tc
 	}
 	return &limitConn{Conn: conn, max: max, onOver: onOver}, nil
+}
+
+func defaultPort(scheme string) string {
+	switch strings.ToLower(scheme) {
+	case "mqtts", "ssl", "tls":
+		return "8883"
+	}
+	return "1883"
 }

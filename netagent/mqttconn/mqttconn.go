@@ -32,6 +32,8 @@ import (
 	"github.com/eclipse/paho.golang/paho/session/state"
 	"github.com/eclipse/paho.golang/paho/store/file"
 	"github.com/hashicorp/go-hclog"
+
+	"github.com/gwota/gwota/netagent/webproxy"
 )
 
 // ALPNProtocol lets AWS IoT accept MQTT with client certificates on port 443.
@@ -98,6 +100,9 @@ type Config struct {
 	// the broker sends (default DefaultMaxIncomingPacket): a larger packet drops the
 	// connection before its body is read.
 	MaxIncomingPacket int
+	// Proxy, when set, carries every connection attempt through an HTTP CONNECT tunnel (TLS
+	// to the broker runs inside it, SNI and ALPN unchanged). Nil: direct.
+	Proxy *webproxy.Proxy
 	// Logger (hclog.NewNullLogger() when nil).
 	Logger hclog.Logger
 	// Subscriptions are attached before the first connection, so messages the broker kept in
@@ -150,13 +155,43 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 	if cfg.ClientID == "" {
 		return nil, fmt.Errorf("%w: empty client id", ErrInvalid)
 	}
-	u, err := url.Parse(cfg.BrokerURL)
+	cfg.setDefaults()
+	u, tlsCfg, err := brokerURL(cfg)
 	if err != nil {
-		return nil, fmt.Errorf("broker url: %w", err)
+		return nil, err
 	}
-	if u.Hostname() == "" {
-		return nil, fmt.Errorf("%w: broker url %q has no host", ErrInvalid, cfg.BrokerURL)
+	filters, nextID, err := initialFilters(cfg.Subscriptions)
+	if err != nil {
+		return nil, err
 	}
+	sess, err := openSession(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	c := &Conn{
+		cfg:     cfg,
+		log:     cfg.Logger,
+		session: sess,
+		ctx:     cctx,
+		cancel:  cancel,
+		filters: filters,
+		nextID:  nextID,
+		onUp:    map[uint64]func(context.Context){},
+		upCh:    make(chan struct{}),
+	}
+	cm, err := autopaho.NewConnection(cctx, c.managerConfig(u, tlsCfg))
+	if err != nil {
+		cancel()
+		_ = sess.Close()
+		return nil, fmt.Errorf("mqtt connection manager: %w", err)
+	}
+	c.cm = cm
+	return c, nil
+}
+
+// setDefaults fills in the documented defaults and clamps the keep-alive to AWS's range.
+func (cfg *Config) setDefaults() {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
@@ -182,37 +217,54 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 	if cfg.MaxIncomingPacket <= 0 {
 		cfg.MaxIncomingPacket = DefaultMaxIncomingPacket
 	}
+}
 
-	var tlsCfg *tls.Config
+// brokerURL parses the broker URL and builds its TLS configuration (nil for mqtt://).
+func brokerURL(cfg Config) (*url.URL, *tls.Config, error) {
+	u, err := url.Parse(cfg.BrokerURL)
+	if err != nil {
+		return nil, nil, fmt.Errorf("broker url: %w", err)
+	}
+	if u.Hostname() == "" {
+		return nil, nil, fmt.Errorf("%w: broker url %q has no host", ErrInvalid, cfg.BrokerURL)
+	}
 	switch strings.ToLower(u.Scheme) {
 	case "mqtt", "tcp":
+		return u, nil, nil
 	case "mqtts", "ssl", "tls":
-		if tlsCfg, err = buildTLS(cfg, u); err != nil {
-			return nil, err
-		}
+		tlsCfg, err := buildTLS(cfg, u)
+		return u, tlsCfg, err
 	default:
-		return nil, fmt.Errorf("%w: broker url scheme %q (want mqtts or mqtt)", ErrInvalid, u.Scheme)
+		return nil, nil, fmt.Errorf("%w: broker url scheme %q (want mqtts or mqtt)", ErrInvalid, u.Scheme)
 	}
+}
 
-	sess := state.NewInMemory()
-	if cfg.StateDir != "" {
-		dir := filepath.Join(cfg.StateDir, "mqtt-session")
-		cs, err := file.New(filepath.Join(dir, "client"), "c-", ".pkt")
-		if err != nil {
-			return nil, fmt.Errorf("mqtt session store: %w", err)
-		}
-		ss, err := file.New(filepath.Join(dir, "server"), "s-", ".pkt")
-		if err != nil {
-			return nil, fmt.Errorf("mqtt session store: %w", err)
-		}
-		sess = state.New(cs, ss)
+// openSession returns the MQTT session state: in memory, or file-backed under stateDir so
+// unacknowledged QoS 1 packets survive a restart.
+func openSession(stateDir string) (*state.State, error) {
+	if stateDir == "" {
+		return state.NewInMemory(), nil
 	}
+	dir := filepath.Join(stateDir, "mqtt-session")
+	cs, err := file.New(filepath.Join(dir, "client"), "c-", ".pkt")
+	if err != nil {
+		return nil, fmt.Errorf("mqtt session store: %w", err)
+	}
+	ss, err := file.New(filepath.Join(dir, "server"), "s-", ".pkt")
+	if err != nil {
+		return nil, fmt.Errorf("mqtt session store: %w", err)
+	}
+	return state.New(cs, ss), nil
+}
 
+// initialFilters registers Config.Subscriptions; it returns the filter table and the last
+// handler id used.
+func initialFilters(subs []Subscription) (map[string]*filterState, uint64, error) {
 	filters := map[string]*filterState{}
 	var nextID uint64
-	for _, sub := range cfg.Subscriptions {
+	for _, sub := range subs {
 		if !ValidFilter(sub.Filter) || sub.QoS > 1 || sub.Handler == nil {
-			return nil, fmt.Errorf("%w: subscription %q", ErrInvalid, sub.Filter)
+			return nil, 0, fmt.Errorf("%w: subscription %q", ErrInvalid, sub.Filter)
 		}
 		fs := filters[sub.Filter]
 		if fs == nil {
@@ -223,33 +275,25 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 		fs.qos = max(fs.qos, sub.QoS)
 		fs.handlers = append(fs.handlers, handler{id: nextID, h: sub.Handler})
 	}
+	return filters, nextID, nil
+}
 
-	cctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	c := &Conn{
-		cfg:     cfg,
-		log:     cfg.Logger,
-		session: sess,
-		ctx:     cctx,
-		cancel:  cancel,
-		filters: filters,
-		nextID:  nextID,
-		onUp:    map[uint64]func(context.Context){},
-		upCh:    make(chan struct{}),
-	}
-	expiry := uint32(cfg.SessionExpiry / time.Second)
-	pcfg := autopaho.ClientConfig{
+// managerConfig is autopaho's configuration for this connection. Every connection attempt,
+// the first and each reconnection, goes through AttemptConnection: the web proxy (if any),
+// then TLS, then the packet size guard.
+func (c *Conn) managerConfig(u *url.URL, tlsCfg *tls.Config) autopaho.ClientConfig {
+	cfg := c.cfg
+	return autopaho.ClientConfig{
 		ServerUrls:                    []*url.URL{u},
 		TlsCfg:                        tlsCfg,
 		KeepAlive:                     uint16(cfg.KeepAlive / time.Second),
 		CleanStartOnInitialConnection: false,
-		SessionExpiryInterval:         expiry,
+		SessionExpiryInterval:         uint32(cfg.SessionExpiry / time.Second),
 		ReconnectBackoff:              autopaho.NewExponentialBackoff(cfg.BackoffMin, cfg.BackoffMax, min(2*cfg.BackoffMin, cfg.BackoffMax), 2),
 		ConnectTimeout:                cfg.ConnectTimeout,
 		OnConnectionUp:                c.connectionUp,
 		OnConnectionDown:              c.connectionDown,
-		OnConnectError: func(err error) {
-			c.log.Warn("mqtt connect failed", "broker", u.Redacted(), "error", err)
-		},
+		OnConnectError:                func(err error) { c.connectError(u, err) },
 		// paho announces no Maximum Packet Size and sizes its read buffer from whatever
 		// length a packet declares: announce ours and enforce it on the connection.
 		ConnectPacketBuilder: func(cp *paho.Connect, _ *url.URL) (*paho.Connect, error) {
@@ -261,13 +305,13 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 			return cp, nil
 		},
 		AttemptConnection: func(ctx context.Context, _ autopaho.ClientConfig, u *url.URL) (net.Conn, error) {
-			return dialLimited(ctx, u, tlsCfg, cfg.ConnectTimeout, cfg.MaxIncomingPacket, func(n int) {
+			return dialLimited(ctx, u, tlsCfg, cfg.Proxy, cfg.ConnectTimeout, cfg.MaxIncomingPacket, func(n int) {
 				c.log.Error("broker sent a packet over the maximum packet size; disconnecting", "declared_bytes", n, "max", cfg.MaxIncomingPacket)
 			})
 		},
 		ClientConfig: paho.ClientConfig{
 			ClientID:          cfg.ClientID,
-			Session:           sess,
+			Session:           c.session,
 			OnPublishReceived: []func(paho.PublishReceived) (bool, error){c.route},
 			OnClientError: func(err error) {
 				c.log.Debug("mqtt client error", "error", err)
@@ -277,14 +321,17 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 			},
 		},
 	}
-	cm, err := autopaho.NewConnection(cctx, pcfg)
-	if err != nil {
-		cancel()
-		_ = sess.Close()
-		return nil, fmt.Errorf("mqtt connection manager: %w", err)
+}
+
+// connectError logs a failed connection attempt; a failure of the web proxy says so, with
+// the proxy's answer (never its credentials).
+func (c *Conn) connectError(u *url.URL, err error) {
+	var pe *webproxy.Error
+	if errors.As(err, &pe) {
+		c.log.Error("mqtt connect failed at the web proxy", "broker", u.Redacted(), "proxy", pe.Proxy, "proxy_status", pe.Status, "error", err)
+		return
 	}
-	c.cm = cm
-	return c, nil
+	c.log.Warn("mqtt connect failed", "broker", u.Redacted(), "error", err)
 }
 
 func buildTLS(cfg Config, u *url.URL) (*tls.Config, error) {

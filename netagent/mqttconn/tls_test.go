@@ -18,8 +18,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-cmp/cmp"
+
 	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
+	"github.com/gwota/gwota/netagent/webproxy"
+	"github.com/gwota/gwota/test/harness"
 )
 
 type pki struct {
@@ -164,6 +168,84 @@ func TestTLSConfigErrors(t *testing.T) {
 		cfg.BrokerURL, cfg.ClientID = "mqtts://localhost:8883", "x"
 		if _, err := mqttconn.Dial(ctx, cfg); err == nil || strings.Contains(err.Error(), "panic") {
 			t.Errorf("%s: %v", name, err)
+		}
+	}
+}
+
+// TestMutualTLSThroughProxy: the connection goes through tinyproxy's CONNECT tunnel, with the
+// mutual TLS, SNI and ALPN x-amzn-mqtt-ca inside it exactly as without a proxy, and the
+// reconnection after the broker drops the client goes through the proxy again.
+func TestMutualTLSThroughProxy(t *testing.T) {
+	if _, err := harness.FindTinyproxy(); err != nil {
+		if os.Getenv("CI") == "true" {
+			t.Fatal(err)
+		}
+		t.Skip(err)
+	}
+	p := newPKI(t)
+	pool := x509.NewCertPool()
+	pool.AddCert(p.ca)
+	var mu sync.Mutex
+	var snis []string
+	var alpns [][]string
+	srvTLS := &tls.Config{
+		Certificates: []tls.Certificate{p.serverCert},
+		ClientCAs:    pool,
+		ClientAuth:   tls.RequireAndVerifyClientCert,
+		NextProtos:   []string{mqttconn.ALPNProtocol},
+		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
+			mu.Lock()
+			snis = append(snis, h.ServerName)
+			alpns = append(alpns, h.SupportedProtos)
+			mu.Unlock()
+			return nil, nil
+		},
+	}
+	b := mqtttest.Start(t, mqtttest.Options{TLS: srvTLS})
+	_, port, _ := net.SplitHostPort(b.Addr())
+	ctx := ctxT(t)
+	px, err := harness.StartWebProxy(ctx, t.TempDir(), harness.WebProxyOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(px.Stop)
+	proxy, err := webproxy.Resolve(webproxy.Settings{URL: px.URL()}, func(string) string { return "" })
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := dial(t, b, "gw-px", func(cfg *mqttconn.Config) {
+		cfg.BrokerURL = "mqtts://localhost:" + port
+		cfg.CAFile, cfg.CertFile, cfg.KeyFile, cfg.ALPN = p.caFile, p.crt, p.key, true
+		cfg.Proxy = proxy
+	})
+	if err := c.AwaitConnection(ctx); err != nil {
+		t.Fatal(err)
+	}
+	target := "localhost:" + port
+	if n := px.Tunnels(target); n != 1 {
+		t.Fatalf("tinyproxy logged %d tunnels to %s, want 1", n, target)
+	}
+	if !b.Kick("gw-px") {
+		t.Fatal("client not on the broker")
+	}
+	for c.Connections() < 2 {
+		select {
+		case <-ctx.Done():
+			t.Fatal("no reconnection")
+		case <-time.After(10 * time.Millisecond): // Connections has no change notification
+		}
+	}
+	if n := px.Tunnels(target); n != 2 {
+		t.Errorf("tinyproxy logged %d tunnels after the reconnection, want 2", n)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if diff := cmp.Diff([]string{"localhost", "localhost"}, snis); diff != "" {
+		t.Errorf("SNI (-want +got):\n%s", diff)
+	}
+	for _, a := range alpns {
+		if len(a) != 1 || a[0] != mqttconn.ALPNProtocol {
+			t.Errorf("ALPN %q", a)
 		}
 	}
 }

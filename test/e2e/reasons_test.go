@@ -455,6 +455,8 @@ func reasonRows() map[otav1.Reason]reasonRow {
 			e.startWithStreamFaults("j", e.signer.File(e.image("v2.img", smallImage, 26)), emulator.Faults{RejectCode: "ResourceNotFound"})
 			e.wantEnd("j", backend.StatusFailed, want)
 		}},
+		// Through a web proxy that refuses the file server's port.
+		R("PROXY_FAILED"): {levelE2E, proxyRefusesFiles},
 		R("JOB_DOCUMENT_INVALID"): {levelE2E, func(t *testing.T, want otav1.Reason) {
 			e := newEnv(t, embedded, nil)
 			e.start()

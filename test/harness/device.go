@@ -68,6 +68,11 @@ type DeviceOptions struct {
 	BlockSize int
 	// Env is added to both processes' environment.
 	Env []string
+	// NetPrefix goes before ota-net's command line (nsenter --net=... runs it in another
+	// network namespace); it must exec ota-net in its own process.
+	NetPrefix []string
+	// NetConfigExtra is appended to ota-net's configuration file (a [proxy] table).
+	NetConfigExtra string
 	// OnReboot is called when a simulated reboot begins (done false) and when it has ended
 	// (done true: both processes started again, or err says what stopped it); n counts the
 	// reboots from 1.

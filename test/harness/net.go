@@ -45,9 +45,10 @@ func (d *Device) netConfig() ([]byte, error) {
 	if err := toml.NewEncoder(&buf).Encode(n); err != nil {
 		return nil, err
 	}
+	buf.WriteString(d.Opts.NetConfigExtra)
 	return buf.Bytes(), nil
 }
 
 func (d *Device) netArgv() []string {
-	return []string{d.Bin.Net, "--config", d.NetConfig}
+	return append(append([]string(nil), d.Opts.NetPrefix...), d.Bin.Net, "--config", d.NetConfig)
 }

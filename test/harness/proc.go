@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"os/exec"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -41,7 +42,7 @@ func startProc(name string, argv []string, env []string, logPath string, tee io.
 		out = io.MultiWriter(logf, tee)
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
-	cmd.Env = append(os.Environ(), env...)
+	cmd.Env = append(withoutProxyEnv(os.Environ()), env...)
 	cmd.Stdout, cmd.Stderr = out, out
 	// Its own process group, so a kill reaches whatever it spawned (reboot/check commands).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
@@ -154,4 +155,19 @@ func (p *Proc) Wait(ctx context.Context) error {
 	case <-ctx.Done():
 		return context.Cause(ctx)
 	}
+}
+
+// withoutProxyEnv drops the web proxy variables of the machine running the tests: ota-net
+// follows them, and a test that wants a proxy says so itself.
+func withoutProxyEnv(env []string) []string {
+	out := env[:0:0]
+	for _, kv := range env {
+		k, _, _ := strings.Cut(kv, "=")
+		switch strings.ToUpper(k) {
+		case "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY", "ALL_PROXY":
+			continue
+		}
+		out = append(out, kv)
+	}
+	return out
 }

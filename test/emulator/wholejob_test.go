@@ -169,6 +169,10 @@ func TestBrokerRestartKeepsJobs(t *testing.T) {
 	e := startEmulator(t, Options{})
 	path, _ := writeTestFile(t, 1000)
 	createJob(t, e, "job-rs", path)
+	// job-rs's own notify-next goes out before the device has a session: were it pushed
+	// after the device subscribed and still unacknowledged at StopBroker, mochi would send it
+	// again after the restart (seen under load).
+	waitPushed(t, e)
 	d, _ := connectSession(t, e.BrokerURL(), "gw-01", 3600, thingPrefix+"jobs/notify-next")
 	d.publishJSON(thingPrefix+"jobs/job-rs/update", map[string]any{"status": "IN_PROGRESS"})
 	d.next(thingPrefix + "jobs/job-rs/update/accepted")

@@ -391,9 +391,10 @@ func TestQuotaThrottledClientDelaysNoOneElse(t *testing.T) {
 	d.next(prefix + "data/cbor") // the transfer is under way
 	other.publish("$aws/things/gw-02/jobs/get", []byte(`{"clientToken":"other"}`))
 	other.next("$aws/things/gw-02/jobs/get/accepted")
-	// Answered in well under the 2 s the 16 blocks take; had it waited behind them, all
-	// would have been sent.
-	if got := 1 + len(d.drain(prefix+"data/cbor")); got >= 8 {
+	// Answered before the throttled transfer ended (the quota makes its 16 blocks take 2 s
+	// whatever the load); had it waited behind them, all 16 would have been sent. No tighter
+	// bound: on a loaded machine the answer itself may take a second.
+	if got := 1 + len(d.drain(prefix+"data/cbor")); got >= 16 {
 		t.Errorf("another client's answer came only after %d of 16 throttled blocks", got)
 	}
 }

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync/atomic"
@@ -299,6 +300,7 @@ func TestResumeRequestsOnlyMissing(t *testing.T) {
 		asked = append(asked, r.Wanted...)
 	}
 	sort.Ints(asked)
+	t.Logf("stats %+v", st)
 	if diff := cmp.Diff(want, asked); diff != "" {
 		t.Fatalf("requested blocks differ from the missing ones (-want +got):\n%s", diff)
 	}
@@ -551,3 +553,62 @@ func TestConfigChecks(t *testing.T) {
 }
 
 func encodeBlock(b stream.Block) ([]byte, error) { return stream.EncodeBlockForTest(b) }
+
+// With a quarter of the stream messages lost on a fast link, a download takes at most twice
+// as long as the same download without loss, measured side by side in this test: a lost
+// block is asked for again after a round trip or so, not after the quiet period. Several
+// pairs are run and the medians compared, so one slow run on a loaded machine does not decide.
+func TestLossRecoveryInRoundTrips(t *testing.T) {
+	// Large enough that the loss-free run is not just a few round trips on loopback.
+	const size = 16 << 20
+	e := newEnv(t, size)
+	c := cfg(t, e)
+	c.QuietPeriod, c.MaxQuietPeriod = 2*time.Second, 30*time.Second // the defaults
+	var clean, lossy []time.Duration
+	for rep := 0; rep < 3; rep++ {
+		for _, drop := range []float64{0, 0.25} {
+			job := fmt.Sprintf("%s-%d-%d", e.job, rep, int(drop*100))
+			path := filepath.Join(e.dir, "image.bin")
+			if err := e.emu.CreateJob(context.Background(), backend.JobSpec{JobID: job, Protocols: []string{backend.ProtocolMQTT},
+				Files: []backend.FileSpec{{LocalPath: path, DevicePath: "/fw", FileID: 3}}}); err != nil {
+				t.Fatal(err)
+			}
+			e.emu.SetFaults(job, emulator.Faults{Drop: drop})
+			f := e.file(stream.DefaultBlockSize)
+			f.StreamName = e.emu.StreamName(job)
+			sink := newMemSink(t, stream.DefaultBlockSize)
+			start := time.Now()
+			st, err := download(t, e.conn, c, f, nil, sink)
+			took := time.Since(start)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sink.check(e.image, 0)
+			dropped := 0
+			for _, r := range e.emu.StreamRequests(job) {
+				dropped += len(r.Dropped)
+			}
+			t.Logf("drop %.2f: %v, %d blocks dropped, stats %+v", drop, took, dropped, st)
+			if drop == 0 {
+				clean = append(clean, took)
+			} else {
+				if dropped == 0 {
+					t.Fatal("no block dropped")
+				}
+				lossy = append(lossy, took)
+			}
+		}
+	}
+	mc, ml := medianDur(clean), medianDur(lossy)
+	ratio := float64(ml) / float64(mc)
+	t.Logf("median loss-free %v, 25%% loss %v: ratio %.2f", mc, ml, ratio)
+	if ratio > 2 {
+		t.Fatalf("25%% loss takes %.2fx the loss-free time (median %v vs %v), want at most 2x", ratio, ml, mc)
+	}
+}
+
+func medianDur(d []time.Duration) time.Duration {
+	s := slices.Clone(d)
+	slices.Sort(s)
+	return s[len(s)/2]
+}

@@ -240,8 +240,8 @@ type run struct {
 	stats        Stats
 
 	rtt   rttEstimator
-	asked Bitmap // asked for at least once
-	again Bitmap // asked for more than once: no RTT sample (Karn)
+	asked bitmap.Bitmap // asked for at least once
+	again bitmap.Bitmap // asked for more than once: no RTT sample (Karn)
 }
 
 // Download fetches the blocks of f that missing marks (nil: all) and hands them to sink. It
@@ -280,17 +280,26 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 	}
 	r.stats.Blocks = total
 	r.rtt = rttEstimator{initial: d.cfg.QuietPeriod, min: MinRTO, max: d.cfg.QuietPeriod}
-	r.asked, r.again = NewBitmap(total), NewBitmap(total)
+	r.asked, r.again = bitmap.New(total), bitmap.New(total)
 
+	// Both subscriptions in one round trip: each Subscribe waits for its SUBACK.
+	var unsubRej func(context.Context) error
+	var errRej error
+	subscribed := make(chan struct{})
+	go func() {
+		defer close(subscribed)
+		unsubRej, errRej = d.t.Subscribe(ctx, d.Topic(f.StreamName, "rejected"), d.cfg.DataQoS, r.onRejected)
+	}()
 	unsubData, err := d.t.Subscribe(ctx, d.Topic(f.StreamName, "data"), d.cfg.DataQoS, r.onData)
-	if err != nil {
-		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to data: %w", err)
-	}
-	unsubRej, err := d.t.Subscribe(ctx, d.Topic(f.StreamName, "rejected"), d.cfg.DataQoS, r.onRejected)
-	if err != nil {
+	<-subscribed
+	if err != nil || errRej != nil {
 		close(r.done)
 		r.unsubscribe(ctx, unsubData)
-		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to rejected: %w", err)
+		r.unsubscribe(ctx, unsubRej)
+		if err != nil {
+			return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to data: %w", err)
+		}
+		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to rejected: %w", errRej)
 	}
 	defer func() {
 		close(r.done)

@@ -612,3 +612,60 @@ func medianDur(d []time.Duration) time.Duration {
 	slices.Sort(s)
 	return s[len(s)/2]
 }
+
+// A block lost once is asked for again within round trips, not after the quiet period: in
+// the middle of the stream (later blocks are the evidence) and at its very end (no later
+// block can come: the tail timeout). The quiet period is 10 s here, so the fixed rule would
+// take 10 s; the re-request must come within a tenth of that, after at least the RTO floor.
+// Times are the emulator's records of the two requests, not sleeps.
+func TestLostBlockRerequestedAfterRTO(t *testing.T) {
+	const bs = 4096
+	const blocks = 64
+	for _, tc := range []struct {
+		name string
+		lose int
+		per  int
+	}{
+		{name: "mid-stream", lose: 20, per: 2},
+		{name: "tail-answered-in-part", lose: blocks - 1, per: 2},
+		{name: "tail-unanswered", lose: blocks - 1, per: 1},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			e := newEnv(t, blocks*bs)
+			var dropped atomic.Bool
+			tr := &hookTransport{Transport: e.conn, onData: func(deliver func([]byte), p []byte) {
+				blk, err := stream.DecodeBlock(stream.FormatCBOR, p)
+				if err == nil && int(blk.Index) == tc.lose && dropped.CompareAndSwap(false, true) {
+					return // lost once
+				}
+				deliver(p)
+			}}
+			c := cfg(t, e)
+			c.BlockSize, c.BlocksPerRequest, c.RequestsInFlight = bs, tc.per, 4
+			c.QuietPeriod, c.MaxQuietPeriod = 10*time.Second, 10*time.Second
+			sink := newMemSink(t, bs)
+			st, err := download(t, tr, c, e.file(bs), nil, sink)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sink.check(e.image, 0)
+			var asked []time.Time
+			for _, r := range e.emu.StreamRequests(e.job) {
+				if slices.Contains(r.Wanted, tc.lose) {
+					asked = append(asked, r.At)
+				}
+			}
+			if !dropped.Load() || len(asked) < 2 {
+				t.Fatalf("block %d asked for %d times (dropped %v), stats %+v", tc.lose, len(asked), dropped.Load(), st)
+			}
+			gap := asked[1].Sub(asked[0])
+			t.Logf("re-requested after %v; stats %+v", gap, st)
+			if gap >= c.QuietPeriod/10 || gap < stream.MinRTO {
+				t.Fatalf("block %d re-requested after %v, want between the RTO floor %v and %v (quiet period %v)", tc.lose, gap, stream.MinRTO, c.QuietPeriod/10, c.QuietPeriod)
+			}
+			if st.Rounds != 0 || (tc.per == 1 && tc.lose == blocks-1 && st.Timeouts == 0) {
+				t.Fatalf("a quiet round ran, or the tail was not found by a timeout: %+v", st)
+			}
+		})
+	}
+}

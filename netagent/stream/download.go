@@ -15,7 +15,7 @@
 // round and after MaxFruitlessRounds the download fails with momentum_abort. Duplicates and
 // reordering are harmless: blocks are placed by index and counted once.
 //
-// QoS: requests go at QoS 0 (idempotent, guarded by the quiet period; QoS 1 would add a
+// QoS: requests go at QoS 0 (idempotent, guarded by the loss detection; QoS 1 would add a
 // PUBACK wait per request and count against AWS's 100 unacknowledged messages). The data
 // subscription is QoS 1, so AWS delivers blocks at QoS 1: blocks published while the link
 // is briefly down wait in the persistent session, and the broker is paced by acks.
@@ -90,7 +90,7 @@ type Config struct {
 	// momentum_abort (2003).
 	MaxFruitlessRounds int
 	// RequestQoS is the QoS of GetStream requests (default 0: a request is idempotent and a
-	// lost one is re-sent after the quiet period, so a PUBACK round trip buys nothing).
+	// lost one is re-sent like a lost block, so a PUBACK round trip buys nothing).
 	RequestQoS byte
 	// DataQoS is the QoS of the data/rejected subscriptions; AWS delivers blocks at the QoS
 	// of the subscription. Default 1: blocks published while the connection is down wait in

@@ -82,8 +82,8 @@ type Config struct {
 	RequestsInFlight int
 	// QuietPeriod: when no new block arrives for this long, everything outstanding is
 	// re-requested (a round). The period doubles with every fruitless round up to
-	// MaxQuietPeriod. It is also the RTO before the first round trip was measured and the
-	// RTO's ceiling: a lost block is never asked for later than after this period.
+	// MaxQuietPeriod. QuietPeriod is also the RTO before the first round trip was measured,
+	// MaxQuietPeriod the RTO's ceiling.
 	QuietPeriod    time.Duration
 	MaxQuietPeriod time.Duration
 	// MaxFruitlessRounds rounds in a row without a new block fail the download with
@@ -279,7 +279,7 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 		done:   make(chan struct{}),
 	}
 	r.stats.Blocks = total
-	r.rtt = rttEstimator{initial: d.cfg.QuietPeriod, min: MinRTO, max: d.cfg.QuietPeriod}
+	r.rtt = rttEstimator{initial: d.cfg.QuietPeriod, min: MinRTO, max: d.cfg.MaxQuietPeriod}
 	r.asked, r.again = bitmap.New(total), bitmap.New(total)
 
 	// Both subscriptions in one round trip: each Subscribe waits for its SUBACK.

@@ -11,7 +11,9 @@ import (
 // duplicate data, and a block is given up on only with evidence (blocks sent after it
 // arrived) or after a timeout that doubles per try. 10 ms stays above the jitter of Go timers
 // and broker batching on a loaded machine, so a loopback link does not re-request on noise.
-// The ceiling is the quiet period: never later than the fixed rule this replaces.
+// The ceiling is MaxQuietPeriod (30 s by default): a round trip measured with a window
+// queued on a slow link can exceed the quiet period (satellite: 0.6 s plus 1.7 s of queued
+// window), and a lower ceiling would give up on blocks still on their way.
 const MinRTO = 10 * time.Millisecond
 
 // arrived records that block i of request k came (at now): a round trip sample unless the

@@ -76,6 +76,9 @@ func run(cases []string, reps, bs int) error {
 		return err
 	}
 	defer os.RemoveAll(dir)
+	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
+		return err
+	}
 	bin, err := harness.Build(ctx, harness.BuildOptions{Dir: filepath.Join(dir, "bin")})
 	if err != nil {
 		return err

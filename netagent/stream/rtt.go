@@ -17,6 +17,8 @@ import "time"
 // further loss cost twice the last.
 type rttEstimator struct {
 	srtt, rttvar time.Duration
+	latest       time.Duration // the last sample
+	minRTT       time.Duration // the shortest sample
 	samples      int
 	backoff      uint
 	// initial is the RTO before any sample; min and max clamp it.
@@ -41,6 +43,10 @@ func (e *rttEstimator) Sample(r time.Duration) {
 		}
 		e.rttvar = (3*e.rttvar + d) / 4
 		e.srtt = (7*e.srtt + r) / 8
+	}
+	e.latest = r
+	if e.samples == 0 || r < e.minRTT {
+		e.minRTT = r
 	}
 	e.samples++
 	e.backoff = 0

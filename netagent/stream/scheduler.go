@@ -33,10 +33,27 @@ func (r *run) arrived(k, i int, now time.Time) {
 	}
 }
 
-// lostBlocks returns the blocks of q the evidence says are lost at rto; silent: nothing at
-// all arrived for an RTO, so everything of q past its deadline counts.
+// lossAge is how old a request with evidence of loss must be before its missing blocks
+// count as lost: the round trip of the latest block that arrived plus a reordering window
+// of a quarter SRTT (at least MinRTO), as TCP's RACK does (RFC 8985), and never more than the
+// RTO. The latest round trip follows a queue that builds up or drains at once, where SRTT
+// and RTTVAR lag behind, and a machine whose load makes RTTVAR large still finds losses in
+// about one round trip.
+func (r *run) lossAge(rto time.Duration) time.Duration {
+	if !r.rtt.Measured() {
+		return rto
+	}
+	return min(rto, r.rtt.latest+max(r.rtt.srtt/4, MinRTO))
+}
+
+// lostBlocks returns the blocks of q the evidence says are lost; silent: nothing at all
+// arrived for a while in the tail, so everything of q older than that wait counts.
 func (r *run) lostBlocks(q *request, now time.Time, rto time.Duration, silent bool) []int {
-	if now.Sub(q.sentAt) < rto {
+	age := r.lossAge(rto)
+	if silent {
+		age = r.probeWait(rto)
+	}
+	if now.Sub(q.sentAt) < age {
 		return nil
 	}
 	var lost []int
@@ -56,12 +73,18 @@ func (r *run) lostBlocks(q *request, now time.Time, rto time.Duration, silent bo
 // for blocks not asked for yet still go out, their answers are the evidence that finds a
 // loss; silence then is a stall more likely than a loss, and only the tail (everything
 // wanted is asked for, so no later answer can come) needs a timeout.
-//
-// The silence must last two RTOs (the probe timeout of TCP's tail loss probe is two SRTTs):
-// without evidence the only sign of loss is time, and a stalled process or broker looks the
-// same; the tail's re-requests go out twice (repeat), so this wait is rarely paid.
 func (r *run) silent(now time.Time, rto time.Duration) bool {
-	return r.rtt.Measured() && rto < r.d.cfg.QuietPeriod && now.Sub(r.lastActivity) >= 2*rto && r.tail()
+	return r.rtt.Measured() && rto < r.d.cfg.QuietPeriod && now.Sub(r.lastActivity) >= r.probeWait(rto) && r.tail()
+}
+
+// probeWait is the silence after which the tail is asked for again: two of the shortest round
+// trips seen plus MinRTO (the probe timeout of TCP's tail loss probe is two SRTTs, RFC 8985),
+// at most two RTOs. The shortest round trip, not SRTT: SRTT includes the queue of a full
+// window, and in the tail that queue has drained. Without evidence the only sign of loss is
+// time, and a stalled process looks the same; the tail's re-requests go out twice (repeat),
+// so this wait is rarely paid, and a spurious probe costs one request's duplicate.
+func (r *run) probeWait(rto time.Duration) time.Duration {
+	return min(2*rto, 2*r.rtt.minRTT+MinRTO)
 }
 
 // tail reports whether every block still wanted is asked for already.
@@ -149,11 +172,11 @@ func (r *run) nextCheck() time.Time {
 		for _, q := range r.inflight[1:] {
 			oldest = minTime(oldest, q.sentAt)
 		}
-		next = minTime(next, maxTime(r.lastActivity.Add(2*rto), oldest.Add(rto)))
+		next = minTime(next, maxTime(r.lastActivity, oldest).Add(r.probeWait(rto)))
 	}
 	for _, q := range r.inflight {
 		if r.suspect(q) {
-			next = minTime(next, q.sentAt.Add(rto))
+			next = minTime(next, q.sentAt.Add(r.lossAge(rto)))
 		}
 	}
 	return next

@@ -53,12 +53,15 @@ func main() {
 	cases := flag.String("cases", "fast,fast-loss25,lte,lte-loss5,sat", "profiles to run, in order: "+names())
 	reps := flag.Int("reps", 1, "repetitions of each case (the median is printed)")
 	blockSize := flag.Int("bs", 0, "ota-net block size (0: its default)")
+	flag.BoolVar(&debugLog, "debug", false, "both processes log at debug level to stderr")
 	flag.Parse()
 	if err := run(strings.Split(*cases, ","), *reps, *blockSize); err != nil {
 		fmt.Fprintln(os.Stderr, "linkbench:", err)
 		os.Exit(1)
 	}
 }
+
+var debugLog bool
 
 func names() string {
 	var n []string
@@ -155,6 +158,9 @@ func once(ctx context.Context, dir string, bin *harness.Binaries, signer *harnes
 	}
 	opts := harness.DeviceOptions{Dir: filepath.Join(cdir, "d"), Thing: thing, BrokerURL: "mqtt://" + proxy.Listen,
 		Trusted: []*harness.Signer{signer}, BlockSize: bs, LogLevel: "info", LogTee: io.Discard}
+	if debugLog {
+		opts.LogLevel, opts.LogTee = "debug", os.Stderr
+	}
 	if err := os.Mkdir(opts.Dir, 0o700); err != nil {
 		return 0, err
 	}

@@ -3,7 +3,8 @@
 // and toxiproxy (embedded) between ota-net and the broker for latency, jitter and bandwidth.
 // Stream messages are dropped by the emulator's fault injection (toxiproxy cannot drop one
 // MQTT message). Time to ready runs from creating the job to the device's IN_PROGRESS ready
-// update reaching the cloud; fraction of link is image bytes over that time and the link's
+// update reaching the cloud (ota-net connected and settled before the job is created);
+// fraction of link is image bytes over that time and the link's
 // rate. Each case prints one line; ratios compare runs made in the same invocation.
 //
 //	go run ./test/bench/linkbench -cases fast,fast-loss25,lte-loss5,sat
@@ -174,6 +175,17 @@ func once(ctx context.Context, dir string, bin *harness.Binaries, signer *harnes
 	if err := dev.Start(dctx); err != nil {
 		return 0, err
 	}
+	// The clock is for the job, not for ota-net's start-up: wait until it is connected, then
+	// for its subscriptions and first jobs query to have gone both ways (a bench, not a
+	// test: a settle time is good enough here).
+	for !strings.Contains(dev.Logs(), "mqtt connected") {
+		select {
+		case <-dctx.Done():
+			return 0, dctx.Err()
+		case <-time.After(20 * time.Millisecond):
+		}
+	}
+	time.Sleep(time.Second + 8*time.Duration(p.latency)*time.Millisecond)
 	const job = "linkbench"
 	if p.drop > 0 {
 		cloud.SetFaults(job, emulator.Faults{Drop: p.drop})

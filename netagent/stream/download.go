@@ -442,7 +442,9 @@ func (r *run) fill(ctx context.Context) error {
 		q := &request{blocks: w.blocks, remaining: len(w.blocks)}
 		r.inflight = append(r.inflight, q)
 		r.stats.Requests++
-		pctx, cancel := context.WithTimeout(ctx, r.d.cfg.QuietPeriod)
+		// Bounded, but not by a short quiet period: a publish may wait its turn under the
+		// connection's publish rate (netagent/mqttconn).
+		pctx, cancel := context.WithTimeout(ctx, max(r.d.cfg.QuietPeriod, time.Second))
 		err = r.d.t.Publish(pctx, r.d.Topic(r.f.StreamName, "get"), r.d.cfg.RequestQoS, payload)
 		cancel()
 		// The clock starts once the request is on its way (a rate-limited publish waits).
@@ -455,7 +457,7 @@ func (r *run) fill(ctx context.Context) error {
 			r.d.log.Debug("publish request", "offset", w.offset, "error", err)
 		} else if r.repeat(w.blocks) {
 			r.stats.Requests++
-			pctx, cancel := context.WithTimeout(ctx, r.d.cfg.QuietPeriod)
+			pctx, cancel := context.WithTimeout(ctx, max(r.d.cfg.QuietPeriod, time.Second))
 			_ = r.d.t.Publish(pctx, r.d.Topic(r.f.StreamName, "get"), r.d.cfg.RequestQoS, payload)
 			cancel()
 		}

@@ -55,6 +55,7 @@ func main() {
 	reps := flag.Int("reps", 1, "repetitions of each case (the median is printed)")
 	blockSize := flag.Int("bs", 0, "ota-net block size (0: its default)")
 	flag.BoolVar(&debugLog, "debug", false, "both processes log at debug level to stderr")
+	flag.BoolVar(&quotas, "quotas", false, "the emulator enforces AWS IoT Core's per-connection quotas (512 KiB/s each way, 100 publishes/s); off: the link alone limits")
 	flag.Parse()
 	if err := run(strings.Split(*cases, ","), *reps, *blockSize); err != nil {
 		fmt.Fprintln(os.Stderr, "linkbench:", err)
@@ -62,7 +63,7 @@ func main() {
 	}
 }
 
-var debugLog bool
+var debugLog, quotas bool
 
 func names() string {
 	var n []string
@@ -91,7 +92,7 @@ func run(cases []string, reps, bs int) error {
 	if p := os.Getenv(harness.EnvPrebuiltNet); p != "" {
 		net = p
 	}
-	fmt.Printf("linkbench: %s, time to ready (job created -> IN_PROGRESS ready at the cloud), median of %d\n", net, reps)
+	fmt.Printf("linkbench: %s, time to ready (job created -> IN_PROGRESS ready at the cloud), median of %d, AWS quotas %v\n", net, reps, quotas)
 	signer, err := harness.NewSigner("linkbench-signer")
 	if err != nil {
 		return err
@@ -130,7 +131,7 @@ func once(ctx context.Context, dir string, bin *harness.Binaries, signer *harnes
 	}
 	defer os.RemoveAll(cdir)
 	const thing = "linkbench-gw"
-	cloud, err := harness.StartCloud(ctx, emulator.Options{Thing: thing})
+	cloud, err := harness.StartCloud(ctx, emulator.Options{Thing: thing, NoQuotas: !quotas})
 	if err != nil {
 		return 0, err
 	}

@@ -235,6 +235,7 @@ type run struct {
 	lastProgress time.Time // last new block, or start of the current round
 	lastActivity time.Time // last new block or RTO timeout
 	hold         time.Time // a late timer's decision waits until then (scheduler.go)
+	reorder      int       // reordering window in quarters of SRTT (scheduler.go)
 	fruitless    int
 	badSince     int // malformed blocks since the last new one
 	stats        Stats
@@ -281,6 +282,7 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 	r.stats.Blocks = total
 	r.rtt = rttEstimator{initial: d.cfg.QuietPeriod, min: MinRTO, max: d.cfg.MaxQuietPeriod}
 	r.asked, r.again = bitmap.New(total), bitmap.New(total)
+	r.reorder = 1
 
 	// Both subscriptions in one round trip: each Subscribe waits for its SUBACK.
 	var unsubRej func(context.Context) error
@@ -482,6 +484,9 @@ func (r *run) handle(ctx context.Context, ev event) error {
 	i := int(ev.blk.Index)
 	if r.have.Has(i) {
 		r.stats.Duplicates++
+		if r.again.Has(i) {
+			r.spurious() // the re-request was not needed: widen the reordering window
+		}
 		return nil
 	}
 	now := time.Now()

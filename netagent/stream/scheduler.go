@@ -43,7 +43,14 @@ func (r *run) lossAge(rto time.Duration) time.Duration {
 	if !r.rtt.Measured() {
 		return rto
 	}
-	return min(rto, r.rtt.latest+max(r.rtt.srtt/4, MinRTO))
+	return min(rto, r.rtt.latest+max(r.rtt.srtt/4*time.Duration(r.reorder), MinRTO))
+}
+
+// spurious widens the reordering window after a block that was asked for again arrived
+// twice (RACK does so on a DSACK): responses that interleave, or a stalled reader, look like
+// loss to a narrow window. At most a whole SRTT times 8; the RTO bounds it anyway.
+func (r *run) spurious() {
+	r.reorder = min(r.reorder*2, 32)
 }
 
 // lostBlocks returns the blocks of q the evidence says are lost; silent: nothing at all

@@ -432,27 +432,13 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			continue
 		}
 		j.log.Info("receiving file", "file", f.Index, "protocol", proto, "size", f.Size, "block_size", sess.BlockSize(), "have", have, "total", total, "resumed", have > 0)
-		// The IN_PROGRESS update goes out with the first requests instead of a round trip
-		// before them; a job found terminal stops the download.
-		dctx, stop := context.WithCancelCause(ctx)
-		reported := make(chan error, 1)
-		go func() {
-			err := j.report(ctx, func(ctx context.Context) error { return j.rep.Receiving(ctx, have, total) })
-			if err != nil {
-				stop(err)
-			}
-			reported <- err
-		}()
-		derr := j.download(dctx, doc, f, proto, sess)
-		rerr := <-reported
-		stop(nil)
-		if rerr != nil {
-			j.fail(ctx, rerr, "")
+		if err := j.report(ctx, func(ctx context.Context) error { return j.rep.Receiving(ctx, have, total) }); err != nil {
+			j.fail(ctx, err, "")
 			return false
 		}
 		j.started = true
-		if derr != nil {
-			j.fail(ctx, derr, "")
+		if err := j.download(ctx, doc, f, proto, sess); err != nil {
+			j.fail(ctx, err, "")
 			return false
 		}
 		var fin *otav1.FinishSessionResponse

@@ -46,6 +46,9 @@ type Config struct {
 	ALPN          bool     `toml:"alpn"`
 	KeepAlive     duration `toml:"keep_alive"`
 	SessionExpiry duration `toml:"session_expiry"`
+	// MaxPublishRate caps publishes per second on the connection (default AWS's 100; -1
+	// lifts the cap for a broker without AWS's quota).
+	MaxPublishRate int `toml:"max_publish_rate"`
 
 	WriterSocket string `toml:"writer_socket"`
 	StateDir     string `toml:"state_dir"`

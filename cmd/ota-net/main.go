@@ -126,7 +126,7 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 		BrokerURL: cfg.Broker, ClientID: cfg.ThingName,
 		CAFile: cfg.CAFile, CertFile: cfg.CertFile, KeyFile: cfg.KeyFile, ALPN: cfg.ALPN,
 		KeepAlive: cfg.KeepAlive.Duration, SessionExpiry: cfg.SessionExpiry.Duration,
-		StateDir: cfg.StateDir, Proxy: px, Logger: log.Named("mqtt"),
+		StateDir: cfg.StateDir, Proxy: px, MaxPublishRate: cfg.MaxPublishRate, Logger: log.Named("mqtt"),
 	})
 	if err != nil {
 		return err

@@ -432,13 +432,27 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			continue
 		}
 		j.log.Info("receiving file", "file", f.Index, "protocol", proto, "size", f.Size, "block_size", sess.BlockSize(), "have", have, "total", total, "resumed", have > 0)
-		if err := j.report(ctx, func(ctx context.Context) error { return j.rep.Receiving(ctx, have, total) }); err != nil {
-			j.fail(ctx, err, "")
+		// The IN_PROGRESS update goes out with the first requests instead of a round trip
+		// before them; a job found terminal stops the download.
+		dctx, stop := context.WithCancelCause(ctx)
+		reported := make(chan error, 1)
+		go func() {
+			err := j.report(ctx, func(ctx context.Context) error { return j.rep.Receiving(ctx, have, total) })
+			if err != nil {
+				stop(err)
+			}
+			reported <- err
+		}()
+		derr := j.download(dctx, doc, f, proto, sess)
+		rerr := <-reported
+		stop(nil)
+		if rerr != nil {
+			j.fail(ctx, rerr, "")
 			return false
 		}
 		j.started = true
-		if err := j.download(ctx, doc, f, proto, sess); err != nil {
-			j.fail(ctx, err, "")
+		if derr != nil {
+			j.fail(ctx, derr, "")
 			return false
 		}
 		var fin *otav1.FinishSessionResponse

@@ -17,6 +17,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -245,6 +246,12 @@ type device struct {
 
 func startDevice(t *testing.T, e *emulator.Emulator, w *writerRig, cfg agent.Config) *device {
 	t.Helper()
+	return startDeviceWith(t, e, w, cfg, nil)
+}
+
+// startDeviceWith starts a device whose agent sees the jobs client through wrap (nil: as is).
+func startDeviceWith(t *testing.T, e *emulator.Emulator, w *writerRig, cfg agent.Config, wrap func(agent.Jobs) agent.Jobs) *device {
+	t.Helper()
 	ctx, cancel := context.WithCancel(context.Background())
 	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: e.BrokerURL(), ClientID: e.ThingName(), StateDir: t.TempDir(),
 		BackoffMin: 20 * time.Millisecond, BackoffMax: 200 * time.Millisecond, Logger: logger(t, "mqtt")})
@@ -278,7 +285,11 @@ func startDevice(t *testing.T, e *emulator.Emulator, w *writerRig, cfg agent.Con
 	if cfg.ReportInterval == 0 {
 		cfg.ReportInterval = 50 * time.Millisecond
 	}
-	a := agent.New(jc, agent.LinkWriter(link), sd, hd, cfg)
+	var aj agent.Jobs = jc
+	if wrap != nil {
+		aj = wrap(jc)
+	}
+	a := agent.New(aj, agent.LinkWriter(link), sd, hd, cfg)
 	d := &device{cancel: cancel, done: make(chan error, 1), conn: conn, jobs: jc, link: link}
 	go func() { d.done <- a.Run(ctx) }()
 	t.Cleanup(func() { d.stop(t) })
@@ -1238,5 +1249,53 @@ func TestReadyRefusedFailsWithoutActivating(t *testing.T) {
 	case <-w.reboots:
 		t.Fatal("the device rebooted although the cloud never saw ready")
 	default:
+	}
+}
+
+// holdReceiving holds the first IN_PROGRESS receiving update of a job until the emulator has
+// seen a stream request of that job (or 20 s pass), and records which came first.
+type holdReceiving struct {
+	agent.Jobs
+	e    *emulator.Emulator
+	once sync.Once
+	// streamFirst: a GetStream reached the cloud while the update waited.
+	streamFirst atomic.Bool
+}
+
+func (h *holdReceiving) Update(ctx context.Context, jobID string, u jobs.Update) (*jobs.ExecutionState, error) {
+	if u.Status == jobs.StatusInProgress && u.StatusDetails["self_test"] == "receiving" {
+		h.once.Do(func() {
+			deadline := time.Now().Add(20 * time.Second)
+			for time.Now().Before(deadline) && ctx.Err() == nil {
+				if len(h.e.StreamRequests(jobID)) > 0 {
+					h.streamFirst.Store(true)
+					return
+				}
+				time.Sleep(5 * time.Millisecond) // polls the emulator's record, no timing assumed
+			}
+		})
+	}
+	return h.Jobs.Update(ctx, jobID, u)
+}
+
+// The download does not wait for the IN_PROGRESS update's answer: the first stream request
+// goes out while the update is still on its way (on a long link that saves a round trip).
+func TestDownloadStartsBeforeReceivingAcknowledged(t *testing.T) {
+	e := startEmulator(t)
+	w := newWriter(t, "/bin/true")
+	h := &holdReceiving{e: e}
+	startDeviceWith(t, e, w, agent.Config{}, func(j agent.Jobs) agent.Jobs { h.Jobs = j; return h })
+	img := newImage(t, 100*1024+3)
+	createJob(t, e, "job-early", []string{"MQTT"}, img, 1, nil)
+	ex := waitStatus(t, e, "job-early", jobs.StatusSucceeded, jobs.StatusFailed, jobs.StatusRejected)
+	if ex.Status != jobs.StatusSucceeded {
+		t.Fatalf("job %+v", ex)
+	}
+	if !h.streamFirst.Load() {
+		t.Fatal("no stream request while the IN_PROGRESS update was held: the download waited for it")
+	}
+	want := []string{"IN_PROGRESS:receiving", "IN_PROGRESS:ready", "SUCCEEDED:accepted"}
+	if got := selfTests(e, "job-early"); strings.Join(got, ",") != strings.Join(want, ",") {
+		t.Fatalf("updates %v, want %v", got, want)
 	}
 }

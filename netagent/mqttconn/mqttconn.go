@@ -103,6 +103,10 @@ type Config struct {
 	// Proxy, when set, carries every connection attempt through an HTTP CONNECT tunnel (TLS
 	// to the broker runs inside it, SNI and ALPN unchanged). Nil: direct.
 	Proxy *webproxy.Proxy
+	// MaxPublishRate caps publishes per second over any one-second window (default
+	// DefaultMaxPublishRate, AWS's quota); negative: no cap (a broker without the quota).
+	// Publish waits for its turn.
+	MaxPublishRate int
 	// Logger (hclog.NewNullLogger() when nil).
 	Logger hclog.Logger
 	// Subscriptions are attached before the first connection, so messages the broker kept in
@@ -147,6 +151,7 @@ type Conn struct {
 	upCh     chan struct{} // closed once a connection is up and its CONNACK recorded
 	upCount  int
 	closed   bool
+	pubRate  *publishBucket // nil: no cap
 }
 
 // Dial starts the connection manager and returns at once; the connection is made (and remade)
@@ -179,6 +184,9 @@ func Dial(ctx context.Context, cfg Config) (*Conn, error) {
 		nextID:  nextID,
 		onUp:    map[uint64]func(context.Context){},
 		upCh:    make(chan struct{}),
+	}
+	if cfg.MaxPublishRate > 0 {
+		c.pubRate = newPublishBucket(cfg.MaxPublishRate)
 	}
 	cm, err := autopaho.NewConnection(cctx, c.managerConfig(u, tlsCfg))
 	if err != nil {
@@ -216,6 +224,9 @@ func (cfg *Config) setDefaults() {
 	}
 	if cfg.MaxIncomingPacket <= 0 {
 		cfg.MaxIncomingPacket = DefaultMaxIncomingPacket
+	}
+	if cfg.MaxPublishRate == 0 {
+		cfg.MaxPublishRate = DefaultMaxPublishRate
 	}
 }
 
@@ -580,6 +591,11 @@ func (c *Conn) Publish(ctx context.Context, topic string, qos byte, payload []by
 	}
 	if qos > 1 {
 		return fmt.Errorf("%w: qos %d (0 or 1)", ErrInvalid, qos)
+	}
+	if c.pubRate != nil {
+		if err := c.pubRate.wait(ctx); err != nil {
+			return fmt.Errorf("publish %s: %w", topic, err)
+		}
 	}
 	var resp *paho.PublishResponse
 	var err error

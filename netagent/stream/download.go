@@ -6,13 +6,16 @@
 // data) with an offset and a bitmap; windows reach any block a stream can address (offset up
 // to 98304, bitmap under 12,288 bytes), so there is no 31-block or 4 MiB ceiling.
 //
-// Loss: when nothing new arrives for the quiet period, every outstanding request is sent
-// again (this covers a lost first request too); the period doubles per fruitless round and
-// after MaxFruitlessRounds the download fails with momentum_abort. The oldest request is
-// also re-sent alone when it is stuck while later ones progress (a block lost mid-stream).
-// Duplicates and reordering are harmless: blocks are placed by index and counted once.
+// Loss: the round trip of requests is measured (SRTT, RTTVAR and RTO as TCP computes them,
+// rtt.go) and a block is asked for again as soon as the evidence says it is lost: blocks
+// sent after it arrived and its request is older than the RTO (scheduler.go). When nothing
+// arrives at all, what is outstanding is asked for again after the RTO, doubling per try;
+// once that reaches the quiet period, the quiet rounds take over: every outstanding request
+// is sent again (this covers a lost first request too), the period doubles per fruitless
+// round and after MaxFruitlessRounds the download fails with momentum_abort. Duplicates and
+// reordering are harmless: blocks are placed by index and counted once.
 //
-// QoS: requests go at QoS 0 (idempotent, guarded by the quiet period; QoS 1 would add a
+// QoS: requests go at QoS 0 (idempotent, guarded by the loss detection; QoS 1 would add a
 // PUBACK wait per request and count against AWS's 100 unacknowledged messages). The data
 // subscription is QoS 1, so AWS delivers blocks at QoS 1: blocks published while the link
 // is briefly down wait in the persistent session, and the broker is paced by acks.
@@ -79,15 +82,15 @@ type Config struct {
 	RequestsInFlight int
 	// QuietPeriod: when no new block arrives for this long, everything outstanding is
 	// re-requested (a round). The period doubles with every fruitless round up to
-	// MaxQuietPeriod. The oldest request is also re-requested on its own when it has seen no
-	// block for this long while others progress (a lost block inside a busy stream).
+	// MaxQuietPeriod. QuietPeriod is also the RTO before the first round trip was measured,
+	// MaxQuietPeriod the RTO's ceiling.
 	QuietPeriod    time.Duration
 	MaxQuietPeriod time.Duration
 	// MaxFruitlessRounds rounds in a row without a new block fail the download with
 	// momentum_abort (2003).
 	MaxFruitlessRounds int
 	// RequestQoS is the QoS of GetStream requests (default 0: a request is idempotent and a
-	// lost one is re-sent after the quiet period, so a PUBACK round trip buys nothing).
+	// lost one is re-sent like a lost block, so a PUBACK round trip buys nothing).
 	RequestQoS byte
 	// DataQoS is the QoS of the data/rejected subscriptions; AWS delivers blocks at the QoS
 	// of the subscription. Default 1: blocks published while the connection is down wait in
@@ -123,6 +126,9 @@ type Stats struct {
 	Rounds     int // quiet rounds (nothing arrived)
 	Rejections int // transient rejections (InternalError)
 	Resumes    int // the sink's writer came back and the bitmap was reloaded
+	Timeouts   int // re-requests after an RTO without any block (before the quiet rounds)
+	// SRTT and RTO at the end (zero when no round trip was measured).
+	SRTT, RTO time.Duration
 }
 
 // Downloader downloads files over MQTT streams.
@@ -202,9 +208,12 @@ type event struct {
 }
 
 type request struct {
-	blocks    []int // increasing
+	blocks    []int // increasing; blocks given up on leave the list
 	remaining int
-	since     time.Time // last sign of life: sent, a block of it, or becoming the oldest
+	sentAt    time.Time
+	// Evidence of loss: a block of a request sent later arrived (later), or another block
+	// of this one (answered).
+	later, answered bool
 }
 
 type run struct {
@@ -224,9 +233,16 @@ type run struct {
 	cursor   int
 
 	lastProgress time.Time // last new block, or start of the current round
+	lastActivity time.Time // last new block or RTO timeout
+	hold         time.Time // a late timer's decision waits until then (scheduler.go)
+	reorder      int       // reordering window in quarters of SRTT (scheduler.go)
 	fruitless    int
 	badSince     int // malformed blocks since the last new one
 	stats        Stats
+
+	rtt   rttEstimator
+	asked bitmap.Bitmap // asked for at least once
+	again bitmap.Bitmap // asked for more than once: no RTT sample (Karn)
 }
 
 // Download fetches the blocks of f that missing marks (nil: all) and hands them to sink. It
@@ -264,16 +280,28 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 		done:   make(chan struct{}),
 	}
 	r.stats.Blocks = total
+	r.rtt = rttEstimator{initial: d.cfg.QuietPeriod, min: MinRTO, max: d.cfg.MaxQuietPeriod}
+	r.asked, r.again = bitmap.New(total), bitmap.New(total)
+	r.reorder = 1
 
+	// Both subscriptions in one round trip: each Subscribe waits for its SUBACK.
+	var unsubRej func(context.Context) error
+	var errRej error
+	subscribed := make(chan struct{})
+	go func() {
+		defer close(subscribed)
+		unsubRej, errRej = d.t.Subscribe(ctx, d.Topic(f.StreamName, "rejected"), d.cfg.DataQoS, r.onRejected)
+	}()
 	unsubData, err := d.t.Subscribe(ctx, d.Topic(f.StreamName, "data"), d.cfg.DataQoS, r.onData)
-	if err != nil {
-		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to data: %w", err)
-	}
-	unsubRej, err := d.t.Subscribe(ctx, d.Topic(f.StreamName, "rejected"), d.cfg.DataQoS, r.onRejected)
-	if err != nil {
+	<-subscribed
+	if err != nil || errRej != nil {
 		close(r.done)
 		r.unsubscribe(ctx, unsubData)
-		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to rejected: %w", err)
+		r.unsubscribe(ctx, unsubRej)
+		if err != nil {
+			return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to data: %w", err)
+		}
+		return r.stats, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: subscribe to rejected: %w", errRej)
 	}
 	defer func() {
 		close(r.done)
@@ -281,6 +309,9 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 		r.unsubscribe(ctx, unsubRej)
 	}()
 	err = r.loop(ctx, missing)
+	if r.rtt.Measured() {
+		r.stats.SRTT, r.stats.RTO = r.rtt.srtt, r.rtt.RTO()
+	}
 	return r.stats, err
 }
 
@@ -321,9 +352,9 @@ func (r *run) loop(ctx context.Context, missing bitmap.Bitmap) error {
 	if err := r.reload(ctx, missing); err != nil {
 		return err
 	}
-	tick := max(r.d.cfg.QuietPeriod/4, 5*time.Millisecond)
-	ticker := time.NewTicker(tick)
-	defer ticker.Stop()
+	due := time.Now().Add(r.d.cfg.QuietPeriod)
+	timer := time.NewTimer(r.d.cfg.QuietPeriod)
+	defer timer.Stop()
 	for {
 		if r.held == r.total {
 			err := r.sink.Flush(ctx)
@@ -343,11 +374,13 @@ func (r *run) loop(ctx context.Context, missing bitmap.Bitmap) error {
 			if err := r.handle(ctx, ev); err != nil {
 				return err
 			}
-		case now := <-ticker.C:
-			if err := r.tick(ctx, now); err != nil {
+		case now := <-timer.C:
+			if err := r.timeout(ctx, now, due); err != nil {
 				return err
 			}
 		}
+		due = r.nextCheck()
+		timer.Reset(max(time.Until(due), 0))
 	}
 }
 
@@ -360,6 +393,7 @@ func (r *run) reload(ctx context.Context, missing bitmap.Bitmap) error {
 	r.inflight = r.inflight[:0]
 	r.cursor = 0
 	r.lastProgress = time.Now()
+	r.lastActivity = r.lastProgress
 	r.fruitless = 0
 	r.d.log.Debug("stream download", "stream", r.f.StreamName, "blocks", r.total, "held", r.held, "block_size", r.f.BlockSize, "per_request", r.perReq)
 	r.progress()
@@ -402,18 +436,32 @@ func (r *run) fill(ctx context.Context) error {
 		}
 		for _, i := range w.blocks {
 			r.pending.Set(i)
+			if r.asked.Has(i) {
+				r.again.Set(i)
+			}
+			r.asked.Set(i)
 		}
-		r.inflight = append(r.inflight, &request{blocks: w.blocks, remaining: len(w.blocks), since: time.Now()})
+		q := &request{blocks: w.blocks, remaining: len(w.blocks)}
+		r.inflight = append(r.inflight, q)
 		r.stats.Requests++
-		pctx, cancel := context.WithTimeout(ctx, r.d.cfg.QuietPeriod)
+		// Bounded, but not by a short quiet period: a publish may wait its turn under the
+		// connection's publish rate (netagent/mqttconn).
+		pctx, cancel := context.WithTimeout(ctx, max(r.d.cfg.QuietPeriod, time.Second))
 		err = r.d.t.Publish(pctx, r.d.Topic(r.f.StreamName, "get"), r.d.cfg.RequestQoS, payload)
 		cancel()
+		// The clock starts once the request is on its way (a rate-limited publish waits).
+		q.sentAt = time.Now()
 		if err != nil {
 			if ctx.Err() != nil {
 				return fmt.Errorf("stream download: %w", ctx.Err())
 			}
 			// Counted as sent: the quiet period re-requests it like a lost one.
 			r.d.log.Debug("publish request", "offset", w.offset, "error", err)
+		} else if r.repeat(w.blocks) {
+			r.stats.Requests++
+			pctx, cancel := context.WithTimeout(ctx, max(r.d.cfg.QuietPeriod, time.Second))
+			_ = r.d.t.Publish(pctx, r.d.Topic(r.f.StreamName, "get"), r.d.cfg.RequestQoS, payload)
+			cancel()
 		}
 	}
 	return nil
@@ -436,6 +484,9 @@ func (r *run) handle(ctx context.Context, ev event) error {
 	i := int(ev.blk.Index)
 	if r.have.Has(i) {
 		r.stats.Duplicates++
+		if r.again.Has(i) {
+			r.spurious() // the re-request was not needed: widen the reordering window
+		}
 		return nil
 	}
 	now := time.Now()
@@ -443,16 +494,17 @@ func (r *run) handle(ctx context.Context, ev event) error {
 	r.held++
 	r.stats.Received++
 	r.lastProgress = now
+	r.lastActivity = now
 	r.fruitless = 0
 	r.badSince = 0
 	if r.pending.Has(i) {
 		r.pending.Clear(i)
 		for k, q := range r.inflight {
 			if j := sort.SearchInts(q.blocks, i); j < len(q.blocks) && q.blocks[j] == i {
+				r.arrived(k, i, now)
 				q.remaining--
-				q.since = now
 				if q.remaining == 0 {
-					r.remove(k, now)
+					r.remove(k)
 				}
 				break
 			}
@@ -465,15 +517,12 @@ func (r *run) handle(ctx context.Context, ev event) error {
 	return r.fill(ctx)
 }
 
-func (r *run) remove(k int, now time.Time) {
+func (r *run) remove(k int) {
 	r.inflight = slices.Delete(r.inflight, k, k+1)
-	if k == 0 && len(r.inflight) > 0 && r.inflight[0].since.Before(now) {
-		r.inflight[0].since = now // its own clock starts when it becomes the oldest
-	}
 }
 
 // expire gives up on request k: its missing blocks are wanted again.
-func (r *run) expire(k int, now time.Time) {
+func (r *run) expire(k int) {
 	for _, i := range r.inflight[k].blocks {
 		if r.pending.Has(i) {
 			r.pending.Clear(i)
@@ -481,7 +530,7 @@ func (r *run) expire(k int, now time.Time) {
 		}
 	}
 	r.stats.Rerequests++
-	r.remove(k, now)
+	r.remove(k)
 }
 
 func (r *run) quiet() time.Duration {
@@ -508,15 +557,14 @@ func (r *run) tick(ctx context.Context, now time.Time) error {
 			}
 		}
 		for len(r.inflight) > 0 {
-			r.expire(0, now)
+			r.expire(0)
 		}
 		r.cursor = 0
 		r.lastProgress = now
+		r.lastActivity = now
 		return r.fill(ctx)
 	}
-	if len(r.inflight) > 1 && now.Sub(r.inflight[0].since) >= r.d.cfg.QuietPeriod {
-		// The oldest request is stuck while others progress: some of its blocks were lost.
-		r.expire(0, now)
+	if r.detectLoss(now) {
 		return r.fill(ctx)
 	}
 	return nil
@@ -541,6 +589,8 @@ func (r *run) rejected(rej Rejection) error {
 		return nil // another requester's
 	}
 	if rej.Code == CodeInternalError {
+		// Transient, perhaps throttling: wait longer before asking again.
+		r.rtt.Backoff()
 		r.stats.Rejections++
 		r.d.log.Warn("stream request rejected, will retry", "code", rej.Code, "message", rej.Message)
 		return nil

@@ -1,0 +1,243 @@
+package stream
+
+import (
+	"context"
+	"math/bits"
+	"time"
+)
+
+// MinRTO is the floor of the retransmission timeout. TCP's 1 s floor (RFC 6298) protects a
+// congestion window; here a spurious re-request costs one request of at most 128 KB of
+// duplicate data, and a block is given up on only with evidence (blocks sent after it
+// arrived) or after a timeout that doubles per try. 10 ms stays above the jitter of Go timers
+// and broker batching on a loaded machine, so a loopback link does not re-request on noise.
+// The ceiling is MaxQuietPeriod (30 s by default): a round trip measured with a window
+// queued on a slow link can exceed the quiet period (satellite: 0.6 s plus 1.7 s of queued
+// window), and a lower ceiling would give up on blocks still on their way.
+const MinRTO = 10 * time.Millisecond
+
+// arrived records that block i of request k came (at now): a round trip sample unless the
+// block was asked for more than once (Karn's rule), and evidence of loss for the other
+// blocks of k and the blocks of the requests sent before k. Any new block also ends an RTO
+// backoff: the path delivers, so silence was loss, not throttling.
+func (r *run) arrived(k, i int, now time.Time) {
+	r.rtt.Alive()
+	q := r.inflight[k]
+	q.answered = true
+	if r.again.Has(i) {
+		return // ambiguous: it may answer an earlier request; it proves nothing about order
+	}
+	r.rtt.Sample(now.Sub(q.sentAt))
+	for _, p := range r.inflight[:k] {
+		p.later = true
+	}
+}
+
+// lossAge is how old a request with evidence of loss must be before its missing blocks
+// count as lost: the round trip of the latest block that arrived plus a reordering window
+// of a quarter SRTT (at least MinRTO), as TCP's RACK does (RFC 8985), and never more than the
+// RTO. The latest round trip follows a queue that builds up or drains at once, where SRTT
+// and RTTVAR lag behind, and a machine whose load makes RTTVAR large still finds losses in
+// about one round trip.
+func (r *run) lossAge(rto time.Duration) time.Duration {
+	if !r.rtt.Measured() {
+		return rto
+	}
+	return min(rto, r.rtt.latest+max(r.rtt.srtt/4*time.Duration(r.reorder), MinRTO))
+}
+
+// spurious widens the reordering window after a block that was asked for again arrived
+// twice (RACK does so on a DSACK): responses that interleave, or a stalled reader, look like
+// loss to a narrow window. At most a whole SRTT times 8; the RTO bounds it anyway.
+func (r *run) spurious() {
+	r.reorder = min(r.reorder*2, 32)
+}
+
+// lostBlocks returns the blocks of q the evidence says are lost; silent: nothing at all
+// arrived for a while in the tail, so everything of q older than that wait counts.
+func (r *run) lostBlocks(q *request, now time.Time, rto time.Duration, silent bool) []int {
+	age := r.lossAge(rto)
+	if silent {
+		age = r.probeWait(rto)
+	}
+	if now.Sub(q.sentAt) < age {
+		return nil
+	}
+	var lost []int
+	for _, i := range q.blocks {
+		if !r.pending.Has(i) {
+			continue // arrived
+		}
+		if silent || q.later || q.answered {
+			lost = append(lost, i)
+		}
+	}
+	return lost
+}
+
+// silent reports whether the RTO timeout applies: in the tail, a measured RTO below the quiet
+// period and no block for that long. Past that the quiet rounds take over. While requests
+// for blocks not asked for yet still go out, their answers are the evidence that finds a
+// loss; silence then is a stall more likely than a loss, and only the tail (everything
+// wanted is asked for, so no later answer can come) needs a timeout.
+func (r *run) silent(now time.Time, rto time.Duration) bool {
+	return r.rtt.Measured() && rto < r.d.cfg.QuietPeriod && now.Sub(r.lastActivity) >= r.probeWait(rto) && r.tail()
+}
+
+// probeWait is the silence after which the tail is asked for again: two of the shortest round
+// trips seen plus MinRTO (the probe timeout of TCP's tail loss probe is two SRTTs, RFC 8985),
+// at most two RTOs. The shortest round trip, not SRTT: SRTT includes the queue of a full
+// window, and in the tail that queue has drained. Without evidence the only sign of loss is
+// time, and a stalled process looks the same; the tail's re-requests go out twice (repeat),
+// so this wait is rarely paid, and a spurious probe costs one request's duplicate.
+func (r *run) probeWait(rto time.Duration) time.Duration {
+	return min(2*rto, 2*r.rtt.minRTT+MinRTO)
+}
+
+// tail reports whether every block still wanted is asked for already.
+func (r *run) tail() bool {
+	if len(r.inflight) < r.d.cfg.RequestsInFlight {
+		return true // fill stops short of the window only when nothing is left to ask
+	}
+	n := 0
+	for k := range r.have {
+		n += bits.OnesCount8(r.have[k] | r.pending[k])
+	}
+	return n == r.total
+}
+
+// detectLoss gives up on the blocks the evidence says are lost (they become wanted again,
+// the caller fills) and reports whether it did.
+func (r *run) detectLoss(now time.Time) bool {
+	rto := r.rtt.RTO()
+	silent := r.silent(now, rto)
+	found := false
+	for k := 0; k < len(r.inflight); {
+		q := r.inflight[k]
+		// A timeout gives up on the oldest request only (TCP retransmits the first segment):
+		// silence may be a stall, and re-requesting the whole window would send it twice.
+		lost := r.lostBlocks(q, now, rto, silent && !found)
+		if len(lost) == 0 {
+			k++
+			continue
+		}
+		found = true
+		r.d.log.Trace("blocks lost", "blocks", lost, "age", now.Sub(q.sentAt), "rto", rto, "srtt", r.rtt.srtt, "later", q.later, "silent", silent)
+		if len(lost) == q.remaining {
+			r.expire(k)
+			continue
+		}
+		// Part of the request is lost; the rest (above what arrived) may still come.
+		keep := q.blocks[:0:0]
+		for _, i := range q.blocks {
+			if r.pending.Has(i) && containsSorted(lost, i) {
+				r.pending.Clear(i)
+				r.cursor = min(r.cursor, i)
+				continue
+			}
+			keep = append(keep, i)
+		}
+		q.blocks = keep
+		q.remaining -= len(lost)
+		r.stats.Rerequests++
+		k++
+	}
+	if found && silent {
+		r.stats.Timeouts++
+		r.rtt.Backoff()
+		r.lastActivity = now
+	}
+	return found
+}
+
+func containsSorted(s []int, x int) bool {
+	for _, v := range s {
+		if v == x {
+			return true
+		}
+		if v > x {
+			return false
+		}
+	}
+	return false
+}
+
+// nextCheck is when tick must run next: the earliest deadline of a request with evidence of
+// loss, the RTO timeout, or the end of the quiet period.
+func (r *run) nextCheck() time.Time {
+	if !r.hold.IsZero() {
+		return r.hold
+	}
+	next := r.lastProgress.Add(r.quiet())
+	if len(r.inflight) == 0 {
+		return next
+	}
+	rto := r.rtt.RTO()
+	if r.rtt.Measured() && rto < r.d.cfg.QuietPeriod && r.tail() {
+		// The timeout needs both the silence and a request past its deadline.
+		oldest := r.inflight[0].sentAt
+		for _, q := range r.inflight[1:] {
+			oldest = minTime(oldest, q.sentAt)
+		}
+		next = minTime(next, maxTime(r.lastActivity, oldest).Add(r.probeWait(rto)))
+	}
+	for _, q := range r.inflight {
+		if r.suspect(q) {
+			next = minTime(next, q.sentAt.Add(r.lossAge(rto)))
+		}
+	}
+	return next
+}
+
+// suspect reports whether q has blocks that are lost once its deadline passes.
+func (r *run) suspect(q *request) bool { return (q.later || q.answered) && q.remaining > 0 }
+
+// repeat reports whether a request for blocks goes out twice: a re-request in the tail.
+// There no later answer can reveal its loss, so losing it again would cost a timeout; a
+// second copy makes that the square of the loss rate, for the price of a duplicate of
+// blocks that were lost once already (a loss-free download never repeats). Not in the quiet
+// rounds: when nothing arrives at all, a second copy buys nothing.
+func (r *run) repeat(blocks []int) bool {
+	for _, i := range blocks {
+		if !r.again.Has(i) {
+			return false
+		}
+	}
+	return r.rtt.Measured() && r.rtt.RTO() < r.d.cfg.QuietPeriod && r.tail()
+}
+
+func minTime(a, b time.Time) time.Time {
+	if b.Before(a) {
+		return b
+	}
+	return a
+}
+
+func maxTime(a, b time.Time) time.Time {
+	if b.After(a) {
+		return b
+	}
+	return a
+}
+
+// timeout runs when the timer fires (due is when it was meant to). Events already queued are
+// handled first: they may be the very blocks the timer would give up on. A timer that fires
+// well after due means this process was not running (a loaded machine): blocks that came
+// meanwhile may still sit unread in the socket, so the decision waits half an RTO more,
+// once, letting the MQTT client's reader catch up; a spurious re-request costs a duplicate
+// response on the link.
+func (r *run) timeout(ctx context.Context, now, due time.Time) error {
+	if len(r.events) > 0 {
+		return nil // the loop handles them and re-arms
+	}
+	rto := r.rtt.RTO()
+	if r.hold.IsZero() && now.Sub(due) > max(rto/4, 2*time.Millisecond) {
+		r.hold = now.Add(rto / 2)
+		return nil
+	}
+	if now.Before(r.hold) {
+		return nil
+	}
+	r.hold = time.Time{}
+	return r.tick(ctx, now)
+}

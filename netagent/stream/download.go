@@ -211,9 +211,13 @@ type request struct {
 	blocks    []int // increasing; blocks given up on leave the list
 	remaining int
 	sentAt    time.Time
-	// Evidence of loss: a block of a request sent later arrived (later), or another block
-	// of this one (answered).
-	later, answered bool
+	// Evidence of loss (scheduler.go): a block of a request sent later arrived (later: all
+	// of this one's missing blocks were sent before it), or a block of this one above the
+	// blocks still missing (highest: the server sends a request's blocks in order).
+	// evidenceAt is when the first evidence for the blocks still pending came.
+	later      bool
+	highest    int
+	evidenceAt time.Time
 }
 
 type run struct {
@@ -441,7 +445,7 @@ func (r *run) fill(ctx context.Context) error {
 			}
 			r.asked.Set(i)
 		}
-		q := &request{blocks: w.blocks, remaining: len(w.blocks)}
+		q := &request{blocks: w.blocks, remaining: len(w.blocks), highest: -1}
 		r.inflight = append(r.inflight, q)
 		r.stats.Requests++
 		// Bounded, but not by a short quiet period: a publish may wait its turn under the

@@ -677,3 +677,40 @@ func TestLostBlockRerequestedAfterRTO(t *testing.T) {
 		})
 	}
 }
+
+// AWS's 512 KiB/s quota (on in the emulator by default) delays blocks, it loses none: a
+// window of requests queued behind the throttle must not be asked for again. The blocks of
+// the later requests wait behind the earlier ones, so round trips grow with the queue and
+// the blocks of one response come spread over its whole transfer time; neither is loss.
+func TestThrottleIsNotLoss(t *testing.T) {
+	for _, tc := range []struct {
+		name        string
+		bs, per, in int
+	}{
+		{name: "crash campaign shape", bs: 4096, per: 8, in: 2},
+		{name: "whole image in flight", bs: 4096, per: 32, in: 8},
+		{name: "defaults", bs: stream.DefaultBlockSize},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			const size = 1 << 20
+			e := newEnv(t, size) // quotas on
+			c := cfg(t, e)
+			c.QuietPeriod, c.MaxQuietPeriod = stream.DefaultQuietPeriod, stream.DefaultMaxQuietPeriod
+			c.BlockSize, c.BlocksPerRequest, c.RequestsInFlight = tc.bs, tc.per, tc.in
+			sink := newMemSink(t, tc.bs)
+			st, err := download(t, e.conn, c, e.file(tc.bs), nil, sink)
+			if err != nil {
+				t.Fatal(err)
+			}
+			sink.check(e.image, 0)
+			sent := 0
+			for _, r := range e.emu.StreamRequests(e.job) {
+				sent += len(r.Sent)
+			}
+			t.Logf("stats %+v; blocks sent %d", st, sent)
+			if st.Rerequests != 0 || st.Duplicates != 0 || st.Timeouts != 0 || st.Rounds != 0 || sent != st.Blocks {
+				t.Fatalf("throttled, loss-free download re-requested: stats %+v, %d blocks sent for %d", st, sent, st.Blocks)
+			}
+		})
+	}
+}

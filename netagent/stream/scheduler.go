@@ -17,33 +17,60 @@ import (
 const MinRTO = 10 * time.Millisecond
 
 // arrived records that block i of request k came (at now): a round trip sample unless the
-// block was asked for more than once (Karn's rule), and evidence of loss for the other
-// blocks of k and the blocks of the requests sent before k. Any new block also ends an RTO
-// backoff: the path delivers, so silence was loss, not throttling.
+// block was asked for more than once (Karn's rule), and evidence of loss for the blocks the
+// server sent before it: those of k below i (a response's blocks go out in order) and all of
+// the requests sent before k (a connection's requests are served in order). Nothing else is
+// evidence: under AWS's 512 KiB/s quota the blocks of a window wait in the broker behind one
+// another, so a response comes spread over its transfer time and the later requests' round
+// trips include the earlier ones' data; only order, not time since a request, tells a lost
+// block from a queued one. Any new block also ends an RTO backoff: the path delivers, so
+// silence was loss, not throttling.
 func (r *run) arrived(k, i int, now time.Time) {
 	r.rtt.Alive()
 	q := r.inflight[k]
-	q.answered = true
 	if r.again.Has(i) {
 		return // ambiguous: it may answer an earlier request; it proves nothing about order
 	}
 	r.rtt.Sample(now.Sub(q.sentAt))
+	if i > q.highest {
+		q.highest = i
+		if q.evidenceAt.IsZero() && r.evident(q) {
+			q.evidenceAt = now
+		}
+	}
 	for _, p := range r.inflight[:k] {
 		p.later = true
+		if p.evidenceAt.IsZero() {
+			p.evidenceAt = now
+		}
 	}
 }
 
-// lossAge is how old a request with evidence of loss must be before its missing blocks
-// count as lost: the round trip of the latest block that arrived plus a reordering window
-// of a quarter SRTT (at least MinRTO), as TCP's RACK does (RFC 8985), and never more than the
-// RTO. The latest round trip follows a queue that builds up or drains at once, where SRTT
-// and RTTVAR lag behind, and a machine whose load makes RTTVAR large still finds losses in
-// about one round trip.
-func (r *run) lossAge(rto time.Duration) time.Duration {
+// lostBy reports whether the evidence says block i of q is lost (once the reordering window
+// has passed): it is still pending and a block sent after it arrived.
+func (r *run) lostBy(q *request, i int) bool {
+	return r.pending.Has(i) && (q.later || i < q.highest)
+}
+
+// evident reports whether some block of q has evidence of loss.
+func (r *run) evident(q *request) bool {
+	for _, i := range q.blocks {
+		if r.lostBy(q, i) {
+			return true
+		}
+	}
+	return false
+}
+
+// reorderWindow is how long after the evidence a block still counts as on its way: a quarter
+// SRTT (at least MinRTO), as TCP's RACK does (RFC 8985), never more than the RTO. One MQTT
+// connection does not reorder, so this only covers responses that interleave (a server that
+// answers requests side by side) or a stalled reader; it widens after a spurious re-request.
+func (r *run) reorderWindow(rto time.Duration) time.Duration {
 	if !r.rtt.Measured() {
 		return rto
 	}
-	return min(rto, r.rtt.latest+max(r.rtt.srtt/4*time.Duration(r.reorder), MinRTO))
+	return min(rto, max(r.rtt.srtt/4*time.Duration(r.reorder), MinRTO))
 }
 
 // spurious widens the reordering window after a block that was asked for again arrived
@@ -56,19 +83,16 @@ func (r *run) spurious() {
 // lostBlocks returns the blocks of q the evidence says are lost; silent: nothing at all
 // arrived for a while in the tail, so everything of q older than that wait counts.
 func (r *run) lostBlocks(q *request, now time.Time, rto time.Duration, silent bool) []int {
-	age := r.lossAge(rto)
 	if silent {
-		age = r.probeWait(rto)
-	}
-	if now.Sub(q.sentAt) < age {
+		if now.Sub(q.sentAt) < r.probeWait(rto) {
+			return nil
+		}
+	} else if q.evidenceAt.IsZero() || now.Sub(q.evidenceAt) < r.reorderWindow(rto) {
 		return nil
 	}
 	var lost []int
 	for _, i := range q.blocks {
-		if !r.pending.Has(i) {
-			continue // arrived
-		}
-		if silent || q.later || q.answered {
+		if silent && r.pending.Has(i) || r.lostBy(q, i) {
 			lost = append(lost, i)
 		}
 	}
@@ -84,14 +108,16 @@ func (r *run) silent(now time.Time, rto time.Duration) bool {
 	return r.rtt.Measured() && rto < r.d.cfg.QuietPeriod && now.Sub(r.lastActivity) >= r.probeWait(rto) && r.tail()
 }
 
-// probeWait is the silence after which the tail is asked for again: two of the shortest round
-// trips seen plus MinRTO (the probe timeout of TCP's tail loss probe is two SRTTs, RFC 8985),
-// at most two RTOs. The shortest round trip, not SRTT: SRTT includes the queue of a full
-// window, and in the tail that queue has drained. Without evidence the only sign of loss is
-// time, and a stalled process looks the same; the tail's re-requests go out twice (repeat),
-// so this wait is rarely paid, and a spurious probe costs one request's duplicate.
+// probeWait is the silence after which the tail is asked for again: the RTO (SRTT plus four
+// RTTVAR, RFC 6298). Not a multiple of the shortest round trip (TCP's tail loss probe): under
+// AWS's quota a block of a queued window takes a round trip of its own to arrive and the gap
+// between two blocks is a block's transfer time (125 ms for 64 KiB at 512 KiB/s), so a wait
+// from the shortest round trip fires while the tail is still arriving. SRTT follows the
+// queueing delay the samples carry. Without evidence the only sign of loss is time, and a
+// stalled process looks the same; the tail's re-requests go out twice (repeat), so this
+// wait is rarely paid twice.
 func (r *run) probeWait(rto time.Duration) time.Duration {
-	return min(2*rto, 2*r.rtt.minRTT+MinRTO)
+	return rto
 }
 
 // tail reports whether every block still wanted is asked for already.
@@ -122,7 +148,7 @@ func (r *run) detectLoss(now time.Time) bool {
 			continue
 		}
 		found = true
-		r.d.log.Trace("blocks lost", "blocks", lost, "age", now.Sub(q.sentAt), "rto", rto, "srtt", r.rtt.srtt, "later", q.later, "silent", silent)
+		r.d.log.Trace("blocks lost", "blocks", lost, "age", now.Sub(q.sentAt), "rto", rto, "srtt", r.rtt.srtt, "later", q.later, "highest", q.highest, "silent", silent)
 		if len(lost) == q.remaining {
 			r.expire(k)
 			continue
@@ -139,6 +165,7 @@ func (r *run) detectLoss(now time.Time) bool {
 		}
 		q.blocks = keep
 		q.remaining -= len(lost)
+		q.evidenceAt = time.Time{} // what is left lies above every block that arrived
 		r.stats.Rerequests++
 		k++
 	}
@@ -183,14 +210,14 @@ func (r *run) nextCheck() time.Time {
 	}
 	for _, q := range r.inflight {
 		if r.suspect(q) {
-			next = minTime(next, q.sentAt.Add(r.lossAge(rto)))
+			next = minTime(next, q.evidenceAt.Add(r.reorderWindow(rto)))
 		}
 	}
 	return next
 }
 
-// suspect reports whether q has blocks that are lost once its deadline passes.
-func (r *run) suspect(q *request) bool { return (q.later || q.answered) && q.remaining > 0 }
+// suspect reports whether q has blocks that are lost once its reordering window passes.
+func (r *run) suspect(q *request) bool { return !q.evidenceAt.IsZero() && r.evident(q) }
 
 // repeat reports whether a request for blocks goes out twice: a re-request in the tail.
 // There no later answer can reveal its loss, so losing it again would cost a timeout; a

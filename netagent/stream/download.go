@@ -211,8 +211,8 @@ type request struct {
 	blocks    []int // increasing; blocks given up on leave the list
 	remaining int
 	sentAt    time.Time
-	// Evidence of loss (scheduler.go): a block of a request sent later arrived (later: all
-	// of this one's missing blocks were sent before it), or a block of this one above the
+	// Evidence of loss (scheduler.go): a request sent later was answered in full (later:
+	// this one's missing blocks went out before its end), or a block of this one above the
 	// blocks still missing (highest: the server sends a request's blocks in order).
 	// evidenceAt is when the first evidence for the blocks still pending came.
 	later      bool
@@ -236,10 +236,12 @@ type run struct {
 	inflight []*request
 	cursor   int
 
-	lastProgress time.Time // last new block, or start of the current round
-	lastActivity time.Time // last new block or RTO timeout
-	hold         time.Time // a late timer's decision waits until then (scheduler.go)
-	reorder      int       // reordering window in quarters of SRTT (scheduler.go)
+	lastProgress time.Time     // last new block, or start of the current round
+	lastActivity time.Time     // last new block or RTO timeout
+	hold         time.Time     // a late timer's decision waits until then (scheduler.go)
+	reorder      int           // reordering window in quarters of SRTT (scheduler.go)
+	lastBlock    time.Time     // the last new block
+	gap          time.Duration // smoothed time between new blocks (scheduler.go)
 	fruitless    int
 	badSince     int // malformed blocks since the last new one
 	stats        Stats
@@ -499,6 +501,7 @@ func (r *run) handle(ctx context.Context, ev event) error {
 	r.stats.Received++
 	r.lastProgress = now
 	r.lastActivity = now
+	r.gapArrived(now)
 	r.fruitless = 0
 	r.badSince = 0
 	if r.pending.Has(i) {

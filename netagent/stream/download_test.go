@@ -43,7 +43,11 @@ func logger(t *testing.T) hclog.Logger {
 	if os.Getenv("STREAM_DEBUG") == "" {
 		return hclog.NewNullLogger()
 	}
-	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: hclog.Debug})
+	level := hclog.LevelFromString(os.Getenv("STREAM_DEBUG")) // STREAM_DEBUG=trace: loss decisions too
+	if level == hclog.NoLevel {
+		level = hclog.Debug
+	}
+	return hclog.New(&hclog.LoggerOptions{Name: t.Name(), Level: level})
 }
 
 // env is an emulator (embedded mochi) and a device-side mqttconn connection.
@@ -686,14 +690,16 @@ func TestThrottleIsNotLoss(t *testing.T) {
 	for _, tc := range []struct {
 		name        string
 		bs, per, in int
+		delay       time.Duration
 	}{
-		{name: "crash campaign shape", bs: 4096, per: 8, in: 2},
+		{name: "crash campaign shape", bs: 4096, per: 8, in: 2, delay: 5 * time.Millisecond},
 		{name: "whole image in flight", bs: 4096, per: 32, in: 8},
 		{name: "defaults", bs: stream.DefaultBlockSize},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			const size = 1 << 20
 			e := newEnv(t, size) // quotas on
+			e.emu.SetFaults(e.job, emulator.Faults{Delay: tc.delay})
 			c := cfg(t, e)
 			c.QuietPeriod, c.MaxQuietPeriod = stream.DefaultQuietPeriod, stream.DefaultMaxQuietPeriod
 			c.BlockSize, c.BlocksPerRequest, c.RequestsInFlight = tc.bs, tc.per, tc.in

@@ -17,14 +17,16 @@ import (
 const MinRTO = 10 * time.Millisecond
 
 // arrived records that block i of request k came (at now): a round trip sample unless the
-// block was asked for more than once (Karn's rule), and evidence of loss for the blocks the
-// server sent before it: those of k below i (a response's blocks go out in order) and all of
-// the requests sent before k (a connection's requests are served in order). Nothing else is
-// evidence: under AWS's 512 KiB/s quota the blocks of a window wait in the broker behind one
-// another, so a response comes spread over its transfer time and the later requests' round
-// trips include the earlier ones' data; only order, not time since a request, tells a lost
-// block from a queued one. Any new block also ends an RTO backoff: the path delivers, so
-// silence was loss, not throttling.
+// block was asked for more than once (Karn's rule), and evidence of loss for blocks the
+// server sent before it: those of k below i (a response's blocks go out in order), and, once
+// k is answered in full, all of the requests sent before k. Nothing else is evidence: under
+// AWS's 512 KiB/s quota the blocks of a window wait in the broker behind one another, so a
+// response comes spread over its transfer time and the later requests' round trips include
+// the earlier ones' data; and responses to requests sent close together may go out in
+// either order (AWS promises none), so the first block of a later response proves nothing,
+// while a later response answered in full leaves an earlier one queued at most a block's
+// transfer time behind (the reordering window covers that). Any new block also ends an RTO
+// backoff: the path delivers, so silence was loss, not throttling.
 func (r *run) arrived(k, i int, now time.Time) {
 	r.rtt.Alive()
 	q := r.inflight[k]
@@ -38,12 +40,29 @@ func (r *run) arrived(k, i int, now time.Time) {
 			q.evidenceAt = now
 		}
 	}
+	if q.remaining > 1 {
+		return
+	}
 	for _, p := range r.inflight[:k] {
 		p.later = true
 		if p.evidenceAt.IsZero() {
 			p.evidenceAt = now
 		}
 	}
+}
+
+// gapArrived keeps the smoothed gap between two new blocks (gains of SRTT's): under a
+// throttle it is a block's transfer time, the least a reordering window must cover.
+func (r *run) gapArrived(now time.Time) {
+	if !r.lastBlock.IsZero() {
+		g := now.Sub(r.lastBlock)
+		if r.gap == 0 {
+			r.gap = g
+		} else {
+			r.gap = (7*r.gap + g) / 8
+		}
+	}
+	r.lastBlock = now
 }
 
 // lostBy reports whether the evidence says block i of q is lost (once the reordering window
@@ -63,14 +82,14 @@ func (r *run) evident(q *request) bool {
 }
 
 // reorderWindow is how long after the evidence a block still counts as on its way: a quarter
-// SRTT (at least MinRTO), as TCP's RACK does (RFC 8985), never more than the RTO. One MQTT
-// connection does not reorder, so this only covers responses that interleave (a server that
-// answers requests side by side) or a stalled reader; it widens after a spurious re-request.
+// SRTT (at least MinRTO, at most the RTO), as TCP's RACK does (RFC 8985), and at least two
+// smoothed gaps between blocks: a response queued behind a later one starts a block's
+// transfer time after it. It widens after a spurious re-request.
 func (r *run) reorderWindow(rto time.Duration) time.Duration {
 	if !r.rtt.Measured() {
 		return rto
 	}
-	return min(rto, max(r.rtt.srtt/4*time.Duration(r.reorder), MinRTO))
+	return max(min(rto, r.rtt.srtt/4*time.Duration(r.reorder)), MinRTO, 2*r.gap)
 }
 
 // spurious widens the reordering window after a block that was asked for again arrived

@@ -23,9 +23,11 @@ const MinRTO = 10 * time.Millisecond
 // AWS's 512 KiB/s quota the blocks of a window wait in the broker behind one another, so a
 // response comes spread over its transfer time and the later requests' round trips include
 // the earlier ones' data; and responses to requests sent close together may go out in
-// either order (AWS promises none), so the first block of a later response proves nothing,
-// while a later response answered in full leaves an earlier one queued at most a block's
-// transfer time behind (the reordering window covers that). Any new block also ends an RTO
+// either order (AWS promises none, and the emulator's delayed responses swap at times), so
+// the first block of a later response proves nothing, while a later response answered in
+// full leaves an earlier one queued at most a block's transfer time behind (the reordering
+// window covers that), and once a block of the earlier one comes, its response is under way
+// and only its own order counts. Any new block also ends an RTO
 // backoff: the path delivers, so silence was loss, not throttling.
 func (r *run) arrived(k, i int, now time.Time) {
 	r.rtt.Alive()
@@ -34,11 +36,14 @@ func (r *run) arrived(k, i int, now time.Time) {
 		return // ambiguous: it may answer an earlier request; it proves nothing about order
 	}
 	r.rtt.Sample(now.Sub(q.sentAt))
-	if i > q.highest {
-		q.highest = i
-		if q.evidenceAt.IsZero() && r.evident(q) {
-			q.evidenceAt = now
-		}
+	if q.later {
+		// Its response is under way after a later one was answered: it was queued behind
+		// that one, not lost. From here its own order is the evidence.
+		q.later, q.evidenceAt = false, time.Time{}
+	}
+	q.highest = max(q.highest, i)
+	if q.evidenceAt.IsZero() && r.evident(q) {
+		q.evidenceAt = now
 	}
 	if q.remaining > 1 {
 		return

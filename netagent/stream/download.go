@@ -212,10 +212,12 @@ type request struct {
 	remaining int
 	sentAt    time.Time
 	// Evidence of loss (scheduler.go): a request sent later was answered in full (later:
-	// this one's missing blocks went out before its end), or a block of this one above the
-	// blocks still missing (highest: the server sends a request's blocks in order).
-	// evidenceAt is when the first evidence for the blocks still pending came.
+	// this one's missing blocks went out before its end) and another block of a later
+	// request came after that (overtaken), or a block of this one above the blocks still
+	// missing (highest: the server sends a request's blocks in order). evidenceAt is when
+	// the first evidence for the blocks still pending came.
 	later      bool
+	overtaken  bool
 	highest    int
 	evidenceAt time.Time
 }

@@ -26,8 +26,9 @@ const MinRTO = 10 * time.Millisecond
 // either order (AWS promises none, and the emulator's delayed responses swap at times), so
 // the first block of a later response proves nothing, while a later response answered in
 // full leaves an earlier one queued at most a block's transfer time behind (the reordering
-// window covers that), and once a block of the earlier one comes, its response is under way
-// and only its own order counts. Any new block also ends an RTO
+// window covers that, and a block of a later request must have come after that answer: a
+// process stalled by its writer sees nothing meanwhile), and once a block of the earlier one
+// comes, its response is under way and only its own order counts. Any new block also ends an RTO
 // backoff: the path delivers, so silence was loss, not throttling.
 func (r *run) arrived(k, i int, now time.Time) {
 	r.rtt.Alive()
@@ -39,11 +40,16 @@ func (r *run) arrived(k, i int, now time.Time) {
 	if q.later {
 		// Its response is under way after a later one was answered: it was queued behind
 		// that one, not lost. From here its own order is the evidence.
-		q.later, q.evidenceAt = false, time.Time{}
+		q.later, q.overtaken, q.evidenceAt = false, false, time.Time{}
 	}
 	q.highest = max(q.highest, i)
 	if q.evidenceAt.IsZero() && r.evident(q) {
 		q.evidenceAt = now
+	}
+	for _, p := range r.inflight[:k] {
+		// A block of a later request came after that later answer, where p's response
+		// would have been next: p is not queued there.
+		p.overtaken = p.overtaken || p.later
 	}
 	if q.remaining > 1 {
 		return
@@ -73,7 +79,7 @@ func (r *run) gapArrived(now time.Time) {
 // lostBy reports whether the evidence says block i of q is lost (once the reordering window
 // has passed): it is still pending and a block sent after it arrived.
 func (r *run) lostBy(q *request, i int) bool {
-	return r.pending.Has(i) && (q.later || i < q.highest)
+	return r.pending.Has(i) && (q.later && q.overtaken || i < q.highest)
 }
 
 // evident reports whether some block of q has evidence of loss.

@@ -7,9 +7,10 @@
 // to 98304, bitmap under 12,288 bytes), so there is no 31-block or 4 MiB ceiling.
 //
 // Loss: the round trip of requests is measured (SRTT, RTTVAR and RTO as TCP computes them,
-// rtt.go) and a block is asked for again as soon as the evidence says it is lost: blocks
-// sent after it arrived and its request is older than the RTO (scheduler.go). When nothing
-// arrives at all, what is outstanding is asked for again after the RTO, doubling per try;
+// rtt.go) and a block is asked for again as soon as the evidence says it is lost: blocks the
+// server sent after it arrived, and a short reordering window passed (scheduler.go); a block
+// queued behind AWS's 512 KiB/s quota is late, not lost. When nothing arrives at all in the
+// tail, what is outstanding is asked for again after the RTO, doubling per try;
 // once that reaches the quiet period, the quiet rounds take over: every outstanding request
 // is sent again (this covers a lost first request too), the period doubles per fruitless
 // round and after MaxFruitlessRounds the download fails with momentum_abort. Duplicates and

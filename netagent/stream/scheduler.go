@@ -135,11 +135,18 @@ func (r *run) lostBlocks(q *request, now time.Time, rto time.Duration, silent bo
 // loss; silence then is a stall more likely than a loss, and only the tail (everything
 // wanted is asked for, so no later answer can come) needs a timeout.
 func (r *run) silent(now time.Time, rto time.Duration) bool {
-	return r.rtt.Measured() && rto < r.d.cfg.QuietPeriod && now.Sub(r.lastActivity) >= r.probeWait(rto) && r.tail()
+	return r.tailTimer(rto) && now.Sub(r.lastActivity) >= r.probeWait(rto)
+}
+
+// tailTimer reports whether the RTO timeout is armed: in the tail, with a round trip and a
+// gap between two blocks measured (one sample alone may be a burst the quota let through at
+// once, shorter than the next block's transfer time), and an RTO below the quiet period.
+func (r *run) tailTimer(rto time.Duration) bool {
+	return r.rtt.Measured() && r.gap > 0 && rto < r.d.cfg.QuietPeriod && r.tail()
 }
 
 // probeWait is the silence after which the tail is asked for again: the RTO (SRTT plus four
-// RTTVAR, RFC 6298). Not a multiple of the shortest round trip (TCP's tail loss probe): under
+// RTTVAR, RFC 6298), and at least two smoothed gaps between blocks. Not a multiple of the shortest round trip (TCP's tail loss probe): under
 // AWS's quota a block of a queued window takes a round trip of its own to arrive and the gap
 // between two blocks is a block's transfer time (125 ms for 64 KiB at 512 KiB/s), so a wait
 // from the shortest round trip fires while the tail is still arriving. SRTT follows the
@@ -147,7 +154,7 @@ func (r *run) silent(now time.Time, rto time.Duration) bool {
 // stalled process looks the same; the tail's re-requests go out twice (repeat), so this
 // wait is rarely paid twice.
 func (r *run) probeWait(rto time.Duration) time.Duration {
-	return rto
+	return max(rto, 2*r.gap)
 }
 
 // tail reports whether every block still wanted is asked for already.
@@ -230,7 +237,7 @@ func (r *run) nextCheck() time.Time {
 		return next
 	}
 	rto := r.rtt.RTO()
-	if r.rtt.Measured() && rto < r.d.cfg.QuietPeriod && r.tail() {
+	if r.tailTimer(rto) {
 		// The timeout needs both the silence and a request past its deadline.
 		oldest := r.inflight[0].sentAt
 		for _, q := range r.inflight[1:] {

@@ -235,6 +235,7 @@ type run struct {
 
 	have     bitmap.Bitmap // handed to the sink (and not lost since)
 	pending  bitmap.Bitmap // asked for in an outstanding request
+	asking   int           // blocks set in pending (never held: want excludes held blocks)
 	held     int
 	inflight []*request
 	cursor   int
@@ -399,6 +400,7 @@ func (r *run) reload(ctx context.Context, missing bitmap.Bitmap) error {
 	r.have = missing.Complement(r.total)
 	r.held = r.have.Count()
 	r.pending = bitmap.New(r.total)
+	r.asking = 0
 	r.inflight = r.inflight[:0]
 	r.cursor = 0
 	r.lastProgress = time.Now()
@@ -444,7 +446,7 @@ func (r *run) fill(ctx context.Context) error {
 			return status.Errorf(otav1.Reason_REASON_FAILED_INGEST, "stream: encode request: %w", err)
 		}
 		for _, i := range w.blocks {
-			r.pending.Set(i)
+			r.setPending(i)
 			if r.asked.Has(i) {
 				r.again.Set(i)
 			}
@@ -508,7 +510,7 @@ func (r *run) handle(ctx context.Context, ev event) error {
 	r.fruitless = 0
 	r.badSince = 0
 	if r.pending.Has(i) {
-		r.pending.Clear(i)
+		r.clearPending(i)
 		for k, q := range r.inflight {
 			if j := sort.SearchInts(q.blocks, i); j < len(q.blocks) && q.blocks[j] == i {
 				r.arrived(k, i, now)
@@ -535,7 +537,7 @@ func (r *run) remove(k int) {
 func (r *run) expire(k int) {
 	for _, i := range r.inflight[k].blocks {
 		if r.pending.Has(i) {
-			r.pending.Clear(i)
+			r.clearPending(i)
 			r.cursor = min(r.cursor, i)
 		}
 	}

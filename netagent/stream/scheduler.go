@@ -2,7 +2,6 @@ package stream
 
 import (
 	"context"
-	"math/bits"
 	"time"
 )
 
@@ -162,11 +161,24 @@ func (r *run) tail() bool {
 	if len(r.inflight) < r.d.cfg.RequestsInFlight {
 		return true // fill stops short of the window only when nothing is left to ask
 	}
-	n := 0
-	for k := range r.have {
-		n += bits.OnesCount8(r.have[k] | r.pending[k])
+	// Counted, not scanned: tail runs after every block, and a scan of both bitmaps there
+	// made a download quadratic in the image's block count.
+	return r.held+r.asking == r.total
+}
+
+// setPending and clearPending keep asking equal to the blocks set in pending.
+func (r *run) setPending(i int) {
+	if !r.pending.Has(i) {
+		r.pending.Set(i)
+		r.asking++
 	}
-	return n == r.total
+}
+
+func (r *run) clearPending(i int) {
+	if r.pending.Has(i) {
+		r.pending.Clear(i)
+		r.asking--
+	}
 }
 
 // detectLoss gives up on the blocks the evidence says are lost (they become wanted again,
@@ -194,7 +206,7 @@ func (r *run) detectLoss(now time.Time) bool {
 		keep := q.blocks[:0:0]
 		for _, i := range q.blocks {
 			if r.pending.Has(i) && containsSorted(lost, i) {
-				r.pending.Clear(i)
+				r.clearPending(i)
 				r.cursor = min(r.cursor, i)
 				continue
 			}

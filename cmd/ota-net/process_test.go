@@ -19,6 +19,8 @@ import (
 	"github.com/gwota/gwota/test/emulator"
 	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/client"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // The process tests build the real ota-net and ota-writer binaries and run them against the
@@ -134,9 +136,7 @@ func signedImage(t *testing.T, dir string, size int) (string, []byte) {
 // A whole job through the real binaries, with a SIGTERM in the middle of the download: ota-net
 // exits 0 and the next start resumes from the writer's durable blocks.
 func TestProcessesJobWithRestart(t *testing.T) {
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Skip("openssl not installed")
-	}
+	testenv.NeedTools(t, "openssl")
 	dir := t.TempDir()
 	sockDir, err := os.MkdirTemp("/tmp", "otn")
 	if err != nil {

@@ -7,6 +7,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // The running slot comes from the kernel command line when [boot] slot_from_cmdline says so.
@@ -14,20 +16,8 @@ import (
 // /proc/cmdline, so the production path is what is read; the GRUB environment says slot a
 // runs, committed, throughout.
 func TestRunningSlotFromCmdline(t *testing.T) {
-	for _, tool := range []string{"unshare", "mount", "grub-editenv"} {
-		if _, err := exec.LookPath(tool); err != nil {
-			if os.Getenv("CI") == "true" {
-				t.Fatalf("%s is missing (CI installs util-linux, mount and grub-common): %v", tool, err)
-			}
-			t.Skipf("%s is missing: %v", tool, err)
-		}
-	}
-	if os.Getuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("needs root to bind-mount over /proc/cmdline (CI runs as root)")
-		}
-		t.Skip("needs root to bind-mount over /proc/cmdline")
-	}
+	testenv.NeedTools(t, "unshare", "mount", "grub-editenv")
+	testenv.NeedRoot(t, "to bind-mount over /proc/cmdline")
 	b := newBench(t, "")
 	env := filepath.Join(b.dir, "grubenv")
 	for _, args := range [][]string{{env, "create"}, {env, "set", "boot_part=a", "upgrade_available=0"}} {

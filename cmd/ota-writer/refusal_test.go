@@ -8,6 +8,8 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/writer/writertest"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // Every hostile or out-of-order request against a real writer process is refused with its
@@ -171,9 +173,7 @@ func TestRefusals(t *testing.T) {
 // anything: the CLI tells that from a missing writer (permission_denied, not
 // writer_unavailable) and the writer logs who.
 func TestForeignUIDRefused(t *testing.T) {
-	if os.Getuid() != 0 {
-		t.Skip("needs root")
-	}
+	testenv.NeedRoot(t, "to connect under a uid the writer does not allow")
 	b := newBench(t, "")
 	os.Chmod(b.dir, 0o755)
 	w := b.serve(t)

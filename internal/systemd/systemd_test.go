@@ -18,6 +18,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"go.uber.org/goleak"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 func TestMain(m *testing.M) {
@@ -366,9 +368,7 @@ func TestListenerRejectsTCP(t *testing.T) {
 // the environment is exactly what systemd sets, not our reading of it.
 func TestListenerSystemdSocketActivate(t *testing.T) {
 	tool, err := exec.LookPath("systemd-socket-activate")
-	if err != nil {
-		t.Skip("systemd-socket-activate not installed")
-	}
+	testenv.Need(t, err)
 	path := filepath.Join(t.TempDir(), "writer.sock")
 	cmd := exec.Command(tool, "-l", path, "--fdname=ota-writer.socket",
 		"-E", helperEnv+"=1", "-E", helperNameEnv+"=ota-writer.socket", os.Args[0], "-test.run=^$")

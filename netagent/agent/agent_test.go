@@ -11,7 +11,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strconv"
@@ -43,6 +42,8 @@ import (
 	"github.com/gwota/gwota/writer/selftest"
 	"github.com/gwota/gwota/writer/server"
 	"github.com/gwota/gwota/writer/writertest"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 func TestMain(m *testing.M) {
@@ -75,9 +76,7 @@ func logger(t *testing.T, name string) hclog.Logger {
 // does, once per test binary (sign.SharedOpenSSL: ec.key, signer.crt.pem).
 func opensslSigner(t *testing.T) sign.OpenSSL {
 	t.Helper()
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Skip("openssl not installed")
-	}
+	testenv.NeedTools(t, "openssl")
 	o, err := sign.SharedOpenSSL()
 	if err != nil {
 		t.Fatal(err)

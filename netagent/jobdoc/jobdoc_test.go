@@ -15,6 +15,8 @@ import (
 	"github.com/gwota/gwota/netagent/jobdoc"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 const ecdsaSig = "MEQCIE1SFkIHHiZAvkPpu6McJtx7SYoD0u2zR3xXyQU/2aT5AiAgcHhuJ1gpx4dLrfuuS9pxnxqbLfCqqgSUd3g6BK3HQQ=="
@@ -160,9 +162,7 @@ func TestSigKeysMapping(t *testing.T) {
 // A real RSA-4096 signature (512 bytes, 684 base64 characters) made by openssl: rustot
 // panics on these.
 func TestRealRSA4096Signature(t *testing.T) {
-	if _, err := exec.LookPath("openssl"); err != nil {
-		t.Skip("openssl not installed")
-	}
+	testenv.NeedTools(t, "openssl")
 	dir := t.TempDir()
 	key, img, sig := filepath.Join(dir, "k.pem"), filepath.Join(dir, "img"), filepath.Join(dir, "sig")
 	if err := os.WriteFile(img, []byte(strings.Repeat("firmware", 1000)), 0o600); err != nil {

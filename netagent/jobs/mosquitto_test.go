@@ -13,15 +13,15 @@ import (
 
 	"github.com/gwota/gwota/netagent/jobs"
 	"github.com/gwota/gwota/test/emulator"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // startMosquitto runs mosquitto as a separate process on a free loopback port.
 func startMosquitto(t *testing.T) string {
 	t.Helper()
 	bin, err := exec.LookPath("mosquitto")
-	if err != nil {
-		t.Skip("mosquitto not installed")
-	}
+	testenv.Need(t, err)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -24,6 +24,8 @@ import (
 	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
 	"github.com/gwota/gwota/netagent/webproxy"
 	"github.com/gwota/gwota/test/harness"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 type pki struct {
@@ -176,12 +178,8 @@ func TestTLSConfigErrors(t *testing.T) {
 // mutual TLS, SNI and ALPN x-amzn-mqtt-ca inside it exactly as without a proxy, and the
 // reconnection after the broker drops the client goes through the proxy again.
 func TestMutualTLSThroughProxy(t *testing.T) {
-	if _, err := harness.FindTinyproxy(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal(err)
-		}
-		t.Skip(err)
-	}
+	_, err := harness.FindTinyproxy()
+	testenv.Need(t, err)
 	p := newPKI(t)
 	pool := x509.NewCertPool()
 	pool.AddCert(p.ca)

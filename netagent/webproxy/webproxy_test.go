@@ -17,6 +17,8 @@ import (
 
 	"github.com/gwota/gwota/netagent/webproxy"
 	"github.com/gwota/gwota/test/harness"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 func env(kv ...string) func(string) string {
@@ -131,12 +133,8 @@ func TestResolveErrors(t *testing.T) {
 
 func needTinyproxy(t *testing.T) {
 	t.Helper()
-	if _, err := harness.FindTinyproxy(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatal(err)
-		}
-		t.Skip(err)
-	}
+	_, err := harness.FindTinyproxy()
+	testenv.Need(t, err)
 }
 
 // echoServer answers every connection by echoing what it reads.

@@ -17,6 +17,8 @@ import (
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/harness"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // The proxy tests run ota-net in a fence (harness.Fence): a network namespace whose only way
@@ -32,13 +34,7 @@ func needProxyRig(t *testing.T) {
 	if err == nil {
 		_, err = harness.FindTinyproxy()
 	}
-	if err == nil {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("proxy tests: %v (CI runs as root with tinyproxy installed by scripts/test.sh)", err)
-	}
-	t.Skipf("proxy tests: %v", err)
+	testenv.Need(t, err)
 }
 
 // proxyRig is an env whose ota-net runs fenced, with tinyproxy as its only way out.

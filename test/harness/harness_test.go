@@ -10,6 +10,8 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/test/harness"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 func ctxT(t *testing.T, d time.Duration) context.Context {
@@ -158,9 +160,8 @@ func TestWriterUpdateCycle(t *testing.T) {
 
 // TestMosquittoRestart starts the broker as a process and restarts it on the same port.
 func TestMosquittoRestart(t *testing.T) {
-	if _, err := harness.FindMosquitto(); err != nil {
-		t.Skip(err)
-	}
+	_, err := harness.FindMosquitto()
+	testenv.Need(t, err)
 	ctx := ctxT(t, time.Minute)
 	m, err := harness.StartMosquitto(ctx, t.TempDir())
 	if err != nil {

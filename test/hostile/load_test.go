@@ -23,6 +23,8 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/writer/client"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // answerBound is how long a legitimate call may take while the writer is under load.
@@ -405,12 +407,7 @@ func intruder(sock string) int {
 
 func otherUID(t *testing.T, ctx context.Context, w *writer, s *summary, n int) {
 	const cat = "other_uid"
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("other uid: must run as root in CI")
-		}
-		t.Skip("other uid: needs root to switch uid")
-	}
+	testenv.NeedRoot(t, "other uid: to switch uid")
 	setpriv, err := exec.LookPath("setpriv")
 	if err != nil {
 		t.Fatalf("other uid needs setpriv (util-linux): %v", err)

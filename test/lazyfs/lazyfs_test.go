@@ -6,18 +6,15 @@ import (
 	"path/filepath"
 	"syscall"
 	"testing"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // mount gives a mounted lazy FS, seeded by seed (paths relative to the mount, contents)
 // before the mount: the seed is durable. Without FUSE it skips, except in CI where it fails.
 func mount(t *testing.T, seed map[string]string) *FS {
 	t.Helper()
-	if err := Available(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI must run the FUSE tests: %v", err)
-		}
-		t.Skip(err)
-	}
+	testenv.Need(t, Available())
 	dir := t.TempDir()
 	f, err := New(filepath.Join(dir, "state"), filepath.Join(dir, "mnt"))
 	if err != nil {

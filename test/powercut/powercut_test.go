@@ -13,6 +13,8 @@ import (
 	"time"
 
 	"github.com/gwota/gwota/test/lazyfs"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 var seedFlag = flag.Uint64("powercut.seed", 0, "seed of the random cut points (0: GWOTA_FAULTS_SEED or the clock)")
@@ -74,12 +76,7 @@ func seed() uint64 {
 }
 
 func needFUSE(t *testing.T) {
-	if err := lazyfs.Available(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI must run the power-cut campaign: %v", err)
-		}
-		t.Skip(err)
-	}
+	testenv.Need(t, lazyfs.Available())
 }
 
 // TestPowerCuts is the campaign: a dry run counts the sync boundaries and file system

@@ -16,6 +16,8 @@ import (
 
 	"github.com/gwota/gwota/test/emulator"
 	"github.com/gwota/gwota/test/harness"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 var (
@@ -59,9 +61,7 @@ var notifyPending = map[string][]string{}
 // manager.
 func TestDaemonsNotifySystemd(t *testing.T) {
 	activate, err := exec.LookPath("systemd-socket-activate")
-	if err != nil {
-		t.Skip("systemd-socket-activate not installed")
-	}
+	testenv.Need(t, err)
 	bin := binaries(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()

@@ -36,6 +36,8 @@ import (
 	"github.com/gwota/gwota/test/emulator"
 	"github.com/gwota/gwota/test/harness"
 	"github.com/gwota/gwota/writer/config"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 const (
@@ -48,9 +50,7 @@ const (
 )
 
 func TestPrivilegeSplit(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("privsplit: skipped: must run as root (creates system users and loop devices); run `sudo go test ./test/privsplit/`")
-	}
+	testenv.NeedRoot(t, "privsplit creates system users and loop devices; run `sudo go test ./test/privsplit/`")
 	for _, tool := range []string{"systemd-sysusers", "setpriv"} {
 		if _, err := exec.LookPath(tool); err != nil {
 			t.Fatalf("privsplit needs %s: %v", tool, err)

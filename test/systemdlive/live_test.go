@@ -14,6 +14,7 @@ import (
 	"crypto/sha256"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -30,6 +31,8 @@ import (
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
 	"github.com/gwota/gwota/test/harness"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 const (
@@ -74,10 +77,7 @@ func requirePrereqs(t *testing.T) {
 		return
 	}
 	msg := fmt.Sprintf("live systemd deployment test needs %v (scripts/test.sh installs systemd-container, mmdebstrap, iproute2 as root)", missing)
-	if os.Getenv("CI") == "true" {
-		t.Fatal(msg)
-	}
-	t.Skip(msg)
+	testenv.Need(t, errors.New(msg))
 }
 
 // live is one installed, booted container with the emulator reachable on its loopback.

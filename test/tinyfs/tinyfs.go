@@ -13,18 +13,14 @@ import (
 	"testing"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // Need skips t (fails it under CI=true) unless the process may mount.
 func Need(t testing.TB) {
 	t.Helper()
-	if os.Geteuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("tinyfs: mounting needs root, and CI runs the tests as root")
-	}
-	t.Skip("tinyfs: mounting needs root")
+	testenv.NeedRoot(t, "tinyfs: mounting")
 }
 
 // Tmpfs mounts a tmpfs of size bytes (rounded up to pages by the kernel) on a new directory

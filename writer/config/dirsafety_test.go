@@ -5,18 +5,15 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // nobody is a uid that is neither root nor the test's own user.
 const nobody = 65534
 
 func TestSafeDir(t *testing.T) {
-	if os.Geteuid() != 0 {
-		if os.Getenv("CI") == "true" {
-			t.Fatal("CI runs as root: chown is needed here")
-		}
-		t.Skip("needs root to chown directories to another user")
-	}
+	testenv.NeedRoot(t, "to chown directories to another user")
 	base := t.TempDir() // root-owned, under the sticky /tmp
 	mk := func(p string, mode os.FileMode, uid int) string {
 		t.Helper()

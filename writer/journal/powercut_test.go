@@ -8,18 +8,15 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/gwota/gwota/test/lazyfs"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // lazyMount mounts a lazy FUSE file system (test/lazyfs): a cut loses everything not synced,
 // directory entries included.
 func lazyMount(t *testing.T) *lazyfs.FS {
 	t.Helper()
-	if err := lazyfs.Available(); err != nil {
-		if os.Getenv("CI") == "true" {
-			t.Fatalf("CI must run the power-cut tests: %v", err)
-		}
-		t.Skip(err)
-	}
+	testenv.Need(t, lazyfs.Available())
 	dir := t.TempDir()
 	f, err := lazyfs.New(filepath.Join(dir, "fs"), filepath.Join(dir, "mnt"))
 	if err != nil {

@@ -37,6 +37,8 @@ import (
 	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/server"
 	"github.com/gwota/gwota/writer/writertest"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // authzEnv makes the test binary run the authorization cases (read as JSON from stdin)
@@ -362,13 +364,7 @@ func TestRefusalLogRateLimit(t *testing.T) {
 
 func requireRoot(t *testing.T) {
 	t.Helper()
-	if os.Getuid() == 0 {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatal("needs root to run a client under another uid (CI runs as root)")
-	}
-	t.Skip("needs root to run a client under another uid")
+	testenv.NeedRoot(t, "to run a client under another uid")
 }
 
 // helperBinary copies the test binary where another uid can execute it.

@@ -11,19 +11,15 @@ import (
 	"unsafe"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // Need skips t when ok is false, except under CI (CI=true), where every prerequisite is
 // installed and a missing one must fail rather than hide a test.
 func Need(t testing.TB, ok bool, why string) {
 	t.Helper()
-	if ok {
-		return
-	}
-	if os.Getenv("CI") == "true" {
-		t.Fatalf("prerequisite missing under CI: %s", why)
-	}
-	t.Skip(why)
+	testenv.Needf(t, ok, "%s", why)
 }
 
 // Loop attaches a loop device backed by a new zero-filled file of size bytes and returns the

@@ -47,13 +47,7 @@ import (
 )
 
 func TestMain(m *testing.M) {
-	opts := []goleak.Option{
-		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2.(*Server).attachClient"),
-		goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection"),
-	}
-	for _, f := range mqtttest.IgnoreMochi {
-		opts = append(opts, goleak.IgnoreTopFunction(f))
-	}
+	opts := mqtttest.LeakOptions()
 	code := m.Run()
 	sign.RemoveShared()
 	if code == 0 {

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"go.uber.org/goleak"
 
 	"github.com/gwota/gwota/netagent/jobdoc"
 	"github.com/gwota/gwota/netagent/jobs"
@@ -22,16 +21,7 @@ import (
 	"github.com/gwota/gwota/test/emulator"
 )
 
-func TestMain(m *testing.M) {
-	opts := []goleak.Option{
-		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2.(*Server).attachClient"),
-		goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection"),
-	}
-	for _, f := range mqtttest.IgnoreMochi {
-		opts = append(opts, goleak.IgnoreTopFunction(f))
-	}
-	goleak.VerifyTestMain(m, opts...)
-}
+func TestMain(m *testing.M) { mqtttest.VerifyTestMain(m) }
 
 func ctxT(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)

@@ -11,19 +11,12 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"go.uber.org/goleak"
 
 	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/mqttconn/mqtttest"
 )
 
-func TestMain(m *testing.M) {
-	opts := []goleak.Option{}
-	for _, f := range mqtttest.IgnoreMochi {
-		opts = append(opts, goleak.IgnoreTopFunction(f))
-	}
-	goleak.VerifyTestMain(m, opts...)
-}
+func TestMain(m *testing.M) { mqtttest.VerifyTestMain(m) }
 
 func TestMatch(t *testing.T) {
 	tests := []struct {

@@ -17,7 +17,6 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/go-hclog"
-	"go.uber.org/goleak"
 
 	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/netagent/blocksink"
@@ -31,13 +30,7 @@ import (
 	"github.com/gwota/gwota/test/emulator"
 )
 
-func TestMain(m *testing.M) {
-	opts := []goleak.Option{goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection")}
-	for _, f := range mqtttest.IgnoreMochi {
-		opts = append(opts, goleak.IgnoreTopFunction(f))
-	}
-	goleak.VerifyTestMain(m, opts...)
-}
+func TestMain(m *testing.M) { mqtttest.VerifyTestMain(m) }
 
 func logger(t *testing.T) hclog.Logger {
 	if os.Getenv("STREAM_DEBUG") == "" {

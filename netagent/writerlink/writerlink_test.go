@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"github.com/hashicorp/go-hclog"
-	"go.uber.org/goleak"
 
 	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/mqttconn"
@@ -27,13 +26,7 @@ import (
 	"github.com/gwota/gwota/writer/writertest"
 )
 
-func TestMain(m *testing.M) {
-	opts := []goleak.Option{goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection")}
-	for _, f := range mqtttest.IgnoreMochi {
-		opts = append(opts, goleak.IgnoreTopFunction(f))
-	}
-	goleak.VerifyTestMain(m, opts...)
-}
+func TestMain(m *testing.M) { mqtttest.VerifyTestMain(m) }
 
 func logger(t *testing.T) hclog.Logger {
 	if os.Getenv("WRITERLINK_DEBUG") == "" {

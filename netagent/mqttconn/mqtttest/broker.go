@@ -15,6 +15,7 @@ import (
 	mqtt "github.com/mochi-mqtt/server/v2"
 	"github.com/mochi-mqtt/server/v2/listeners"
 	"github.com/mochi-mqtt/server/v2/packets"
+	"go.uber.org/goleak"
 )
 
 // Options for a broker.
@@ -203,6 +204,23 @@ var IgnoreMochi = []string{
 	"github.com/mochi-mqtt/server/v2.(*Server).eventLoop",
 	"github.com/mochi-mqtt/server/v2.(*Client).WriteLoop",
 	"github.com/mochi-mqtt/server/v2/listeners.(*Net).Serve",
+}
+
+// VerifyTestMain runs a package's tests and fails them when a goroutine outlives them, except
+// mochi's own (LeakOptions): the goroutine-leak check of every package that runs a broker.
+func VerifyTestMain(m *testing.M) { goleak.VerifyTestMain(m, LeakOptions()...) }
+
+// LeakOptions are goleak's options for a package that runs a mochi broker: mochi's Close does
+// not wait for its own goroutines.
+func LeakOptions() []goleak.Option {
+	opts := []goleak.Option{
+		goleak.IgnoreTopFunction("github.com/mochi-mqtt/server/v2.(*Server).attachClient"),
+		goleak.IgnoreAnyFunction("github.com/mochi-mqtt/server/v2.(*Server).EstablishConnection"),
+	}
+	for _, f := range IgnoreMochi {
+		opts = append(opts, goleak.IgnoreTopFunction(f))
+	}
+	return opts
 }
 
 // allowAll lets every client connect and use every topic (mochi's auth hook pulls in a YAML

@@ -92,28 +92,45 @@ func newPKI(t *testing.T) *pki {
 	return p
 }
 
-// Mutual TLS with SNI and ALPN against a TLS broker that requires a client certificate.
-func TestMutualTLS(t *testing.T) {
-	p := newPKI(t)
+// helloLog records the SNI and ALPN of every TLS ClientHello a broker saw.
+type helloLog struct {
+	mu    sync.Mutex
+	snis  []string
+	alpns [][]string
+}
+
+func (h *helloLog) seen() ([]string, [][]string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return append([]string(nil), h.snis...), append([][]string(nil), h.alpns...)
+}
+
+// startTLSBroker runs a mochi broker with p's server certificate that requires a client
+// certificate signed by p's CA and speaks AWS's ALPN protocol, as AWS IoT Core on port 443.
+func startTLSBroker(t *testing.T, p *pki) (*mqtttest.Broker, *helloLog) {
 	pool := x509.NewCertPool()
 	pool.AddCert(p.ca)
-	var mu sync.Mutex
-	var snis []string
-	var alpns [][]string
+	h := &helloLog{}
 	srvTLS := &tls.Config{
 		Certificates: []tls.Certificate{p.serverCert},
 		ClientCAs:    pool,
 		ClientAuth:   tls.RequireAndVerifyClientCert,
 		NextProtos:   []string{mqttconn.ALPNProtocol},
-		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
-			mu.Lock()
-			snis = append(snis, h.ServerName)
-			alpns = append(alpns, h.SupportedProtos)
-			mu.Unlock()
+		GetConfigForClient: func(hello *tls.ClientHelloInfo) (*tls.Config, error) {
+			h.mu.Lock()
+			h.snis = append(h.snis, hello.ServerName)
+			h.alpns = append(h.alpns, hello.SupportedProtos)
+			h.mu.Unlock()
 			return nil, nil
 		},
 	}
-	b := mqtttest.Start(t, mqtttest.Options{TLS: srvTLS})
+	return mqtttest.Start(t, mqtttest.Options{TLS: srvTLS}), h
+}
+
+// Mutual TLS with SNI and ALPN against a TLS broker that requires a client certificate.
+func TestMutualTLS(t *testing.T) {
+	p := newPKI(t)
+	b, hellos := startTLSBroker(t, p)
 	_, port, _ := net.SplitHostPort(b.Addr())
 	url := "mqtts://localhost:" + port
 	c := dial(t, b, "gw-tls", func(cfg *mqttconn.Config) {
@@ -131,8 +148,7 @@ func TestMutualTLS(t *testing.T) {
 	if got := h.next(t); got.payload != "secret" {
 		t.Fatalf("got %+v", got)
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	snis, alpns := hellos.seen()
 	if len(snis) == 0 || snis[0] != "localhost" {
 		t.Fatalf("SNI %q", snis)
 	}
@@ -181,25 +197,7 @@ func TestMutualTLSThroughProxy(t *testing.T) {
 	_, err := harness.FindTinyproxy()
 	testenv.Need(t, err)
 	p := newPKI(t)
-	pool := x509.NewCertPool()
-	pool.AddCert(p.ca)
-	var mu sync.Mutex
-	var snis []string
-	var alpns [][]string
-	srvTLS := &tls.Config{
-		Certificates: []tls.Certificate{p.serverCert},
-		ClientCAs:    pool,
-		ClientAuth:   tls.RequireAndVerifyClientCert,
-		NextProtos:   []string{mqttconn.ALPNProtocol},
-		GetConfigForClient: func(h *tls.ClientHelloInfo) (*tls.Config, error) {
-			mu.Lock()
-			snis = append(snis, h.ServerName)
-			alpns = append(alpns, h.SupportedProtos)
-			mu.Unlock()
-			return nil, nil
-		},
-	}
-	b := mqtttest.Start(t, mqtttest.Options{TLS: srvTLS})
+	b, hellos := startTLSBroker(t, p)
 	_, port, _ := net.SplitHostPort(b.Addr())
 	ctx := ctxT(t)
 	px, err := harness.StartWebProxy(ctx, t.TempDir(), harness.WebProxyOptions{})
@@ -236,8 +234,7 @@ func TestMutualTLSThroughProxy(t *testing.T) {
 	if n := px.Tunnels(target); n != 2 {
 		t.Errorf("tinyproxy logged %d tunnels after the reconnection, want 2", n)
 	}
-	mu.Lock()
-	defer mu.Unlock()
+	snis, alpns := hellos.seen()
 	if diff := cmp.Diff([]string{"localhost", "localhost"}, snis); diff != "" {
 		t.Errorf("SNI (-want +got):\n%s", diff)
 	}

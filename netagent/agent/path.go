@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"errors"
+	"fmt"
 	"slices"
 	"strings"
 	"time"
@@ -77,7 +78,12 @@ func (j *job) fetch(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, pr
 		start := time.Now()
 		err = j.download(ctx, doc, f, proto, sess, tr, missing)
 		if err == nil {
-			if oerr := a.path.Observe(proto, tr.bytes, time.Since(start)); oerr != nil {
+			took := time.Since(start)
+			// The download's own time: from the downloader's start to every block durable in
+			// the writer (test/bench/httpvscurl reads it).
+			j.log.Info("file downloaded", "file", f.Index, "protocol", proto, "bytes", tr.bytes,
+				"seconds", fmt.Sprintf("%.3f", took.Seconds()), "rate", pathselect.FormatRate(float64(tr.bytes)/took.Seconds()))
+			if oerr := a.path.Observe(proto, tr.bytes, took); oerr != nil {
 				j.log.Warn("bandwidth estimate not saved", "error", oerr)
 			}
 			return nil

@@ -20,6 +20,19 @@ import (
 // downloaded with: "mqtt" or "http".
 const KeyProtocol = "protocol"
 
+// httpMaxAhead bounds the block data an HTTP download hands the writer beyond what the
+// writer acknowledged durable: what a writer crash costs fetched again. Over MQTT the bound
+// is the stream window (fetching again is held to AWS's 512 KiB/s quota); over HTTP it is
+// not, so the bound is larger and the writer syncs every 8 MiB instead of every half window:
+// each sync the bound waits for stalls the download (test/bench/httpvscurl measures it).
+const httpMaxAhead = 16 << 20
+
+// aheadSink is a sink whose bound can be set per protocol (*writerlink.Sink).
+type aheadSink interface {
+	MaxAhead() int64
+	SetMaxAhead(n int64)
+}
+
 // newSelector builds the protocol selector of cfg. PreferHTTP (the older setting) is
 // protocol = http when Protocol is not set.
 func newSelector(cfg Config) *pathselect.Selector {
@@ -63,6 +76,17 @@ func (j *job) fetch(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, pr
 	defer sink.Close()
 	missing := sess.Missing()
 	tr := &tracker{Sink: sink, missing: slices.Clone(missing)}
+	setAhead := func(string) {}
+	if as, ok := sink.(aheadSink); ok && as.MaxAhead() > 0 {
+		window := as.MaxAhead()
+		setAhead = func(proto string) {
+			if proto == pathselect.HTTP {
+				as.SetMaxAhead(max(window, httpMaxAhead))
+			} else {
+				as.SetMaxAhead(window)
+			}
+		}
+	}
 	var err error
 	for i, proto := range protos {
 		if i > 0 {
@@ -74,6 +98,7 @@ func (j *job) fetch(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, pr
 				"error", err, "protocol", proto, "missing_blocks", missing.Count())
 			j.useProtocol(proto)
 		}
+		setAhead(proto) // nothing in flight: first attempt, or flushed above
 		tr.bytes = 0
 		start := time.Now()
 		err = j.download(ctx, doc, f, proto, sess, tr, missing)

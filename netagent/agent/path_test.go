@@ -227,4 +227,3 @@ func TestExplicitProtocolDoesNotFallBack(t *testing.T) {
 		t.Fatalf("the stream was asked (%d blocks) although protocol = http", n)
 	}
 }
-

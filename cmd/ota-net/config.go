@@ -12,6 +12,7 @@ import (
 
 	"github.com/BurntSushi/toml"
 
+	"github.com/gwota/gwota/netagent/pathselect"
 	"github.com/gwota/gwota/netagent/webproxy"
 )
 
@@ -61,8 +62,15 @@ type Config struct {
 	MaxQuietPeriod     duration `toml:"max_quiet_period"`
 	MaxFruitlessRounds int      `toml:"max_fruitless_rounds"`
 	StreamFormat       string   `toml:"stream_format"`
-	PreferHTTP         bool     `toml:"prefer_http"`
-	HTTPReadTimeout    duration `toml:"http_read_timeout"`
+	// Protocol when a job offers both: "auto" (the default: HTTP when the link is faster
+	// than AWS's 512 KiB/s MQTT quota, by LinkBandwidth or else the last measured download;
+	// the other protocol is the fallback), "mqtt" or "http" (only that one).
+	Protocol string `toml:"protocol"`
+	// PreferHTTP is the older form of protocol = "http".
+	PreferHTTP bool `toml:"prefer_http"`
+	// LinkBandwidth is the link's speed ("20Mbit/s", "2MB/s"; empty: unknown, measured).
+	LinkBandwidth   string   `toml:"link_bandwidth"`
+	HTTPReadTimeout duration `toml:"http_read_timeout"`
 
 	// Reporting and the writer.
 	ReportInterval    duration `toml:"report_interval"`
@@ -163,6 +171,14 @@ func (c Config) validate() error {
 	}
 	if c.BlocksPerRequest < 0 || c.RequestsInFlight < 0 || c.MaxFruitlessRounds < 0 || c.ReportPercentStep < 0 || c.ReportPercentStep > 100 {
 		errs = append(errs, errors.New("blocks_per_request, requests_in_flight, max_fruitless_rounds, report_percent_step must be positive (percent at most 100)"))
+	}
+	if m, err := pathselect.ParseMode(c.Protocol); err != nil {
+		errs = append(errs, err)
+	} else if c.PreferHTTP && c.Protocol != "" && m != pathselect.OnlyHTTP {
+		errs = append(errs, fmt.Errorf("prefer_http = true contradicts protocol = %q (prefer_http is the older protocol = \"http\")", c.Protocol))
+	}
+	if _, err := pathselect.ParseBandwidth(c.LinkBandwidth); err != nil {
+		errs = append(errs, fmt.Errorf("link_bandwidth: %w", err))
 	}
 	if c.StreamFormat != "cbor" && c.StreamFormat != "json" {
 		errs = append(errs, fmt.Errorf("stream_format %q: cbor or json", c.StreamFormat))

@@ -92,6 +92,9 @@ func TestConfigErrors(t *testing.T) {
 		{"proxy scheme", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\n[proxy]\nurl=\"socks5://p:1\"", nil, "proxy"},
 		{"proxy password in url", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"--proxy", "http://u:pw@p:1"}, "password_file"},
 		{"proxy unknown key", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\n[proxy]\npassword=\"pw\"", nil, "unknown keys: proxy.password"},
+		{"bad protocol", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nprotocol=\"ftp\"", nil, "auto, mqtt or http"},
+		{"prefer_http contradicts protocol", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nprefer_http=true\nprotocol=\"mqtt\"", nil, "contradicts"},
+		{"bad link bandwidth", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"--link-bandwidth", "fast"}, "link_bandwidth"},
 		{"stray argument", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"extra"}, "unexpected"},
 	}
 	for _, tt := range tests {
@@ -103,6 +106,33 @@ func TestConfigErrors(t *testing.T) {
 				t.Fatalf("err %v, want %q", err, tt.want)
 			}
 		})
+	}
+}
+
+// TestProtocolSettings: protocol and link_bandwidth from the file, overridden by flags;
+// prefer_http alone still means HTTP.
+func TestProtocolSettings(t *testing.T) {
+	base := `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\n"
+	tests := []struct {
+		file, args  string
+		proto, link string
+		prefer      bool
+	}{
+		{file: base, proto: "", link: ""},
+		{file: base + `protocol = "auto"` + "\n" + `link_bandwidth = "20Mbit/s"`, proto: "auto", link: "20Mbit/s"},
+		{file: base + `protocol = "mqtt"`, args: "--protocol http --link-bandwidth 2MB/s", proto: "http", link: "2MB/s"},
+		{file: base + `prefer_http = true`, prefer: true},
+		{file: base + `prefer_http = true` + "\n" + `protocol = "http"`, proto: "http", prefer: true},
+	}
+	for _, tt := range tests {
+		var stderr bytes.Buffer
+		c, err := parseArgs(append([]string{"--config", writeConfig(t, tt.file)}, strings.Fields(tt.args)...), &stderr)
+		if err != nil {
+			t.Fatalf("%q %q: %v", tt.file, tt.args, err)
+		}
+		if c.Protocol != tt.proto || c.LinkBandwidth != tt.link || c.PreferHTTP != tt.prefer {
+			t.Errorf("%q %q: protocol %q, link_bandwidth %q, prefer_http %v", tt.file, tt.args, c.Protocol, c.LinkBandwidth, c.PreferHTTP)
+		}
 	}
 }
 

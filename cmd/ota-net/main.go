@@ -11,6 +11,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"path/filepath"
 	"syscall"
 
 	"github.com/hashicorp/go-hclog"
@@ -20,6 +21,7 @@ import (
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobs"
 	"github.com/gwota/gwota/netagent/mqttconn"
+	"github.com/gwota/gwota/netagent/pathselect"
 	"github.com/gwota/gwota/netagent/runtimeopts"
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/netagent/webproxy"
@@ -45,7 +47,9 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.WriterSocket, "writer-socket", c.WriterSocket, "ota-writer socket")
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "state directory (MQTT session)")
 	fs.IntVar(&c.BlockSize, "block-size", c.BlockSize, "download block size in bytes")
-	fs.BoolVar(&c.PreferHTTP, "prefer-http", c.PreferHTTP, "prefer HTTP when a job offers both")
+	fs.BoolVar(&c.PreferHTTP, "prefer-http", c.PreferHTTP, "prefer HTTP when a job offers both (older form of -protocol http)")
+	fs.StringVar(&c.Protocol, "protocol", c.Protocol, "auto|mqtt|http: protocol when a job offers both (auto: by link speed against AWS's MQTT quota)")
+	fs.StringVar(&c.LinkBandwidth, "link-bandwidth", c.LinkBandwidth, "link speed, e.g. 20Mbit/s or 2MB/s (empty: measured)")
 	fs.StringVar(&c.Proxy.URL, "proxy", c.Proxy.URL, "web proxy URL (http://host:port or https://host:port)")
 	fs.StringVar(&c.LogLevel, "log-level", c.LogLevel, "trace|debug|info|warn|error|off")
 }
@@ -169,12 +173,16 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 	if err != nil {
 		return err
 	}
+	// validate checked both.
+	mode, _ := pathselect.ParseMode(cfg.Protocol)
+	linkBW, _ := pathselect.ParseBandwidth(cfg.LinkBandwidth)
 	blockSize := cfg.BlockSize
 	if blockSize == 0 {
 		blockSize = sd.Config().BlockSize
 	}
 	a := agent.New(jc, agent.LinkWriter(link), sd, hd, agent.Config{
-		BlockSize: blockSize, PreferHTTP: cfg.PreferHTTP,
+		BlockSize: blockSize, Protocol: mode, PreferHTTP: cfg.PreferHTTP, LinkBandwidth: linkBW,
+		BandwidthFile:  filepath.Join(cfg.StateDir, "bandwidth.json"),
 		ReportInterval: cfg.ReportInterval.Duration, ReportPercentStep: cfg.ReportPercentStep,
 		WriterWait: cfg.WriterWaitTimeout.Duration, SelfTestTimeout: cfg.SelfTestTimeout.Duration,
 		Logger: log.Named("agent"),

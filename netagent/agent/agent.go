@@ -20,11 +20,13 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/internal/crashpoint"
 	"github.com/gwota/gwota/netagent/blocksink"
 	"github.com/gwota/gwota/netagent/httpdl"
 	"github.com/gwota/gwota/netagent/jobdoc"
 	"github.com/gwota/gwota/netagent/jobs"
+	"github.com/gwota/gwota/netagent/pathselect"
 	"github.com/gwota/gwota/netagent/report"
 	"github.com/gwota/gwota/netagent/stream"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
@@ -49,8 +51,14 @@ const (
 type Config struct {
 	// BlockSize asked of the writer for new sessions (a resumed session keeps its own).
 	BlockSize int
-	// PreferHTTP picks HTTP when a file offers both protocols.
-	PreferHTTP bool
+	// Protocol is the operator's choice when a file offers both protocols: pathselect.Auto
+	// (by LinkBandwidth, else by the last measured download, against AWS's MQTT quota; the
+	// other protocol is the fallback), OnlyMQTT or OnlyHTTP. "" is Auto, or OnlyHTTP with
+	// PreferHTTP (the older setting).
+	Protocol      pathselect.Mode
+	PreferHTTP    bool
+	LinkBandwidth int64  // bytes per second, 0: unknown
+	BandwidthFile string // where the measured bandwidth is kept ("": memory only)
 	// ReportInterval and ReportPercentStep rate-limit progress reports.
 	ReportInterval    time.Duration
 	ReportPercentStep int
@@ -71,6 +79,7 @@ type Agent struct {
 	http   HTTPDownloader   // nil: HTTP unavailable
 	cfg    Config
 	log    hclog.Logger
+	path   *pathselect.Selector
 
 	// handled remembers what each job looked like when the agent last finished with it, so a
 	// re-announcement of the same state (reconnect, duplicate) is not acted on twice.
@@ -95,7 +104,7 @@ func New(j Jobs, w Writer, sd StreamDownloader, hd HTTPDownloader, cfg Config) *
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	return &Agent{jobs: j, writer: w, stream: sd, http: hd, cfg: cfg, log: cfg.Logger, handled: map[string]string{}}
+	return &Agent{jobs: j, writer: w, stream: sd, http: hd, cfg: cfg, log: cfg.Logger, path: newSelector(cfg), handled: map[string]string{}}
 }
 
 // errShutdown is the cancellation cause of a job when the agent stops: nothing is reported,
@@ -401,14 +410,7 @@ func hasFinishedSessions(st *otav1.DeviceState, jobID string) bool {
 func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 	a := j.a
 	for _, f := range doc.Files {
-		proto, err := doc.Choose(f, a.cfg.PreferHTTP)
-		if err == nil && ((proto == jobdoc.ProtocolMQTT && a.stream == nil) || (proto == jobdoc.ProtocolHTTP && a.http == nil)) {
-			// The preferred protocol is not wired: try the other one.
-			proto, err = doc.Choose(f, proto == jobdoc.ProtocolMQTT)
-			if err == nil && ((proto == jobdoc.ProtocolMQTT && a.stream == nil) || (proto == jobdoc.ProtocolHTTP && a.http == nil)) {
-				err = status.Errorf(otav1.Reason_REASON_INVALID_PROTOCOL, "file %d: no downloader for %v", f.Index, doc.Protocols)
-			}
-		}
+		protos, err := a.protocols(doc, f)
 		if err != nil {
 			j.fail(ctx, err, "")
 			return false
@@ -431,10 +433,11 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			j.log.Info("file already verified", "file", f.Index)
 			continue
 		}
-		j.log.Info("receiving file", "file", f.Index, "protocol", proto, "size", f.Size, "block_size", sess.BlockSize(), "have", have, "total", total, "resumed", have > 0)
+		j.log.Info("receiving file", "file", f.Index, "protocol", protos[0], "size", f.Size, "block_size", sess.BlockSize(), "have", have, "total", total, "resumed", have > 0)
 		// The IN_PROGRESS update goes out with the first requests instead of a round trip
 		// before them; a job found terminal stops the download.
 		dctx, stop := context.WithCancelCause(ctx)
+		j.useProtocol(protos[0])
 		reported := make(chan error, 1)
 		go func() {
 			err := j.report(ctx, func(ctx context.Context) error { return j.rep.Receiving(ctx, have, total) })
@@ -443,7 +446,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			}
 			reported <- err
 		}()
-		derr := j.download(dctx, doc, f, proto, sess)
+		derr := j.fetch(dctx, doc, f, protos, sess)
 		rerr := <-reported
 		stop(nil)
 		if rerr != nil {
@@ -528,16 +531,11 @@ func (j *job) reboot(ctx context.Context) bool {
 	return true
 }
 
-// download fetches the missing blocks of f into sess. The downloader tells the reporter its
-// progress; the writer link's sink goes to it as it is (the downloader needs all of it:
-// Sync in a quiet network, Durable in progress, the resumed-session error).
-func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session) error {
+// download fetches the blocks of f that missing marks into sess's sink over proto. The
+// downloader tells the reporter its progress; the sink goes to it with all of the writer
+// link's behaviour (Sync in a quiet network, Durable in progress, the resumed-session error).
+func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session, sink blocksink.Sink, missing bitmap.Bitmap) error {
 	a := j.a
-	var sink blocksink.Sink
-	if err := a.call(ctx, "open sink", func(ctx context.Context) (err error) { sink, err = sess.OpenSink(ctx); return err }); err != nil {
-		return err
-	}
-	defer sink.Close()
 	progress := func(p blocksink.Progress) { j.rep.Progress(uint64(p.Received), uint64(p.Total)) }
 	switch proto {
 	case jobdoc.ProtocolHTTP:
@@ -556,12 +554,12 @@ func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File,
 			return d.Files[f.Index].UpdateDataURL, nil
 		}
 		hf := httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
-		st, err := a.http.Download(ctx, hf, sess.Missing(), sink, refresh)
+		st, err := a.http.Download(ctx, hf, missing, sink, refresh)
 		j.log.Debug("http download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err
 	default:
 		sf := stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
-		st, err := a.stream.Download(ctx, sf, sess.Missing(), sink)
+		st, err := a.stream.Download(ctx, sf, missing, sink)
 		j.log.Debug("stream download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err
 	}

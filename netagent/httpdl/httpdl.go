@@ -46,6 +46,9 @@ const (
 	maxRetryBackoff     = 30 * time.Second
 	// DefaultMaxRefreshes: new URLs in a row that still get 403 before giving up.
 	DefaultMaxRefreshes = 3
+	// readAhead is how much of a body is read ahead of the sink (memory: at most this much
+	// besides what the sink holds).
+	readAhead = 1 << 20
 )
 
 // Config tunes a Downloader. Zero values take the defaults.
@@ -410,30 +413,65 @@ func (r *run) fetch(ctx context.Context, sp Range) error {
 			return fmt.Errorf("skipping to byte %d: %w", skip, err)
 		}
 	}
+	// The body is read on a goroutine of its own, up to readAhead bytes ahead of the sink:
+	// while the writer syncs (and the sink waits for it) the network keeps delivering, as
+	// it does for curl; a link paced by the sender cannot make up a pause later.
 	bs := int64(r.f.BlockSize)
-	for off := sp.Start; off < end; {
-		i := int(off / bs)
-		n := min(bs, r.f.Size-off)
-		if off+n > end {
-			break // a short 206: the block's tail comes next round
-		}
-		data := make([]byte, n)
-		got, err := io.ReadFull(body, data)
-		r.stats.Bytes += int64(got)
-		if err != nil {
-			if body.timedOut() {
-				return fmt.Errorf("no data for %v at byte %d", r.d.cfg.ReadTimeout, off+int64(got))
+	type chunk struct {
+		i    int
+		data []byte
+		err  error
+	}
+	ch := make(chan chunk, max(1, int(readAhead/bs)))
+	var bodyBytes int64
+	go func() {
+		defer close(ch)
+		for off := sp.Start; off < end; {
+			i := int(off / bs)
+			n := min(bs, r.f.Size-off)
+			if off+n > end {
+				return // a short 206: the block's tail comes next round
 			}
-			return fmt.Errorf("reading block %d: %w", i, err)
+			data := make([]byte, n)
+			got, err := io.ReadFull(body, data)
+			bodyBytes += int64(got)
+			if err != nil {
+				if body.timedOut() {
+					err = fmt.Errorf("no data for %v at byte %d", r.d.cfg.ReadTimeout, off+int64(got))
+				} else {
+					err = fmt.Errorf("reading block %d: %w", i, err)
+				}
+				select {
+				case ch <- chunk{err: err}:
+				case <-ctx.Done():
+				}
+				return
+			}
+			off += n
+			select {
+			case ch <- chunk{i: i, data: data}:
+			case <-ctx.Done():
+				return
+			}
 		}
-		off += n
-		if !r.missing(i) {
+	}()
+	defer func() {
+		cancel()
+		for range ch { // the reader has stopped once ch is closed
+		}
+		r.stats.Bytes += bodyBytes
+	}()
+	for c := range ch {
+		if c.err != nil {
+			return c.err
+		}
+		if !r.missing(c.i) {
 			continue // merged across a gap, or a duplicate after a resume
 		}
-		if err := r.sink.WriteBlock(ctx, i, data); err != nil {
+		if err := r.sink.WriteBlock(ctx, c.i, c.data); err != nil {
 			return &sinkError{err}
 		}
-		r.have.Set(i)
+		r.have.Set(c.i)
 		r.held++
 		r.stats.Received++
 		r.progress()

@@ -99,6 +99,7 @@ type Reporter struct {
 	lastExt status.Fields
 
 	mu       sync.Mutex
+	fields   status.Fields
 	received uint64
 	total    uint64
 	kick     chan struct{}
@@ -142,7 +143,18 @@ func (r *Reporter) Details(ctx context.Context, b status.Base) map[string]string
 	return status.Build(b, r.extensions(ctx))
 }
 
+// SetFields sets pairs that every later update carries after the failure's own fields and
+// before the writer's extensions (the protocol a file is downloaded with).
+func (r *Reporter) SetFields(fs status.Fields) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.fields = slices.Clone(fs)
+}
+
 func (r *Reporter) send(ctx context.Context, st string, b status.Base) error {
+	r.mu.Lock()
+	b.Failure = append(slices.Clip(b.Failure), r.fields...)
+	r.mu.Unlock()
 	d := r.Details(ctx, b)
 	_, err := r.upd.Update(ctx, r.jobID, jobs.Update{Status: st, StatusDetails: d})
 	if err != nil {

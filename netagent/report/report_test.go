@@ -3,6 +3,7 @@ package report_test
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -218,5 +219,42 @@ func TestRejectedAndTerminal(t *testing.T) {
 	}
 	if n := len(v.e.Updates("job-r3")); n != 1 {
 		t.Fatalf("%d updates", n)
+	}
+}
+
+// TestSetFieldsInEveryUpdate: the pairs SetFields gives (the protocol a file came over) go
+// out with every later update, after the failure's own fields and before the extensions.
+func TestSetFieldsInEveryUpdate(t *testing.T) {
+	v := setup(t, "job-r4")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	var ext status.Fields
+	for i := range 10 {
+		ext = append(ext, status.Field{Key: fmt.Sprintf("e%d", i), Value: "x"})
+	}
+	extFn := func(context.Context) (status.Fields, error) { return ext, nil }
+	r := report.New(v.jobs, extFn, "job-r4", report.Config{Interval: time.Hour})
+	defer r.Close()
+	r.SetFields(status.Fields{{Key: "protocol", Value: "MQTT"}})
+	if err := r.Start(ctx, 0, 4); err != nil {
+		t.Fatal(err)
+	}
+	r.SetFields(status.Fields{{Key: "protocol", Value: "HTTP"}})
+	if err := r.Failed(ctx, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "gone").WithMeta("http_status", "403"), ""); err != nil {
+		t.Fatal(err)
+	}
+	ups := v.e.Updates("job-r4")
+	var got []map[string]string
+	for _, u := range ups {
+		got = append(got, u.StatusDetails)
+	}
+	want := []map[string]string{
+		{"self_test": "receiving", "progress": "0/4", "protocol": "MQTT",
+			"e0": "x", "e1": "x", "e2": "x", "e3": "x", "e4": "x", "e5": "x", "e6": "x"},
+		{"self_test": "aborted", "progress": "0/4", "reason": "download_failed", "error_code": status.Code(otav1.Reason_REASON_DOWNLOAD_FAILED),
+			"http_status": "403", "protocol": "HTTP", "e0": "x", "e1": "x", "e2": "x", "e3": "x"},
+	}
+	if d := cmp.Diff(want, got); d != "" {
+		t.Fatalf("statusDetails (-want +got):\n%s", d)
 	}
 }

@@ -21,6 +21,8 @@ import (
 type Sink struct {
 	s      *Session
 	budget int // block data per message
+	// maxAhead and syncBytes start as the link's MaxAheadBytes and SyncBytes (SetMaxAhead).
+	maxAhead, syncBytes int64
 
 	// Owned by the caller's goroutine.
 	stream   *client.BlockStream
@@ -49,21 +51,40 @@ type syncMark struct {
 
 // Sink opens the block stream of the session.
 func (s *Session) Sink(ctx context.Context) (*Sink, error) {
-	budget := min(s.l.cfg.BatchBytes, s.l.MaxBlockSize())
-	if s.l.cfg.MaxAheadBytes > 0 {
-		// A batch is not durable either: it counts against the bound.
-		budget = min(budget, int(s.l.cfg.SyncBytes))
-	}
-	if budget < s.BlockSize() {
-		budget = s.BlockSize()
-	}
-	k := &Sink{s: s, budget: budget, changed: make(chan struct{})}
+	k := &Sink{s: s, changed: make(chan struct{})}
+	k.bound(s.l.cfg.MaxAheadBytes, s.l.cfg.SyncBytes)
 	k.durable = int(s.Info().GetDurableBlocks())
 	if err := k.open(ctx); err != nil {
 		return nil, err
 	}
 	return k, nil
 }
+
+func (k *Sink) bound(maxAhead, syncBytes int64) {
+	k.maxAhead, k.syncBytes = maxAhead, syncBytes
+	budget := min(k.s.l.cfg.BatchBytes, k.s.l.MaxBlockSize())
+	if maxAhead > 0 {
+		// A batch is not durable either: it counts against the bound.
+		budget = min(budget, int(syncBytes))
+	}
+	k.budget = max(budget, k.s.BlockSize())
+}
+
+// SetMaxAhead replaces the link's MaxAheadBytes for this sink (0: no bound beyond the link's
+// SyncBytes as configured): a downloader for which fetching again is cheap (HTTP, not capped
+// by AWS's MQTT quota) lets more be in flight to the writer between syncs, so fewer syncs
+// stall it. A sync is then asked every half of it. Call it when nothing is in flight: before
+// the first WriteBlock or after a Flush.
+func (k *Sink) SetMaxAhead(n int64) {
+	sync := k.s.l.syncBytes
+	if n > 0 {
+		sync = max(min(sync, n/2), 1)
+	}
+	k.bound(n, sync)
+}
+
+// MaxAhead is the sink's bound (SetMaxAhead; 0: none).
+func (k *Sink) MaxAhead() int64 { return k.maxAhead }
 
 func (k *Sink) open(ctx context.Context) error {
 	// The stream lives as long as the sink, not as the call that opened it.
@@ -141,7 +162,7 @@ func (k *Sink) send(ctx context.Context, sync bool) error {
 		return nil
 	}
 	k.unsynced += int64(k.batchLen)
-	if k.unsynced >= k.s.l.cfg.SyncBytes {
+	if k.unsynced >= k.syncBytes {
 		sync = true
 	}
 	seq, err := k.stream.Send(k.batch, sync)
@@ -163,7 +184,7 @@ func (k *Sink) send(ctx context.Context, sync bool) error {
 // ota-net sets it so). It asks for a sync and waits for the acknowledgement when the next
 // block would go past the bound.
 func (k *Sink) holdBack(ctx context.Context, n int64) error {
-	limit := k.s.l.cfg.MaxAheadBytes
+	limit := k.maxAhead
 	if limit <= 0 {
 		return nil
 	}

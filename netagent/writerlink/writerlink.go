@@ -55,6 +55,8 @@ type Link struct {
 	*client.Client
 	cfg Config
 	log hclog.Logger
+	// syncBytes is Config.SyncBytes before MaxAheadBytes capped it (Sink.SetMaxAhead).
+	syncBytes int64
 
 	mu sync.Mutex
 	hs *otav1.HandshakeResponse
@@ -83,6 +85,7 @@ func New(ctx context.Context, c *client.Client, cfg Config) (*Link, error) {
 	if cfg.SyncBytes <= 0 {
 		cfg.SyncBytes = DefaultSyncBytes
 	}
+	syncBytes := cfg.SyncBytes
 	if cfg.MaxAheadBytes > 0 && cfg.SyncBytes > cfg.MaxAheadBytes/2 {
 		cfg.SyncBytes = max(cfg.MaxAheadBytes/2, 1)
 	}
@@ -92,7 +95,7 @@ func New(ctx context.Context, c *client.Client, cfg Config) (*Link, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	l := &Link{Client: c, cfg: cfg, log: cfg.Logger}
+	l := &Link{Client: c, cfg: cfg, log: cfg.Logger, syncBytes: syncBytes}
 	if err := l.hello(ctx); err != nil {
 		return nil, err
 	}

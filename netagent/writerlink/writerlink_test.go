@@ -239,3 +239,61 @@ func TestStreamDownloadSurvivesWriterRestart(t *testing.T) {
 		t.Fatalf("%d blocks fetched twice (durable at crash: %d)", again, durableAtCrash)
 	}
 }
+
+// TestSetMaxAhead: a sink's own bound replaces the link's. Under the link's 64 KiB bound,
+// 256 KiB written means at least 192 KiB acknowledged durable (WriteBlock waited for it);
+// with SetMaxAhead(1 MiB) the writer was asked for nothing yet, and Flush still makes all
+// of it durable.
+func TestSetMaxAhead(t *testing.T) {
+	const bs = 4096
+	img := randImage(64 * bs)
+	for _, tt := range []struct {
+		name     string
+		ahead    int64 // 0: the link's
+		min, max int   // durable blocks before Flush
+	}{
+		{"link bound", 0, 48, 64},
+		{"sink bound", 1 << 20, 0, 0},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			core := writertest.NewFake(1 << 20) // syncs only when asked
+			w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
+			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer cancel()
+			l, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: w.Sock, Name: "test", Logger: logger(t), MaxAheadBytes: 64 << 10})
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer l.Close()
+			s, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})
+			if err != nil {
+				t.Fatal(err)
+			}
+			k, err := s.Sink(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer k.Close()
+			if got := k.MaxAhead(); got != 64<<10 {
+				t.Fatalf("MaxAhead %d, want the link's", got)
+			}
+			if tt.ahead > 0 {
+				k.SetMaxAhead(tt.ahead)
+			}
+			for i := range 64 {
+				if err := k.WriteBlock(ctx, i, img[i*bs:(i+1)*bs]); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if d := k.Durable(); d < tt.min || d > tt.max {
+				t.Fatalf("%d blocks durable before Flush, want %d..%d", d, tt.min, tt.max)
+			}
+			if err := k.Flush(ctx); err != nil {
+				t.Fatal(err)
+			}
+			if d := core.Durable(s.ID()); d != 64 || !bytes.Equal(core.Image(s.ID()), img) {
+				t.Fatalf("after Flush %d durable", d)
+			}
+		})
+	}
+}

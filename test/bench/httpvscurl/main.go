@@ -1,0 +1,338 @@
+// Command httpvscurl compares ota-net's HTTP download with curl's: the same image, served by
+// the emulator's presigned-URL server, fetched through the same tinyproxy (a CONNECT tunnel
+// for both: ota-net always tunnels, and curl is told to with --proxytunnel) and, with -rate,
+// through the same toxiproxy bandwidth limit in front of the server. ota-net runs as the real
+// process with the real ota-writer (test/harness) on an A/B target, as in the field.
+//
+// Times, per repetition, curl and ota-net alternating (which goes first alternates too):
+//
+//   - curl: curl's time_total for `curl -o /dev/null` (or -curl-file: a file next to the
+//     device's slots), name lookup and proxy connect included.
+//   - ota-net: time to download, as ota-net logs it in "file downloaded" (seconds): from the
+//     HTTP downloader's start (before its first GET, so the proxy connect is included) to
+//     every block durable in the writer (flushed), i.e. curl's work plus handing every block
+//     to the writer over gRPC, the writer's writes and its syncs. Job notification, session
+//     begin and the signature check after the download are not in it.
+//
+// ratio = median curl time / median ota-net time (1.0: as fast as curl; the target is 0.9).
+// The last line is JSON for scripts; the line before it is for people.
+//
+//	go run ./test/bench/httpvscurl -size 64 -reps 5
+//	go run ./test/bench/httpvscurl -size 16 -rate 2500 -proxy=false
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+
+	toxiproxy "github.com/Shopify/toxiproxy/v2"
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/rs/zerolog"
+
+	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/emulator"
+	"github.com/gwota/gwota/test/harness"
+)
+
+type options struct {
+	sizeMiB   int
+	reps      int
+	proxy     bool
+	rateKB    int
+	blockSize int
+	curlFile  bool
+	debug     bool
+}
+
+// Summary is the JSON line.
+type Summary struct {
+	Bench         string    `json:"bench"`
+	SizeBytes     int64     `json:"size_bytes"`
+	Reps          int       `json:"reps"`
+	Proxy         bool      `json:"proxy"`
+	RateKBps      int       `json:"rate_kbps"` // toxiproxy bandwidth, KB/s (1000 bytes); 0: none
+	BlockSize     int       `json:"block_size"`
+	CurlOut       string    `json:"curl_out"`
+	CurlSeconds   []float64 `json:"curl_s"`
+	OtaNetSeconds []float64 `json:"otanet_s"`
+	CurlMedian    float64   `json:"curl_median_s"`
+	OtaNetMedian  float64   `json:"otanet_median_s"`
+	// CPU seconds (user+system) of each ota-net and ota-writer process from start to ready
+	// (start-up and the writer's signature check included), medians.
+	OtaNetCPU  float64 `json:"otanet_cpu_s"`
+	WriterCPU  float64 `json:"writer_cpu_s"`
+	CurlMBps   float64 `json:"curl_mbps"`
+	OtaNetMBps float64 `json:"otanet_mbps"`
+	Ratio      float64 `json:"ratio"`
+}
+
+func main() {
+	var o options
+	flag.IntVar(&o.sizeMiB, "size", 64, "image size in MiB")
+	flag.IntVar(&o.reps, "reps", 3, "repetitions (medians are compared)")
+	flag.BoolVar(&o.proxy, "proxy", true, "both go through tinyproxy (CONNECT); false: direct")
+	flag.IntVar(&o.rateKB, "rate", 0, "toxiproxy bandwidth in front of the HTTP server, KB/s (1000 bytes); 0: none")
+	flag.IntVar(&o.blockSize, "bs", 0, "ota-net block size (0: its default)")
+	flag.BoolVar(&o.curlFile, "curl-file", false, "curl writes to a file beside the device instead of /dev/null")
+	flag.BoolVar(&o.debug, "debug", false, "both processes log at debug level to stderr")
+	flag.Parse()
+	if o.sizeMiB <= 0 || o.reps <= 0 || o.rateKB < 0 {
+		fmt.Fprintln(os.Stderr, "httpvscurl: -size and -reps must be positive, -rate not negative")
+		os.Exit(2)
+	}
+	s, err := run(context.Background(), o)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "httpvscurl:", err)
+		os.Exit(1)
+	}
+	via := "direct"
+	if s.Proxy {
+		via = "through tinyproxy"
+	}
+	if s.RateKBps > 0 {
+		via += fmt.Sprintf(", link %d KB/s", s.RateKBps)
+	}
+	fmt.Printf("httpvscurl: %d MiB %s, median of %d: curl %.3f s (%.1f MB/s), ota-net %.3f s (%.1f MB/s), ratio curl/ota-net %.2f; CPU to ready: ota-net %.2f s, writer %.2f s\n",
+		s.SizeBytes>>20, via, s.Reps, s.CurlMedian, s.CurlMBps, s.OtaNetMedian, s.OtaNetMBps, s.Ratio, s.OtaNetCPU, s.WriterCPU)
+	b, _ := json.Marshal(s)
+	fmt.Println(string(b))
+}
+
+func median(xs []float64) float64 {
+	s := slices.Clone(xs)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func run(ctx context.Context, o options) (*Summary, error) {
+	if _, err := exec.LookPath("curl"); err != nil {
+		return nil, errors.New("curl is not installed")
+	}
+	dir, err := os.MkdirTemp("", "httpvscurl")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(dir)
+	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
+		return nil, err
+	}
+	bin, err := harness.Build(ctx, harness.BuildOptions{Dir: filepath.Join(dir, "bin")})
+	if err != nil {
+		return nil, err
+	}
+	signer, err := harness.NewSigner("httpvscurl-signer")
+	if err != nil {
+		return nil, err
+	}
+	const thing = "httpvscurl-gw"
+	cloud, err := harness.StartCloud(ctx, emulator.Options{Thing: thing})
+	if err != nil {
+		return nil, err
+	}
+	defer cloud.Close()
+
+	// toxiproxy in front of the presigned-URL server: both clients meet the same link.
+	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
+	tp := toxiproxy.NewProxy(srv, "http", "127.0.0.1:0", strings.TrimPrefix(cloud.HTTPURL(), "http://"))
+	if err := tp.Start(); err != nil {
+		return nil, err
+	}
+	defer tp.Stop()
+	if o.rateKB > 0 {
+		js := fmt.Sprintf(`{"name":"bw","type":"bandwidth","stream":"downstream","toxicity":1,"attributes":{"rate":%d}}`, o.rateKB)
+		if _, err := tp.Toxics.AddToxicJson(strings.NewReader(js)); err != nil {
+			return nil, err
+		}
+	}
+	cloud.SetHTTPURL("http://" + tp.Listen)
+
+	var px *harness.WebProxy
+	if o.proxy {
+		pdir := filepath.Join(dir, "proxy")
+		if err := os.Mkdir(pdir, 0o700); err != nil {
+			return nil, err
+		}
+		px, err = harness.StartWebProxy(ctx, pdir, harness.WebProxyOptions{})
+		if err != nil {
+			return nil, err
+		}
+		defer px.Stop()
+	}
+
+	img := filepath.Join(dir, "v2.img")
+	size := int64(o.sizeMiB) << 20
+	if err := harness.WriteImage(img, size, 7); err != nil {
+		return nil, err
+	}
+	s := &Summary{Bench: "httpvscurl", SizeBytes: size, Reps: o.reps, Proxy: o.proxy, RateKBps: o.rateKB, BlockSize: o.blockSize, CurlOut: "/dev/null"}
+	if o.curlFile {
+		s.CurlOut = "file"
+	}
+	var netCPU, wCPU []float64
+	for r := range o.reps {
+		steps := []func() error{
+			func() error {
+				d, err := curlOnce(ctx, cloud, signer, img, px, dir, r, o)
+				s.CurlSeconds = append(s.CurlSeconds, d)
+				return err
+			},
+			func() error {
+				d, cpu, err := otaNetOnce(ctx, cloud, bin, signer, img, px, dir, thing, r, o)
+				s.OtaNetSeconds = append(s.OtaNetSeconds, d)
+				netCPU, wCPU = append(netCPU, cpu[0]), append(wCPU, cpu[1])
+				return err
+			},
+		}
+		if r%2 == 1 {
+			slices.Reverse(steps)
+		}
+		for _, f := range steps {
+			if err := f(); err != nil {
+				return nil, fmt.Errorf("repetition %d: %w", r, err)
+			}
+		}
+		fmt.Fprintf(os.Stderr, "httpvscurl: rep %d: curl %.3f s, ota-net %.3f s\n", r, s.CurlSeconds[r], s.OtaNetSeconds[r])
+	}
+	s.CurlMedian, s.OtaNetMedian = median(s.CurlSeconds), median(s.OtaNetSeconds)
+	s.OtaNetCPU, s.WriterCPU = median(netCPU), median(wCPU)
+	s.CurlMBps, s.OtaNetMBps = float64(size)/s.CurlMedian/1e6, float64(size)/s.OtaNetMedian/1e6
+	s.Ratio = s.CurlMedian / s.OtaNetMedian
+	return s, nil
+}
+
+// presignedURL creates a job for a thing that never connects and returns its file's URL:
+// the same image, the same server, the same signing, only another job's path.
+func presignedURL(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer, img, job string) (string, error) {
+	if err := cloud.CreateJob(ctx, backend.JobSpec{JobID: job, Things: []string{"httpvscurl-curl"}, Protocols: []string{backend.ProtocolHTTP},
+		Files: []backend.FileSpec{signer.File(img)}}); err != nil {
+		return "", err
+	}
+	raw, err := cloud.JobDocument(job)
+	if err != nil {
+		return "", err
+	}
+	var doc struct {
+		OTA struct {
+			Files []struct {
+				URL string `json:"update_data_url"`
+			} `json:"files"`
+		} `json:"afr_ota"`
+	}
+	if err := json.Unmarshal(raw, &doc); err != nil || len(doc.OTA.Files) == 0 || doc.OTA.Files[0].URL == "" {
+		return "", fmt.Errorf("no URL in %s (%v)", raw, err)
+	}
+	return doc.OTA.Files[0].URL, nil
+}
+
+func curlOnce(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer, img string, px *harness.WebProxy, dir string, rep int, o options) (float64, error) {
+	u, err := presignedURL(ctx, cloud, signer, img, fmt.Sprintf("curl-%d", rep))
+	if err != nil {
+		return 0, err
+	}
+	out := "/dev/null"
+	if o.curlFile {
+		out = filepath.Join(dir, fmt.Sprintf("curl-%d.img", rep))
+		defer os.Remove(out)
+	}
+	args := []string{"-sS", "--fail", "-o", out, "-w", "%{time_total} %{size_download}"}
+	if px != nil {
+		args = append(args, "--proxytunnel", "-x", px.URL())
+	}
+	args = append(args, u)
+	cctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	b, err := exec.CommandContext(cctx, "curl", args...).Output()
+	if err != nil {
+		return 0, fmt.Errorf("curl: %w", err)
+	}
+	f := strings.Fields(string(b))
+	if len(f) != 2 {
+		return 0, fmt.Errorf("curl printed %q", b)
+	}
+	t, err1 := strconv.ParseFloat(f[0], 64)
+	n, err2 := strconv.ParseInt(f[1], 10, 64)
+	if err1 != nil || err2 != nil || n != int64(o.sizeMiB)<<20 || t <= 0 {
+		return 0, fmt.Errorf("curl printed %q (want %d bytes)", b, int64(o.sizeMiB)<<20)
+	}
+	return t, nil
+}
+
+var downloadedRE = regexp.MustCompile(`file downloaded:.*protocol=HTTP .*seconds=([0-9.]+)`)
+
+// cpuSeconds is user+system CPU time of a running process (Linux /proc).
+func cpuSeconds(pid int) float64 {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return 0
+	}
+	// Fields after the ")" that ends the command name: utime is the 12th, stime the 13th.
+	f := strings.Fields(string(b[strings.LastIndexByte(string(b), ')')+1:]))
+	if len(f) < 13 {
+		return 0
+	}
+	u, _ := strconv.ParseFloat(f[11], 64)
+	st, _ := strconv.ParseFloat(f[12], 64)
+	return (u + st) / 100 // USER_HZ
+}
+
+func otaNetOnce(ctx context.Context, cloud *harness.Cloud, bin *harness.Binaries, signer *harness.Signer, img string, px *harness.WebProxy, dir, thing string, rep int, o options) (secs float64, cpu [2]float64, err error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
+	defer cancel()
+	ddir, err := os.MkdirTemp(dir, "d")
+	if err != nil {
+		return 0, cpu, err
+	}
+	defer os.RemoveAll(ddir)
+	opts := harness.DeviceOptions{Dir: ddir, Thing: thing, BrokerURL: cloud.BrokerURL(), Trusted: []*harness.Signer{signer},
+		BlockSize: o.blockSize, LogLevel: "info", LogTee: io.Discard,
+		// The writer's own default, not the harness's fine-grained test setting.
+		SyncBytes: 8 << 20}
+	if px != nil {
+		opts.NetConfigExtra = fmt.Sprintf("\n[proxy]\nurl = %q\n", px.URL())
+	}
+	if o.debug {
+		opts.LogLevel, opts.LogTee = "debug", os.Stderr
+	}
+	dev, err := harness.NewDevice(bin, opts)
+	if err != nil {
+		return 0, cpu, err
+	}
+	defer dev.Close(false)
+	dctx, dcancel := dev.Context(ctx)
+	defer dcancel()
+	if err := dev.Start(dctx); err != nil {
+		return 0, cpu, err
+	}
+	job := fmt.Sprintf("otanet-%d", rep)
+	if err := cloud.CreateJob(dctx, backend.JobSpec{JobID: job, Protocols: []string{backend.ProtocolHTTP}, Files: []backend.FileSpec{signer.File(img)}}); err != nil {
+		return 0, cpu, err
+	}
+	if _, err := cloud.WaitSelfTest(dctx, job, backend.StatusInProgress, "ready"); err != nil {
+		return 0, cpu, fmt.Errorf("no ready: %w (%v)\n%s", err, harness.Steps(cloud.Updates(job)), dev.Logs())
+	}
+	cpu = [2]float64{cpuSeconds(dev.Net().Pid), cpuSeconds(dev.Writer().Pid)}
+	m := downloadedRE.FindStringSubmatch(dev.Logs())
+	if m == nil {
+		return 0, cpu, fmt.Errorf("ota-net logged no HTTP \"file downloaded\" line:\n%s", dev.Logs())
+	}
+	if px != nil && px.Tunnels(strings.TrimPrefix(cloud.HTTPURL(), "http://")) == 0 {
+		return 0, cpu, errors.New("ota-net did not go through the proxy")
+	}
+	secs, err = strconv.ParseFloat(m[1], 64)
+	return secs, cpu, err
+}

@@ -238,6 +238,8 @@ func (e *Engine) checkBegin(req *otav1.BeginSessionRequest) (*target.Target, err
 		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, format, args...)
 	}
 	switch {
+	case req.GetKind() != otav1.SessionKind_SESSION_KIND_UNSPECIFIED && req.GetKind() != otav1.SessionKind_SESSION_KIND_IMAGE:
+		return nil, status.Errorf(otav1.Reason_REASON_UNSUPPORTED, "session kind %s not supported", req.GetKind())
 	case !jobIDRE.MatchString(req.GetJobId()):
 		return nil, invalid("job id %q is not 1..64 of [a-zA-Z0-9_-]", trunc(req.GetJobId(), 80))
 	case req.GetBlockSize() < config.MinBlockSize || req.GetBlockSize() > e.cfg.MaxBlockSize:

@@ -65,7 +65,7 @@ func (s *session) deltaInfoLocked() *otav1.DeltaInfo {
 		return nil
 	}
 	return &otav1.DeltaInfo{
-		ImageBlocks: (s.meta.ImageSize + uint64(s.meta.BlockSize) - 1) / uint64(s.meta.BlockSize),
+		ImageBlocks:  (s.meta.ImageSize + uint64(s.meta.BlockSize) - 1) / uint64(s.meta.BlockSize),
 		ReusedBlocks: s.stats.reused, ZeroBlocks: s.stats.zero, DownloadBytes: s.stats.download,
 		WritesSaved: s.stats.saved, ImageSize: s.meta.ImageSize, ImageBlockSize: s.meta.BlockSize,
 	}

@@ -438,8 +438,18 @@ func TestVersionPolicySignedOnly(t *testing.T) {
 		_, err := r.begin(img, 0, func(q *otav1.BeginSessionRequest) { q.Version = v })
 		wantReason(t, err, otav1.Reason_REASON_VERSION_CHECK)
 	}
+	// A validly signed old image, its job document claiming a newer version.
 	old := makeDelta(t, img.data, func(p *manifest.Params) { p.Version = "0.9" })
-	_, err := installManifest(t, r.e, old, "job-old")
+	mq := old.manifestReq("job-old")
+	mq.Version = "9.9"
+	res, err := r.e.Begin(ctx, mq)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.e.Write(ctx, res.GetSession().GetSessionId(), blocks(old.mf, dbs, 0, len(old.mf)/dbs+1), true); err != nil {
+		t.Fatal(err)
+	}
+	_, err = r.e.Finish(ctx, res.GetSession().GetSessionId())
 	wantReason(t, err, otav1.Reason_REASON_VERSION_CHECK)
 
 	d := makeDelta(t, img.data, nil) // signed 2.0
@@ -448,7 +458,7 @@ func TestVersionPolicySignedOnly(t *testing.T) {
 	}
 	q := d.chunksReq("job-new")
 	q.Version = "0.1" // forged: ignored
-	res, err := r.e.Begin(ctx, q)
+	res, err = r.e.Begin(ctx, q)
 	if err != nil {
 		t.Fatal(err)
 	}

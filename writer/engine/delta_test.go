@@ -840,3 +840,85 @@ func (m killMedium) WriteAt(p []byte, off int64) (int, error) {
 	}
 	return m.Medium.WriteAt(p, off)
 }
+
+// FuzzChunkWrites sends arbitrary batches of chunks to a CHUNKS session: offsets moved,
+// lengths cut or padded, bytes altered, another chunk's bytes, duplicates, with syncs in
+// between. Every refusal is typed (block_out_of_range, invalid_request, block_hash_mismatch)
+// and nothing hostile reaches the slot: sending the missing chunks afterwards completes an
+// update whose read-back matches the manifest.
+func FuzzChunkWrites(f *testing.F) {
+	v1, v2 := v1v2()
+	d := makeDelta(f, v2, nil)
+	f.Add([]byte{0, 0, 0, 1})
+	f.Add([]byte{1, 3, 1, 0, 0, 3, 0, 1})
+	f.Add([]byte{2, 5, 7, 2, 3, 5, 9, 3, 4, 5, 100, 1})
+	f.Add([]byte{5, 1, 2, 6, 0, 1, 0, 0, 0, 1, 0, 1})
+	f.Add([]byte{4, 9, 0, 7, 4, 9, 255, 5, 0, 9, 0, 1, 0, 9, 0, 1})
+	f.Fuzz(func(t *testing.T, ops []byte) {
+		if len(ops) > 64 {
+			ops = ops[:64]
+		}
+		r, _, _ := deltaRig(t, v1, func(c *config.Config) { c.SyncBytes = 1 << 30 })
+		if _, err := installManifest(t, r.e, d, "job-f"); err != nil {
+			t.Fatal(err)
+		}
+		res, err := r.e.Begin(ctx, d.chunksReq("job-f"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, n := res.GetSession().GetSessionId(), d.m.Chunks()
+		var batch []*otav1.Block
+		for i := 0; i+4 <= len(ops); i += 4 {
+			kind, k, delta, flags := ops[i]%6, int(ops[i+1])%n, int(ops[i+2]), ops[i+3]
+			c := d.chunk(k)
+			b := &otav1.Block{Offset: c.Offset, Data: bytes.Clone(c.Data)}
+			switch kind {
+			case 1:
+				b.Offset += uint64(delta)
+			case 2:
+				b.Data = b.Data[:len(b.Data)-min(delta, len(b.Data))]
+			case 3:
+				b.Data = append(b.Data, make([]byte, delta)...)
+			case 4:
+				if len(b.Data) > 0 {
+					b.Data[delta%len(b.Data)] ^= byte(flags | 1)
+				}
+			case 5:
+				b.Data = d.chunk((k + 1 + delta) % n).Data
+			}
+			batch = append(batch, b)
+			if flags&6 != 0 && len(batch) < 4 {
+				continue
+			}
+			_, err := r.e.Write(ctx, id, batch, flags&1 != 0)
+			batch = nil
+			switch status.ReasonOf(err) {
+			case otav1.Reason_REASON_UNSPECIFIED:
+				if err != nil {
+					t.Fatalf("untyped error %v", err)
+				}
+			case otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, otav1.Reason_REASON_INVALID_REQUEST, otav1.Reason_REASON_BLOCK_HASH_MISMATCH:
+			default:
+				t.Fatalf("write: %v", err)
+			}
+		}
+		st := must[*otav1.DeviceState](t)(r.e.State(ctx))
+		var s *otav1.SessionInfo
+		for _, x := range st.GetSessions() {
+			if x.GetSessionId() == id {
+				s = x
+			}
+		}
+		if s == nil {
+			t.Fatal("the session is gone")
+		}
+		sendChunks(t, r.e, id, d, missingChunks(s))
+		fin, err := r.e.Finish(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fin.GetSha256() != fmt.Sprintf("%x", sha256.Sum256(v2)) {
+			t.Fatal("the slot does not hold the image")
+		}
+	})
+}

@@ -32,19 +32,3 @@ func (m *Manifest) ChunkAt(off uint64) (Chunk, bool) {
 	}
 	return Chunk{}, false
 }
-
-// ChunkOf returns the index of the chunk that holds block b (b < Blocks()).
-func (m *Manifest) ChunkOf(b uint64) int {
-	g, found := slices.BinarySearch(m.ckBlock, b)
-	if !found {
-		g--
-	}
-	counts := m.h.Chunks.BlockCounts
-	first := m.ckBlock[g]
-	k := g * ckEvery
-	for k < len(counts)-1 && first+uint64(counts[k]) <= b {
-		first += uint64(counts[k])
-		k++
-	}
-	return k
-}

@@ -922,3 +922,39 @@ func FuzzChunkWrites(f *testing.F) {
 		}
 	})
 }
+
+// A plain-file target takes a delta update too: blocks are reused from the installed file,
+// the new file is written beside it, verified against the manifest and renamed into place.
+func TestDeltaFileTarget(t *testing.T) {
+	v1, v2 := v1v2()
+	v1, v2 = v1[:128*dbs], v2[:128*dbs]
+	r, _, _ := deltaRig(t, nil, func(c *config.Config) { c.Targets[1].Compatible = testCompatible })
+	if err := os.WriteFile(r.appPath, v1, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	d := makeDelta(t, v2, func(p *manifest.Params) { p.Target = "app" })
+	if _, err := installManifest(t, r.e, d, "job-app"); err != nil {
+		t.Fatal(err)
+	}
+	q := d.chunksReq("job-app")
+	ft := int32(1)
+	q.FileType, q.FilePath = &ft, ""
+	res, err := r.e.Begin(ctx, q)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, _ := neededFrom(d, v1)
+	if diff := cmp.Diff(want, missingChunks(res.GetSession())); diff != "" || res.GetSession().GetTarget() != "app" {
+		t.Fatalf("target %q, missing chunks (-want +got):\n%s", res.GetSession().GetTarget(), diff)
+	}
+	sendChunks(t, r.e, res.GetSession().GetSessionId(), d, want)
+	if _, err := r.e.Finish(ctx, res.GetSession().GetSessionId()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := r.e.Activate(ctx, res.GetSession().GetSessionId()); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := os.ReadFile(r.appPath); !bytes.Equal(got, v2) {
+		t.Fatal("the installed file is not the image")
+	}
+}

@@ -174,7 +174,7 @@ func (m countingMedium) Unwrap() target.Medium { return m.Medium }
 
 // deltaRig is a rig whose rootfs target takes manifests, slot a (running) holding local,
 // and a count of what is written to the rootfs slots.
-func deltaRig(t *testing.T, local []byte, edit func(*config.Config)) (*rig, *atomic.Int64, *atomic.Int64) {
+func deltaRig(t testing.TB, local []byte, edit func(*config.Config)) (*rig, *atomic.Int64, *atomic.Int64) {
 	t.Helper()
 	r := newRig(t, func(c *config.Config) {
 		c.Targets[0].Compatible = testCompatible

@@ -478,13 +478,23 @@ func TestVersionPolicySignedOnly(t *testing.T) {
 // its batch is written (not even the good chunk before it); sent again intact, it is
 // accepted and the update completes.
 func TestChunkHashMismatch(t *testing.T) {
+	for _, via := range []string{"engine", "grpc"} {
+		t.Run(via, func(t *testing.T) { testChunkHashMismatch(t, via) })
+	}
+}
+
+func testChunkHashMismatch(t *testing.T, via string) {
 	v1, v2 := v1v2()
 	r, _, writes := deltaRig(t, v1, nil)
+	var w api.Writer = r.e
+	if via == "grpc" {
+		w = writertest.Dial(t, writertest.Serve(t, r.e, server.Options{}, server.ListenConfig{}, nil).Sock)
+	}
 	d := makeDelta(t, v2, nil)
-	if _, err := installManifest(t, r.e, d, "job-h"); err != nil {
+	if _, err := installManifest(t, w, d, "job-h"); err != nil {
 		t.Fatal(err)
 	}
-	res, err := r.e.Begin(ctx, d.chunksReq("job-h"))
+	res, err := w.Begin(ctx, d.chunksReq("job-h"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -497,7 +507,7 @@ func TestChunkHashMismatch(t *testing.T) {
 		altered := &otav1.Block{Offset: bad.Offset, Data: bytes.Clone(bad.Data)}
 		altered.Data[where] ^= 0x40
 		before := writes.Load()
-		_, err = r.e.Write(ctx, id, []*otav1.Block{good, altered}, true)
+		_, err = w.Write(ctx, id, []*otav1.Block{good, altered}, true)
 		wantReason(t, err, otav1.Reason_REASON_BLOCK_HASH_MISMATCH)
 		var se *status.Error
 		if !errors.As(err, &se) || se.Meta["chunk"] != strconv.Itoa(missing[1]) || !status.IsClass(err, status.ClassRetryable) {
@@ -507,12 +517,12 @@ func TestChunkHashMismatch(t *testing.T) {
 			t.Fatalf("byte %d altered: %d writes for a refused batch", where, writes.Load()-before)
 		}
 	}
-	st := must[*otav1.DeviceState](t)(r.e.State(ctx))
+	st := must[*otav1.DeviceState](t)(w.State(ctx))
 	if got := st.GetSessions()[0].GetReceivedBlocks(); got != res.GetSession().GetReceivedBlocks() {
 		t.Fatalf("received %d chunks, before the refused batches %d", got, res.GetSession().GetReceivedBlocks())
 	}
-	sendChunks(t, r.e, id, d, missing)
-	if _, err := r.e.Finish(ctx, id); err != nil {
+	sendChunks(t, w, id, d, missing)
+	if _, err := w.Finish(ctx, id); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -15,6 +15,7 @@ import (
 	"crypto"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"syscall"
 	"time"
@@ -511,9 +512,7 @@ func (e *Engine) fillLocal(ctx context.Context, s *session, booted string) (err 
 	if err != nil {
 		return err
 	}
-	var lr interface {
-		ReadAt([]byte, int64) (int, error)
-	} = bytes.NewReader(nil)
+	var lr io.ReaderAt = bytes.NewReader(nil) // a file target not installed yet: zeros only
 	var lsize int64
 	if local != nil {
 		defer local.Close()

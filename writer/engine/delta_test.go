@@ -968,3 +968,48 @@ func TestDeltaFileTarget(t *testing.T) {
 		t.Fatal("the installed file is not the image")
 	}
 }
+
+// A writer restarted during the download resumes the CHUNKS session from its journal (its
+// manifest verified again from the state directory): only the chunks not yet durable are
+// missing and the delta figures survive; restarted once more after the finish, it verifies
+// the slot against the manifest again before it activates it.
+func TestChunksResumeAfterRestart(t *testing.T) {
+	v1, v2 := v1v2()
+	r, _, _ := deltaRig(t, v1, nil)
+	d := makeDelta(t, v2, nil)
+	if _, err := installManifest(t, r.e, d, "job-r"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.e.Begin(ctx, d.chunksReq("job-r"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, missing := res.GetSession().GetSessionId(), missingChunks(res.GetSession())
+	half := len(missing) / 2
+	sendChunks(t, r.e, id, d, missing[:half])
+	r.e.Close()
+	r.open()
+	res2, err := r.e.Begin(ctx, d.chunksReq("job-r"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := res2.GetSession(); !res2.GetResumed() || s.GetSessionId() != id || cmp.Diff(missing[half:], missingChunks(s)) != "" ||
+		s.GetDelta().GetReusedBlocks() != res.GetSession().GetDelta().GetReusedBlocks() || len(res2.GetChunkSizes()) != d.m.Chunks() {
+		t.Fatalf("after the restart: %v, missing %v, want %v", res2, missingChunks(s), missing[half:])
+	}
+	sendChunks(t, r.e, id, d, missing[half:])
+	if _, err := r.e.Finish(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	r.e.Close()
+	// While the writer is down, the slot changes: the activation must notice.
+	f, err := os.OpenFile(r.slots[1], os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	f.WriteAt([]byte{0xA5}, 5)
+	f.Close()
+	r.open()
+	_, err = r.e.Activate(ctx, id)
+	wantReason(t, err, otav1.Reason_REASON_SIG_CHECK_FAILED)
+}

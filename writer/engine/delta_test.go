@@ -21,6 +21,7 @@ import (
 	"github.com/gwota/gwota/internal/bitmap"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
@@ -1012,4 +1013,51 @@ func TestChunksResumeAfterRestart(t *testing.T) {
 	r.open()
 	_, err = r.e.Activate(ctx, id)
 	wantReason(t, err, otav1.Reason_REASON_SIG_CHECK_FAILED)
+}
+
+// A target with its own trusted_keys takes only manifests its keys signed, and its keys sign
+// no manifest for another target: the store is the one of the target the manifest names.
+func TestManifestSignerPerTarget(t *testing.T) {
+	id, err := sign.NewIdentity("app-signer")
+	if err != nil {
+		t.Fatal(err)
+	}
+	certPath, err := id.WriteCert(t.TempDir())
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, _, _ := deltaRig(t, nil, func(c *config.Config) {
+		c.Targets[1].Compatible, c.Targets[1].TrustedKeys = testCompatible, []string{certPath}
+	})
+	img := randBlocks(rand.New(rand.NewPCG(7, 8)), 8)
+	for i, tc := range []struct {
+		target string
+		appKey bool
+		want   otav1.Reason
+	}{
+		{"app", false, otav1.Reason_REASON_UNTRUSTED_SIGNER},
+		{"app", true, otav1.Reason_REASON_UNSPECIFIED},
+		{"rootfs", true, otav1.Reason_REASON_UNTRUSTED_SIGNER},
+		{"rootfs", false, otav1.Reason_REASON_UNSPECIFIED},
+	} {
+		d := makeDelta(t, img, func(p *manifest.Params) { p.Target = tc.target })
+		job := fmt.Sprintf("job-%d", i)
+		q := d.manifestReq(job)
+		if tc.appKey {
+			if q.Signature, err = id.Sign(d.mf); err != nil {
+				t.Fatal(err)
+			}
+			q.CertName = id.CertName
+		}
+		res, err := r.e.Begin(ctx, q)
+		if err == nil {
+			if _, err := r.e.Write(ctx, res.GetSession().GetSessionId(), blocks(d.mf, dbs, 0, len(d.mf)/dbs+1), true); err != nil {
+				t.Fatal(err)
+			}
+			_, err = r.e.Finish(ctx, res.GetSession().GetSessionId())
+		}
+		if got := status.ReasonOf(err); got != tc.want {
+			t.Errorf("manifest for %s signed by the app key %v: %v, want %s", tc.target, tc.appKey, err, status.Name(tc.want))
+		}
+	}
 }

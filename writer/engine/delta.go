@@ -612,6 +612,10 @@ func (w *blockWriter) put(off int64, data []byte) (wrote bool, err error) {
 // written: a bad chunk refuses the batch with REASON_BLOCK_HASH_MISMATCH and nothing
 // written. The caller holds s.mu.
 func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
+	if !s.meta.FillDone {
+		// The fill writes the zero blocks of every chunk; a decoded chunk has only the others.
+		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s has not finished its local fill: begin it again", s.id)
+	}
 	m := s.mf
 	type item struct {
 		c    manifest.Chunk

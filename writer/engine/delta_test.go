@@ -1061,3 +1061,45 @@ func TestManifestSignerPerTarget(t *testing.T) {
 		}
 	}
 }
+
+// Chunks are refused until the local fill is complete (it writes the zero blocks inside
+// every chunk): a client that writes to a session whose fill a crash interrupted is told to
+// begin again.
+func TestChunksRefusedBeforeFill(t *testing.T) {
+	v1, v2 := v1v2()
+	r, _, _ := deltaRig(t, v1, nil)
+	d := makeDelta(t, v2, nil)
+	if _, err := installManifest(t, r.e, d, "job-b"); err != nil {
+		t.Fatal(err)
+	}
+	r.wrap = func(name string, m target.Medium) target.Medium {
+		tm := targettest.Wrap(m)
+		tm.SyncErr = func(int) error { return errors.New("sync failed") }
+		return tm
+	}
+	r.e.Close()
+	r.open()
+	_, err := r.e.Begin(ctx, d.chunksReq("job-b"))
+	wantReason(t, err, otav1.Reason_REASON_FILE_WRITE_FAILED)
+	st := must[*otav1.DeviceState](t)(r.e.State(ctx))
+	var id string
+	for _, s := range st.GetSessions() {
+		if s.GetKind() == otav1.SessionKind_SESSION_KIND_CHUNKS {
+			id = s.GetSessionId()
+		}
+	}
+	want, _ := neededFrom(d, v1)
+	_, err = r.e.Write(ctx, id, []*otav1.Block{d.chunk(want[0])}, true)
+	wantReason(t, err, otav1.Reason_REASON_BAD_FILE_HANDLE)
+	r.wrap = nil
+	r.e.Close()
+	r.open()
+	res, err := r.e.Begin(ctx, d.chunksReq("job-b"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	sendChunks(t, r.e, res.GetSession().GetSessionId(), d, missingChunks(res.GetSession()))
+	if _, err := r.e.Finish(ctx, res.GetSession().GetSessionId()); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -119,15 +119,26 @@ func (s *Sink) Blocks() int { return s.blocks }
 // Missing is the bitmap of the stream blocks to fetch: those that overlap a chunk the writer
 // lacks (as of the last reload).
 func (s *Sink) Missing() bitmap.Bitmap {
-	m := bitmap.New(s.blocks)
-	for k := range s.sizes {
-		if !s.needed(k) {
-			continue
+	return StreamMissing(Layout{Sizes: s.sizes, BlockSize: s.bs}, s.missing)
+}
+
+// StreamMissing is the bitmap of the stream blocks of l that overlap a non-empty chunk that
+// missing (one bit per chunk) marks.
+func StreamMissing(l Layout, missing bitmap.Bitmap) bitmap.Bitmap {
+	var size uint64
+	for _, n := range l.Sizes {
+		size += uint64(n)
+	}
+	bs := uint64(max(l.BlockSize, 1))
+	m := bitmap.New(int((size + bs - 1) / bs))
+	var off uint64
+	for k, n := range l.Sizes {
+		if n > 0 && k>>3 < len(missing) && missing.Has(k) {
+			for i := off / bs; i <= (off+uint64(n)-1)/bs; i++ {
+				m.Set(int(i))
+			}
 		}
-		first, last := s.span(k)
-		for i := first; i <= last; i++ {
-			m.Set(i)
-		}
+		off += uint64(n)
 	}
 	return m
 }

@@ -94,7 +94,12 @@ func newDownload(a *Agent, f jobdoc.File, sess Session, kind otav1.SessionKind) 
 		return nil, status.Errorf(otav1.Reason_REASON_OTHER, "chunk file %d: the writer's chunks add up to %d bytes, the job's file has %d", f.Index, sum, f.Size)
 	}
 	d.blockSize = chunkBlockSize(sizes, a.cfg.BlockSize)
-	d.requestBytes = stream.DefaultBlocksPerRequest * a.cfg.BlockSize
+	// Requests keep the window the stream downloader is configured for in bytes.
+	perReq := stream.DefaultBlocksPerRequest
+	if sd, ok := a.stream.(interface{ Config() stream.Config }); ok && sd.Config().BlocksPerRequest > 0 {
+		perReq = sd.Config().BlocksPerRequest
+	}
+	d.requestBytes = perReq * a.cfg.BlockSize
 	d.layout = chunksink.Layout{Sizes: sizes, BlockSize: d.blockSize}
 	blocks := int((sum + uint64(d.blockSize) - 1) / uint64(d.blockSize))
 	need := chunksink.StreamMissing(d.layout, sess.Missing()).Count()

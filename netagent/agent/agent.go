@@ -342,6 +342,7 @@ func (j *job) afterActivation(ctx context.Context, doc *jobdoc.Document, st *ota
 	ours := lu.GetJobId() == ex.JobID
 	switch img := st.GetImageState(); {
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours && selfTest:
+		j.carrySummary()
 		j.selfTest(ctx, doc, lu)
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours:
 		// Platform in trial but the job is not in self test: reject and roll back.

@@ -2,6 +2,8 @@ package agent
 
 import (
 	"fmt"
+	"strconv"
+	"strings"
 
 	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/netagent/chunksink"
@@ -144,4 +146,21 @@ func deltaLog(d *otav1.DeltaInfo) string {
 	}
 	return fmt.Sprintf("image_blocks=%d reused=%d zero=%d download_bytes=%d writes_saved=%d",
 		d.GetImageBlocks(), d.GetReusedBlocks(), d.GetZeroBlocks(), d.GetDownloadBytes(), d.GetWritesSaved())
+}
+
+// carrySummary keeps a delta update's "reused" across the reboot into the trial: the process
+// that downloaded the update is gone, and the job's statusDetails, as the ready (or active)
+// update left them, are where the value survives. Only a well-formed "n/N" is carried.
+func (j *job) carrySummary() {
+	v := j.ex.StatusDetails[KeyReused]
+	n, total, ok := strings.Cut(v, "/")
+	if !ok {
+		return
+	}
+	a, err1 := strconv.ParseUint(n, 10, 64)
+	b, err2 := strconv.ParseUint(total, 10, 64)
+	if err1 != nil || err2 != nil || a > b {
+		return
+	}
+	j.rep.SetSummary(status.Fields{{Key: KeyReused, Value: v}})
 }

@@ -269,8 +269,8 @@ func (r *Reporter) progress() (uint64, uint64) {
 	return r.received, r.total
 }
 
-// SetSummary sets fields that the ready and succeeded reports carry right after the base
-// keys, before the writer's extension fields (within the 10-pair budget): a delta update's
+// SetSummary sets fields that the ready, active and succeeded reports carry right after the
+// base keys, before the writer's extension fields (within the 10-pair budget): a delta update's
 // "reused".
 func (r *Reporter) SetSummary(f status.Fields) {
 	r.mu.Lock()
@@ -300,7 +300,7 @@ func (r *Reporter) Receiving(ctx context.Context, received, total uint64) error 
 // Active reports IN_PROGRESS active (running the new image, self test under way).
 func (r *Reporter) Active(ctx context.Context) error {
 	r.stopProgress()
-	return r.send(ctx, jobs.StatusInProgress, status.Base{SelfTest: status.SelfTestActive})
+	return r.send(ctx, jobs.StatusInProgress, status.Base{SelfTest: status.SelfTestActive, Failure: r.summaryFields()})
 }
 
 // Succeeded reports SUCCEEDED accepted.

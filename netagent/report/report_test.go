@@ -259,8 +259,8 @@ func TestSetFieldsInEveryUpdate(t *testing.T) {
 	}
 }
 
-// TestSummaryBeforeExtensions: a summary (a delta update's "reused") is in the ready and
-// succeeded updates even when the writer's extension fields would fill the 10-pair budget:
+// TestSummaryBeforeExtensions: a summary (a delta update's "reused") is in the ready, active
+// and succeeded updates even when the writer's extension fields would fill the 10-pair budget:
 // it comes right after the base keys.
 func TestSummaryBeforeExtensions(t *testing.T) {
 	v := setup(t, "job-sum")
@@ -279,11 +279,14 @@ func TestSummaryBeforeExtensions(t *testing.T) {
 	if err := r.Ready(ctx); err != nil {
 		t.Fatal(err)
 	}
+	if err := r.Active(ctx); err != nil {
+		t.Fatal(err)
+	}
 	if err := r.Succeeded(ctx); err != nil {
 		t.Fatal(err)
 	}
 	ups := v.e.Updates("job-sum")
-	if len(ups) != 3 {
+	if len(ups) != 4 {
 		t.Fatalf("%d updates", len(ups))
 	}
 	for i, u := range ups {

@@ -194,7 +194,8 @@ func mutate(img []byte, seed uint64, rewrite []int, zeroFrom, zeroLen int) []byt
 // TestDeltaFromRunningSlot: a delta update whose blocks are mostly in the running slot (some
 // moved) or all zeros: the job succeeds with the image in slot b, the emulator served exactly
 // the stream blocks overlapping the chunks with blocks the device lacks (much less than the
-// image), and the ready update says how many blocks were reused.
+// image), and the ready update and the final one after the reboot say how many blocks were
+// reused.
 func TestDeltaFromRunningSlot(t *testing.T) {
 	t.Parallel()
 	e := deltaEnv(t, nil)
@@ -231,6 +232,9 @@ func TestDeltaFromRunningSlot(t *testing.T) {
 	wantReused := fmt.Sprintf("%d/%d", d.m.Blocks()-neededBlocks(t, d, v1), d.m.Blocks())
 	if det["reused"] != wantReused {
 		t.Errorf("ready reports reused %q, want %q (%v)", det["reused"], wantReused, det)
+	}
+	if us := e.cloud.Updates("delta"); us[len(us)-1].StatusDetails["reused"] != wantReused {
+		t.Errorf("the final update (after the reboot) reports reused %q, want %q", us[len(us)-1].StatusDetails["reused"], wantReused)
 	}
 	if n, _ := strconv.Atoi(strings.Split(det[status.KeyProgress], "/")[1]); n != len(want) {
 		t.Errorf("ready progress %q, want the %d stream blocks to download", det[status.KeyProgress], len(want))

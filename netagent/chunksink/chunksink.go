@@ -283,17 +283,18 @@ func (s *Sink) Sync(ctx context.Context) error {
 }
 
 // Flush returns once every chunk written is durable. Downloaders call it once every block is
-// taken, when no chunk is partial any more.
+// taken, when no chunk is partial any more; the agent also calls it between two protocols
+// (a fallback from MQTT to HTTP), when the blocks of partial chunks stay here, taken, and
+// the other protocol fetches the rest.
 func (s *Sink) Flush(ctx context.Context) error {
 	if err := s.w.Flush(ctx); err != nil {
 		return s.writerErr(err)
 	}
-	if len(s.partial) > 0 {
-		return status.Errorf(otav1.Reason_REASON_OTHER, "chunk sink: %d chunks incomplete at flush", len(s.partial))
+	if len(s.partial) == 0 {
+		s.mu.Lock()
+		s.durable = max(s.durable, s.baseHave+s.nRecv)
+		s.mu.Unlock()
 	}
-	s.mu.Lock()
-	s.durable = max(s.durable, s.baseHave+s.nRecv)
-	s.mu.Unlock()
 	return nil
 }
 

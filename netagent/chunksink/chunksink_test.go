@@ -384,3 +384,41 @@ func TestRefusesBadInput(t *testing.T) {
 		}
 	}
 }
+
+// TestFlushKeepsPartialChunks: a flush between two protocols (the agent's fallback) makes
+// the whole chunks durable and keeps the blocks of partial ones; the other protocol's blocks
+// complete them.
+func TestFlushKeepsPartialChunks(t *testing.T) {
+	sizes := []uint32{1000, 1500, 700}
+	file := testFile(sizes)
+	w := newFakeWriter(t, file, sizes, nil)
+	s, err := chunksink.New(w, chunksink.Layout{Sizes: sizes, BlockSize: 512}, w.missing())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+	// Blocks 0..2 hold chunk 0 (0..1000) whole and the start of chunk 1 (1000..2500).
+	for i := range 3 {
+		if err := s.WriteBlock(ctx, i, bytes.Clone(file[i*512:(i+1)*512])); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Flush(ctx); err != nil {
+		t.Fatalf("flush with a partial chunk: %v", err)
+	}
+	if diff := cmp.Diff(map[int]int{0: 1}, w.got); diff != "" || !w.durable[0] {
+		t.Fatalf("after the flush (-want +got):\n%s (durable %v)", diff, w.durable)
+	}
+	for i := 3; i < s.Blocks(); i++ {
+		end := min((i+1)*512, len(file))
+		if err := s.WriteBlock(ctx, i, bytes.Clone(file[i*512:end])); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := s.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff(map[int]int{0: 1, 1: 1, 2: 1}, w.got); diff != "" {
+		t.Errorf("chunks written (-want +got):\n%s", diff)
+	}
+}

@@ -6,6 +6,8 @@ import (
 	"encoding/json"
 	"fmt"
 	mrand "math/rand/v2"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -13,6 +15,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -549,5 +552,35 @@ func TestDeltaNetKilledDuringLocalCopy(t *testing.T) {
 	e.checkInstalled(d.image, 1)
 	if !strings.Contains(lw.String(), "resuming the local fill") {
 		t.Errorf("the writer did not resume a local fill")
+	}
+}
+
+// TestDeltaFallbackHTTPToMQTT: a delta update whose presigned URLs all fail (403) after
+// ota-net picked HTTP for its fast link: both files go on over the stream, and the chunk
+// file still fetches only the stream blocks overlapping the needed chunks.
+func TestDeltaFallbackHTTPToMQTT(t *testing.T) {
+	t.Parallel()
+	e := deltaEnv(t, func(o *harness.DeviceOptions) { o.NetConfigExtra = "link_bandwidth = \"20Mbit/s\"\n" })
+	var gets atomic.Int32
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		gets.Add(1)
+		http.Error(w, "AccessDenied", http.StatusForbidden)
+	}))
+	t.Cleanup(srv.Close)
+	e.cloud.SetHTTPURL(srv.URL)
+	v1 := e.running()
+	d := e.deltaOf("v2", mutate(v1, 16, []int{4, 200, 450}, 0, 0), manifest.Params{Version: "2.0.0"})
+	e.start()
+	e.createDelta("dfallback", e.files(d), backend.ProtocolMQTT, backend.ProtocolHTTP)
+	if ex := e.waitEnd("dfallback"); ex.Status != backend.StatusSucceeded {
+		t.Fatalf("job ended %s %v", ex.Status, ex.StatusDetails)
+	}
+	e.checkInstalled(d.image, 1)
+	if gets.Load() == 0 {
+		t.Fatal("HTTP was not tried first")
+	}
+	blocks, bs, _, _ := served(e, "dfallback")
+	if want := streamBlocksOf(neededChunks(t, d, v1), bs); !slices.Equal(blocks, want) {
+		t.Errorf("the stream served chunk-file blocks %v, want %v", blocks, want)
 	}
 }

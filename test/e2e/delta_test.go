@@ -31,7 +31,7 @@ import (
 // fills what it finds locally, ota-net downloads only the chunks the writer still lacks.
 
 const (
-	deltaCompat    = "acme,gw-1"
+	deltaCompat    = harness.Compatible
 	deltaSlot      = 2 << 20 // the running image (slot a) of the delta tests
 	deltaBlock     = 4096
 	chunkFileID    = 1 // backend.DeltaFiles: the manifest has file id 0, its chunk file 1
@@ -45,8 +45,8 @@ type deltaImage struct {
 	data                    []byte
 }
 
-// deltaEnv is newEnv with a running image of deltaSlot bytes in slot a and the rootfs
-// target's compatible string set; mod may edit the device options further.
+// deltaEnv is newEnv with a running image of deltaSlot bytes in slot a (the harness gives the
+// rootfs target its compatible string); mod may edit the device options further.
 func deltaEnv(t *testing.T, mod func(*harness.DeviceOptions)) *env {
 	t.Helper()
 	e := newEnv(t, embedded, func(o *harness.DeviceOptions) {
@@ -54,9 +54,6 @@ func deltaEnv(t *testing.T, mod func(*harness.DeviceOptions)) *env {
 		if mod != nil {
 			mod(o)
 		}
-	})
-	e.writerTOML(func(w map[string]any) {
-		w["target"].([]map[string]any)[0]["compatible"] = deltaCompat
 	})
 	return e
 }

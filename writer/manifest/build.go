@@ -185,7 +185,8 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 				start, off, acc := i, 0, 0
 				for b := i; b < j; b++ {
 					if !zeros[b] {
-						acc += int(bs)
+						// Only the image's last block may be short, and it ends r.
+						acc = min(acc+int(bs), len(r)-off)
 					}
 					if acc >= per && b+1 < j || b+1 == j {
 						if err := emit(start, b+1, r[off:off+acc]); err != nil {

@@ -13,10 +13,13 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -56,8 +59,18 @@ func main() {
 	level := flag.String("level", "", "zstd level (fastest, default, better, best; the package's default when empty)")
 	newChunk := flag.Uint("new-chunk-size", 0, "with -base: image bytes of a chunk of new blocks (the package's default when 0)")
 	maxChunk := flag.Uint("max-chunk-bytes", 0, "compressed bytes of a chunk at most (the package's default when 0)")
+	peakRSS := flag.Bool("peak-rss", false, "run the command given after the flags and print its peak RSS in KiB")
 	flag.Parse()
 	ctx := context.Background()
+	if *peakRSS {
+		kib, err := runPeakRSS(flag.Args())
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "deltabench:", err)
+			os.Exit(1)
+		}
+		fmt.Println(kib)
+		return
+	}
 	if *mf != "" {
 		st, err := lookupOnly(ctx, *mf, *local)
 		if err != nil {
@@ -97,6 +110,22 @@ func main() {
 			os.Exit(1)
 		}
 	}
+}
+
+// runPeakRSS runs a command and returns its peak RSS (KiB). Linux counts in a child's peak
+// the RSS of the process that started it (Go starts children with vfork, and exec records
+// the old address space's peak), so a test measures through this small process rather than
+// from its own larger one.
+func runPeakRSS(args []string) (int64, error) {
+	if len(args) == 0 {
+		return 0, fmt.Errorf("-peak-rss: no command")
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return 0, fmt.Errorf("%v: %w", args, err)
+	}
+	return cmd.ProcessState.SysUsage().(*syscall.Rusage).Maxrss, nil
 }
 
 func lookupOnly(ctx context.Context, mpath, local string) (manifest.LookupStats, error) {

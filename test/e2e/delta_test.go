@@ -407,57 +407,64 @@ func TestDeltaChunkAlteredInTransit(t *testing.T) {
 	for _, times := range []int{1, 3} {
 		t.Run(strconv.Itoa(times), func(t *testing.T) {
 			t.Parallel()
-			e := deltaEnv(t, nil)
-			v1 := e.running()
-			d := e.deltaOf("v2", mutate(v1, 13, []int{3, 100, 300}, 0, 0), manifest.Params{Version: "2.0.0"})
-			need := neededChunks(t, d, v1)
-			if len(need) == 0 {
-				t.Fatal("nothing to download")
-			}
-			if err := e.dev.StartWriter(e.ctx); err != nil {
-				t.Fatal(err)
-			}
-			before := e.slots()
-			e.createDelta("altered", e.files(d))
-			c := need[len(need)/2]
-			e.cloud.SetFaults(e.cloud.StreamName("altered"), emulator.Faults{CorruptBlocks: times, CorruptFileID: chunkFileID, CorruptOffset: int64(c.Offset + c.Size/2)})
-			if err := e.dev.StartNet(e.ctx); err != nil {
-				t.Fatal(err)
-			}
-			if times == 1 {
-				if ex := e.waitEnd("altered"); ex.Status != backend.StatusSucceeded {
-					t.Fatalf("job ended %s %v", ex.Status, ex.StatusDetails)
-				}
-				checkSteps(t, e.cloud, "altered", happy)
-				e.checkInstalled(d.image, 1)
-			} else {
-				ex := e.wantEnd("altered", backend.StatusFailed, otav1.Reason_REASON_BLOCK_HASH_MISMATCH)
-				if ex.StatusDetails["chunk"] != strconv.Itoa(c.Index) {
-					t.Errorf("failure names chunk %q, want %d: %v", ex.StatusDetails["chunk"], c.Index, ex.StatusDetails)
-				}
-				e.checkUntouched(before)
-			}
-			_, _, _, corrupted := served(e, "altered")
-			if len(corrupted) != times {
-				t.Fatalf("the emulator altered blocks %v, want %d", corrupted, times)
-			}
-			sent := 0
-			for _, r := range e.cloud.StreamRequests("altered") {
-				if r.FileID == chunkFileID {
-					for _, b := range r.Sent {
-						if b == corrupted[0] {
-							sent++
-						}
-					}
-				}
-			}
-			if sent < times+1 && times == 1 {
-				t.Errorf("the altered block %d was sent %d times: never fetched again", corrupted[0], sent)
-			}
-			if n := strings.Count(e.dev.Logs(), "chunk refused"); n != times {
-				t.Errorf("the writer refused %d chunks, want %d", n, times)
-			}
+			alteredChunk(t, times)
 		})
+	}
+}
+
+// alteredChunk runs a delta update whose emulator alters one needed chunk in transit the
+// first times it is sent: once is refused, fetched again and installed; three times fails the
+// job with block_hash_mismatch naming the chunk, the slots untouched.
+func alteredChunk(t *testing.T, times int) {
+	e := deltaEnv(t, nil)
+	v1 := e.running()
+	d := e.deltaOf("v2", mutate(v1, 13, []int{3, 100, 300}, 0, 0), manifest.Params{Version: "2.0.0"})
+	need := neededChunks(t, d, v1)
+	if len(need) == 0 {
+		t.Fatal("nothing to download")
+	}
+	if err := e.dev.StartWriter(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	before := e.slots()
+	e.createDelta("altered", e.files(d))
+	c := need[len(need)/2]
+	e.cloud.SetFaults(e.cloud.StreamName("altered"), emulator.Faults{CorruptBlocks: times, CorruptFileID: chunkFileID, CorruptOffset: int64(c.Offset + c.Size/2)})
+	if err := e.dev.StartNet(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if times == 1 {
+		if ex := e.waitEnd("altered"); ex.Status != backend.StatusSucceeded {
+			t.Fatalf("job ended %s %v", ex.Status, ex.StatusDetails)
+		}
+		checkSteps(t, e.cloud, "altered", happy)
+		e.checkInstalled(d.image, 1)
+	} else {
+		ex := e.wantEnd("altered", backend.StatusFailed, otav1.Reason_REASON_BLOCK_HASH_MISMATCH)
+		if ex.StatusDetails["chunk"] != strconv.Itoa(c.Index) {
+			t.Errorf("failure names chunk %q, want %d: %v", ex.StatusDetails["chunk"], c.Index, ex.StatusDetails)
+		}
+		e.checkUntouched(before)
+	}
+	_, _, _, corrupted := served(e, "altered")
+	if len(corrupted) != times {
+		t.Fatalf("the emulator altered blocks %v, want %d", corrupted, times)
+	}
+	sent := 0
+	for _, r := range e.cloud.StreamRequests("altered") {
+		if r.FileID == chunkFileID {
+			for _, b := range r.Sent {
+				if b == corrupted[0] {
+					sent++
+				}
+			}
+		}
+	}
+	if sent < times+1 && times == 1 {
+		t.Errorf("the altered block %d was sent %d times: never fetched again", corrupted[0], sent)
+	}
+	if n := strings.Count(e.dev.Logs(), "chunk refused"); n != times {
+		t.Errorf("the writer refused %d chunks, want %d", n, times)
 	}
 }
 

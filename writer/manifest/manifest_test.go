@@ -559,7 +559,10 @@ func TestPairFiles(t *testing.T) {
 		{[]string{"rootfs", "boot"}, nil, 0},
 		{[]string{"rootfs.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
 		{[]string{".gwota-manifest", ""}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
-		{[]string{"rootfs", "rootfs"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"rootfs", "rootfs"}, nil, 0}, // plain images: as before manifests
+		{[]string{"rootfs.gwota-manifest", "rootfs", "rootfs"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"rootfs.gwota-manifest", "rootfs", "rootfs.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"boot", "rootfs.gwota-manifest", "rootfs", "boot"}, []Pair{{1, 2}}, 0},
 		{[]string{"a.gwota-manifest", "a.gwota-manifest.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
 	} {
 		got, err := PairFiles(tc.paths)

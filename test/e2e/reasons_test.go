@@ -297,14 +297,10 @@ func reasonRows() map[otav1.Reason]reasonRow {
 				t.Fatalf("job %s, want CANCELED", ex.Status)
 			}
 			e.waitNoSession()
+			// The engine drops the session before it logs why, so the line may come just
+			// after the state shows no session.
 			for _, log := range []string{e.dev.NetLog, e.dev.WriterLog} {
-				b, err := os.ReadFile(log)
-				if err != nil {
-					t.Fatal(err)
-				}
-				if !bytes.Contains(b, []byte(status.Name(want))) {
-					t.Errorf("%s does not name %s", log, status.String(want))
-				}
+				e.waitLog(log, status.Name(want))
 			}
 		}},
 		// The job names version 2.0 when the device installs it, and 3.0 by the time the
@@ -810,6 +806,28 @@ func (e *env) waitNoSession() {
 		select {
 		case <-e.ctx.Done():
 			e.t.Fatalf("sessions still open: %v", st.GetSessions())
+		case <-tick.C:
+		}
+	}
+}
+
+// waitLog waits until the log file at path contains s (a log has no change notification, so
+// it is read again every 50 ms), and fails at the test's deadline.
+func (e *env) waitLog(path, s string) {
+	e.t.Helper()
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		if bytes.Contains(b, []byte(s)) {
+			return
+		}
+		select {
+		case <-e.ctx.Done():
+			e.t.Fatalf("%s does not name %s", path, s)
 		case <-tick.C:
 		}
 	}

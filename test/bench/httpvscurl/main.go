@@ -62,6 +62,7 @@ type options struct {
 	curlFile  bool
 	debug     bool
 	base      string
+	env       string
 }
 
 // Summary is the JSON line.
@@ -103,6 +104,7 @@ func main() {
 	flag.IntVar(&o.blockSize, "bs", 0, "ota-net block size (0: its default)")
 	flag.BoolVar(&o.curlFile, "curl-file", false, "curl writes to a file beside the device instead of /dev/null")
 	flag.BoolVar(&o.debug, "debug", false, "both processes log at debug level to stderr")
+	flag.StringVar(&o.env, "env", "", "extra environment of ota-net and ota-writer, space-separated (e.g. GOMAXPROCS=2 GOMEMLIMIT=off)")
 	flag.StringVar(&o.base, "base", "", "directory with another build's ota-net and ota-writer, run in every repetition too")
 	flag.Parse()
 	if o.sizeMiB <= 0 || o.reps <= 0 || o.rateKB < 0 {
@@ -368,7 +370,7 @@ func otaNetOnce(ctx context.Context, cloud *harness.Cloud, bin *harness.Binaries
 	opts := harness.DeviceOptions{Dir: ddir, Thing: thing, BrokerURL: cloud.BrokerURL(), Trusted: []*harness.Signer{signer},
 		BlockSize: o.blockSize, LogLevel: "info", LogTee: io.Discard,
 		// The writer's own default, not the harness's fine-grained test setting.
-		SyncBytes: 8 << 20}
+		SyncBytes: 8 << 20, Env: strings.Fields(o.env)}
 	if px != nil {
 		opts.NetConfigExtra = fmt.Sprintf("\n[proxy]\nurl = %q\n", px.URL())
 	}

@@ -8,8 +8,7 @@
 //
 //   - curl: curl's time_total for `curl -o /dev/null`, or with -curl-file `curl -o FILE`, FILE
 //     a new file in the bench's directory, which holds the device's slots too (the same
-//     filesystem), name
-//     lookup and proxy connect included. curl does not fsync: its file may sit in the page
+//     filesystem), name lookup and proxy connect included. curl does not fsync: its file may sit in the page
 //     cache when the timer stops.
 //   - curl+fsync (-curl-file only): curl's time plus an fsync of its file right after curl
 //     exits (open, fsync, close), the baseline that, like ota-net, ends with the data durable.

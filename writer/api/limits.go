@@ -38,15 +38,3 @@ func BufferTiers() []int {
 	return []int{256, 4 << 10, 16 << 10, 32 << 10,
 		64<<10 + 4<<10, 128<<10 + 4<<10, 256<<10 + 4<<10, 512<<10 + 4<<10, 1<<20 + 16<<10}
 }
-
-// Flow control and socket buffers of the gRPC hop (a Unix socket between two processes).
-// grpc's own defaults start at a 64 KiB window grown by BDP estimation, which on a socket
-// with microsecond round trips stays small: every block message then waited for the other
-// process to be scheduled and send a window update, and on a loaded device the hop ran in
-// lockstep. A fixed window lets the sender run ahead by this much (the receiver holds at
-// most ConnWindow per connection); larger socket buffers cut syscalls per message.
-const (
-	StreamWindow = 2 << 20
-	ConnWindow   = 4 << 20
-	SocketBuffer = 256 << 10
-)

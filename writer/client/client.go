@@ -64,8 +64,6 @@ func Dial(ctx context.Context, socketPath string, opts Options) (*Client, error)
 		grpc.WithTransportCredentials(insecure.NewCredentials()),
 		grpc.WithDefaultCallOptions(grpc.MaxCallRecvMsgSize(api.MaxResponseSize), grpc.MaxCallSendMsgSize(maxMsg)),
 		// A local socket: reconnect fast after a writer restart instead of grpc's 1 s base.
-		grpc.WithInitialWindowSize(api.StreamWindow),
-		grpc.WithInitialConnWindowSize(api.ConnWindow),
 		grpc.WithConnectParams(grpc.ConnectParams{Backoff: backoff.Config{BaseDelay: 50 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: 2 * time.Second}, MinConnectTimeout: 5 * time.Second}),
 	)
 	if err != nil {

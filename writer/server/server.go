@@ -73,8 +73,6 @@ func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 		grpc.MaxConcurrentStreams(64),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		experimental.BufferPool(recvPool),
-		grpc.InitialWindowSize(api.StreamWindow),
-		grpc.InitialConnWindowSize(api.ConnWindow),
 	)
 	otav1.RegisterWriterServer(s.grpc, &service{impl: impl, log: log, maxMsg: s.maxMsg})
 	healthpb.RegisterHealthServer(s.grpc, s.health)

@@ -13,7 +13,7 @@ import (
 )
 
 // blockPool holds marshal buffers for block messages, sized for them (see api.BufferTiers).
-var blockPool = mem.NewTieredBufferPool(api.BufferTiers()...)
+var blockPool = api.NewBufferPool()
 
 // blockCodec is grpc's proto codec with marshal buffers from blockPool. It keeps the name
 // "proto": the wire format and content-subtype are the same, the server sees no difference.

@@ -17,7 +17,6 @@ import (
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
 	"google.golang.org/grpc/keepalive"
-	"google.golang.org/grpc/mem"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
@@ -44,7 +43,7 @@ type Server struct {
 }
 
 // recvPool holds receive buffers, sized for block messages (see api.BufferTiers).
-var recvPool = mem.NewTieredBufferPool(api.BufferTiers()...)
+var recvPool = api.NewBufferPool()
 
 // New builds a server for impl, the writer (writer/engine). Call Serve with a listener
 // (Listen, or one passed by systemd). log is the process's logger (nil: none); the server logs

@@ -6,8 +6,12 @@
 //
 // Times, per repetition, curl and ota-net alternating (which goes first alternates too):
 //
-//   - curl: curl's time_total for `curl -o /dev/null` (or -curl-file: a file next to the
-//     device's slots), name lookup and proxy connect included.
+//   - curl: curl's time_total for `curl -o /dev/null`, or with -curl-file `curl -o FILE`, FILE
+//     a new file in the bench's directory, which holds the device's slots too (the same
+//     filesystem), name lookup and proxy connect included. curl does not fsync: its file may sit in the page
+//     cache when the timer stops.
+//   - curl+fsync (-curl-file only): curl's time plus an fsync of its file right after curl
+//     exits (open, fsync, close), the baseline that, like ota-net, ends with the data durable.
 //   - ota-net: time to download, as ota-net logs it in "file downloaded" (seconds): from the
 //     HTTP downloader's start (before its first GET, so the proxy connect is included) to
 //     every block durable in the writer (flushed), i.e. curl's work plus handing every block
@@ -15,6 +19,8 @@
 //     begin and the signature check after the download are not in it.
 //
 // ratio = median curl time / median ota-net time (1.0: as fast as curl; the target is 0.9).
+// With -base DIR, the ota-net and ota-writer in DIR (another build) run too in every
+// repetition, so a change is measured against its baseline in the same run.
 // The last line is JSON for scripts; the line before it is for people.
 //
 //	go run ./test/bench/httpvscurl -size 64 -reps 5
@@ -54,18 +60,28 @@ type options struct {
 	blockSize int
 	curlFile  bool
 	debug     bool
+	base      string
+	env       string
 }
 
 // Summary is the JSON line.
 type Summary struct {
-	Bench         string    `json:"bench"`
-	SizeBytes     int64     `json:"size_bytes"`
-	Reps          int       `json:"reps"`
-	Proxy         bool      `json:"proxy"`
-	RateKBps      int       `json:"rate_kbps"` // toxiproxy bandwidth, KB/s (1000 bytes); 0: none
-	BlockSize     int       `json:"block_size"`
-	CurlOut       string    `json:"curl_out"`
-	CurlSeconds   []float64 `json:"curl_s"`
+	Bench       string    `json:"bench"`
+	SizeBytes   int64     `json:"size_bytes"`
+	Reps        int       `json:"reps"`
+	Proxy       bool      `json:"proxy"`
+	RateKBps    int       `json:"rate_kbps"` // toxiproxy bandwidth, KB/s (1000 bytes); 0: none
+	BlockSize   int       `json:"block_size"`
+	CurlOut     string    `json:"curl_out"`
+	CurlSeconds []float64 `json:"curl_s"`
+	// CurlFsync: curl's time plus the fsync of its file (-curl-file only).
+	CurlFsyncSeconds []float64 `json:"curl_fsync_s,omitempty"`
+	CurlFsyncMedian  float64   `json:"curl_fsync_median_s,omitempty"`
+	FsyncRatio       float64   `json:"fsync_ratio,omitempty"` // curl+fsync / ota-net
+	// Base: the build in -base, same repetitions.
+	BaseSeconds   []float64 `json:"base_s,omitempty"`
+	BaseMedian    float64   `json:"base_median_s,omitempty"`
+	BaseRatio     float64   `json:"base_ratio,omitempty"`
 	OtaNetSeconds []float64 `json:"otanet_s"`
 	CurlMedian    float64   `json:"curl_median_s"`
 	OtaNetMedian  float64   `json:"otanet_median_s"`
@@ -87,6 +103,8 @@ func main() {
 	flag.IntVar(&o.blockSize, "bs", 0, "ota-net block size (0: its default)")
 	flag.BoolVar(&o.curlFile, "curl-file", false, "curl writes to a file beside the device instead of /dev/null")
 	flag.BoolVar(&o.debug, "debug", false, "both processes log at debug level to stderr")
+	flag.StringVar(&o.env, "env", "", "extra environment of ota-net and ota-writer, space-separated (e.g. GOMAXPROCS=2 GOMEMLIMIT=off)")
+	flag.StringVar(&o.base, "base", "", "directory with another build's ota-net and ota-writer, run in every repetition too")
 	flag.Parse()
 	if o.sizeMiB <= 0 || o.reps <= 0 || o.rateKB < 0 {
 		fmt.Fprintln(os.Stderr, "httpvscurl: -size and -reps must be positive, -rate not negative")
@@ -106,6 +124,12 @@ func main() {
 	}
 	fmt.Printf("httpvscurl: %d MiB %s, median of %d: curl %.3f s (%.1f MB/s), ota-net %.3f s (%.1f MB/s), ratio curl/ota-net %.2f; CPU to ready: ota-net %.2f s, writer %.2f s\n",
 		s.SizeBytes>>20, via, s.Reps, s.CurlMedian, s.CurlMBps, s.OtaNetMedian, s.OtaNetMBps, s.Ratio, s.OtaNetCPU, s.WriterCPU)
+	if s.CurlFsyncMedian > 0 {
+		fmt.Printf("httpvscurl: curl+fsync %.3f s, ratio curl+fsync/ota-net %.2f\n", s.CurlFsyncMedian, s.FsyncRatio)
+	}
+	if s.BaseMedian > 0 {
+		fmt.Printf("httpvscurl: base build (%s) %.3f s, ratio curl/base %.2f\n", o.base, s.BaseMedian, s.BaseRatio)
+	}
 	b, _ := json.Marshal(s)
 	fmt.Println(string(b))
 }
@@ -183,20 +207,34 @@ func run(ctx context.Context, o options) (*Summary, error) {
 	if o.curlFile {
 		s.CurlOut = "file"
 	}
+	var base *harness.Binaries
+	if o.base != "" {
+		base = &harness.Binaries{Dir: o.base, Writer: filepath.Join(o.base, "ota-writer"), Net: filepath.Join(o.base, "ota-net")}
+	}
 	var netCPU, wCPU []float64
 	for r := range o.reps {
 		steps := []func() error{
 			func() error {
-				d, err := curlOnce(ctx, cloud, signer, img, px, dir, r, o)
+				d, ds, err := curlOnce(ctx, cloud, signer, img, px, dir, r, o)
 				s.CurlSeconds = append(s.CurlSeconds, d)
+				if o.curlFile {
+					s.CurlFsyncSeconds = append(s.CurlFsyncSeconds, d+ds)
+				}
 				return err
 			},
 			func() error {
-				d, cpu, err := otaNetOnce(ctx, cloud, bin, signer, img, px, dir, thing, r, o)
+				d, cpu, err := otaNetOnce(ctx, cloud, bin, signer, img, px, dir, thing, fmt.Sprint(r), o)
 				s.OtaNetSeconds = append(s.OtaNetSeconds, d)
 				netCPU, wCPU = append(netCPU, cpu[0]), append(wCPU, cpu[1])
 				return err
 			},
+		}
+		if base != nil {
+			steps = append(steps, func() error {
+				d, _, err := otaNetOnce(ctx, cloud, base, signer, img, px, dir, thing, fmt.Sprintf("base-%d", r), o)
+				s.BaseSeconds = append(s.BaseSeconds, d)
+				return err
+			})
 		}
 		if r%2 == 1 {
 			slices.Reverse(steps)
@@ -206,12 +244,27 @@ func run(ctx context.Context, o options) (*Summary, error) {
 				return nil, fmt.Errorf("repetition %d: %w", r, err)
 			}
 		}
-		fmt.Fprintf(os.Stderr, "httpvscurl: rep %d: curl %.3f s, ota-net %.3f s\n", r, s.CurlSeconds[r], s.OtaNetSeconds[r])
+		fmt.Fprintf(os.Stderr, "httpvscurl: rep %d: curl %.3f s, ota-net %.3f s", r, s.CurlSeconds[r], s.OtaNetSeconds[r])
+		if o.curlFile {
+			fmt.Fprintf(os.Stderr, ", curl+fsync %.3f s", s.CurlFsyncSeconds[r])
+		}
+		if base != nil {
+			fmt.Fprintf(os.Stderr, ", base %.3f s", s.BaseSeconds[r])
+		}
+		fmt.Fprintln(os.Stderr)
 	}
 	s.CurlMedian, s.OtaNetMedian = median(s.CurlSeconds), median(s.OtaNetSeconds)
 	s.OtaNetCPU, s.WriterCPU = median(netCPU), median(wCPU)
 	s.CurlMBps, s.OtaNetMBps = float64(size)/s.CurlMedian/1e6, float64(size)/s.OtaNetMedian/1e6
 	s.Ratio = s.CurlMedian / s.OtaNetMedian
+	if o.curlFile {
+		s.CurlFsyncMedian = median(s.CurlFsyncSeconds)
+		s.FsyncRatio = s.CurlFsyncMedian / s.OtaNetMedian
+	}
+	if base != nil {
+		s.BaseMedian = median(s.BaseSeconds)
+		s.BaseRatio = s.CurlMedian / s.BaseMedian
+	}
 	return s, nil
 }
 
@@ -239,10 +292,12 @@ func presignedURL(ctx context.Context, cloud *harness.Cloud, signer *harness.Sig
 	return doc.OTA.Files[0].URL, nil
 }
 
-func curlOnce(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer, img string, px *harness.WebProxy, dir string, rep int, o options) (float64, error) {
+// curlOnce returns curl's time_total and, with -curl-file, how long an fsync of its file
+// took right after.
+func curlOnce(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer, img string, px *harness.WebProxy, dir string, rep int, o options) (secs, fsyncSecs float64, err error) {
 	u, err := presignedURL(ctx, cloud, signer, img, fmt.Sprintf("curl-%d", rep))
 	if err != nil {
-		return 0, err
+		return 0, 0, err
 	}
 	out := "/dev/null"
 	if o.curlFile {
@@ -258,18 +313,31 @@ func curlOnce(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer,
 	defer cancel()
 	b, err := exec.CommandContext(cctx, "curl", args...).Output()
 	if err != nil {
-		return 0, fmt.Errorf("curl: %w", err)
+		return 0, 0, fmt.Errorf("curl: %w", err)
+	}
+	if o.curlFile {
+		start := time.Now()
+		f, err := os.Open(out)
+		if err != nil {
+			return 0, 0, err
+		}
+		err = f.Sync()
+		f.Close()
+		if err != nil {
+			return 0, 0, fmt.Errorf("fsync %s: %w", out, err)
+		}
+		fsyncSecs = time.Since(start).Seconds()
 	}
 	f := strings.Fields(string(b))
 	if len(f) != 2 {
-		return 0, fmt.Errorf("curl printed %q", b)
+		return 0, 0, fmt.Errorf("curl printed %q", b)
 	}
 	t, err1 := strconv.ParseFloat(f[0], 64)
 	n, err2 := strconv.ParseInt(f[1], 10, 64)
 	if err1 != nil || err2 != nil || n != int64(o.sizeMiB)<<20 || t <= 0 {
-		return 0, fmt.Errorf("curl printed %q (want %d bytes)", b, int64(o.sizeMiB)<<20)
+		return 0, 0, fmt.Errorf("curl printed %q (want %d bytes)", b, int64(o.sizeMiB)<<20)
 	}
-	return t, nil
+	return t, fsyncSecs, nil
 }
 
 var downloadedRE = regexp.MustCompile(`file downloaded:.*protocol=HTTP .*seconds=([0-9.]+)`)
@@ -290,7 +358,7 @@ func cpuSeconds(pid int) float64 {
 	return (u + st) / 100 // USER_HZ
 }
 
-func otaNetOnce(ctx context.Context, cloud *harness.Cloud, bin *harness.Binaries, signer *harness.Signer, img string, px *harness.WebProxy, dir, thing string, rep int, o options) (secs float64, cpu [2]float64, err error) {
+func otaNetOnce(ctx context.Context, cloud *harness.Cloud, bin *harness.Binaries, signer *harness.Signer, img string, px *harness.WebProxy, dir, thing, rep string, o options) (secs float64, cpu [2]float64, err error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
 	ddir, err := os.MkdirTemp(dir, "d")
@@ -301,7 +369,7 @@ func otaNetOnce(ctx context.Context, cloud *harness.Cloud, bin *harness.Binaries
 	opts := harness.DeviceOptions{Dir: ddir, Thing: thing, BrokerURL: cloud.BrokerURL(), Trusted: []*harness.Signer{signer},
 		BlockSize: o.blockSize, LogLevel: "info", LogTee: io.Discard,
 		// The writer's own default, not the harness's fine-grained test setting.
-		SyncBytes: 8 << 20}
+		SyncBytes: 8 << 20, Env: strings.Fields(o.env)}
 	if px != nil {
 		opts.NetConfigExtra = fmt.Sprintf("\n[proxy]\nurl = %q\n", px.URL())
 	}
@@ -318,7 +386,7 @@ func otaNetOnce(ctx context.Context, cloud *harness.Cloud, bin *harness.Binaries
 	if err := dev.Start(dctx); err != nil {
 		return 0, cpu, err
 	}
-	job := fmt.Sprintf("otanet-%d", rep)
+	job := "otanet-" + rep
 	if err := cloud.CreateJob(dctx, backend.JobSpec{JobID: job, Protocols: []string{backend.ProtocolHTTP}, Files: []backend.FileSpec{signer.File(img)}}); err != nil {
 		return 0, cpu, err
 	}

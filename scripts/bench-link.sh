@@ -7,7 +7,8 @@
 # Extra arguments go to linkbench (-reps 3 is the default here; -only 'sat/16' runs a subset).
 set -eu
 cd "$(dirname "$0")/.."
-out=${OUT:-docs/BENCHMARKS.md}
+out=docs/BENCHMARKS.md
+[ -z "${OUT:-}" ] || out=$OUT
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 go build -o "$tmp/linkbench" ./test/bench/linkbench

@@ -141,7 +141,7 @@ var notRun = []string{
 	"64 MiB over MQTT with the quotas on except on the LAN: the quota binds at 512 KiB/s whatever the link, so one 128 s cell (lan) stands for them.",
 	"The C agent's request shape over HTTP: it is a shape of MQTT stream requests; ota-net's HTTP download has no such setting.",
 	"The C agent's request shape at 64 MiB except on the LAN, with the quotas on except LAN and LTE at 4 MiB, and on the lossy links: one 32 KiB request per round trip makes the satellite 4 MiB cell alone last more than a minute.",
-	"HTTP with the quotas on: AWS's per-connection quota is an MQTT quota; presigned S3 URLs have none, so HTTP cells are run once.",
+	"HTTP with the quotas on: AWS's per-connection quota is an MQTT quota; presigned S3 URLs have none, so the HTTP cells run with the quotas off only.",
 	"HTTP on the lossy links: the emulator drops stream messages, not TCP segments.",
 	"The satellite link with loss: not among the profiles the issue names.",
 }

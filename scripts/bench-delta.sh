@@ -11,19 +11,26 @@
 #   zeros:  512 MiB holding the Go tree's src/crypto, src/net and src/encoding (about 95 %
 #           zeros); v2 edits every 20th Go file, removes a directory, adds src/go and the
 #           openssl and zstd programs with their libraries.
-# stream_MiB is the download over an MQTT stream in 64 KiB stream blocks (every block that
-# overlaps a needed chunk). Then the peak RSS of `ota-writer manifest` and of the device's lookup (deltabench
-# -manifest) for a 256 MiB and a 2 GiB image (sparse files with data spread through them).
+# Per pair, one table: bytes a device on v1 downloads (the manifest and the chunks it needs,
+# built without and with --base v1), against the full image, zstd of the whole image and the
+# zstd patch; the times are computed from the bytes (512 KiB/s: AWS IoT's stream quota;
+# 5 Mbit/s), not measured end to end. The last column is the same download over an MQTT
+# stream of 64 KiB blocks (every stream block that overlaps a needed chunk). Then the peak
+# RSS of `ota-writer manifest` and of the device's lookup (deltabench -manifest) for a 256 MiB
+# and a 2 GiB image (sparse files with data spread through them).
 #
-#   scripts/bench-delta.sh        CHUNKS=16384,65536,262144 BASE=HEAD~40 ONLY=debian,zeros,rss PATCH_LEVEL=19 FULL=1 scripts/bench-delta.sh
+#   scripts/bench-delta.sh
+#   CHUNK=16384 LEVEL=best BASE=HEAD~40 ONLY=debian,zeros,rss PATCH_LEVEL=19 NOFULL=1 KEEP=/tmp/pairs scripts/bench-delta.sh
 # Needs root (the Debian tree has root-owned files), mkfs.ext4, zstd, /usr/bin/time, go.
 set -euo pipefail
-CHUNKS=${CHUNKS:-16384,65536,262144}
+CHUNK=${CHUNK:-16384}
+LEVEL=${LEVEL:-} # zstd level of the chunks (ota-writer manifest --level); its default when empty
 BASE=${BASE:-HEAD~40}
 CACHE=${CACHE:-/var/cache/gwota-test}
 ONLY=${ONLY:-debian,zeros,rss}
 PATCH_LEVEL=${PATCH_LEVEL:-19}
-FULL=${FULL:-} # 1: also zstd the whole image (slow: half an hour for 384 MiB on a busy machine)
+NOFULL=${NOFULL:-} # 1: skip zstd of the whole image (minutes per pair)
+KEEP=${KEEP:-} # a directory: keep the built image pairs there and reuse them on the next run
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
 for t in mkfs.ext4 zstd /usr/bin/time go tar; do command -v "$t" >/dev/null || { echo "bench-delta: $t missing" >&2; exit 1; }; done
@@ -39,34 +46,52 @@ mkimg() { # dir size_mib out
 }
 
 report() { # name v1 v2
-  local name=$1 v1=$2 v2=$3
+  local name=$1 v1=$2 v2=$3 patch full whole=0
   zstd -q -"$PATCH_LEVEL" --patch-from="$v1" "$v2" -o "$work/patch" -f 2>/dev/null
-  local patch full
   patch=$(stat -c %s "$work/patch")
   full=$(stat -c %s "$v2")
-  local whole=""
-  if [ -n "$FULL" ]; then
-    zstd -q -"$PATCH_LEVEL" "$v2" -o "$work/full.zst" -f
-    whole=", zstd -$PATCH_LEVEL of the image $(mib "$(stat -c %s "$work/full.zst")") MiB"
+  if [ -z "$NOFULL" ]; then
+    zstd -q -T0 -"$PATCH_LEVEL" "$v2" -o "$work/full.zst" -f
+    whole=$(stat -c %s "$work/full.zst")
   fi
-  echo "== $name: image $(mib "$full") MiB$whole, zstd -$PATCH_LEVEL --patch-from $(mib "$patch") MiB"
-  printf '%-8s %8s %8s %10s %10s %10s %10s %8s %10s %8s\n' chunk zero% found% missing_MiB manifest_MiB chunks_MiB download_MiB x_patch stream_MiB x_patch
-  "$work/deltabench" -new "$v2" -local "$v1" -chunk-size "$CHUNKS" | while read -r line; do
-    python3 - "$line" "$patch" <<'PY'
+  local opts=(-new "$v2" -local "$v1" -chunk-size "$CHUNK")
+  [ -n "$LEVEL" ] && opts+=(-level "$LEVEL")
+  local nobase base
+  nobase=$("$work/deltabench" "${opts[@]}")
+  base=$("$work/deltabench" "${opts[@]}" -base)
+  python3 - "$name" "$full" "$whole" "$patch" "$nobase" "$base" "$PATCH_LEVEL" <<'PY'
 import json, sys
-f = json.loads(sys.argv[1]); patch = int(sys.argv[2]); M = 1048576
-print("%-8s %8.1f %8.1f %10.1f %10.2f %10.1f %10.1f %8.2f %10.1f %8.2f" % (
-    "%dK" % (f["chunk_size"] // 1024), 100 * f["zero_blocks"] / f["blocks"], 100 * f["found_blocks"] / f["blocks"],
-    f["missing_blocks"] * 4096 / M, f["manifest_bytes"] / M, f["chunk_bytes"] / M, f["download_bytes"] / M,
-    f["download_bytes"] / patch, f["stream_download_bytes"] / M, f["stream_download_bytes"] / patch))
+name, full, whole, patch = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+nobase, base, lv = json.loads(sys.argv[5]), json.loads(sys.argv[6]), sys.argv[7]
+M = 1048576
+def t(b, rate):  # seconds at rate bytes/s, as m:ss
+    s = round(b / rate)
+    return "%d:%02d" % (s // 60, s % 60)
+f = nobase
+print("%s: %.0f MiB image, %.1f %% all-zero blocks, %.1f %% found in v1 at any 4 KiB offset, %.1f MiB of blocks missing"
+      % (name, full / M, 100 * f["zero_blocks"] / f["blocks"], 100 * f["found_blocks"] / f["blocks"], f["missing_blocks"] * 4096 / M))
+print("| %s | download | MiB | x patch | at 512 KiB/s | at 5 Mbit/s | over 64 KiB stream blocks |" % name)
+print("|---|---|---:|---:|---:|---:|---:|")
+rows = [("full image", full, None), ("zstd -%s of the image" % lv, whole, None), ("zstd -%s --patch-from=v1" % lv, patch, None),
+        ("manifest + chunks, no --base", f["download_bytes"], f["stream_download_bytes"]),
+        ("manifest + chunks, --base v1", base["download_bytes"], base["stream_download_bytes"])]
+for label, b, stream in rows:
+    if b == 0:
+        print("| | %s | (not run) | | | | |" % label)
+        continue
+    print("| | %s | %.1f | %.2f | %s | %s | %s |" % (label, b / M, b / patch, t(b, 512 * 1024), t(b, 5e6 / 8),
+          "" if stream is None else "%.1f MiB" % (stream / M)))
+print("(manifest %.2f MiB of it; chunks of %d KiB, %d chunks needed without --base, %d with)"
+      % (f["manifest_bytes"] / M, f["chunk_size"] // 1024, f["chunks_needed"], base["chunks_needed"]))
 PY
-  done
 }
 
 # --- pair 1: Debian root file system -----------------------------------------------------
 tarball=$(ls "$CACHE"/rootfs-bookworm-*.tar 2>/dev/null | head -1 || true)
 if ! want debian; then
   :
+elif [ -n "$KEEP" ] && [ -e "$KEEP/deb1.img" ] && [ -e "$KEEP/deb2.img" ]; then
+  report debian "$KEEP/deb1.img" "$KEEP/deb2.img"
 elif [ -n "$tarball" ]; then
   mkdir -p "$work/deb1" "$work/deb2" "$work/src-base"
   tar -xf "$tarball" -C "$work/deb1"
@@ -89,6 +114,7 @@ elif [ -n "$tarball" ]; then
   mkimg "$work/deb2" 384 "$work/deb2.img"
   rm -rf "$work/deb1" "$work/deb2" "$work/src-base"
   report debian "$work/deb1.img" "$work/deb2.img"
+  if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && mv "$work/deb1.img" "$work/deb2.img" "$KEEP/"; fi
   rm -f "$work/deb1.img" "$work/deb2.img"
 else
   echo "== debian: skipped, no $CACHE/rootfs-bookworm-*.tar (run test/systemdlive once)"
@@ -96,7 +122,9 @@ fi
 
 # --- pair 2: large zero regions ----------------------------------------------------------
 goroot=$(go env GOROOT)
-if want zeros; then
+if want zeros && [ -n "$KEEP" ] && [ -e "$KEEP/z1.img" ] && [ -e "$KEEP/z2.img" ]; then
+  report zeros "$KEEP/z1.img" "$KEEP/z2.img"
+elif want zeros; then
 mkdir -p "$work/z1/src" "$work/z2"
 for d in crypto net encoding; do cp -a "$goroot/src/$d" "$work/z1/src/$d"; done
 cp -a "$work/z1/." "$work/z2/"
@@ -116,6 +144,7 @@ mkimg "$work/z1" 512 "$work/z1.img"
 mkimg "$work/z2" 512 "$work/z2.img"
 rm -rf "$work/z1" "$work/z2"
 report zeros "$work/z1.img" "$work/z2.img"
+if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && mv "$work/z1.img" "$work/z2.img" "$KEEP/"; fi
 rm -f "$work/z1.img" "$work/z2.img"
 fi
 

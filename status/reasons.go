@@ -105,6 +105,9 @@ var Table = map[otav1.Reason]Entry{
 	otav1.Reason_REASON_SESSION_LOST:         {"session_lost", codes.NotFound, ClassGone},
 	otav1.Reason_REASON_BOOT_CONTROL_FAILED:  {"boot_control_failed", codes.Internal, ClassRetryable},
 	otav1.Reason_REASON_PROXY_FAILED:         {"proxy_failed", codes.Unavailable, ClassFatal},
+	// Retryable: the writer keeps the session and wrote nothing of the batch; the same chunk
+	// fetched again may succeed.
+	otav1.Reason_REASON_BLOCK_HASH_MISMATCH: {"block_hash_mismatch", codes.DataLoss, ClassRetryable},
 }
 
 // Name is the statusDetails string of r ("other" for values outside the table).

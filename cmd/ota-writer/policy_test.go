@@ -57,7 +57,7 @@ func TestSetVersionCLI(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if err := os.WriteFile(b.cfg, append([]byte("version_policy = \"newer\"\n"), cfg...), 0o600); err != nil {
+	if err := os.WriteFile(b.cfg, append([]byte("version_policy = \"newer\"\naccept_unsigned_versions = true\n"), cfg...), 0o600); err != nil {
 		t.Fatal(err)
 	}
 	_, sig := b.image(t, "img", 3*testMaxBlock)

@@ -25,6 +25,10 @@ const (
 	WriterSelfTested    = "writer.selftested"     // the checks passed, before the answer
 	WriterCommitBoot    = "writer.commit.boot"    // before the boot backend commits
 	WriterCommitSaved   = "writer.commit.saved"   // committed, the record not yet saved
+	// A block of a delta update's local fill written, before the fill is synced. Not in
+	// Points: the campaign's updates carry no manifest; writer/engine's delta tests kill a
+	// writer there.
+	WriterFill = "writer.fill"
 
 	// ota-net
 	NetBlock    = "net.block"    // a downloaded block handed to the writer

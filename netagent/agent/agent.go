@@ -342,6 +342,7 @@ func (j *job) afterActivation(ctx context.Context, doc *jobdoc.Document, st *ota
 	ours := lu.GetJobId() == ex.JobID
 	switch img := st.GetImageState(); {
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours && selfTest:
+		j.carrySummary()
 		j.selfTest(ctx, doc, lu)
 	case img == otav1.ImageState_IMAGE_STATE_TRIAL && ours:
 		// Platform in trial but the job is not in self test: reject and roll back.
@@ -409,7 +410,14 @@ func hasFinishedSessions(st *otav1.DeviceState, jobID string) bool {
 // waiting for a reboot (ready reported, reboot asked).
 func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 	a := j.a
-	for _, f := range doc.Files {
+	plan, perr := planFiles(doc)
+	if perr != nil {
+		j.fail(ctx, perr, "")
+		return false
+	}
+	var delta *otav1.DeltaInfo
+	for _, pf := range plan {
+		f := doc.Files[pf.index]
 		protos, err := a.protocols(doc, f)
 		if err != nil {
 			j.fail(ctx, err, "")
@@ -419,6 +427,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			JobId: j.ex.JobID, FileIndex: uint32(f.Index), FileType: f.FileType, FilePath: f.Path,
 			FileSize: f.Size, BlockSize: uint32(a.cfg.BlockSize), SigAlgorithm: f.SigAlgorithm,
 			Signature: f.Signature, CertName: f.CertFile, Version: f.Version,
+			Kind: pf.kind, ManifestFileIndex: uint32(pf.manifest),
 		}
 		var sess Session
 		if err := a.call(ctx, "begin", func(ctx context.Context) (err error) { sess, err = a.writer.Begin(ctx, req); return err }); err != nil {
@@ -427,13 +436,23 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 		}
 		j.sessions = append(j.sessions, sess)
 		info := sess.Info()
-		total := info.GetTotalBlocks()
-		have := total - uint64(sess.Missing().Count())
+		if pf.kind == otav1.SessionKind_SESSION_KIND_CHUNKS {
+			delta = info.GetDelta()
+		}
 		if s := info.GetState(); s == otav1.SessionState_SESSION_STATE_VERIFIED || s == otav1.SessionState_SESSION_STATE_ACTIVATED {
-			j.log.Info("file already verified", "file", f.Index)
+			j.log.Info("file already verified", "file", f.Index, "kind", pf.kind)
 			continue
 		}
-		j.log.Info("receiving file", "file", f.Index, "protocol", protos[0], "size", f.Size, "block_size", sess.BlockSize(), "have", have, "total", total, "resumed", have > 0)
+		// Progress counts what is still to download: blocks of the file, or for a chunk file
+		// the stream blocks overlapping the chunks the writer lacks.
+		dl, err := newDownload(a, f, sess, pf.kind)
+		if err != nil {
+			j.fail(ctx, err, "")
+			return false
+		}
+		have, total := dl.have, dl.total
+		j.log.Info("receiving file", "file", f.Index, "kind", pf.kind, "protocol", protos[0], "size", f.Size, "block_size", dl.blockSize,
+			"have", have, "total", total, "resumed", have > 0, "chunks_missing", dl.chunksMissing, "delta", deltaLog(delta))
 		// The IN_PROGRESS update goes out with the first requests instead of a round trip
 		// before them; a job found terminal stops the download.
 		dctx, stop := context.WithCancelCause(ctx)
@@ -446,7 +465,7 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			}
 			reported <- err
 		}()
-		derr := j.fetch(dctx, doc, f, protos, sess)
+		derr := j.fetch(dctx, doc, f, protos, sess, dl)
 		rerr := <-reported
 		stop(nil)
 		if rerr != nil {
@@ -463,7 +482,11 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 			j.fail(ctx, err, "")
 			return false
 		}
-		j.log.Info("file verified", "file", f.Index, "sha256", fin.GetSha256())
+		j.log.Info("file verified", "file", f.Index, "kind", pf.kind, "sha256", fin.GetSha256())
+	}
+	if delta != nil {
+		// What the writer found locally: the final updates say how much was not downloaded.
+		j.rep.SetSummary(status.Fields{{Key: KeyReused, Value: reused(delta)}})
 	}
 	// The trial boot's self test runs only for a job the cloud shows ready (or active). If the
 	// cloud refused "ready" for good, activating would reboot into a trial that the next start
@@ -479,6 +502,9 @@ func (j *job) install(ctx context.Context, doc *jobdoc.Document) bool {
 	}
 	reboot := false
 	for _, sess := range j.sessions {
+		if sess.Info().GetKind() == otav1.SessionKind_SESSION_KIND_MANIFEST {
+			continue // a manifest is verified, never activated: its chunk file's session is
+		}
 		if sess.Info().GetState() == otav1.SessionState_SESSION_STATE_ACTIVATED {
 			reboot = true // activated before a restart; the reboot did not happen
 			continue
@@ -531,12 +557,20 @@ func (j *job) reboot(ctx context.Context) bool {
 	return true
 }
 
-// download fetches the blocks of f that missing marks into sess's sink over proto. The
-// downloader tells the reporter its progress; the sink goes to it with all of the writer
-// link's behaviour (Sync in a quiet network, Durable in progress, the resumed-session error).
-func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, sess Session, sink blocksink.Sink, missing bitmap.Bitmap) error {
+// download fetches the blocks of f that missing marks into sink over proto, in blocks of
+// dl.blockSize. The downloader tells the reporter its progress; the sink goes to it with all
+// of the writer link's behaviour (Sync in a quiet network, Durable in progress, the
+// resumed-session error), through a chunk sink for a chunk file (fetch).
+func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, proto string, dl *fileDownload, sink blocksink.Sink, missing bitmap.Bitmap) error {
 	a := j.a
 	progress := func(p blocksink.Progress) { j.rep.Progress(uint64(p.Received), uint64(p.Total)) }
+	if dl.kind == otav1.SessionKind_SESSION_KIND_CHUNKS {
+		base := uint64(dl.base)
+		progress = func(p blocksink.Progress) {
+			got := max(uint64(p.Received), base) - base
+			j.rep.Progress(min(got, uint64(dl.total)), uint64(dl.total))
+		}
+	}
 	switch proto {
 	case jobdoc.ProtocolHTTP:
 		refresh := func(ctx context.Context) (string, error) {
@@ -553,12 +587,12 @@ func (j *job) download(ctx context.Context, doc *jobdoc.Document, f jobdoc.File,
 			}
 			return d.Files[f.Index].UpdateDataURL, nil
 		}
-		hf := httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
+		hf := httpdl.File{URL: f.UpdateDataURL, Size: int64(f.Size), BlockSize: dl.blockSize, OnProgress: progress}
 		st, err := a.http.Download(ctx, hf, missing, sink, refresh)
 		j.log.Debug("http download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err
 	default:
-		sf := stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: sess.BlockSize(), OnProgress: progress}
+		sf := stream.File{StreamName: doc.StreamName, FileID: int(f.FileID), Size: int64(f.Size), BlockSize: dl.blockSize, RequestBytes: dl.requestBytes, OnProgress: progress}
 		st, err := a.stream.Download(ctx, sf, missing, sink)
 		j.log.Debug("stream download", "stats", fmt.Sprintf("%+v", st), "durable", sink.Durable(), "error", err)
 		return err

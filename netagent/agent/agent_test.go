@@ -150,6 +150,7 @@ self_test_timeout = "20s"
 name = "rootfs"
 kind = "ab"
 file_types = [0]
+compatible = "acme,gw-1"
 slots = ["` + w.slots[0] + `", "` + w.slots[1] + `"]
 [[target]]
 name = "app"

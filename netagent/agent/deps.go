@@ -37,6 +37,8 @@ type Session interface {
 	// Missing is the bitmap of blocks the writer does not hold durably.
 	Missing() bitmap.Bitmap
 	Info() *otav1.SessionInfo
+	// ChunkSizes is a CHUNKS session's compressed size of every chunk (nil otherwise).
+	ChunkSizes() []uint32
 	// OpenSink opens the session's block sink; the agent closes it, the downloader uses it.
 	OpenSink(ctx context.Context) (blocksink.Sink, error)
 	Finish(ctx context.Context) (*otav1.FinishSessionResponse, error)

@@ -10,6 +10,7 @@ import (
 
 	"github.com/gwota/gwota/internal/bitmap"
 	"github.com/gwota/gwota/netagent/blocksink"
+	"github.com/gwota/gwota/netagent/chunksink"
 	"github.com/gwota/gwota/netagent/jobdoc"
 	"github.com/gwota/gwota/netagent/pathselect"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
@@ -67,17 +68,34 @@ func (j *job) useProtocol(proto string) {
 // delivered is made durable and the next protocol fetches only what the writer still misses,
 // through the same session. Any other failure, or the last protocol's, is returned as it is
 // (its typed reason is the job's). A completed download feeds the bandwidth estimate.
-func (j *job) fetch(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, protos []string, sess Session) error {
+func (j *job) fetch(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, protos []string, sess Session, dl *fileDownload) error {
 	a := j.a
 	var sink blocksink.Sink
 	if err := a.call(ctx, "open sink", func(ctx context.Context) (err error) { sink, err = sess.OpenSink(ctx); return err }); err != nil {
 		return err
 	}
 	defer sink.Close()
+	raw := sink
 	missing := sess.Missing()
+	if dl.kind == otav1.SessionKind_SESSION_KIND_CHUNKS {
+		// A chunk file: the downloaders fetch the stream blocks overlapping the chunks the
+		// writer lacks, the chunk sink assembles whole chunks for the writer.
+		w, ok := sink.(chunksink.Writer)
+		if !ok {
+			return status.Errorf(otav1.Reason_REASON_OTHER, "writer sink %T cannot take chunks", sink)
+		}
+		cs, err := chunksink.New(w, dl.layout, missing)
+		if err != nil {
+			return err
+		}
+		sink, missing = cs, cs.Missing()
+		defer func() {
+			j.log.Info("chunk file download", "stream_blocks", cs.Blocks(), "fetched_blocks", dl.total, "peak_chunk_bytes", cs.Peak)
+		}()
+	}
 	tr := &tracker{Sink: sink, missing: slices.Clone(missing)}
 	setAhead := func(string) {}
-	if as, ok := sink.(aheadSink); ok && as.MaxAhead() > 0 {
+	if as, ok := raw.(aheadSink); ok && as.MaxAhead() > 0 {
 		window := as.MaxAhead()
 		setAhead = func(proto string) {
 			if proto == pathselect.HTTP {
@@ -101,7 +119,7 @@ func (j *job) fetch(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, pr
 		setAhead(proto) // nothing in flight: first attempt, or flushed above
 		tr.bytes = 0
 		start := time.Now()
-		err = j.download(ctx, doc, f, proto, sess, tr, missing)
+		err = j.download(ctx, doc, f, proto, dl, tr, missing)
 		if err == nil {
 			took := time.Since(start)
 			// The download's own time: from the downloader's start to every block durable in

@@ -100,6 +100,7 @@ type Reporter struct {
 
 	mu       sync.Mutex
 	fields   status.Fields
+	summary  status.Fields
 	received uint64
 	total    uint64
 	kick     chan struct{}
@@ -268,11 +269,26 @@ func (r *Reporter) progress() (uint64, uint64) {
 	return r.received, r.total
 }
 
+// SetSummary sets fields that the ready, active and succeeded reports carry right after the
+// base keys, before the writer's extension fields (within the 10-pair budget): a delta update's
+// "reused".
+func (r *Reporter) SetSummary(f status.Fields) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	r.summary = slices.Clone(f)
+}
+
+func (r *Reporter) summaryFields() status.Fields {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.summary
+}
+
 // Ready reports IN_PROGRESS ready (file verified, about to activate).
 func (r *Reporter) Ready(ctx context.Context) error {
 	r.stopProgress()
 	_, tot := r.progress()
-	return r.send(ctx, jobs.StatusInProgress, status.Base{SelfTest: status.SelfTestReady, Received: tot, Total: tot})
+	return r.send(ctx, jobs.StatusInProgress, status.Base{SelfTest: status.SelfTestReady, Received: tot, Total: tot, Failure: r.summaryFields()})
 }
 
 // Receiving reports IN_PROGRESS receiving now, without rate limit (next file of a job).
@@ -284,13 +300,13 @@ func (r *Reporter) Receiving(ctx context.Context, received, total uint64) error 
 // Active reports IN_PROGRESS active (running the new image, self test under way).
 func (r *Reporter) Active(ctx context.Context) error {
 	r.stopProgress()
-	return r.send(ctx, jobs.StatusInProgress, status.Base{SelfTest: status.SelfTestActive})
+	return r.send(ctx, jobs.StatusInProgress, status.Base{SelfTest: status.SelfTestActive, Failure: r.summaryFields()})
 }
 
 // Succeeded reports SUCCEEDED accepted.
 func (r *Reporter) Succeeded(ctx context.Context) error {
 	r.stopProgress()
-	return r.send(ctx, jobs.StatusSucceeded, status.Base{SelfTest: status.SelfTestAccepted})
+	return r.send(ctx, jobs.StatusSucceeded, status.Base{SelfTest: status.SelfTestAccepted, Failure: r.summaryFields()})
 }
 
 // Failed reports FAILED with err's reason. selfTest is status.SelfTestRejected when the new

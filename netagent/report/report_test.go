@@ -258,3 +258,47 @@ func TestSetFieldsInEveryUpdate(t *testing.T) {
 		t.Fatalf("statusDetails (-want +got):\n%s", d)
 	}
 }
+
+// TestSummaryBeforeExtensions: a summary (a delta update's "reused") is in the ready, active
+// and succeeded updates even when the writer's extension fields would fill the 10-pair budget:
+// it comes right after the base keys.
+func TestSummaryBeforeExtensions(t *testing.T) {
+	v := setup(t, "job-sum")
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+	defer cancel()
+	ext := status.Fields{}
+	for i := range 12 {
+		ext = append(ext, status.Field{Key: "e" + string(rune('a'+i)), Value: "x"})
+	}
+	r := report.New(v.jobs, func(context.Context) (status.Fields, error) { return ext, nil }, "job-sum", report.Config{Interval: time.Hour})
+	defer r.Close()
+	if err := r.Start(ctx, 0, 5); err != nil {
+		t.Fatal(err)
+	}
+	r.SetSummary(status.Fields{{Key: "reused", Value: "90/100"}})
+	if err := r.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Active(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if err := r.Succeeded(ctx); err != nil {
+		t.Fatal(err)
+	}
+	ups := v.e.Updates("job-sum")
+	if len(ups) != 4 {
+		t.Fatalf("%d updates", len(ups))
+	}
+	for i, u := range ups {
+		if err := status.Validate(u.StatusDetails); err != nil {
+			t.Errorf("update %d breaks AWS limits: %v", i, err)
+		}
+		_, has := u.StatusDetails["reused"]
+		if want := i > 0; has != want || has && u.StatusDetails["reused"] != "90/100" {
+			t.Errorf("update %d (%s) reused=%q, want present %v: %v", i, u.StatusDetails["self_test"], u.StatusDetails["reused"], want, u.StatusDetails)
+		}
+		if i > 0 && len(u.StatusDetails) != status.MaxPairs {
+			t.Errorf("update %d has %d pairs, want the budget filled", i, len(u.StatusDetails))
+		}
+	}
+}

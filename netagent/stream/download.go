@@ -113,6 +113,10 @@ type File struct {
 	Size       int64
 	// BlockSize is the session's block size (the writer's answer to BeginSession).
 	BlockSize int
+	// RequestBytes, when > 0, sizes requests in bytes instead of Config.BlocksPerRequest: a
+	// request asks for up to RequestBytes/BlockSize blocks (at most 128 KB). A chunk file
+	// fetched in small blocks (netagent/chunksink) keeps the window of the usual block size.
+	RequestBytes int
 	// OnProgress, if set, hears the download's progress (rate-limit reports there).
 	OnProgress blocksink.ProgressFunc
 }
@@ -196,6 +200,13 @@ func New(t Transport, cfg Config) (*Downloader, error) {
 		cfg.Logger = hclog.NewNullLogger()
 	}
 	return &Downloader{t: t, cfg: cfg, log: cfg.Logger}, nil
+}
+
+func perRequest(c Config, f File) int {
+	if f.RequestBytes > 0 {
+		return f.RequestBytes / f.BlockSize
+	}
+	return c.BlocksPerRequest
 }
 
 // Config returns the effective configuration (defaults filled in).
@@ -294,7 +305,7 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 	}
 	r := &run{
 		d: d, f: f, sink: sink, total: total, token: token,
-		perReq: max(1, min(d.cfg.BlocksPerRequest, MaxRequestBytes/f.BlockSize)),
+		perReq: max(1, min(perRequest(d.cfg, f), MaxRequestBytes/f.BlockSize)),
 		events: make(chan event, 16), // bounds decoded blocks waiting for the sink
 		done:   make(chan struct{}),
 	}

@@ -131,6 +131,12 @@ var _ blocksink.Sink = (*Sink)(nil)
 
 // WriteBlock queues block i (data is kept until sent, not copied).
 func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
+	return k.WriteAt(ctx, uint64(i)*uint64(k.s.BlockSize()), data)
+}
+
+// WriteAt queues data at byte offset off of the file: a CHUNKS session's whole chunk at the
+// chunk's offset (netagent/chunksink). data is kept until sent, not copied.
+func (k *Sink) WriteAt(ctx context.Context, off uint64, data []byte) error {
 	if k.stream == nil {
 		return errClosed
 	}
@@ -145,7 +151,7 @@ func (k *Sink) WriteBlock(ctx context.Context, i int, data []byte) error {
 	if err := k.holdBack(ctx, int64(len(data))); err != nil {
 		return err
 	}
-	k.batch = append(k.batch, &otav1.Block{Offset: uint64(i) * uint64(k.s.BlockSize()), Data: data})
+	k.batch = append(k.batch, &otav1.Block{Offset: off, Data: data})
 	k.batchLen += len(data)
 	if k.batchLen >= k.budget {
 		if err := k.send(ctx, false); err != nil {
@@ -241,9 +247,12 @@ func (k *Sink) streamErr() error {
 
 // recover handles a stream failure: the writer's own refusal is returned with its reason;
 // a broken link is repaired (wait for the writer, begin the session again, new stream) and
-// reported as a *blocksink.ResumedError carrying the writer's bitmap.
+// reported as a *blocksink.ResumedError carrying the writer's bitmap. A chunk the writer
+// refused as altered in transit (block_hash_mismatch) is repaired the same way: the stream
+// ended with the refusal, what was sent after it is lost, and the writer's bitmap says what
+// to fetch again (netagent/chunksink counts the refusals).
 func (k *Sink) recover(ctx context.Context, err error) error {
-	if !retryable(err) {
+	if !retryable(err) && status.ReasonOf(err) != otav1.Reason_REASON_BLOCK_HASH_MISMATCH {
 		k.close()
 		return err
 	}

@@ -130,6 +130,7 @@ type Session struct {
 
 	mu      sync.Mutex
 	info    *otav1.SessionInfo
+	chunks  []uint32
 	resumed bool
 }
 
@@ -157,11 +158,25 @@ func (s *Session) set(resp *otav1.BeginSessionResponse) error {
 			info.GetSessionId(), bs, info.GetFileSize())
 	}
 	total := (info.GetFileSize() + bs - 1) / bs
+	chunks := resp.GetChunkSizes()
+	if s.req.GetKind() == otav1.SessionKind_SESSION_KIND_CHUNKS {
+		// A CHUNKS session's units are chunks: the bitmap has one bit per chunk, and the
+		// chunk sizes add up to the file.
+		var sum uint64
+		for _, n := range chunks {
+			sum += uint64(n)
+		}
+		total = uint64(len(chunks))
+		if total == 0 || sum != info.GetFileSize() || info.GetTotalBlocks() != total {
+			return status.Errorf(otav1.Reason_REASON_OTHER, "writer link: chunks session with %d chunks of %d bytes (%d units) for a file of %d bytes",
+				len(chunks), sum, info.GetTotalBlocks(), info.GetFileSize())
+		}
+	}
 	if uint64(len(info.GetMissing())) != uint64(bitmap.Len(int(total))) {
 		return status.Errorf(otav1.Reason_REASON_OTHER, "writer link: missing bitmap of %d bytes for %d blocks", len(info.GetMissing()), total)
 	}
 	s.mu.Lock()
-	s.info, s.resumed = info, resp.GetResumed()
+	s.info, s.resumed, s.chunks = info, resp.GetResumed(), chunks
 	s.mu.Unlock()
 	return nil
 }
@@ -181,6 +196,13 @@ func (s *Session) BlockSize() int { return int(s.Info().GetBlockSize()) }
 
 // Missing is the bitmap of blocks the writer does not hold durably.
 func (s *Session) Missing() bitmap.Bitmap { return s.Info().GetMissing() }
+
+// ChunkSizes is a CHUNKS session's compressed size of every chunk (nil for other kinds).
+func (s *Session) ChunkSizes() []uint32 {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.chunks
+}
 
 // Resumed tells whether Begin resumed an existing session.
 func (s *Session) Resumed() bool {

@@ -100,3 +100,17 @@ type Backend interface {
 	Updates(jobID string) []Update
 	Close() error
 }
+
+// ManifestSuffix ends the document path of a manifest: the file of the same path without it
+// is its chunk file (docs/MANIFEST.md, "One OTA update, two files"; writer/manifest.PathSuffix).
+const ManifestSuffix = ".gwota-manifest"
+
+// DeltaFiles returns the two files of one delta update, as an operator lists them for
+// create-ota-update (docs/MANIFEST.md): the manifest, signed as manifest says (its LocalPath,
+// DevicePath, FileType, FileID and signing fields; its DevicePath gets ManifestSuffix), and
+// the unsigned chunk file at chunksPath under manifest's DevicePath with the next file id.
+func DeltaFiles(manifest FileSpec, chunksPath string) []FileSpec {
+	chunks := FileSpec{LocalPath: chunksPath, DevicePath: manifest.DevicePath, FileType: manifest.FileType, FileID: manifest.FileID + 1}
+	manifest.DevicePath += ManifestSuffix
+	return []FileSpec{manifest, chunks}
+}

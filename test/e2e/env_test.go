@@ -4,6 +4,8 @@ import (
 	"context"
 	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -138,7 +140,14 @@ func newEnvEdge(t *testing.T, broker string, edge bool, mod func(*harness.Device
 	if mod != nil {
 		mod(&o)
 	}
-	e.dev, err = harness.NewDevice(bin, o)
+	binaries := bin
+	if slices.ContainsFunc(o.Env, func(v string) bool { return strings.HasPrefix(v, "GWOTA_CRASHPOINT=") }) {
+		// A test that arms a crash point needs binaries built with them.
+		if binaries, err = crashBins(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.dev, err = harness.NewDevice(binaries, o)
 	if err != nil {
 		t.Fatal(err)
 	}

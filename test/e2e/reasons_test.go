@@ -496,6 +496,10 @@ func reasonRows() map[otav1.Reason]reasonRow {
 			}
 			e.wantEnd("j", backend.StatusFailed, want)
 		}},
+		// A chunk of a delta update altered in transit three times (test/e2e/delta_test.go).
+		R("BLOCK_HASH_MISMATCH"): {levelE2E, func(t *testing.T, want otav1.Reason) {
+			alteredChunk(t, 3)
+		}},
 		// ota-net and ota-writer ship together; only a mismatched install speaks another
 		// protocol version.
 		R("PROTOCOL_VERSION"): {levelWriter, func(t *testing.T, want otav1.Reason) {

@@ -445,6 +445,12 @@ type Faults struct {
 	// StallAfterBlocks sends this many stream blocks, then none (requests are still
 	// recorded) until the faults are replaced or cleared: a network that goes quiet.
 	StallAfterBlocks int
+	// CorruptBlocks alters data in transit: the first CorruptBlocks stream blocks sent of file
+	// CorruptFileID that hold byte CorruptOffset of it carry that byte inverted (a chunk of a
+	// delta update altered once, say).
+	CorruptBlocks int
+	CorruptFileID int
+	CorruptOffset int64
 }
 
 type faultState struct {
@@ -453,6 +459,7 @@ type faultState struct {
 	throttleLeft int
 	blocksSent   int
 	disconnected bool
+	corrupted    int
 }
 
 // SetFaults sets (replaces) the faults for a job ID or stream name. The random source is
@@ -499,6 +506,8 @@ type StreamRequest struct {
 	Sent []int
 	// Dropped are wanted blocks withheld by fault injection.
 	Dropped []int
+	// Corrupted are sent blocks altered by fault injection (Faults.CorruptBlocks).
+	Corrupted []int
 	// Rejected is the error code when the request was rejected.
 	Rejected string
 }

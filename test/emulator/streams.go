@@ -120,6 +120,9 @@ type blockPlan struct {
 	token      string
 	delay      time.Duration
 	disconnect bool
+	// corrupt are the indices in sent whose block goes out with byte corruptAt inverted.
+	corrupt   map[int]bool
+	corruptAt int64
 }
 
 func (e *Emulator) getStream(m message, prefix, stream, format string) {
@@ -286,6 +289,18 @@ func (e *Emulator) planBlocks(j *job, fs *faultState, req GetStreamRequest, rec 
 			fs.disconnected = true
 		}
 	}
+	if fs != nil && fs.CorruptBlocks > 0 && int64(file.spec.FileID) == int64(fs.CorruptFileID) {
+		for i, b := range plan.sent {
+			if fs.corrupted < fs.CorruptBlocks && int64(b) == fs.CorruptOffset/l {
+				if plan.corrupt == nil {
+					plan.corrupt = map[int]bool{}
+				}
+				plan.corrupt[i], plan.corruptAt = true, fs.CorruptOffset
+				fs.corrupted++
+				rec.Corrupted = append(rec.Corrupted, b)
+			}
+		}
+	}
 	if fs != nil {
 		fs.blocksSent += len(plan.sent)
 	}
@@ -302,7 +317,7 @@ func (e *Emulator) sendBlocks(clientID, prefix, format string, p blockPlan) {
 		buf = make([]byte, p.blockSize)
 	}
 	topic := prefix + "data/" + format
-	for _, b := range p.sent {
+	for si, b := range p.sent {
 		select {
 		case <-e.stop:
 			return
@@ -332,6 +347,10 @@ func (e *Emulator) sendBlocks(clientID, prefix, format string, p blockPlan) {
 			e.log.Error("read block", "block", b, "error", err)
 			e.streamReject(clientID, prefix, format, StreamInternalError, "read failed", p.token, 0)
 			return
+		}
+		if p.corrupt[si] {
+			data[p.corruptAt-off] ^= 0xff
+			e.log.Info("fault: block sent altered", "block", b, "offset", p.corruptAt)
 		}
 		if format != FormatCBOR {
 			blk.Payload = data

@@ -365,3 +365,34 @@ func waitRequests(t *testing.T, e *Emulator, stream string, n int) []StreamReque
 		}
 	}
 }
+
+// TestStreamCorruptFault: the first CorruptBlocks sends of the block holding CorruptOffset
+// carry that byte inverted, and only that byte; later sends are intact.
+func TestStreamCorruptFault(t *testing.T) {
+	e, d, prefix, data := streamSetup(t, Options{}, 8*4096)
+	e.SetFaults(e.StreamName("job-s"), Faults{CorruptBlocks: 2, CorruptFileID: 0, CorruptOffset: 3*4096 + 17})
+	i := func(v int64) *int64 { return &v }
+	for round := range 3 {
+		d.publish(prefix+"get/cbor", cborReq(t, GetStreamRequest{FileID: i(0), BlockSize: i(4096), Offset: i(2), NumBlocks: i(2)}))
+		for range 2 {
+			b, err := DecodeDataBlock(FormatCBOR, d.next(prefix+"data/cbor").Payload)
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := bytes.Clone(data[b.BlockID*4096 : (b.BlockID+1)*4096])
+			if b.BlockID == 3 && round < 2 {
+				want[17] ^= 0xff
+			}
+			if !bytes.Equal(b.Payload, want) {
+				t.Errorf("round %d block %d: payload not as the fault says", round, b.BlockID)
+			}
+		}
+	}
+	var corrupted []int
+	for _, r := range e.StreamRequests("job-s") {
+		corrupted = append(corrupted, r.Corrupted...)
+	}
+	if diff := cmp.Diff([]int{3, 3}, corrupted); diff != "" {
+		t.Errorf("Corrupted (-want +got):\n%s", diff)
+	}
+}

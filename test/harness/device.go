@@ -29,6 +29,10 @@ const DevicePath = "/opt/fw/gateway.img"
 // TargetName is the writer's A/B target.
 const TargetName = "rootfs"
 
+// Compatible is the target's compatible string: what an update manifest for it must name
+// (docs/MANIFEST.md).
+const Compatible = "gwota,test-gateway"
+
 // Check is a writer health check ([[check]] in its configuration).
 type Check struct {
 	Name    string
@@ -250,6 +254,7 @@ func (d *Device) writerConfig(trusted []string, fifo string) ([]byte, error) {
 		Boot:            map[string]any{"backend": config.BootFile, "boot_limit": 3, "boot_id_file": d.BootIDFile},
 		Targets: []map[string]any{{
 			"name":       TargetName,
+			"compatible": Compatible,
 			"kind":       config.KindAB,
 			"file_types": []int{0},
 			"file_paths": []string{DevicePath},

@@ -37,6 +37,8 @@ const (
 	// DefaultFreeSpaceReserve is what a growable (regular-file) medium leaves free on its
 	// filesystem: the journal and the system keep working when an image fills the rest.
 	DefaultFreeSpaceReserve = 32 << 20
+	// MaxCompatibleLen is the longest compatible string (a manifest's limit too).
+	MaxCompatibleLen = 256
 )
 
 // Version policies.
@@ -84,11 +86,16 @@ type Config struct {
 	SyncBytes    int64         `toml:"sync_bytes"`
 	SyncInterval time.Duration `toml:"sync_interval"`
 	// VersionPolicy: any | newer | not_same. AllowDowngrade relaxes "newer" to "not_same".
-	VersionPolicy   string        `toml:"version_policy"`
-	AllowDowngrade  bool          `toml:"allow_downgrade"`
-	SelfTestTimeout time.Duration `toml:"self_test_timeout"`
-	LogLevel        string        `toml:"log_level"`
-	LogJSON         bool          `toml:"log_json"`
+	VersionPolicy  string `toml:"version_policy"`
+	AllowDowngrade bool   `toml:"allow_downgrade"`
+	// AcceptUnsignedVersions lets policies newer and not_same compare the version a job
+	// document declares for a plain image. That version is signed by nobody: whoever edits the
+	// job document, or a compromised ota-net, picks it. Default false: only the signed version
+	// of an update manifest is compared, and an image without one is refused (version_check).
+	AcceptUnsignedVersions bool          `toml:"accept_unsigned_versions"`
+	SelfTestTimeout        time.Duration `toml:"self_test_timeout"`
+	LogLevel               string        `toml:"log_level"`
+	LogJSON                bool          `toml:"log_json"`
 
 	// FreeSpaceReserve: bytes a regular-file slot or a file target's temporary file must leave
 	// free on its filesystem (nil: DefaultFreeSpaceReserve).
@@ -152,6 +159,9 @@ type Target struct {
 	TrustedKeys []string `toml:"trusted_keys"`
 	// AllowAnyTrustedKey: like the global key, for this target only.
 	AllowAnyTrustedKey bool `toml:"allow_any_trusted_key"`
+	// Compatible is the board or product string an update manifest for this target must name
+	// (docs/MANIFEST.md). Empty: manifests (delta updates) are refused for this target.
+	Compatible string `toml:"compatible"`
 }
 
 // Command is a health check ([[check]]) or an executable extension provider
@@ -457,6 +467,9 @@ func (c *Config) validateTargets(bad func(string, ...any)) {
 				bad("%s: file path %q is already routed to target %q", where, fp, other)
 			}
 			paths[fp] = t.Name
+		}
+		if len(t.Compatible) > MaxCompatibleLen || strings.ContainsFunc(t.Compatible, func(r rune) bool { return r < 0x20 || r == 0x7f }) {
+			bad("%s: compatible: at most %d printable characters", where, MaxCompatibleLen)
 		}
 		for j, k := range t.TrustedKeys {
 			if !filepath.IsAbs(k) {

@@ -47,7 +47,7 @@ func TestExampleParses(t *testing.T) {
 	}
 	want := []Target{
 		{Name: "rootfs", Kind: KindAB, FileTypes: []int32{0}, FilePaths: []string{"/opt/fw/gateway.img"},
-			Slots: []string{"/dev/mmcblk0p2", "/dev/mmcblk0p3"}, MaxSize: 536870912},
+			Slots: []string{"/dev/mmcblk0p2", "/dev/mmcblk0p3"}, MaxSize: 536870912, Compatible: "acme,gw-1"},
 		{Name: "app", Kind: KindFile, FileTypes: []int32{1}, Path: "/opt/app/bundle.tar", MaxSize: 268435456,
 			TrustedKeys: []string{"/etc/ota/keys/app-signer.crt.pem"}},
 	}
@@ -102,6 +102,8 @@ func TestInvalid(t *testing.T) {
 		{"medium shared", minimal + "[[target]]\nname = \"app\"\nkind = \"file\"\nfile_types = [1]\npath = \"/dev/mmcblk0p2\"\n", "already used by target"},
 		{"block size", "max_block_size = 100\n" + minimal, "max_block_size: 100 outside"},
 		{"policy", "version_policy = \"older\"\n" + minimal, "version_policy"},
+		{"compatible with a control character", strings.Replace(minimal, `kind = "ab"`, "kind = \"ab\"\ncompatible = \"a\\tb\"", 1), "compatible: at most 256 printable"},
+		{"compatible too long", strings.Replace(minimal, `kind = "ab"`, "kind = \"ab\"\ncompatible = \""+strings.Repeat("c", 257)+"\"", 1), "compatible: at most 256 printable"},
 		{"backend", minimal + "[boot]\nbackend = \"lilo\"\n", "boot.backend"},
 		{"grub keys on file", minimal + "[boot]\ngrub_env = \"/boot/grubenv\"\n", "grub keys set"},
 		{"check without command", minimal + "[[check]]\nname = \"x\"\n", "command is empty"},

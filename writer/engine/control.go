@@ -48,6 +48,9 @@ func (e *Engine) checkActivation(ctx context.Context, s *session) (boot.State, e
 	if s.dropped {
 		return boot.State{}, status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is closed", s.id)
 	}
+	if s.kind() == kindManifest {
+		return boot.State{}, status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "session %s is a manifest: activate the session of its chunks", s.id)
+	}
 	if s.state != otav1.SessionState_SESSION_STATE_VERIFIED {
 		return boot.State{}, status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "session %s is %s: only a verified image is activated", s.id, s.state)
 	}
@@ -67,7 +70,7 @@ func (e *Engine) checkActivation(ctx context.Context, s *session) (boot.State, e
 			return st, status.Errorf(otav1.Reason_REASON_SESSION_LOST, "slot %s is running now; the image must be written again", m.Slot)
 		}
 	}
-	if err := e.checkVersion(s.tgt, st.Booted, m.Version); err != nil {
+	if err := e.checkVersion(s.tgt, st.Booted, m.Version, s.kind() == kindChunks); err != nil {
 		return st, err
 	}
 	if s.reloaded {

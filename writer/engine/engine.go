@@ -32,6 +32,7 @@ import (
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
+	"github.com/gwota/gwota/writer/manifest"
 	"github.com/gwota/gwota/writer/target"
 	"github.com/gwota/gwota/writer/verify"
 )
@@ -105,6 +106,7 @@ type Engine struct {
 	mu       sync.RWMutex
 	sessions map[string]*session // by id
 	byTarget map[string]*session
+	byKey    map[string]*session // MANIFEST sessions, by journal.ManifestKey
 	fence    fence
 
 	recMu       sync.Mutex
@@ -148,6 +150,7 @@ func New(ctx context.Context, cfg *config.Config, deps Deps, log hclog.Logger) (
 		byName:   map[string]*target.Target{},
 		sessions: map[string]*session{},
 		byTarget: map[string]*session{},
+		byKey:    map[string]*session{},
 		reboot:   deps.Reboot,
 	}
 	if e.reboot == nil {
@@ -179,11 +182,12 @@ func New(ctx context.Context, cfg *config.Config, deps Deps, log hclog.Logger) (
 func (e *Engine) Close() error {
 	e.mu.Lock()
 	all := e.sessions
-	e.sessions, e.byTarget = map[string]*session{}, map[string]*session{}
+	e.sessions, e.byTarget, e.byKey = map[string]*session{}, map[string]*session{}, map[string]*session{}
 	e.mu.Unlock()
 	var errs []error
 	for _, s := range all {
 		s.mu.Lock()
+		s.closeManifestLocked()
 		if s.medium != nil {
 			errs = append(errs, s.medium.Close())
 			s.medium = nil
@@ -206,7 +210,14 @@ func (e *Engine) reload(ctx context.Context) error {
 	var st boot.State
 	haveBoot := false
 	for _, js := range loaded {
+		if kindOf(js.Kind) == kindManifest {
+			e.reloadManifest(js)
+			continue
+		}
 		s, err := e.restore(js)
+		if err == nil && kindOf(js.Kind) == kindChunks {
+			err = e.restoreManifest(ctx, s)
+		}
 		if err == nil && e.byName[js.Target].IsAB() {
 			if !haveBoot {
 				if st, err = e.bootState(ctx); err == nil {
@@ -225,9 +236,16 @@ func (e *Engine) reload(ctx context.Context) error {
 			if haveBoot {
 				booted = st.Booted
 			}
-			s.medium, err = e.openMedium(e.byName[js.Target], booted, js.Slot, int64(js.FileSize), false)
+			size := js.FileSize
+			if kindOf(js.Kind) == kindChunks {
+				size = js.ImageSize
+			}
+			s.medium, err = e.openMedium(e.byName[js.Target], booted, js.Slot, int64(size), false)
 		}
 		if err != nil {
+			if s != nil {
+				s.closeManifestLocked()
+			}
 			e.log.Error("journal: session dropped", "session", js.ID, "job", js.JobID, "target", js.Target, "error", err)
 			if rerr := e.journal.RemoveSession(js.Target); rerr != nil {
 				e.log.Error("journal: remove", "error", rerr)
@@ -245,29 +263,76 @@ func (e *Engine) reload(ctx context.Context) error {
 	return nil
 }
 
+// reloadManifest resumes a MANIFEST session from the journal, or drops it.
+func (e *Engine) reloadManifest(js *journal.Session) {
+	s, err := e.restoreCommon(js, nil)
+	if err == nil && js.FileSize > MaxManifestSize {
+		err = fmt.Errorf("manifest of %d bytes", js.FileSize)
+	}
+	if err == nil && js.State == int32(otav1.SessionState_SESSION_STATE_VERIFIED) && e.byName[js.Target] == nil {
+		err = fmt.Errorf("target %q is no longer configured", js.Target)
+	}
+	if err == nil {
+		s.medium, err = target.OpenStateFile(e.journal.DataPath(js.Key()), int64(js.FileSize), false)
+	}
+	if err != nil {
+		e.log.Error("journal: manifest session dropped", "session", js.ID, "job", js.JobID, "error", err)
+		if rerr := e.journal.RemoveSession(js.Key()); rerr != nil {
+			e.log.Error("journal: remove", "error", rerr)
+		}
+		return
+	}
+	e.sessions[s.id] = s
+	e.byKey[js.Key()] = s
+	e.log.Info("manifest session resumed from journal", "session", s.id, "job", js.JobID, "state", s.state)
+}
+
 // restore checks a journal entry against the current configuration.
 func (e *Engine) restore(js *journal.Session) (*session, error) {
 	t := e.byName[js.Target]
+	chunks := kindOf(js.Kind) == kindChunks
 	switch {
 	case t == nil:
 		return nil, fmt.Errorf("target %q is no longer configured", js.Target)
+	case kindOf(js.Kind) != kindImage && !chunks:
+		return nil, fmt.Errorf("session kind %d on a target", js.Kind)
 	case t.IsAB() && !boot.ValidSlot(js.Slot), !t.IsAB() && js.Slot != target.FileSlot:
 		return nil, fmt.Errorf("slot %q does not fit target %s", js.Slot, js.Target)
-	case js.BlockSize < config.MinBlockSize || js.BlockSize > e.cfg.MaxBlockSize:
+	case chunks && (js.ImageSize == 0 || (t.Config().MaxSize > 0 && js.ImageSize > t.Config().MaxSize)):
+		return nil, fmt.Errorf("image size %d not allowed", js.ImageSize)
+	case !chunks && (js.BlockSize < config.MinBlockSize || js.BlockSize > e.cfg.MaxBlockSize):
 		return nil, fmt.Errorf("block size %d outside %d..%d", js.BlockSize, config.MinBlockSize, e.cfg.MaxBlockSize)
-	case js.FileSize == 0 || (t.Config().MaxSize > 0 && js.FileSize > t.Config().MaxSize):
+	case js.FileSize == 0 || (!chunks && t.Config().MaxSize > 0 && js.FileSize > t.Config().MaxSize):
 		return nil, fmt.Errorf("file size %d not allowed", js.FileSize)
-	case !jobIDRE.MatchString(js.JobID) || len(js.ID) != 32:
-		return nil, fmt.Errorf("bad identifiers")
 	}
 	if err := e.checkSigner(t, js.CertName); err != nil {
 		return nil, err
+	}
+	return e.restoreCommon(js, t)
+}
+
+// restoreCommon rebuilds the session of a checked journal entry (t nil: a MANIFEST session).
+func (e *Engine) restoreCommon(js *journal.Session, t *target.Target) (*session, error) {
+	if !jobIDRE.MatchString(js.JobID) || len(js.ID) != 32 {
+		return nil, fmt.Errorf("bad identifiers")
+	}
+	if t == nil && (js.BlockSize < config.MinBlockSize || js.BlockSize > e.cfg.MaxBlockSize || js.FileSize == 0) {
+		return nil, fmt.Errorf("block size %d or file size %d not allowed", js.BlockSize, js.FileSize)
+	}
+	if kindOf(js.Kind) == kindChunks && js.BlockSize < manifest.MinBlockSize {
+		return nil, fmt.Errorf("block size %d not allowed", js.BlockSize)
 	}
 	st := otav1.SessionState(js.State)
 	if st != otav1.SessionState_SESSION_STATE_RECEIVING && st != otav1.SessionState_SESSION_STATE_VERIFIED {
 		return nil, fmt.Errorf("state %s cannot be resumed", st)
 	}
 	s := newSession(js, t)
+	if kindOf(js.Kind) == kindChunks {
+		// Units are chunks: the manifest, opened later, says how many; the bitmap is checked
+		// against it then.
+		s.total = uint64(len(js.Durable)) * 8
+	}
+	s.stats = deltaStats{reused: js.ReusedBlocks, zero: js.ZeroBlocks, download: js.DownloadBytes, saved: js.WritesSaved}
 	// A bit past the last block would count as durable and leave the session claiming more
 	// blocks than the image has.
 	if err := js.Durable.Check(int(s.total)); err != nil {
@@ -280,7 +345,7 @@ func (e *Engine) restore(js *journal.Session) (*session, error) {
 	s.state = st
 	s.sha = js.SHA256
 	s.reloaded = st == otav1.SessionState_SESSION_STATE_VERIFIED
-	if s.reloaded && s.nDurable != s.total {
+	if s.reloaded && s.nDurable != s.total && kindOf(js.Kind) != kindChunks {
 		return nil, fmt.Errorf("verified session with %d of %d blocks", s.nDurable, s.total)
 	}
 	return s, nil
@@ -412,10 +477,16 @@ func (e *Engine) currentVersion(t *target.Target, booted string) string {
 	return e.record.Versions[t.Name()][slot]
 }
 
-// checkVersion applies the version policy to an image of version for t.
-func (e *Engine) checkVersion(t *target.Target, booted, version string) error {
+// checkVersion applies the version policy to an image of version for t. signed: the version
+// is a verified manifest's; otherwise it is the job document's, which nobody signed, and
+// policies other than "any" refuse it unless accept_unsigned_versions says otherwise.
+func (e *Engine) checkVersion(t *target.Target, booted, version string, signed bool) error {
 	if e.cfg.VersionPolicy == config.VersionAny {
 		return nil
+	}
+	if !signed && !e.cfg.AcceptUnsignedVersions {
+		return status.Errorf(otav1.Reason_REASON_VERSION_CHECK, "version policy %q compares only a signed version: this image has no update manifest (the job document's version %q is unsigned; set accept_unsigned_versions to trust it)", e.cfg.VersionPolicy, version).
+			WithMeta("version", version)
 	}
 	if version == "" {
 		return status.Errorf(otav1.Reason_REASON_VERSION_CHECK, "version policy %q needs the image version, the job has none", e.cfg.VersionPolicy)
@@ -589,6 +660,14 @@ func (e *Engine) sessionList() []*session {
 			out = append(out, s)
 		}
 	}
+	keys := make([]string, 0, len(e.byKey))
+	for k := range e.byKey {
+		keys = append(keys, k)
+	}
+	slices.Sort(keys)
+	for _, k := range keys {
+		out = append(out, e.byKey[k])
+	}
 	return out
 }
 
@@ -627,12 +706,18 @@ func (e *Engine) drop(s *session, why string) {
 	if e.byTarget[s.meta.Target] == s {
 		delete(e.byTarget, s.meta.Target)
 	}
+	if e.byKey[s.meta.Key()] == s {
+		delete(e.byKey, s.meta.Key())
+	}
 	e.mu.Unlock()
-	if err := e.journal.RemoveSession(s.meta.Target); err != nil {
+	s.closeManifestLocked()
+	if err := e.journal.RemoveSession(s.meta.Key()); err != nil {
 		e.log.Error("journal: remove session", "session", s.id, "error", err)
 	}
-	if err := s.tgt.Discard(); err != nil {
-		e.log.Error("discard temporary file", "target", s.meta.Target, "error", err)
+	if s.tgt != nil {
+		if err := s.tgt.Discard(); err != nil {
+			e.log.Error("discard temporary file", "target", s.meta.Target, "error", err)
+		}
 	}
 	e.log.Info("session closed", "session", s.id, "job", s.meta.JobID, "target", s.meta.Target, "why", why)
 }

@@ -45,7 +45,7 @@ func writeAll(t *testing.T, r *rig, id string, img image, bs int) {
 }
 
 func TestHappyPathAB(t *testing.T) {
-	r := newRig(t, func(c *config.Config) { c.VersionPolicy = config.VersionNewer })
+	r := newRig(t, func(c *config.Config) { c.VersionPolicy, c.AcceptUnsignedVersions = config.VersionNewer, true })
 	hs, err := r.e.Handshake(ctx, &otav1.HandshakeRequest{ProtocolVersion: otav1.ProtocolVersion_PROTOCOL_VERSION_1, Client: "test"})
 	if err != nil || hs.MaxBlockSize != 131072 || len(hs.SigAlgorithms) != 4 {
 		t.Fatalf("handshake: %v %v", hs, err)

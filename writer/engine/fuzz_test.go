@@ -744,6 +744,9 @@ func FuzzJournalRestore(f *testing.F) {
 	f.Add(good(3, kit.sigs[0], 2500, []byte{0xff, 0x03}), true)
 	f.Add([]byte(`{"id":"`+strings.Repeat("ab", 16)+`","job_id":"j","target":"rootfs","slot":"a","file_size":18446744073709551615,"block_size":256,"state":2,"durable":"AA=="}`), true)
 	f.Add([]byte(`{"id":"`+strings.Repeat("ab", 16)+`","job_id":"j","target":"app","slot":"file","file_size":700,"block_size":256,"signature":"AA==","algorithm":1,"state":2,"durable":"Bw=="}`), true)
+	// A CHUNKS session without its manifest file, a MANIFEST session under a target's name.
+	f.Add([]byte(`{"id":"`+strings.Repeat("ab", 16)+`","job_id":"j","target":"rootfs","slot":"b","file_size":700,"block_size":4096,"signature":"AA==","algorithm":1,"state":1,"durable":"AA==","kind":3,"image_size":2500,"fill_done":true}`), true)
+	f.Add([]byte(`{"id":"`+strings.Repeat("ab", 16)+`","job_id":"j","target":"rootfs","file_size":700,"block_size":256,"signature":"AA==","algorithm":1,"state":2,"durable":"Bw==","kind":2}`), true)
 	f.Fuzz(func(t *testing.T, payload []byte, writeImage bool) {
 		r := newFuzzRig(t, kit)
 		r.e.Close()

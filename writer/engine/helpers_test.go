@@ -19,6 +19,7 @@ import (
 	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
+	"github.com/gwota/gwota/writer/target"
 )
 
 func TestMain(m *testing.M) { goleak.VerifyTestMain(m) }
@@ -79,6 +80,9 @@ type rig struct {
 	slots    [2]string
 	appPath  string
 	selfTest SelfTester // given to every engine open starts (nil: none)
+	// wrap, when set, wraps every medium the engines open (Deps.WrapMedium).
+	wrap func(targetName string, m target.Medium) target.Medium
+	toml string // the configuration before the test's edit
 }
 
 const slotSize = 4 << 20
@@ -114,6 +118,7 @@ file_types = [1]
 path = "` + r.appPath + `"
 max_size = 1048576
 `
+	r.toml = toml
 	cfg, err := config.Parse([]byte(toml))
 	if err != nil {
 		t.Fatal(err)
@@ -150,7 +155,7 @@ func (r *rig) open() *Engine {
 		r.t.Fatal(err)
 	}
 	r.boot = fb
-	e, err := New(context.Background(), r.cfg, Deps{Boot: fb, Reboot: r.reboot, SelfTest: r.selfTest}, testLog(r.t))
+	e, err := New(context.Background(), r.cfg, Deps{Boot: fb, Reboot: r.reboot, SelfTest: r.selfTest, WrapMedium: r.wrap}, testLog(r.t))
 	if err != nil {
 		r.t.Fatal(err)
 	}

@@ -61,7 +61,7 @@ func (e *Engine) fenceStale() bool {
 
 // fencedLocked says why s may not write its slot now ("" when it may). The caller holds s.mu.
 func (e *Engine) fencedLocked(s *session) string {
-	if !s.tgt.IsAB() {
+	if s.tgt == nil || !s.tgt.IsAB() {
 		return ""
 	}
 	e.mu.RLock()
@@ -82,7 +82,7 @@ func (e *Engine) fencedLocked(s *session) string {
 // refresh reads the boot state first (at the points where blocks become durable or the image
 // is verified), so a slot activated behind the engine's back is caught there at the latest.
 func (e *Engine) refuseFencedLocked(ctx context.Context, s *session, refresh bool) error {
-	if !s.tgt.IsAB() {
+	if s.tgt == nil || !s.tgt.IsAB() { // a manifest session writes no slot
 		return nil
 	}
 	if refresh {

@@ -49,7 +49,7 @@ func TestEngineRefusesTwoABTargets(t *testing.T) {
 // The version policy fails closed: nothing recorded or a corrupt record refuses every image
 // with version_check and says how to repair; the repair is durable across a restart.
 func TestVersionPolicyFailsClosed(t *testing.T) {
-	r := newRig(t, func(c *config.Config) { c.VersionPolicy = config.VersionNewer })
+	r := newRig(t, func(c *config.Config) { c.VersionPolicy, c.AcceptUnsignedVersions = config.VersionNewer, true })
 	img := newImage(t, 5000)
 	var got []string
 	begin := func(what string, fileType int32, version string) {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"os"
 	"sync"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
+	"github.com/gwota/gwota/writer/manifest"
 	"github.com/gwota/gwota/writer/target"
 )
 
@@ -40,6 +42,27 @@ type session struct {
 	updated             time.Time // last progress (journaled)
 	reloaded            bool      // verified by an earlier process: verify again before activation
 	sha                 string
+
+	// CHUNKS sessions: the verified manifest (read from mfFile), the chunk decoder and a
+	// block of scratch, the local fill running (writes refused), the delta figures.
+	mf      *manifest.Manifest
+	mfFile  *os.File
+	dec     *manifest.ChunkDecoder
+	scratch []byte
+	filling bool
+	stats   deltaStats
+}
+
+// closeManifest releases a CHUNKS session's manifest. The caller holds s.mu.
+func (s *session) closeManifestLocked() {
+	if s.dec != nil {
+		s.dec.Close()
+		s.dec = nil
+	}
+	if s.mfFile != nil {
+		s.mfFile.Close()
+		s.mfFile = nil
+	}
 }
 
 func newSession(js *journal.Session, t *target.Target) *session {
@@ -78,6 +101,7 @@ func (s *session) infoLocked() *otav1.SessionInfo {
 		Slot: s.meta.Slot, FileSize: s.meta.FileSize, BlockSize: s.meta.BlockSize, TotalBlocks: s.total,
 		DurableBlocks: s.nDurable, Missing: missing, State: st, Version: s.meta.Version,
 		CreatedUnix: unixOrZero(s.meta.Created), UpdatedUnix: unixOrZero(s.updated), ReceivedBlocks: s.nReceived,
+		Kind: s.kind(), Delta: s.deltaInfoLocked(),
 	}
 }
 
@@ -95,12 +119,22 @@ func (s *session) journalRecord() *journal.Session {
 	js.Durable = s.durable
 	js.SHA256 = s.sha
 	js.Updated = s.updated
+	js.ReusedBlocks, js.ZeroBlocks, js.DownloadBytes, js.WritesSaved = s.stats.reused, s.stats.zero, s.stats.download, s.stats.saved
 	return &js
 }
 
 // Begin implements api.Writer: it resumes the target's session when the request is the
 // same file of the same job, and otherwise begins a new one on the writable slot.
 func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*otav1.BeginSessionResponse, error) {
+	switch kindOf(int32(req.GetKind())) {
+	case kindImage:
+	case kindManifest:
+		return e.beginManifest(ctx, req)
+	case kindChunks:
+		return e.beginChunks(ctx, req)
+	default:
+		return nil, status.Errorf(otav1.Reason_REASON_UNSUPPORTED, "session kind %s not supported", req.GetKind())
+	}
 	t, err := e.checkBegin(req)
 	if err != nil {
 		return nil, err
@@ -115,7 +149,7 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 	if err != nil {
 		return nil, err
 	}
-	if err := e.checkVersion(t, booted, req.GetVersion()); err != nil {
+	if err := e.checkVersion(t, booted, req.GetVersion(), false); err != nil {
 		return nil, err
 	}
 	if err := e.checkRoom(t, slot, req.GetFileSize()); err != nil {
@@ -136,7 +170,7 @@ func (e *Engine) resume(ctx context.Context, t *target.Target, req *otav1.BeginS
 		return nil, nil
 	}
 	m := s.meta
-	if !(m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
+	if !(s.kind() == kindImage && m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
 		bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
 		m.CertName == req.GetCertName() && m.Version == req.GetVersion()) {
 		return nil, status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "target %s is busy with job %s file %d: abort that session first", t.Name(), m.JobID, m.FileIndex).
@@ -232,27 +266,40 @@ func (e *Engine) beginNew(t *target.Target, req *otav1.BeginSessionRequest, boot
 	return &otav1.BeginSessionResponse{Session: s.info()}, nil
 }
 
-// checkBegin validates a BeginSession request without touching any state.
-func (e *Engine) checkBegin(req *otav1.BeginSessionRequest) (*target.Target, error) {
+// checkBeginCommon validates the fields every session kind needs.
+func (e *Engine) checkBeginCommon(req *otav1.BeginSessionRequest) error {
 	invalid := func(format string, args ...any) *status.Error {
 		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, format, args...)
 	}
 	switch {
 	case !jobIDRE.MatchString(req.GetJobId()):
-		return nil, invalid("job id %q is not 1..64 of [a-zA-Z0-9_-]", trunc(req.GetJobId(), 80))
+		return invalid("job id %q is not 1..64 of [a-zA-Z0-9_-]", trunc(req.GetJobId(), 80))
+	case req.GetFileSize() == 0:
+		return invalid("file size 0")
+	case req.GetFileSize() > 1<<62:
+		return status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "file size %d", req.GetFileSize())
+	case len(req.GetCertName()) > 256:
+		return invalid("cert name of %d bytes", len(req.GetCertName()))
+	case len(req.GetFilePath()) > 4096:
+		return invalid("file path of %d bytes", len(req.GetFilePath()))
+	}
+	return nil
+}
+
+// checkBegin validates an image's BeginSession request without touching any state.
+func (e *Engine) checkBegin(req *otav1.BeginSessionRequest) (*target.Target, error) {
+	invalid := func(format string, args ...any) *status.Error {
+		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, format, args...)
+	}
+	if err := e.checkBeginCommon(req); err != nil {
+		return nil, err
+	}
+	switch {
 	case req.GetBlockSize() < config.MinBlockSize || req.GetBlockSize() > e.cfg.MaxBlockSize:
 		return nil, invalid("block size %d outside %d..%d", req.GetBlockSize(), config.MinBlockSize, e.cfg.MaxBlockSize).
 			WithMeta("max_block_size", fmt.Sprint(e.cfg.MaxBlockSize))
-	case req.GetFileSize() == 0:
-		return nil, invalid("file size 0")
-	case req.GetFileSize() > 1<<62:
-		return nil, status.Errorf(otav1.Reason_REASON_FILE_TOO_LARGE, "file size %d", req.GetFileSize())
 	case req.GetVersion() != "" && !versionRE.MatchString(req.GetVersion()):
 		return nil, invalid("version %q is not 1..64 of [A-Za-z0-9._+~-]", trunc(req.GetVersion(), 80))
-	case len(req.GetCertName()) > 256:
-		return nil, invalid("cert name of %d bytes", len(req.GetCertName()))
-	case len(req.GetFilePath()) > 4096:
-		return nil, invalid("file path of %d bytes", len(req.GetFilePath()))
 	}
 	t, err := e.selectTarget(req.FileType, req.GetFilePath())
 	if err != nil {
@@ -290,36 +337,12 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 	if err := e.refuseFencedLocked(ctx, s, refreshed); err != nil {
 		return s.resultLocked(false), err
 	}
-	bs := uint64(s.meta.BlockSize)
-	for _, b := range blocks {
-		off := b.GetOffset()
-		if off >= s.meta.FileSize || off%bs != 0 {
-			return s.resultLocked(false), status.Errorf(otav1.Reason_REASON_BLOCK_OUT_OF_RANGE,
-				"offset %d is not a block of this image (%d bytes in blocks of %d)", off, s.meta.FileSize, bs).
-				WithMeta("offset", fmt.Sprint(off))
+	if s.kind() == kindChunks {
+		if err := e.writeChunksLocked(s, blocks); err != nil {
+			return s.resultLocked(false), err
 		}
-		want := bs
-		if off/bs == s.total-1 {
-			want = s.lastLen
-		}
-		if uint64(len(b.GetData())) != want {
-			return s.resultLocked(false), status.Errorf(otav1.Reason_REASON_INVALID_REQUEST,
-				"block at offset %d has %d bytes, want %d", off, len(b.GetData()), want).WithMeta("offset", fmt.Sprint(off))
-		}
-	}
-	for _, b := range blocks {
-		k := int(b.GetOffset() / bs)
-		if s.received.Has(k) {
-			continue
-		}
-		if _, err := s.medium.WriteAt(b.GetData(), int64(b.GetOffset())); err != nil {
-			e.log.Error("block write failed", "session", s.id, "offset", b.GetOffset(), "error", err)
-			return s.resultLocked(false), target.IOError(err, "write block at offset %d", b.GetOffset())
-		}
-		s.received.Set(k)
-		s.nReceived++
-		s.pendingBytes += int64(len(b.GetData()))
-		crashpoint.Hit(crashpoint.WriterBlock)
+	} else if err := e.writeBlocksLocked(s, blocks); err != nil {
+		return s.resultLocked(false), err
 	}
 	if s.pendingBytes > 0 && (sync || s.pendingBytes >= e.cfg.SyncBytes || time.Since(s.lastSync) >= e.cfg.SyncInterval) {
 		// Blocks become durable only in a slot that is still writable.
@@ -334,12 +357,51 @@ func (e *Engine) Write(ctx context.Context, sessionID string, blocks []*otav1.Bl
 	return s.resultLocked(sync || s.pendingBytes == 0), nil
 }
 
+// writeBlocksLocked writes an image's blocks: the batch is validated whole before any block
+// is written. The caller holds s.mu.
+func (e *Engine) writeBlocksLocked(s *session, blocks []*otav1.Block) error {
+	bs := uint64(s.meta.BlockSize)
+	for _, b := range blocks {
+		off := b.GetOffset()
+		if off >= s.meta.FileSize || off%bs != 0 {
+			return status.Errorf(otav1.Reason_REASON_BLOCK_OUT_OF_RANGE,
+				"offset %d is not a block of this image (%d bytes in blocks of %d)", off, s.meta.FileSize, bs).
+				WithMeta("offset", fmt.Sprint(off))
+		}
+		want := bs
+		if off/bs == s.total-1 {
+			want = s.lastLen
+		}
+		if uint64(len(b.GetData())) != want {
+			return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST,
+				"block at offset %d has %d bytes, want %d", off, len(b.GetData()), want).WithMeta("offset", fmt.Sprint(off))
+		}
+	}
+	for _, b := range blocks {
+		k := int(b.GetOffset() / bs)
+		if s.received.Has(k) {
+			continue
+		}
+		if _, err := s.medium.WriteAt(b.GetData(), int64(b.GetOffset())); err != nil {
+			e.log.Error("block write failed", "session", s.id, "offset", b.GetOffset(), "error", err)
+			return target.IOError(err, "write block at offset %d", b.GetOffset())
+		}
+		s.received.Set(k)
+		s.nReceived++
+		s.pendingBytes += int64(len(b.GetData()))
+		crashpoint.Hit(crashpoint.WriterBlock)
+	}
+	return nil
+}
+
 func (s *session) writableLocked() error {
 	switch {
 	case s.dropped:
 		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is closed", s.id)
 	case s.verifying != nil:
 		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is being verified", s.id)
+	case s.filling:
+		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is being filled from local data", s.id)
 	case s.state != otav1.SessionState_SESSION_STATE_RECEIVING:
 		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s is %s, not receiving", s.id, s.state)
 	}
@@ -401,6 +463,9 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 		return nil, status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "%d of %d blocks missing", missing, s.total).
 			WithMeta("missing_blocks", fmt.Sprint(missing))
 	}
+	if s.kind() == kindManifest {
+		return e.finishManifest(ctx, s)
+	}
 	done := make(chan struct{})
 	s.verifying = done
 	med := s.medium
@@ -434,6 +499,9 @@ func (e *Engine) Finish(ctx context.Context, sessionID string) (*otav1.FinishSes
 // verifyMedium checks meta's signature over what m holds: read back from the device, not
 // from the page cache the writes left, so a write the medium lost or corrupted fails here.
 func (e *Engine) verifyMedium(ctx context.Context, m target.Medium, meta *journal.Session) ([]byte, error) {
+	if kindOf(meta.Kind) == kindChunks {
+		return e.verifyChunksMedium(ctx, m, meta)
+	}
 	rb, err := m.ReadBack()
 	if err != nil {
 		return nil, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "read back %s: %w", m.Path(), err)

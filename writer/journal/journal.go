@@ -29,6 +29,7 @@ const (
 	headerLen  = len(magic) + 4 + sha256.Size
 	maxPayload = 64 << 20
 	sessionExt = ".session"
+	dataExt    = ".data"
 	recordName = "record"
 )
 
@@ -151,6 +152,40 @@ type Session struct {
 	// Updated: the last progress (blocks made durable, verified); an operator tells a stuck
 	// session by it.
 	Updated time.Time `json:"updated,omitzero"`
+
+	// Kind is the otav1.SessionKind (0: an image). A MANIFEST session keeps the manifest's
+	// bytes in DataPath(Key()); Target is empty until the manifest is verified. A CHUNKS
+	// session's units are the manifest's chunks; its manifest (the same signature fields as
+	// above, which are the manifest's) is in DataPath(Key()).
+	Kind int32 `json:"kind,omitempty"`
+	// CHUNKS sessions: the job's manifest file, the image the chunks make up, whether the
+	// local fill of Begin completed, and the delta figures.
+	ManifestFileIndex uint32 `json:"manifest_file_index,omitempty"`
+	ImageSize         uint64 `json:"image_size,omitempty"`
+	ImageSHA256       []byte `json:"image_sha256,omitempty"`
+	FillDone          bool   `json:"fill_done,omitempty"`
+	ReusedBlocks      uint64 `json:"reused_blocks,omitempty"`
+	ZeroBlocks        uint64 `json:"zero_blocks,omitempty"`
+	DownloadBytes     uint64 `json:"download_bytes,omitempty"`
+	WritesSaved       uint64 `json:"writes_saved,omitempty"`
+}
+
+// kindManifest is otav1.SESSION_KIND_MANIFEST (this package does not import the protocol).
+const kindManifest = 2
+
+// ManifestKey names the files of job's MANIFEST session for file index: it starts with "_",
+// which no target name does.
+func ManifestKey(jobID string, fileIndex uint32) string {
+	return fmt.Sprintf("_m_%s_%d", jobID, fileIndex)
+}
+
+// Key names s's files: its target's name, or ManifestKey for a MANIFEST session (which holds
+// no target, and of which one job may have several).
+func (s *Session) Key() string {
+	if s.Kind == kindManifest {
+		return ManifestKey(s.JobID, s.FileIndex)
+	}
+	return s.Target
 }
 
 // Update names the last activated update, so state after a reboot can name its job.
@@ -211,16 +246,20 @@ func (j *Journal) sessionPath(target string) string {
 	return filepath.Join(j.dir, "sessions", target+sessionExt)
 }
 
-// SaveSession persists s (its target names the file).
+// SaveSession persists s (its Key names the file).
 func (j *Journal) SaveSession(s *Session) error {
-	if err := WriteFile(j.sessionPath(s.Target), s); err != nil {
+	if err := WriteFile(j.sessionPath(s.Key()), s); err != nil {
 		return fmt.Errorf("journal: save session %s: %w", s.ID, err)
 	}
 	return nil
 }
 
-// RemoveSession deletes target's session file.
+// RemoveSession deletes the session file of key (a target's name or a ManifestKey) and its
+// data file.
 func (j *Journal) RemoveSession(target string) error {
+	if err := os.Remove(j.DataPath(target)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("journal: remove data of %s: %w", target, err)
+	}
 	err := os.Remove(j.sessionPath(target))
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return fmt.Errorf("journal: remove session of %s: %w", target, err)
@@ -255,14 +294,43 @@ func (j *Journal) LoadSessions() (sessions []*Session, dropped []error, err erro
 			os.Remove(p)
 			continue
 		}
-		if s.Target+sessionExt != name {
-			dropped = append(dropped, fmt.Errorf("%s: %w: names target %q", p, ErrCorrupt, s.Target))
+		if s.Key()+sessionExt != name {
+			dropped = append(dropped, fmt.Errorf("%s: %w: names target %q", p, ErrCorrupt, s.Key()))
 			os.Remove(p)
+			os.Remove(j.DataPath(strings.TrimSuffix(name, sessionExt)))
 			continue
 		}
 		sessions = append(sessions, &s)
 	}
+	// A data file whose session is gone (removed, or lost before it was saved) is garbage.
+	for _, e := range ents {
+		if key, ok := strings.CutSuffix(e.Name(), dataExt); ok {
+			if _, err := os.Stat(j.sessionPath(key)); errors.Is(err, os.ErrNotExist) {
+				os.Remove(filepath.Join(dir, e.Name()))
+			}
+		}
+	}
 	return sessions, dropped, nil
+}
+
+// DataPath is the data file of the session of key: a MANIFEST session's manifest bytes, a
+// CHUNKS session's manifest. It is removed with the session.
+func (j *Journal) DataPath(key string) string {
+	return filepath.Join(j.dir, "sessions", key+dataExt)
+}
+
+// LinkData makes the data file of key to a second name of the data file of from (a hard
+// link: the same bytes, durable once the directory is synced). An existing file of to is
+// replaced.
+func (j *Journal) LinkData(from, to string) error {
+	dst := j.DataPath(to)
+	if err := os.Remove(dst); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("journal: link data: %w", err)
+	}
+	if err := os.Link(j.DataPath(from), dst); err != nil {
+		return fmt.Errorf("journal: link data: %w", err)
+	}
+	return syncDir(filepath.Join(j.dir, "sessions"))
 }
 
 // SaveRecord persists r.

@@ -18,16 +18,24 @@ import (
 )
 
 // DefaultChunkSize is the image bytes (zero blocks included) one chunk covers, chosen with
-// scripts/bench-delta.sh (4 KiB blocks, zstd "better"). On the Debian root file system pair
-// (384 MiB, 50 MiB of blocks missing from v1) a device downloads 29.1, 31.0, 34.5 and
-// 44.7 MB (manifest included) at 16, 32, 64 and 256 KiB in exact ranges (HTTP), and 44.4,
-// 44.5, 45.5 and 50.7 MB in the 64 KiB blocks of an MQTT stream: smaller chunks fetch less
-// that the device already holds, and gain more than larger ones gain in compression. Below
-// 16 KiB the chunk table grows (8 bytes per chunk in memory, 1 MiB for 2 GiB).
+// scripts/bench-delta.sh (4 KiB blocks, zstd "better", no base). On the Debian root file
+// system pair (384 MiB, 50 MiB of blocks missing from v1) a device downloads 28.3, 29.1, 30.2,
+// 31.0, 34.5 and 44.7 MB (manifest included) at 8, 16, 24, 32, 64 and 256 KiB in exact ranges
+// (HTTP), and 45.2, 44.6, 44.4, 44.5, 45.5 and 50.7 MB in the 64 KiB blocks of an MQTT
+// stream; on the zeros pair 6.41 and 6.35 MB at 8 and 16 KiB: smaller chunks fetch less that
+// the device already holds and gain more than larger ones gain in compression, down to
+// 16 KiB, below which the gain is small, streams lose and the chunk table grows (8 bytes per
+// chunk in memory, 1 MiB for 2 GiB at 16 KiB).
 const DefaultChunkSize = 16 << 10
 
-// DefaultNewChunkSize bounds a chunk of blocks missing from the delta base.
+// DefaultNewChunkSize bounds the image bytes of a chunk of blocks missing from the delta
+// base before it is cut to fit DefaultMaxChunkBytes (on the Debian pair 1 and 4 MiB give
+// chunks of the same total within 0.2 %: the compressed limit decides).
 const DefaultNewChunkSize = 1 << 20
+
+// DefaultMaxChunkBytes bounds a compressed chunk: the writer's default max_block_size
+// (writer/config.DefaultMaxBlockSize), since ota-net hands the writer one chunk per block.
+const DefaultMaxChunkBytes = 128 << 10
 
 // Params describe the image a manifest is built for.
 type Params struct {
@@ -49,8 +57,12 @@ type Params struct {
 	BaseSize int64
 	// NewChunkSize bounds chunks of new blocks (DefaultNewChunkSize when 0).
 	NewChunkSize uint32
+	// MaxChunkBytes bounds every compressed chunk (DefaultMaxChunkBytes when 0): a chunk
+	// that compresses to more is cut into smaller ones. The writer's max_block_size must be
+	// at least this.
+	MaxChunkBytes uint32
 	// Level is the zstd level (zstd.SpeedBetterCompression when 0: peak RSS about 20 MiB;
-	// SpeedBestCompression makes chunks a few percent smaller but needs about 50 MiB).
+	// SpeedBestCompression makes chunks about 3 % smaller but needs about 60 MiB).
 	Level zstd.EncoderLevel
 	// TempDir holds the hash section while the image is read (os.TempDir() when "").
 	TempDir string
@@ -102,13 +114,6 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 	defer func() { tmp.Close(); os.Remove(tmp.Name()) }()
 	hw := bufio.NewWriterSize(tmp, 64<<10)
 
-	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(p.Level), zstd.WithEncoderConcurrency(1),
-		zstd.WithWindowSize(max(zstd.MinWindowSize, int(p.ChunkSize))), zstd.WithEncoderCRC(false), zstd.WithLowerEncoderMem(true))
-	if err != nil {
-		return res, err
-	}
-	defer enc.Close()
-
 	h := &otav1.ManifestHeader{
 		FormatVersion: FormatVersion, Target: p.Target, Compatible: p.Compatible, Version: p.Version,
 		BlockSize: p.BlockSize, BaseSha256: p.BaseSHA256,
@@ -127,6 +132,29 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 	if newMax%bs != 0 || newMax > MaxChunkRaw {
 		return res, fmt.Errorf("new chunk size %d is not a multiple of the block size %d up to %d", newMax, bs, MaxChunkRaw)
 	}
+	capBytes := int(p.MaxChunkBytes)
+	if capBytes == 0 {
+		capBytes = DefaultMaxChunkBytes
+	}
+	// A chunk of one incompressible block must fit: zstd adds a few bytes per 128 KiB.
+	if uint64(capBytes) < bs+bs/1024+64 {
+		return res, fmt.Errorf("max chunk bytes %d cannot hold one block of %d", capBytes, bs)
+	}
+	// The window covers the largest chunk, so matches reach across all of it; each frame
+	// states its content size, so a decoder's window is the chunk itself.
+	win := max(zstd.MinWindowSize, int(p.ChunkSize))
+	if known != nil {
+		win = max(win, int(newMax))
+	}
+	for win&(win-1) != 0 {
+		win += win & -win
+	}
+	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(p.Level), zstd.WithEncoderConcurrency(1),
+		zstd.WithWindowSize(win), zstd.WithEncoderCRC(false), zstd.WithLowerEncoderMem(true), zstd.WithSingleSegment(true))
+	if err != nil {
+		return res, err
+	}
+	defer enc.Close()
 
 	imgHash := sha256.New()
 	in := bufio.NewReaderSize(img, 1<<20)
@@ -139,25 +167,60 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 	var cnt uint32
 	var span uint64
 	isNew, typed := false, false
-	flush := func() error {
-		if cnt == 0 {
-			return nil
-		}
+	// zeros[i] tells whether block i of the chunk being filled is all zeros (its bytes are
+	// not in raw).
+	var zeros []bool
+	// emit writes blocks [i, j) of the pending chunk (their non-zero bytes are r) as one
+	// chunk, or as several when the compressed bytes exceed capBytes: split in pieces of
+	// about equal raw size that fit, so a whole chunk always fits one writer block.
+	var emit func(i, j int, r []byte) error
+	emit = func(i, j int, r []byte) error {
 		var sz int
-		if len(raw) > 0 {
-			dst = enc.EncodeAll(raw, dst[:0])
+		if len(r) > 0 {
+			dst = enc.EncodeAll(r, dst[:0])
+			if len(dst) > capBytes {
+				if j-i == 1 {
+					return fmt.Errorf("one block compresses to %d bytes, more than the %d of a chunk", len(dst), capBytes)
+				}
+				pieces := min(j-i, (len(dst)+capBytes-1)/capBytes+1)
+				// Cut at block boundaries, each piece about len(r)/pieces raw bytes.
+				per := (len(r) + pieces - 1) / pieces
+				start, off, acc := i, 0, 0
+				for b := i; b < j; b++ {
+					if !zeros[b] {
+						// Only the image's last block may be short, and it ends r.
+						acc = min(acc+int(bs), len(r)-off)
+					}
+					if acc >= per && b+1 < j || b+1 == j {
+						if err := emit(start, b+1, r[off:off+acc]); err != nil {
+							return err
+						}
+						start, off, acc = b+1, off+acc, 0
+					}
+				}
+				return nil
+			}
 			if _, err := chunks.Write(dst); err != nil {
 				return fmt.Errorf("write chunks: %w", err)
 			}
 			sz = len(dst)
 		}
-		h.Chunks.BlockCounts = append(h.Chunks.BlockCounts, cnt)
+		h.Chunks.BlockCounts = append(h.Chunks.BlockCounts, uint32(j-i))
 		h.Chunks.CompressedSizes = append(h.Chunks.CompressedSizes, uint32(sz))
 		h.Chunks.FileSize += uint64(sz)
 		if len(h.Chunks.BlockCounts) > MaxChunks {
 			return fmt.Errorf("image too large for a manifest (limit: %d chunks)", MaxChunks)
 		}
-		raw, cnt, span, typed = raw[:0], 0, 0, false
+		return nil
+	}
+	flush := func() error {
+		if cnt == 0 {
+			return nil
+		}
+		if err := emit(0, int(cnt), raw); err != nil {
+			return err
+		}
+		raw, zeros, cnt, span, typed = raw[:0], zeros[:0], 0, 0, false
 		return nil
 	}
 	for {
@@ -200,6 +263,7 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 				return res, err
 			}
 		}
+		zeros = append(zeros, zero)
 		if zero {
 			h.ZeroBlocks[blocks/8] |= 1 << (blocks % 8)
 		} else {

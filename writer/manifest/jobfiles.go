@@ -19,13 +19,19 @@ const PathSuffix = ".gwota-manifest"
 type Pair struct{ Manifest, Chunks int }
 
 // PairFiles finds the manifests among a job document's file paths, in document order. A
-// manifest whose chunk file is not listed, or a file listed twice under one path, is
-// REASON_JOB_DOCUMENT_INVALID. Files that are neither (plain images) are not in the result.
+// manifest whose chunk file is not listed, or a manifest or chunk file listed twice under one
+// path (which file would it describe?), is REASON_JOB_DOCUMENT_INVALID. Files that are
+// neither (plain images) are not in the result, and plain images may share a path as they
+// always could: the writer decides what two files for one target mean.
 func PairFiles(paths []string) ([]Pair, error) {
 	idx := make(map[string]int, len(paths))
+	dup := map[string]int{}
 	for i, p := range paths {
-		if _, dup := idx[p]; dup {
-			return nil, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "files[%d]: filepath %q listed twice", i, p)
+		if _, seen := idx[p]; seen {
+			if _, first := dup[p]; !first {
+				dup[p] = i
+			}
+			continue
 		}
 		idx[p] = i
 	}
@@ -34,6 +40,11 @@ func PairFiles(paths []string) ([]Pair, error) {
 		base, ok := strings.CutSuffix(p, PathSuffix)
 		if !ok {
 			continue
+		}
+		for _, q := range []string{p, base} {
+			if j, twice := dup[q]; twice {
+				return nil, status.Errorf(otav1.Reason_REASON_JOB_DOCUMENT_INVALID, "files[%d]: filepath %q of a delta update listed twice", j, q)
+			}
 		}
 		j, ok := idx[base]
 		if !ok || base == "" {

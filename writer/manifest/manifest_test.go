@@ -559,7 +559,10 @@ func TestPairFiles(t *testing.T) {
 		{[]string{"rootfs", "boot"}, nil, 0},
 		{[]string{"rootfs.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
 		{[]string{".gwota-manifest", ""}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
-		{[]string{"rootfs", "rootfs"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"rootfs", "rootfs"}, nil, 0}, // plain images: as before manifests
+		{[]string{"rootfs.gwota-manifest", "rootfs", "rootfs"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"rootfs.gwota-manifest", "rootfs", "rootfs.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
+		{[]string{"boot", "rootfs.gwota-manifest", "rootfs", "boot"}, []Pair{{1, 2}}, 0},
 		{[]string{"a.gwota-manifest", "a.gwota-manifest.gwota-manifest"}, nil, otav1.Reason_REASON_JOB_DOCUMENT_INVALID},
 	} {
 		got, err := PairFiles(tc.paths)
@@ -652,5 +655,68 @@ func TestBuildWithBase(t *testing.T) {
 	}
 	if !bytes.Equal(got, img) {
 		t.Error("the chunk file does not rebuild the image")
+	}
+}
+
+// TestChunksFitMaxChunkBytes: a chunk that compresses to more than MaxChunkBytes is cut into
+// chunks that fit (ota-net hands the writer one chunk per block of at most its
+// max_block_size), at block boundaries, with or without a base, and the chunk file still
+// rebuilds the image; a limit below one block is refused.
+func TestChunksFitMaxChunkBytes(t *testing.T) {
+	img := testImage(51, 300, 100)
+	base := testImage(52, 50, 0)
+	for _, tc := range []struct {
+		name     string
+		base     bool
+		chunk    uint32
+		maxBytes uint32
+	}{
+		{"fixed chunks larger than the limit", false, 64 * bs, 5 * bs},
+		{"new chunks larger than the limit", true, 4 * bs, 3*bs + bs/2},
+		{"limit of one block", false, 16 * bs, bs + 128},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := params()
+			p.ChunkSize, p.MaxChunkBytes = tc.chunk, tc.maxBytes
+			if tc.base {
+				p.Base, p.BaseSize, p.NewChunkSize = bytes.NewReader(base), int64(len(base)), 64*bs
+			}
+			mf, chunks, _ := build(t, img, p)
+			m := open(t, mf)
+			d, err := m.NewChunkDecoder()
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer d.Close()
+			got := make([]byte, len(img))
+			split := false
+			for k := range m.Chunks() {
+				c := m.Chunk(k)
+				if c.Size > uint64(tc.maxBytes) {
+					t.Errorf("chunk %d: %d bytes, limit %d", k, c.Size, tc.maxBytes)
+				}
+				if c.Blocks*bs < uint64(tc.chunk) && k < m.Chunks()-1 && c.Size > 0 {
+					split = true
+				}
+				if err := d.Decode(k, chunks[c.Offset:c.Offset+c.Size], func(b uint64, data []byte) error {
+					copy(got[b*bs:], data)
+					return nil
+				}); err != nil {
+					t.Fatal(err)
+				}
+			}
+			if !split {
+				t.Error("no chunk was cut to fit the limit")
+			}
+			if !bytes.Equal(got, img) {
+				t.Error("the chunk file does not rebuild the image")
+			}
+		})
+	}
+	p := params()
+	p.MaxChunkBytes = bs
+	var mb, cb bytes.Buffer
+	if _, err := Build(context.Background(), bytes.NewReader(img), p, &cb, &mb); err == nil {
+		t.Error("a limit below one block was accepted")
 	}
 }

@@ -16,6 +16,10 @@ import (
 type Medium interface {
 	// WriteAt writes p at off. The data may sit in a cache until Sync.
 	WriteAt(p []byte, off int64) (int, error)
+	// ReadAt reads what the medium holds now as the writer sees it (its own writes not yet
+	// synced included, through the page cache). Only to skip writing bytes that are already
+	// there (flash wear); verification reads through ReadBack.
+	ReadAt(p []byte, off int64) (int, error)
 	// Sync makes everything written so far durable (fdatasync: the data, and the metadata
 	// needed to read it back). Only after it returns may the journal name the blocks.
 	Sync() error
@@ -64,6 +68,7 @@ type osMedium struct {
 
 func (m *osMedium) Path() string                             { return m.path }
 func (m *osMedium) WriteAt(p []byte, off int64) (int, error) { return m.f.WriteAt(p, off) }
+func (m *osMedium) ReadAt(p []byte, off int64) (int, error)  { return m.f.ReadAt(p, off) }
 
 func (m *osMedium) Sync() error {
 	for {

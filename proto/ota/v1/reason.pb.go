@@ -81,6 +81,10 @@ const (
 	// (403, 5xx) or wants other credentials (407). Fix the proxy or ota-net's [proxy] settings;
 	// the image server and the image are not at fault.
 	Reason_REASON_PROXY_FAILED Reason = 3019
+	// A chunk of a CHUNKS session does not decode to blocks with the manifest's hashes
+	// (corrupted in transit or by ota-net). Nothing of the batch was written; fetch the chunk
+	// again. Metadata "chunk" is the chunk's index.
+	Reason_REASON_BLOCK_HASH_MISMATCH Reason = 3020
 )
 
 // Enum value maps for Reason.
@@ -123,6 +127,7 @@ var (
 		3017: "REASON_SESSION_LOST",
 		3018: "REASON_BOOT_CONTROL_FAILED",
 		3019: "REASON_PROXY_FAILED",
+		3020: "REASON_BLOCK_HASH_MISMATCH",
 	}
 	Reason_value = map[string]int32{
 		"REASON_UNSPECIFIED":             0,
@@ -162,6 +167,7 @@ var (
 		"REASON_SESSION_LOST":            3017,
 		"REASON_BOOT_CONTROL_FAILED":     3018,
 		"REASON_PROXY_FAILED":            3019,
+		"REASON_BLOCK_HASH_MISMATCH":     3020,
 	}
 )
 
@@ -264,7 +270,7 @@ const file_ota_v1_reason_proto_rawDesc = "" +
 	"\bmetadata\x18\x03 \x03(\v2\".ota.v1.ReasonDetail.MetadataEntryR\bmetadata\x1a;\n" +
 	"\rMetadataEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xa5\b\n" +
+	"\x05value\x18\x02 \x01(\tR\x05value:\x028\x01*\xc6\b\n" +
 	"\x06Reason\x12\x16\n" +
 	"\x12REASON_UNSPECIFIED\x10\x00\x12\x1c\n" +
 	"\x17REASON_SIG_CHECK_FAILED\x10\xe9\a\x12\x1d\n" +
@@ -302,7 +308,8 @@ const file_ota_v1_reason_proto_rawDesc = "" +
 	"\x18REASON_JOB_UPDATE_FAILED\x10\xc8\x17\x12\x18\n" +
 	"\x13REASON_SESSION_LOST\x10\xc9\x17\x12\x1f\n" +
 	"\x1aREASON_BOOT_CONTROL_FAILED\x10\xca\x17\x12\x18\n" +
-	"\x13REASON_PROXY_FAILED\x10\xcb\x17B+Z)github.com/gwota/gwota/proto/ota/v1;otav1b\x06proto3"
+	"\x13REASON_PROXY_FAILED\x10\xcb\x17\x12\x1f\n" +
+	"\x1aREASON_BLOCK_HASH_MISMATCH\x10\xcc\x17B+Z)github.com/gwota/gwota/proto/ota/v1;otav1b\x06proto3"
 
 var (
 	file_ota_v1_reason_proto_rawDescOnce sync.Once

@@ -242,6 +242,64 @@ func (TargetKind) EnumDescriptor() ([]byte, []int) {
 	return file_ota_v1_writer_proto_rawDescGZIP(), []int{3}
 }
 
+// SessionKind is what a session receives. UNSPECIFIED means IMAGE, so older clients are
+// unchanged.
+type SessionKind int32
+
+const (
+	SessionKind_SESSION_KIND_UNSPECIFIED SessionKind = 0
+	// A whole image, written block by block into the target's slot.
+	SessionKind_SESSION_KIND_IMAGE SessionKind = 1
+	// A signed update manifest (docs/MANIFEST.md), stored in the writer's state directory and
+	// verified at finish; it routes to no slot.
+	SessionKind_SESSION_KIND_MANIFEST SessionKind = 2
+	// The chunk file of a verified manifest: units are chunks, not blocks.
+	SessionKind_SESSION_KIND_CHUNKS SessionKind = 3
+)
+
+// Enum value maps for SessionKind.
+var (
+	SessionKind_name = map[int32]string{
+		0: "SESSION_KIND_UNSPECIFIED",
+		1: "SESSION_KIND_IMAGE",
+		2: "SESSION_KIND_MANIFEST",
+		3: "SESSION_KIND_CHUNKS",
+	}
+	SessionKind_value = map[string]int32{
+		"SESSION_KIND_UNSPECIFIED": 0,
+		"SESSION_KIND_IMAGE":       1,
+		"SESSION_KIND_MANIFEST":    2,
+		"SESSION_KIND_CHUNKS":      3,
+	}
+)
+
+func (x SessionKind) Enum() *SessionKind {
+	p := new(SessionKind)
+	*p = x
+	return p
+}
+
+func (x SessionKind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (SessionKind) Descriptor() protoreflect.EnumDescriptor {
+	return file_ota_v1_writer_proto_enumTypes[4].Descriptor()
+}
+
+func (SessionKind) Type() protoreflect.EnumType {
+	return &file_ota_v1_writer_proto_enumTypes[4]
+}
+
+func (x SessionKind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use SessionKind.Descriptor instead.
+func (SessionKind) EnumDescriptor() ([]byte, []int) {
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{4}
+}
+
 type SessionState int32
 
 const (
@@ -278,11 +336,11 @@ func (x SessionState) String() string {
 }
 
 func (SessionState) Descriptor() protoreflect.EnumDescriptor {
-	return file_ota_v1_writer_proto_enumTypes[4].Descriptor()
+	return file_ota_v1_writer_proto_enumTypes[5].Descriptor()
 }
 
 func (SessionState) Type() protoreflect.EnumType {
-	return &file_ota_v1_writer_proto_enumTypes[4]
+	return &file_ota_v1_writer_proto_enumTypes[5]
 }
 
 func (x SessionState) Number() protoreflect.EnumNumber {
@@ -291,7 +349,7 @@ func (x SessionState) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use SessionState.Descriptor instead.
 func (SessionState) EnumDescriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{4}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{5}
 }
 
 type HandshakeRequest struct {
@@ -705,9 +763,12 @@ type SessionInfo struct {
 	CreatedUnix int64 `protobuf:"varint,13,opt,name=created_unix,json=createdUnix,proto3" json:"created_unix,omitempty"`
 	UpdatedUnix int64 `protobuf:"varint,14,opt,name=updated_unix,json=updatedUnix,proto3" json:"updated_unix,omitempty"`
 	// Blocks written (not necessarily durable) while this writer process runs.
-	ReceivedBlocks uint64 `protobuf:"varint,15,opt,name=received_blocks,json=receivedBlocks,proto3" json:"received_blocks,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	ReceivedBlocks uint64      `protobuf:"varint,15,opt,name=received_blocks,json=receivedBlocks,proto3" json:"received_blocks,omitempty"`
+	Kind           SessionKind `protobuf:"varint,16,opt,name=kind,proto3,enum=ota.v1.SessionKind" json:"kind,omitempty"`
+	// CHUNKS sessions only: what the manifest's image needs and what the writer found locally.
+	Delta         *DeltaInfo `protobuf:"bytes,17,opt,name=delta,proto3" json:"delta,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *SessionInfo) Reset() {
@@ -845,6 +906,117 @@ func (x *SessionInfo) GetReceivedBlocks() uint64 {
 	return 0
 }
 
+func (x *SessionInfo) GetKind() SessionKind {
+	if x != nil {
+		return x.Kind
+	}
+	return SessionKind_SESSION_KIND_UNSPECIFIED
+}
+
+func (x *SessionInfo) GetDelta() *DeltaInfo {
+	if x != nil {
+		return x.Delta
+	}
+	return nil
+}
+
+// DeltaInfo describes a CHUNKS session in image blocks (the manifest's block size).
+type DeltaInfo struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	ImageBlocks uint64                 `protobuf:"varint,1,opt,name=image_blocks,json=imageBlocks,proto3" json:"image_blocks,omitempty"`
+	// Blocks taken from the running slot.
+	ReusedBlocks uint64 `protobuf:"varint,2,opt,name=reused_blocks,json=reusedBlocks,proto3" json:"reused_blocks,omitempty"`
+	// All-zero blocks filled locally.
+	ZeroBlocks uint64 `protobuf:"varint,3,opt,name=zero_blocks,json=zeroBlocks,proto3" json:"zero_blocks,omitempty"`
+	// Compressed bytes of the chunks still missing at begin.
+	DownloadBytes uint64 `protobuf:"varint,4,opt,name=download_bytes,json=downloadBytes,proto3" json:"download_bytes,omitempty"`
+	// Block writes skipped because the new slot already held the right bytes (flash wear).
+	WritesSaved    uint64 `protobuf:"varint,5,opt,name=writes_saved,json=writesSaved,proto3" json:"writes_saved,omitempty"`
+	ImageSize      uint64 `protobuf:"varint,6,opt,name=image_size,json=imageSize,proto3" json:"image_size,omitempty"`
+	ImageBlockSize uint32 `protobuf:"varint,7,opt,name=image_block_size,json=imageBlockSize,proto3" json:"image_block_size,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
+}
+
+func (x *DeltaInfo) Reset() {
+	*x = DeltaInfo{}
+	mi := &file_ota_v1_writer_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeltaInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeltaInfo) ProtoMessage() {}
+
+func (x *DeltaInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_ota_v1_writer_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeltaInfo.ProtoReflect.Descriptor instead.
+func (*DeltaInfo) Descriptor() ([]byte, []int) {
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *DeltaInfo) GetImageBlocks() uint64 {
+	if x != nil {
+		return x.ImageBlocks
+	}
+	return 0
+}
+
+func (x *DeltaInfo) GetReusedBlocks() uint64 {
+	if x != nil {
+		return x.ReusedBlocks
+	}
+	return 0
+}
+
+func (x *DeltaInfo) GetZeroBlocks() uint64 {
+	if x != nil {
+		return x.ZeroBlocks
+	}
+	return 0
+}
+
+func (x *DeltaInfo) GetDownloadBytes() uint64 {
+	if x != nil {
+		return x.DownloadBytes
+	}
+	return 0
+}
+
+func (x *DeltaInfo) GetWritesSaved() uint64 {
+	if x != nil {
+		return x.WritesSaved
+	}
+	return 0
+}
+
+func (x *DeltaInfo) GetImageSize() uint64 {
+	if x != nil {
+		return x.ImageSize
+	}
+	return 0
+}
+
+func (x *DeltaInfo) GetImageBlockSize() uint32 {
+	if x != nil {
+		return x.ImageBlockSize
+	}
+	return 0
+}
+
 type DeviceState struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	ImageState    ImageState             `protobuf:"varint,1,opt,name=image_state,json=imageState,proto3,enum=ota.v1.ImageState" json:"image_state,omitempty"`
@@ -858,7 +1030,7 @@ type DeviceState struct {
 
 func (x *DeviceState) Reset() {
 	*x = DeviceState{}
-	mi := &file_ota_v1_writer_proto_msgTypes[7]
+	mi := &file_ota_v1_writer_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -870,7 +1042,7 @@ func (x *DeviceState) String() string {
 func (*DeviceState) ProtoMessage() {}
 
 func (x *DeviceState) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[7]
+	mi := &file_ota_v1_writer_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -883,7 +1055,7 @@ func (x *DeviceState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeviceState.ProtoReflect.Descriptor instead.
 func (*DeviceState) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{7}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeviceState) GetImageState() ImageState {
@@ -936,15 +1108,19 @@ type BeginSessionRequest struct {
 	Signature    []byte       `protobuf:"bytes,8,opt,name=signature,proto3" json:"signature,omitempty"`
 	// The job's "certfile": selects among the writer's trusted keys, never adds one.
 	CertName string `protobuf:"bytes,9,opt,name=cert_name,json=certName,proto3" json:"cert_name,omitempty"`
-	// Version of the image if the job declares one (version policy).
-	Version       string `protobuf:"bytes,10,opt,name=version,proto3" json:"version,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// Version of the image if the job declares one (version policy). Ignored for CHUNKS
+	// sessions: their version is the manifest's signed one.
+	Version string      `protobuf:"bytes,10,opt,name=version,proto3" json:"version,omitempty"`
+	Kind    SessionKind `protobuf:"varint,11,opt,name=kind,proto3,enum=ota.v1.SessionKind" json:"kind,omitempty"`
+	// CHUNKS sessions: the file index of the same job's verified MANIFEST session.
+	ManifestFileIndex uint32 `protobuf:"varint,12,opt,name=manifest_file_index,json=manifestFileIndex,proto3" json:"manifest_file_index,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
 }
 
 func (x *BeginSessionRequest) Reset() {
 	*x = BeginSessionRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[8]
+	mi := &file_ota_v1_writer_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -956,7 +1132,7 @@ func (x *BeginSessionRequest) String() string {
 func (*BeginSessionRequest) ProtoMessage() {}
 
 func (x *BeginSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[8]
+	mi := &file_ota_v1_writer_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -969,7 +1145,7 @@ func (x *BeginSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BeginSessionRequest.ProtoReflect.Descriptor instead.
 func (*BeginSessionRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{8}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *BeginSessionRequest) GetJobId() string {
@@ -1042,18 +1218,35 @@ func (x *BeginSessionRequest) GetVersion() string {
 	return ""
 }
 
+func (x *BeginSessionRequest) GetKind() SessionKind {
+	if x != nil {
+		return x.Kind
+	}
+	return SessionKind_SESSION_KIND_UNSPECIFIED
+}
+
+func (x *BeginSessionRequest) GetManifestFileIndex() uint32 {
+	if x != nil {
+		return x.ManifestFileIndex
+	}
+	return 0
+}
+
 type BeginSessionResponse struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Session *SessionInfo           `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
 	// True when an existing session was resumed; its block_size wins.
-	Resumed       bool `protobuf:"varint,2,opt,name=resumed,proto3" json:"resumed,omitempty"`
+	Resumed bool `protobuf:"varint,2,opt,name=resumed,proto3" json:"resumed,omitempty"`
+	// CHUNKS sessions only: the compressed size of every chunk in order. Chunk k starts at the
+	// sum of the sizes before it; size 0 is an all-zero chunk with no bytes, never sent.
+	ChunkSizes    []uint32 `protobuf:"varint,3,rep,packed,name=chunk_sizes,json=chunkSizes,proto3" json:"chunk_sizes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *BeginSessionResponse) Reset() {
 	*x = BeginSessionResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[9]
+	mi := &file_ota_v1_writer_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1065,7 +1258,7 @@ func (x *BeginSessionResponse) String() string {
 func (*BeginSessionResponse) ProtoMessage() {}
 
 func (x *BeginSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[9]
+	mi := &file_ota_v1_writer_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1078,7 +1271,7 @@ func (x *BeginSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use BeginSessionResponse.ProtoReflect.Descriptor instead.
 func (*BeginSessionResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{9}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *BeginSessionResponse) GetSession() *SessionInfo {
@@ -1095,6 +1288,13 @@ func (x *BeginSessionResponse) GetResumed() bool {
 	return false
 }
 
+func (x *BeginSessionResponse) GetChunkSizes() []uint32 {
+	if x != nil {
+		return x.ChunkSizes
+	}
+	return nil
+}
+
 type Block struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// Byte offset in the image; a multiple of the session's block size.
@@ -1107,7 +1307,7 @@ type Block struct {
 
 func (x *Block) Reset() {
 	*x = Block{}
-	mi := &file_ota_v1_writer_proto_msgTypes[10]
+	mi := &file_ota_v1_writer_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1119,7 +1319,7 @@ func (x *Block) String() string {
 func (*Block) ProtoMessage() {}
 
 func (x *Block) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[10]
+	mi := &file_ota_v1_writer_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1132,7 +1332,7 @@ func (x *Block) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Block.ProtoReflect.Descriptor instead.
 func (*Block) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{10}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Block) GetOffset() uint64 {
@@ -1163,7 +1363,7 @@ type WriteBlocksRequest struct {
 
 func (x *WriteBlocksRequest) Reset() {
 	*x = WriteBlocksRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[11]
+	mi := &file_ota_v1_writer_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1175,7 +1375,7 @@ func (x *WriteBlocksRequest) String() string {
 func (*WriteBlocksRequest) ProtoMessage() {}
 
 func (x *WriteBlocksRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[11]
+	mi := &file_ota_v1_writer_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1188,7 +1388,7 @@ func (x *WriteBlocksRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteBlocksRequest.ProtoReflect.Descriptor instead.
 func (*WriteBlocksRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{11}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *WriteBlocksRequest) GetSessionId() string {
@@ -1235,7 +1435,7 @@ type WriteAck struct {
 
 func (x *WriteAck) Reset() {
 	*x = WriteAck{}
-	mi := &file_ota_v1_writer_proto_msgTypes[12]
+	mi := &file_ota_v1_writer_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1247,7 +1447,7 @@ func (x *WriteAck) String() string {
 func (*WriteAck) ProtoMessage() {}
 
 func (x *WriteAck) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[12]
+	mi := &file_ota_v1_writer_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1260,7 +1460,7 @@ func (x *WriteAck) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use WriteAck.ProtoReflect.Descriptor instead.
 func (*WriteAck) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{12}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *WriteAck) GetSessionId() string {
@@ -1307,7 +1507,7 @@ type FinishSessionRequest struct {
 
 func (x *FinishSessionRequest) Reset() {
 	*x = FinishSessionRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[13]
+	mi := &file_ota_v1_writer_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1319,7 +1519,7 @@ func (x *FinishSessionRequest) String() string {
 func (*FinishSessionRequest) ProtoMessage() {}
 
 func (x *FinishSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[13]
+	mi := &file_ota_v1_writer_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1332,7 +1532,7 @@ func (x *FinishSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishSessionRequest.ProtoReflect.Descriptor instead.
 func (*FinishSessionRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{13}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *FinishSessionRequest) GetSessionId() string {
@@ -1353,7 +1553,7 @@ type FinishSessionResponse struct {
 
 func (x *FinishSessionResponse) Reset() {
 	*x = FinishSessionResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[14]
+	mi := &file_ota_v1_writer_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1365,7 +1565,7 @@ func (x *FinishSessionResponse) String() string {
 func (*FinishSessionResponse) ProtoMessage() {}
 
 func (x *FinishSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[14]
+	mi := &file_ota_v1_writer_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1378,7 +1578,7 @@ func (x *FinishSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use FinishSessionResponse.ProtoReflect.Descriptor instead.
 func (*FinishSessionResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{14}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *FinishSessionResponse) GetSession() *SessionInfo {
@@ -1405,7 +1605,7 @@ type AbortSessionRequest struct {
 
 func (x *AbortSessionRequest) Reset() {
 	*x = AbortSessionRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[15]
+	mi := &file_ota_v1_writer_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1417,7 +1617,7 @@ func (x *AbortSessionRequest) String() string {
 func (*AbortSessionRequest) ProtoMessage() {}
 
 func (x *AbortSessionRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[15]
+	mi := &file_ota_v1_writer_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1430,7 +1630,7 @@ func (x *AbortSessionRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortSessionRequest.ProtoReflect.Descriptor instead.
 func (*AbortSessionRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{15}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *AbortSessionRequest) GetSessionId() string {
@@ -1455,7 +1655,7 @@ type AbortSessionResponse struct {
 
 func (x *AbortSessionResponse) Reset() {
 	*x = AbortSessionResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[16]
+	mi := &file_ota_v1_writer_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1467,7 +1667,7 @@ func (x *AbortSessionResponse) String() string {
 func (*AbortSessionResponse) ProtoMessage() {}
 
 func (x *AbortSessionResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[16]
+	mi := &file_ota_v1_writer_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1480,7 +1680,7 @@ func (x *AbortSessionResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AbortSessionResponse.ProtoReflect.Descriptor instead.
 func (*AbortSessionResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{16}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{17}
 }
 
 type ActivateRequest struct {
@@ -1492,7 +1692,7 @@ type ActivateRequest struct {
 
 func (x *ActivateRequest) Reset() {
 	*x = ActivateRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[17]
+	mi := &file_ota_v1_writer_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1504,7 +1704,7 @@ func (x *ActivateRequest) String() string {
 func (*ActivateRequest) ProtoMessage() {}
 
 func (x *ActivateRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[17]
+	mi := &file_ota_v1_writer_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1517,7 +1717,7 @@ func (x *ActivateRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActivateRequest.ProtoReflect.Descriptor instead.
 func (*ActivateRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{17}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ActivateRequest) GetSessionId() string {
@@ -1538,7 +1738,7 @@ type ActivateResponse struct {
 
 func (x *ActivateResponse) Reset() {
 	*x = ActivateResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[18]
+	mi := &file_ota_v1_writer_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1550,7 +1750,7 @@ func (x *ActivateResponse) String() string {
 func (*ActivateResponse) ProtoMessage() {}
 
 func (x *ActivateResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[18]
+	mi := &file_ota_v1_writer_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1563,7 +1763,7 @@ func (x *ActivateResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ActivateResponse.ProtoReflect.Descriptor instead.
 func (*ActivateResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{18}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ActivateResponse) GetRebootRequired() bool {
@@ -1595,7 +1795,7 @@ type RebootRequest struct {
 
 func (x *RebootRequest) Reset() {
 	*x = RebootRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[19]
+	mi := &file_ota_v1_writer_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1607,7 +1807,7 @@ func (x *RebootRequest) String() string {
 func (*RebootRequest) ProtoMessage() {}
 
 func (x *RebootRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[19]
+	mi := &file_ota_v1_writer_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1620,7 +1820,7 @@ func (x *RebootRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebootRequest.ProtoReflect.Descriptor instead.
 func (*RebootRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{19}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{20}
 }
 
 type RebootResponse struct {
@@ -1631,7 +1831,7 @@ type RebootResponse struct {
 
 func (x *RebootResponse) Reset() {
 	*x = RebootResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[20]
+	mi := &file_ota_v1_writer_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1643,7 +1843,7 @@ func (x *RebootResponse) String() string {
 func (*RebootResponse) ProtoMessage() {}
 
 func (x *RebootResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[20]
+	mi := &file_ota_v1_writer_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1656,7 +1856,7 @@ func (x *RebootResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RebootResponse.ProtoReflect.Descriptor instead.
 func (*RebootResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{20}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{21}
 }
 
 type SelfTestRequest struct {
@@ -1668,7 +1868,7 @@ type SelfTestRequest struct {
 
 func (x *SelfTestRequest) Reset() {
 	*x = SelfTestRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[21]
+	mi := &file_ota_v1_writer_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1680,7 +1880,7 @@ func (x *SelfTestRequest) String() string {
 func (*SelfTestRequest) ProtoMessage() {}
 
 func (x *SelfTestRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[21]
+	mi := &file_ota_v1_writer_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1693,7 +1893,7 @@ func (x *SelfTestRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SelfTestRequest.ProtoReflect.Descriptor instead.
 func (*SelfTestRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{21}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *SelfTestRequest) GetJobId() string {
@@ -1716,7 +1916,7 @@ type CheckResult struct {
 
 func (x *CheckResult) Reset() {
 	*x = CheckResult{}
-	mi := &file_ota_v1_writer_proto_msgTypes[22]
+	mi := &file_ota_v1_writer_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1728,7 +1928,7 @@ func (x *CheckResult) String() string {
 func (*CheckResult) ProtoMessage() {}
 
 func (x *CheckResult) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[22]
+	mi := &file_ota_v1_writer_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1741,7 +1941,7 @@ func (x *CheckResult) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CheckResult.ProtoReflect.Descriptor instead.
 func (*CheckResult) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{22}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *CheckResult) GetName() string {
@@ -1784,7 +1984,7 @@ type SelfTestResponse struct {
 
 func (x *SelfTestResponse) Reset() {
 	*x = SelfTestResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[23]
+	mi := &file_ota_v1_writer_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1796,7 +1996,7 @@ func (x *SelfTestResponse) String() string {
 func (*SelfTestResponse) ProtoMessage() {}
 
 func (x *SelfTestResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[23]
+	mi := &file_ota_v1_writer_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1809,7 +2009,7 @@ func (x *SelfTestResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SelfTestResponse.ProtoReflect.Descriptor instead.
 func (*SelfTestResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{23}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *SelfTestResponse) GetPassed() bool {
@@ -1843,7 +2043,7 @@ type CommitRequest struct {
 
 func (x *CommitRequest) Reset() {
 	*x = CommitRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[24]
+	mi := &file_ota_v1_writer_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1855,7 +2055,7 @@ func (x *CommitRequest) String() string {
 func (*CommitRequest) ProtoMessage() {}
 
 func (x *CommitRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[24]
+	mi := &file_ota_v1_writer_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1868,7 +2068,7 @@ func (x *CommitRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitRequest.ProtoReflect.Descriptor instead.
 func (*CommitRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{24}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *CommitRequest) GetJobId() string {
@@ -1887,7 +2087,7 @@ type CommitResponse struct {
 
 func (x *CommitResponse) Reset() {
 	*x = CommitResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[25]
+	mi := &file_ota_v1_writer_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1899,7 +2099,7 @@ func (x *CommitResponse) String() string {
 func (*CommitResponse) ProtoMessage() {}
 
 func (x *CommitResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[25]
+	mi := &file_ota_v1_writer_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1912,7 +2112,7 @@ func (x *CommitResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CommitResponse.ProtoReflect.Descriptor instead.
 func (*CommitResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{25}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *CommitResponse) GetCommitted() *UpdateInfo {
@@ -1932,7 +2132,7 @@ type RejectRequest struct {
 
 func (x *RejectRequest) Reset() {
 	*x = RejectRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[26]
+	mi := &file_ota_v1_writer_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1944,7 +2144,7 @@ func (x *RejectRequest) String() string {
 func (*RejectRequest) ProtoMessage() {}
 
 func (x *RejectRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[26]
+	mi := &file_ota_v1_writer_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1957,7 +2157,7 @@ func (x *RejectRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RejectRequest.ProtoReflect.Descriptor instead.
 func (*RejectRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{26}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *RejectRequest) GetJobId() string {
@@ -1983,7 +2183,7 @@ type RejectResponse struct {
 
 func (x *RejectResponse) Reset() {
 	*x = RejectResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[27]
+	mi := &file_ota_v1_writer_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1995,7 +2195,7 @@ func (x *RejectResponse) String() string {
 func (*RejectResponse) ProtoMessage() {}
 
 func (x *RejectResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[27]
+	mi := &file_ota_v1_writer_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2008,7 +2208,7 @@ func (x *RejectResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RejectResponse.ProtoReflect.Descriptor instead.
 func (*RejectResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{27}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *RejectResponse) GetRebootRequired() bool {
@@ -2026,7 +2226,7 @@ type GetExtensionsRequest struct {
 
 func (x *GetExtensionsRequest) Reset() {
 	*x = GetExtensionsRequest{}
-	mi := &file_ota_v1_writer_proto_msgTypes[28]
+	mi := &file_ota_v1_writer_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2038,7 +2238,7 @@ func (x *GetExtensionsRequest) String() string {
 func (*GetExtensionsRequest) ProtoMessage() {}
 
 func (x *GetExtensionsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[28]
+	mi := &file_ota_v1_writer_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2051,7 +2251,7 @@ func (x *GetExtensionsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExtensionsRequest.ProtoReflect.Descriptor instead.
 func (*GetExtensionsRequest) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{28}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{29}
 }
 
 type GetExtensionsResponse struct {
@@ -2067,7 +2267,7 @@ type GetExtensionsResponse struct {
 
 func (x *GetExtensionsResponse) Reset() {
 	*x = GetExtensionsResponse{}
-	mi := &file_ota_v1_writer_proto_msgTypes[29]
+	mi := &file_ota_v1_writer_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2079,7 +2279,7 @@ func (x *GetExtensionsResponse) String() string {
 func (*GetExtensionsResponse) ProtoMessage() {}
 
 func (x *GetExtensionsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[29]
+	mi := &file_ota_v1_writer_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2092,7 +2292,7 @@ func (x *GetExtensionsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GetExtensionsResponse.ProtoReflect.Descriptor instead.
 func (*GetExtensionsResponse) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{29}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *GetExtensionsResponse) GetValues() map[string]string {
@@ -2119,7 +2319,7 @@ type ExtensionField struct {
 
 func (x *ExtensionField) Reset() {
 	*x = ExtensionField{}
-	mi := &file_ota_v1_writer_proto_msgTypes[30]
+	mi := &file_ota_v1_writer_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2131,7 +2331,7 @@ func (x *ExtensionField) String() string {
 func (*ExtensionField) ProtoMessage() {}
 
 func (x *ExtensionField) ProtoReflect() protoreflect.Message {
-	mi := &file_ota_v1_writer_proto_msgTypes[30]
+	mi := &file_ota_v1_writer_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2144,7 +2344,7 @@ func (x *ExtensionField) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExtensionField.ProtoReflect.Descriptor instead.
 func (*ExtensionField) Descriptor() ([]byte, []int) {
-	return file_ota_v1_writer_proto_rawDescGZIP(), []int{30}
+	return file_ota_v1_writer_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ExtensionField) GetKey() string {
@@ -2195,7 +2395,7 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x12\n" +
 	"\x04slot\x18\x03 \x01(\tR\x04slot\x12\x18\n" +
 	"\aversion\x18\x04 \x01(\tR\aversion\x12&\n" +
-	"\x06reason\x18\x05 \x01(\x0e2\x0e.ota.v1.ReasonR\x06reason\"\xe3\x03\n" +
+	"\x06reason\x18\x05 \x01(\x0e2\x0e.ota.v1.ReasonR\x06reason\"\xb5\x04\n" +
 	"\vSessionInfo\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x15\n" +
@@ -2215,7 +2415,19 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\aversion\x18\f \x01(\tR\aversion\x12!\n" +
 	"\fcreated_unix\x18\r \x01(\x03R\vcreatedUnix\x12!\n" +
 	"\fupdated_unix\x18\x0e \x01(\x03R\vupdatedUnix\x12'\n" +
-	"\x0freceived_blocks\x18\x0f \x01(\x04R\x0ereceivedBlocks\"\xfa\x01\n" +
+	"\x0freceived_blocks\x18\x0f \x01(\x04R\x0ereceivedBlocks\x12'\n" +
+	"\x04kind\x18\x10 \x01(\x0e2\x13.ota.v1.SessionKindR\x04kind\x12'\n" +
+	"\x05delta\x18\x11 \x01(\v2\x11.ota.v1.DeltaInfoR\x05delta\"\x87\x02\n" +
+	"\tDeltaInfo\x12!\n" +
+	"\fimage_blocks\x18\x01 \x01(\x04R\vimageBlocks\x12#\n" +
+	"\rreused_blocks\x18\x02 \x01(\x04R\freusedBlocks\x12\x1f\n" +
+	"\vzero_blocks\x18\x03 \x01(\x04R\n" +
+	"zeroBlocks\x12%\n" +
+	"\x0edownload_bytes\x18\x04 \x01(\x04R\rdownloadBytes\x12!\n" +
+	"\fwrites_saved\x18\x05 \x01(\x04R\vwritesSaved\x12\x1d\n" +
+	"\n" +
+	"image_size\x18\x06 \x01(\x04R\timageSize\x12(\n" +
+	"\x10image_block_size\x18\a \x01(\rR\x0eimageBlockSize\"\xfa\x01\n" +
 	"\vDeviceState\x123\n" +
 	"\vimage_state\x18\x01 \x01(\x0e2\x12.ota.v1.ImageStateR\n" +
 	"imageState\x12-\n" +
@@ -2223,7 +2435,7 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\vlast_update\x18\x03 \x01(\v2\x12.ota.v1.UpdateInfoR\n" +
 	"lastUpdate\x12/\n" +
 	"\bsessions\x18\x04 \x03(\v2\x13.ota.v1.SessionInfoR\bsessions\x12!\n" +
-	"\fboot_backend\x18\x05 \x01(\tR\vbootBackend\"\xe4\x02\n" +
+	"\fboot_backend\x18\x05 \x01(\tR\vbootBackend\"\xbd\x03\n" +
 	"\x13BeginSessionRequest\x12\x15\n" +
 	"\x06job_id\x18\x01 \x01(\tR\x05jobId\x12\x1d\n" +
 	"\n" +
@@ -2237,12 +2449,16 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\tsignature\x18\b \x01(\fR\tsignature\x12\x1b\n" +
 	"\tcert_name\x18\t \x01(\tR\bcertName\x12\x18\n" +
 	"\aversion\x18\n" +
-	" \x01(\tR\aversionB\f\n" +
+	" \x01(\tR\aversion\x12'\n" +
+	"\x04kind\x18\v \x01(\x0e2\x13.ota.v1.SessionKindR\x04kind\x12.\n" +
+	"\x13manifest_file_index\x18\f \x01(\rR\x11manifestFileIndexB\f\n" +
 	"\n" +
-	"_file_type\"_\n" +
+	"_file_type\"\x80\x01\n" +
 	"\x14BeginSessionResponse\x12-\n" +
 	"\asession\x18\x01 \x01(\v2\x13.ota.v1.SessionInfoR\asession\x12\x18\n" +
-	"\aresumed\x18\x02 \x01(\bR\aresumed\"3\n" +
+	"\aresumed\x18\x02 \x01(\bR\aresumed\x12\x1f\n" +
+	"\vchunk_sizes\x18\x03 \x03(\rR\n" +
+	"chunkSizes\"3\n" +
 	"\x05Block\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x12\n" +
 	"\x04data\x18\x02 \x01(\fR\x04data\"\x80\x01\n" +
@@ -2333,7 +2549,12 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"TargetKind\x12\x1b\n" +
 	"\x17TARGET_KIND_UNSPECIFIED\x10\x00\x12\x12\n" +
 	"\x0eTARGET_KIND_AB\x10\x01\x12\x14\n" +
-	"\x10TARGET_KIND_FILE\x10\x02*\x83\x01\n" +
+	"\x10TARGET_KIND_FILE\x10\x02*w\n" +
+	"\vSessionKind\x12\x1c\n" +
+	"\x18SESSION_KIND_UNSPECIFIED\x10\x00\x12\x16\n" +
+	"\x12SESSION_KIND_IMAGE\x10\x01\x12\x19\n" +
+	"\x15SESSION_KIND_MANIFEST\x10\x02\x12\x17\n" +
+	"\x13SESSION_KIND_CHUNKS\x10\x03*\x83\x01\n" +
 	"\fSessionState\x12\x1d\n" +
 	"\x19SESSION_STATE_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17SESSION_STATE_RECEIVING\x10\x01\x12\x1a\n" +
@@ -2367,102 +2588,107 @@ func file_ota_v1_writer_proto_rawDescGZIP() []byte {
 	return file_ota_v1_writer_proto_rawDescData
 }
 
-var file_ota_v1_writer_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_ota_v1_writer_proto_msgTypes = make([]protoimpl.MessageInfo, 32)
+var file_ota_v1_writer_proto_enumTypes = make([]protoimpl.EnumInfo, 6)
+var file_ota_v1_writer_proto_msgTypes = make([]protoimpl.MessageInfo, 33)
 var file_ota_v1_writer_proto_goTypes = []any{
 	(ProtocolVersion)(0),          // 0: ota.v1.ProtocolVersion
 	(SigAlgorithm)(0),             // 1: ota.v1.SigAlgorithm
 	(ImageState)(0),               // 2: ota.v1.ImageState
 	(TargetKind)(0),               // 3: ota.v1.TargetKind
-	(SessionState)(0),             // 4: ota.v1.SessionState
-	(*HandshakeRequest)(nil),      // 5: ota.v1.HandshakeRequest
-	(*HandshakeResponse)(nil),     // 6: ota.v1.HandshakeResponse
-	(*GetStateRequest)(nil),       // 7: ota.v1.GetStateRequest
-	(*SlotInfo)(nil),              // 8: ota.v1.SlotInfo
-	(*TargetState)(nil),           // 9: ota.v1.TargetState
-	(*UpdateInfo)(nil),            // 10: ota.v1.UpdateInfo
-	(*SessionInfo)(nil),           // 11: ota.v1.SessionInfo
-	(*DeviceState)(nil),           // 12: ota.v1.DeviceState
-	(*BeginSessionRequest)(nil),   // 13: ota.v1.BeginSessionRequest
-	(*BeginSessionResponse)(nil),  // 14: ota.v1.BeginSessionResponse
-	(*Block)(nil),                 // 15: ota.v1.Block
-	(*WriteBlocksRequest)(nil),    // 16: ota.v1.WriteBlocksRequest
-	(*WriteAck)(nil),              // 17: ota.v1.WriteAck
-	(*FinishSessionRequest)(nil),  // 18: ota.v1.FinishSessionRequest
-	(*FinishSessionResponse)(nil), // 19: ota.v1.FinishSessionResponse
-	(*AbortSessionRequest)(nil),   // 20: ota.v1.AbortSessionRequest
-	(*AbortSessionResponse)(nil),  // 21: ota.v1.AbortSessionResponse
-	(*ActivateRequest)(nil),       // 22: ota.v1.ActivateRequest
-	(*ActivateResponse)(nil),      // 23: ota.v1.ActivateResponse
-	(*RebootRequest)(nil),         // 24: ota.v1.RebootRequest
-	(*RebootResponse)(nil),        // 25: ota.v1.RebootResponse
-	(*SelfTestRequest)(nil),       // 26: ota.v1.SelfTestRequest
-	(*CheckResult)(nil),           // 27: ota.v1.CheckResult
-	(*SelfTestResponse)(nil),      // 28: ota.v1.SelfTestResponse
-	(*CommitRequest)(nil),         // 29: ota.v1.CommitRequest
-	(*CommitResponse)(nil),        // 30: ota.v1.CommitResponse
-	(*RejectRequest)(nil),         // 31: ota.v1.RejectRequest
-	(*RejectResponse)(nil),        // 32: ota.v1.RejectResponse
-	(*GetExtensionsRequest)(nil),  // 33: ota.v1.GetExtensionsRequest
-	(*GetExtensionsResponse)(nil), // 34: ota.v1.GetExtensionsResponse
-	(*ExtensionField)(nil),        // 35: ota.v1.ExtensionField
-	nil,                           // 36: ota.v1.GetExtensionsResponse.ValuesEntry
-	(Reason)(0),                   // 37: ota.v1.Reason
+	(SessionKind)(0),              // 4: ota.v1.SessionKind
+	(SessionState)(0),             // 5: ota.v1.SessionState
+	(*HandshakeRequest)(nil),      // 6: ota.v1.HandshakeRequest
+	(*HandshakeResponse)(nil),     // 7: ota.v1.HandshakeResponse
+	(*GetStateRequest)(nil),       // 8: ota.v1.GetStateRequest
+	(*SlotInfo)(nil),              // 9: ota.v1.SlotInfo
+	(*TargetState)(nil),           // 10: ota.v1.TargetState
+	(*UpdateInfo)(nil),            // 11: ota.v1.UpdateInfo
+	(*SessionInfo)(nil),           // 12: ota.v1.SessionInfo
+	(*DeltaInfo)(nil),             // 13: ota.v1.DeltaInfo
+	(*DeviceState)(nil),           // 14: ota.v1.DeviceState
+	(*BeginSessionRequest)(nil),   // 15: ota.v1.BeginSessionRequest
+	(*BeginSessionResponse)(nil),  // 16: ota.v1.BeginSessionResponse
+	(*Block)(nil),                 // 17: ota.v1.Block
+	(*WriteBlocksRequest)(nil),    // 18: ota.v1.WriteBlocksRequest
+	(*WriteAck)(nil),              // 19: ota.v1.WriteAck
+	(*FinishSessionRequest)(nil),  // 20: ota.v1.FinishSessionRequest
+	(*FinishSessionResponse)(nil), // 21: ota.v1.FinishSessionResponse
+	(*AbortSessionRequest)(nil),   // 22: ota.v1.AbortSessionRequest
+	(*AbortSessionResponse)(nil),  // 23: ota.v1.AbortSessionResponse
+	(*ActivateRequest)(nil),       // 24: ota.v1.ActivateRequest
+	(*ActivateResponse)(nil),      // 25: ota.v1.ActivateResponse
+	(*RebootRequest)(nil),         // 26: ota.v1.RebootRequest
+	(*RebootResponse)(nil),        // 27: ota.v1.RebootResponse
+	(*SelfTestRequest)(nil),       // 28: ota.v1.SelfTestRequest
+	(*CheckResult)(nil),           // 29: ota.v1.CheckResult
+	(*SelfTestResponse)(nil),      // 30: ota.v1.SelfTestResponse
+	(*CommitRequest)(nil),         // 31: ota.v1.CommitRequest
+	(*CommitResponse)(nil),        // 32: ota.v1.CommitResponse
+	(*RejectRequest)(nil),         // 33: ota.v1.RejectRequest
+	(*RejectResponse)(nil),        // 34: ota.v1.RejectResponse
+	(*GetExtensionsRequest)(nil),  // 35: ota.v1.GetExtensionsRequest
+	(*GetExtensionsResponse)(nil), // 36: ota.v1.GetExtensionsResponse
+	(*ExtensionField)(nil),        // 37: ota.v1.ExtensionField
+	nil,                           // 38: ota.v1.GetExtensionsResponse.ValuesEntry
+	(Reason)(0),                   // 39: ota.v1.Reason
 }
 var file_ota_v1_writer_proto_depIdxs = []int32{
 	0,  // 0: ota.v1.HandshakeRequest.protocol_version:type_name -> ota.v1.ProtocolVersion
 	0,  // 1: ota.v1.HandshakeResponse.protocol_version:type_name -> ota.v1.ProtocolVersion
 	1,  // 2: ota.v1.HandshakeResponse.sig_algorithms:type_name -> ota.v1.SigAlgorithm
 	3,  // 3: ota.v1.TargetState.kind:type_name -> ota.v1.TargetKind
-	8,  // 4: ota.v1.TargetState.slots:type_name -> ota.v1.SlotInfo
-	37, // 5: ota.v1.UpdateInfo.reason:type_name -> ota.v1.Reason
-	4,  // 6: ota.v1.SessionInfo.state:type_name -> ota.v1.SessionState
-	2,  // 7: ota.v1.DeviceState.image_state:type_name -> ota.v1.ImageState
-	9,  // 8: ota.v1.DeviceState.targets:type_name -> ota.v1.TargetState
-	10, // 9: ota.v1.DeviceState.last_update:type_name -> ota.v1.UpdateInfo
-	11, // 10: ota.v1.DeviceState.sessions:type_name -> ota.v1.SessionInfo
-	1,  // 11: ota.v1.BeginSessionRequest.sig_algorithm:type_name -> ota.v1.SigAlgorithm
-	11, // 12: ota.v1.BeginSessionResponse.session:type_name -> ota.v1.SessionInfo
-	15, // 13: ota.v1.WriteBlocksRequest.blocks:type_name -> ota.v1.Block
-	11, // 14: ota.v1.FinishSessionResponse.session:type_name -> ota.v1.SessionInfo
-	37, // 15: ota.v1.AbortSessionRequest.reason:type_name -> ota.v1.Reason
-	37, // 16: ota.v1.SelfTestResponse.reason:type_name -> ota.v1.Reason
-	27, // 17: ota.v1.SelfTestResponse.checks:type_name -> ota.v1.CheckResult
-	10, // 18: ota.v1.CommitResponse.committed:type_name -> ota.v1.UpdateInfo
-	37, // 19: ota.v1.RejectRequest.reason:type_name -> ota.v1.Reason
-	36, // 20: ota.v1.GetExtensionsResponse.values:type_name -> ota.v1.GetExtensionsResponse.ValuesEntry
-	35, // 21: ota.v1.GetExtensionsResponse.fields:type_name -> ota.v1.ExtensionField
-	5,  // 22: ota.v1.Writer.Handshake:input_type -> ota.v1.HandshakeRequest
-	7,  // 23: ota.v1.Writer.GetState:input_type -> ota.v1.GetStateRequest
-	13, // 24: ota.v1.Writer.BeginSession:input_type -> ota.v1.BeginSessionRequest
-	16, // 25: ota.v1.Writer.WriteBlocks:input_type -> ota.v1.WriteBlocksRequest
-	16, // 26: ota.v1.Writer.WriteBatch:input_type -> ota.v1.WriteBlocksRequest
-	18, // 27: ota.v1.Writer.FinishSession:input_type -> ota.v1.FinishSessionRequest
-	20, // 28: ota.v1.Writer.AbortSession:input_type -> ota.v1.AbortSessionRequest
-	22, // 29: ota.v1.Writer.Activate:input_type -> ota.v1.ActivateRequest
-	24, // 30: ota.v1.Writer.Reboot:input_type -> ota.v1.RebootRequest
-	26, // 31: ota.v1.Writer.SelfTest:input_type -> ota.v1.SelfTestRequest
-	29, // 32: ota.v1.Writer.Commit:input_type -> ota.v1.CommitRequest
-	31, // 33: ota.v1.Writer.Reject:input_type -> ota.v1.RejectRequest
-	33, // 34: ota.v1.Writer.GetExtensions:input_type -> ota.v1.GetExtensionsRequest
-	6,  // 35: ota.v1.Writer.Handshake:output_type -> ota.v1.HandshakeResponse
-	12, // 36: ota.v1.Writer.GetState:output_type -> ota.v1.DeviceState
-	14, // 37: ota.v1.Writer.BeginSession:output_type -> ota.v1.BeginSessionResponse
-	17, // 38: ota.v1.Writer.WriteBlocks:output_type -> ota.v1.WriteAck
-	17, // 39: ota.v1.Writer.WriteBatch:output_type -> ota.v1.WriteAck
-	19, // 40: ota.v1.Writer.FinishSession:output_type -> ota.v1.FinishSessionResponse
-	21, // 41: ota.v1.Writer.AbortSession:output_type -> ota.v1.AbortSessionResponse
-	23, // 42: ota.v1.Writer.Activate:output_type -> ota.v1.ActivateResponse
-	25, // 43: ota.v1.Writer.Reboot:output_type -> ota.v1.RebootResponse
-	28, // 44: ota.v1.Writer.SelfTest:output_type -> ota.v1.SelfTestResponse
-	30, // 45: ota.v1.Writer.Commit:output_type -> ota.v1.CommitResponse
-	32, // 46: ota.v1.Writer.Reject:output_type -> ota.v1.RejectResponse
-	34, // 47: ota.v1.Writer.GetExtensions:output_type -> ota.v1.GetExtensionsResponse
-	35, // [35:48] is the sub-list for method output_type
-	22, // [22:35] is the sub-list for method input_type
-	22, // [22:22] is the sub-list for extension type_name
-	22, // [22:22] is the sub-list for extension extendee
-	0,  // [0:22] is the sub-list for field type_name
+	9,  // 4: ota.v1.TargetState.slots:type_name -> ota.v1.SlotInfo
+	39, // 5: ota.v1.UpdateInfo.reason:type_name -> ota.v1.Reason
+	5,  // 6: ota.v1.SessionInfo.state:type_name -> ota.v1.SessionState
+	4,  // 7: ota.v1.SessionInfo.kind:type_name -> ota.v1.SessionKind
+	13, // 8: ota.v1.SessionInfo.delta:type_name -> ota.v1.DeltaInfo
+	2,  // 9: ota.v1.DeviceState.image_state:type_name -> ota.v1.ImageState
+	10, // 10: ota.v1.DeviceState.targets:type_name -> ota.v1.TargetState
+	11, // 11: ota.v1.DeviceState.last_update:type_name -> ota.v1.UpdateInfo
+	12, // 12: ota.v1.DeviceState.sessions:type_name -> ota.v1.SessionInfo
+	1,  // 13: ota.v1.BeginSessionRequest.sig_algorithm:type_name -> ota.v1.SigAlgorithm
+	4,  // 14: ota.v1.BeginSessionRequest.kind:type_name -> ota.v1.SessionKind
+	12, // 15: ota.v1.BeginSessionResponse.session:type_name -> ota.v1.SessionInfo
+	17, // 16: ota.v1.WriteBlocksRequest.blocks:type_name -> ota.v1.Block
+	12, // 17: ota.v1.FinishSessionResponse.session:type_name -> ota.v1.SessionInfo
+	39, // 18: ota.v1.AbortSessionRequest.reason:type_name -> ota.v1.Reason
+	39, // 19: ota.v1.SelfTestResponse.reason:type_name -> ota.v1.Reason
+	29, // 20: ota.v1.SelfTestResponse.checks:type_name -> ota.v1.CheckResult
+	11, // 21: ota.v1.CommitResponse.committed:type_name -> ota.v1.UpdateInfo
+	39, // 22: ota.v1.RejectRequest.reason:type_name -> ota.v1.Reason
+	38, // 23: ota.v1.GetExtensionsResponse.values:type_name -> ota.v1.GetExtensionsResponse.ValuesEntry
+	37, // 24: ota.v1.GetExtensionsResponse.fields:type_name -> ota.v1.ExtensionField
+	6,  // 25: ota.v1.Writer.Handshake:input_type -> ota.v1.HandshakeRequest
+	8,  // 26: ota.v1.Writer.GetState:input_type -> ota.v1.GetStateRequest
+	15, // 27: ota.v1.Writer.BeginSession:input_type -> ota.v1.BeginSessionRequest
+	18, // 28: ota.v1.Writer.WriteBlocks:input_type -> ota.v1.WriteBlocksRequest
+	18, // 29: ota.v1.Writer.WriteBatch:input_type -> ota.v1.WriteBlocksRequest
+	20, // 30: ota.v1.Writer.FinishSession:input_type -> ota.v1.FinishSessionRequest
+	22, // 31: ota.v1.Writer.AbortSession:input_type -> ota.v1.AbortSessionRequest
+	24, // 32: ota.v1.Writer.Activate:input_type -> ota.v1.ActivateRequest
+	26, // 33: ota.v1.Writer.Reboot:input_type -> ota.v1.RebootRequest
+	28, // 34: ota.v1.Writer.SelfTest:input_type -> ota.v1.SelfTestRequest
+	31, // 35: ota.v1.Writer.Commit:input_type -> ota.v1.CommitRequest
+	33, // 36: ota.v1.Writer.Reject:input_type -> ota.v1.RejectRequest
+	35, // 37: ota.v1.Writer.GetExtensions:input_type -> ota.v1.GetExtensionsRequest
+	7,  // 38: ota.v1.Writer.Handshake:output_type -> ota.v1.HandshakeResponse
+	14, // 39: ota.v1.Writer.GetState:output_type -> ota.v1.DeviceState
+	16, // 40: ota.v1.Writer.BeginSession:output_type -> ota.v1.BeginSessionResponse
+	19, // 41: ota.v1.Writer.WriteBlocks:output_type -> ota.v1.WriteAck
+	19, // 42: ota.v1.Writer.WriteBatch:output_type -> ota.v1.WriteAck
+	21, // 43: ota.v1.Writer.FinishSession:output_type -> ota.v1.FinishSessionResponse
+	23, // 44: ota.v1.Writer.AbortSession:output_type -> ota.v1.AbortSessionResponse
+	25, // 45: ota.v1.Writer.Activate:output_type -> ota.v1.ActivateResponse
+	27, // 46: ota.v1.Writer.Reboot:output_type -> ota.v1.RebootResponse
+	30, // 47: ota.v1.Writer.SelfTest:output_type -> ota.v1.SelfTestResponse
+	32, // 48: ota.v1.Writer.Commit:output_type -> ota.v1.CommitResponse
+	34, // 49: ota.v1.Writer.Reject:output_type -> ota.v1.RejectResponse
+	36, // 50: ota.v1.Writer.GetExtensions:output_type -> ota.v1.GetExtensionsResponse
+	38, // [38:51] is the sub-list for method output_type
+	25, // [25:38] is the sub-list for method input_type
+	25, // [25:25] is the sub-list for extension type_name
+	25, // [25:25] is the sub-list for extension extendee
+	0,  // [0:25] is the sub-list for field type_name
 }
 
 func init() { file_ota_v1_writer_proto_init() }
@@ -2471,14 +2697,14 @@ func file_ota_v1_writer_proto_init() {
 		return
 	}
 	file_ota_v1_reason_proto_init()
-	file_ota_v1_writer_proto_msgTypes[8].OneofWrappers = []any{}
+	file_ota_v1_writer_proto_msgTypes[9].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_ota_v1_writer_proto_rawDesc), len(file_ota_v1_writer_proto_rawDesc)),
-			NumEnums:      5,
-			NumMessages:   32,
+			NumEnums:      6,
+			NumMessages:   33,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -13,10 +13,15 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
+	"syscall"
+
+	"github.com/klauspost/compress/zstd"
 
 	"github.com/gwota/gwota/writer/manifest"
 )
@@ -51,8 +56,21 @@ func main() {
 	bs := flag.Uint("block-size", 4096, "block size")
 	chunks := flag.String("chunk-size", "65536", "comma-separated chunk sizes")
 	withBase := flag.Bool("base", false, "build with -local as the delta base (chunks of new blocks apart)")
+	level := flag.String("level", "", "zstd level (fastest, default, better, best; the package's default when empty)")
+	newChunk := flag.Uint("new-chunk-size", 0, "with -base: image bytes of a chunk of new blocks (the package's default when 0)")
+	maxChunk := flag.Uint("max-chunk-bytes", 0, "compressed bytes of a chunk at most (the package's default when 0)")
+	peakRSS := flag.Bool("peak-rss", false, "run the command given after the flags and print its peak RSS in KiB")
 	flag.Parse()
 	ctx := context.Background()
+	if *peakRSS {
+		kib, err := runPeakRSS(flag.Args())
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "deltabench:", err)
+			os.Exit(1)
+		}
+		fmt.Println(kib)
+		return
+	}
 	if *mf != "" {
 		st, err := lookupOnly(ctx, *mf, *local)
 		if err != nil {
@@ -61,6 +79,15 @@ func main() {
 		}
 		fmt.Println(st)
 		return
+	}
+	opt := Options{NewChunkSize: uint32(*newChunk), MaxChunkBytes: uint32(*maxChunk)}
+	if *level != "" {
+		ok, lv := zstd.EncoderLevelFromString(*level)
+		if !ok {
+			fmt.Fprintln(os.Stderr, "deltabench: -level", *level)
+			os.Exit(2)
+		}
+		opt.Level = lv
 	}
 	dir, err := os.MkdirTemp("", "deltabench")
 	if err != nil {
@@ -72,7 +99,7 @@ func main() {
 		cs, err := strconv.ParseUint(c, 10, 32)
 		if err == nil {
 			var f Figures
-			f, err = Measure(ctx, *newImg, *local, uint32(*bs), uint32(cs), dir, *withBase)
+			f, err = Measure(ctx, *newImg, *local, uint32(*bs), uint32(cs), dir, *withBase, opt)
 			if err == nil {
 				b, _ := json.Marshal(f)
 				fmt.Println(string(b))
@@ -83,6 +110,22 @@ func main() {
 			os.Exit(1)
 		}
 	}
+}
+
+// runPeakRSS runs a command and returns its peak RSS (KiB). Linux counts in a child's peak
+// the RSS of the process that started it (Go starts children with vfork, and exec records
+// the old address space's peak), so a test measures through this small process rather than
+// from its own larger one.
+func runPeakRSS(args []string) (int64, error) {
+	if len(args) == 0 {
+		return 0, fmt.Errorf("-peak-rss: no command")
+	}
+	cmd := exec.Command(args[0], args[1:]...)
+	cmd.Stdout, cmd.Stderr = io.Discard, os.Stderr
+	if err := cmd.Run(); err != nil {
+		return 0, fmt.Errorf("%v: %w", args, err)
+	}
+	return cmd.ProcessState.SysUsage().(*syscall.Rusage).Maxrss, nil
 }
 
 func lookupOnly(ctx context.Context, mpath, local string) (manifest.LookupStats, error) {
@@ -111,9 +154,17 @@ func lookupOnly(ctx context.Context, mpath, local string) (manifest.LookupStats,
 	return m.FindLocal(ctx, l, li.Size(), 0, func(manifest.Match, []byte) error { return nil })
 }
 
+// Options are the build parameters other than the chunk size (the package's defaults when
+// zero).
+type Options struct {
+	Level         zstd.EncoderLevel
+	NewChunkSize  uint32
+	MaxChunkBytes uint32
+}
+
 // Measure builds newImg's manifest and chunk file in dir and returns what a device holding
 // local downloads.
-func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, dir string, withBase bool) (Figures, error) {
+func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, dir string, withBase bool, opt Options) (Figures, error) {
 	f := Figures{ChunkSize: chunkSize, Base: withBase}
 	img, err := os.Open(newImg)
 	if err != nil {
@@ -131,7 +182,8 @@ func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, di
 		return f, err
 	}
 	defer cf.Close()
-	p := manifest.Params{Target: "rootfs", Compatible: "bench", Version: "2", BlockSize: bs, ChunkSize: chunkSize, TempDir: dir}
+	p := manifest.Params{Target: "rootfs", Compatible: "bench", Version: "2", BlockSize: bs, ChunkSize: chunkSize, TempDir: dir,
+		Level: opt.Level, NewChunkSize: opt.NewChunkSize, MaxChunkBytes: opt.MaxChunkBytes}
 	if withBase {
 		b, err := os.Open(local)
 		if err != nil {

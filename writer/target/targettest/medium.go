@@ -82,6 +82,27 @@ func (m *Medium) WriteAt(p []byte, off int64) (int, error) {
 	return len(p), nil
 }
 
+// ReadAt implements target.Medium: the medium underneath with the held writes over it, as a
+// page cache shows them.
+func (m *Medium) ReadAt(p []byte, off int64) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.cut {
+		return 0, ErrPowerCut
+	}
+	n, err := m.inner.ReadAt(p, off)
+	for _, w := range m.held {
+		lo, hi := max(off, w.off), min(off+int64(len(p)), w.off+int64(len(w.data)))
+		if lo < hi {
+			copy(p[lo-off:hi-off], w.data[lo-w.off:hi-w.off])
+			if int(hi-off) > n {
+				n, err = int(hi-off), nil
+			}
+		}
+	}
+	return n, err
+}
+
 // Sync implements target.Medium: held writes go to the medium underneath, which is synced.
 func (m *Medium) Sync() error {
 	m.mu.Lock()

@@ -721,6 +721,7 @@ type unsubTransport struct {
 	stream.Transport
 	release    chan struct{}
 	subscribed chan struct{} // gets a value per subscribe, when asked for
+	unsubbed   chan struct{} // gets a value per unsubscribe done
 	mu         sync.Mutex
 	log        []string
 }
@@ -744,6 +745,7 @@ func (u *unsubTransport) Subscribe(ctx context.Context, filter string, qos byte,
 		}
 		err := unsub(ctx)
 		u.add("unsubscribed")
+		u.unsubbed <- struct{}{}
 		return err
 	}, nil
 }
@@ -754,7 +756,7 @@ func (u *unsubTransport) Subscribe(ctx context.Context, filter string, qos byte,
 // new SUBSCRIBE of the same stream.
 func TestReturnsBeforeUnsubscribed(t *testing.T) {
 	e := newEnvWith(t, 256<<10, emulator.Options{Seed: 7, NoQuotas: true})
-	tr := &unsubTransport{Transport: e.conn, release: make(chan struct{}), subscribed: make(chan struct{}, 1)}
+	tr := &unsubTransport{Transport: e.conn, release: make(chan struct{}), subscribed: make(chan struct{}, 1), unsubbed: make(chan struct{}, 4)}
 	d, err := stream.New(tr, cfg(t, e))
 	if err != nil {
 		t.Fatal(err)
@@ -782,6 +784,10 @@ func TestReturnsBeforeUnsubscribed(t *testing.T) {
 	close(tr.release)
 	if err := <-second; err != nil {
 		t.Fatal(err)
+	}
+	// Both downloads' unsubscribes end before the test does (no goroutine outlives it).
+	for range 4 {
+		<-tr.unsubbed
 	}
 	tr.mu.Lock()
 	got := append([]string(nil), tr.log[:6]...)

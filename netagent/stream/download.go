@@ -36,6 +36,7 @@ import (
 	"fmt"
 	"slices"
 	"sort"
+	"sync"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -141,6 +142,14 @@ type Downloader struct {
 	t   Transport
 	cfg Config
 	log hclog.Logger
+
+	// unsubscribing is closed once the unsubscribes of the downloads that have returned are
+	// done (nil: none yet). A download returns without waiting for its UNSUBACKs (two round
+	// trips on a long link, before the ready update could go out); the next one waits for
+	// them before it subscribes, so an old UNSUBSCRIBE never lands after a new SUBSCRIBE of
+	// the same stream (the files of one job share it).
+	mu            sync.Mutex
+	unsubscribing chan struct{}
 }
 
 // New returns a downloader using t.
@@ -305,6 +314,9 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 	r.asked, r.again = bitmap.New(total), bitmap.New(total)
 	r.reorder = 1
 
+	if err := d.awaitUnsubscribed(ctx); err != nil {
+		return Stats{}, status.Errorf(otav1.Reason_REASON_DOWNLOAD_FAILED, "stream: %w", err)
+	}
 	// Both subscriptions in one round trip: each Subscribe waits for its SUBACK.
 	var unsubRej func(context.Context) error
 	var errRej error
@@ -326,14 +338,54 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 	}
 	defer func() {
 		close(r.done)
-		r.unsubscribe(ctx, unsubData)
-		r.unsubscribe(ctx, unsubRej)
+		d.unsubscribeLater(ctx, r, unsubData, unsubRej)
 	}()
 	err = r.loop(ctx, missing)
 	if r.rtt.Measured() {
 		r.stats.SRTT, r.stats.RTO = r.rtt.srtt, r.rtt.RTO()
 	}
 	return r.stats, err
+}
+
+// unsubscribeLater unsubscribes fs concurrently in the background (each bounded by
+// unsubscribe's own timeout); awaitUnsubscribed waits for it.
+func (d *Downloader) unsubscribeLater(ctx context.Context, r *run, fs ...func(context.Context) error) {
+	d.mu.Lock()
+	prev := d.unsubscribing
+	done := make(chan struct{})
+	d.unsubscribing = done
+	d.mu.Unlock()
+	go func() {
+		defer close(done)
+		var wg sync.WaitGroup
+		for _, f := range fs {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				r.unsubscribe(ctx, f)
+			}()
+		}
+		wg.Wait()
+		if prev != nil {
+			<-prev
+		}
+	}()
+}
+
+// awaitUnsubscribed waits until the unsubscribes of earlier downloads are done.
+func (d *Downloader) awaitUnsubscribed(ctx context.Context) error {
+	d.mu.Lock()
+	ch := d.unsubscribing
+	d.mu.Unlock()
+	if ch == nil {
+		return nil
+	}
+	select {
+	case <-ch:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("waiting for the previous download's unsubscribes: %w", ctx.Err())
+	}
 }
 
 func (r *run) unsubscribe(ctx context.Context, f func(context.Context) error) {

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -711,5 +712,88 @@ func TestThrottleIsNotLoss(t *testing.T) {
 				t.Fatalf("throttled, loss-free download re-requested: stats %+v, %d blocks sent for %d", st, sent, st.Blocks)
 			}
 		})
+	}
+}
+
+// unsubTransport holds every unsubscribe until release is closed and logs, in order, when a
+// subscribe is called and when an unsubscribe is done.
+type unsubTransport struct {
+	stream.Transport
+	release    chan struct{}
+	subscribed chan struct{} // gets a value per subscribe, when asked for
+	unsubbed   chan struct{} // gets a value per unsubscribe done
+	mu         sync.Mutex
+	log        []string
+}
+
+func (u *unsubTransport) add(s string) { u.mu.Lock(); u.log = append(u.log, s); u.mu.Unlock() }
+
+func (u *unsubTransport) Subscribe(ctx context.Context, filter string, qos byte, f func(string, []byte)) (func(context.Context) error, error) {
+	u.add("subscribe")
+	select {
+	case u.subscribed <- struct{}{}:
+	default:
+	}
+	unsub, err := u.Transport.Subscribe(ctx, filter, qos, f)
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) error {
+		select {
+		case <-u.release:
+		case <-ctx.Done():
+		}
+		err := unsub(ctx)
+		u.add("unsubscribed")
+		u.unsubbed <- struct{}{}
+		return err
+	}, nil
+}
+
+// A download returns without waiting for its UNSUBACKs (on the satellite profile two round
+// trips, 1.2 s, before the ready update could go out), and the next download of the same
+// downloader subscribes only once they are done, so an old UNSUBSCRIBE never lands after a
+// new SUBSCRIBE of the same stream.
+func TestReturnsBeforeUnsubscribed(t *testing.T) {
+	e := newEnvWith(t, 256<<10, emulator.Options{Seed: 7, NoQuotas: true})
+	tr := &unsubTransport{Transport: e.conn, release: make(chan struct{}), subscribed: make(chan struct{}, 1), unsubbed: make(chan struct{}, 4)}
+	d, err := stream.New(tr, cfg(t, e))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+	defer cancel()
+	sink := newMemSink(t, stream.DefaultBlockSize)
+	if _, err := d.Download(ctx, e.file(stream.DefaultBlockSize), nil, sink); err != nil {
+		t.Fatal(err)
+	}
+	tr.add("returned")
+	sink.check(e.image, 0)
+	<-tr.subscribed // drain the first download's signal
+	second := make(chan error, 1)
+	go func() {
+		_, err := d.Download(ctx, e.file(stream.DefaultBlockSize), nil, newMemSink(t, stream.DefaultBlockSize))
+		second <- err
+	}()
+	// Release the held unsubscribes once the second download subscribes (wrong: it did not
+	// wait) or after a while (right: it waits for them and never subscribes first).
+	select {
+	case <-tr.subscribed:
+	case <-time.After(time.Second):
+	}
+	close(tr.release)
+	if err := <-second; err != nil {
+		t.Fatal(err)
+	}
+	// Both downloads' unsubscribes end before the test does (no goroutine outlives it).
+	for range 4 {
+		<-tr.unsubbed
+	}
+	tr.mu.Lock()
+	got := append([]string(nil), tr.log[:6]...)
+	tr.mu.Unlock()
+	want := []string{"subscribe", "subscribe", "returned", "unsubscribed", "unsubscribed", "subscribe"}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Fatalf("order (-want +got):\n%s", diff)
 	}
 }

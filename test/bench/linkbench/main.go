@@ -1,27 +1,41 @@
-// Command linkbench measures time to ready of a whole update over MQTT streams through a
-// shaped link: the real ota-net and ota-writer (test/harness), the emulator as the cloud,
-// and toxiproxy (embedded) between ota-net and the broker for latency, jitter and bandwidth.
-// Stream messages are dropped by the emulator's fault injection (toxiproxy cannot drop one
-// MQTT message). Time to ready runs from creating the job to the device's IN_PROGRESS ready
-// update reaching the cloud (ota-net connected and settled before the job is created);
-// fraction of link is image bytes over that time and the link's
-// rate. Each case prints one line; ratios compare runs made in the same invocation.
+// Command linkbench measures time to ready of a whole update through a shaped link: the real
+// ota-net and ota-writer (test/harness), the emulator as the cloud, and toxiproxy (embedded)
+// between ota-net and the broker, and between ota-net and the presigned-URL HTTP server, for
+// latency, jitter and bandwidth. Stream messages are dropped by the emulator's fault
+// injection (toxiproxy cannot drop one MQTT message). Time to ready runs from creating the
+// job to the device's IN_PROGRESS ready update reaching the cloud (ota-net connected and
+// settled before the job is created); fraction of link is image bytes over that time and the
+// link's rate (or AWS's per-connection quota, when that is lower). Ratios compare runs made in
+// the same invocation.
 //
 //	go run ./test/bench/linkbench -cases fast,fast-loss25,lte-loss5,sat
+//
+// -report FILE runs the whole matrix (links x image sizes x MQTT/HTTP x AWS quotas on/off x
+// ota-net's defaults and the AWS C agent's request shape, pruned to what is meaningful) and
+// writes a Markdown report with, per cell, time to ready, goodput, fraction of the link or
+// quota, wire bytes per image byte (counted by a relay in front of each toxiproxy), and CPU
+// seconds per GiB and peak RSS of ota-net and ota-writer (from /proc). scripts/bench-link.sh
+// runs it.
 //
 // GWOTA_HARNESS_OTA_NET=/path/to/ota-net runs another build of ota-net (e.g. main's) in the
 // same setup, for before/after figures.
 package main
 
 import (
+	"bufio"
 	"context"
 	"flag"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"path/filepath"
+	"regexp"
 	"sort"
+	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	toxiproxy "github.com/Shopify/toxiproxy/v2"
@@ -33,21 +47,103 @@ import (
 	"github.com/gwota/gwota/test/harness"
 )
 
-// profile is a link: one-way latency and jitter (ms) and rate (KB/s, 1000 bytes; 0: none).
-type profile struct {
+// link is a network path: one-way latency and jitter (ms), rate (KB/s, 1000 bytes; 0: not
+// shaped) and the share of stream messages the emulator drops.
+type link struct {
 	name            string
 	latency, jitter int
 	rateKB          int
 	drop            float64
-	sizeMiB         int
 }
 
-var profiles = map[string]profile{
-	"fast":        {name: "fast", sizeMiB: 4},
-	"fast-loss25": {name: "fast-loss25", sizeMiB: 4, drop: 0.25},
-	"lte":         {name: "lte", latency: 25, jitter: 5, rateKB: 2500, sizeMiB: 16},
-	"lte-loss5":   {name: "lte-loss5", latency: 25, jitter: 5, rateKB: 2500, sizeMiB: 16, drop: 0.05},
-	"sat":         {name: "sat", latency: 300, rateKB: 625, sizeMiB: 16},
+var (
+	lan        = link{name: "lan"}
+	lanLoss25  = link{name: "lan-loss25", drop: 0.25}
+	lte        = link{name: "lte", latency: 25, jitter: 5, rateKB: 2500}
+	lteLoss5   = link{name: "lte-loss5", latency: 25, jitter: 5, rateKB: 2500, drop: 0.05}
+	satellite  = link{name: "sat", latency: 300, rateKB: 625}
+	quotaBytes = float64(emulator.QuotaBytesPerSecond)
+)
+
+// agent is ota-net's stream request shape (zero: its defaults).
+type agent struct {
+	name                            string
+	blockSize, perRequest, inFlight int
+}
+
+var (
+	defaults = agent{name: "defaults"}
+	cAgent   = agent{name: "C agent", blockSize: 4 << 10, perRequest: 8, inFlight: 1}
+)
+
+// cell is one measured configuration.
+type cell struct {
+	link    link
+	sizeMiB int
+	http    bool
+	quotas  bool
+	agent   agent
+	reps    int // 0: the -reps flag
+}
+
+func (c cell) String() string {
+	p := "mqtt"
+	if c.http {
+		p = "http"
+	}
+	q := "quotas-off"
+	if c.quotas {
+		q = "quotas-on"
+	}
+	a := "defaults"
+	if c.agent.name != defaults.name {
+		a = "c-agent"
+	}
+	return fmt.Sprintf("%s/%dMiB/%s/%s/%s", c.link.name, c.sizeMiB, p, a, q)
+}
+
+// profiles are the -cases of the quick mode (MQTT, ota-net's defaults, -quotas as given).
+var profiles = map[string]cell{
+	"fast":        {link: link{name: "fast"}, sizeMiB: 4},
+	"fast-loss25": {link: link{name: "fast-loss25", drop: 0.25}, sizeMiB: 4},
+	"lte":         {link: lte, sizeMiB: 16},
+	"lte-loss5":   {link: lteLoss5, sizeMiB: 16},
+	"sat":         {link: satellite, sizeMiB: 16},
+}
+
+// matrix is the report's cells: the full cross product of links, sizes, protocols, quotas and
+// request shapes pruned as notRun says.
+func matrix() []cell {
+	m := func(l link, size int, quotas bool, a agent, reps int) cell {
+		return cell{link: l, sizeMiB: size, quotas: quotas, agent: a, reps: reps}
+	}
+	h := func(l link, size int, reps int) cell {
+		return cell{link: l, sizeMiB: size, http: true, agent: defaults, reps: reps}
+	}
+	return []cell{
+		m(lan, 4, false, defaults, 0), m(lan, 64, false, defaults, 0),
+		m(lan, 4, true, defaults, 0), m(lan, 64, true, defaults, 1),
+		m(lte, 4, false, defaults, 0), m(lte, 16, false, defaults, 0), m(lte, 64, false, defaults, 1),
+		m(lte, 4, true, defaults, 0), m(lte, 16, true, defaults, 1),
+		m(satellite, 4, false, defaults, 0), m(satellite, 16, false, defaults, 0), m(satellite, 16, true, defaults, 0),
+		m(lanLoss25, 4, false, defaults, 0), m(lanLoss25, 4, true, defaults, 0),
+		m(lteLoss5, 16, false, defaults, 0), m(lteLoss5, 4, true, defaults, 0),
+		m(lan, 4, false, cAgent, 0), m(lan, 64, false, cAgent, 1), m(lan, 4, true, cAgent, 0),
+		m(lte, 4, false, cAgent, 0), m(lte, 4, true, cAgent, 0),
+		m(satellite, 4, false, cAgent, 1),
+		h(lan, 4, 0), h(lan, 64, 0), h(lte, 4, 0), h(lte, 64, 1), h(satellite, 4, 0), h(satellite, 16, 0),
+	}
+}
+
+// notRun lists the cells of the cross product the matrix leaves out, and why.
+var notRun = []string{
+	"64 MiB on the satellite link, either protocol: 107 s of transfer per run at 5 Mbit/s; the 16 MiB cells measure the same link.",
+	"64 MiB over MQTT with the quotas on except on the LAN: the quota binds at 512 KiB/s whatever the link, so one 128 s cell (lan) stands for them.",
+	"The C agent's request shape over HTTP: it is a shape of MQTT stream requests; ota-net's HTTP download has no such setting.",
+	"The C agent's request shape at 64 MiB except on the LAN, with the quotas on except LAN and LTE at 4 MiB, and on the lossy links: one 32 KiB request per round trip makes the satellite 4 MiB cell alone last more than a minute.",
+	"HTTP with the quotas on: AWS's per-connection quota is an MQTT quota; presigned S3 URLs have none, so the HTTP cells run with the quotas off only.",
+	"HTTP on the lossy links: the emulator drops stream messages, not TCP segments.",
+	"The satellite link with loss: not among the profiles the issue names.",
 }
 
 func main() {
@@ -55,15 +151,38 @@ func main() {
 	reps := flag.Int("reps", 1, "repetitions of each case (the median is printed)")
 	blockSize := flag.Int("bs", 0, "ota-net block size (0: its default)")
 	flag.BoolVar(&debugLog, "debug", false, "both processes log at debug level to stderr")
-	flag.BoolVar(&quotas, "quotas", false, "the emulator enforces AWS IoT Core's per-connection quotas (512 KiB/s each way, 100 publishes/s); off: the link alone limits")
+	quotas := flag.Bool("quotas", false, "the emulator enforces AWS IoT Core's per-connection quotas (512 KiB/s each way, 100 publishes/s); off: the link alone limits")
+	report := flag.String("report", "", "run the whole matrix and write a Markdown report to this file (-cases, -bs and -quotas ignored)")
+	only := flag.String("only", "", "with -report: run only the cells whose name matches this regexp (e.g. 'sat/16')")
+	hop := flag.String("hop", "", "with -report: output of go test -bench Hop ./writer/server to include")
+	curl := flag.String("httpvscurl", "", "with -report: output of test/bench/httpvscurl to include (empty: a marked hook)")
+	command := flag.String("command", "", "with -report: the command line to record")
 	flag.Parse()
-	if err := run(strings.Split(*cases, ","), *reps, *blockSize); err != nil {
+	var err error
+	if *report != "" {
+		err = runReport(*report, *only, *reps, *hop, *curl, *command)
+	} else {
+		var cs []cell
+		for _, name := range strings.Split(*cases, ",") {
+			c, ok := profiles[name]
+			if !ok {
+				err = fmt.Errorf("unknown case %q (%s)", name, names())
+				break
+			}
+			c.quotas, c.agent.blockSize, c.reps = *quotas, *blockSize, *reps
+			cs = append(cs, c)
+		}
+		if err == nil {
+			err = runCases(cs, *quotas)
+		}
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, "linkbench:", err)
 		os.Exit(1)
 	}
 }
 
-var debugLog, quotas bool
+var debugLog bool
 
 func names() string {
 	var n []string
@@ -74,107 +193,248 @@ func names() string {
 	return strings.Join(n, ",")
 }
 
-func run(cases []string, reps, bs int) error {
-	ctx := context.Background()
+// bench is what every run shares: the binaries, the signer, a scratch directory.
+type bench struct {
+	dir    string
+	bin    *harness.Binaries
+	signer *harness.Signer
+	net    string
+}
+
+func newBench(ctx context.Context) (*bench, error) {
 	dir, err := os.MkdirTemp("", "linkbench")
 	if err != nil {
-		return err
+		return nil, err
 	}
-	defer os.RemoveAll(dir)
 	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
-		return err
+		return nil, err
 	}
 	bin, err := harness.Build(ctx, harness.BuildOptions{Dir: filepath.Join(dir, "bin")})
 	if err != nil {
-		return err
+		return nil, err
 	}
 	net := "ota-net of this tree"
 	if p := os.Getenv(harness.EnvPrebuiltNet); p != "" {
 		net = p
 	}
-	fmt.Printf("linkbench: %s, time to ready (job created -> IN_PROGRESS ready at the cloud), median of %d, AWS quotas %v\n", net, reps, quotas)
 	signer, err := harness.NewSigner("linkbench-signer")
+	if err != nil {
+		return nil, err
+	}
+	return &bench{dir: dir, bin: bin, signer: signer, net: net}, nil
+}
+
+// result is one run of a cell.
+type result struct {
+	took              time.Duration
+	wire              int64         // bytes both ways through the relays, job creation to ready
+	netCPU, writerCPU time.Duration // user+system, job creation to ready
+	netRSS, writerRSS int64         // peak RSS (VmHWM) at ready, bytes
+	dropped           int
+}
+
+// summary is a cell's median run (by time) and all its times.
+type summary struct {
+	cell
+	result
+	times []time.Duration
+	err   error
+}
+
+func (b *bench) measure(ctx context.Context, c cell, reps int) summary {
+	s := summary{cell: c}
+	var rs []result
+	for r := 0; r < reps; r++ {
+		res, err := b.once(ctx, c, r)
+		if err != nil {
+			s.err = err
+			return s
+		}
+		rs = append(rs, res)
+	}
+	sort.Slice(rs, func(a, b int) bool { return rs[a].took < rs[b].took })
+	s.result = rs[len(rs)/2]
+	for _, r := range rs {
+		s.times = append(s.times, r.took)
+	}
+	return s
+}
+
+func runCases(cs []cell, quotas bool) error {
+	ctx := context.Background()
+	b, err := newBench(ctx)
 	if err != nil {
 		return err
 	}
-	for _, name := range cases {
-		p, ok := profiles[name]
-		if !ok {
-			return fmt.Errorf("unknown case %q (%s)", name, names())
+	defer os.RemoveAll(b.dir)
+	fmt.Printf("linkbench: %s, time to ready (job created -> IN_PROGRESS ready at the cloud), median of %d, AWS quotas %v\n", b.net, cs[0].reps, quotas)
+	for _, c := range cs {
+		s := b.measure(ctx, c, c.reps)
+		if s.err != nil {
+			return fmt.Errorf("%s: %w", c.link.name, s.err)
 		}
-		var ts []time.Duration
-		for r := 0; r < reps; r++ {
-			d, err := once(ctx, dir, bin, signer, p, bs, r)
-			if err != nil {
-				return fmt.Errorf("%s: %w", name, err)
-			}
-			ts = append(ts, d)
+		size := float64(int64(c.sizeMiB) << 20)
+		t := s.took
+		line := fmt.Sprintf("  %-12s %3d MiB, drop %4.0f%%: time to ready %7.2f s, %6.2f MB/s", c.link.name, c.sizeMiB, c.link.drop*100, t.Seconds(), size/t.Seconds()/1e6)
+		if c.link.rateKB > 0 {
+			line += fmt.Sprintf(", %.2f of the link (%d ms each way, %.0f Mbit/s)", size/t.Seconds()/float64(c.link.rateKB*1000), c.link.latency, float64(c.link.rateKB)*8/1000)
 		}
-		sort.Slice(ts, func(a, b int) bool { return ts[a] < ts[b] })
-		t := ts[len(ts)/2]
-		size := float64(int64(p.sizeMiB) << 20)
-		line := fmt.Sprintf("  %-12s %3d MiB, drop %4.0f%%: time to ready %7.2f s, %6.2f MB/s", p.name, p.sizeMiB, p.drop*100, t.Seconds(), size/t.Seconds()/1e6)
-		if p.rateKB > 0 {
-			line += fmt.Sprintf(", %.2f of the link (%d ms each way, %.0f Mbit/s)", size/t.Seconds()/float64(p.rateKB*1000), p.latency, float64(p.rateKB)*8/1000)
-		}
-		fmt.Println(line + fmt.Sprintf("  [each: %v]", ts))
+		fmt.Println(line + fmt.Sprintf("  [each: %v]", s.times))
 	}
 	return nil
 }
 
-func once(ctx context.Context, dir string, bin *harness.Binaries, signer *harness.Signer, p profile, bs, rep int) (time.Duration, error) {
+// relay is a TCP forwarder that counts the bytes it carries both ways: toxiproxy counts a
+// connection's bytes only once it closes.
+type relay struct {
+	ln     net.Listener
+	target string
+	n      atomic.Int64
+	wg     sync.WaitGroup
+	mu     sync.Mutex
+	conns  []net.Conn
+}
+
+func newRelay(target string) (*relay, error) {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return nil, err
+	}
+	r := &relay{ln: ln, target: target}
+	r.wg.Add(1)
+	go r.accept()
+	return r, nil
+}
+
+func (r *relay) addr() string { return r.ln.Addr().String() }
+
+func (r *relay) accept() {
+	defer r.wg.Done()
+	for {
+		c, err := r.ln.Accept()
+		if err != nil {
+			return
+		}
+		u, err := net.Dial("tcp", r.target)
+		if err != nil {
+			c.Close()
+			continue
+		}
+		r.mu.Lock()
+		r.conns = append(r.conns, c, u)
+		r.mu.Unlock()
+		r.wg.Add(2)
+		go r.pipe(u, c)
+		go r.pipe(c, u)
+	}
+}
+
+func (r *relay) pipe(dst, src net.Conn) {
+	defer r.wg.Done()
+	buf := make([]byte, 64<<10)
+	for {
+		n, err := src.Read(buf)
+		if n > 0 {
+			r.n.Add(int64(n))
+			if _, werr := dst.Write(buf[:n]); werr != nil {
+				break
+			}
+		}
+		if err != nil {
+			break
+		}
+	}
+	dst.Close()
+	src.Close()
+}
+
+func (r *relay) close() {
+	r.ln.Close()
+	r.mu.Lock()
+	for _, c := range r.conns {
+		c.Close()
+	}
+	r.mu.Unlock()
+	r.wg.Wait()
+}
+
+// shaped puts toxiproxy with l's latency and bandwidth in front of target, and a counting
+// relay in front of that; it returns the relay's address.
+func shaped(srv *toxiproxy.ApiServer, name, target string, l link) (string, *relay, func(), error) {
+	proxy := toxiproxy.NewProxy(srv, name, "127.0.0.1:0", target)
+	if err := proxy.Start(); err != nil {
+		return "", nil, nil, err
+	}
+	for _, s := range []string{"upstream", "downstream"} {
+		if l.latency > 0 {
+			if err := toxic(proxy, "lat-"+s, "latency", s, fmt.Sprintf(`{"latency":%d,"jitter":%d}`, l.latency, l.jitter)); err != nil {
+				proxy.Stop()
+				return "", nil, nil, err
+			}
+		}
+		if l.rateKB > 0 {
+			if err := toxic(proxy, "bw-"+s, "bandwidth", s, fmt.Sprintf(`{"rate":%d}`, l.rateKB)); err != nil {
+				proxy.Stop()
+				return "", nil, nil, err
+			}
+		}
+	}
+	r, err := newRelay(proxy.Listen)
+	if err != nil {
+		proxy.Stop()
+		return "", nil, nil, err
+	}
+	return r.addr(), r, func() { r.close(); proxy.Stop() }, nil
+}
+
+func (b *bench) once(ctx context.Context, c cell, rep int) (result, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Minute)
 	defer cancel()
-	cdir, err := os.MkdirTemp(dir, "c")
+	cdir, err := os.MkdirTemp(b.dir, "c")
 	if err != nil {
-		return 0, err
+		return result{}, err
 	}
 	defer os.RemoveAll(cdir)
 	const thing = "linkbench-gw"
-	cloud, err := harness.StartCloud(ctx, emulator.Options{Thing: thing, NoQuotas: !quotas})
+	cloud, err := harness.StartCloud(ctx, emulator.Options{Thing: thing, NoQuotas: !c.quotas})
 	if err != nil {
-		return 0, err
+		return result{}, err
 	}
 	defer cloud.Close()
 	srv := toxiproxy.NewServer(toxiproxy.NewMetricsContainer(prometheus.NewRegistry()), zerolog.Nop())
-	proxy := toxiproxy.NewProxy(srv, "mqtt", "127.0.0.1:0", strings.TrimPrefix(cloud.BrokerURL(), "mqtt://"))
-	if err := proxy.Start(); err != nil {
-		return 0, err
+	mqttAddr, mqttRelay, stopMQTT, err := shaped(srv, "mqtt", strings.TrimPrefix(cloud.BrokerURL(), "mqtt://"), c.link)
+	if err != nil {
+		return result{}, err
 	}
-	defer proxy.Stop()
-	for _, s := range []string{"upstream", "downstream"} {
-		if p.latency > 0 {
-			if err := toxic(proxy, "lat-"+s, "latency", s, fmt.Sprintf(`{"latency":%d,"jitter":%d}`, p.latency, p.jitter)); err != nil {
-				return 0, err
-			}
-		}
-		if p.rateKB > 0 {
-			if err := toxic(proxy, "bw-"+s, "bandwidth", s, fmt.Sprintf(`{"rate":%d}`, p.rateKB)); err != nil {
-				return 0, err
-			}
-		}
+	defer stopMQTT()
+	httpAddr, httpRelay, stopHTTP, err := shaped(srv, "http", strings.TrimPrefix(cloud.HTTPURL(), "http://"), c.link)
+	if err != nil {
+		return result{}, err
 	}
+	defer stopHTTP()
+	cloud.SetHTTPURL("http://" + httpAddr)
 	img := filepath.Join(cdir, "v2.img")
-	if err := harness.WriteImage(img, int64(p.sizeMiB)<<20, uint64(rep+1)); err != nil {
-		return 0, err
+	if err := harness.WriteImage(img, int64(c.sizeMiB)<<20, uint64(rep+1)); err != nil {
+		return result{}, err
 	}
-	opts := harness.DeviceOptions{Dir: filepath.Join(cdir, "d"), Thing: thing, BrokerURL: "mqtt://" + proxy.Listen,
-		Trusted: []*harness.Signer{signer}, BlockSize: bs, LogLevel: "info", LogTee: io.Discard}
+	opts := harness.DeviceOptions{Dir: filepath.Join(cdir, "d"), Thing: thing, BrokerURL: "mqtt://" + mqttAddr,
+		Trusted: []*harness.Signer{b.signer}, BlockSize: c.agent.blockSize, BlocksPerRequest: c.agent.perRequest,
+		RequestsInFlight: c.agent.inFlight, LogLevel: "info", LogTee: io.Discard}
 	if debugLog {
 		opts.LogLevel, opts.LogTee = "debug", os.Stderr
 	}
 	if err := os.Mkdir(opts.Dir, 0o700); err != nil {
-		return 0, err
+		return result{}, err
 	}
-	dev, err := harness.NewDevice(bin, opts)
+	dev, err := harness.NewDevice(b.bin, opts)
 	if err != nil {
-		return 0, err
+		return result{}, err
 	}
 	defer dev.Close(false)
 	dctx, dcancel := dev.Context(ctx)
 	defer dcancel()
 	if err := dev.Start(dctx); err != nil {
-		return 0, err
+		return result{}, err
 	}
 	// The clock is for the job, not for ota-net's start-up: wait until it is connected, then
 	// for its subscriptions and first jobs query to have gone both ways (a bench, not a
@@ -182,37 +442,153 @@ func once(ctx context.Context, dir string, bin *harness.Binaries, signer *harnes
 	for !strings.Contains(dev.Logs(), "mqtt connected") {
 		select {
 		case <-dctx.Done():
-			return 0, dctx.Err()
+			return result{}, dctx.Err()
 		case <-time.After(20 * time.Millisecond):
 		}
 	}
-	time.Sleep(time.Second + 8*time.Duration(p.latency)*time.Millisecond)
+	time.Sleep(time.Second + 8*time.Duration(c.link.latency)*time.Millisecond)
 	const job = "linkbench"
-	if p.drop > 0 {
-		cloud.SetFaults(job, emulator.Faults{Drop: p.drop})
+	if c.link.drop > 0 {
+		cloud.SetFaults(job, emulator.Faults{Drop: c.link.drop})
 	}
+	protocols := []string{backend.ProtocolMQTT}
+	if c.http {
+		protocols = []string{backend.ProtocolHTTP}
+	}
+	netPid, writerPid := dev.Net().Pid, dev.Writer().Pid
+	netCPU0, err := cpuTime(netPid)
+	if err != nil {
+		return result{}, err
+	}
+	writerCPU0, err := cpuTime(writerPid)
+	if err != nil {
+		return result{}, err
+	}
+	wire0 := mqttRelay.n.Load() + httpRelay.n.Load()
 	start := time.Now()
-	if err := cloud.CreateJob(dctx, backend.JobSpec{JobID: job, Protocols: []string{backend.ProtocolMQTT}, Files: []backend.FileSpec{signer.File(img)}}); err != nil {
+	if err := cloud.CreateJob(dctx, backend.JobSpec{JobID: job, Protocols: protocols, Files: []backend.FileSpec{b.signer.File(img)}}); err != nil {
+		return result{}, err
+	}
+	if _, err := cloud.WaitSelfTest(dctx, job, backend.StatusInProgress, "ready"); err != nil {
+		return result{}, fmt.Errorf("no ready: %w (%v)\n%s", err, harness.Steps(cloud.Updates(job)), dev.Logs())
+	}
+	res := result{took: time.Since(start), wire: mqttRelay.n.Load() + httpRelay.n.Load() - wire0}
+	netCPU1, err := cpuTime(netPid)
+	if err != nil {
+		return result{}, err
+	}
+	writerCPU1, err := cpuTime(writerPid)
+	if err != nil {
+		return result{}, err
+	}
+	res.netCPU, res.writerCPU = netCPU1-netCPU0, writerCPU1-writerCPU0
+	if res.netRSS, err = peakRSS(netPid); err != nil {
+		return result{}, err
+	}
+	if res.writerRSS, err = peakRSS(writerPid); err != nil {
+		return result{}, err
+	}
+	for _, r := range cloud.StreamRequests(job) {
+		res.dropped += len(r.Dropped)
+	}
+	if c.link.drop > 0 && res.dropped == 0 {
+		return result{}, fmt.Errorf("no stream message dropped")
+	}
+	return res, nil
+}
+
+// cpuTime is a process's user plus system time (/proc/pid/stat, in USER_HZ = 100 ticks).
+func cpuTime(pid int) (time.Duration, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
 		return 0, err
 	}
-	ev, err := cloud.WaitSelfTest(dctx, job, backend.StatusInProgress, "ready")
+	// The command name may hold spaces: fields count from after its closing parenthesis.
+	s := string(b)
+	f := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
+	if len(f) < 13 {
+		return 0, fmt.Errorf("/proc/%d/stat: %d fields", pid, len(f))
+	}
+	ut, err1 := strconv.ParseInt(f[11], 10, 64) // field 14, utime
+	st, err2 := strconv.ParseInt(f[12], 10, 64) // field 15, stime
+	if err1 != nil || err2 != nil {
+		return 0, fmt.Errorf("/proc/%d/stat: %q %q", pid, f[11], f[12])
+	}
+	return time.Duration(ut+st) * 10 * time.Millisecond, nil
+}
+
+// peakRSS is a process's VmHWM in bytes.
+func peakRSS(pid int) (int64, error) {
+	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
-		return 0, fmt.Errorf("no ready: %w (%v)\n%s", err, harness.Steps(cloud.Updates(job)), dev.Logs())
+		return 0, err
 	}
-	_ = ev
-	took := time.Since(start)
-	dropped := 0
-	for _, r := range cloud.StreamRequests(job) {
-		dropped += len(r.Dropped)
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "VmHWM:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSuffix(strings.TrimSpace(v), " kB"), 10, 64)
+			return kb << 10, err
+		}
 	}
-	if p.drop > 0 && dropped == 0 {
-		return 0, fmt.Errorf("no stream message dropped")
-	}
-	return took, nil
+	return 0, fmt.Errorf("/proc/%d/status: no VmHWM", pid)
 }
 
 func toxic(p *toxiproxy.Proxy, name, typ, stream, attrs string) error {
 	js := fmt.Sprintf(`{"name":%q,"type":%q,"stream":%q,"toxicity":1,"attributes":%s}`, name, typ, stream, attrs)
 	_, err := p.Toxics.AddToxicJson(strings.NewReader(js))
 	return err
+}
+
+// runReport runs the matrix (or the cells matching only) and writes the report.
+func runReport(path, only string, reps int, hopFile, curlFile, command string) error {
+	ctx := context.Background()
+	var re *regexp.Regexp
+	if only != "" {
+		var err error
+		if re, err = regexp.Compile(only); err != nil {
+			return err
+		}
+	}
+	b, err := newBench(ctx)
+	if err != nil {
+		return err
+	}
+	defer os.RemoveAll(b.dir)
+	rep := &report{command: command, commit: commit(), began: time.Now().UTC(), load0: loadAvg(), net: b.net, reps: reps}
+	for _, c := range matrix() {
+		if re != nil && !re.MatchString(c.String()) {
+			continue
+		}
+		n := c.reps
+		if n == 0 {
+			n = reps
+		}
+		t0 := time.Now()
+		s := b.measure(ctx, c, n)
+		if s.err != nil {
+			fmt.Fprintf(os.Stderr, "linkbench: %s: %v\n", c, s.err)
+		} else {
+			fmt.Fprintf(os.Stderr, "linkbench: %-40s %7.2f s (%d runs, %.0f s)\n", c, s.took.Seconds(), n, time.Since(t0).Seconds())
+		}
+		rep.cells = append(rep.cells, s)
+		// Written after every cell: a run cut short still leaves the cells it measured.
+		rep.ended, rep.load1 = time.Now().UTC(), loadAvg()
+		if err := rep.write(path, hopFile, curlFile); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "unknown"
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return "unknown"
+	}
+	return strings.Join(f[:3], " ")
 }

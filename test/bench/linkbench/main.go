@@ -160,6 +160,9 @@ func once(ctx context.Context, dir string, bin *harness.Binaries, signer *harnes
 	}
 	opts := harness.DeviceOptions{Dir: filepath.Join(cdir, "d"), Thing: thing, BrokerURL: "mqtt://" + proxy.Listen,
 		Trusted: []*harness.Signer{signer}, BlockSize: bs, LogLevel: "info", LogTee: io.Discard}
+	if !quotas {
+		opts.StreamQuota = -1 // ota-net knows the emulator's quotas are lifted
+	}
 	if debugLog {
 		opts.LogLevel, opts.LogTee = "debug", os.Stderr
 	}

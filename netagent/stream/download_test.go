@@ -536,6 +536,7 @@ func TestConfigChecks(t *testing.T) {
 		{Thing: "t", BlockSize: 256 << 10},
 		{Thing: "t", Format: "xml"},
 		{Thing: "t", RequestQoS: 2},
+		{Thing: "t", QuotaBytesPerSecond: -1},
 	} {
 		if _, err := stream.New(tr, c); err == nil {
 			t.Errorf("config %+v accepted", c)
@@ -545,8 +546,12 @@ func TestConfigChecks(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if c := d.Config(); c.DataQoS != 1 || c.RequestQoS != 0 || c.RequestsInFlight != stream.DefaultRequestsInFlight {
+	if c := d.Config(); c.DataQoS != 1 || c.RequestQoS != 0 || c.RequestsInFlight != stream.DefaultRequestsInFlight ||
+		c.QuotaBytesPerSecond != stream.DefaultQuotaBytesPerSecond {
 		t.Fatalf("defaults %+v", c)
+	}
+	if d, err := stream.New(tr, stream.Config{Thing: "t", NoQuota: true}); err != nil || d.Config().QuotaBytesPerSecond != 0 {
+		t.Fatalf("no quota: %v %+v", err, d.Config())
 	}
 	// Beyond what a stream can address at this block size.
 	_, err = d.Download(context.Background(), stream.File{StreamName: "s", Size: int64(stream.MaxBlocks+1) * 256, BlockSize: 256}, nil, nil)
@@ -568,6 +573,7 @@ func TestLossRecoveryInRoundTrips(t *testing.T) {
 	e := newEnvWith(t, size, emulator.Options{Seed: 7, NoQuotas: true})
 	c := cfg(t, e)
 	c.QuietPeriod, c.MaxQuietPeriod = 2*time.Second, 30*time.Second // the defaults
+	c.NoQuota = true                                                // the downloader knows
 	var clean, lossy []time.Duration
 	for rep := 0; rep < 3; rep++ {
 		for _, drop := range []float64{0, 0.25} {

@@ -62,6 +62,10 @@ type Config struct {
 	MaxQuietPeriod     duration `toml:"max_quiet_period"`
 	MaxFruitlessRounds int      `toml:"max_fruitless_rounds"`
 	StreamFormat       string   `toml:"stream_format"`
+	// StreamQuota is the connection's rate in bytes per second, below which blocks asked for
+	// cannot have arrived (default AWS's 512 KiB/s quota; -1 lifts it for a broker without
+	// AWS's quotas, as max_publish_rate does).
+	StreamQuota int `toml:"stream_quota"`
 	// Protocol when a job offers both: "auto" (the default: HTTP when the link is faster
 	// than AWS's 512 KiB/s MQTT quota, by LinkBandwidth or else the last measured download;
 	// the other protocol is the fallback), "mqtt" or "http" (only that one).
@@ -171,6 +175,9 @@ func (c Config) validate() error {
 	}
 	if c.BlocksPerRequest < 0 || c.RequestsInFlight < 0 || c.MaxFruitlessRounds < 0 || c.ReportPercentStep < 0 || c.ReportPercentStep > 100 {
 		errs = append(errs, errors.New("blocks_per_request, requests_in_flight, max_fruitless_rounds, report_percent_step must be positive (percent at most 100)"))
+	}
+	if c.StreamQuota < -1 {
+		errs = append(errs, fmt.Errorf("stream_quota %d: bytes per second, 0 for AWS's quota or -1 for none", c.StreamQuota))
 	}
 	if m, err := pathselect.ParseMode(c.Protocol); err != nil {
 		errs = append(errs, err)

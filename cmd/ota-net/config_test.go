@@ -95,6 +95,7 @@ func TestConfigErrors(t *testing.T) {
 		{"bad protocol", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nprotocol=\"ftp\"", nil, "auto, mqtt or http"},
 		{"prefer_http contradicts protocol", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"\nprefer_http=true\nprotocol=\"mqtt\"", nil, "contradicts"},
 		{"bad link bandwidth", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"--link-bandwidth", "fast"}, "link_bandwidth"},
+		{"bad stream quota", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"--stream-quota", "-2"}, "stream_quota"},
 		{"stray argument", `broker = "mqtt://h:1"` + "\nthing_name=\"x\"", []string{"extra"}, "unexpected"},
 	}
 	for _, tt := range tests {

@@ -47,6 +47,7 @@ func bindFlags(fs *flag.FlagSet, c *Config) {
 	fs.StringVar(&c.WriterSocket, "writer-socket", c.WriterSocket, "ota-writer socket")
 	fs.StringVar(&c.StateDir, "state-dir", c.StateDir, "state directory (MQTT session)")
 	fs.IntVar(&c.BlockSize, "block-size", c.BlockSize, "download block size in bytes")
+	fs.IntVar(&c.StreamQuota, "stream-quota", c.StreamQuota, "connection rate in bytes/s bounding the stream's tail timeout (0: AWS's 512 KiB/s quota, -1: none)")
 	fs.BoolVar(&c.PreferHTTP, "prefer-http", c.PreferHTTP, "prefer HTTP when a job offers both (older form of -protocol http)")
 	fs.StringVar(&c.Protocol, "protocol", c.Protocol, "auto|mqtt|http: protocol when a job offers both (auto: by link speed against AWS's MQTT quota)")
 	fs.StringVar(&c.LinkBandwidth, "link-bandwidth", c.LinkBandwidth, "link speed, e.g. 20Mbit/s or 2MB/s (empty: measured)")
@@ -145,7 +146,8 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 		Thing: cfg.ThingName, Format: cfg.StreamFormat, BlockSize: cfg.BlockSize,
 		BlocksPerRequest: cfg.BlocksPerRequest, RequestsInFlight: cfg.RequestsInFlight,
 		QuietPeriod: cfg.QuietPeriod.Duration, MaxQuietPeriod: cfg.MaxQuietPeriod.Duration,
-		MaxFruitlessRounds: cfg.MaxFruitlessRounds, Logger: log.Named("stream"),
+		MaxFruitlessRounds: cfg.MaxFruitlessRounds, QuotaBytesPerSecond: max(cfg.StreamQuota, 0),
+		NoQuota: cfg.StreamQuota < 0, Logger: log.Named("stream"),
 	})
 	if err != nil {
 		return err

@@ -66,6 +66,9 @@ const (
 	DefaultQuietPeriod        = 2 * time.Second
 	DefaultMaxQuietPeriod     = 30 * time.Second
 	DefaultMaxFruitlessRounds = 12
+	// DefaultQuotaBytesPerSecond is AWS IoT Core's per-connection quota: "data received or
+	// sent over a client connection is processed at a maximum rate" of 512 KiB/s.
+	DefaultQuotaBytesPerSecond = 512 * 1024
 )
 
 // Config tunes a Downloader. Zero values take the defaults.
@@ -103,7 +106,13 @@ type Config struct {
 	// ClientToken is sent as "c" (random when empty); rejections with another token are
 	// someone else's.
 	ClientToken string
-	Logger      hclog.Logger
+	// QuotaBytesPerSecond is the most the connection delivers (default AWS's quota,
+	// DefaultQuotaBytesPerSecond): blocks asked for cannot all have arrived before their
+	// bytes drained at that rate, so the tail timeout waits at least that long
+	// (scheduler.go). NoQuota drops the bound (a loopback broker without AWS's quotas).
+	QuotaBytesPerSecond int
+	NoQuota             bool
+	Logger              hclog.Logger
 }
 
 // File names what to download.
@@ -193,6 +202,14 @@ func New(t Transport, cfg Config) (*Downloader, error) {
 	if cfg.DataQoS == 0 && !cfg.DataQoS0 {
 		cfg.DataQoS = 1
 	}
+	if cfg.QuotaBytesPerSecond < 0 {
+		return nil, errors.New("stream: negative quota")
+	}
+	if cfg.NoQuota {
+		cfg.QuotaBytesPerSecond = 0
+	} else if cfg.QuotaBytesPerSecond == 0 {
+		cfg.QuotaBytesPerSecond = DefaultQuotaBytesPerSecond
+	}
 	if len(cfg.ClientToken) > maxTokenLen {
 		return nil, fmt.Errorf("stream: client token longer than %d bytes", maxTokenLen)
 	}
@@ -268,6 +285,7 @@ type run struct {
 	gap          time.Duration // smoothed time between new blocks (scheduler.go)
 	fruitless    int
 	badSince     int // malformed blocks since the last new one
+	msgOverhead  int // bytes of a block's publish besides its data (scheduler.go drain)
 	stats        Stats
 
 	rtt   rttEstimator
@@ -312,6 +330,7 @@ func (d *Downloader) Download(ctx context.Context, f File, missing bitmap.Bitmap
 	r.stats.Blocks = total
 	r.rtt = rttEstimator{initial: d.cfg.QuietPeriod, min: MinRTO, max: d.cfg.MaxQuietPeriod}
 	r.asked, r.again = bitmap.New(total), bitmap.New(total)
+	r.msgOverhead = len(d.Topic(f.StreamName, "data")) + 32
 	r.reorder = 1
 
 	if err := d.awaitUnsubscribed(ctx); err != nil {

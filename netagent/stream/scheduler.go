@@ -113,7 +113,7 @@ func (r *run) spurious() {
 // arrived for a while in the tail, so everything of q older than that wait counts.
 func (r *run) lostBlocks(q *request, now time.Time, rto time.Duration, silent bool) []int {
 	if silent {
-		if now.Sub(q.sentAt) < r.probeWait(rto) {
+		if now.Sub(q.sentAt) < r.tailWait(rto) {
 			return nil
 		}
 	} else if q.evidenceAt.IsZero() || now.Sub(q.evidenceAt) < r.reorderWindow(rto) {
@@ -134,7 +134,7 @@ func (r *run) lostBlocks(q *request, now time.Time, rto time.Duration, silent bo
 // loss; silence then is a stall more likely than a loss, and only the tail (everything
 // wanted is asked for, so no later answer can come) needs a timeout.
 func (r *run) silent(now time.Time, rto time.Duration) bool {
-	return r.tailTimer(rto) && now.Sub(r.lastActivity) >= r.probeWait(rto)
+	return r.tailTimer(rto) && now.Sub(r.lastActivity) >= r.tailWait(rto)
 }
 
 // tailTimer reports whether the RTO timeout is armed: in the tail, with a round trip and a
@@ -154,6 +154,30 @@ func (r *run) tailTimer(rto time.Duration) bool {
 // wait is rarely paid twice.
 func (r *run) probeWait(rto time.Duration) time.Duration {
 	return max(rto, 2*r.gap)
+}
+
+// tailWait is the silence, since the last block or since the oldest request went out, after
+// which the tail is given up on: probeWait, and at least the drain time of what is still
+// asked for: its bytes at the connection's quota (Config.QuotaBytesPerSecond). Under AWS's
+// quota a response's first blocks come at once in the quota's burst, so the round trip and
+// the gap between blocks measure the burst, not the queue behind it (a delta update's sparse
+// small blocks: RTO at its 10 ms floor while the rest waits tens of milliseconds for the
+// throttle); the quota is a known constant, and no block can arrive before the bytes ahead
+// of it drained, so silence shorter than that says nothing. It bounds only the timeout:
+// evidence (a block sent later arrived) finds a loss as before.
+func (r *run) tailWait(rto time.Duration) time.Duration {
+	return max(r.probeWait(rto), r.drain())
+}
+
+// drain is the time the connection's quota needs to deliver the blocks still asked for,
+// each with its MQTT publish around it (the topic and a few dozen bytes of header and CBOR).
+func (r *run) drain() time.Duration {
+	rate := r.d.cfg.QuotaBytesPerSecond
+	if rate <= 0 || r.asking == 0 {
+		return 0
+	}
+	bytes := int64(r.asking) * int64(r.f.BlockSize+r.msgOverhead)
+	return time.Duration(bytes * int64(time.Second) / int64(rate))
 }
 
 // tail reports whether every block still wanted is asked for already.
@@ -255,7 +279,7 @@ func (r *run) nextCheck() time.Time {
 		for _, q := range r.inflight[1:] {
 			oldest = minTime(oldest, q.sentAt)
 		}
-		next = minTime(next, maxTime(r.lastActivity, oldest).Add(r.probeWait(rto)))
+		next = minTime(next, maxTime(r.lastActivity, oldest).Add(r.tailWait(rto)))
 	}
 	for _, q := range r.inflight {
 		if r.suspect(q) {

@@ -216,12 +216,13 @@ func TestDeltaFromRunningSlot(t *testing.T) {
 	if !slices.Equal(blocks, want) {
 		t.Errorf("the emulator served chunk-file blocks %v (block size %d), want exactly those overlapping the %d needed chunks: %v", blocks, bs, len(need), want)
 	}
-	// Each block once, as the emulator's records say (a block asked for again after a round
-	// trip timed out is the stream's loss recovery, bounded by the stream's own tests).
+	// Each block once, as the emulator's records say: the link loses nothing, and the
+	// stream's tail timeout waits until what it asked for could have drained at AWS's quota
+	// (netagent/stream/download_test.go:TestSparseBlocksUnderQuotaAreNotLost).
 	if bytesServed := int64(len(blocks)) * bs; bytesServed*10 > int64(len(v2)) {
 		t.Errorf("%d bytes of the chunk file served for a %d-byte image: not a delta", bytesServed, len(v2))
 	}
-	if sent > 3*len(want) {
+	if sent > len(want) {
 		t.Errorf("%d chunk-file blocks sent for %d needed", sent, len(want))
 	}
 	var needBytes uint64

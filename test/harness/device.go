@@ -70,6 +70,9 @@ type DeviceOptions struct {
 	BlocksPerRequest, RequestsInFlight int
 	// BlockSize is ota-net's stream block size (0: its default).
 	BlockSize int
+	// StreamQuota is ota-net's stream_quota (0: AWS's quota; -1: none, for a cloud started
+	// with emulator.Options.NoQuotas).
+	StreamQuota int
 	// Env is added to both processes' environment.
 	Env []string
 	// NetPrefix goes before ota-net's command line (nsenter --net=... runs it in another

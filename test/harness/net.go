@@ -22,6 +22,7 @@ type netTOML struct {
 	BlockSize         int    `toml:"block_size,omitempty"`
 	BlocksPerRequest  int    `toml:"blocks_per_request,omitempty"`
 	RequestsInFlight  int    `toml:"requests_in_flight,omitempty"`
+	StreamQuota       int    `toml:"stream_quota,omitempty"`
 	LogLevel          string `toml:"log_level"`
 }
 
@@ -38,6 +39,7 @@ func (d *Device) netConfig() ([]byte, error) {
 		ReportPercentStep: 1,
 		BlockSize:         d.Opts.BlockSize,
 		BlocksPerRequest:  d.Opts.BlocksPerRequest,
+		StreamQuota:       d.Opts.StreamQuota,
 		RequestsInFlight:  d.Opts.RequestsInFlight,
 		LogLevel:          d.Opts.LogLevel,
 	}

@@ -420,6 +420,9 @@ func (b *bench) once(ctx context.Context, c cell, rep int) (result, error) {
 	opts := harness.DeviceOptions{Dir: filepath.Join(cdir, "d"), Thing: thing, BrokerURL: "mqtt://" + mqttAddr,
 		Trusted: []*harness.Signer{b.signer}, BlockSize: c.agent.blockSize, BlocksPerRequest: c.agent.perRequest,
 		RequestsInFlight: c.agent.inFlight, LogLevel: "info", LogTee: io.Discard}
+	if !c.quotas {
+		opts.StreamQuota = -1 // ota-net knows the emulator's quotas are lifted
+	}
 	if debugLog {
 		opts.LogLevel, opts.LogTee = "debug", os.Stderr
 	}

@@ -48,6 +48,7 @@ mkimg() { # dir size_mib out
 
 report() { # name v1 v2
   local name=$1 v1=$2 v2=$3 patch full whole=0
+  [ -z "${PAIRS_ONLY:-}" ] || return 0 # scripts/bench-ready.sh: build (and KEEP) the pairs only
   zstd -q -"$PATCH_LEVEL" --patch-from="$v1" "$v2" -o "$work/patch" -f 2>/dev/null
   patch=$(stat -c %s "$work/patch")
   full=$(stat -c %s "$v2")

@@ -6,7 +6,7 @@
 //	    prints one JSON line per chunk size: the chunks a device holding v1 must fetch.
 //	deltabench -manifest new.manifest -local v1.img
 //	    only the device's lookup (FindLocal) over v1, for its peak RSS.
-//	deltabench -ready -new v2.img -local v1.img [-ready-cases quota-mqtt,link-mqtt,link-http] [-ready-kinds full,delta]
+//	deltabench -ready -new v2.img -local v1.img [-ready-cases quota-mqtt,link-mqtt,link-http] [-ready-kinds full,delta] [-base]
 //	    end to end (ready.go): the emulator with AWS quotas, a real ota-writer running v1 and
 //	    ota-net; a full and a delta update to v2 per case, one JSON line each: time to the
 //	    ready update, bytes served, peak RSS (VmHWM) of both processes.
@@ -70,7 +70,7 @@ func main() {
 	flag.Parse()
 	ctx := context.Background()
 	if *ready {
-		err := readyBench(ctx, *local, *newImg, strings.Split(*readyCasesFlag, ","), strings.Split(*readyKinds, ","), func(f ReadyFigures) {
+		err := readyBench(ctx, *local, *newImg, *withBase, strings.Split(*readyCasesFlag, ","), strings.Split(*readyKinds, ","), func(f ReadyFigures) {
 			b, _ := json.Marshal(f)
 			fmt.Println(string(b))
 		})

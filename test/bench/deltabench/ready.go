@@ -56,7 +56,7 @@ type ReadyFigures struct {
 }
 
 // readyBench runs every case for both kinds and calls out with each result.
-func readyBench(ctx context.Context, v1, v2 string, cases, kinds []string, out func(ReadyFigures)) error {
+func readyBench(ctx context.Context, v1, v2 string, withBase bool, cases, kinds []string, out func(ReadyFigures)) error {
 	dir, err := os.MkdirTemp("", "deltaready")
 	if err != nil {
 		return err
@@ -73,8 +73,12 @@ func readyBench(ctx context.Context, v1, v2 string, cases, kinds []string, out f
 	mf, chunks := filepath.Join(dir, "v2.gwota-manifest"), filepath.Join(dir, "v2.chunks")
 	// The publisher's command, as an operator runs it (unsigned: the job signs the manifest
 	// like any OTA file, as the e2e tests do).
-	cmd := exec.CommandContext(ctx, bin.Writer, "manifest", "--image", v2, "--version", "2.0.0",
-		"--target", harness.TargetName, "--compatible", harness.Compatible, "-o", mf, "--chunks", chunks)
+	args := []string{"manifest", "--image", v2, "--version", "2.0.0",
+		"--target", harness.TargetName, "--compatible", harness.Compatible, "-o", mf, "--chunks", chunks}
+	if withBase {
+		args = append(args, "--base", v1)
+	}
+	cmd := exec.CommandContext(ctx, bin.Writer, args...)
 	if b, err := cmd.CombinedOutput(); err != nil {
 		return fmt.Errorf("ota-writer manifest: %w\n%s", err, b)
 	}

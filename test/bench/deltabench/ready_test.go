@@ -35,7 +35,7 @@ func TestReadySmoke(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
 	defer cancel()
 	got := map[string]map[string]ReadyFigures{}
-	err := readyBench(ctx, p1, p2, []string{"quota-mqtt", "link-mqtt", "link-http"}, []string{"full", "delta"}, func(f ReadyFigures) {
+	err := readyBench(ctx, p1, p2, false, []string{"quota-mqtt", "link-mqtt", "link-http"}, []string{"full", "delta"}, func(f ReadyFigures) {
 		t.Logf("%+v", f)
 		if got[f.Case] == nil {
 			got[f.Case] = map[string]ReadyFigures{}

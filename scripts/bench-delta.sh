@@ -30,6 +30,7 @@ CACHE=${CACHE:-/var/cache/gwota-test}
 ONLY=${ONLY:-debian,zeros,rss}
 PATCH_LEVEL=${PATCH_LEVEL:-19}
 NOFULL=${NOFULL:-} # 1: skip zstd of the whole image (minutes per pair)
+ZSIZE=${ZSIZE:-512} # MiB of the zeros pair (scripts/bench-ready.sh builds a 64 MiB one)
 KEEP=${KEEP:-} # a directory: keep the built image pairs there and reuse them on the next run
 want() { [[ ",$ONLY," == *",$1,"* ]]; }
 cd "$(dirname "$0")/.."
@@ -47,6 +48,7 @@ mkimg() { # dir size_mib out
 
 report() { # name v1 v2
   local name=$1 v1=$2 v2=$3 patch full whole=0
+  [ -z "${PAIRS_ONLY:-}" ] || return 0 # scripts/bench-ready.sh: build (and KEEP) the pairs only
   zstd -q -"$PATCH_LEVEL" --patch-from="$v1" "$v2" -o "$work/patch" -f 2>/dev/null
   patch=$(stat -c %s "$work/patch")
   full=$(stat -c %s "$v2")
@@ -140,8 +142,8 @@ for b in openssl zstd; do
     mkdir -p "$work/z2$(dirname "$lib")"; cp -L "$lib" "$work/z2$lib"
   done
 done
-mkimg "$work/z1" 512 "$work/z1.img"
-mkimg "$work/z2" 512 "$work/z2.img"
+mkimg "$work/z1" "$ZSIZE" "$work/z1.img"
+mkimg "$work/z2" "$ZSIZE" "$work/z2.img"
 rm -rf "$work/z1" "$work/z2"
 report zeros "$work/z1.img" "$work/z2.img"
 if [ -n "$KEEP" ]; then mkdir -p "$KEEP" && mv "$work/z1.img" "$work/z2.img" "$KEEP/"; fi

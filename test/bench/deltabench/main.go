@@ -6,6 +6,10 @@
 //	    prints one JSON line per chunk size: the chunks a device holding v1 must fetch.
 //	deltabench -manifest new.manifest -local v1.img
 //	    only the device's lookup (FindLocal) over v1, for its peak RSS.
+//	deltabench -ready -new v2.img -local v1.img [-ready-cases quota-mqtt,link-mqtt,link-http] [-ready-kinds full,delta] [-base]
+//	    end to end (ready.go): the emulator with AWS quotas, a real ota-writer running v1 and
+//	    ota-net; a full and a delta update to v2 per case, one JSON line each: time to the
+//	    ready update, bytes served, peak RSS (VmHWM) of both processes.
 package main
 
 import (
@@ -60,8 +64,22 @@ func main() {
 	newChunk := flag.Uint("new-chunk-size", 0, "with -base: image bytes of a chunk of new blocks (the package's default when 0)")
 	maxChunk := flag.Uint("max-chunk-bytes", 0, "compressed bytes of a chunk at most (the package's default when 0)")
 	peakRSS := flag.Bool("peak-rss", false, "run the command given after the flags and print its peak RSS in KiB")
+	ready := flag.Bool("ready", false, "end to end: time to ready, bytes served and peak RSS of a full and a delta update from -local to -new")
+	readyCasesFlag := flag.String("ready-cases", "quota-mqtt,link-mqtt,link-http", "with -ready: quota-mqtt (the emulator's 512 KiB/s quota), link-mqtt and link-http (a 5 Mbit/s toxiproxy link)")
+	readyKinds := flag.String("ready-kinds", "full,delta", "with -ready: full, delta")
 	flag.Parse()
 	ctx := context.Background()
+	if *ready {
+		err := readyBench(ctx, *local, *newImg, *withBase, strings.Split(*readyCasesFlag, ","), strings.Split(*readyKinds, ","), func(f ReadyFigures) {
+			b, _ := json.Marshal(f)
+			fmt.Println(string(b))
+		})
+		if err != nil {
+			fmt.Fprintln(os.Stderr, "deltabench:", err)
+			os.Exit(1)
+		}
+		return
+	}
 	if *peakRSS {
 		kib, err := runPeakRSS(flag.Args())
 		if err != nil {

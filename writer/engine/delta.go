@@ -443,21 +443,10 @@ func (e *Engine) resumeChunks(ctx context.Context, t *target.Target, req *otav1.
 	m := s.meta
 	if s.kind() != kindChunks || m.JobID != req.GetJobId() || m.FileIndex != req.GetFileIndex() || m.FileSize != req.GetFileSize() ||
 		m.ManifestFileIndex != req.GetManifestFileIndex() {
-		return nil, status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "target %s is busy with job %s file %d: abort that session first", t.Name(), m.JobID, m.FileIndex).
-			WithMeta("job_id", m.JobID).WithMeta("session_id", s.id).WithMeta("file_index", fmt.Sprint(m.FileIndex)).WithMeta("target", t.Name())
+		return nil, busy(t, s)
 	}
-	if err := s.lockIdle(ctx); err != nil {
+	if err := e.lockForResume(ctx, s); err != nil {
 		return nil, err
-	}
-	if err := e.refuseFencedLocked(ctx, s, true); err != nil {
-		s.mu.Unlock()
-		return nil, err
-	}
-	if s.pendingBytes > 0 && s.writableLocked() == nil {
-		if err := e.syncLocked(s); err != nil {
-			s.mu.Unlock()
-			return nil, err
-		}
 	}
 	fillDone := s.meta.FillDone
 	s.mu.Unlock()

@@ -158,6 +158,33 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 	return e.beginNew(t, req, booted, slot)
 }
 
+// busy refuses a Begin for t, whose session s writes another file.
+func busy(t *target.Target, s *session) error {
+	m := s.meta
+	return status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "target %s is busy with job %s file %d: abort that session first", t.Name(), m.JobID, m.FileIndex).
+		WithMeta("job_id", m.JobID).WithMeta("session_id", s.id).WithMeta("file_index", fmt.Sprint(m.FileIndex)).WithMeta("target", t.Name())
+}
+
+// lockForResume locks s once no call uses it, refuses it if its slot is fenced, and makes
+// what the last client wrote but did not see synced durable, unless the slot may no longer be
+// written. On success s.mu is held.
+func (e *Engine) lockForResume(ctx context.Context, s *session) error {
+	if err := s.lockIdle(ctx); err != nil {
+		return err
+	}
+	if err := e.refuseFencedLocked(ctx, s, true); err != nil {
+		s.mu.Unlock()
+		return err
+	}
+	if s.pendingBytes > 0 && s.writableLocked() == nil {
+		if err := e.syncLocked(s); err != nil {
+			s.mu.Unlock()
+			return err
+		}
+	}
+	return nil
+}
+
 // resume answers a Begin for the file t's session is writing: what the last client wrote
 // but did not see synced becomes durable now, so the resumed client does not fetch it
 // again, unless its slot may no longer be written. Another job's session makes the target
@@ -173,21 +200,10 @@ func (e *Engine) resume(ctx context.Context, t *target.Target, req *otav1.BeginS
 	if !(s.kind() == kindImage && m.JobID == req.GetJobId() && m.FileIndex == req.GetFileIndex() && m.FileSize == req.GetFileSize() &&
 		bytes.Equal(m.Signature, req.GetSignature()) && m.Algorithm == int32(req.GetSigAlgorithm()) &&
 		m.CertName == req.GetCertName() && m.Version == req.GetVersion()) {
-		return nil, status.Errorf(otav1.Reason_REASON_SESSION_BUSY, "target %s is busy with job %s file %d: abort that session first", t.Name(), m.JobID, m.FileIndex).
-			WithMeta("job_id", m.JobID).WithMeta("session_id", s.id).WithMeta("file_index", fmt.Sprint(m.FileIndex)).WithMeta("target", t.Name())
+		return nil, busy(t, s)
 	}
-	if err := s.lockIdle(ctx); err != nil {
+	if err := e.lockForResume(ctx, s); err != nil {
 		return nil, err
-	}
-	if err := e.refuseFencedLocked(ctx, s, true); err != nil {
-		s.mu.Unlock()
-		return nil, err
-	}
-	if s.pendingBytes > 0 && s.writableLocked() == nil {
-		if err := e.syncLocked(s); err != nil {
-			s.mu.Unlock()
-			return nil, err
-		}
 	}
 	s.mu.Unlock()
 	info := s.info()

@@ -13,10 +13,12 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptrace"
 	"net/url"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/hashicorp/go-hclog"
@@ -38,9 +40,16 @@ const (
 	// DefaultMaxRangeBytes caps one GET so that a failure late in a huge range loses little
 	// time to reconnecting, while one range still amortises the request cost completely.
 	DefaultMaxRangeBytes = 64 << 20
-	// DefaultMergeGap: missing runs closer than this are fetched in one range (the blocks in
-	// between are read and dropped): a GET costs a round trip, 256 KiB is cheap to skip.
-	DefaultMergeGap     = 256 << 10
+	// DefaultMergeGap caps the merge gap: missing runs closer than the gap are fetched in one
+	// range (the blocks in between are read and dropped). The gap itself is what the link
+	// carries during one GET's wait for its first byte (measured rate × time to first byte),
+	// since that is what a separate GET costs; at most this, at least one block.
+	DefaultMergeGap = 256 << 10
+	// DefaultStartGap is the gap before the Downloader has measured its link (no body of
+	// minRateSample bytes yet): small, so that a sparse plan wastes little before it knows.
+	DefaultStartGap = 64 << 10
+	// minRateSample: shorter bodies arrive in one burst and say nothing of the link's rate.
+	minRateSample       = 32 << 10
 	DefaultMaxAttempts  = 8
 	DefaultRetryBackoff = 500 * time.Millisecond
 	maxRetryBackoff     = 30 * time.Second
@@ -59,7 +68,9 @@ type Config struct {
 	ConnectTimeout, HeaderTimeout time.Duration
 	ReadTimeout                   time.Duration
 	MaxRangeBytes                 int64
-	MergeGap                      int64
+	// MergeGap caps the adaptive merge gap (default DefaultMergeGap); negative: never merge
+	// runs of missing blocks.
+	MergeGap int64
 	// MaxAttempts failed GETs in a row without a new block fail the download
 	// (download_failed); the wait between them doubles from RetryBackoff up to 30 s.
 	MaxAttempts  int
@@ -94,13 +105,75 @@ type Stats struct {
 	Retries   int
 	Refreshes int
 	Resumes   int
+	// MergeGap is the gap of the last plan (bytes).
+	MergeGap int64
 }
 
 // Downloader fetches files over HTTP.
 type Downloader struct {
-	cfg Config
-	hc  *http.Client
-	log hclog.Logger
+	cfg  Config
+	hc   *http.Client
+	log  hclog.Logger
+	link linkEstimate // kept across downloads: the link outlives one file
+}
+
+// linkEstimate is what the Downloader has measured of its own GETs.
+type linkEstimate struct {
+	mu   sync.Mutex
+	ttfb time.Duration // moving average from request written to first response byte; 0: none
+	// Decayed sums of bodies of at least minRateSample bytes: rate = bytes / secs.
+	bytes, secs float64
+}
+
+func (e *linkEstimate) observe(ttfb time.Duration, bodyBytes int64, body time.Duration) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if ttfb > 0 {
+		if e.ttfb == 0 {
+			e.ttfb = ttfb
+		} else {
+			e.ttfb = (3*e.ttfb + ttfb) / 4
+		}
+	}
+	if bodyBytes >= minRateSample && body > 0 {
+		e.bytes = e.bytes/2 + float64(bodyBytes)
+		e.secs = e.secs/2 + body.Seconds()
+	}
+}
+
+// current returns the measured rate (bytes/s) and time to first byte; ok false before both
+// are known.
+func (e *linkEstimate) current() (rate float64, ttfb time.Duration, ok bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if e.ttfb == 0 || e.secs == 0 {
+		return 0, 0, false
+	}
+	return e.bytes / e.secs, e.ttfb, true
+}
+
+// GapFor is the merge gap for a link of rate bytes/s whose GETs wait ttfb for their first
+// byte: the bytes the link would carry during that wait (fetching fewer and dropping them
+// costs less than another GET), within one block and maxGap.
+func GapFor(rate float64, ttfb time.Duration, blockSize int, maxGap int64) int64 {
+	if maxGap <= 0 {
+		return 0
+	}
+	g := int64(rate * ttfb.Seconds())
+	return max(min(g, maxGap), min(int64(blockSize), maxGap))
+}
+
+// MergeGap returns the gap the next plan for blocks of blockSize uses: GapFor what the
+// Downloader has measured, DefaultStartGap (within the same bounds) before it has.
+func (d *Downloader) MergeGap(blockSize int) int64 {
+	if d.cfg.MergeGap <= 0 {
+		return 0
+	}
+	rate, ttfb, ok := d.link.current()
+	if !ok {
+		return max(min(DefaultStartGap, d.cfg.MergeGap), min(int64(blockSize), d.cfg.MergeGap))
+	}
+	return GapFor(rate, ttfb, blockSize, d.cfg.MergeGap)
 }
 
 // New returns a Downloader.
@@ -165,10 +238,15 @@ type Range struct{ Start, End int64 }
 // Plan returns the byte ranges a download of the missing blocks will GET: runs of missing
 // blocks, merged across gaps of at most mergeGap bytes, split at maxRange bytes.
 func Plan(missing func(i int) bool, size int64, blockSize int, mergeGap, maxRange int64) []Range {
+	return planFrom(missing, 0, size, blockSize, mergeGap, maxRange)
+}
+
+// planFrom is Plan from block from on.
+func planFrom(missing func(i int) bool, from int, size int64, blockSize int, mergeGap, maxRange int64) []Range {
 	bs := int64(blockSize)
 	total := int((size + bs - 1) / bs)
 	var out []Range
-	for i := 0; i < total; {
+	for i := from; i < total; {
 		if !missing(i) {
 			i++
 			continue
@@ -244,7 +322,9 @@ func (r *run) loop(ctx context.Context) error {
 	attempts, refreshes := 0, 0
 	backoff := r.d.cfg.RetryBackoff
 	for {
-		plan := Plan(r.missing, r.f.Size, r.f.BlockSize, r.d.cfg.MergeGap, r.d.cfg.MaxRangeBytes)
+		gap := r.d.MergeGap(r.f.BlockSize)
+		r.stats.MergeGap = gap
+		plan := Plan(r.missing, r.f.Size, r.f.BlockSize, gap, r.d.cfg.MaxRangeBytes)
 		if len(plan) == 0 {
 			err := r.sink.Flush(ctx)
 			if err == nil {
@@ -258,7 +338,8 @@ func (r *run) loop(ctx context.Context) error {
 		}
 		var err error
 		progressed := false
-		for _, sp := range plan {
+		for k := 0; k < len(plan); k++ {
+			sp := plan[k]
 			before := r.held
 			err = r.fetch(ctx, sp)
 			if r.held > before {
@@ -266,6 +347,14 @@ func (r *run) loop(ctx context.Context) error {
 			}
 			if err != nil {
 				break
+			}
+			// Each GET refines the measured gap: when it has moved by more than a quarter,
+			// the rest of the file is planned again with it.
+			if g := r.d.MergeGap(r.f.BlockSize); k+1 < len(plan) && (g < gap*3/4 || g > gap*5/4) {
+				gap = g
+				r.stats.MergeGap = gap
+				rest := planFrom(r.missing, int(sp.End/int64(r.f.BlockSize)), r.f.Size, r.f.BlockSize, gap, r.d.cfg.MaxRangeBytes)
+				plan = append(plan[:k+1], rest...)
 			}
 		}
 		if err == nil {
@@ -374,6 +463,15 @@ func (r *run) fetch(ctx context.Context, sp Range) error {
 	if !whole {
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", sp.Start, sp.End-1))
 	}
+	// Time to first byte counts from the request written, so a new connection's handshakes
+	// do not count: a merged gap saves a GET on a kept connection.
+	// The transport calls these on its own goroutines: nanoseconds since t0, 0 for not yet.
+	t0 := time.Now()
+	var wrote, first atomic.Int64
+	req = req.WithContext(httptrace.WithClientTrace(ctx, &httptrace.ClientTrace{
+		WroteRequest:         func(httptrace.WroteRequestInfo) { wrote.Store(int64(time.Since(t0)) + 1) },
+		GotFirstResponseByte: func() { first.Store(int64(time.Since(t0)) + 1) },
+	}))
 	r.stats.Requests++
 	resp, err := r.d.hc.Do(req)
 	if err != nil {
@@ -424,6 +522,7 @@ func (r *run) fetch(ctx context.Context, sp Range) error {
 	}
 	ch := make(chan chunk, max(1, int(readAhead/bs)))
 	var bodyBytes int64
+	var bodyEnd time.Duration // since t0, set once the whole range has been read
 	go func() {
 		defer close(ch)
 		for off := sp.Start; off < end; {
@@ -448,6 +547,9 @@ func (r *run) fetch(ctx context.Context, sp Range) error {
 				return
 			}
 			off += n
+			if off >= end {
+				bodyEnd = time.Since(t0)
+			}
 			select {
 			case ch <- chunk{i: i, data: data}:
 			case <-ctx.Done():
@@ -475,6 +577,10 @@ func (r *run) fetch(ctx context.Context, sp Range) error {
 		r.held++
 		r.stats.Received++
 		r.progress()
+	}
+	// ch is closed: the reader has stopped and its writes are visible.
+	if w, f := time.Duration(wrote.Load()-1), time.Duration(first.Load()-1); bodyEnd > 0 && w >= 0 && f > w {
+		r.d.link.observe(f-w, bodyBytes+skip, bodyEnd-f)
 	}
 	return nil
 }

@@ -131,6 +131,10 @@ func TestPlan(t *testing.T) {
 		{name: "split at max", total: 10, size: 10 * bs, missing: []int{0, 1, 2, 3, 4, 5, 6, 7, 8, 9}, gap: 0, max: 4 * bs,
 			want: []httpdl.Range{{0, 4 * bs}, {4 * bs, 8 * bs}, {8 * bs, 10 * bs}}},
 		{name: "nothing", total: 10, size: 10 * bs, gap: bs, max: 1 << 30},
+		{name: "gap of one block", total: 16, size: 16 * bs, missing: []int{1, 3, 6, 9, 11}, gap: bs, max: 1 << 30,
+			want: []httpdl.Range{{1 * bs, 4 * bs}, {6 * bs, 7 * bs}, {9 * bs, 12 * bs}}},
+		{name: "gap of two blocks", total: 16, size: 16 * bs, missing: []int{1, 3, 6, 9, 11}, gap: 2 * bs, max: 1 << 30,
+			want: []httpdl.Range{{1 * bs, 12 * bs}}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -459,5 +463,124 @@ func TestSyncBeforeRetryAndProgress(t *testing.T) {
 	want = append(want, blocksink.Progress{Received: 16, Durable: 16, Total: 16}) // flushed
 	if diff := cmp.Diff(want, got); diff != "" {
 		t.Fatalf("progress (-want +got):\n%s", diff)
+	}
+}
+
+func TestGapFor(t *testing.T) {
+	const bs = 4096
+	tests := []struct {
+		name   string
+		rate   float64 // bytes/s
+		ttfb   time.Duration
+		maxGap int64
+		want   int64
+	}{
+		{name: "rate x ttfb", rate: 1 << 20, ttfb: 50 * time.Millisecond, maxGap: httpdl.DefaultMergeGap, want: 52428},
+		{name: "5 Mbit/s, 80 ms", rate: 625000, ttfb: 80 * time.Millisecond, maxGap: httpdl.DefaultMergeGap, want: 50000},
+		{name: "fast link, long wait: capped", rate: 100 << 20, ttfb: 100 * time.Millisecond, maxGap: httpdl.DefaultMergeGap, want: httpdl.DefaultMergeGap},
+		{name: "local: one block", rate: 100 << 20, ttfb: 10 * time.Microsecond, maxGap: httpdl.DefaultMergeGap, want: bs},
+		{name: "cap below a block", rate: 1 << 20, ttfb: time.Second, maxGap: 1024, want: 1024},
+		{name: "never merge", rate: 1 << 20, ttfb: time.Second, maxGap: 0, want: 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			if diff := cmp.Diff(tc.want, httpdl.GapFor(tc.rate, tc.ttfb, bs, tc.maxGap)); diff != "" {
+				t.Fatal(diff)
+			}
+		})
+	}
+}
+
+// slowWriter paces a response body: 16 KiB, then a pause.
+type slowWriter struct {
+	http.ResponseWriter
+	pause time.Duration
+}
+
+func (w slowWriter) Write(p []byte) (int, error) {
+	n := 0
+	for len(p) > 0 {
+		k := min(len(p), 16<<10)
+		m, err := w.ResponseWriter.Write(p[:k])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		w.ResponseWriter.(http.Flusher).Flush()
+		time.Sleep(w.pause)
+		p = p[k:]
+	}
+	return n, nil
+}
+
+// The merge gap follows the link the Downloader has measured: a server slow to answer but
+// fast to send gets sparse blocks merged into one GET (a second GET would wait longer than
+// the gap takes to arrive); a server that answers at once but sends slowly gets each run by
+// itself (the gap would take longer than another GET). Before any measurement the gap is
+// DefaultStartGap. A whole file is one GET either way.
+func TestAdaptiveMergeGap(t *testing.T) {
+	const bs = 4096
+	const blocks = 128
+	img := randImage(blocks * bs)
+	sparse := []int{0, 32, 64, 96} // 124 KiB between missing blocks
+	type figures struct{ Requests, Received int }
+	tests := []struct {
+		name         string
+		delay, pause time.Duration // before the headers; after each 16 KiB of body
+		warm         bool          // download the whole file first (measures the link)
+		gapLo, gapHi int64
+		want         figures
+		wantBytes    int64
+	}{
+		{name: "slow first byte, fast body: merged", delay: 150 * time.Millisecond, warm: true,
+			gapLo: 128 << 10, gapHi: httpdl.DefaultMergeGap, want: figures{1, 4}, wantBytes: 97 * bs},
+		{name: "fast first byte, slow body: apart", pause: 16 * time.Millisecond, warm: true,
+			gapLo: bs, gapHi: 64 << 10, want: figures{4, 4}, wantBytes: 4 * bs},
+		{name: "not measured: start gap", delay: 150 * time.Millisecond,
+			gapLo: httpdl.DefaultStartGap, gapHi: httpdl.DefaultStartGap, want: figures{4, 4}, wantBytes: 4 * bs},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			s := newServer(t, img)
+			s.hook = func(w http.ResponseWriter, r *http.Request, n int) bool {
+				time.Sleep(tc.delay)
+				if tc.pause > 0 {
+					w = slowWriter{w, tc.pause}
+				}
+				http.ServeContent(w, r, "", time.Time{}, bytes.NewReader(img))
+				return true
+			}
+			d := dl(t, httpdl.Config{})
+			f := httpdl.File{URL: s.URL, Size: int64(len(img)), BlockSize: bs}
+			if tc.warm {
+				st, err := d.Download(context.Background(), f, nil, newSink(t), nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if st.Requests != 1 || st.Bytes != int64(len(img)) {
+					t.Fatalf("whole file: %+v", st)
+				}
+			}
+			sink := newSink(t)
+			st, err := d.Download(context.Background(), f, missingOf(blocks, sparse...), sink, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Logf("merge gap %d, stats %+v", st.MergeGap, st)
+			if st.MergeGap < tc.gapLo || st.MergeGap > tc.gapHi {
+				t.Errorf("merge gap %d, want %d..%d", st.MergeGap, tc.gapLo, tc.gapHi)
+			}
+			if diff := cmp.Diff(tc.want, figures{st.Requests, st.Received}); diff != "" {
+				t.Error(diff)
+			}
+			if st.Bytes != tc.wantBytes {
+				t.Errorf("fetched %d bytes, want %d", st.Bytes, tc.wantBytes)
+			}
+			for _, i := range sparse {
+				if !bytes.Equal(sink.Blocks[i], img[i*bs:(i+1)*bs]) {
+					t.Fatalf("block %d differs", i)
+				}
+			}
+		})
 	}
 }

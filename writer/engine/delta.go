@@ -170,10 +170,7 @@ func (e *Engine) beginManifest(ctx context.Context, req *otav1.BeginSessionReque
 	if err != nil {
 		return nil, err
 	}
-	s.medium = m
-	s.state = otav1.SessionState_SESSION_STATE_RECEIVING
-	s.received = bitmap.New(int(s.total))
-	s.durable = bitmap.New(int(s.total))
+	s.startReceiving(m)
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		m.Close()
 		e.journal.RemoveSession(key)
@@ -407,10 +404,7 @@ func (e *Engine) beginChunks(ctx context.Context, req *otav1.BeginSessionRequest
 		e.journal.RemoveSession(t.Name())
 		return nil, err
 	}
-	s.medium = med
-	s.state = otav1.SessionState_SESSION_STATE_RECEIVING
-	s.received = bitmap.New(int(s.total))
-	s.durable = bitmap.New(int(s.total))
+	s.startReceiving(med)
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		med.Close()
 		t.Discard()
@@ -553,9 +547,8 @@ func (e *Engine) fillLocal(ctx context.Context, s *session, booted string) (err 
 		return target.IOError(err, "sync after the local fill")
 	}
 	for k := range int(s.total) {
-		if local2.Has(k) && !s.received.Has(k) {
+		if local2.Has(k) {
 			s.received.Set(k)
-			s.nReceived++
 		}
 	}
 	copy(s.durable, s.received)

@@ -158,6 +158,15 @@ func (e *Engine) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*ot
 	return e.beginNew(t, req, booted, slot)
 }
 
+// startReceiving makes a new session's medium m and its empty bitmaps current: the state
+// every kind of session begins in.
+func (s *session) startReceiving(m target.Medium) {
+	s.medium = m
+	s.state = otav1.SessionState_SESSION_STATE_RECEIVING
+	s.received = bitmap.New(int(s.total))
+	s.durable = bitmap.New(int(s.total))
+}
+
 // busy refuses a Begin for t, whose session s writes another file.
 func busy(t *target.Target, s *session) error {
 	m := s.meta
@@ -264,10 +273,7 @@ func (e *Engine) beginNew(t *target.Target, req *otav1.BeginSessionRequest, boot
 	if err != nil {
 		return nil, err
 	}
-	s.medium = m
-	s.state = otav1.SessionState_SESSION_STATE_RECEIVING
-	s.received = bitmap.New(int(s.total))
-	s.durable = bitmap.New(int(s.total))
+	s.startReceiving(m)
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
 		m.Close()
 		t.Discard()

@@ -187,6 +187,24 @@ func (e *env) image(name string, size int64, seed uint64) string {
 	return p
 }
 
+// alteredFile returns the job file of an image altered in its middle that carries the
+// signature of the unaltered one: what a man in the middle or a bad medium delivers.
+func (e *env) alteredFile() backend.FileSpec {
+	e.t.Helper()
+	good := e.image("good.img", smallImage, 3)
+	bad := good + ".bad"
+	if err := harness.CorruptCopy(good, bad, smallImage/2); err != nil {
+		e.t.Fatal(err)
+	}
+	sig, err := e.signer.SignFile(good)
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	f := e.signer.File(bad)
+	f.SigningKeyPEM, f.Signature = nil, sig
+	return f
+}
+
 func (e *env) start() {
 	e.t.Helper()
 	if err := e.dev.Start(e.ctx); err != nil {

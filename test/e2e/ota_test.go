@@ -42,17 +42,7 @@ func TestHappyPath(t *testing.T) {
 func TestBadSignature(t *testing.T) {
 	onBrokers(t, func(t *testing.T, broker string) {
 		e := newEnv(t, broker, nil)
-		good := e.image("good.img", smallImage, 3)
-		bad := good + ".bad"
-		if err := harness.CorruptCopy(good, bad, smallImage/2); err != nil {
-			t.Fatal(err)
-		}
-		sig, err := e.signer.SignFile(good)
-		if err != nil {
-			t.Fatal(err)
-		}
-		f := e.signer.File(bad)
-		f.SigningKeyPEM, f.Signature = nil, sig
+		f := e.alteredFile()
 		e.start()
 		before := e.slots()
 		e.createJob("badsig", f)
@@ -195,13 +185,7 @@ func TestNetKilledMidDownload(t *testing.T) {
 		checkProgress(t, us[:len(us)-2], true, -1)
 		e.checkInstalled(img, 1)
 
-		var after []int
-		for _, r := range e.cloud.StreamRequests("netkill") {
-			if r.At.After(killedAt) {
-				after = append(after, r.Wanted...)
-			}
-		}
-		after = uniq(after)
+		after := requestedAfter(e.cloud, "netkill", killedAt)
 		if len(after) == 0 {
 			t.Fatalf("no stream request after the restart")
 		}
@@ -373,6 +357,18 @@ func uniq(xs []int) []int {
 	s := slices.Clone(xs)
 	slices.Sort(s)
 	return slices.Compact(s)
+}
+
+// requestedAfter returns the blocks the stream requests of job asked for after since, each
+// once, in order.
+func requestedAfter(c *harness.Cloud, job string, since time.Time) []int {
+	var after []int
+	for _, r := range c.StreamRequests(job) {
+		if r.At.After(since) {
+			after = append(after, r.Wanted...)
+		}
+	}
+	return uniq(after)
 }
 
 // TestCancelWhileNetDown: ota-net is killed with SIGKILL mid-download and the job is canceled

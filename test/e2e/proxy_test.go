@@ -363,13 +363,7 @@ func TestProxyRestartMidDownload(t *testing.T) {
 	checkProgress(t, us[:len(us)-2], false, -1)
 	r.checkInstalled(img, 1)
 
-	var after []int
-	for _, q := range r.cloud.StreamRequests("pxrestart") {
-		if q.At.After(killedAt) {
-			after = append(after, q.Wanted...)
-		}
-	}
-	after = uniq(after)
+	after := requestedAfter(r.cloud, "pxrestart", killedAt)
 	if len(after) == 0 {
 		t.Fatal("no stream request after the proxy restart")
 	}

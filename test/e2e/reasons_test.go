@@ -105,17 +105,7 @@ func reasonRows() map[otav1.Reason]reasonRow {
 
 		R("SIG_CHECK_FAILED"): {levelE2E, func(t *testing.T, want otav1.Reason) {
 			e := newEnv(t, embedded, nil)
-			good := e.image("good.img", smallImage, 3)
-			bad := good + ".bad"
-			if err := harness.CorruptCopy(good, bad, smallImage/2); err != nil {
-				t.Fatal(err)
-			}
-			sig, err := e.signer.SignFile(good)
-			if err != nil {
-				t.Fatal(err)
-			}
-			f := e.signer.File(bad)
-			f.SigningKeyPEM, f.Signature = nil, sig
+			f := e.alteredFile()
 			e.start()
 			e.createJob("j", f)
 			e.wantEnd("j", backend.StatusFailed, want)

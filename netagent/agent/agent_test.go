@@ -892,29 +892,7 @@ func TestCustomAndInvalidDocuments(t *testing.T) {
 	}); err != nil {
 		t.Fatal(err)
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
-	jc, err := jobs.New(conn, thing, jobs.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer jc.Close(context.Background())
-	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer lcancel()
-	link, err := writerlink.Dial(lctx, writerlink.Config{SocketPath: w.sock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close()
-	a := agent.New(jc, agent.LinkWriter(link), nil, nil, agent.Config{Logger: logger(t, "agent")})
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	runHandAgent(t, b, thing, dialLink(t, w), jobs.Options{}, nil, agent.Config{Logger: logger(t, "agent")})
 	// The agent asks $next/get once its subscriptions are in place.
 	select {
 	case <-asked:
@@ -960,6 +938,47 @@ func TestCustomAndInvalidDocuments(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("no update")
 	}
+}
+
+// dialLink connects to w's writer for the rest of the test.
+func dialLink(t *testing.T, w *writerRig) *writerlink.Link {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	link, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: w.sock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { link.Close() })
+	return link
+}
+
+// runHandAgent runs an agent as thing on the plain broker b, writing through link, until the
+// test ends (stopped before link closes), and returns the context it runs in.
+func runHandAgent(t *testing.T, b *mqtttest.Broker, thing string, link *writerlink.Link, jo jobs.Options, hd agent.HTTPDownloader, cfg agent.Config) context.Context {
+	t.Helper()
+	ctx, cancel := context.WithCancel(t.Context())
+	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
+	if err != nil {
+		cancel()
+		t.Fatal(err)
+	}
+	jc, err := jobs.New(conn, thing, jo)
+	if err != nil {
+		cancel()
+		conn.Close(context.Background())
+		t.Fatal(err)
+	}
+	a := agent.New(jc, agent.LinkWriter(link), nil, hd, cfg)
+	done := make(chan error, 1)
+	go func() { done <- a.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+		jc.Close(context.Background())
+		conn.Close(context.Background())
+	})
+	return ctx
 }
 
 // handCloud plays the Jobs service by hand on a plain broker: every update is accepted and
@@ -1071,33 +1090,12 @@ func TestReplacedByNewerJob(t *testing.T) {
 	}))
 	defer srv.Close()
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
-	jc, err := jobs.New(conn, thing, jobs.Options{})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer jc.Close(context.Background())
-	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer lcancel()
-	link, err := writerlink.Dial(lctx, writerlink.Config{SocketPath: w.sock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close()
 	hd, err := httpdl.New(httpdl.Config{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	a := agent.New(jc, agent.LinkWriter(link), nil, hd, agent.Config{BlockSize: 4096, Logger: logger(t, "agent")})
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	link := dialLink(t, w)
+	ctx := runHandAgent(t, b, thing, link, jobs.Options{}, hd, agent.Config{BlockSize: 4096, Logger: logger(t, "agent")})
 	select {
 	case <-cloud.asked:
 	case <-time.After(20 * time.Second):
@@ -1152,15 +1150,8 @@ func TestReconcileKeepsOpenAbortsGone(t *testing.T) {
 	cloud.status["gone-1"] = jobs.StatusCanceled
 	cloud.mu.Unlock()
 
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	lctx, lcancel := context.WithTimeout(ctx, 10*time.Second)
-	defer lcancel()
-	link, err := writerlink.Dial(lctx, writerlink.Config{SocketPath: w.sock})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer link.Close()
+	ctx := t.Context()
+	link := dialLink(t, w)
 	// Sessions a previous ota-net left: job open-1 on rootfs, job gone-1 on app.
 	img := newImage(t, 64*1024)
 	for _, s := range []struct {
@@ -1174,22 +1165,9 @@ func TestReconcileKeepsOpenAbortsGone(t *testing.T) {
 		}
 	}
 
-	conn, err := mqttconn.Dial(ctx, mqttconn.Config{BrokerURL: b.URL(), ClientID: thing, BackoffMin: 20 * time.Millisecond})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(context.Background())
 	// The hand cloud never answers $next/get: the agent cannot learn the next job and must
 	// decide by each job's own execution.
-	jc, err := jobs.New(conn, thing, jobs.Options{ResponseTimeout: 200 * time.Millisecond, Attempts: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer jc.Close(context.Background())
-	a := agent.New(jc, agent.LinkWriter(link), nil, nil, agent.Config{Logger: logger(t, "agent")})
-	done := make(chan error, 1)
-	go func() { done <- a.Run(ctx) }()
-	defer func() { cancel(); <-done }()
+	runHandAgent(t, b, thing, link, jobs.Options{ResponseTimeout: 200 * time.Millisecond, Attempts: 1}, nil, agent.Config{Logger: logger(t, "agent")})
 
 	deadline := time.Now().Add(30 * time.Second)
 	for {

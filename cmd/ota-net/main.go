@@ -16,6 +16,7 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 
+	"github.com/gwota/gwota/internal/cpuprofile"
 	"github.com/gwota/gwota/internal/systemd"
 	"github.com/gwota/gwota/netagent/agent"
 	"github.com/gwota/gwota/netagent/httpdl"
@@ -91,6 +92,7 @@ func parseArgs(args []string, stderr io.Writer) (Config, error) {
 }
 
 func run(args []string, stderr io.Writer) int {
+	defer cpuprofile.Start("ota-net")()
 	cfg, err := parseArgs(args, stderr)
 	if errors.Is(err, flag.ErrHelp) {
 		return 0

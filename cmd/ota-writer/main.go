@@ -34,6 +34,7 @@ import (
 	"runtime/debug"
 	"syscall"
 
+	"github.com/gwota/gwota/internal/cpuprofile"
 	"github.com/gwota/gwota/status"
 )
 
@@ -85,6 +86,7 @@ func main() {
 }
 
 func run(args []string, stdout, stderr io.Writer) int {
+	defer cpuprofile.Start("ota-writer")()
 	if len(args) < 1 {
 		fmt.Fprint(stderr, usage)
 		return exitUsage

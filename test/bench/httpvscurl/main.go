@@ -62,6 +62,7 @@ type options struct {
 	debug     bool
 	base      string
 	env       string
+	profDir   string
 }
 
 // Summary is the JSON line.
@@ -104,6 +105,7 @@ func main() {
 	flag.BoolVar(&o.curlFile, "curl-file", false, "curl writes to a file beside the device instead of /dev/null")
 	flag.BoolVar(&o.debug, "debug", false, "both processes log at debug level to stderr")
 	flag.StringVar(&o.env, "env", "", "extra environment of ota-net and ota-writer, space-separated (e.g. GOMAXPROCS=2 GOMEMLIMIT=off)")
+	flag.StringVar(&o.profDir, "cpuprofile", "", "build with the gwota_pprof tag and have every ota-net and ota-writer process write a CPU profile of its run into this directory (NAME-PID.prof)")
 	flag.StringVar(&o.base, "base", "", "directory with another build's ota-net and ota-writer, run in every repetition too")
 	flag.Parse()
 	if o.sizeMiB <= 0 || o.reps <= 0 || o.rateKB < 0 {
@@ -155,7 +157,18 @@ func run(ctx context.Context, o options) (*Summary, error) {
 	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
 		return nil, err
 	}
-	bin, err := harness.Build(ctx, harness.BuildOptions{Dir: filepath.Join(dir, "bin")})
+	bo := harness.BuildOptions{Dir: filepath.Join(dir, "bin")}
+	if o.profDir != "" {
+		if o.profDir, err = filepath.Abs(o.profDir); err != nil {
+			return nil, err
+		}
+		if err := os.MkdirAll(o.profDir, 0o755); err != nil {
+			return nil, err
+		}
+		bo.Tags = []string{"gwota_pprof"}
+		o.env = strings.TrimSpace(o.env + " GWOTA_CPUPROFILE=" + o.profDir)
+	}
+	bin, err := harness.Build(ctx, bo)
 	if err != nil {
 		return nil, err
 	}

@@ -2,16 +2,20 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"crypto/sha256"
 	"encoding/hex"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
+	"sync"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/test/sign"
 	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/boot"
@@ -190,5 +194,118 @@ func TestEngineSessionOverStream(t *testing.T) {
 	}
 	if ds.GetImageState() != otav1.ImageState_IMAGE_STATE_ACTIVATED {
 		t.Errorf("image state %s, want activated", ds.GetImageState())
+	}
+}
+
+// heldWriter is the engine with a look at the server's held block buffers during each Write.
+type heldWriter struct {
+	api.Writer
+	srv     func() *server.Server
+	mu      sync.Mutex
+	minHeld int
+	writes  int
+}
+
+func (w *heldWriter) Write(ctx context.Context, id string, blocks []*otav1.Block, sync bool) (api.WriteResult, error) {
+	n := server.HeldBlockBuffers(w.srv())
+	w.mu.Lock()
+	if w.writes == 0 || n < w.minHeld {
+		w.minHeld = n
+	}
+	w.writes++
+	w.mu.Unlock()
+	return w.Writer.Write(ctx, id, blocks, sync)
+}
+
+// The blocks of a WriteBlocks message are slices of the received buffer (writer/server's
+// blockCodec): the buffer is held while the engine writes them and released after every
+// call, whether the stream or call succeeded or the engine refused the blocks, so the image
+// still arrives whole and nothing accumulates.
+func TestBlockBuffersHeldUntilWritten(t *testing.T) {
+	eng, signer, dir := newEngineWithKey(t, 64<<10)
+	var srv *server.Server
+	w := &heldWriter{Writer: eng, srv: func() *server.Server { return srv }}
+	r := writertest.ServeWith(t, w, server.Options{}, server.ListenConfig{}, nil, func(s *server.Server, ln net.Listener) error {
+		srv = s
+		return s.Serve(ln)
+	})
+	c := dial(t, r.Sock)
+	ctx := t.Context()
+	const bs = 64 << 10
+	img := randBytes(t, 40*bs+123)
+	sig, err := signer.Sign(img)
+	if err != nil {
+		t.Fatal(err)
+	}
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "held", FilePath: writertest.Target, FileSize: uint64(len(img)), BlockSize: bs,
+		SigAlgorithm: otav1.SigAlgorithm_SIG_ALGORITHM_ECDSA_P256_SHA256, Signature: sig, CertName: certName})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := begin.GetSession().GetSessionId()
+	block := func(k int) *otav1.Block {
+		return &otav1.Block{Offset: uint64(k * bs), Data: img[k*bs : min((k+1)*bs, len(img))]}
+	}
+	// Blocks 0..29 on a stream, two per message (messages of many HTTP/2 frames).
+	st, err := c.OpenBlockStream(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k := 0; k < 30; k += 2 {
+		if _, err := st.Send([]*otav1.Block{block(k), block(k + 1)}, k%8 == 6); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := st.Send(nil, true); err != nil {
+		t.Fatal(err)
+	}
+	st.CloseSend()
+	for range st.Acks() {
+	}
+	if err := st.Wait(); err != nil {
+		t.Fatal(err)
+	}
+	// A stream the engine refuses (a block of the wrong size), then the rest as unary calls,
+	// one of them refused too.
+	bad, err := c.OpenBlockStream(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad.Send([]*otav1.Block{{Offset: 30 * bs, Data: img[:bs-1]}}, false)
+	for range bad.Acks() {
+	}
+	if err := bad.Wait(); status.ReasonOf(err) != otav1.Reason_REASON_INVALID_REQUEST {
+		t.Fatalf("short block on a stream: %v, want invalid_request", err)
+	}
+	if _, err := c.WriteBatch(ctx, id, 1, []*otav1.Block{{Offset: 1 << 30, Data: img[:bs]}}, false); status.ReasonOf(err) != otav1.Reason_REASON_BLOCK_OUT_OF_RANGE {
+		t.Fatalf("block out of range: %v, want block_out_of_range", err)
+	}
+	for k := 30; k*bs < len(img); k++ {
+		if _, err := c.WriteBatch(ctx, id, uint64(k), []*otav1.Block{block(k)}, true); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fin, err := c.Finish(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if sum := sha256.Sum256(img); fin.GetSha256() != hex.EncodeToString(sum[:]) {
+		t.Errorf("read-back sha256 %s, want %x", fin.GetSha256(), sum)
+	}
+	act, err := c.Activate(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if onSlot, _ := os.ReadFile(filepath.Join(dir, "slot_"+act.GetSlot())); len(onSlot) < len(img) || !bytes.Equal(onSlot[:len(img)], img) {
+		t.Error("slot does not hold the image")
+	}
+	w.mu.Lock()
+	writes, minHeld := w.writes, w.minHeld
+	w.mu.Unlock()
+	if writes < 20 || minHeld < 1 {
+		t.Errorf("%d writes, at least %d buffer held during each: want >= 20 writes, each with its buffer held", writes, minHeld)
+	}
+	if n := server.HeldBlockBuffers(srv); n != 0 {
+		t.Errorf("%d block buffers held after every call returned, want 0", n)
 	}
 }

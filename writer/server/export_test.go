@@ -28,3 +28,11 @@ func (t RefusalLogForTest) Refuse(uid uint32) {
 // ServeWithoutConnCheck serves s on ln without the accept-time uid check, to test the
 // per-request check behind it.
 func ServeWithoutConnCheck(s *Server, ln net.Listener) error { return s.serve(ln) }
+
+// HeldBlockBuffers is how many received buffers s holds for WriteBlocksRequests whose blocks
+// alias them (blockCodec): 0 once every call has returned.
+func HeldBlockBuffers(s *Server) int {
+	n := 0
+	s.codec.held.Range(func(any, any) bool { n++; return true })
+	return n
+}

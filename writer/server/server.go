@@ -40,6 +40,7 @@ type Server struct {
 	health *health.Server
 	auth   *authorizer
 	maxMsg int
+	codec  *blockCodec
 }
 
 // recvPool holds receive buffers, sized for block messages (see api.BufferTiers).
@@ -57,7 +58,7 @@ func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 	if opts.MaxBlockSize > 0 {
 		maxMsg = api.MaxMessageSize(opts.MaxBlockSize)
 	}
-	s := &Server{impl: impl, log: log, health: health.NewServer(), maxMsg: maxMsg}
+	s := &Server{impl: impl, log: log, health: health.NewServer(), maxMsg: maxMsg, codec: newBlockCodec(recvPool)}
 	auth := newAuthorizer(opts.AllowedUIDs, log.Named("auth"))
 	s.auth = auth
 	s.grpc = grpc.NewServer(
@@ -73,8 +74,9 @@ func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 		grpc.MaxConcurrentStreams(64),
 		grpc.KeepaliveEnforcementPolicy(keepalive.EnforcementPolicy{MinTime: 10 * time.Second, PermitWithoutStream: true}),
 		experimental.BufferPool(recvPool),
+		grpc.ForceServerCodecV2(s.codec),
 	)
-	otav1.RegisterWriterServer(s.grpc, &service{impl: impl, log: log, maxMsg: s.maxMsg})
+	otav1.RegisterWriterServer(s.grpc, &service{impl: impl, log: log, maxMsg: s.maxMsg, codec: s.codec})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	return s
 }
@@ -124,6 +126,11 @@ func (s *Server) Stop() {
 // The one boundary where errors become gRPC statuses. A panic in a handler is a bug, but
 // must not take the privileged writer down with it: it becomes REASON_OTHER.
 func (s *Server) unaryErrors(ctx context.Context, req any, info *grpc.UnaryServerInfo, handler grpc.UnaryHandler) (resp any, err error) {
+	if r, ok := req.(*otav1.WriteBlocksRequest); ok {
+		// Its blocks alias a received buffer (blockCodec): released whatever the call did,
+		// a refusal by the authorizer included.
+		defer s.codec.release(r)
+	}
 	defer func() {
 		if r := recover(); r != nil {
 			s.log.Error("panic in handler", "method", info.FullMethod, "panic", r, "stack", string(debug.Stack()))

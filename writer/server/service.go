@@ -21,6 +21,7 @@ type service struct {
 	impl   api.Writer
 	log    hclog.Logger
 	maxMsg int
+	codec  *blockCodec // releases the buffers WriteBlocksRequests alias
 }
 
 func (s *service) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
@@ -68,8 +69,13 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 	var sessionID string
 	var lastSeq uint64
 	first := true
+	// req's blocks alias a received buffer, released once the engine has written them.
+	var req *otav1.WriteBlocksRequest
+	defer func() { s.codec.release(req) }()
 	for {
-		req, err := stream.Recv()
+		s.codec.release(req)
+		var err error
+		req, err = stream.Recv()
 		if errors.Is(err, io.EOF) {
 			return nil
 		}
@@ -114,6 +120,7 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 }
 
 func (s *service) WriteBatch(ctx context.Context, req *otav1.WriteBlocksRequest) (*otav1.WriteAck, error) {
+	// The request's buffer is released by Server.unaryErrors, which sees every call.
 	if err := checkBatch(req); err != nil {
 		return nil, err
 	}

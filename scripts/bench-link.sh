@@ -16,7 +16,7 @@ go test -run '^$' -bench Hop -benchtime 1024x -count 3 ./writer/server/ | tee "$
 curl=""
 if [ -d test/bench/httpvscurl ]; then
 	# HTTP download against curl -o of the same URL through the same proxy.
-	go run ./test/bench/httpvscurl -size 64 -reps 3 >"$tmp/httpvscurl.txt" 2>&1 || echo "httpvscurl failed (exit $?)" >>"$tmp/httpvscurl.txt"
+	go run ./test/bench/httpvscurl -size 64 -reps 5 >"$tmp/httpvscurl.txt" 2>&1 || echo "httpvscurl failed (exit $?)" >>"$tmp/httpvscurl.txt"
 	curl="$tmp/httpvscurl.txt"
 fi
 "$tmp/linkbench" -report "$out" -reps 3 -hop "$tmp/hop.txt" -httpvscurl "$curl" \

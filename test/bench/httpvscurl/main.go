@@ -4,21 +4,27 @@
 // through the same toxiproxy bandwidth limit in front of the server. ota-net runs as the real
 // process with the real ota-writer (test/harness) on an A/B target, as in the field.
 //
-// Times, per repetition, curl and ota-net alternating (which goes first alternates too):
+// Times, per repetition, the curl runs and ota-net alternating (which goes first alternates
+// too):
 //
-//   - curl: curl's time_total for `curl -o /dev/null`, or with -curl-file `curl -o FILE`, FILE
-//     a new file in the bench's directory, which holds the device's slots too (the same
-//     filesystem), name lookup and proxy connect included. curl does not fsync: its file may sit in the page
-//     cache when the timer stops.
-//   - curl+fsync (-curl-file only): curl's time plus an fsync of its file right after curl
-//     exits (open, fsync, close), the baseline that, like ota-net, ends with the data durable.
+//   - curl /dev/null: curl's time_total for `curl -o /dev/null`, name lookup and proxy
+//     connect included.
+//   - curl file: the same for `curl -o FILE`, FILE a new file in the bench's directory, which
+//     holds the device's slots too (the same filesystem). curl does not fsync: its file may
+//     sit in the page cache when the timer stops.
+//   - curl file+fsync: that curl's time plus an fsync of its file right after curl exits
+//     (open, fsync, close): the baseline that, like ota-net, ends with the data durable.
 //   - ota-net: time to download, as ota-net logs it in "file downloaded" (seconds): from the
 //     HTTP downloader's start (before its first GET, so the proxy connect is included) to
 //     every block durable in the writer (flushed), i.e. curl's work plus handing every block
 //     to the writer over gRPC, the writer's writes and its syncs. Job notification, session
 //     begin and the signature check after the download are not in it.
 //
-// ratio = median curl time / median ota-net time (1.0: as fast as curl; the target is 0.9).
+// Ratios are median curl time / median ota-net time (1.0: as fast as curl), one per baseline.
+// The target (at least 0.9, issue 11) is judged against curl file+fsync: the issue names
+// `curl -o` of the URL, i.e. to a file, and ota-net's time ends with every block durable in
+// the writer, which curl's file is only after the fsync. The other two say how far the
+// durability costs and the writer's hop are from curl's best case.
 // With -base DIR, the ota-net and ota-writer in DIR (another build) run too in every
 // repetition, so a change is measured against its baseline in the same run.
 // The last line is JSON for scripts; the line before it is for people.
@@ -58,7 +64,6 @@ type options struct {
 	proxy     bool
 	rateKB    int
 	blockSize int
-	curlFile  bool
 	debug     bool
 	base      string
 	env       string
@@ -67,30 +72,39 @@ type options struct {
 
 // Summary is the JSON line.
 type Summary struct {
-	Bench       string    `json:"bench"`
-	SizeBytes   int64     `json:"size_bytes"`
-	Reps        int       `json:"reps"`
-	Proxy       bool      `json:"proxy"`
-	RateKBps    int       `json:"rate_kbps"` // toxiproxy bandwidth, KB/s (1000 bytes); 0: none
-	BlockSize   int       `json:"block_size"`
-	CurlOut     string    `json:"curl_out"`
-	CurlSeconds []float64 `json:"curl_s"`
-	// CurlFsync: curl's time plus the fsync of its file (-curl-file only).
-	CurlFsyncSeconds []float64 `json:"curl_fsync_s,omitempty"`
-	CurlFsyncMedian  float64   `json:"curl_fsync_median_s,omitempty"`
-	FsyncRatio       float64   `json:"fsync_ratio,omitempty"` // curl+fsync / ota-net
+	Bench     string `json:"bench"`
+	SizeBytes int64  `json:"size_bytes"`
+	Reps      int    `json:"reps"`
+	Proxy     bool   `json:"proxy"`
+	RateKBps  int    `json:"rate_kbps"` // toxiproxy bandwidth, KB/s (1000 bytes); 0: none
+	BlockSize int    `json:"block_size"`
+	// The three curl baselines: -o /dev/null, -o FILE, -o FILE and an fsync of it.
+	CurlNullSeconds  []float64 `json:"curl_null_s"`
+	CurlFileSeconds  []float64 `json:"curl_file_s"`
+	CurlFsyncSeconds []float64 `json:"curl_fsync_s"`
+	CurlNullMedian   float64   `json:"curl_null_median_s"`
+	CurlFileMedian   float64   `json:"curl_file_median_s"`
+	CurlFsyncMedian  float64   `json:"curl_fsync_median_s"`
+	// Median curl time / median ota-net time per baseline; Ratio is RatioFsync, the one the
+	// target is judged against.
+	RatioNull  float64 `json:"ratio_null"`
+	RatioFile  float64 `json:"ratio_file"`
+	RatioFsync float64 `json:"ratio_fsync"`
 	// Base: the build in -base, same repetitions.
 	BaseSeconds   []float64 `json:"base_s,omitempty"`
 	BaseMedian    float64   `json:"base_median_s,omitempty"`
-	BaseRatio     float64   `json:"base_ratio,omitempty"`
+	BaseRatio     float64   `json:"base_ratio,omitempty"` // curl file+fsync / base
 	OtaNetSeconds []float64 `json:"otanet_s"`
-	CurlMedian    float64   `json:"curl_median_s"`
 	OtaNetMedian  float64   `json:"otanet_median_s"`
 	// CPU seconds (user+system) of each ota-net and ota-writer process from start to ready
 	// (start-up and the writer's signature check included), medians.
-	OtaNetCPU  float64 `json:"otanet_cpu_s"`
-	WriterCPU  float64 `json:"writer_cpu_s"`
-	CurlMBps   float64 `json:"curl_mbps"`
+	OtaNetCPU float64 `json:"otanet_cpu_s"`
+	WriterCPU float64 `json:"writer_cpu_s"`
+	CurlMBps  float64 `json:"curl_fsync_mbps"`
+	// Load averages (1, 5, 15 min, /proc/loadavg) before the first and after the last
+	// repetition: the machine may be shared, so only ratios within one run mean anything.
+	LoadStart  string  `json:"load_start"`
+	LoadEnd    string  `json:"load_end"`
 	OtaNetMBps float64 `json:"otanet_mbps"`
 	Ratio      float64 `json:"ratio"`
 }
@@ -102,8 +116,8 @@ func main() {
 	flag.BoolVar(&o.proxy, "proxy", true, "both go through tinyproxy (CONNECT); false: direct")
 	flag.IntVar(&o.rateKB, "rate", 0, "toxiproxy bandwidth in front of the HTTP server, KB/s (1000 bytes); 0: none")
 	flag.IntVar(&o.blockSize, "bs", 0, "ota-net block size (0: its default)")
-	flag.BoolVar(&o.curlFile, "curl-file", false, "curl writes to a file beside the device instead of /dev/null")
 	flag.BoolVar(&o.debug, "debug", false, "both processes log at debug level to stderr")
+	flag.Bool("curl-file", true, "ignored: every repetition runs curl to /dev/null and to a file (kept for older command lines)")
 	flag.StringVar(&o.env, "env", "", "extra environment of ota-net and ota-writer, space-separated (e.g. GOMAXPROCS=2 GOMEMLIMIT=off)")
 	flag.StringVar(&o.profDir, "cpuprofile", "", "build with the gwota_pprof tag and have every ota-net and ota-writer process write a CPU profile of its run into this directory (NAME-PID.prof)")
 	flag.StringVar(&o.base, "base", "", "directory with another build's ota-net and ota-writer, run in every repetition too")
@@ -124,16 +138,24 @@ func main() {
 	if s.RateKBps > 0 {
 		via += fmt.Sprintf(", link %d KB/s", s.RateKBps)
 	}
-	fmt.Printf("httpvscurl: %d MiB %s, median of %d: curl %.3f s (%.1f MB/s), ota-net %.3f s (%.1f MB/s), ratio curl/ota-net %.2f; CPU to ready: ota-net %.2f s, writer %.2f s\n",
-		s.SizeBytes>>20, via, s.Reps, s.CurlMedian, s.CurlMBps, s.OtaNetMedian, s.OtaNetMBps, s.Ratio, s.OtaNetCPU, s.WriterCPU)
-	if s.CurlFsyncMedian > 0 {
-		fmt.Printf("httpvscurl: curl+fsync %.3f s, ratio curl+fsync/ota-net %.2f\n", s.CurlFsyncMedian, s.FsyncRatio)
-	}
+	fmt.Printf("httpvscurl: %d MiB %s, median of %d: ota-net %.3f s (%.1f MB/s); curl -o FILE + fsync %.3f s (%.1f MB/s), ratio %.2f; curl -o FILE %.3f s, ratio %.2f; curl -o /dev/null %.3f s, ratio %.2f; CPU to ready: ota-net %.2f s, writer %.2f s\n",
+		s.SizeBytes>>20, via, s.Reps, s.OtaNetMedian, s.OtaNetMBps, s.CurlFsyncMedian, s.CurlMBps, s.RatioFsync, s.CurlFileMedian, s.RatioFile,
+		s.CurlNullMedian, s.RatioNull, s.OtaNetCPU, s.WriterCPU)
+	fmt.Printf("httpvscurl: load average %s at the start, %s at the end\n", s.LoadStart, s.LoadEnd)
 	if s.BaseMedian > 0 {
-		fmt.Printf("httpvscurl: base build (%s) %.3f s, ratio curl/base %.2f\n", o.base, s.BaseMedian, s.BaseRatio)
+		fmt.Printf("httpvscurl: base build (%s) %.3f s, ratio curl -o FILE + fsync / base %.2f\n", o.base, s.BaseMedian, s.BaseRatio)
 	}
 	b, _ := json.Marshal(s)
 	fmt.Println(string(b))
+}
+
+// loadAvg is the 1, 5 and 15 minute load averages ("?" where /proc has none).
+func loadAvg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if f := strings.Fields(string(b)); err == nil && len(f) >= 3 {
+		return strings.Join(f[:3], " ")
+	}
+	return "?"
 }
 
 func median(xs []float64) float64 {
@@ -216,23 +238,24 @@ func run(ctx context.Context, o options) (*Summary, error) {
 	if err := harness.WriteImage(img, size, 7); err != nil {
 		return nil, err
 	}
-	s := &Summary{Bench: "httpvscurl", SizeBytes: size, Reps: o.reps, Proxy: o.proxy, RateKBps: o.rateKB, BlockSize: o.blockSize, CurlOut: "/dev/null"}
-	if o.curlFile {
-		s.CurlOut = "file"
-	}
+	s := &Summary{Bench: "httpvscurl", SizeBytes: size, Reps: o.reps, Proxy: o.proxy, RateKBps: o.rateKB, BlockSize: o.blockSize}
 	var base *harness.Binaries
 	if o.base != "" {
 		base = &harness.Binaries{Dir: o.base, Writer: filepath.Join(o.base, "ota-writer"), Net: filepath.Join(o.base, "ota-net")}
 	}
 	var netCPU, wCPU []float64
+	s.LoadStart = loadAvg()
 	for r := range o.reps {
 		steps := []func() error{
 			func() error {
-				d, ds, err := curlOnce(ctx, cloud, signer, img, px, dir, r, o)
-				s.CurlSeconds = append(s.CurlSeconds, d)
-				if o.curlFile {
-					s.CurlFsyncSeconds = append(s.CurlFsyncSeconds, d+ds)
-				}
+				d, _, err := curlOnce(ctx, cloud, signer, img, px, dir, fmt.Sprintf("curl-null-%d", r), false, o)
+				s.CurlNullSeconds = append(s.CurlNullSeconds, d)
+				return err
+			},
+			func() error {
+				d, ds, err := curlOnce(ctx, cloud, signer, img, px, dir, fmt.Sprintf("curl-file-%d", r), true, o)
+				s.CurlFileSeconds = append(s.CurlFileSeconds, d)
+				s.CurlFsyncSeconds = append(s.CurlFsyncSeconds, d+ds)
 				return err
 			},
 			func() error {
@@ -257,26 +280,23 @@ func run(ctx context.Context, o options) (*Summary, error) {
 				return nil, fmt.Errorf("repetition %d: %w", r, err)
 			}
 		}
-		fmt.Fprintf(os.Stderr, "httpvscurl: rep %d: curl %.3f s, ota-net %.3f s", r, s.CurlSeconds[r], s.OtaNetSeconds[r])
-		if o.curlFile {
-			fmt.Fprintf(os.Stderr, ", curl+fsync %.3f s", s.CurlFsyncSeconds[r])
-		}
+		fmt.Fprintf(os.Stderr, "httpvscurl: rep %d: ota-net %.3f s, curl file+fsync %.3f s, curl file %.3f s, curl /dev/null %.3f s",
+			r, s.OtaNetSeconds[r], s.CurlFsyncSeconds[r], s.CurlFileSeconds[r], s.CurlNullSeconds[r])
 		if base != nil {
 			fmt.Fprintf(os.Stderr, ", base %.3f s", s.BaseSeconds[r])
 		}
 		fmt.Fprintln(os.Stderr)
 	}
-	s.CurlMedian, s.OtaNetMedian = median(s.CurlSeconds), median(s.OtaNetSeconds)
+	s.LoadEnd = loadAvg()
+	s.OtaNetMedian = median(s.OtaNetSeconds)
+	s.CurlNullMedian, s.CurlFileMedian, s.CurlFsyncMedian = median(s.CurlNullSeconds), median(s.CurlFileSeconds), median(s.CurlFsyncSeconds)
 	s.OtaNetCPU, s.WriterCPU = median(netCPU), median(wCPU)
-	s.CurlMBps, s.OtaNetMBps = float64(size)/s.CurlMedian/1e6, float64(size)/s.OtaNetMedian/1e6
-	s.Ratio = s.CurlMedian / s.OtaNetMedian
-	if o.curlFile {
-		s.CurlFsyncMedian = median(s.CurlFsyncSeconds)
-		s.FsyncRatio = s.CurlFsyncMedian / s.OtaNetMedian
-	}
+	s.CurlMBps, s.OtaNetMBps = float64(size)/s.CurlFsyncMedian/1e6, float64(size)/s.OtaNetMedian/1e6
+	s.RatioNull, s.RatioFile, s.RatioFsync = s.CurlNullMedian/s.OtaNetMedian, s.CurlFileMedian/s.OtaNetMedian, s.CurlFsyncMedian/s.OtaNetMedian
+	s.Ratio = s.RatioFsync
 	if base != nil {
 		s.BaseMedian = median(s.BaseSeconds)
-		s.BaseRatio = s.CurlMedian / s.BaseMedian
+		s.BaseRatio = s.CurlFsyncMedian / s.BaseMedian
 	}
 	return s, nil
 }
@@ -305,16 +325,16 @@ func presignedURL(ctx context.Context, cloud *harness.Cloud, signer *harness.Sig
 	return doc.OTA.Files[0].URL, nil
 }
 
-// curlOnce returns curl's time_total and, with -curl-file, how long an fsync of its file
-// took right after.
-func curlOnce(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer, img string, px *harness.WebProxy, dir string, rep int, o options) (secs, fsyncSecs float64, err error) {
-	u, err := presignedURL(ctx, cloud, signer, img, fmt.Sprintf("curl-%d", rep))
+// curlOnce returns curl's time_total (job names the presigned URL's job) and, with toFile, how
+// long an fsync of its file took right after; without, curl writes to /dev/null.
+func curlOnce(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer, img string, px *harness.WebProxy, dir, job string, toFile bool, o options) (secs, fsyncSecs float64, err error) {
+	u, err := presignedURL(ctx, cloud, signer, img, job)
 	if err != nil {
 		return 0, 0, err
 	}
 	out := "/dev/null"
-	if o.curlFile {
-		out = filepath.Join(dir, fmt.Sprintf("curl-%d.img", rep))
+	if toFile {
+		out = filepath.Join(dir, job+".img")
 		defer os.Remove(out)
 	}
 	args := []string{"-sS", "--fail", "-o", out, "-w", "%{time_total} %{size_download}"}
@@ -328,7 +348,7 @@ func curlOnce(ctx context.Context, cloud *harness.Cloud, signer *harness.Signer,
 	if err != nil {
 		return 0, 0, fmt.Errorf("curl: %w", err)
 	}
-	if o.curlFile {
+	if toFile {
 		start := time.Now()
 		f, err := os.Open(out)
 		if err != nil {

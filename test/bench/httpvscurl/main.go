@@ -94,6 +94,8 @@ type Summary struct {
 	BaseSeconds   []float64 `json:"base_s,omitempty"`
 	BaseMedian    float64   `json:"base_median_s,omitempty"`
 	BaseRatio     float64   `json:"base_ratio,omitempty"` // curl file+fsync / base
+	BaseNetCPU    float64   `json:"base_otanet_cpu_s,omitempty"`
+	BaseWriterCPU float64   `json:"base_writer_cpu_s,omitempty"`
 	OtaNetSeconds []float64 `json:"otanet_s"`
 	OtaNetMedian  float64   `json:"otanet_median_s"`
 	// CPU seconds (user+system) of each ota-net and ota-writer process from start to ready
@@ -143,7 +145,8 @@ func main() {
 		s.CurlNullMedian, s.RatioNull, s.OtaNetCPU, s.WriterCPU)
 	fmt.Printf("httpvscurl: load average %s at the start, %s at the end\n", s.LoadStart, s.LoadEnd)
 	if s.BaseMedian > 0 {
-		fmt.Printf("httpvscurl: base build (%s) %.3f s, ratio curl -o FILE + fsync / base %.2f\n", o.base, s.BaseMedian, s.BaseRatio)
+		fmt.Printf("httpvscurl: base build (%s) %.3f s, ratio curl -o FILE + fsync / base %.2f; CPU to ready: ota-net %.2f s, writer %.2f s\n",
+			o.base, s.BaseMedian, s.BaseRatio, s.BaseNetCPU, s.BaseWriterCPU)
 	}
 	b, _ := json.Marshal(s)
 	fmt.Println(string(b))
@@ -243,7 +246,7 @@ func run(ctx context.Context, o options) (*Summary, error) {
 	if o.base != "" {
 		base = &harness.Binaries{Dir: o.base, Writer: filepath.Join(o.base, "ota-writer"), Net: filepath.Join(o.base, "ota-net")}
 	}
-	var netCPU, wCPU []float64
+	var netCPU, wCPU, baseNetCPU, baseWCPU []float64
 	s.LoadStart = loadAvg()
 	for r := range o.reps {
 		steps := []func() error{
@@ -267,8 +270,9 @@ func run(ctx context.Context, o options) (*Summary, error) {
 		}
 		if base != nil {
 			steps = append(steps, func() error {
-				d, _, err := otaNetOnce(ctx, cloud, base, signer, img, px, dir, thing, fmt.Sprintf("base-%d", r), o)
+				d, cpu, err := otaNetOnce(ctx, cloud, base, signer, img, px, dir, thing, fmt.Sprintf("base-%d", r), o)
 				s.BaseSeconds = append(s.BaseSeconds, d)
+				baseNetCPU, baseWCPU = append(baseNetCPU, cpu[0]), append(baseWCPU, cpu[1])
 				return err
 			})
 		}
@@ -297,6 +301,7 @@ func run(ctx context.Context, o options) (*Summary, error) {
 	if base != nil {
 		s.BaseMedian = median(s.BaseSeconds)
 		s.BaseRatio = s.CurlFsyncMedian / s.BaseMedian
+		s.BaseNetCPU, s.BaseWriterCPU = median(baseNetCPU), median(baseWCPU)
 	}
 	return s, nil
 }

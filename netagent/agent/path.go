@@ -28,6 +28,11 @@ const KeyProtocol = "protocol"
 // each sync the bound waits for stalls the download (test/bench/httpvscurl measures it).
 const httpMaxAhead = 16 << 20
 
+// sentSink is a sink that hands block buffers back once it has sent them (*writerlink.Sink);
+// recycler is a downloader that reuses them (*httpdl.Downloader).
+type sentSink interface{ SetOnSent(func([]byte)) }
+type recycler interface{ Recycle([]byte) }
+
 // aheadSink is a sink whose bound can be set per protocol (*writerlink.Sink).
 type aheadSink interface {
 	MaxAhead() int64
@@ -117,6 +122,18 @@ func (j *job) fetch(ctx context.Context, doc *jobdoc.Document, f jobdoc.File, pr
 			j.useProtocol(proto)
 		}
 		setAhead(proto) // nothing in flight: first attempt, or flushed above
+		if ss, ok := raw.(sentSink); ok {
+			// The HTTP downloader's blocks go to the writer's sink as they are (a chunk file's
+			// go through the chunk sink, which assembles chunks in buffers of its own, and the
+			// stream downloader's buffers are not recycled): only then may the sink hand them
+			// back for reuse.
+			rc, ok := a.http.(recycler)
+			if proto == pathselect.HTTP && dl.kind != otav1.SessionKind_SESSION_KIND_CHUNKS && ok {
+				ss.SetOnSent(rc.Recycle)
+			} else {
+				ss.SetOnSent(nil)
+			}
+		}
 		tr.bytes = 0
 		start := time.Now()
 		err = j.download(ctx, doc, f, proto, dl, tr, missing)

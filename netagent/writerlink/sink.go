@@ -23,6 +23,7 @@ type Sink struct {
 	budget int // block data per message
 	// maxAhead and syncBytes start as the link's MaxAheadBytes and SyncBytes (SetMaxAhead).
 	maxAhead, syncBytes int64
+	onSent              func([]byte) // SetOnSent
 
 	// Owned by the caller's goroutine.
 	stream   *client.BlockStream
@@ -82,6 +83,13 @@ func (k *Sink) SetMaxAhead(n int64) {
 	}
 	k.bound(n, sync)
 }
+
+// SetOnSent makes the sink hand each block's data to f once it no longer refers to it: after
+// the message carrying it was sent (grpc has marshalled it into a buffer of its own). A
+// downloader that reads every block into a new buffer reuses them so (httpdl.Downloader.
+// Recycle): no garbage in proportion to the image. Blocks lost to a broken stream are not
+// handed back. Only for a caller whose buffers nobody else refers to after WriteBlock; nil: none.
+func (k *Sink) SetOnSent(f func([]byte)) { k.onSent = f }
 
 // MaxAhead is the sink's bound (SetMaxAhead; 0: none).
 func (k *Sink) MaxAhead() int64 { return k.maxAhead }
@@ -177,6 +185,11 @@ func (k *Sink) send(ctx context.Context, sync bool) error {
 	}
 	k.sentSeq = seq
 	k.sent += int64(k.batchLen)
+	if k.onSent != nil {
+		for _, b := range k.batch {
+			k.onSent(b.Data)
+		}
+	}
 	k.batch, k.batchLen = nil, 0
 	if sync {
 		k.unsynced = 0

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"testing"
 	"time"
+	"unsafe"
 
 	"github.com/hashicorp/go-hclog"
 
@@ -295,5 +296,60 @@ func TestSetMaxAhead(t *testing.T) {
 				t.Fatalf("after Flush %d durable", d)
 			}
 		})
+	}
+}
+
+// SetOnSent hands back every block's buffer exactly once, after the message carrying it was
+// sent; the writer still gets every block intact, and with nil nothing is handed back.
+func TestSinkHandsBackSentBlocks(t *testing.T) {
+	core := newFake()
+	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
+	l := dial(t, w)
+	ctx := context.Background()
+	const bs, n = 4096, 40
+	img := randImage(n * bs)
+	s, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "sent", FilePath: "/fw", FileSize: uint64(len(img)), BlockSize: bs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	k, err := s.Sink(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer k.Close()
+	var back []*byte
+	k.SetOnSent(func(b []byte) {
+		back = append(back, unsafe.SliceData(b))
+		clear(b) // the sink must not send it after handing it back
+	})
+	var want []*byte
+	for i := range n {
+		if i == n/2 {
+			if err := k.Sync(ctx); err != nil { // sends the batch
+				t.Fatal(err)
+			}
+			k.SetOnSent(nil) // the rest stays the caller's
+		}
+		b := bytes.Clone(img[i*bs : (i+1)*bs])
+		if i < n/2 {
+			want = append(want, unsafe.SliceData(b))
+		}
+		if err := k.WriteBlock(ctx, i, b); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := k.Flush(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(core.Image(s.ID()), img) {
+		t.Fatal("image differs")
+	}
+	if len(back) != len(want) {
+		t.Fatalf("%d buffers handed back, want %d", len(back), len(want))
+	}
+	for i, p := range back {
+		if p != want[i] {
+			t.Fatalf("buffer %d handed back is not block %d's (or handed back twice)", i, i)
+		}
 	}
 }

@@ -70,7 +70,8 @@ type Params struct {
 	// delta chunks). With Base and BaseSHA256, every chunk of blocks missing from the base is
 	// also encoded against the base range most like it (dict.go), and that delta chunk is
 	// kept when it is smaller: a device whose running slot is the base fetches it instead.
-	// The publisher then holds 16 bytes per anchor of the base (about BaseSize/16).
+	// The publisher then holds 8 bytes per anchor of the base (one per 256 bytes that are not
+	// zeros on average: about BaseSize/32).
 	DictSize int
 }
 

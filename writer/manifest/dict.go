@@ -70,20 +70,29 @@ func anchors(p []byte, fn func(pos int, h uint64)) {
 	}
 }
 
-// anchorIndex maps anchor hashes to base offsets (sorted by hash, then offset).
+// anchorIndex maps anchor hashes to base offsets: one uint64 per anchor, sorted, the 30
+// hash bits below the (zero) top anchorBits over the offset in units of 64 bytes (34 bits: up
+// to 1 TiB; the dictionary's margins absorb the rounding).
 type anchorIndex struct {
-	keys []uint64
-	offs []uint64
+	ents []uint64
 	size int64
 }
 
-// buildAnchorIndex indexes the anchors of base (size bytes). Memory: 16 bytes per anchor,
-// about size/16 for data that is not zeros.
+const (
+	anchorOffBits = 34
+	anchorOffUnit = 6 // log2 of the offset's unit
+	anchorKeyBits = 30
+)
+
+func anchorKey(h uint64) uint64 {
+	return h >> (64 - anchorBits - anchorKeyBits) & (1<<anchorKeyBits - 1)
+}
+
+// buildAnchorIndex indexes the anchors of base (size bytes). Memory: 8 bytes per anchor,
+// about size/32 for data that is not zeros.
 func buildAnchorIndex(ctx context.Context, base io.ReaderAt, size int64) (*anchorIndex, error) {
 	const chunk = 4 << 20
 	ix := &anchorIndex{size: size}
-	type ent struct{ k, o uint64 }
-	var ents []ent
 	buf := make([]byte, chunk+64)
 	// Each read overlaps the previous one by 63 bytes so anchors across the seam are seen.
 	for off := int64(0); off < size; off += chunk {
@@ -102,30 +111,12 @@ func buildAnchorIndex(ctx context.Context, base io.ReaderAt, size int64) (*ancho
 		skip := int(off - start)
 		anchors(buf[:n], func(pos int, h uint64) {
 			if pos > skip || off == 0 {
-				ents = append(ents, ent{h, uint64(start) + uint64(pos)})
+				o := (uint64(start) + uint64(pos)) >> anchorOffUnit
+				ix.ents = append(ix.ents, anchorKey(h)<<anchorOffBits|o&(1<<anchorOffBits-1))
 			}
 		})
 	}
-	slices.SortFunc(ents, func(a, b ent) int {
-		if a.k != b.k {
-			if a.k < b.k {
-				return -1
-			}
-			return 1
-		}
-		if a.o < b.o {
-			return -1
-		}
-		if a.o > b.o {
-			return 1
-		}
-		return 0
-	})
-	ix.keys = make([]uint64, len(ents))
-	ix.offs = make([]uint64, len(ents))
-	for i, e := range ents {
-		ix.keys[i], ix.offs[i] = e.k, e.o
-	}
+	slices.Sort(ix.ents)
 	return ix, nil
 }
 
@@ -134,18 +125,18 @@ func buildAnchorIndex(ctx context.Context, base io.ReaderAt, size int64) (*ancho
 func (ix *anchorIndex) dictRange(data []byte, maxDict int) (off, n uint64, votes int) {
 	var pos []uint64
 	anchors(data, func(_ int, h uint64) {
-		i, ok := slices.BinarySearch(ix.keys, h)
-		if !ok {
-			return
-		}
+		k := anchorKey(h)
+		i, _ := slices.BinarySearch(ix.ents, k<<anchorOffBits)
 		j := i
-		for j < len(ix.keys) && ix.keys[j] == h {
+		for j < len(ix.ents) && ix.ents[j]>>anchorOffBits == k {
 			j++
 		}
-		if j-i > anchorMaxDup {
+		if j == i || j-i > anchorMaxDup {
 			return
 		}
-		pos = append(pos, ix.offs[i:j]...)
+		for _, e := range ix.ents[i:j] {
+			pos = append(pos, (e&(1<<anchorOffBits-1))<<anchorOffUnit)
+		}
 	})
 	if len(pos) == 0 {
 		return 0, 0, 0
@@ -214,7 +205,7 @@ func newDeltaBuilder(ctx context.Context, p Params, newMax uint64, win int) (*de
 		w += w & -w
 	}
 	enc, err := zstd.NewWriter(nil, zstd.WithEncoderLevel(p.Level), zstd.WithEncoderConcurrency(1),
-		zstd.WithWindowSize(w), zstd.WithEncoderCRC(false), zstd.WithSingleSegment(true))
+		zstd.WithWindowSize(w), zstd.WithEncoderCRC(false), zstd.WithLowerEncoderMem(true), zstd.WithSingleSegment(true))
 	if err != nil {
 		return nil, err
 	}

@@ -12,6 +12,8 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/manifest"
 )
 
@@ -219,4 +221,78 @@ func stateOf(t testing.TB, r *rig, id string) *otav1.SessionInfo {
 	}
 	t.Fatalf("no session %s", id)
 	return nil
+}
+
+// FuzzDeltaUnitWrites: any sequence of unit writes from a hostile ota-net (ordinary and
+// delta chunks at shifted offsets, cut, padded, altered or swapped, units not needed, in
+// any batches), on a device on the base or off it, is accepted or refused typed, and the
+// units then missing still rebuild v2 exactly.
+func FuzzDeltaUnitWrites(f *testing.F) {
+	v1, v2, d := dictPair(f)
+	f.Add(false, []byte{0, 0, 0, 1})
+	f.Add(true, []byte{0, 30, 0, 1, 0, 2, 0, 1})
+	f.Add(false, []byte{4, 31, 7, 1, 5, 32, 9, 3, 0, 33, 0, 1})
+	f.Add(true, []byte{2, 29, 7, 2, 3, 40, 9, 3, 1, 41, 100, 1})
+	f.Fuzz(func(t *testing.T, offBase bool, ops []byte) {
+		if len(ops) > 64 {
+			ops = ops[:64]
+		}
+		local := v1
+		if offBase {
+			local = bytes.Clone(v1)
+			local[470*dbs] = 1
+		}
+		r, _, _ := deltaRig(t, local, func(c *config.Config) { c.SyncBytes = 1 << 30 })
+		if _, err := installManifest(t, r.e, d, "job-u"); err != nil {
+			t.Fatal(err)
+		}
+		res, err := r.e.Begin(ctx, d.chunksReq("job-u"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		id, n := res.GetSession().GetSessionId(), d.m.Units()
+		var batch []*otav1.Block
+		for i := 0; i+4 <= len(ops); i += 4 {
+			kind, u, delta, flags := ops[i]%6, int(ops[i+1])%n, int(ops[i+2]), ops[i+3]
+			c := d.unit(u)
+			b := &otav1.Block{Offset: c.Offset, Data: bytes.Clone(c.Data)}
+			switch kind {
+			case 1:
+				b.Offset += uint64(delta)
+			case 2:
+				b.Data = b.Data[:len(b.Data)-min(delta, len(b.Data))]
+			case 3:
+				b.Data = append(b.Data, make([]byte, delta)...)
+			case 4:
+				if len(b.Data) > 0 {
+					b.Data[delta%len(b.Data)] ^= byte(flags | 1)
+				}
+			case 5:
+				b.Data = d.unit((u + 1 + delta) % n).Data
+			}
+			batch = append(batch, b)
+			if flags&6 != 0 && len(batch) < 4 {
+				continue
+			}
+			_, err := r.e.Write(ctx, id, batch, flags&1 != 0)
+			batch = nil
+			switch status.ReasonOf(err) {
+			case otav1.Reason_REASON_UNSPECIFIED:
+				if err != nil {
+					t.Fatalf("untyped error %v", err)
+				}
+			case otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, otav1.Reason_REASON_INVALID_REQUEST, otav1.Reason_REASON_BLOCK_HASH_MISMATCH:
+			default:
+				t.Fatalf("write: %v", err)
+			}
+		}
+		writeUnits(t, r, id, d, missingChunks(stateOf(t, r, id)))
+		fin, err := r.e.Finish(ctx, id)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if fin.GetSha256() != fmt.Sprintf("%x", sha256.Sum256(v2)) {
+			t.Fatal("the slot does not hold the image")
+		}
+	})
 }

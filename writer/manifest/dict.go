@@ -25,7 +25,7 @@ import (
 
 // MaxDictSize bounds a delta chunk's dictionary: the writer reads it from the running slot
 // and holds it with one chunk while it decodes. On the Debian pair (scripts/bench-delta.sh)
-// a device on the base downloads 17.59, 17.52, 17.47 and 17.45 MiB with dictionaries of at
+// a device on the base downloads 16.77, 16.71, 16.66 and 16.64 MiB with dictionaries of at
 // most 0.5, 1, 2 and 4 MiB: 1 MiB keeps the writer's memory small for 0.3 % more.
 const MaxDictSize = 1 << 20
 

@@ -695,6 +695,9 @@ func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
 			return err
 		}
 		e.log.Warn("chunk refused: it does not match the manifest", "session", s.id, "chunk", c.Index, "delta", c.Delta, "error", err)
+		if c.Delta {
+			e.deltaFallbackLocked(s, c)
+		}
 		return status.Errorf(otav1.Reason_REASON_BLOCK_HASH_MISMATCH, "unit %d (chunk %d): %w", c.Unit, c.Index, err).WithMeta("chunk", fmt.Sprint(c.Index))
 	}
 	// decode decodes a unit; a delta chunk with its dictionary read from the running slot
@@ -746,6 +749,26 @@ func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
 		crashpoint.Hit(crashpoint.WriterBlock)
 	}
 	return nil
+}
+
+// deltaFallbackLocked gives up delta chunk c after a refusal: whether it was damaged in
+// transit, forged, or its dictionary is no longer what the running slot holds (a slot
+// written to after the fill), its ordinary chunk becomes missing instead and c not needed,
+// journaled at once, so the next Begin asks for the ordinary chunk. A hostile ota-net gains
+// nothing by it but a larger download. A failed sync leaves the bitmap as it was. The caller
+// holds s.mu.
+func (e *Engine) deltaFallbackLocked(s *session, c manifest.Chunk) {
+	if s.received.Has(c.Unit) || !s.received.Has(c.Index) {
+		return
+	}
+	s.received.Clear(c.Index)
+	s.received.Set(c.Unit)
+	s.stats.download = s.stats.download - min(c.Size, s.stats.download) + s.mf.Chunk(c.Index).Size
+	if err := e.syncLocked(s); err != nil {
+		e.log.Error("delta chunk fallback not saved", "session", s.id, "chunk", c.Index, "error", err)
+		return
+	}
+	e.log.Warn("delta chunk refused: its ordinary chunk will be fetched instead", "session", s.id, "chunk", c.Index, "delta_chunk", c.D)
 }
 
 // verifyChunksMedium reads the whole image back from the medium (past the page cache) and

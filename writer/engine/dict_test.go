@@ -84,7 +84,8 @@ func writeUnits(t testing.TB, r *rig, id string, d *delta, us []int) {
 // digest base_sha256) is asked for exactly the delta chunks of the chunks it lacks, and the
 // ordinary chunks without one: chunk_sizes lists every unit, DeltaInfo counts those bytes.
 // The ordinary chunks replaced by delta chunks and the delta chunks not needed are ignored
-// when ota-net sends them anyway (nothing written, nothing changes); the delta chunks, decoded
+// when ota-net sends them anyway (nothing written, nothing changes); a damaged delta chunk is
+// refused and its ordinary chunk asked for instead; the delta chunks, decoded
 // with dictionaries read from slot a, rebuild v2 in slot b, and a restart in the middle
 // resumes with the same bitmap.
 func TestDeltaChunksOnBase(t *testing.T) {
@@ -134,7 +135,8 @@ func TestDeltaChunksOnBase(t *testing.T) {
 	if written.Load() != before || cmp.Diff(want, missingChunks(st)) != "" {
 		t.Fatalf("units not needed wrote %d bytes; missing %v", written.Load()-before, missingChunks(st))
 	}
-	// A damaged delta chunk is refused and writes nothing.
+	// A damaged delta chunk is refused and writes nothing; its ordinary chunk is asked for
+	// instead (the delta chunk's dictionary may be what changed).
 	u := want[len(want)-1]
 	bad := d.unit(u)
 	bad.Data = bytes.Clone(bad.Data)
@@ -143,6 +145,18 @@ func TestDeltaChunksOnBase(t *testing.T) {
 	wantReason(t, err, otav1.Reason_REASON_BLOCK_HASH_MISMATCH)
 	if written.Load() != before {
 		t.Fatal("a damaged delta chunk was written")
+	}
+	k := d.m.Unit(u).Index
+	download += d.m.Chunk(k).Size - d.m.Unit(u).Size
+	want = append(want[:len(want)-1], k)
+	slices.Sort(want)
+	if st := stateOf(t, r, id); cmp.Diff(want, missingChunks(st)) != "" || st.GetDelta().GetDownloadBytes() != download {
+		t.Fatalf("after a damaged delta chunk: missing %v, want %v; %v", missingChunks(st), want, st.GetDelta())
+	}
+	// The delta chunk itself, sent again, is not needed any more.
+	writeUnits(t, r, id, d, []int{u})
+	if written.Load() != before {
+		t.Fatal("a delta chunk given up was written")
 	}
 	half := len(want) / 2
 	writeUnits(t, r, id, d, want[:half])
@@ -295,4 +309,53 @@ func FuzzDeltaUnitWrites(f *testing.F) {
 			t.Fatal("the slot does not hold the image")
 		}
 	})
+}
+
+// TestDeltaChunkDictChanged: the running slot changes after the fill (a slot mounted
+// read-write), so a delta chunk no longer decodes with its dictionary: it is refused with
+// block_hash_mismatch, its ordinary chunk is asked for instead, and the update completes
+// with v2 in slot b.
+func TestDeltaChunkDictChanged(t *testing.T) {
+	v1, v2, d := dictPair(t)
+	r, _, _ := deltaRig(t, v1, nil)
+	if _, err := installManifest(t, r.e, d, "job-c"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.e.Begin(ctx, d.chunksReq("job-c"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, want := res.GetSession().GetSessionId(), missingChunks(res.GetSession())
+	f, err := os.OpenFile(r.slots[0], os.O_WRONLY, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := f.WriteAt(bytes.Repeat([]byte{0x5A}, 160*dbs), 100*dbs); err != nil { // the old program
+		t.Fatal(err)
+	}
+	f.Close()
+	refused := 0
+	for _, u := range want {
+		_, err := r.e.Write(ctx, id, []*otav1.Block{d.unit(u)}, true)
+		if err != nil {
+			wantReason(t, err, otav1.Reason_REASON_BLOCK_HASH_MISMATCH)
+			refused++
+		}
+	}
+	again := missingChunks(stateOf(t, r, id))
+	if refused == 0 || len(again) != refused {
+		t.Fatalf("%d delta chunks refused, then missing %v", refused, again)
+	}
+	for _, k := range again {
+		if k >= d.m.Chunks() {
+			t.Fatalf("delta chunk %d asked for again", k)
+		}
+	}
+	writeUnits(t, r, id, d, again)
+	if _, err := r.e.Finish(ctx, id); err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(slotContent(t, r.slots[1], len(v2)), v2) {
+		t.Fatal("slot b does not hold v2")
+	}
 }

@@ -684,3 +684,42 @@ func TestDeltaChunksFromBase(t *testing.T) {
 		})
 	}
 }
+
+// TestDeltaChunkAlteredFallsBack: on a device on the base, a delta chunk altered in transit is
+// refused by the writer, which asks for its ordinary chunk instead; ota-net (unchanged)
+// begins again, fetches that chunk, and the update succeeds.
+func TestDeltaChunkAlteredFallsBack(t *testing.T) {
+	t.Parallel()
+	e := deltaEnv(t, nil)
+	v1 := e.running()
+	d := dictUpdate(e, v1)
+	need := neededUnits(t, d, v1, true)
+	c := need[len(need)-1]
+	if !c.Delta {
+		t.Fatalf("unit %+v is no delta chunk", c)
+	}
+	if err := e.dev.StartWriter(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.createDelta("altered", e.files(d))
+	e.cloud.SetFaults(e.cloud.StreamName("altered"), emulator.Faults{CorruptBlocks: 1, CorruptFileID: chunkFileID, CorruptOffset: int64(c.Offset + c.Size/2)})
+	if err := e.dev.StartNet(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ex := e.waitEnd("altered"); ex.Status != backend.StatusSucceeded {
+		t.Fatalf("job ended %s %v", ex.Status, ex.StatusDetails)
+	}
+	e.checkInstalled(d.image, 1)
+	blocks, bs, _, corrupted := served(e, "altered")
+	if len(corrupted) != 1 {
+		t.Fatalf("the emulator altered blocks %v, want one", corrupted)
+	}
+	for _, b := range streamBlocksOf([]manifest.Chunk{d.m.Chunk(c.Index)}, bs) {
+		if !slices.Contains(blocks, b) {
+			t.Errorf("stream block %d of ordinary chunk %d never served", b, c.Index)
+		}
+	}
+	if n := strings.Count(e.dev.Logs(), "its ordinary chunk will be fetched instead"); n != 1 {
+		t.Errorf("the writer fell back %d times, want once", n)
+	}
+}

@@ -12,7 +12,9 @@
 #           zeros); v2 edits every 20th Go file, removes a directory, adds src/go and the
 #           openssl and zstd programs with their libraries.
 # Per pair, one table: bytes a device on v1 downloads (the manifest and the chunks it needs,
-# built without and with --base v1), against the full image, zstd of the whole image and the
+# built without and with --base v1; with it, the device on v1 fetches the delta chunks of the
+# chunks it lacks: compressed against a range of v1, see docs/MANIFEST.md), against the full
+# image, zstd of the whole image and the
 # zstd patch; the times are computed from the bytes (512 KiB/s: AWS IoT's stream quota;
 # 5 Mbit/s), not measured end to end. The last column is the same download over an MQTT
 # stream of 64 KiB blocks (every stream block that overlaps a needed chunk). Then the peak
@@ -25,6 +27,7 @@
 set -euo pipefail
 CHUNK=${CHUNK:-16384}
 LEVEL=${LEVEL:-} # zstd level of the chunks (ota-writer manifest --level); its default when empty
+DICT=${DICT:-} # largest dictionary of a delta chunk in bytes (deltabench -dict-size); the default when empty
 BASE=${BASE:-HEAD~40}
 CACHE=${CACHE:-/var/cache/gwota-test}
 ONLY=${ONLY:-debian,zeros,rss}
@@ -58,6 +61,7 @@ report() { # name v1 v2
   fi
   local opts=(-new "$v2" -local "$v1" -chunk-size "$CHUNK")
   [ -n "$LEVEL" ] && opts+=(-level "$LEVEL")
+  [ -n "$DICT" ] && opts+=(-dict-size "$DICT")
   local nobase base
   nobase=$("$work/deltabench" "${opts[@]}")
   base=$("$work/deltabench" "${opts[@]}" -base)
@@ -83,8 +87,9 @@ for label, b, stream in rows:
         continue
     print("| | %s | %.1f | %.2f | %s | %s | %s |" % (label, b / M, b / patch, t(b, 512 * 1024), t(b, 5e6 / 8),
           "" if stream is None else "%.1f MiB" % (stream / M)))
-print("(manifest %.2f MiB of it; chunks of %d KiB, %d chunks needed without --base, %d with)"
-      % (f["manifest_bytes"] / M, f["chunk_size"] // 1024, f["chunks_needed"], base["chunks_needed"]))
+print("(manifest %.2f MiB of it; chunks of %d KiB, %d chunks needed without --base, %d with, of which %d delta chunks, %.1f MiB; --base build %.0f s)"
+      % (f["manifest_bytes"] / M, f["chunk_size"] // 1024, f["chunks_needed"], base["chunks_needed"], base.get("delta_chunks_needed", 0),
+         base.get("delta_bytes", 0) / M, base.get("build_seconds", 0)))
 PY
 }
 

@@ -36,7 +36,8 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	compatible := fs.String("compatible", "", "compatible `string` of the boards that may install it (required)")
 	blockSize := fs.Uint("block-size", 4096, "block `size`: the file system's block (ext4: 4096)")
 	chunkSize := fs.Uint("chunk-size", manifest.DefaultChunkSize, "image `bytes` per compressed chunk, a multiple of --block-size")
-	base := fs.String("base", "", "optional delta base image `file` (what most devices run): its SHA-256 is recorded, and blocks it lacks go to chunks of their own")
+	base := fs.String("base", "", "optional delta base image `file` (what most devices run): its SHA-256 is recorded, blocks it lacks go to chunks of their own, and those chunks get delta chunks compressed against ranges of it")
+	dictSize := fs.Int("dict-size", manifest.MaxDictSize, "with --base: largest dictionary of a delta chunk in `bytes` (at most the default; 0: no delta chunks)")
 	level := fs.String("level", "better", "zstd `level`: fastest, default, better or best (chunks about 3 % smaller, about 60 MiB of memory instead of 23)")
 	maxChunk := fs.Uint("max-chunk-bytes", manifest.DefaultMaxChunkBytes, "compressed `bytes` of a chunk at most: the writer's max_block_size must be at least this")
 	key := fs.String("key", "", "ECDSA P-256 private key `file` (PEM) to sign the manifest with")
@@ -81,6 +82,11 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			return usagef("manifest: --base: %v", err)
 		}
 		p.BaseSHA256, p.Base, p.BaseSize = sum, bf, fi.Size()
+		if *dictSize <= 0 {
+			p.DictSize = -1
+		} else {
+			p.DictSize = *dictSize
+		}
 	}
 	img, err := os.Open(*image)
 	if err != nil {
@@ -117,6 +123,9 @@ func cmdManifest(ctx context.Context, args []string, stdout, stderr io.Writer) e
 	fmt.Fprintf(stdout, "manifest: %s (%d bytes): target %s, compatible %s, version %s, %d bytes in %d blocks of %d (%d all zeros)\n",
 		*out, res.ManifestSize, *target, *compatible, *version, res.ImageSize, res.Blocks, *blockSize, res.ZeroBlocks)
 	fmt.Fprintf(stdout, "chunks: %s (%d bytes): %d chunks of %d image bytes, zstd\n", *chunks, res.ChunkFileSize, res.Chunks, *chunkSize)
+	if res.Deltas > 0 {
+		fmt.Fprintf(stdout, "delta chunks: %d (%d bytes), for devices on the base\n", res.Deltas, res.DeltaBytes)
+	}
 	fmt.Fprintf(stdout, "sha256 %s: %x\n", *out, res.ManifestSHA256)
 	if signer == nil {
 		return nil

@@ -5,6 +5,7 @@ import (
 	"crypto/sha256"
 	"encoding/base64"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -182,6 +183,49 @@ func TestManifestCommandRefuses(t *testing.T) {
 				t.Errorf("%s: %s left behind", name, f)
 				os.Remove(f)
 			}
+		}
+	}
+}
+
+// TestManifestBaseDeltaChunks: `ota-writer manifest --base` adds delta chunks for the blocks
+// the base lacks when their bytes are in it, shifted (an updated program), and says so;
+// `--dict-size 0` makes none (format 1).
+func TestManifestBaseDeltaChunks(t *testing.T) {
+	dir := t.TempDir()
+	rng := rand.New(rand.NewPCG(13, 14))
+	v1 := make([]byte, 256<<10)
+	for i := range v1 {
+		v1[i] = byte(rng.Uint32())
+	}
+	var v2 []byte
+	for i := 0; i < len(v1); i += 5000 {
+		v2 = append(v2, v1[i:min(i+5000, len(v1))]...)
+		v2 = append(v2, "v2"...)
+	}
+	base, img := filepath.Join(dir, "v1.img"), filepath.Join(dir, "v2.img")
+	if err := os.WriteFile(base, v1, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(img, v2, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, tc := range []struct {
+		dict   string
+		deltas bool
+	}{{"1048576", true}, {"0", false}} {
+		mf := filepath.Join(dir, "m"+tc.dict)
+		stdout, stderr, code := runCLI(t, "manifest", "--image", img, "--base", base, "--dict-size", tc.dict, "--version", "2", "--target", "rootfs",
+			"--compatible", "c", "-o", mf, "--chunks", filepath.Join(dir, "c"+tc.dict))
+		if code != exitOK {
+			t.Fatalf("manifest: exit %d: %s", code, stderr)
+		}
+		data, _ := os.ReadFile(mf)
+		m, err := manifest.Open(bytes.NewReader(data), int64(len(data)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if (m.Deltas() > 0) != tc.deltas || strings.Contains(stdout, "delta chunks:") != tc.deltas {
+			t.Errorf("--dict-size %s: %d delta chunks; stdout %q", tc.dict, m.Deltas(), stdout)
 		}
 	}
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	mrand "math/rand/v2"
@@ -587,5 +588,138 @@ func TestDeltaFallbackHTTPToMQTT(t *testing.T) {
 	blocks, bs, _, _ := served(e, "dfallback")
 	if want := streamBlocksOf(neededChunks(t, d, v1), bs); !slices.Equal(blocks, want) {
 		t.Errorf("the stream served chunk-file blocks %v, want %v", blocks, want)
+	}
+}
+
+// dictUpdate is v2 of running image v1 with an updated program: v1's bytes 100..260 blocks
+// with a few bytes inserted every 5000 bytes (none of its blocks is in v1, its bytes are),
+// built against v1 as the delta base, so it has delta chunks.
+func dictUpdate(e *env, v1 []byte) deltaImage {
+	e.t.Helper()
+	prog := v1[100*deltaBlock : 260*deltaBlock]
+	v2 := bytes.Clone(v1[:40*deltaBlock])
+	for i := 0; i < len(prog); i += 5000 {
+		v2 = append(v2, prog[i:min(i+5000, len(prog))]...)
+		v2 = append(v2, "v2!"...)
+	}
+	v2 = append(v2, make([]byte, (deltaBlock-len(v2)%deltaBlock)%deltaBlock)...)
+	v2 = append(v2, v1[300*deltaBlock:]...)
+	sum := sha256.Sum256(v1)
+	d := e.deltaOf("v2", v2, manifest.Params{Version: "2.0.0", Base: bytes.NewReader(v1), BaseSize: int64(len(v1)), BaseSHA256: sum[:]})
+	if d.m.Deltas() == 0 {
+		e.t.Fatal("no delta chunks")
+	}
+	return d
+}
+
+// neededUnits are the units of the chunk file a device holding local fetches: the chunks it
+// needs, each replaced by its delta chunk when onBase.
+func neededUnits(t *testing.T, d deltaImage, local []byte, onBase bool) []manifest.Chunk {
+	var out []manifest.Chunk
+	for _, c := range neededChunks(t, d, local) {
+		if dd, ok := d.m.DeltaOf(c.Index); ok && onBase {
+			c = d.m.Delta(dd)
+		}
+		out = append(out, c)
+	}
+	slices.SortFunc(out, func(a, b manifest.Chunk) int { return int(a.Offset) - int(b.Offset) })
+	return out
+}
+
+// TestDeltaChunksFromBase: with real processes, an update built with the running image as
+// its delta base (delta chunks). A device on the base: ota-net (unchanged: it fetches the
+// units the writer reports missing) is served exactly the stream blocks overlapping the
+// delta chunks of the chunks it lacks, far fewer bytes than the ordinary chunks; the job
+// succeeds with v2 in slot b. A device running another image gets the same update through
+// ordinary chunks.
+func TestDeltaChunksFromBase(t *testing.T) {
+	t.Parallel()
+	for _, onBase := range []bool{true, false} {
+		t.Run(fmt.Sprintf("on_base=%v", onBase), func(t *testing.T) {
+			t.Parallel()
+			e := deltaEnv(t, nil)
+			v1 := e.running()
+			d := dictUpdate(e, v1)
+			local := v1
+			if !onBase {
+				// One byte of a block v2 does not hold: the slot is no longer the base.
+				local = bytes.Clone(v1)
+				local[280*deltaBlock+9] ^= 0xFF
+				if err := os.WriteFile(e.dev.SlotA, local, 0o600); err != nil {
+					t.Fatal(err)
+				}
+			}
+			e.start()
+			e.createDelta("dict", e.files(d))
+			if ex := e.waitEnd("dict"); ex.Status != backend.StatusSucceeded {
+				t.Fatalf("job ended %s %v", ex.Status, ex.StatusDetails)
+			}
+			e.checkInstalled(d.image, 1)
+			need := neededUnits(t, d, local, onBase)
+			var deltas int
+			var needBytes uint64
+			for _, c := range need {
+				needBytes += c.Size
+				if c.Delta {
+					deltas++
+				}
+			}
+			if onBase != (deltas > 0) {
+				t.Fatalf("%d delta chunks needed on_base=%v", deltas, onBase)
+			}
+			blocks, bs, _, _ := served(e, "dict")
+			if want := streamBlocksOf(need, bs); !slices.Equal(blocks, want) {
+				t.Errorf("the emulator served chunk-file blocks %v (block size %d), want exactly those overlapping the %d needed units: %v", blocks, bs, len(need), want)
+			}
+			off := neededUnits(t, d, local, false)
+			var offBytes uint64
+			for _, c := range off {
+				offBytes += c.Size
+			}
+			if onBase && needBytes*3 > offBytes {
+				t.Errorf("on the base %d bytes of units, %d through ordinary chunks", needBytes, offBytes)
+			}
+			t.Logf("%d units needed (%d delta chunks), %d bytes; ordinary chunks would be %d bytes; %d stream blocks of %d served",
+				len(need), deltas, needBytes, offBytes, len(blocks), bs)
+		})
+	}
+}
+
+// TestDeltaChunkAlteredFallsBack: on a device on the base, a delta chunk altered in transit is
+// refused by the writer, which asks for its ordinary chunk instead; ota-net (unchanged)
+// begins again, fetches that chunk, and the update succeeds.
+func TestDeltaChunkAlteredFallsBack(t *testing.T) {
+	t.Parallel()
+	e := deltaEnv(t, nil)
+	v1 := e.running()
+	d := dictUpdate(e, v1)
+	need := neededUnits(t, d, v1, true)
+	c := need[len(need)-1]
+	if !c.Delta {
+		t.Fatalf("unit %+v is no delta chunk", c)
+	}
+	if err := e.dev.StartWriter(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	e.createDelta("altered", e.files(d))
+	e.cloud.SetFaults(e.cloud.StreamName("altered"), emulator.Faults{CorruptBlocks: 1, CorruptFileID: chunkFileID, CorruptOffset: int64(c.Offset + c.Size/2)})
+	if err := e.dev.StartNet(e.ctx); err != nil {
+		t.Fatal(err)
+	}
+	if ex := e.waitEnd("altered"); ex.Status != backend.StatusSucceeded {
+		t.Fatalf("job ended %s %v", ex.Status, ex.StatusDetails)
+	}
+	e.checkInstalled(d.image, 1)
+	blocks, bs, _, corrupted := served(e, "altered")
+	if len(corrupted) != 1 {
+		t.Fatalf("the emulator altered blocks %v, want one", corrupted)
+	}
+	for _, b := range streamBlocksOf([]manifest.Chunk{d.m.Chunk(c.Index)}, bs) {
+		if !slices.Contains(blocks, b) {
+			t.Errorf("stream block %d of ordinary chunk %d never served", b, c.Index)
+		}
+	}
+	if n := strings.Count(e.dev.Logs(), "its ordinary chunk will be fetched instead"); n != 1 {
+		t.Errorf("the writer fell back %d times, want once", n)
 	}
 }

@@ -13,8 +13,10 @@ import (
 	"bytes"
 	"context"
 	"crypto"
+	"crypto/sha256"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"syscall"
@@ -24,6 +26,7 @@ import (
 	"github.com/gwota/gwota/internal/crashpoint"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/boot"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/journal"
 	"github.com/gwota/gwota/writer/manifest"
@@ -465,10 +468,11 @@ func (e *Engine) chunksResponse(s *session, resumed bool) (*otav1.BeginSessionRe
 	return &otav1.BeginSessionResponse{Session: info, Resumed: resumed, ChunkSizes: s.mf.ChunkSizes()}, nil
 }
 
-// attachManifest gives a CHUNKS session its verified manifest: units are chunks.
+// attachManifest gives a CHUNKS session its verified manifest: units are the units of the
+// chunk file, the ordinary chunks then the delta chunks.
 func (s *session) attachManifest(m *manifest.Manifest, f *os.File) {
 	s.mf, s.mfFile = m, f
-	s.total = uint64(m.Chunks())
+	s.total = uint64(m.Units())
 }
 
 // fillLocal writes into s's slot every block the device already has (all zeros, or the same
@@ -505,6 +509,13 @@ func (e *Engine) fillLocal(ctx context.Context, s *session, booted string) (err 
 	found := bitmap.New(int(m.Blocks()))
 	zeros := make([]byte, bs)
 	w := blockWriter{med: med, scratch: make([]byte, bs)}
+	// The pass that indexes the running slot also hashes its first base_size bytes: is the
+	// device on the manifest's delta base?
+	var bh *baseHasher
+	if m.Deltas() > 0 && uint64(lsize) >= m.BaseSize() {
+		bh = &baseHasher{r: lr, size: int64(m.BaseSize()), h: sha256.New()}
+		lr = bh
+	}
 	st, err := m.FindLocal(ctx, lr, lsize, 0, func(mt manifest.Match, data []byte) error {
 		if mt.Zero {
 			data = zeros[:m.BlockLen(mt.Block)]
@@ -517,6 +528,10 @@ func (e *Engine) fillLocal(ctx context.Context, s *session, booted string) (err 
 		}
 		return err
 	})
+	onBase := false
+	if err == nil && bh != nil {
+		onBase, err = bh.match(ctx, m.BaseSHA256())
+	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.stats.saved += w.saved
@@ -529,25 +544,44 @@ func (e *Engine) fillLocal(ctx context.Context, s *session, booted string) (err 
 	if s.dropped {
 		return status.Errorf(otav1.Reason_REASON_BAD_FILE_HANDLE, "session %s closed during the local fill", s.id)
 	}
+	// Units not needed are marked received (durable below): an ordinary chunk whose blocks
+	// are all local, the delta chunks of every other chunk but those the device is asked
+	// for, and the ordinary chunks those replace. What stays missing is what to download.
 	var download uint64
-	local2 := bitmap.New(int(s.total))
+	done := bitmap.New(int(s.total))
+	nd := 0
 	for k := range m.Chunks() {
 		c := m.Chunk(k)
 		all := true
 		for b := c.FirstBlock; b < c.FirstBlock+c.Blocks && all; b++ {
 			all = m.IsZero(b) || found.Has(int(b))
 		}
-		if all {
-			local2.Set(k)
-		} else if !s.durable.Has(k) {
-			download += c.Size
+		d, hasDelta := m.DeltaOf(k)
+		need := c
+		switch {
+		case all:
+			done.Set(k)
+		case hasDelta && onBase:
+			done.Set(k)
+			need = m.Delta(d)
+		}
+		if hasDelta && need.Unit != m.Chunks()+d {
+			done.Set(m.Chunks() + d)
+		}
+		if !all {
+			if need.Delta {
+				nd++
+			}
+			if !s.durable.Has(need.Unit) {
+				download += need.Size
+			}
 		}
 	}
 	if err := med.Sync(); err != nil {
 		return target.IOError(err, "sync after the local fill")
 	}
 	for k := range int(s.total) {
-		if local2.Has(k) {
+		if done.Has(k) {
 			s.received.Set(k)
 		}
 	}
@@ -556,14 +590,14 @@ func (e *Engine) fillLocal(ctx context.Context, s *session, booted string) (err 
 	s.nReceived = s.nDurable
 	s.pendingBytes = 0
 	s.stats.reused, s.stats.zero, s.stats.download = st.Found, st.Zero, download
-	s.meta.FillDone = true
+	s.meta.FillDone, s.meta.OnBase = true, onBase
 	s.updated = time.Now().UTC()
 	if err := e.journal.SaveSession(s.journalRecord()); err != nil {
-		s.meta.FillDone = false
+		s.meta.FillDone, s.meta.OnBase = false, false
 		return saveErr(err, otav1.Reason_REASON_FILE_WRITE_FAILED)
 	}
 	e.log.Info("local fill done", "session", s.id, "reused_blocks", st.Found, "zero_blocks", st.Zero,
-		"chunks_local", s.nDurable, "chunks", s.total, "download_bytes", download, "writes_saved", w.saved,
+		"units_done", s.nDurable, "units", s.total, "on_base", onBase, "delta_chunks_needed", nd, "download_bytes", download, "writes_saved", w.saved,
 		"local_bytes_read", st.BytesRead, "passes", st.Passes, "took", time.Since(started).Round(time.Millisecond))
 	return nil
 }
@@ -615,14 +649,39 @@ func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
 			return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "chunk %d at offset %d has %d bytes, want %d", c.Index, b.GetOffset(), len(b.GetData()), c.Size).
 				WithMeta("offset", fmt.Sprint(b.GetOffset())).WithMeta("chunk", fmt.Sprint(c.Index))
 		}
-		if s.received.Has(c.Index) || seen[c.Index] {
+		// A unit not needed (an ordinary chunk replaced by its delta chunk, a delta chunk of
+		// a device not on the base or of a local chunk) was marked received by the fill: it
+		// is ignored like a unit written twice.
+		if s.received.Has(c.Unit) || seen[c.Unit] {
 			continue
 		}
-		seen[c.Index] = true
+		seen[c.Unit] = true
 		items = append(items, item{c, b.GetData()})
 	}
 	if len(items) == 0 {
 		return nil
+	}
+	var running target.Local
+	for _, it := range items {
+		if it.c.Delta && running == nil {
+			if !s.meta.OnBase {
+				// Not reachable: the fill marks every delta chunk received off the base.
+				return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "delta chunk %d, but the running slot is not the delta base", it.c.D)
+			}
+			booted := ""
+			if s.tgt.IsAB() {
+				booted = boot.Other(s.meta.Slot)
+			}
+			l, err := s.tgt.OpenRunning(booted)
+			if err != nil {
+				return err
+			}
+			if l == nil {
+				return status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "delta chunk %d: nothing runs on target %s", it.c.D, s.tgt.Name())
+			}
+			defer l.Close()
+			running = l
+		}
 	}
 	if s.dec == nil {
 		d, err := m.NewChunkDecoder()
@@ -635,14 +694,36 @@ func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
 		if !errors.Is(err, manifest.ErrBlockHash) {
 			return err
 		}
-		e.log.Warn("chunk refused: it does not match the manifest", "session", s.id, "chunk", c.Index, "error", err)
-		return status.Errorf(otav1.Reason_REASON_BLOCK_HASH_MISMATCH, "chunk %d: %w", c.Index, err).WithMeta("chunk", fmt.Sprint(c.Index))
+		e.log.Warn("chunk refused: it does not match the manifest", "session", s.id, "chunk", c.Index, "delta", c.Delta, "error", err)
+		if c.Delta {
+			e.deltaFallbackLocked(s, c)
+		}
+		return status.Errorf(otav1.Reason_REASON_BLOCK_HASH_MISMATCH, "unit %d (chunk %d): %w", c.Unit, c.Index, err).WithMeta("chunk", fmt.Sprint(c.Index))
+	}
+	// decode decodes a unit; a delta chunk with its dictionary read from the running slot
+	// (bounds checked: the manifest keeps it inside base_size, which the fill found the
+	// running slot to hold).
+	decode := func(c manifest.Chunk, data []byte, fn func(uint64, []byte) error) error {
+		if !c.Delta {
+			return s.dec.Decode(c.Index, data, fn)
+		}
+		if c.DictOffset+c.DictLen > uint64(running.Size()) {
+			return status.Errorf(otav1.Reason_REASON_BAD_IMAGE_STATE, "delta chunk %d: dictionary %d+%d past the running slot's %d bytes", c.D, c.DictOffset, c.DictLen, running.Size())
+		}
+		if cap(s.dict) < int(c.DictLen) {
+			s.dict = make([]byte, c.DictLen, manifest.MaxDictSize)
+		}
+		dict := s.dict[:c.DictLen]
+		if n, err := running.ReadAt(dict, int64(c.DictOffset)); n != len(dict) {
+			return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "delta chunk %d: read its dictionary from the running slot: %w", c.D, err)
+		}
+		return s.dec.DecodeDelta(c.D, data, dict, fn)
 	}
 	// Check every chunk but the last; the last is checked by the decode that writes it,
 	// before it writes anything, and goes first.
 	last := len(items) - 1
 	for _, it := range items[:last] {
-		if err := s.dec.Decode(it.c.Index, it.data, func(uint64, []byte) error { return nil }); err != nil {
+		if err := decode(it.c, it.data, func(uint64, []byte) error { return nil }); err != nil {
 			return mismatch(err, it.c)
 		}
 	}
@@ -654,20 +735,40 @@ func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
 	w := blockWriter{med: s.medium, scratch: s.scratch}
 	defer func() { s.stats.saved += w.saved }()
 	for _, it := range order {
-		err := s.dec.Decode(it.c.Index, it.data, func(b uint64, data []byte) error {
+		err := decode(it.c, it.data, func(b uint64, data []byte) error {
 			_, err := w.put(int64(b)*bs, data)
 			return err
 		})
 		if err != nil {
-			e.log.Error("chunk write failed", "session", s.id, "chunk", it.c.Index, "error", err)
+			e.log.Error("chunk write failed", "session", s.id, "chunk", it.c.Index, "delta", it.c.Delta, "error", err)
 			return mismatch(err, it.c)
 		}
-		s.received.Set(it.c.Index)
+		s.received.Set(it.c.Unit)
 		s.nReceived++
 		s.pendingBytes += int64(max(it.c.Raw, 1))
 		crashpoint.Hit(crashpoint.WriterBlock)
 	}
 	return nil
+}
+
+// deltaFallbackLocked gives up delta chunk c after a refusal: whether it was damaged in
+// transit, forged, or its dictionary is no longer what the running slot holds (a slot
+// written to after the fill), its ordinary chunk becomes missing instead and c not needed,
+// journaled at once, so the next Begin asks for the ordinary chunk. A hostile ota-net gains
+// nothing by it but a larger download. A failed sync leaves the bitmap as it was. The caller
+// holds s.mu.
+func (e *Engine) deltaFallbackLocked(s *session, c manifest.Chunk) {
+	if s.received.Has(c.Unit) || !s.received.Has(c.Index) {
+		return
+	}
+	s.received.Clear(c.Index)
+	s.received.Set(c.Unit)
+	s.stats.download = s.stats.download - min(c.Size, s.stats.download) + s.mf.Chunk(c.Index).Size
+	if err := e.syncLocked(s); err != nil {
+		e.log.Error("delta chunk fallback not saved", "session", s.id, "chunk", c.Index, "error", err)
+		return
+	}
+	e.log.Warn("delta chunk refused: its ordinary chunk will be fetched instead", "session", s.id, "chunk", c.Index, "delta_chunk", c.D)
 }
 
 // verifyChunksMedium reads the whole image back from the medium (past the page cache) and
@@ -713,4 +814,40 @@ func (e *Engine) restoreManifest(ctx context.Context, s *session) error {
 		return fmt.Errorf("verified session with %d of %d chunks", s.nDurable, s.total)
 	}
 	return nil
+}
+
+// baseHasher hashes the first size bytes of r as FindLocal reads them in order (its first
+// pass reads the local data from offset 0 on); match reads what that pass did not.
+type baseHasher struct {
+	r    io.ReaderAt
+	size int64
+	next int64 // bytes hashed
+	h    hash.Hash
+}
+
+func (b *baseHasher) ReadAt(p []byte, off int64) (int, error) {
+	n, err := b.r.ReadAt(p, off)
+	if off == b.next && b.next < b.size {
+		k := min(int64(n), b.size-b.next)
+		b.h.Write(p[:k])
+		b.next += k
+	}
+	return n, err
+}
+
+// match reports whether the first size bytes have the digest want.
+func (b *baseHasher) match(ctx context.Context, want []byte) (bool, error) {
+	buf := make([]byte, 1<<20)
+	for b.next < b.size {
+		if err := ctx.Err(); err != nil {
+			return false, status.Errorf(otav1.Reason_REASON_USER_ABORT, "local fill interrupted: %w", err)
+		}
+		n, err := b.r.ReadAt(buf[:min(int64(len(buf)), b.size-b.next)], b.next)
+		if n == 0 {
+			return false, status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "read the running slot at %d: %w", b.next, err)
+		}
+		b.h.Write(buf[:n])
+		b.next += int64(n)
+	}
+	return bytes.Equal(b.h.Sum(nil), want), nil
 }

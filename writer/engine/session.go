@@ -49,6 +49,7 @@ type session struct {
 	mfFile  *os.File
 	dec     *manifest.ChunkDecoder
 	scratch []byte
+	dict    []byte // a delta chunk's dictionary, read from the running slot
 	filling bool
 	stats   deltaStats
 }

@@ -164,10 +164,13 @@ type Session struct {
 	ImageSize         uint64 `json:"image_size,omitempty"`
 	ImageSHA256       []byte `json:"image_sha256,omitempty"`
 	FillDone          bool   `json:"fill_done,omitempty"`
-	ReusedBlocks      uint64 `json:"reused_blocks,omitempty"`
-	ZeroBlocks        uint64 `json:"zero_blocks,omitempty"`
-	DownloadBytes     uint64 `json:"download_bytes,omitempty"`
-	WritesSaved       uint64 `json:"writes_saved,omitempty"`
+	// OnBase: the local fill found the running slot to be the manifest's delta base, so the
+	// delta chunks of the chunks it lacks were asked for instead of those chunks.
+	OnBase        bool   `json:"on_base,omitempty"`
+	ReusedBlocks  uint64 `json:"reused_blocks,omitempty"`
+	ZeroBlocks    uint64 `json:"zero_blocks,omitempty"`
+	DownloadBytes uint64 `json:"download_bytes,omitempty"`
+	WritesSaved   uint64 `json:"writes_saved,omitempty"`
 }
 
 // kindManifest is otav1.SESSION_KIND_MANIFEST (this package does not import the protocol).

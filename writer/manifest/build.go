@@ -66,6 +66,13 @@ type Params struct {
 	Level zstd.EncoderLevel
 	// TempDir holds the hash section while the image is read (os.TempDir() when "").
 	TempDir string
+	// DictSize bounds the dictionary of a delta chunk (MaxDictSize when 0; negative: no
+	// delta chunks). With Base and BaseSHA256, every chunk of blocks missing from the base is
+	// also encoded against the base range most like it (dict.go), and that delta chunk is
+	// kept when it is smaller: a device whose running slot is the base fetches it instead.
+	// The publisher then holds 8 bytes per anchor of the base (one per 256 bytes that are not
+	// zeros on average: about BaseSize/32).
+	DictSize int
 }
 
 // Result summarises a built manifest.
@@ -73,6 +80,9 @@ type Result struct {
 	ImageSize, Blocks, ZeroBlocks uint64
 	Chunks                        int
 	ChunkFileSize, ManifestSize   uint64
+	// Deltas is the number of delta chunks, DeltaBytes their bytes in the chunk file.
+	Deltas     int
+	DeltaBytes uint64
 	// ManifestSHA256 is the digest of the manifest file: what its signature signs.
 	ManifestSHA256 []byte
 	ImageSHA256    []byte
@@ -155,6 +165,13 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 		return res, err
 	}
 	defer enc.Close()
+	dz, err := newDeltaBuilder(ctx, p, newMax, win)
+	if err != nil {
+		return res, err
+	}
+	if dz != nil {
+		defer dz.close()
+	}
 
 	imgHash := sha256.New()
 	in := bufio.NewReaderSize(img, 1<<20)
@@ -204,6 +221,11 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 				return fmt.Errorf("write chunks: %w", err)
 			}
 			sz = len(dst)
+			if dz != nil && typed && isNew {
+				if err := dz.add(h.Chunks, len(h.Chunks.BlockCounts), r, sz); err != nil {
+					return err
+				}
+			}
 		}
 		h.Chunks.BlockCounts = append(h.Chunks.BlockCounts, uint32(j-i))
 		h.Chunks.CompressedSizes = append(h.Chunks.CompressedSizes, uint32(sz))
@@ -294,6 +316,17 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 		return res, err
 	}
 	h.ImageSize, h.BlockCount, h.HashCount, h.ImageSha256 = size, blocks, hashes, imgHash.Sum(nil)
+	if dz != nil && len(h.Chunks.DeltaOf) > 0 {
+		if err := dz.appendTo(chunks); err != nil {
+			return res, err
+		}
+		h.FormatVersion, h.BaseSize = FormatVersionDelta, uint64(p.BaseSize)
+		for _, sz := range h.Chunks.DeltaSizes {
+			h.Chunks.FileSize += uint64(sz)
+			res.DeltaBytes += uint64(sz)
+		}
+		res.Deltas = len(h.Chunks.DeltaOf)
+	}
 	// Check what was built exactly as a reader will.
 	if _, err := check(h); err != nil {
 		return res, fmt.Errorf("built an invalid manifest: %w", err)
@@ -326,6 +359,7 @@ func Build(ctx context.Context, img io.Reader, p Params, chunks, out io.Writer) 
 	return Result{
 		ImageSize: size, Blocks: blocks, ZeroBlocks: blocks - hashes, Chunks: len(h.Chunks.BlockCounts),
 		ChunkFileSize: h.Chunks.FileSize, ManifestSize: cw.n, ManifestSHA256: mh.Sum(nil), ImageSHA256: h.ImageSha256,
+		Deltas: res.Deltas, DeltaBytes: res.DeltaBytes,
 	}, nil
 }
 

@@ -24,6 +24,8 @@ func FuzzOpen(f *testing.F) {
 	f.Add(mf[:prefixSize+20], []byte(nil))
 	f.Add([]byte(Magic+"\x00\x00\x00\x02\x08\x01"), []byte(nil))
 	f.Add([]byte{}, []byte(nil))
+	dmf, dchunks, _, _ := deltaPair(f)
+	f.Add(dmf, dchunks[len(dchunks)-64:])
 	f.Fuzz(func(t *testing.T, data, chunk []byte) {
 		m, err := Open(bytes.NewReader(data), int64(len(data)))
 		if err != nil {
@@ -40,6 +42,17 @@ func FuzzOpen(f *testing.F) {
 				t.Fatalf("chunk %d: %+v", k, c)
 			}
 			next += c.Blocks
+			end += c.Size
+		}
+		for dd := range m.Deltas() {
+			c := m.Delta(dd)
+			if c.Offset != end || c.Size == 0 || c.DictLen == 0 || c.DictLen > MaxDictSize || c.DictOffset+c.DictLen > m.BaseSize() ||
+				c.Unit != m.Chunks()+dd || c.Raw == 0 {
+				t.Fatalf("delta chunk %d: %+v", dd, c)
+			}
+			if u, ok := m.ChunkAt(c.Offset); !ok || u.Unit != c.Unit {
+				t.Fatalf("delta chunk %d not found at its offset: %+v", dd, u)
+			}
 			end += c.Size
 		}
 		if next != m.Blocks() || end != m.ChunkFileSize() {
@@ -60,6 +73,16 @@ func FuzzOpen(f *testing.F) {
 			var se *status.Error
 			if !errors.As(err, &se) {
 				t.Fatalf("untyped decode error %v", err)
+			}
+		}
+		if m.Deltas() > 0 {
+			dd := int(uint(len(chunk)) % uint(m.Deltas()))
+			dict := make([]byte, m.Delta(dd).DictLen)
+			if err := d.DecodeDelta(dd, chunk, dict, func(uint64, []byte) error { return nil }); err != nil {
+				var se *status.Error
+				if !errors.As(err, &se) {
+					t.Fatalf("untyped delta decode error %v", err)
+				}
 			}
 		}
 	})

@@ -20,6 +20,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"unicode"
 	"unicode/utf8"
@@ -33,8 +34,13 @@ import (
 // Magic opens every manifest file; its last byte is the format version.
 const Magic = "GWOTAMF1"
 
-// FormatVersion is the header's format_version this package reads and writes.
-const FormatVersion = 1
+// FormatVersion is the header's format_version of a manifest without delta chunks;
+// FormatVersionDelta that of one with delta chunks (which a reader of format 1 refuses).
+// This package reads and writes both.
+const (
+	FormatVersion      = 1
+	FormatVersionDelta = 2
+)
 
 // HashSize is the size of one record of the hash section.
 const HashSize = sha256.Size
@@ -83,6 +89,8 @@ type Manifest struct {
 	// chunk checkpoints every ckEvery chunks: first block and chunk file offset.
 	ckBlock []uint64
 	ckOff   []uint64
+	// deltaOff[d] is delta chunk d's offset in the chunk file.
+	deltaOff []uint64
 }
 
 const ckEvery = 64
@@ -136,8 +144,8 @@ func check(h *otav1.ManifestHeader) (*Manifest, error) {
 	if len(h.ProtoReflect().GetUnknown()) != 0 {
 		return nil, bad("header has unknown fields")
 	}
-	if h.FormatVersion != FormatVersion {
-		return nil, status.Errorf(otav1.Reason_REASON_UNSUPPORTED, "manifest: format_version %d not supported (this writer reads %d)", h.FormatVersion, FormatVersion)
+	if h.FormatVersion != FormatVersion && h.FormatVersion != FormatVersionDelta {
+		return nil, status.Errorf(otav1.Reason_REASON_UNSUPPORTED, "manifest: format_version %d not supported (this writer reads %d and %d)", h.FormatVersion, FormatVersion, FormatVersionDelta)
 	}
 	if err := text("target", h.Target, 1, maxNameLen); err != nil {
 		return nil, err
@@ -240,10 +248,60 @@ func (m *Manifest) checkChunks() error {
 	if blk != m.h.BlockCount {
 		return bad("chunks cover %d of %d blocks", blk, m.h.BlockCount)
 	}
+	return m.checkDeltas(off)
+}
+
+// checkDeltas checks the delta chunks that follow the ordinary chunks (off bytes of them).
+func (m *Manifest) checkDeltas(off uint64) error {
+	h, c := m.h, m.h.Chunks
+	nd := len(c.DeltaOf)
+	if len(c.DictOffsets) != nd || len(c.DictLengths) != nd || len(c.DeltaSizes) != nd {
+		return bad("delta chunk lists of %d, %d, %d and %d entries", nd, len(c.DictOffsets), len(c.DictLengths), len(c.DeltaSizes))
+	}
+	if h.FormatVersion == FormatVersion {
+		if nd != 0 || h.BaseSize != 0 {
+			return bad("format_version 1 with delta chunks or base_size")
+		}
+	} else {
+		if nd == 0 {
+			return bad("format_version %d without delta chunks", h.FormatVersion)
+		}
+		if len(h.BaseSha256) == 0 || h.BaseSize == 0 || h.BaseSize > MaxImageSize {
+			return bad("delta chunks need base_sha256 and a base_size in 1..%d (%d)", uint64(MaxImageSize), h.BaseSize)
+		}
+	}
+	m.deltaOff = make([]uint64, nd)
+	prev := -1
+	for d := range nd {
+		k := int(c.DeltaOf[d])
+		if uint64(c.DeltaOf[d]) >= uint64(len(c.BlockCounts)) || k <= prev {
+			return bad("delta chunk %d replaces chunk %d (after %d, of %d)", d, c.DeltaOf[d], prev, len(c.BlockCounts))
+		}
+		prev = k
+		if c.CompressedSizes[k] == 0 {
+			return bad("delta chunk %d replaces chunk %d of zeros", d, k)
+		}
+		dl, do := uint64(c.DictLengths[d]), c.DictOffsets[d]
+		if dl == 0 || dl > MaxDictSize || do > h.BaseSize || dl > h.BaseSize-do {
+			return bad("delta chunk %d has the dictionary %d+%d (at most %d bytes, inside %d)", d, do, dl, MaxDictSize, h.BaseSize)
+		}
+		sz := uint64(c.DeltaSizes[d])
+		if sz == 0 || sz > compressBound(m.rawOf(k)) {
+			return bad("delta chunk %d of %d bytes for %d bytes of blocks", d, sz, m.rawOf(k))
+		}
+		m.deltaOff[d] = off
+		off += sz
+	}
 	if off != c.FileSize {
 		return bad("chunk sizes add up to %d, file_size is %d", off, c.FileSize)
 	}
 	return nil
+}
+
+// rawOf is chunk k's decoded size (k valid).
+func (m *Manifest) rawOf(k int) uint64 {
+	c := m.Chunk(k)
+	return c.Raw
 }
 
 // compressBound is the largest zstd frame this package accepts for raw bytes: incompressible
@@ -369,6 +427,15 @@ type Chunk struct {
 	Size   uint64
 	// Raw is the size of the chunk's non-zero blocks, decoded.
 	Raw uint64
+	// Unit is the chunk's index among the units of the chunk file: the ordinary chunks
+	// (Unit == Index) then the delta chunks (Unit == Chunks() + D).
+	Unit int
+	// Delta: this is delta chunk D, an alternate encoding of ordinary chunk Index (whose
+	// blocks FirstBlock, Blocks and Raw describe); Offset and Size are the delta chunk's, and
+	// DictOffset, DictLen its dictionary's range in the base image.
+	Delta               bool
+	D                   int
+	DictOffset, DictLen uint64
 }
 
 // Chunks is the number of chunks; ChunkFileSize the chunk file's size.
@@ -384,7 +451,41 @@ func (m *Manifest) Chunk(k int) Chunk {
 		off += uint64(c.CompressedSizes[i])
 	}
 	cnt := uint64(c.BlockCounts[k])
-	return Chunk{Index: k, FirstBlock: blk, Blocks: cnt, Offset: off, Size: uint64(c.CompressedSizes[k]), Raw: m.rawBytes(blk, cnt)}
+	return Chunk{Index: k, Unit: k, FirstBlock: blk, Blocks: cnt, Offset: off, Size: uint64(c.CompressedSizes[k]), Raw: m.rawBytes(blk, cnt)}
+}
+
+// Deltas is the number of delta chunks.
+func (m *Manifest) Deltas() int { return len(m.h.Chunks.DeltaOf) }
+
+// Units is the number of units of the chunk file: Chunks() + Deltas().
+func (m *Manifest) Units() int { return m.Chunks() + m.Deltas() }
+
+// BaseSHA256 and BaseSize name the delta base: delta chunks apply to a device whose running
+// slot starts with BaseSize bytes of that digest.
+func (m *Manifest) BaseSHA256() []byte { return bytes.Clone(m.h.BaseSha256) }
+func (m *Manifest) BaseSize() uint64   { return m.h.BaseSize }
+
+// Delta returns delta chunk d (0 <= d < Deltas()).
+func (m *Manifest) Delta(d int) Chunk {
+	t := m.h.Chunks
+	c := m.Chunk(int(t.DeltaOf[d]))
+	c.Unit, c.Delta, c.D = m.Chunks()+d, true, d
+	c.Offset, c.Size = m.deltaOff[d], uint64(t.DeltaSizes[d])
+	c.DictOffset, c.DictLen = t.DictOffsets[d], uint64(t.DictLengths[d])
+	return c
+}
+
+// Unit returns unit u (0 <= u < Units()): chunk u or delta chunk u-Chunks().
+func (m *Manifest) Unit(u int) Chunk {
+	if u < m.Chunks() {
+		return m.Chunk(u)
+	}
+	return m.Delta(u - m.Chunks())
+}
+
+// DeltaOf returns the delta chunk of ordinary chunk k, if it has one.
+func (m *Manifest) DeltaOf(k int) (int, bool) {
+	return slices.BinarySearch(m.h.Chunks.DeltaOf, uint32(k))
 }
 
 // NeededChunks returns the chunks holding at least one non-zero block for which missing

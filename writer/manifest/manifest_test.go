@@ -400,7 +400,9 @@ func TestOpenRefuses(t *testing.T) {
 		"hash cut":          {mf[:len(mf)-1], invalid},
 		"hash extra":        {append(bytes.Clone(mf), 0), invalid},
 		"header garbage":    {append(append([]byte(Magic), 0, 0, 0, 4), 0xff, 0xff, 0xff, 0xff), invalid},
-		"format_version 2":  {mut(func(h *otav1.ManifestHeader) { h.FormatVersion = 2 }), unsupported},
+		"format_version 3":  {mut(func(h *otav1.ManifestHeader) { h.FormatVersion = 3 }), unsupported},
+		"format_version 2":  {mut(func(h *otav1.ManifestHeader) { h.FormatVersion = 2 }), invalid}, // without delta chunks
+		"v1 base_size":      {mut(func(h *otav1.ManifestHeader) { h.BaseSize = 1 }), invalid},
 		"no target":         {mut(func(h *otav1.ManifestHeader) { h.Target = "" }), invalid},
 		"control in target": {mut(func(h *otav1.ManifestHeader) { h.Target = "a\nb" }), invalid},
 		"bad utf-8 version": {bytes.Replace(mut(func(h *otav1.ManifestHeader) { h.Version = "V~V~V" }), []byte("V~V~V"), []byte("V\xffV\xffV"), 1), invalid},

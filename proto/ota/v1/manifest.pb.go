@@ -71,7 +71,8 @@ func (ChunkCompression) EnumDescriptor() ([]byte, []int) {
 
 type ManifestHeader struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
-	// 1 for this format; a reader refuses anything else.
+	// 1 for this format; 2 when the chunk table has delta chunks (delta_of not empty). A
+	// reader refuses any other value, and a reader of format 1 refuses 2.
 	FormatVersion uint32 `protobuf:"varint,1,opt,name=format_version,json=formatVersion,proto3" json:"format_version,omitempty"`
 	// Name of the writer target the image is for; must equal the configured target's name.
 	Target string `protobuf:"bytes,2,opt,name=target,proto3" json:"target,omitempty"`
@@ -95,8 +96,12 @@ type ManifestHeader struct {
 	HashCount uint64 `protobuf:"varint,10,opt,name=hash_count,json=hashCount,proto3" json:"hash_count,omitempty"`
 	// SHA-256 of the image the chunks were cut for as a delta base (the running image the
 	// publisher expected), if any. Informational: a device reuses blocks from any base.
-	BaseSha256    []byte      `protobuf:"bytes,11,opt,name=base_sha256,json=baseSha256,proto3" json:"base_sha256,omitempty"`
-	Chunks        *ChunkTable `protobuf:"bytes,12,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	BaseSha256 []byte      `protobuf:"bytes,11,opt,name=base_sha256,json=baseSha256,proto3" json:"base_sha256,omitempty"`
+	Chunks     *ChunkTable `protobuf:"bytes,12,opt,name=chunks,proto3" json:"chunks,omitempty"`
+	// Bytes of the base image that base_sha256 covers (format 2: required when there are delta
+	// chunks, whose dictionaries are ranges of these bytes; the writer uses a delta chunk only
+	// when the SHA-256 of the first base_size bytes of its running slot is base_sha256).
+	BaseSize      uint64 `protobuf:"varint,13,opt,name=base_size,json=baseSize,proto3" json:"base_size,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -215,6 +220,13 @@ func (x *ManifestHeader) GetChunks() *ChunkTable {
 	return nil
 }
 
+func (x *ManifestHeader) GetBaseSize() uint64 {
+	if x != nil {
+		return x.BaseSize
+	}
+	return 0
+}
+
 // ChunkTable describes the chunk file: chunk k holds the blocks that follow those of chunk
 // k-1 (chunk 0 starts at block 0), block_counts[k] of them, and occupies the bytes that
 // follow chunk k-1's in the chunk file (chunk 0 starts at offset 0), compressed_sizes[k] of
@@ -227,8 +239,18 @@ type ChunkTable struct {
 	FileSize        uint64   `protobuf:"varint,2,opt,name=file_size,json=fileSize,proto3" json:"file_size,omitempty"`
 	BlockCounts     []uint32 `protobuf:"varint,3,rep,packed,name=block_counts,json=blockCounts,proto3" json:"block_counts,omitempty"`
 	CompressedSizes []uint32 `protobuf:"varint,4,rep,packed,name=compressed_sizes,json=compressedSizes,proto3" json:"compressed_sizes,omitempty"`
-	unknownFields   protoimpl.UnknownFields
-	sizeCache       protoimpl.SizeCache
+	// Delta chunks (format 2), in the chunk file after the ordinary chunks, in this order:
+	// delta chunk d is an alternate encoding of ordinary chunk delta_of[d] (strictly
+	// increasing, a chunk with bytes), one zstd frame of the same non-zero blocks compressed
+	// with a raw dictionary: bytes [dict_offsets[d], dict_offsets[d] + dict_lengths[d]) of the
+	// base image (inside base_size, 1..writer/manifest.MaxDictSize bytes); delta_sizes[d] bytes.
+	// The four lists have the same length; file_size also counts delta_sizes.
+	DeltaOf       []uint32 `protobuf:"varint,5,rep,packed,name=delta_of,json=deltaOf,proto3" json:"delta_of,omitempty"`
+	DictOffsets   []uint64 `protobuf:"varint,6,rep,packed,name=dict_offsets,json=dictOffsets,proto3" json:"dict_offsets,omitempty"`
+	DictLengths   []uint32 `protobuf:"varint,7,rep,packed,name=dict_lengths,json=dictLengths,proto3" json:"dict_lengths,omitempty"`
+	DeltaSizes    []uint32 `protobuf:"varint,8,rep,packed,name=delta_sizes,json=deltaSizes,proto3" json:"delta_sizes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ChunkTable) Reset() {
@@ -289,11 +311,39 @@ func (x *ChunkTable) GetCompressedSizes() []uint32 {
 	return nil
 }
 
+func (x *ChunkTable) GetDeltaOf() []uint32 {
+	if x != nil {
+		return x.DeltaOf
+	}
+	return nil
+}
+
+func (x *ChunkTable) GetDictOffsets() []uint64 {
+	if x != nil {
+		return x.DictOffsets
+	}
+	return nil
+}
+
+func (x *ChunkTable) GetDictLengths() []uint32 {
+	if x != nil {
+		return x.DictLengths
+	}
+	return nil
+}
+
+func (x *ChunkTable) GetDeltaSizes() []uint32 {
+	if x != nil {
+		return x.DeltaSizes
+	}
+	return nil
+}
+
 var File_ota_v1_manifest_proto protoreflect.FileDescriptor
 
 const file_ota_v1_manifest_proto_rawDesc = "" +
 	"\n" +
-	"\x15ota/v1/manifest.proto\x12\x06ota.v1\"\x98\x03\n" +
+	"\x15ota/v1/manifest.proto\x12\x06ota.v1\"\xb5\x03\n" +
 	"\x0eManifestHeader\x12%\n" +
 	"\x0eformat_version\x18\x01 \x01(\rR\rformatVersion\x12\x16\n" +
 	"\x06target\x18\x02 \x01(\tR\x06target\x12\x1e\n" +
@@ -315,13 +365,19 @@ const file_ota_v1_manifest_proto_rawDesc = "" +
 	" \x01(\x04R\thashCount\x12\x1f\n" +
 	"\vbase_sha256\x18\v \x01(\fR\n" +
 	"baseSha256\x12*\n" +
-	"\x06chunks\x18\f \x01(\v2\x12.ota.v1.ChunkTableR\x06chunks\"\xb3\x01\n" +
+	"\x06chunks\x18\f \x01(\v2\x12.ota.v1.ChunkTableR\x06chunks\x12\x1b\n" +
+	"\tbase_size\x18\r \x01(\x04R\bbaseSize\"\xb5\x02\n" +
 	"\n" +
 	"ChunkTable\x12:\n" +
 	"\vcompression\x18\x01 \x01(\x0e2\x18.ota.v1.ChunkCompressionR\vcompression\x12\x1b\n" +
 	"\tfile_size\x18\x02 \x01(\x04R\bfileSize\x12!\n" +
 	"\fblock_counts\x18\x03 \x03(\rR\vblockCounts\x12)\n" +
-	"\x10compressed_sizes\x18\x04 \x03(\rR\x0fcompressedSizes*Q\n" +
+	"\x10compressed_sizes\x18\x04 \x03(\rR\x0fcompressedSizes\x12\x19\n" +
+	"\bdelta_of\x18\x05 \x03(\rR\adeltaOf\x12!\n" +
+	"\fdict_offsets\x18\x06 \x03(\x04R\vdictOffsets\x12!\n" +
+	"\fdict_lengths\x18\a \x03(\rR\vdictLengths\x12\x1f\n" +
+	"\vdelta_sizes\x18\b \x03(\rR\n" +
+	"deltaSizes*Q\n" +
 	"\x10ChunkCompression\x12!\n" +
 	"\x1dCHUNK_COMPRESSION_UNSPECIFIED\x10\x00\x12\x1a\n" +
 	"\x16CHUNK_COMPRESSION_ZSTD\x10\x01B+Z)github.com/gwota/gwota/proto/ota/v1;otav1b\x06proto3"

@@ -1237,8 +1237,9 @@ type BeginSessionResponse struct {
 	Session *SessionInfo           `protobuf:"bytes,1,opt,name=session,proto3" json:"session,omitempty"`
 	// True when an existing session was resumed; its block_size wins.
 	Resumed bool `protobuf:"varint,2,opt,name=resumed,proto3" json:"resumed,omitempty"`
-	// CHUNKS sessions only: the compressed size of every chunk in order. Chunk k starts at the
-	// sum of the sizes before it; size 0 is an all-zero chunk with no bytes, never sent.
+	// CHUNKS sessions only: the compressed size of every unit of the chunk file in order: the
+	// chunks, then the manifest's delta chunks if any. Unit k starts at the sum of the sizes
+	// before it; size 0 is an all-zero chunk with no bytes, never sent.
 	ChunkSizes    []uint32 `protobuf:"varint,3,rep,packed,name=chunk_sizes,json=chunkSizes,proto3" json:"chunk_sizes,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache

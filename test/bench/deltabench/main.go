@@ -13,7 +13,9 @@
 package main
 
 import (
+	"cmp"
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"flag"
 	"fmt"
@@ -21,9 +23,11 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 
@@ -48,6 +52,10 @@ type Figures struct {
 	// StreamDownload is the same fetched over an MQTT stream in blocks of StreamBlock bytes
 	// of the chunk file: every stream block overlapping a needed chunk, plus the manifest.
 	StreamDownload uint64 `json:"stream_download_bytes"`
+	// DeltaChunks of the needed chunks are delta chunks (DeltaBytes of ChunkBytes).
+	DeltaChunks int     `json:"delta_chunks_needed"`
+	DeltaBytes  uint64  `json:"delta_bytes"`
+	BuildSecs   float64 `json:"build_seconds"`
 }
 
 // StreamBlock is ota-net's stream block size (64 KiB).
@@ -63,6 +71,7 @@ func main() {
 	level := flag.String("level", "", "zstd level (fastest, default, better, best; the package's default when empty)")
 	newChunk := flag.Uint("new-chunk-size", 0, "with -base: image bytes of a chunk of new blocks (the package's default when 0)")
 	maxChunk := flag.Uint("max-chunk-bytes", 0, "compressed bytes of a chunk at most (the package's default when 0)")
+	dictSize := flag.Int("dict-size", 0, "with -base: largest dictionary of a delta chunk (the package's default when 0, negative: no delta chunks)")
 	peakRSS := flag.Bool("peak-rss", false, "run the command given after the flags and print its peak RSS in KiB")
 	ready := flag.Bool("ready", false, "end to end: time to ready, bytes served and peak RSS of a full and a delta update from -local to -new")
 	readyCasesFlag := flag.String("ready-cases", "quota-mqtt,link-mqtt,link-http", "with -ready: quota-mqtt (the emulator's 512 KiB/s quota), link-mqtt and link-http (a 5 Mbit/s toxiproxy link)")
@@ -98,7 +107,7 @@ func main() {
 		fmt.Println(st)
 		return
 	}
-	opt := Options{NewChunkSize: uint32(*newChunk), MaxChunkBytes: uint32(*maxChunk)}
+	opt := Options{NewChunkSize: uint32(*newChunk), MaxChunkBytes: uint32(*maxChunk), DictSize: *dictSize}
 	if *level != "" {
 		ok, lv := zstd.EncoderLevelFromString(*level)
 		if !ok {
@@ -178,6 +187,8 @@ type Options struct {
 	Level         zstd.EncoderLevel
 	NewChunkSize  uint32
 	MaxChunkBytes uint32
+	// DictSize bounds a delta chunk's dictionary (manifest.Params.DictSize).
+	DictSize int
 }
 
 // Measure builds newImg's manifest and chunk file in dir and returns what a device holding
@@ -201,7 +212,7 @@ func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, di
 	}
 	defer cf.Close()
 	p := manifest.Params{Target: "rootfs", Compatible: "bench", Version: "2", BlockSize: bs, ChunkSize: chunkSize, TempDir: dir,
-		Level: opt.Level, NewChunkSize: opt.NewChunkSize, MaxChunkBytes: opt.MaxChunkBytes}
+		Level: opt.Level, NewChunkSize: opt.NewChunkSize, MaxChunkBytes: opt.MaxChunkBytes, DictSize: opt.DictSize}
 	if withBase {
 		b, err := os.Open(local)
 		if err != nil {
@@ -213,8 +224,15 @@ func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, di
 			return f, err
 		}
 		p.Base, p.BaseSize = b, bi.Size()
+		h := sha256.New()
+		if _, err := io.Copy(h, io.NewSectionReader(b, 0, bi.Size())); err != nil {
+			return f, err
+		}
+		p.BaseSHA256 = h.Sum(nil)
 	}
+	t0 := time.Now()
 	res, err := manifest.Build(ctx, img, p, cf, mf)
+	f.BuildSecs = time.Since(t0).Seconds()
 	if err != nil {
 		return f, err
 	}
@@ -240,6 +258,21 @@ func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, di
 		return f, err
 	}
 	need := m.NeededChunks(func(b uint64) bool { return !have[b] })
+	// The device runs the base (-local is -base): a needed chunk with a delta chunk is
+	// fetched as that delta chunk, as the writer asks (writer/engine fillLocal).
+	if withBase {
+		for i, c := range need {
+			if d, ok := m.DeltaOf(c.Index); ok {
+				need[i] = m.Delta(d)
+				f.DeltaChunks++
+				f.DeltaBytes += need[i].Size
+			}
+		}
+		slices.SortFunc(need, func(a, b manifest.Chunk) int { return cmp.Compare(a.Offset, b.Offset) })
+		if err := checkDeltas(m, need, cf, l); err != nil {
+			return f, err
+		}
+	}
 	f.ImageBytes, f.Blocks, f.ZeroBlocks, f.FoundBlocks = res.ImageSize, res.Blocks, st.Zero, st.Found
 	f.MissingBlocks = res.Blocks - st.Zero - st.Found
 	f.ChunkFile, f.ManifestBytes, f.ChunksNeeded = res.ChunkFileSize, res.ManifestSize, len(need)
@@ -256,4 +289,30 @@ func Measure(ctx context.Context, newImg, local string, bs, chunkSize uint32, di
 	f.Download = f.ChunkBytes + f.ManifestBytes
 	f.StreamDownload += f.ManifestBytes
 	return f, nil
+}
+
+// checkDeltas decodes every needed delta chunk with its dictionary read from local, as the
+// writer does, so a figure never counts a chunk that would not install.
+func checkDeltas(m *manifest.Manifest, need []manifest.Chunk, chunks, local io.ReaderAt) error {
+	dec, err := m.NewChunkDecoder()
+	if err != nil {
+		return err
+	}
+	defer dec.Close()
+	for _, c := range need {
+		if !c.Delta {
+			continue
+		}
+		data, dict := make([]byte, c.Size), make([]byte, c.DictLen)
+		if _, err := chunks.ReadAt(data, int64(c.Offset)); err != nil {
+			return err
+		}
+		if _, err := local.ReadAt(dict, int64(c.DictOffset)); err != nil {
+			return err
+		}
+		if err := dec.DecodeDelta(c.D, data, dict, func(uint64, []byte) error { return nil }); err != nil {
+			return fmt.Errorf("delta chunk %d: %w", c.D, err)
+		}
+	}
+	return nil
 }

@@ -19,6 +19,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
+	"github.com/gwota/gwota/writer/assemble"
 	"github.com/gwota/gwota/writer/config"
 )
 
@@ -68,7 +69,7 @@ func cmdFlash(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 		return usagef("flash: %v", err)
 	}
 	req := beginRequest(a, cfg, sel, fi.Size())
-	eng, err := newEngine(ctx, cfg, newLogger(cfg, stderr), false)
+	eng, err := assemble.NewEngine(ctx, cfg, newLogger(cfg, stderr), false)
 	if err != nil {
 		return err
 	}

@@ -10,6 +10,7 @@ import (
 	"github.com/hashicorp/go-hclog"
 
 	"github.com/gwota/gwota/internal/systemd"
+	"github.com/gwota/gwota/writer/assemble"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/server"
 )
@@ -38,7 +39,7 @@ func cmdServe(ctx context.Context, args []string, stderr io.Writer) error {
 	if err != nil {
 		return usageError{err}
 	}
-	eng, err := newEngine(ctx, cfg, log, true)
+	eng, err := assemble.NewEngine(ctx, cfg, log, true)
 	if err != nil {
 		ln.Close()
 		return err

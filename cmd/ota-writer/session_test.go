@@ -13,6 +13,7 @@ import (
 	"time"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/writer/assemble"
 	"github.com/gwota/gwota/writer/writertest"
 )
 
@@ -216,7 +217,7 @@ func TestSecondWriterRefused(t *testing.T) {
 	b := newBench(t, "")
 	b.serve(t)
 	writertest.Dial(t, b.sock)
-	bootFile := b.dir + "/state/" + bootStateFile
+	bootFile := b.dir + "/state/" + assemble.BootStateFile
 	before, err := os.ReadFile(bootFile)
 	if err != nil {
 		t.Fatal(err)

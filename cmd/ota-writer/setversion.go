@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/gwota/gwota/writer/assemble"
 	"github.com/gwota/gwota/writer/config"
 )
 
@@ -31,7 +32,7 @@ func cmdSetVersion(ctx context.Context, args []string, stdout, stderr io.Writer)
 	if err := refuseIfServing(ctx, cfg.Socket); err != nil {
 		return err
 	}
-	eng, err := newEngine(ctx, cfg, newLogger(cfg, stderr), false)
+	eng, err := assemble.NewEngine(ctx, cfg, newLogger(cfg, stderr), false)
 	if err != nil {
 		return err
 	}

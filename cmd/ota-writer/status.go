@@ -20,6 +20,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
+	"github.com/gwota/gwota/writer/assemble"
 	"github.com/gwota/gwota/writer/client"
 	"github.com/gwota/gwota/writer/config"
 )
@@ -66,7 +67,7 @@ func connect(ctx context.Context, cf connFlags, stderr io.Writer) (api.Control, 
 	if !status.IsClass(err, status.ClassUnavailable) || cfg == nil {
 		return nil, "", nil, err
 	}
-	eng, err := newEngine(ctx, cfg, newLogger(cfg, stderr), false)
+	eng, err := assemble.NewEngine(ctx, cfg, newLogger(cfg, stderr), false)
 	if err != nil {
 		return nil, "", nil, err
 	}

@@ -1,4 +1,8 @@
-package main
+// Package assemble builds the writer engine from its configuration: boot backend, extension
+// collector and self test. ota-writer's commands use it, and so does the benchmark build of
+// ota-net that links the engine in-process (cmd/ota-net/inproc.go, build tag gwota_inproc):
+// one assembly, so both run the same writer.
+package assemble
 
 import (
 	"context"
@@ -17,14 +21,14 @@ import (
 	"github.com/gwota/gwota/writer/selftest"
 )
 
-// bootStateFile is the file boot backend's state, inside state_dir.
-const bootStateFile = "boot-state.json"
+// BootStateFile is the file boot backend's state, inside state_dir.
+const BootStateFile = "boot-state.json"
 
-// newEngine wires the engine to its boot backend, extension collector and self test, all
+// NewEngine wires the engine to its boot backend, extension collector and self test, all
 // from the configuration. serve says this is the writer's start: only then does the file
 // backend simulate the bootloader's power-on (flash, status, accept and reject must not
 // count as a boot).
-func newEngine(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bool) (*engine.Engine, error) {
+func NewEngine(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bool) (*engine.Engine, error) {
 	b, err := newBoot(ctx, cfg, log, serve)
 	if err != nil {
 		return nil, err
@@ -49,7 +53,7 @@ func newBoot(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bo
 		if err := journal.MkdirAll(cfg.StateDir, 0o700); err != nil {
 			return nil, fmt.Errorf("state dir: %w", err)
 		}
-		f, err := boot.NewFile(filepath.Join(cfg.StateDir, bootStateFile), cfg.Boot.BootLimit, log)
+		f, err := boot.NewFile(filepath.Join(cfg.StateDir, BootStateFile), cfg.Boot.BootLimit, log)
 		if err != nil {
 			return nil, err
 		}
@@ -72,7 +76,8 @@ func newBoot(ctx context.Context, cfg *config.Config, log hclog.Logger, serve bo
 	case config.BootGRUB:
 		return boot.NewGRUB(boot.GRUBOptions{Scheme: scheme, EditEnv: cfg.Boot.GrubEditenv, EnvFile: cfg.Boot.GrubEnv}, log)
 	}
-	return nil, usagef("boot backend %q unknown", cfg.Boot.Backend)
+	// config.Load refuses other backends.
+	return nil, fmt.Errorf("boot backend %q unknown", cfg.Boot.Backend)
 }
 
 // newSelfTest returns the configured health checks.

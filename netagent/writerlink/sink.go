@@ -10,7 +10,6 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
-	"github.com/gwota/gwota/writer/client"
 )
 
 // Sink streams a session's blocks to the writer: the blocksink.Sink of both downloaders,
@@ -26,7 +25,7 @@ type Sink struct {
 	onSent              func([]byte) // SetOnSent
 
 	// Owned by the caller's goroutine.
-	stream   *client.BlockStream
+	stream   BlockStream
 	batch    []*otav1.Block
 	batchLen int
 	unsynced int64
@@ -111,7 +110,7 @@ func (k *Sink) open(ctx context.Context) error {
 	return nil
 }
 
-func (k *Sink) readAcks(st *client.BlockStream, id int) {
+func (k *Sink) readAcks(st BlockStream, id int) {
 	for a := range st.Acks() {
 		k.mu.Lock()
 		if id == k.streamID && a.GetDurableSeq() > k.acked {

@@ -2,7 +2,8 @@
 // resume), a Sink (the downloaders' blocksink.Sink) that streams blocks over WriteBlocks and
 // tracks the writer's durable acknowledgements, and reconnection when the writer restarts
 // (the session is begun again, resumed, and the downloader continues from the writer's
-// bitmap). Other writer calls pass through to writer/client unchanged.
+// bitmap). Other writer calls pass through to the Conn (writer/client, or the writer linked
+// in-process for benchmarks) unchanged.
 //
 // Every error keeps the writer's typed reason: status.ReasonOf(err) reads it.
 package writerlink
@@ -49,10 +50,10 @@ type Config struct {
 	Logger           hclog.Logger
 }
 
-// Link is a handshaken connection to the writer. The embedded client's methods (State,
+// Link is a handshaken connection to the writer. The embedded Conn's methods (State,
 // Activate, Reboot, SelfTest, Commit, Reject, Extensions, ...) are the pass-through calls.
 type Link struct {
-	*client.Client
+	Conn
 	cfg Config
 	log hclog.Logger
 	// syncBytes is Config.SyncBytes before MaxAheadBytes capped it (Sink.SetMaxAhead).
@@ -69,7 +70,7 @@ func Dial(ctx context.Context, cfg Config) (*Link, error) {
 	if err != nil {
 		return nil, status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "writer link: %w", err)
 	}
-	l, err := New(ctx, c, cfg)
+	l, err := New(ctx, Remote(c), cfg)
 	if err != nil {
 		c.Close()
 		return nil, err
@@ -77,8 +78,9 @@ func Dial(ctx context.Context, cfg Config) (*Link, error) {
 	return l, nil
 }
 
-// New makes a Link of an existing client: waits for the writer and handshakes.
-func New(ctx context.Context, c *client.Client, cfg Config) (*Link, error) {
+// New makes a Link of an existing connection (Remote or Local): waits for the writer and
+// handshakes.
+func New(ctx context.Context, c Conn, cfg Config) (*Link, error) {
 	if cfg.BatchBytes <= 0 {
 		cfg.BatchBytes = DefaultBatchBytes
 	}
@@ -95,7 +97,7 @@ func New(ctx context.Context, c *client.Client, cfg Config) (*Link, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = hclog.NewNullLogger()
 	}
-	l := &Link{Client: c, cfg: cfg, log: cfg.Logger, syncBytes: syncBytes}
+	l := &Link{Conn: c, cfg: cfg, log: cfg.Logger, syncBytes: syncBytes}
 	if err := l.hello(ctx); err != nil {
 		return nil, err
 	}
@@ -106,7 +108,7 @@ func (l *Link) hello(ctx context.Context) error {
 	if err := l.WaitReady(ctx); err != nil {
 		return err
 	}
-	h, err := l.Handshake(ctx, nil)
+	h, err := l.Handshake(ctx, &otav1.HandshakeRequest{ProtocolVersion: otav1.ProtocolVersion_PROTOCOL_VERSION_1, Client: l.cfg.Name})
 	if err != nil {
 		return err
 	}
@@ -137,7 +139,7 @@ type Session struct {
 // Begin opens a session, or resumes the writer's matching one (its block size then wins:
 // read BlockSize and Missing from the session).
 func (l *Link) Begin(ctx context.Context, req *otav1.BeginSessionRequest) (*Session, error) {
-	resp, err := l.Client.Begin(ctx, req)
+	resp, err := l.Conn.Begin(ctx, req)
 	if err != nil {
 		return nil, err
 	}
@@ -228,7 +230,7 @@ func (s *Session) reconnect(ctx context.Context) error {
 	if err := s.l.hello(ctx); err != nil {
 		return err
 	}
-	resp, err := s.l.Client.Begin(ctx, s.req)
+	resp, err := s.l.Conn.Begin(ctx, s.req)
 	if err != nil {
 		return err
 	}

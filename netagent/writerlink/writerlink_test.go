@@ -69,10 +69,28 @@ func randImage(n int) []byte {
 	return b
 }
 
-func TestSinkDurable(t *testing.T) {
-	core := newFake()
-	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
-	l := dial(t, w)
+// eachConn runs f with a Link to a fake writer both ways a Link reaches one: over the socket
+// (ota-net) and linked in-process (writerlink.Local, the hop benchmark's build): the sink
+// behaves the same through both.
+func eachConn(t *testing.T, f func(t *testing.T, core *writertest.Fake, l *writerlink.Link)) {
+	t.Run("socket", func(t *testing.T) {
+		core := newFake()
+		f(t, core, dial(t, writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)))
+	})
+	t.Run("in-process", func(t *testing.T) {
+		core := newFake()
+		l, err := writerlink.New(t.Context(), writerlink.Local(core), writerlink.Config{Name: "test", Logger: logger(t)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		f(t, core, l)
+	})
+}
+
+func TestSinkDurable(t *testing.T) { eachConn(t, testSinkDurable) }
+
+func testSinkDurable(t *testing.T, core *writertest.Fake, l *writerlink.Link) {
 	ctx := context.Background()
 	img := randImage(100*1024 + 5)
 	const bs = 4096
@@ -116,10 +134,9 @@ func TestSinkDurable(t *testing.T) {
 	}
 }
 
-func TestTypedErrors(t *testing.T) {
-	core := newFake()
-	w := writertest.Serve(t, core, server.Options{}, server.ListenConfig{}, nil)
-	l := dial(t, w)
+func TestTypedErrors(t *testing.T) { eachConn(t, testTypedErrors) }
+
+func testTypedErrors(t *testing.T, core *writertest.Fake, l *writerlink.Link) {
 	ctx := context.Background()
 	_, err := l.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: "/nope", FileSize: 10, BlockSize: 4096})
 	if status.ReasonOf(err) != otav1.Reason_REASON_TARGET_UNKNOWN {

@@ -112,6 +112,13 @@ func run(args []string, stderr io.Writer) int {
 	return 0
 }
 
+// dialWriter links the agent to the writer: over the writer's socket. The benchmark build
+// (build tag gwota_inproc, inproc.go) replaces it to link the writer engine into this process
+// instead, to price the gRPC hop end to end; no shipped build has that tag.
+var dialWriter = func(ctx context.Context, _ Config, lc writerlink.Config, _ hclog.Logger) (*writerlink.Link, error) {
+	return writerlink.Dial(ctx, lc)
+}
+
 // serve wires the parts and runs the agent until ctx ends. Logging has one convention on
 // this side: each part takes an hclog.Logger in its configuration's Logger field (a null
 // logger when nil), and gets log.Named(<part>) here; no package makes or looks up a global
@@ -158,8 +165,8 @@ func serve(ctx context.Context, cfg Config, log hclog.Logger) error {
 	log.Info("waiting for the writer", "socket", cfg.WriterSocket)
 	// Blocks not yet durable in the writer stay within one download window: a writer crash
 	// costs at most that much fetched again.
-	link, err := writerlink.Dial(ctx, writerlink.Config{SocketPath: cfg.WriterSocket, Name: "ota-net " + version,
-		MaxAheadBytes: sd.Config().WindowBytes(), Logger: log.Named("writer")})
+	link, err := dialWriter(ctx, cfg, writerlink.Config{SocketPath: cfg.WriterSocket, Name: "ota-net " + version,
+		MaxAheadBytes: sd.Config().WindowBytes(), Logger: log.Named("writer")}, log)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil

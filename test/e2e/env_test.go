@@ -141,6 +141,11 @@ func newEnvEdge(t *testing.T, broker string, edge bool, mod func(*harness.Device
 		mod(&o)
 	}
 	binaries := bin
+	if o.InProcess {
+		if binaries, err = inprocBins(); err != nil {
+			t.Fatal(err)
+		}
+	}
 	if slices.ContainsFunc(o.Env, func(v string) bool { return strings.HasPrefix(v, "GWOTA_CRASHPOINT=") }) {
 		// A test that arms a crash point needs binaries built with them.
 		if binaries, err = crashBins(); err != nil {

@@ -24,6 +24,9 @@ type Binaries struct {
 	Dir    string
 	Writer string // ota-writer
 	Net    string // ota-net
+	// NetInProc is ota-net's benchmark build with the writer engine linked in
+	// (BuildOptions.InProcessNet; DeviceOptions.InProcess).
+	NetInProc string
 	// Race says the binaries were built with the race detector.
 	Race bool
 }
@@ -39,7 +42,18 @@ type BuildOptions struct {
 	Only []string
 	// Tags are build tags (the crash campaign builds with gwota_crashpoints).
 	Tags []string
+	// InProcessNet also builds ota-net with the writer engine linked in (build tag
+	// InProcTag) as NetInProc.
+	InProcessNet bool
 }
+
+// InProcTag is the build tag of ota-net's benchmark build with the writer linked in
+// (cmd/ota-net/inproc.go).
+const InProcTag = "gwota_inproc"
+
+// EnvInProcWriterConfig is where that build reads the writer configuration it serves
+// (cmd/ota-net/inproc.go's EnvInProcWriterConfig).
+const EnvInProcWriterConfig = "GWOTA_INPROC_WRITER_CONFIG"
 
 // Commands are the packages Build compiles, by binary name.
 var Commands = map[string]string{
@@ -94,17 +108,34 @@ func Build(ctx context.Context, opts BuildOptions) (*Binaries, error) {
 		}
 		args = append(args, pkg)
 	}
-	if len(args) == 3+btoi(opts.Race)+2*btoi(len(opts.Tags) > 0) {
-		return b, nil // nothing left to build
+	if len(args) > 3+btoi(opts.Race)+2*btoi(len(opts.Tags) > 0) {
+		if err := goBuild(ctx, goBin, root, args); err != nil {
+			return nil, err
+		}
 	}
+	if opts.InProcessNet {
+		// Its own go build: one -o directory cannot hold two builds of one package.
+		b.NetInProc = filepath.Join(dir, "ota-net-inproc")
+		args := []string{"build", "-o", b.NetInProc, "-tags", strings.Join(append(append([]string(nil), opts.Tags...), InProcTag), ",")}
+		if opts.Race {
+			args = append(args, "-race")
+		}
+		if err := goBuild(ctx, goBin, root, append(args, Commands["ota-net"])); err != nil {
+			return nil, err
+		}
+	}
+	return b, nil
+}
+
+func goBuild(ctx context.Context, goBin, root string, args []string) error {
 	cmd := exec.CommandContext(ctx, goBin, args...)
 	cmd.Dir = root
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
 	if err := cmd.Run(); err != nil {
-		return nil, fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, out.String())
+		return fmt.Errorf("go %s: %w\n%s", strings.Join(args, " "), err, out.String())
 	}
-	return b, nil
+	return nil
 }
 
 // ModuleRoot is the directory of the go.mod governing the working directory.

@@ -89,6 +89,12 @@ type DeviceOptions struct {
 	// with the program's name ("ota-writer" or "ota-net").
 	Supervise bool
 	OnCrash   func(name string)
+	// InProcess runs the benchmark build of ota-net (Binaries.NetInProc, built with
+	// BuildOptions.InProcessNet) with the writer engine linked inside it, serving
+	// WriterConfig, and no ota-writer process: Writer is nil, the socket is not served and
+	// Net is the one process; reboots restart it. For pricing the gRPC hop
+	// (test/bench/linkbench).
+	InProcess bool
 }
 
 // Device is one simulated gateway: ota-writer and ota-net as processes, file-backed A/B
@@ -287,8 +293,12 @@ func (d *Device) Start(ctx context.Context) error {
 	return d.StartNet(ctx)
 }
 
-// StartWriter starts ota-writer serve and waits until its health service answers.
+// StartWriter starts ota-writer serve and waits until its health service answers. With
+// InProcess there is no writer process: it does nothing.
 func (d *Device) StartWriter(ctx context.Context) error {
+	if d.Opts.InProcess {
+		return nil
+	}
 	d.mu.Lock()
 	if d.writer != nil && d.writer.Running() {
 		d.mu.Unlock()
@@ -333,7 +343,7 @@ func (d *Device) StartNet(ctx context.Context) error {
 	if d.net != nil && d.net.Running() {
 		return fmt.Errorf("harness: ota-net %w", errRunning)
 	}
-	p, err := startProc("ota-net", d.netArgv(), d.Opts.Env, d.NetLog, d.Opts.LogTee, d.onExit)
+	p, err := startProc("ota-net", d.netArgv(), d.netEnv(), d.NetLog, d.Opts.LogTee, d.onExit)
 	if err != nil {
 		return err
 	}

@@ -52,5 +52,18 @@ func (d *Device) netConfig() ([]byte, error) {
 }
 
 func (d *Device) netArgv() []string {
-	return append(append([]string(nil), d.Opts.NetPrefix...), d.Bin.Net, "--config", d.NetConfig)
+	bin := d.Bin.Net
+	if d.Opts.InProcess {
+		bin = d.Bin.NetInProc
+	}
+	return append(append([]string(nil), d.Opts.NetPrefix...), bin, "--config", d.NetConfig)
+}
+
+// netEnv is ota-net's environment: the benchmark build finds the writer's configuration in
+// it.
+func (d *Device) netEnv() []string {
+	if !d.Opts.InProcess {
+		return d.Opts.Env
+	}
+	return append(append([]string(nil), d.Opts.Env...), EnvInProcWriterConfig+"="+d.WriterConfig)
 }

@@ -84,6 +84,9 @@ type cell struct {
 	quotas  bool
 	agent   agent
 	reps    int // 0: the -reps flag
+	// inproc runs ota-net's benchmark build with the writer engine linked in (no gRPC hop,
+	// one process) instead of ota-net and ota-writer.
+	inproc bool
 }
 
 func (c cell) String() string {
@@ -99,7 +102,11 @@ func (c cell) String() string {
 	if c.agent.name != defaults.name {
 		a = "c-agent"
 	}
-	return fmt.Sprintf("%s/%dMiB/%s/%s/%s", c.link.name, c.sizeMiB, p, a, q)
+	s := fmt.Sprintf("%s/%dMiB/%s/%s/%s", c.link.name, c.sizeMiB, p, a, q)
+	if c.inproc {
+		s += "/in-process"
+	}
+	return s
 }
 
 // profiles are the -cases of the quick mode (MQTT, ota-net's defaults, -quotas as given).
@@ -135,6 +142,19 @@ func matrix() []cell {
 	}
 }
 
+// hopCells are the cells the hop comparison runs twice, interleaved: the real ota-net and
+// ota-writer, and ota-net with the writer linked in. The LAN with the quotas off is where the
+// hop weighs most (nothing else limits); LTE and one quota-bound cell show what it costs where
+// the link or AWS binds.
+func hopCells() []cell {
+	return []cell{
+		{link: lan, sizeMiB: 4, agent: defaults}, {link: lan, sizeMiB: 64, agent: defaults},
+		{link: lan, sizeMiB: 4, http: true, agent: defaults}, {link: lan, sizeMiB: 64, http: true, agent: defaults},
+		{link: lte, sizeMiB: 16, agent: defaults},
+		{link: lan, sizeMiB: 4, quotas: true, agent: defaults},
+	}
+}
+
 // notRun lists the cells of the cross product the matrix leaves out, and why.
 var notRun = []string{
 	"64 MiB on the satellite link, either protocol: 107 s of transfer per run at 5 Mbit/s; the 16 MiB cells measure the same link.",
@@ -157,10 +177,12 @@ func main() {
 	hop := flag.String("hop", "", "with -report: output of go test -bench Hop ./writer/server to include")
 	curl := flag.String("httpvscurl", "", "with -report: output of test/bench/httpvscurl to include (empty: a marked hook)")
 	command := flag.String("command", "", "with -report: the command line to record")
+	hopCellsRe := flag.String("hopcells", ".", "with -report: run the hop comparison (gRPC against the writer linked in-process, interleaved) on the hop cells matching this regexp (empty: none)")
+	runMatrix := flag.Bool("matrix", true, "with -report: run the matrix (false: only the hop comparison)")
 	flag.Parse()
 	var err error
 	if *report != "" {
-		err = runReport(*report, *only, *reps, *hop, *curl, *command)
+		err = runReport(reportOpts{path: *report, only: *only, hopCells: *hopCellsRe, matrix: *runMatrix, reps: *reps, hopFile: *hop, curlFile: *curl, command: *command})
 	} else {
 		var cs []cell
 		for _, name := range strings.Split(*cases, ",") {
@@ -209,7 +231,7 @@ func newBench(ctx context.Context) (*bench, error) {
 	if err := os.Mkdir(filepath.Join(dir, "bin"), 0o755); err != nil {
 		return nil, err
 	}
-	bin, err := harness.Build(ctx, harness.BuildOptions{Dir: filepath.Join(dir, "bin")})
+	bin, err := harness.Build(ctx, harness.BuildOptions{Dir: filepath.Join(dir, "bin"), InProcessNet: true})
 	if err != nil {
 		return nil, err
 	}
@@ -225,6 +247,8 @@ func newBench(ctx context.Context) (*bench, error) {
 }
 
 // result is one run of a cell.
+// With the writer in-process, netCPU and netRSS are the one process's and the writer's are
+// zero.
 type result struct {
 	took              time.Duration
 	wire              int64         // bytes both ways through the relays, job creation to ready
@@ -252,12 +276,7 @@ func (b *bench) measure(ctx context.Context, c cell, reps int) summary {
 		}
 		rs = append(rs, res)
 	}
-	sort.Slice(rs, func(a, b int) bool { return rs[a].took < rs[b].took })
-	s.result = rs[len(rs)/2]
-	for _, r := range rs {
-		s.times = append(s.times, r.took)
-	}
-	return s
+	return medianOf(c, rs)
 }
 
 func runCases(cs []cell, quotas bool) error {
@@ -419,7 +438,7 @@ func (b *bench) once(ctx context.Context, c cell, rep int) (result, error) {
 	}
 	opts := harness.DeviceOptions{Dir: filepath.Join(cdir, "d"), Thing: thing, BrokerURL: "mqtt://" + mqttAddr,
 		Trusted: []*harness.Signer{b.signer}, BlockSize: c.agent.blockSize, BlocksPerRequest: c.agent.perRequest,
-		RequestsInFlight: c.agent.inFlight, LogLevel: "info", LogTee: io.Discard}
+		RequestsInFlight: c.agent.inFlight, LogLevel: "info", LogTee: io.Discard, InProcess: c.inproc}
 	if !c.quotas {
 		opts.StreamQuota = -1 // ota-net knows the emulator's quotas are lifted
 	}
@@ -458,7 +477,10 @@ func (b *bench) once(ctx context.Context, c cell, rep int) (result, error) {
 	if c.http {
 		protocols = []string{backend.ProtocolHTTP}
 	}
-	netPid, writerPid := dev.Net().Pid, dev.Writer().Pid
+	netPid, writerPid := dev.Net().Pid, 0
+	if w := dev.Writer(); w != nil {
+		writerPid = w.Pid
+	}
 	netCPU0, err := cpuTime(netPid)
 	if err != nil {
 		return result{}, err
@@ -500,8 +522,12 @@ func (b *bench) once(ctx context.Context, c cell, rep int) (result, error) {
 	return res, nil
 }
 
-// cpuTime is a process's user plus system time (/proc/pid/stat, in USER_HZ = 100 ticks).
+// cpuTime is a process's user plus system time (/proc/pid/stat, in USER_HZ = 100 ticks);
+// pid 0 (no such process: the writer in-process) is 0.
 func cpuTime(pid int) (time.Duration, error) {
+	if pid == 0 {
+		return 0, nil
+	}
 	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
 	if err != nil {
 		return 0, err
@@ -520,8 +546,11 @@ func cpuTime(pid int) (time.Duration, error) {
 	return time.Duration(ut+st) * 10 * time.Millisecond, nil
 }
 
-// peakRSS is a process's VmHWM in bytes.
+// peakRSS is a process's VmHWM in bytes (pid 0: 0).
 func peakRSS(pid int) (int64, error) {
+	if pid == 0 {
+		return 0, nil
+	}
 	f, err := os.Open(fmt.Sprintf("/proc/%d/status", pid))
 	if err != nil {
 		return 0, err
@@ -543,13 +572,28 @@ func toxic(p *toxiproxy.Proxy, name, typ, stream, attrs string) error {
 	return err
 }
 
-// runReport runs the matrix (or the cells matching only) and writes the report.
-func runReport(path, only string, reps int, hopFile, curlFile, command string) error {
+// reportOpts are -report's flags.
+type reportOpts struct {
+	path, only, hopCells string
+	matrix               bool
+	reps                 int
+	hopFile, curlFile    string
+	command              string
+}
+
+// runReport runs the matrix (or the cells matching only), then the hop comparison, and writes
+// the report after every cell.
+func runReport(o reportOpts) error {
 	ctx := context.Background()
-	var re *regexp.Regexp
-	if only != "" {
-		var err error
-		if re, err = regexp.Compile(only); err != nil {
+	var re, hre *regexp.Regexp
+	var err error
+	if o.only != "" {
+		if re, err = regexp.Compile(o.only); err != nil {
+			return err
+		}
+	}
+	if o.hopCells != "" {
+		if hre, err = regexp.Compile(o.hopCells); err != nil {
 			return err
 		}
 	}
@@ -558,14 +602,19 @@ func runReport(path, only string, reps int, hopFile, curlFile, command string) e
 		return err
 	}
 	defer os.RemoveAll(b.dir)
-	rep := &report{command: command, commit: commit(), began: time.Now().UTC(), load0: loadAvg(), net: b.net, reps: reps}
+	rep := &report{command: o.command, commit: commit(), began: time.Now().UTC(), load0: loadAvg(), net: b.net, reps: o.reps, matrixRun: o.matrix}
+	write := func() error {
+		// Written after every cell: a run cut short still leaves the cells it measured.
+		rep.ended, rep.load1 = time.Now().UTC(), loadAvg()
+		return rep.write(o.path, o.hopFile, o.curlFile)
+	}
 	for _, c := range matrix() {
-		if re != nil && !re.MatchString(c.String()) {
+		if !o.matrix || re != nil && !re.MatchString(c.String()) {
 			continue
 		}
 		n := c.reps
 		if n == 0 {
-			n = reps
+			n = o.reps
 		}
 		t0 := time.Now()
 		s := b.measure(ctx, c, n)
@@ -575,13 +624,89 @@ func runReport(path, only string, reps int, hopFile, curlFile, command string) e
 			fmt.Fprintf(os.Stderr, "linkbench: %-40s %7.2f s (%d runs, %.0f s)\n", c, s.took.Seconds(), n, time.Since(t0).Seconds())
 		}
 		rep.cells = append(rep.cells, s)
-		// Written after every cell: a run cut short still leaves the cells it measured.
-		rep.ended, rep.load1 = time.Now().UTC(), loadAvg()
-		if err := rep.write(path, hopFile, curlFile); err != nil {
+		if err := write(); err != nil {
+			return err
+		}
+	}
+	for _, c := range hopCells() {
+		if hre == nil || !hre.MatchString(c.String()) {
+			continue
+		}
+		t0 := time.Now()
+		h := b.measureHop(ctx, c, max(o.reps, 3))
+		if h.err != nil {
+			fmt.Fprintf(os.Stderr, "linkbench: hop %s: %v\n", c, h.err)
+		} else {
+			fmt.Fprintf(os.Stderr, "linkbench: hop %-36s gRPC %6.2f s, in-process %6.2f s: %.3fx (%d runs each, %.0f s)\n",
+				c, h.grpc.took.Seconds(), h.inproc.took.Seconds(), h.ratio(), len(h.grpc.times), time.Since(t0).Seconds())
+		}
+		rep.hops = append(rep.hops, h)
+		if err := write(); err != nil {
 			return err
 		}
 	}
 	return nil
+}
+
+// hopSummary is one hop cell: the same cell through the gRPC hop and with the writer linked
+// in, run alternately (pairs[i] is run i's gRPC time over its in-process twin's).
+type hopSummary struct {
+	cell
+	grpc, inproc summary
+	pairs        []float64
+	err          error
+}
+
+// ratio is the hop's price: the gRPC median time to ready over the in-process one.
+func (h hopSummary) ratio() float64 { return h.grpc.took.Seconds() / h.inproc.took.Seconds() }
+
+// measureHop runs c reps times each way, interleaved: run i of both uses the same image, and
+// which goes first alternates, so drift in the machine's load falls on both alike.
+func (b *bench) measureHop(ctx context.Context, c cell, reps int) hopSummary {
+	return interleave(c, reps, func(x cell, rep int) (result, error) { return b.once(ctx, x, rep) })
+}
+
+// interleave runs c's two variants reps times each through run, alternating which goes
+// first, and pairs run i of both.
+func interleave(c cell, reps int, run func(c cell, rep int) (result, error)) hopSummary {
+	h := hopSummary{cell: c}
+	in := c
+	in.inproc = true
+	var gs, is []result
+	for r := 0; r < reps; r++ {
+		order := []cell{c, in}
+		if r%2 == 1 {
+			order = []cell{in, c}
+		}
+		var g, i result
+		for _, x := range order {
+			res, err := run(x, r)
+			if err != nil {
+				h.err = fmt.Errorf("%s: %w", x, err)
+				return h
+			}
+			if x.inproc {
+				i = res
+			} else {
+				g = res
+			}
+		}
+		gs, is = append(gs, g), append(is, i)
+		h.pairs = append(h.pairs, g.took.Seconds()/i.took.Seconds())
+	}
+	h.grpc, h.inproc = medianOf(c, gs), medianOf(in, is)
+	return h
+}
+
+// medianOf is the summary of rs: the median run by time, and every time.
+func medianOf(c cell, rs []result) summary {
+	s := summary{cell: c}
+	sort.Slice(rs, func(a, b int) bool { return rs[a].took < rs[b].took })
+	s.result = rs[len(rs)/2]
+	for _, r := range rs {
+		s.times = append(s.times, r.took)
+	}
+	return s
 }
 
 func loadAvg() string {

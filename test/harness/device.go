@@ -56,8 +56,10 @@ type DeviceOptions struct {
 	Checks []Check
 	// SlotSize is the size of the factory image in slot a (default 64 KiB).
 	SlotSize int64
-	// SyncBytes is the writer's sync_bytes (default 64 KiB, so resume is fine-grained).
-	SyncBytes int64
+	// SyncBytes is the writer's sync_bytes (default 64 KiB, so resume is fine-grained), and
+	// SyncInterval its sync_interval (default 200 ms).
+	SyncBytes    int64
+	SyncInterval time.Duration
 	// Extensions are static status extension fields.
 	Extensions map[string]string
 	// LogTee also receives both processes' output (nil: only the log files).
@@ -148,6 +150,9 @@ func NewDevice(bin *Binaries, opts DeviceOptions) (*Device, error) {
 	}
 	if opts.SyncBytes == 0 {
 		opts.SyncBytes = 64 << 10
+	}
+	if opts.SyncInterval == 0 {
+		opts.SyncInterval = 200 * time.Millisecond
 	}
 	if opts.LogLevel == "" {
 		opts.LogLevel = "debug"
@@ -256,7 +261,7 @@ func (d *Device) writerConfig(trusted []string, fifo string) ([]byte, error) {
 		// beyond the redirection).
 		RebootCommand:   []string{"/bin/sh", "-c", "echo reboot >> " + fifo},
 		SyncBytes:       d.Opts.SyncBytes,
-		SyncInterval:    "200ms",
+		SyncInterval:    d.Opts.SyncInterval.String(),
 		VersionPolicy:   config.VersionAny,
 		SelfTestTimeout: "60s",
 		LogLevel:        d.Opts.LogLevel,

@@ -45,6 +45,7 @@ import (
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
 	"github.com/gwota/gwota/test/harness"
+	"github.com/gwota/gwota/writer/config"
 )
 
 // link is a network path: one-way latency and jitter (ms), rate (KB/s, 1000 bytes; 0: not
@@ -171,6 +172,14 @@ func main() {
 	reps := flag.Int("reps", 1, "repetitions of each case (the median is printed)")
 	blockSize := flag.Int("bs", 0, "ota-net block size (0: its default)")
 	flag.BoolVar(&debugLog, "debug", false, "both processes log at debug level to stderr")
+	flag.BoolVar(&writerDefaults, "writer-defaults", true, "the writer syncs as configured by default (sync_bytes 8 MiB, sync_interval 2 s); false: the test harness's 64 KiB and 200 ms")
+	flag.Func("env", "KEY=VALUE added to both processes' environment (repeatable; e.g. GODEBUG=gctrace=1 with -debug)", func(v string) error {
+		if !strings.Contains(v, "=") {
+			return fmt.Errorf("%q: want KEY=VALUE", v)
+		}
+		extraEnv = append(extraEnv, v)
+		return nil
+	})
 	quotas := flag.Bool("quotas", false, "the emulator enforces AWS IoT Core's per-connection quotas (512 KiB/s each way, 100 publishes/s); off: the link alone limits")
 	report := flag.String("report", "", "run the whole matrix and write a Markdown report to this file (-cases, -bs and -quotas ignored)")
 	only := flag.String("only", "", "with -report: run only the cells whose name matches this regexp (e.g. 'sat/16')")
@@ -204,7 +213,11 @@ func main() {
 	}
 }
 
-var debugLog bool
+var (
+	debugLog       bool
+	writerDefaults bool
+	extraEnv       []string
+)
 
 func names() string {
 	var n []string
@@ -438,9 +451,12 @@ func (b *bench) once(ctx context.Context, c cell, rep int) (result, error) {
 	}
 	opts := harness.DeviceOptions{Dir: filepath.Join(cdir, "d"), Thing: thing, BrokerURL: "mqtt://" + mqttAddr,
 		Trusted: []*harness.Signer{b.signer}, BlockSize: c.agent.blockSize, BlocksPerRequest: c.agent.perRequest,
-		RequestsInFlight: c.agent.inFlight, LogLevel: "info", LogTee: io.Discard, InProcess: c.inproc}
+		RequestsInFlight: c.agent.inFlight, LogLevel: "info", LogTee: io.Discard, InProcess: c.inproc, Env: extraEnv}
 	if !c.quotas {
 		opts.StreamQuota = -1 // ota-net knows the emulator's quotas are lifted
+	}
+	if writerDefaults {
+		opts.SyncBytes, opts.SyncInterval = config.DefaultSyncBytes, config.DefaultSyncInterval
 	}
 	if debugLog {
 		opts.LogLevel, opts.LogTee = "debug", os.Stderr
@@ -602,7 +618,7 @@ func runReport(o reportOpts) error {
 		return err
 	}
 	defer os.RemoveAll(b.dir)
-	rep := &report{command: o.command, commit: commit(), began: time.Now().UTC(), load0: loadAvg(), net: b.net, reps: o.reps, matrixRun: o.matrix}
+	rep := &report{command: o.command, commit: commit(), began: time.Now().UTC(), load0: loadAvg(), net: b.net, reps: o.reps, matrixRun: o.matrix, writerDefaults: writerDefaults}
 	write := func() error {
 		// Written after every cell: a run cut short still leaves the cells it measured.
 		rep.ended, rep.load1 = time.Now().UTC(), loadAvg()
@@ -637,8 +653,9 @@ func runReport(o reportOpts) error {
 		if h.err != nil {
 			fmt.Fprintf(os.Stderr, "linkbench: hop %s: %v\n", c, h.err)
 		} else {
-			fmt.Fprintf(os.Stderr, "linkbench: hop %-36s gRPC %6.2f s, in-process %6.2f s: %.3fx (%d runs each, %.0f s)\n",
-				c, h.grpc.took.Seconds(), h.inproc.took.Seconds(), h.ratio(), len(h.grpc.times), time.Since(t0).Seconds())
+			fmt.Fprintf(os.Stderr, "linkbench: hop %-36s gRPC %6.2f s, in-process %6.2f s: %.3fx (%d runs each, %.0f s); pairs %.2f; CPU s: gRPC ota-net %.2f + writer %.2f, in-process %.2f\n",
+				c, h.grpc.took.Seconds(), h.inproc.took.Seconds(), h.ratio(), len(h.grpc.times), time.Since(t0).Seconds(), h.pairs,
+				h.grpc.netCPU.Seconds(), h.grpc.writerCPU.Seconds(), h.inproc.netCPU.Seconds())
 		}
 		rep.hops = append(rep.hops, h)
 		if err := write(); err != nil {

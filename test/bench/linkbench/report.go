@@ -26,6 +26,8 @@ type report struct {
 	// matrixRun: the matrix was asked for (-matrix); false for a hop-only run.
 	matrixRun bool
 	hops      []hopSummary
+	// writerDefaults: the writer ran with its default sync policy (-writer-defaults).
+	writerDefaults bool
 }
 
 const gib = float64(1 << 30)
@@ -94,7 +96,12 @@ func (r *report) write(path, hopFile, curlFile string) error {
 	p("- Run: %s to %s UTC\n", r.began.Format("2006-01-02 15:04"), r.ended.Format("15:04"))
 	p("- Machine: %d CPUs (%s), %s/%s; load average (1, 5, 15 min) %s at the start, %s at the end. The machine is shared: compare figures within this run only.\n",
 		runtime.NumCPU(), cpuModel(), runtime.GOOS, runtime.GOARCH, r.load0, r.load1)
-	p("- Each cell is the real `ota-net` and `ota-writer` processes, the emulator as AWS IoT, and toxiproxy between `ota-net` and both the broker and the presigned-URL HTTP server; figures are from the median run by time to ready (runs per cell in the table).\n\n")
+	p("- Each cell is the real `ota-net` and `ota-writer` processes, the emulator as AWS IoT, and toxiproxy between `ota-net` and both the broker and the presigned-URL HTTP server; figures are from the median run by time to ready (runs per cell in the table).\n")
+	if r.writerDefaults {
+		p("- The writer syncs as configured by default (`sync_bytes` 8 MiB, `sync_interval` 2 s; ota-net's sink asks for a sync every half of its window as well).\n\n")
+	} else {
+		p("- The writer syncs every 64 KiB or 200 ms (the test harness's setting, `-writer-defaults=false`).\n\n")
+	}
 
 	p("## Targets (issue 11)\n\n")
 	r.targets(&w, hopFile, curlFile)

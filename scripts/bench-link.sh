@@ -8,7 +8,7 @@
 # figures, not pass/fail.
 #
 # GWOTA_BENCH_HOP_ONLY=1 runs only the hop (end to end and per call, about 4 minutes) and
-# writes it to OUT (default $TMPDIR/BENCHMARKS-hop.md, never over the committed report).
+# writes it to OUT (default $TMPDIR/gwota-bench-hop.markdown, never over the committed report).
 # Extra arguments go to linkbench (-reps 3 is the default here; -only 'sat/16' runs a subset of
 # the matrix, -hopcells 'lan/64' of the hop cells, -hopcells '' none).
 set -eu
@@ -17,7 +17,7 @@ out=docs/BENCHMARKS.md
 hoponly=""
 if [ -n "${GWOTA_BENCH_HOP_ONLY:-}" ]; then
 	hoponly=1
-	out=${TMPDIR:-/tmp}/BENCHMARKS-hop.md
+	out=${TMPDIR:-/tmp}/gwota-bench-hop.markdown
 fi
 [ -z "${OUT:-}" ] || out=$OUT
 tmp=$(mktemp -d)

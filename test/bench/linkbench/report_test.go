@@ -172,7 +172,7 @@ func TestHopReport(t *testing.T) {
 				t.Fatal(err)
 			}
 			r := &report{matrixRun: tc.matrixRun, hops: tc.hops}
-			out := filepath.Join(dir, "report.md")
+			out := filepath.Join(dir, "report.out")
 			if err := r.write(out, hopFile, ""); err != nil {
 				t.Fatal(err)
 			}

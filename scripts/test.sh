@@ -57,6 +57,8 @@ if [ -n "$unformatted" ]; then echo "gofmt: not formatted:"; echo "$unformatted"
 
 echo "== go vet"
 go vet ./...
+# ota-net's benchmark build with the writer linked in (cmd/ota-net/inproc.go) is behind a tag.
+go vet -tags gwota_inproc ./cmd/ota-net
 
 echo "== generated protobuf code"
 scripts/genproto.sh --check

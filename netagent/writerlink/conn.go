@@ -24,7 +24,8 @@ type Conn interface {
 
 // BlockStream is one session's stream of block messages and the writer's durability
 // acknowledgements, as client.BlockStream documents it: a WriteAck with DurableSeq n means
-// every message sent with seq <= n is durable; the first error ends the stream.
+// every message sent with seq <= n is durable; the first error ends the stream. Once Send
+// returns the stream no longer refers to the blocks' data (Sink.SetOnSent recycles it).
 type BlockStream interface {
 	Send(blocks []*otav1.Block, sync bool) (uint64, error)
 	Acks() <-chan *otav1.WriteAck
@@ -41,10 +42,11 @@ func (r remote) OpenBlockStream(ctx context.Context, sessionID string) (BlockStr
 	return r.Client.OpenBlockStream(ctx, sessionID)
 }
 
-// Local is w linked into this process: no socket, no gRPC, no copy of the blocks. A block
-// stream is a goroutine that calls w.Write for each message in order and acknowledges the
-// synced ones, as writer/server's WriteBlocks handler does, so the writer writes while the
-// downloader goes on, as it does over the socket. Close closes w when it is an io.Closer.
+// Local is w linked into this process: no socket, no gRPC. A block stream is a goroutine that
+// calls w.Write for each message in order and acknowledges the synced ones, as writer/server's
+// WriteBlocks handler does, so the writer writes while the downloader goes on, as it does over
+// the socket. Send copies the blocks' data into pooled buffers (as grpc marshals them into its
+// own), so the caller may reuse its buffers at once. Close closes w when it is an io.Closer.
 func Local(w api.Writer) Conn { return local{w} }
 
 type local struct{ api.Writer }
@@ -61,6 +63,9 @@ func (l local) Close() error {
 // localQueue is how many messages a local stream holds before Send waits: the sink's
 // MaxAheadBytes bounds the bytes in flight anyway, as it does over the socket.
 const localQueue = 16
+
+// localBufs are the copies of block data a local stream holds until written.
+var localBufs = sync.Pool{New: func() any { return new([]byte) }}
 
 func (l local) OpenBlockStream(ctx context.Context, sessionID string) (BlockStream, error) {
 	ctx, cancel := context.WithCancel(ctx)
@@ -104,6 +109,11 @@ func (s *localStream) run(ctx context.Context, w api.Writer) {
 			return
 		}
 		r, err := w.Write(ctx, s.id, m.blocks, m.sync)
+		for _, b := range m.blocks {
+			// The writer keeps nothing of a message once Write returns (as over grpc, where
+			// the server's receive buffer is reused).
+			localBufs.Put(&b.Data)
+		}
 		if err != nil {
 			s.err = err
 			return
@@ -129,8 +139,14 @@ func (s *localStream) Send(blocks []*otav1.Block, sync bool) (uint64, error) {
 		return 0, s.err
 	default:
 	}
+	own := make([]*otav1.Block, len(blocks))
+	for i, b := range blocks {
+		buf := localBufs.Get().(*[]byte)
+		*buf = append((*buf)[:0], b.GetData()...)
+		own[i] = &otav1.Block{Offset: b.GetOffset(), Data: *buf}
+	}
 	select {
-	case s.msgs <- localMsg{seq: s.seq + 1, blocks: blocks, sync: sync}:
+	case s.msgs <- localMsg{seq: s.seq + 1, blocks: own, sync: sync}:
 	case <-s.done:
 		return 0, s.err
 	}

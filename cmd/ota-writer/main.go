@@ -31,11 +31,10 @@ import (
 	"io"
 	"os"
 	"os/signal"
-	"runtime"
-	"runtime/debug"
 	"syscall"
 
 	"github.com/gwota/gwota/internal/cpuprofile"
+	"github.com/gwota/gwota/internal/runtimeopts"
 	"github.com/gwota/gwota/status"
 )
 
@@ -72,29 +71,8 @@ commands:
 Run "ota-writer <command> -h" for a command's flags.
 `
 
-// memoryLimit is the writer's soft heap limit when GOMEMLIMIT is not set. Block messages are
-// short-lived; without a limit the garbage grows with the heap target and a long download
-// pushes a serving writer's peak RSS past 25 MiB. At 12 MiB (with the sized receive pool of
-// writer/server) a serving writer peaked at 21.2..21.8 MiB from 16 to 256 MiB images, at the
-// same throughput (scripts/bench-stream.sh -only real).
-const memoryLimit = 12 << 20
-
-// procs is the writer's GOMAXPROCS when GOMAXPROCS is not set, as for ota-net: its work is one
-// block stream at a time, and nothing in it runs in parallel (the read-back overlaps hashing
-// through a blocking read; chunks decode with one goroutine). With a P per core its runtime
-// spun up a second thread on every block message's wake-up: over HTTP on the LAN a 64 MiB
-// download cost the writer 0.56 s of CPU and took 1.85x the time to ready of ota-net with the
-// writer linked in; with one P, 0.29-0.32 s and 1.32-1.47x (linkbench hop cells, alternately,
-// on a quiet machine).
-const procs = 1
-
 func main() {
-	if os.Getenv("GOMEMLIMIT") == "" {
-		debug.SetMemoryLimit(memoryLimit)
-	}
-	if os.Getenv("GOMAXPROCS") == "" {
-		runtime.GOMAXPROCS(procs)
-	}
+	runtimeopts.Apply(os.Getenv) // memory limit and GOMAXPROCS, unless set in the environment
 	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
 }
 

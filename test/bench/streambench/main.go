@@ -33,7 +33,7 @@ import (
 
 	"github.com/eclipse/paho.golang/paho"
 
-	"github.com/gwota/gwota/netagent/runtimeopts"
+	"github.com/gwota/gwota/internal/runtimeopts"
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
@@ -237,7 +237,7 @@ func parent(args []string) error {
 	}
 	fmt.Printf("streambench: mosquitto %s (set_tcp_nodelay), emulator as its client, %d-MiB image, median of %d\n", brokerURL, *sizeMiB, *reps)
 	fmt.Println("sink: a file sink in the downloader process (pwrite at block offsets), except the ota-writer case")
-	fmt.Printf("downloader runtime: ota-net's (netagent/runtimeopts: GOMEMLIMIT %d MiB, GOMAXPROCS %d) unless -child-env sets them; extra env %q\n",
+	fmt.Printf("downloader runtime: ota-net's (internal/runtimeopts: GOMEMLIMIT %d MiB, GOMAXPROCS %d) unless -child-env sets them; extra env %q\n",
 		runtimeopts.MemoryLimit>>20, runtimeopts.Procs, *childEnv)
 	// want says whether a section runs: every section without -only, else the one named.
 	want := func(section string) bool { return *only == "" || *only == section }
@@ -351,7 +351,7 @@ func parent(args []string) error {
 		w.stop()
 	}
 
-	// Peak RSS with ota-net's runtime settings (netagent/runtimeopts: soft memory limit,
+	// Peak RSS with ota-net's runtime settings (internal/runtimeopts: soft memory limit,
 	// GOMAXPROCS), which the downloader applies like ota-net's main, and with the Go runtime's
 	// defaults.
 	saved := *childEnv

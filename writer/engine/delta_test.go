@@ -84,9 +84,10 @@ func (d *delta) chunksReq(job string) *otav1.BeginSessionRequest {
 	}
 }
 
-// chunk is chunk k as ota-net sends it: its bytes at its offset in the chunk file.
-func (d *delta) chunk(k int) *otav1.Block {
-	c := d.m.Chunk(k)
+// unit is unit u of the chunk file (an ordinary chunk, or a delta chunk after them) as
+// ota-net sends it: its bytes at its offset in the chunk file.
+func (d *delta) unit(u int) *otav1.Block {
+	c := d.m.Unit(u)
 	return &otav1.Block{Offset: c.Offset, Data: d.chunks[c.Offset : c.Offset+c.Size]}
 }
 
@@ -118,13 +119,13 @@ func missingChunks(s *otav1.SessionInfo) []int {
 	return out
 }
 
-// sendChunks writes chunks ks, four per batch, and syncs.
+// sendChunks writes units ks (ordinary or delta chunks), four per batch, and syncs.
 func sendChunks(t testing.TB, w api.Writer, id string, d *delta, ks []int) {
 	t.Helper()
 	for i := 0; i < len(ks); i += 4 {
 		var batch []*otav1.Block
 		for _, k := range ks[i:min(i+4, len(ks))] {
-			batch = append(batch, d.chunk(k))
+			batch = append(batch, d.unit(k))
 		}
 		if _, err := w.Write(ctx, id, batch, i+4 >= len(ks)); err != nil {
 			t.Fatalf("chunks %v: %v", ks[i:min(i+4, len(ks))], err)
@@ -503,7 +504,7 @@ func testChunkHashMismatch(t *testing.T, via string) {
 	if len(missing) < 2 {
 		t.Fatalf("%d chunks missing", len(missing))
 	}
-	good, bad := d.chunk(missing[0]), d.chunk(missing[1])
+	good, bad := d.unit(missing[0]), d.unit(missing[1])
 	for _, where := range []int{0, len(bad.Data) / 2, len(bad.Data) - 1} {
 		altered := &otav1.Block{Offset: bad.Offset, Data: bytes.Clone(bad.Data)}
 		altered.Data[where] ^= 0x40
@@ -544,7 +545,7 @@ func TestChunkWritesHostile(t *testing.T) {
 	}
 	id, missing := res.GetSession().GetSessionId(), missingChunks(res.GetSession())
 	k := missing[len(missing)/2]
-	c := d.chunk(k)
+	c := d.unit(k)
 	zeroChunk := -1
 	for i := range d.m.Chunks() {
 		if d.m.Chunk(i).Size == 0 {
@@ -567,7 +568,7 @@ func TestChunkWritesHostile(t *testing.T) {
 		{"short", []*otav1.Block{c, {Offset: c.Offset, Data: c.Data[:len(c.Data)-1]}}, otav1.Reason_REASON_INVALID_REQUEST},
 		{"long", []*otav1.Block{{Offset: c.Offset, Data: append(bytes.Clone(c.Data), 0)}}, otav1.Reason_REASON_INVALID_REQUEST},
 		{"empty", []*otav1.Block{{Offset: c.Offset}}, otav1.Reason_REASON_INVALID_REQUEST},
-		{"a later chunk's bytes at this offset", []*otav1.Block{{Offset: c.Offset, Data: d.chunk(missing[len(missing)-1]).Data}}, otav1.Reason_REASON_INVALID_REQUEST},
+		{"a later chunk's bytes at this offset", []*otav1.Block{{Offset: c.Offset, Data: d.unit(missing[len(missing)-1]).Data}}, otav1.Reason_REASON_INVALID_REQUEST},
 	} {
 		before := writes.Load()
 		_, err := r.e.Write(ctx, id, tc.batch, false)
@@ -878,52 +879,8 @@ func FuzzChunkWrites(f *testing.F) {
 			t.Fatal(err)
 		}
 		id, n := res.GetSession().GetSessionId(), d.m.Chunks()
-		var batch []*otav1.Block
-		for i := 0; i+4 <= len(ops); i += 4 {
-			kind, k, delta, flags := ops[i]%6, int(ops[i+1])%n, int(ops[i+2]), ops[i+3]
-			c := d.chunk(k)
-			b := &otav1.Block{Offset: c.Offset, Data: bytes.Clone(c.Data)}
-			switch kind {
-			case 1:
-				b.Offset += uint64(delta)
-			case 2:
-				b.Data = b.Data[:len(b.Data)-min(delta, len(b.Data))]
-			case 3:
-				b.Data = append(b.Data, make([]byte, delta)...)
-			case 4:
-				if len(b.Data) > 0 {
-					b.Data[delta%len(b.Data)] ^= byte(flags | 1)
-				}
-			case 5:
-				b.Data = d.chunk((k + 1 + delta) % n).Data
-			}
-			batch = append(batch, b)
-			if flags&6 != 0 && len(batch) < 4 {
-				continue
-			}
-			_, err := r.e.Write(ctx, id, batch, flags&1 != 0)
-			batch = nil
-			switch status.ReasonOf(err) {
-			case otav1.Reason_REASON_UNSPECIFIED:
-				if err != nil {
-					t.Fatalf("untyped error %v", err)
-				}
-			case otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, otav1.Reason_REASON_INVALID_REQUEST, otav1.Reason_REASON_BLOCK_HASH_MISMATCH:
-			default:
-				t.Fatalf("write: %v", err)
-			}
-		}
-		st := must[*otav1.DeviceState](t)(r.e.State(ctx))
-		var s *otav1.SessionInfo
-		for _, x := range st.GetSessions() {
-			if x.GetSessionId() == id {
-				s = x
-			}
-		}
-		if s == nil {
-			t.Fatal("the session is gone")
-		}
-		sendChunks(t, r.e, id, d, missingChunks(s))
+		hostileWrites(t, r, id, d, n, ops)
+		sendChunks(t, r.e, id, d, missingChunks(stateOf(t, r, id)))
 		fin, err := r.e.Finish(ctx, id)
 		if err != nil {
 			t.Fatal(err)
@@ -932,6 +889,48 @@ func FuzzChunkWrites(f *testing.F) {
 			t.Fatal("the slot does not hold the image")
 		}
 	})
+}
+
+// hostileWrites sends units altered as ops say (4 bytes an op: moved, cut short, padded,
+// flipped or swapped for another of the n units; batched or not, synced or not) and fails
+// the test on anything but success or a typed refusal: what a compromised ota-net can send.
+func hostileWrites(t *testing.T, r *rig, id string, d *delta, n int, ops []byte) {
+	t.Helper()
+	var batch []*otav1.Block
+	for i := 0; i+4 <= len(ops); i += 4 {
+		kind, u, delta, flags := ops[i]%6, int(ops[i+1])%n, int(ops[i+2]), ops[i+3]
+		c := d.unit(u)
+		b := &otav1.Block{Offset: c.Offset, Data: bytes.Clone(c.Data)}
+		switch kind {
+		case 1:
+			b.Offset += uint64(delta)
+		case 2:
+			b.Data = b.Data[:len(b.Data)-min(delta, len(b.Data))]
+		case 3:
+			b.Data = append(b.Data, make([]byte, delta)...)
+		case 4:
+			if len(b.Data) > 0 {
+				b.Data[delta%len(b.Data)] ^= byte(flags | 1)
+			}
+		case 5:
+			b.Data = d.unit((u + 1 + delta) % n).Data
+		}
+		batch = append(batch, b)
+		if flags&6 != 0 && len(batch) < 4 {
+			continue
+		}
+		_, err := r.e.Write(ctx, id, batch, flags&1 != 0)
+		batch = nil
+		switch status.ReasonOf(err) {
+		case otav1.Reason_REASON_UNSPECIFIED:
+			if err != nil {
+				t.Fatalf("untyped error %v", err)
+			}
+		case otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, otav1.Reason_REASON_INVALID_REQUEST, otav1.Reason_REASON_BLOCK_HASH_MISMATCH:
+		default:
+			t.Fatalf("write: %v", err)
+		}
+	}
 }
 
 // A plain-file target takes a delta update too: blocks are reused from the installed file,
@@ -1089,7 +1088,7 @@ func TestChunksRefusedBeforeFill(t *testing.T) {
 		}
 	}
 	want, _ := neededFrom(d, v1)
-	_, err = r.e.Write(ctx, id, []*otav1.Block{d.chunk(want[0])}, true)
+	_, err = r.e.Write(ctx, id, []*otav1.Block{d.unit(want[0])}, true)
 	wantReason(t, err, otav1.Reason_REASON_BAD_FILE_HANDLE)
 	r.wrap = nil
 	r.e.Close()

@@ -12,7 +12,6 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
-	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/config"
 	"github.com/gwota/gwota/writer/manifest"
 )
@@ -44,12 +43,6 @@ func dictPair(t testing.TB) (v1, v2 []byte, d *delta) {
 	return v1, v2, d
 }
 
-// unit is unit u of the chunk file as ota-net sends it.
-func (d *delta) unit(u int) *otav1.Block {
-	c := d.m.Unit(u)
-	return &otav1.Block{Offset: c.Offset, Data: d.chunks[c.Offset : c.Offset+c.Size]}
-}
-
 // wantUnits computes independently of the engine the units a device holding local must
 // download: the chunks it lacks (neededFrom), each replaced by its delta chunk when onBase.
 func wantUnits(d *delta, local []byte, onBase bool) (units []int, download uint64) {
@@ -64,20 +57,6 @@ func wantUnits(d *delta, local []byte, onBase bool) (units []int, download uint6
 	}
 	slices.Sort(units)
 	return units, download
-}
-
-// writeUnits writes units us to session id, four per batch, and syncs.
-func writeUnits(t testing.TB, r *rig, id string, d *delta, us []int) {
-	t.Helper()
-	for i := 0; i < len(us); i += 4 {
-		var batch []*otav1.Block
-		for _, u := range us[i:min(i+4, len(us))] {
-			batch = append(batch, d.unit(u))
-		}
-		if _, err := r.e.Write(ctx, id, batch, i+4 >= len(us)); err != nil {
-			t.Fatalf("units %v: %v", us[i:min(i+4, len(us))], err)
-		}
-	}
 }
 
 // A device on the delta base (the first base_size bytes of its running slot have the
@@ -130,7 +109,7 @@ func TestDeltaChunksOnBase(t *testing.T) {
 		}
 	}
 	before := written.Load()
-	writeUnits(t, r, id, d, spare)
+	sendChunks(t, r.e, id, d, spare)
 	st := stateOf(t, r, id)
 	if written.Load() != before || cmp.Diff(want, missingChunks(st)) != "" {
 		t.Fatalf("units not needed wrote %d bytes; missing %v", written.Load()-before, missingChunks(st))
@@ -154,12 +133,12 @@ func TestDeltaChunksOnBase(t *testing.T) {
 		t.Fatalf("after a damaged delta chunk: missing %v, want %v; %v", missingChunks(st), want, st.GetDelta())
 	}
 	// The delta chunk itself, sent again, is not needed any more.
-	writeUnits(t, r, id, d, []int{u})
+	sendChunks(t, r.e, id, d, []int{u})
 	if written.Load() != before {
 		t.Fatal("a delta chunk given up was written")
 	}
 	half := len(want) / 2
-	writeUnits(t, r, id, d, want[:half])
+	sendChunks(t, r.e, id, d, want[:half])
 	r.e.Close()
 	r.open()
 	res2, err := r.e.Begin(ctx, d.chunksReq("job-o"))
@@ -169,7 +148,7 @@ func TestDeltaChunksOnBase(t *testing.T) {
 	if s2 := res2.GetSession(); !res2.GetResumed() || cmp.Diff(want[half:], missingChunks(s2)) != "" || s2.GetDelta().GetDownloadBytes() != download {
 		t.Fatalf("after the restart: missing %v, want %v; %v", missingChunks(s2), want[half:], s2.GetDelta())
 	}
-	writeUnits(t, r, id, d, want[half:])
+	sendChunks(t, r.e, id, d, want[half:])
 	done, err := r.e.Finish(ctx, id)
 	if err != nil {
 		t.Fatal(err)
@@ -208,11 +187,11 @@ func TestDeltaChunksOffBase(t *testing.T) {
 	}
 	id := s.GetSessionId()
 	before := written.Load()
-	writeUnits(t, r, id, d, []int{d.m.Chunks(), d.m.Units() - 1})
+	sendChunks(t, r.e, id, d, []int{d.m.Chunks(), d.m.Units() - 1})
 	if written.Load() != before || cmp.Diff(want, missingChunks(stateOf(t, r, id))) != "" {
 		t.Fatal("a delta chunk not needed was written or changed the bitmap")
 	}
-	writeUnits(t, r, id, d, want)
+	sendChunks(t, r.e, id, d, want)
 	if _, err := r.e.Finish(ctx, id); err != nil {
 		t.Fatal(err)
 	}
@@ -265,42 +244,8 @@ func FuzzDeltaUnitWrites(f *testing.F) {
 			t.Fatal(err)
 		}
 		id, n := res.GetSession().GetSessionId(), d.m.Units()
-		var batch []*otav1.Block
-		for i := 0; i+4 <= len(ops); i += 4 {
-			kind, u, delta, flags := ops[i]%6, int(ops[i+1])%n, int(ops[i+2]), ops[i+3]
-			c := d.unit(u)
-			b := &otav1.Block{Offset: c.Offset, Data: bytes.Clone(c.Data)}
-			switch kind {
-			case 1:
-				b.Offset += uint64(delta)
-			case 2:
-				b.Data = b.Data[:len(b.Data)-min(delta, len(b.Data))]
-			case 3:
-				b.Data = append(b.Data, make([]byte, delta)...)
-			case 4:
-				if len(b.Data) > 0 {
-					b.Data[delta%len(b.Data)] ^= byte(flags | 1)
-				}
-			case 5:
-				b.Data = d.unit((u + 1 + delta) % n).Data
-			}
-			batch = append(batch, b)
-			if flags&6 != 0 && len(batch) < 4 {
-				continue
-			}
-			_, err := r.e.Write(ctx, id, batch, flags&1 != 0)
-			batch = nil
-			switch status.ReasonOf(err) {
-			case otav1.Reason_REASON_UNSPECIFIED:
-				if err != nil {
-					t.Fatalf("untyped error %v", err)
-				}
-			case otav1.Reason_REASON_BLOCK_OUT_OF_RANGE, otav1.Reason_REASON_INVALID_REQUEST, otav1.Reason_REASON_BLOCK_HASH_MISMATCH:
-			default:
-				t.Fatalf("write: %v", err)
-			}
-		}
-		writeUnits(t, r, id, d, missingChunks(stateOf(t, r, id)))
+		hostileWrites(t, r, id, d, n, ops)
+		sendChunks(t, r.e, id, d, missingChunks(stateOf(t, r, id)))
 		fin, err := r.e.Finish(ctx, id)
 		if err != nil {
 			t.Fatal(err)
@@ -351,7 +296,7 @@ func TestDeltaChunkDictChanged(t *testing.T) {
 			t.Fatalf("delta chunk %d asked for again", k)
 		}
 	}
-	writeUnits(t, r, id, d, again)
+	sendChunks(t, r.e, id, d, again)
 	if _, err := r.e.Finish(ctx, id); err != nil {
 		t.Fatal(err)
 	}

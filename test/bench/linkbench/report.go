@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/gwota/gwota/test/bench/internal/curljson"
 )
 
 // report is the Markdown report of one -report run.
@@ -332,41 +334,25 @@ func (r *report) compare(w *bytes.Buffer) {
 
 type hopLine struct{ nsPerOp, mbps float64 }
 
-// parseHop reads go test -bench Hop output: name -> ns/op and MB/s, the median by ns/op of
-// the lines of that name (-count).
-// curlSummary is the JSON line of test/bench/httpvscurl (the fields the report uses).
-type curlSummary struct {
-	SizeBytes       int64   `json:"size_bytes"`
-	Reps            int     `json:"reps"`
-	Proxy           bool    `json:"proxy"`
-	RateKBps        int     `json:"rate_kbps"`
-	OtaNetMedian    float64 `json:"otanet_median_s"`
-	CurlNullMedian  float64 `json:"curl_null_median_s"`
-	CurlFileMedian  float64 `json:"curl_file_median_s"`
-	CurlFsyncMedian float64 `json:"curl_fsync_median_s"`
-	RatioNull       float64 `json:"ratio_null"`
-	RatioFile       float64 `json:"ratio_file"`
-	RatioFsync      float64 `json:"ratio_fsync"`
-}
-
 // parseCurl returns the last httpvscurl JSON line of path with all three baselines (nil:
 // none, or an older httpvscurl's).
-func parseCurl(path string) *curlSummary {
+func parseCurl(path string) *curljson.Summary {
 	b, err := os.ReadFile(path)
 	if err != nil {
 		return nil
 	}
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	for i := len(lines) - 1; i >= 0; i-- {
-		var c curlSummary
-		if strings.HasPrefix(lines[i], `{"bench":"httpvscurl"`) && json.Unmarshal([]byte(lines[i]), &c) == nil &&
-			c.RateKBps == 0 && c.OtaNetMedian > 0 && c.CurlFsyncMedian > 0 && c.CurlFileMedian > 0 && c.CurlNullMedian > 0 {
+		var c curljson.Summary
+		if strings.HasPrefix(lines[i], `{"bench":"httpvscurl"`) && json.Unmarshal([]byte(lines[i]), &c) == nil && c.Complete() {
 			return &c
 		}
 	}
 	return nil
 }
 
+// parseHop reads go test -bench Hop output: name -> ns/op and MB/s, the median by ns/op of
+// the lines of that name (-count).
 func parseHop(path string) map[string]hopLine {
 	all := map[string][]hopLine{}
 	out := map[string]hopLine{}

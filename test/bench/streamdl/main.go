@@ -15,8 +15,8 @@ import (
 	"strings"
 	"time"
 
-	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/internal/runtimeopts"
+	"github.com/gwota/gwota/netagent/mqttconn"
 	"github.com/gwota/gwota/netagent/stream"
 	"github.com/gwota/gwota/netagent/writerlink"
 	otav1 "github.com/gwota/gwota/proto/ota/v1"

@@ -15,6 +15,7 @@ import (
 	"github.com/gwota/gwota/test/backend"
 	"github.com/gwota/gwota/test/emulator"
 	"github.com/gwota/gwota/test/harness"
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // Brokers the emulator runs on.
@@ -51,9 +52,8 @@ func onBrokers(t *testing.T, fn func(t *testing.T, broker string)) {
 		t.Run(b, func(t *testing.T) {
 			t.Parallel()
 			if b == mosquitto {
-				if _, err := harness.FindMosquitto(); err != nil {
-					t.Skipf("mosquitto variant skipped: %v", err)
-				}
+				_, err := harness.FindMosquitto()
+				testenv.Need(t, err)
 			}
 			fn(t, b)
 		})

@@ -1,6 +1,8 @@
 package emulator
 
 import (
+	"github.com/gwota/gwota/test/testenv"
+
 	"bufio"
 	"fmt"
 	"net"
@@ -26,7 +28,7 @@ func newMosquitto(t *testing.T) *mosquittoProc {
 	t.Helper()
 	const bin = "/usr/sbin/mosquitto"
 	if _, err := os.Stat(bin); err != nil {
-		t.Skip("mosquitto not installed (/usr/sbin/mosquitto missing); the CI script installs the Debian package")
+		testenv.Need(t, fmt.Errorf("mosquitto not installed (Debian package mosquitto): %w", err))
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

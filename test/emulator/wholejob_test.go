@@ -17,6 +17,7 @@ import (
 	"github.com/eclipse/paho.golang/paho"
 
 	"github.com/gwota/gwota/test/backend"
+	"github.com/gwota/gwota/test/testenv"
 )
 
 // runWholeJob plays a device written directly against the topics: describe $next, fetch every
@@ -108,7 +109,7 @@ func startMosquitto(t *testing.T) string {
 	t.Helper()
 	const bin = "/usr/sbin/mosquitto"
 	if _, err := os.Stat(bin); err != nil {
-		t.Skip("mosquitto not installed (/usr/sbin/mosquitto missing); the CI script installs the Debian package")
+		testenv.Need(t, fmt.Errorf("mosquitto not installed (Debian package mosquitto): %w", err))
 	}
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {

@@ -17,6 +17,7 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/test/testenv"
 	"github.com/gwota/gwota/test/tinyfs"
 )
 
@@ -30,12 +31,12 @@ type rig struct {
 	boot func(t *testing.T)
 }
 
-// needTool skips when a tool is missing: CI installs them, so a skip is visible, not silent.
+// needTool skips when a tool is missing, and fails under CI, which installs them.
 func needTool(t *testing.T, name string) string {
 	t.Helper()
 	p, err := exec.LookPath(name)
 	if err != nil {
-		t.Skipf("%s not installed (Debian: libubootenv-tool / grub-common): %v", name, err)
+		testenv.Need(t, fmt.Errorf("%s not installed (Debian: libubootenv-tool / grub-common): %w", name, err))
 	}
 	return p
 }
@@ -419,9 +420,7 @@ func TestUBootToolFailures(t *testing.T) {
 		t.Run("commit with setenv="+tool, func(t *testing.T) {
 			cfg := newUBootEnv(t, "boot_part=b\nupgrade_available=1\nbootcount=1\nota_trial_slot=b\n")
 			path, err := exec.LookPath(tool)
-			if err != nil {
-				t.Skip(err)
-			}
+			testenv.Need(t, err)
 			u, _ := NewUBoot(UBootOptions{Config: cfg, SetEnv: path}, nil)
 			err = u.Commit(ctx)
 			if status.ReasonOf(err) != otav1.Reason_REASON_COMMIT_FAILED {

@@ -870,25 +870,33 @@ func FuzzChunkWrites(f *testing.F) {
 		if len(ops) > 64 {
 			ops = ops[:64]
 		}
-		r, _, _ := deltaRig(t, v1, func(c *config.Config) { c.SyncBytes = 1 << 30 })
-		if _, err := installManifest(t, r.e, d, "job-f"); err != nil {
-			t.Fatal(err)
-		}
-		res, err := r.e.Begin(ctx, d.chunksReq("job-f"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		id, n := res.GetSession().GetSessionId(), d.m.Chunks()
-		hostileWrites(t, r, id, d, n, ops)
-		sendChunks(t, r.e, id, d, missingChunks(stateOf(t, r, id)))
-		fin, err := r.e.Finish(ctx, id)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if fin.GetSha256() != fmt.Sprintf("%x", sha256.Sum256(v2)) {
-			t.Fatal("the slot does not hold the image")
-		}
+		hostileInstall(t, v1, v2, d, d.m.Chunks(), ops)
 	})
+}
+
+// hostileInstall runs a CHUNKS session on a device holding local through hostileWrites with
+// ops over the first n units, then sends what is still missing: the slot must end up holding
+// want, whatever was sent before.
+func hostileInstall(t *testing.T, local, want []byte, d *delta, n int, ops []byte) {
+	t.Helper()
+	r, _, _ := deltaRig(t, local, func(c *config.Config) { c.SyncBytes = 1 << 30 })
+	if _, err := installManifest(t, r.e, d, "job-f"); err != nil {
+		t.Fatal(err)
+	}
+	res, err := r.e.Begin(ctx, d.chunksReq("job-f"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := res.GetSession().GetSessionId()
+	hostileWrites(t, r, id, d, n, ops)
+	sendChunks(t, r.e, id, d, missingChunks(stateOf(t, r, id)))
+	fin, err := r.e.Finish(ctx, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fin.GetSha256() != fmt.Sprintf("%x", sha256.Sum256(want)) {
+		t.Fatal("the slot does not hold the image")
+	}
 }
 
 // hostileWrites sends units altered as ops say (4 bytes an op: moved, cut short, padded,

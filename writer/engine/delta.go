@@ -702,7 +702,11 @@ func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
 	}
 	// decode decodes a unit; a delta chunk with its dictionary read from the running slot
 	// (bounds checked: the manifest keeps it inside base_size, which the fill found the
-	// running slot to hold).
+	// running slot to hold). A dictionary read in this call serves again within it (a chunk
+	// is decoded to check it, then to write it, and neighbours share ranges); the next call
+	// reads afresh, so a slot written to in between is seen.
+	var dictOff, dictLen uint64
+	haveDict := false
 	decode := func(c manifest.Chunk, data []byte, fn func(uint64, []byte) error) error {
 		if !c.Delta {
 			return s.dec.Decode(c.Index, data, fn)
@@ -714,8 +718,12 @@ func (e *Engine) writeChunksLocked(s *session, blocks []*otav1.Block) error {
 			s.dict = make([]byte, c.DictLen, manifest.MaxDictSize)
 		}
 		dict := s.dict[:c.DictLen]
-		if n, err := running.ReadAt(dict, int64(c.DictOffset)); n != len(dict) {
-			return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "delta chunk %d: read its dictionary from the running slot: %w", c.D, err)
+		if !haveDict || dictOff != c.DictOffset || dictLen != c.DictLen {
+			haveDict = false
+			if n, err := running.ReadAt(dict, int64(c.DictOffset)); n != len(dict) {
+				return status.Errorf(otav1.Reason_REASON_FILE_CLOSE_FAILED, "delta chunk %d: read its dictionary from the running slot: %w", c.D, err)
+			}
+			dictOff, dictLen, haveDict = c.DictOffset, c.DictLen, true
 		}
 		return s.dec.DecodeDelta(c.D, data, dict, fn)
 	}

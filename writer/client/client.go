@@ -37,6 +37,9 @@ type Options struct {
 	// MaxMessageSize bounds what the client sends until the handshake tells the writer's
 	// limit; api.DefaultMaxMessageSize when 0.
 	MaxMessageSize int
+	// NoSharedBuffer: send block data inside the WriteBlocks messages even when the writer
+	// offers a shared buffer (writer/sharedbuf).
+	NoSharedBuffer bool
 }
 
 // Client talks to the writer over its Unix socket.
@@ -48,6 +51,10 @@ type Client struct {
 	sock   string
 	// sendMax is the writer's receive limit once the handshake told it, else maxMsg.
 	sendMax atomic.Int64
+	// shared is the size of the shared buffers the writer offered in the handshake (0: none,
+	// or Options.NoSharedBuffer).
+	shared   atomic.Int64
+	noShared bool
 }
 
 // Dial prepares a client for the writer's socket. Like grpc.NewClient it does no I/O: the
@@ -69,7 +76,7 @@ func Dial(ctx context.Context, socketPath string, opts Options) (*Client, error)
 	if err != nil {
 		return nil, fmt.Errorf("client: %w", err)
 	}
-	c := &Client{cc: cc, w: otav1.NewWriterClient(cc), health: healthpb.NewHealthClient(cc), name: opts.Name, sock: socketPath}
+	c := &Client{cc: cc, w: otav1.NewWriterClient(cc), health: healthpb.NewHealthClient(cc), name: opts.Name, sock: socketPath, noShared: opts.NoSharedBuffer}
 	c.sendMax.Store(int64(maxMsg))
 	return c, nil
 }
@@ -162,6 +169,9 @@ func (c *Client) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*o
 	}
 	if m := int64(resp.GetMaxMessageSize()); m > 0 && m < c.sendMax.Load() {
 		c.sendMax.Store(m)
+	}
+	if !c.noShared {
+		c.shared.Store(int64(resp.GetSharedBufferSize()))
 	}
 	return resp, nil
 }

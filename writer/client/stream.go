@@ -3,12 +3,15 @@ package client
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"sync"
 
 	"google.golang.org/grpc"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/sharedbuf"
 )
 
 // BlockStream sends blocks of one session over a WriteBlocks stream and delivers the
@@ -25,6 +28,15 @@ type BlockStream struct {
 
 	mu  sync.Mutex // Send
 	seq uint64
+
+	// The shared buffer (nil: blocks travel in the messages) and where in it the messages
+	// not yet released are (ring, guarded by rmu; space is waited for on roomy).
+	sb        *sharedbuf.Client
+	sbErr     error // why there is none although the writer offered one
+	tokenSent bool
+	rmu       sync.Mutex
+	roomy     *sync.Cond
+	ring      ring
 }
 
 // OpenBlockStream starts a WriteBlocks stream for sessionID. Acks must be drained (or the
@@ -37,13 +49,40 @@ func (c *Client) OpenBlockStream(ctx context.Context, sessionID string) (*BlockS
 		return nil, wrap(err)
 	}
 	b := &BlockStream{sessionID: sessionID, stream: st, cancel: cancel, c: c, acks: make(chan *otav1.WriteAck, 16), done: make(chan struct{})}
+	b.roomy = sync.NewCond(&b.rmu)
+	if size := c.shared.Load(); size > 0 {
+		// The writer offered a shared buffer: use it unless it cannot be had (an older
+		// writer, a refusal), then the blocks go in the messages as before.
+		sb, err := sharedbuf.Dial(ctx, c.sock)
+		switch {
+		case err != nil:
+			b.sbErr = err
+		case sb.Size() < 4*c.sendMax.Load():
+			// Room for four of the largest messages, or a full buffer could wait forever
+			// for a release (the writer releases every quarter).
+			sb.Close()
+			b.sbErr = fmt.Errorf("shared buffer of %d bytes is less than 4 messages of %d", sb.Size(), c.sendMax.Load())
+		default:
+			b.sb, b.ring.size = sb, sb.Size()
+		}
+	}
 	go b.recv(ctx)
 	return b, nil
 }
 
+// SharedBuffer reports whether the stream's blocks go through the writer's shared buffer,
+// and if not although the writer offered one, why.
+func (b *BlockStream) SharedBuffer() (bool, error) { return b.sb != nil, b.sbErr }
+
 func (b *BlockStream) recv(ctx context.Context) {
 	defer close(b.done)
 	defer close(b.acks)
+	defer func() {
+		b.rmu.Lock()
+		b.ring.closed = true
+		b.roomy.Broadcast()
+		b.rmu.Unlock()
+	}()
 	for {
 		a, err := b.stream.Recv()
 		if errors.Is(err, io.EOF) {
@@ -52,6 +91,15 @@ func (b *BlockStream) recv(ctx context.Context) {
 		if err != nil {
 			b.err = wrap(err)
 			return
+		}
+		if r := a.GetReleasedSeq(); r > 0 {
+			b.rmu.Lock()
+			b.ring.release(r)
+			b.roomy.Broadcast()
+			b.rmu.Unlock()
+		}
+		if a.GetDurableSeq() == 0 {
+			continue // a release only: nothing for the acks' reader
 		}
 		select {
 		case b.acks <- a:
@@ -71,6 +119,11 @@ func (b *BlockStream) Send(blocks []*otav1.Block, sync bool) (uint64, error) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	req := &otav1.WriteBlocksRequest{SessionId: b.sessionID, Seq: b.seq + 1, Blocks: blocks, Sync: sync}
+	if b.sb != nil {
+		if err := b.share(req); err != nil {
+			return 0, err
+		}
+	}
 	if err := b.c.checkSize(req); err != nil {
 		return 0, err
 	}
@@ -85,7 +138,59 @@ func (b *BlockStream) Send(blocks []*otav1.Block, sync bool) (uint64, error) {
 		return 0, wrap(err)
 	}
 	b.seq++
+	if len(req.GetBufferToken()) > 0 {
+		b.tokenSent = true
+	}
 	return b.seq, nil
+}
+
+// share writes req's block data into the shared buffer (one pwritev) and replaces its
+// blocks by references to it. It waits for room: the writer releases what it copied out.
+func (b *BlockStream) share(req *otav1.WriteBlocksRequest) error {
+	var total int64
+	for _, bl := range req.GetBlocks() {
+		total += int64(len(bl.GetData()))
+	}
+	if total == 0 {
+		return nil
+	}
+	if max := b.c.sendMax.Load(); total > max {
+		return status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "write message of %d block bytes exceeds the limit of %d", total, max)
+	}
+	b.rmu.Lock()
+	off, ok := b.ring.alloc(req.GetSeq(), total)
+	for !ok && !b.ring.closed {
+		b.roomy.Wait()
+		off, ok = b.ring.alloc(req.GetSeq(), total)
+	}
+	b.rmu.Unlock()
+	if !ok {
+		<-b.done
+		if b.err != nil {
+			return b.err
+		}
+		return status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "block stream ended")
+	}
+	pieces := make([][]byte, 0, len(req.GetBlocks()))
+	refs := make([]*otav1.Block, len(req.GetBlocks()))
+	at := off
+	for i, bl := range req.GetBlocks() {
+		n := int64(len(bl.GetData()))
+		refs[i] = &otav1.Block{Offset: bl.GetOffset()}
+		if n > 0 {
+			refs[i].BufferOffset, refs[i].BufferLength = uint64(at), uint32(n)
+			pieces = append(pieces, bl.GetData())
+			at += n
+		}
+	}
+	if err := b.sb.Write(off, pieces); err != nil {
+		return status.Errorf(otav1.Reason_REASON_OTHER, "block stream: %v", err)
+	}
+	req.Blocks = refs
+	if !b.tokenSent {
+		req.BufferToken = b.sb.Token()
+	}
+	return nil
 }
 
 // CloseSend tells the writer no more blocks follow; pending acks still arrive. Wait then
@@ -112,4 +217,7 @@ func (b *BlockStream) Close() {
 		}
 	}()
 	<-b.done
+	if b.sb != nil {
+		b.sb.Close()
+	}
 }

@@ -1,6 +1,7 @@
 package server
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"sync"
@@ -109,6 +110,12 @@ func decodeWriteBlocks(b []byte, m *otav1.WriteBlocksRequest) error {
 				return protowire.ParseError(n)
 			}
 			m.Sync, b = protowire.DecodeBool(v), b[n:]
+		case num == 5 && typ == protowire.BytesType:
+			v, n := protowire.ConsumeBytes(b)
+			if n < 0 {
+				return protowire.ParseError(n)
+			}
+			m.BufferToken, b = bytes.Clone(v), b[n:]
 		default:
 			// Unknown field, or a known one with another wire type (proto.Unmarshal keeps
 			// either as unknown).
@@ -144,6 +151,19 @@ func decodeBlock(b []byte) (*otav1.Block, error) {
 			}
 			// Capacity cut at the length: an append to it can never reach the next field.
 			blk.Data, b = v[:len(v):len(v)], b[n:]
+		case num == 3 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return nil, protowire.ParseError(n)
+			}
+			blk.BufferOffset, b = v, b[n:]
+		case num == 4 && typ == protowire.VarintType:
+			v, n := protowire.ConsumeVarint(b)
+			if n < 0 {
+				return nil, protowire.ParseError(n)
+			}
+			// As proto.Unmarshal decodes a uint32: the varint's low 32 bits.
+			blk.BufferLength, b = uint32(v), b[n:]
 		default:
 			n := protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {

@@ -26,6 +26,20 @@ func decodeSeeds(t testing.TB) map[string][]byte {
 	}
 	full := mustMarshal(&otav1.WriteBlocksRequest{SessionId: "s-1", Seq: 7, Sync: true, Blocks: []*otav1.Block{
 		{Offset: 0, Data: bytes.Repeat([]byte{1}, 100)}, {Offset: 4096, Data: []byte("x")}, {Offset: 8192}}})
+	shared := mustMarshal(&otav1.WriteBlocksRequest{SessionId: "s-1", Seq: 8, BufferToken: []byte("0123456789abcdef"), Blocks: []*otav1.Block{
+		{Offset: 0, BufferOffset: 1 << 20, BufferLength: 65536}, {Offset: 65536, BufferOffset: 0, BufferLength: 1}}})
+	var lengthOver32 []byte // buffer_length as a varint above 2^32: proto.Unmarshal keeps the low 32 bits
+	{
+		var blk []byte
+		blk = protowire.AppendTag(blk, 4, protowire.VarintType)
+		blk = protowire.AppendVarint(blk, 1<<32+5)
+		blk = protowire.AppendTag(blk, 3, protowire.VarintType)
+		blk = protowire.AppendVarint(blk, 1<<63)
+		lengthOver32 = protowire.AppendTag(lengthOver32, 3, protowire.BytesType)
+		lengthOver32 = protowire.AppendBytes(lengthOver32, blk)
+		lengthOver32 = protowire.AppendTag(lengthOver32, 5, protowire.BytesType)
+		lengthOver32 = protowire.AppendBytes(lengthOver32, nil)
+	}
 	var unknown []byte
 	unknown = protowire.AppendTag(unknown, 9, protowire.BytesType)
 	unknown = protowire.AppendBytes(unknown, []byte("later field"))
@@ -61,6 +75,8 @@ func decodeSeeds(t testing.TB) map[string][]byte {
 	return map[string][]byte{
 		"empty":             nil,
 		"full":              full,
+		"shared buffer":     shared,
+		"length over 32":    lengthOver32,
 		"truncated":         full[:len(full)-3],
 		"unknown fields":    append(append([]byte{}, full...), unknown...),
 		"wrong wire types":  wrongType,

@@ -21,6 +21,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
+	"github.com/gwota/gwota/writer/sharedbuf"
 )
 
 // Options configure a Server.
@@ -30,6 +31,9 @@ type Options struct {
 	// MaxBlockSize is the writer's largest block (the engine's max_block_size): it sizes the
 	// receive limit (api.MaxMessageSize). 0: api.DefaultMaxMessageSize.
 	MaxBlockSize uint32
+	// NoSharedBuffer: hand out no shared block buffers (writer/sharedbuf); blocks then
+	// travel only inside the WriteBlocks messages.
+	NoSharedBuffer bool
 }
 
 // Server serves an api.Writer over gRPC.
@@ -41,6 +45,7 @@ type Server struct {
 	auth   *authorizer
 	maxMsg int
 	codec  *blockCodec
+	bufs   *sharedbuf.Registry // nil: none handed out
 }
 
 // recvPool holds receive buffers, sized for block messages (see api.BufferTiers).
@@ -59,6 +64,9 @@ func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 		maxMsg = api.MaxMessageSize(opts.MaxBlockSize)
 	}
 	s := &Server{impl: impl, log: log, health: health.NewServer(), maxMsg: maxMsg, codec: newBlockCodec(recvPool)}
+	if !opts.NoSharedBuffer {
+		s.bufs = sharedbuf.NewRegistry(sharedBufferSize(maxMsg), maxSharedBuffers, log.Named("sharedbuf"))
+	}
 	auth := newAuthorizer(opts.AllowedUIDs, log.Named("auth"))
 	s.auth = auth
 	s.grpc = grpc.NewServer(
@@ -76,7 +84,7 @@ func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 		experimental.BufferPool(recvPool),
 		grpc.ForceServerCodecV2(s.codec),
 	)
-	otav1.RegisterWriterServer(s.grpc, &service{impl: impl, log: log, maxMsg: s.maxMsg, codec: s.codec})
+	otav1.RegisterWriterServer(s.grpc, &service{impl: impl, log: log, maxMsg: s.maxMsg, codec: s.codec, bufs: s.bufs})
 	healthpb.RegisterHealthServer(s.grpc, s.health)
 	return s
 }
@@ -85,7 +93,11 @@ func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 // health service while it runs. A connection from a peer that is not allowed is closed at
 // accept, before grpc reads anything from it.
 func (s *Server) Serve(ln net.Listener) error {
-	return s.serve(&peerListener{Listener: ln, auth: s.auth})
+	var l net.Listener = &peerListener{Listener: ln, auth: s.auth}
+	if s.bufs != nil {
+		l = newSniffListener(l, func(c *net.UnixConn) { s.bufs.Serve(c, readPeerCred(c).UID) })
+	}
+	return s.serve(l)
 }
 
 func (s *Server) serve(ln net.Listener) error {
@@ -102,6 +114,7 @@ func (s *Server) serve(ln net.Listener) error {
 // ctx ends first, remaining calls are cut off.
 func (s *Server) GracefulStop(ctx context.Context) {
 	s.health.Shutdown()
+	defer s.closeBuffers()
 	done := make(chan struct{})
 	go func() {
 		s.grpc.GracefulStop()
@@ -120,7 +133,14 @@ func (s *Server) GracefulStop(ctx context.Context) {
 // Stop closes all connections at once.
 func (s *Server) Stop() {
 	s.health.Shutdown()
+	defer s.closeBuffers()
 	s.grpc.Stop()
+}
+
+func (s *Server) closeBuffers() {
+	if s.bufs != nil {
+		s.bufs.Close()
+	}
 }
 
 // The one boundary where errors become gRPC statuses. A panic in a handler is a bug, but

@@ -7,10 +7,12 @@ import (
 
 	"github.com/hashicorp/go-hclog"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/mem"
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
+	"github.com/gwota/gwota/writer/sharedbuf"
 )
 
 // service maps each RPC onto the api.Writer (the GRPCServer{Impl} of hashicorp/go-plugin's
@@ -22,6 +24,7 @@ type service struct {
 	log    hclog.Logger
 	maxMsg int
 	codec  *blockCodec // releases the buffers WriteBlocksRequests alias
+	bufs   *sharedbuf.Registry
 }
 
 func (s *service) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*otav1.HandshakeResponse, error) {
@@ -32,8 +35,11 @@ func (s *service) Handshake(ctx context.Context, req *otav1.HandshakeRequest) (*
 	if resp == nil {
 		resp = &otav1.HandshakeResponse{}
 	}
-	// The transport limit is the adapter's business, not the writer's.
+	// The transport limit is the adapter's business, not the writer's; so is the buffer.
 	resp.MaxMessageSize = uint32(s.maxMsg)
+	if s.bufs != nil {
+		resp.SharedBufferSize = uint32(s.bufs.Size())
+	}
 	s.log.Debug("handshake", "client", req.GetClient(), "protocol", req.GetProtocolVersion())
 	return resp, nil
 }
@@ -63,17 +69,29 @@ func ack(sessionID string, seq uint64, r api.WriteResult) *otav1.WriteAck {
 
 // WriteBlocks: one session per stream, seq strictly increasing, an ack each time the writer
 // reports everything so far durable. The first error ends the stream with its reason; the
-// client reopens a stream and resumes from the last acknowledged seq.
+// client reopens a stream and resumes from the last acknowledged seq. Blocks may instead
+// refer to the stream's shared buffer (writer/sharedbuf): they are copied out of it first,
+// and acks tell the client (released_seq) when the ranges it used are free again.
 func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksRequest, otav1.WriteAck]) error {
 	ctx := stream.Context()
 	var sessionID string
 	var lastSeq uint64
 	first := true
-	// req's blocks alias a received buffer, released once the engine has written them.
+	var sb *streamBuffer
+	// req's blocks alias a received buffer, or copied (a mem.Buffer from the receive pool),
+	// released once the engine has written them.
 	var req *otav1.WriteBlocksRequest
-	defer func() { s.codec.release(req) }()
-	for {
+	var copied mem.Buffer
+	free := func() {
 		s.codec.release(req)
+		if copied != nil {
+			copied.Free()
+			copied = nil
+		}
+	}
+	defer free()
+	for {
+		free()
 		var err error
 		req, err = stream.Recv()
 		if errors.Is(err, io.EOF) {
@@ -103,18 +121,32 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 		if err := checkBatch(req); err != nil {
 			return err
 		}
+		if err := s.bind(ctx, &sb, req); err != nil {
+			return err
+		}
+		if hasRefs(req) {
+			if copied, err = s.fill(sb, req); err != nil {
+				return err
+			}
+		}
 		res, err := s.impl.Write(ctx, sessionID, req.GetBlocks(), req.GetSync())
 		if err != nil {
 			return err
 		}
-		if res.Synced {
-			if err := stream.Send(ack(sessionID, req.GetSeq(), res)); err != nil {
-				if ctx.Err() != nil {
-					s.log.Debug("block stream closed by the client before its ack", "session", sessionID, "seq", req.GetSeq())
-					return nil
-				}
-				return err
+		release := sb.releaseDue()
+		if !res.Synced && !release {
+			continue
+		}
+		a := ack(sessionID, req.GetSeq(), res)
+		if sb != nil {
+			a.ReleasedSeq, sb.unreleased = req.GetSeq(), 0
+		}
+		if err := stream.Send(a); err != nil {
+			if ctx.Err() != nil {
+				s.log.Debug("block stream closed by the client before its ack", "session", sessionID, "seq", req.GetSeq())
+				return nil
 			}
+			return err
 		}
 	}
 }
@@ -123,6 +155,9 @@ func (s *service) WriteBatch(ctx context.Context, req *otav1.WriteBlocksRequest)
 	// The request's buffer is released by Server.unaryErrors, which sees every call.
 	if err := checkBatch(req); err != nil {
 		return nil, err
+	}
+	if hasRefs(req) || len(req.GetBufferToken()) > 0 {
+		return nil, status.Errorf(otav1.Reason_REASON_INVALID_REQUEST, "a shared buffer is for WriteBlocks streams only")
 	}
 	res, err := s.impl.Write(ctx, req.GetSessionId(), req.GetBlocks(), req.GetSync())
 	if err != nil {

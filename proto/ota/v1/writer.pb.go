@@ -414,8 +414,12 @@ type HandshakeResponse struct {
 	WriterVersion string         `protobuf:"bytes,4,opt,name=writer_version,json=writerVersion,proto3" json:"writer_version,omitempty"`
 	// Largest gRPC message the writer receives.
 	MaxMessageSize uint32 `protobuf:"varint,5,opt,name=max_message_size,json=maxMessageSize,proto3" json:"max_message_size,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// Size of the shared block buffer the writer hands out on its socket's side channel
+	// (docs/WRITER-API.md, "Shared block buffer"); 0: it offers none, blocks travel in the
+	// WriteBlocks messages.
+	SharedBufferSize uint32 `protobuf:"varint,6,opt,name=shared_buffer_size,json=sharedBufferSize,proto3" json:"shared_buffer_size,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *HandshakeResponse) Reset() {
@@ -479,6 +483,13 @@ func (x *HandshakeResponse) GetWriterVersion() string {
 func (x *HandshakeResponse) GetMaxMessageSize() uint32 {
 	if x != nil {
 		return x.MaxMessageSize
+	}
+	return 0
+}
+
+func (x *HandshakeResponse) GetSharedBufferSize() uint32 {
+	if x != nil {
+		return x.SharedBufferSize
 	}
 	return 0
 }
@@ -1301,7 +1312,12 @@ type Block struct {
 	// Byte offset in the image; a multiple of the session's block size.
 	Offset uint64 `protobuf:"varint,1,opt,name=offset,proto3" json:"offset,omitempty"`
 	// Exactly block_size bytes, except the last block of the image.
-	Data          []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	Data []byte `protobuf:"bytes,2,opt,name=data,proto3" json:"data,omitempty"`
+	// With buffer_length > 0 the block's bytes are not in data (which must then be empty) but
+	// in the stream's shared block buffer, at [buffer_offset, buffer_offset+buffer_length).
+	// The writer copies them out before it looks at them.
+	BufferOffset  uint64 `protobuf:"varint,3,opt,name=buffer_offset,json=bufferOffset,proto3" json:"buffer_offset,omitempty"`
+	BufferLength  uint32 `protobuf:"varint,4,opt,name=buffer_length,json=bufferLength,proto3" json:"buffer_length,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1350,6 +1366,20 @@ func (x *Block) GetData() []byte {
 	return nil
 }
 
+func (x *Block) GetBufferOffset() uint64 {
+	if x != nil {
+		return x.BufferOffset
+	}
+	return 0
+}
+
+func (x *Block) GetBufferLength() uint32 {
+	if x != nil {
+		return x.BufferLength
+	}
+	return 0
+}
+
 type WriteBlocksRequest struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -1357,7 +1387,11 @@ type WriteBlocksRequest struct {
 	Seq    uint64   `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"`
 	Blocks []*Block `protobuf:"bytes,3,rep,name=blocks,proto3" json:"blocks,omitempty"`
 	// Make everything written so far durable and acknowledge it now.
-	Sync          bool `protobuf:"varint,4,opt,name=sync,proto3" json:"sync,omitempty"`
+	Sync bool `protobuf:"varint,4,opt,name=sync,proto3" json:"sync,omitempty"`
+	// The token of the shared block buffer this stream's blocks refer to (the side channel
+	// returned it with the buffer). Set on the first message that refers to the buffer; a
+	// later message may repeat it, never name another.
+	BufferToken   []byte `protobuf:"bytes,5,opt,name=buffer_token,json=bufferToken,proto3" json:"buffer_token,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1420,6 +1454,13 @@ func (x *WriteBlocksRequest) GetSync() bool {
 	return false
 }
 
+func (x *WriteBlocksRequest) GetBufferToken() []byte {
+	if x != nil {
+		return x.BufferToken
+	}
+	return nil
+}
+
 type WriteAck struct {
 	state     protoimpl.MessageState `protogen:"open.v1"`
 	SessionId string                 `protobuf:"bytes,1,opt,name=session_id,json=sessionId,proto3" json:"session_id,omitempty"`
@@ -1430,8 +1471,12 @@ type WriteAck struct {
 	TotalBlocks   uint64 `protobuf:"varint,4,opt,name=total_blocks,json=totalBlocks,proto3" json:"total_blocks,omitempty"`
 	// Blocks written (not necessarily durable) in this session so far.
 	ReceivedBlocks uint64 `protobuf:"varint,5,opt,name=received_blocks,json=receivedBlocks,proto3" json:"received_blocks,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// With a shared block buffer: every message with seq <= released_seq has been copied out
+	// of it, so the ranges it used may be written again. An ack with only this set (durable_seq
+	// 0) says nothing about durability.
+	ReleasedSeq   uint64 `protobuf:"varint,6,opt,name=released_seq,json=releasedSeq,proto3" json:"released_seq,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *WriteAck) Reset() {
@@ -1495,6 +1540,13 @@ func (x *WriteAck) GetTotalBlocks() uint64 {
 func (x *WriteAck) GetReceivedBlocks() uint64 {
 	if x != nil {
 		return x.ReceivedBlocks
+	}
+	return 0
+}
+
+func (x *WriteAck) GetReleasedSeq() uint64 {
+	if x != nil {
+		return x.ReleasedSeq
 	}
 	return 0
 }
@@ -2369,13 +2421,14 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\x13ota/v1/writer.proto\x12\x06ota.v1\x1a\x13ota/v1/reason.proto\"n\n" +
 	"\x10HandshakeRequest\x12B\n" +
 	"\x10protocol_version\x18\x01 \x01(\x0e2\x17.ota.v1.ProtocolVersionR\x0fprotocolVersion\x12\x16\n" +
-	"\x06client\x18\x02 \x01(\tR\x06client\"\x8b\x02\n" +
+	"\x06client\x18\x02 \x01(\tR\x06client\"\xb9\x02\n" +
 	"\x11HandshakeResponse\x12B\n" +
 	"\x10protocol_version\x18\x01 \x01(\x0e2\x17.ota.v1.ProtocolVersionR\x0fprotocolVersion\x12$\n" +
 	"\x0emax_block_size\x18\x02 \x01(\rR\fmaxBlockSize\x12;\n" +
 	"\x0esig_algorithms\x18\x03 \x03(\x0e2\x14.ota.v1.SigAlgorithmR\rsigAlgorithms\x12%\n" +
 	"\x0ewriter_version\x18\x04 \x01(\tR\rwriterVersion\x12(\n" +
-	"\x10max_message_size\x18\x05 \x01(\rR\x0emaxMessageSize\"\x11\n" +
+	"\x10max_message_size\x18\x05 \x01(\rR\x0emaxMessageSize\x12,\n" +
+	"\x12shared_buffer_size\x18\x06 \x01(\rR\x10sharedBufferSize\"\x11\n" +
 	"\x0fGetStateRequest\"P\n" +
 	"\bSlotInfo\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x18\n" +
@@ -2459,16 +2512,19 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"\asession\x18\x01 \x01(\v2\x13.ota.v1.SessionInfoR\asession\x12\x18\n" +
 	"\aresumed\x18\x02 \x01(\bR\aresumed\x12\x1f\n" +
 	"\vchunk_sizes\x18\x03 \x03(\rR\n" +
-	"chunkSizes\"3\n" +
+	"chunkSizes\"}\n" +
 	"\x05Block\x12\x16\n" +
 	"\x06offset\x18\x01 \x01(\x04R\x06offset\x12\x12\n" +
-	"\x04data\x18\x02 \x01(\fR\x04data\"\x80\x01\n" +
+	"\x04data\x18\x02 \x01(\fR\x04data\x12#\n" +
+	"\rbuffer_offset\x18\x03 \x01(\x04R\fbufferOffset\x12#\n" +
+	"\rbuffer_length\x18\x04 \x01(\rR\fbufferLength\"\xa3\x01\n" +
 	"\x12WriteBlocksRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12%\n" +
 	"\x06blocks\x18\x03 \x03(\v2\r.ota.v1.BlockR\x06blocks\x12\x12\n" +
-	"\x04sync\x18\x04 \x01(\bR\x04sync\"\xbd\x01\n" +
+	"\x04sync\x18\x04 \x01(\bR\x04sync\x12!\n" +
+	"\fbuffer_token\x18\x05 \x01(\fR\vbufferToken\"\xe0\x01\n" +
 	"\bWriteAck\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\x12\x1f\n" +
@@ -2476,7 +2532,8 @@ const file_ota_v1_writer_proto_rawDesc = "" +
 	"durableSeq\x12%\n" +
 	"\x0edurable_blocks\x18\x03 \x01(\x04R\rdurableBlocks\x12!\n" +
 	"\ftotal_blocks\x18\x04 \x01(\x04R\vtotalBlocks\x12'\n" +
-	"\x0freceived_blocks\x18\x05 \x01(\x04R\x0ereceivedBlocks\"5\n" +
+	"\x0freceived_blocks\x18\x05 \x01(\x04R\x0ereceivedBlocks\x12!\n" +
+	"\freleased_seq\x18\x06 \x01(\x04R\vreleasedSeq\"5\n" +
 	"\x14FinishSessionRequest\x12\x1d\n" +
 	"\n" +
 	"session_id\x18\x01 \x01(\tR\tsessionId\"^\n" +

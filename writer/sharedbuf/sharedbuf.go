@@ -28,7 +28,6 @@ import (
 	"io"
 	"net"
 	"os"
-	"slices"
 	"sync"
 	"time"
 
@@ -78,6 +77,11 @@ type Buffer struct {
 	f    *os.File
 	size int64
 	uid  uint32
+	// mem maps the memfd read-only. Sealed against shrinking, the mapping can never fault
+	// (no SIGBUS past a shortened end): copying out of it is a plain memory copy. mu keeps
+	// the mapping alive while a copy runs (unmapped only under the write lock).
+	mu  sync.RWMutex
+	mem []byte // nil once dropped
 }
 
 // Size of the buffer.
@@ -89,17 +93,13 @@ func (b *Buffer) Read(p []byte, off uint64) error {
 	if off > uint64(b.size) || uint64(len(p)) > uint64(b.size)-off {
 		return fmt.Errorf("range [%d, +%d) outside the shared buffer of %d bytes", off, len(p), b.size)
 	}
-	n, err := b.f.ReadAt(p, int64(off))
-	if errors.Is(err, os.ErrClosed) {
+	b.mu.RLock()
+	defer b.mu.RUnlock()
+	if b.mem == nil {
 		return ErrClosed
 	}
-	if err == io.EOF && n == len(p) {
-		err = nil
-	}
-	if err == nil && n < len(p) {
-		err = io.ErrUnexpectedEOF // cannot happen while sealed against shrinking
-	}
-	return err
+	copy(p, b.mem[off:off+uint64(len(p))])
+	return nil
 }
 
 // Lookup finds the buffer token names, handed to uid.
@@ -191,11 +191,16 @@ func (r *Registry) create(uid uint32) (*Buffer, []byte, error) {
 		f.Close()
 		return nil, nil, err
 	}
-	b := &Buffer{f: f, size: r.size, uid: uid}
+	mem, err := unix.Mmap(fd, 0, int(r.size), unix.PROT_READ, unix.MAP_SHARED)
+	if err != nil {
+		f.Close()
+		return nil, nil, fmt.Errorf("map the memfd: %w", err)
+	}
+	b := &Buffer{f: f, size: r.size, uid: uid, mem: mem}
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.closed || len(r.bufs) >= r.max {
-		f.Close()
+		b.unmap()
 		return nil, nil, fmt.Errorf("at most %d shared buffers", r.max)
 	}
 	r.bufs[string(token)] = b
@@ -206,6 +211,17 @@ func (r *Registry) drop(token []byte, b *Buffer) {
 	r.mu.Lock()
 	delete(r.bufs, string(token))
 	r.mu.Unlock()
+	b.unmap()
+}
+
+// unmap waits for copies in progress, then unmaps and closes the memfd.
+func (b *Buffer) unmap() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.mem != nil {
+		_ = unix.Munmap(b.mem)
+		b.mem = nil
+	}
 	b.f.Close()
 }
 
@@ -230,6 +246,8 @@ type Client struct {
 	f     *os.File
 	token []byte
 	size  int64
+	mu    sync.RWMutex // Write against Close: the mapping stays while a copy runs
+	mem   []byte       // the memfd mapped read-write; nil once closed
 }
 
 // Dial asks the writer serving on socketPath for a shared buffer.
@@ -279,7 +297,12 @@ func Dial(ctx context.Context, socketPath string) (*Client, error) {
 		f.Close()
 		return fail(fmt.Errorf("buffer of %d bytes announced, descriptor does not match (%v)", size, err))
 	}
-	return &Client{conn: uc, f: f, token: bytes.Clone(reply[:tokenLen]), size: size}, nil
+	mem, err := unix.Mmap(int(f.Fd()), 0, int(size), unix.PROT_READ|unix.PROT_WRITE, unix.MAP_SHARED)
+	if err != nil {
+		f.Close()
+		return fail(fmt.Errorf("map the buffer: %w", err))
+	}
+	return &Client{conn: uc, f: f, token: bytes.Clone(reply[:tokenLen]), size: size, mem: mem}, nil
 }
 
 func rights(oob []byte) ([]int, error) {
@@ -304,59 +327,30 @@ func (c *Client) Token() []byte { return c.token }
 // Size of the buffer.
 func (c *Client) Size() int64 { return c.size }
 
-// Write writes the pieces one after the other at off (one pwritev). Safe against a
-// concurrent Close: the descriptor is held for the call (never a number reused meanwhile).
+// Write copies the pieces one after the other into the buffer at off.
 func (c *Client) Write(off int64, pieces [][]byte) error {
-	rc, err := c.f.SyscallConn()
-	if err != nil {
-		return fmt.Errorf("shared buffer: write: %w", err)
+	c.mu.RLock()
+	defer c.mu.RUnlock()
+	if c.mem == nil {
+		return fmt.Errorf("shared buffer: write: %w", ErrClosed)
 	}
-	var werr error
-	if err := rc.Write(func(fd uintptr) bool {
-		werr = pwritevAll(int(fd), off, pieces)
-		return true
-	}); err != nil {
-		return fmt.Errorf("shared buffer: write: %w", err)
-	}
-	if werr != nil {
-		return fmt.Errorf("shared buffer: write: %w", werr)
+	for _, p := range pieces {
+		if off < 0 || int64(len(p)) > c.size-off {
+			return fmt.Errorf("shared buffer: write of %d bytes at %d past its %d bytes", len(p), off, c.size)
+		}
+		off += int64(copy(c.mem[off:], p))
 	}
 	return nil
 }
 
-func pwritevAll(fd int, off int64, pieces [][]byte) error {
-	pieces = slices.Clone(pieces) // trimmed below
-	for {
-		for len(pieces) > 0 && len(pieces[0]) == 0 {
-			pieces = pieces[1:]
-		}
-		if len(pieces) == 0 {
-			return nil
-		}
-		n, err := unix.Pwritev(fd, pieces, off)
-		if err == unix.EINTR {
-			continue
-		}
-		if err != nil {
-			return err
-		}
-		if n == 0 {
-			return io.ErrShortWrite
-		}
-		off += int64(n)
-		for n > 0 {
-			k := min(n, len(pieces[0]))
-			pieces[0] = pieces[0][k:]
-			n -= k
-			if len(pieces[0]) == 0 {
-				pieces = pieces[1:]
-			}
-		}
-	}
-}
-
-// Close gives the buffer back.
+// Close gives the buffer back. Safe to call more than once.
 func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.mem != nil {
+		_ = unix.Munmap(c.mem)
+		c.mem = nil
+	}
+	c.mu.Unlock()
 	c.f.Close()
 	return c.conn.Close()
 }

@@ -26,6 +26,13 @@ type BlockStream struct {
 	done      chan struct{}
 	err       error // valid after done is closed
 
+	// recv's side: it queues durable acks for forward (qmu) and ends with recvErr.
+	recvDone chan struct{}
+	recvErr  error // valid after recvDone is closed
+	qmu      sync.Mutex
+	queue    []*otav1.WriteAck
+	queued   chan struct{}
+
 	mu  sync.Mutex // Send
 	seq uint64
 
@@ -48,7 +55,8 @@ func (c *Client) OpenBlockStream(ctx context.Context, sessionID string) (*BlockS
 		cancel()
 		return nil, wrap(err)
 	}
-	b := &BlockStream{sessionID: sessionID, stream: st, cancel: cancel, c: c, acks: make(chan *otav1.WriteAck, 16), done: make(chan struct{})}
+	b := &BlockStream{sessionID: sessionID, stream: st, cancel: cancel, c: c, acks: make(chan *otav1.WriteAck, 16), done: make(chan struct{}),
+		recvDone: make(chan struct{}), queued: make(chan struct{}, 1)}
 	b.roomy = sync.NewCond(&b.rmu)
 	if size := c.shared.Load(); size > 0 {
 		// The writer offered a shared buffer: use it unless it cannot be had (an older
@@ -66,7 +74,8 @@ func (c *Client) OpenBlockStream(ctx context.Context, sessionID string) (*BlockS
 			b.sb, b.ring.size = sb, sb.Size()
 		}
 	}
-	go b.recv(ctx)
+	go b.recv()
+	go b.forward(ctx)
 	return b, nil
 }
 
@@ -74,9 +83,11 @@ func (c *Client) OpenBlockStream(ctx context.Context, sessionID string) (*BlockS
 // and if not although the writer offered one, why.
 func (b *BlockStream) SharedBuffer() (bool, error) { return b.sb != nil, b.sbErr }
 
-func (b *BlockStream) recv(ctx context.Context) {
-	defer close(b.done)
-	defer close(b.acks)
+// recv reads the writer's acks. Releases are taken at once; durable acks are queued for
+// forward, so that a caller slow to read Acks never holds back the releases its own Send
+// may be waiting for (acks are at most one per message sent: the queue stays small).
+func (b *BlockStream) recv() {
+	defer close(b.recvDone)
 	defer func() {
 		b.rmu.Lock()
 		b.ring.closed = true
@@ -89,7 +100,7 @@ func (b *BlockStream) recv(ctx context.Context) {
 			return
 		}
 		if err != nil {
-			b.err = wrap(err)
+			b.recvErr = wrap(err)
 			return
 		}
 		if r := a.GetReleasedSeq(); r > 0 {
@@ -101,11 +112,47 @@ func (b *BlockStream) recv(ctx context.Context) {
 		if a.GetDurableSeq() == 0 {
 			continue // a release only: nothing for the acks' reader
 		}
+		b.qmu.Lock()
+		b.queue = append(b.queue, a)
+		b.qmu.Unlock()
 		select {
-		case b.acks <- a:
-		case <-ctx.Done():
-			b.err = wrap(ctx.Err())
+		case b.queued <- struct{}{}:
+		default:
+		}
+	}
+}
+
+// forward delivers the queued acks in order on Acks, and ends the stream (Acks closed, then
+// done) once recv has ended and everything it queued was delivered.
+func (b *BlockStream) forward(ctx context.Context) {
+	defer close(b.done)
+	defer close(b.acks)
+	ended := false
+	for {
+		b.qmu.Lock()
+		q := b.queue
+		b.queue = nil
+		b.qmu.Unlock()
+		for _, a := range q {
+			select {
+			case b.acks <- a:
+			case <-ctx.Done():
+				<-b.recvDone // the stream's context is done: recv ends too
+				b.err = b.recvErr
+				if b.err == nil {
+					b.err = wrap(ctx.Err())
+				}
+				return
+			}
+		}
+		if ended && len(q) == 0 {
+			b.err = b.recvErr
 			return
+		}
+		select {
+		case <-b.queued:
+		case <-b.recvDone:
+			ended = true // deliver what is left, then end
 		}
 	}
 }
@@ -165,9 +212,9 @@ func (b *BlockStream) share(req *otav1.WriteBlocksRequest) error {
 	}
 	b.rmu.Unlock()
 	if !ok {
-		<-b.done
-		if b.err != nil {
-			return b.err
+		<-b.recvDone
+		if b.recvErr != nil {
+			return b.recvErr
 		}
 		return status.Errorf(otav1.Reason_REASON_WRITER_UNAVAILABLE, "block stream ended")
 	}

@@ -78,18 +78,70 @@ func randBytes(t testing.TB, n int) []byte {
 	return b
 }
 
+// TestSessionOverStream runs a session's blocks through the shared buffer (the writer offers
+// one and the client takes it) and inside the messages (either side declines it).
 func TestSessionOverStream(t *testing.T) {
+	for _, tc := range []struct {
+		name                   string
+		serverNo, clientNo     bool
+		wantShared, wantReason bool
+	}{
+		{name: "shared buffer", wantShared: true},
+		{name: "writer offers none", serverNo: true},
+		{name: "client declines", clientNo: true},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			core := writertest.NewFake(4096)
+			r := start(t, core, server.Options{NoSharedBuffer: tc.serverNo}, server.ListenConfig{})
+			c := dialOpts(t, r.Sock, client.Options{Name: "test", NoSharedBuffer: tc.clientNo})
+			sessionOverStream(t, core, c, 1024, 10*1024+100, tc.wantShared)
+		})
+	}
+}
+
+// TestSharedBufferWrapsAround sends three times the shared buffer's size through it: the
+// client waits for the writer's releases and reuses the buffer from its start.
+func TestSharedBufferWrapsAround(t *testing.T) {
 	core := writertest.NewFake(4096)
 	r := start(t, core, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.Sock)
+	c := dialOpts(t, r.Sock, client.Options{Name: "test"})
+	resp, err := c.Handshake(t.Context(), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	size := int(resp.GetSharedBufferSize())
+	if size == 0 {
+		t.Fatal("the writer offers no shared buffer")
+	}
+	sessionOverStream(t, core, c, 2048, 3*size+3000, true)
+}
+
+func dialOpts(t testing.TB, sock string, opts client.Options) *client.Client {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer cancel()
+	c, err := client.Dial(ctx, sock, opts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := c.WaitReady(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := c.Handshake(ctx, nil); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+func sessionOverStream(t *testing.T, core *writertest.Fake, c *client.Client, bs, size int, wantShared bool) {
 	ctx := t.Context()
 
 	if got, want := c.MaxMessageSize(), api.MaxMessageSize(4096); got != want {
 		t.Errorf("client send limit after handshake = %d, want the writer's %d", got, want)
 	}
-	const bs = 1024
-	img := randBytes(t, 10*bs+100) // a short last block
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j1", FilePath: writertest.Target, FileSize: uint64(len(img)), BlockSize: bs})
+	img := randBytes(t, size) // a short last block
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j1", FilePath: writertest.Target, FileSize: uint64(len(img)), BlockSize: uint32(bs)})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -97,6 +149,10 @@ func TestSessionOverStream(t *testing.T) {
 	bstream, err := c.OpenBlockStream(ctx, id)
 	if err != nil {
 		t.Fatal(err)
+	}
+	defer bstream.Close()
+	if shared, why := bstream.SharedBuffer(); shared != wantShared || why != nil {
+		t.Fatalf("stream uses a shared buffer: %v (why not: %v), want %v", shared, why, wantShared)
 	}
 	// Three blocks per message, sync on every second message and on the last.
 	var msgs [][]*otav1.Block
@@ -133,8 +189,8 @@ func TestSessionOverStream(t *testing.T) {
 	if diff := cmp.Diff(wantSeqs, gotSeqs); diff != "" {
 		t.Errorf("acked seqs (-want +got):\n%s", diff)
 	}
-	if last.GetDurableBlocks() != 11 || last.GetTotalBlocks() != 11 {
-		t.Errorf("last ack %v, want 11/11 durable", last)
+	if n := uint64((size + bs - 1) / bs); last.GetDurableBlocks() != n || last.GetTotalBlocks() != n {
+		t.Errorf("last ack %v, want %d/%d durable", last, n, n)
 	}
 	if _, err := c.Finish(ctx, id); err != nil {
 		t.Fatal(err)

@@ -327,6 +327,9 @@ func (c *Client) Token() []byte { return c.token }
 // Size of the buffer.
 func (c *Client) Size() int64 { return c.size }
 
+// Fd is the memfd's descriptor (to check its seals).
+func (c *Client) Fd() uintptr { return c.f.Fd() }
+
 // Write copies the pieces one after the other into the buffer at off.
 func (c *Client) Write(off int64, pieces [][]byte) error {
 	c.mu.RLock()

@@ -1,0 +1,175 @@
+package server_test
+
+import (
+	"bytes"
+	"errors"
+	"io"
+	"net"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	otav1 "github.com/gwota/gwota/proto/ota/v1"
+	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/server"
+	"github.com/gwota/gwota/writer/sharedbuf"
+	"github.com/gwota/gwota/writer/writertest"
+)
+
+// TestSharedBufferRefusals: ota-net is hostile to the writer. Every malformed reference to
+// a shared buffer ends the stream with invalid_request and writes nothing of the message.
+func TestSharedBufferRefusals(t *testing.T) {
+	core := writertest.NewFake(4096)
+	r := start(t, core, server.Options{}, server.ListenConfig{})
+	c := dial(t, r.Sock)
+	ctx := t.Context()
+	const bs = 1024
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: 16 * bs, BlockSize: bs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := begin.GetSession().GetSessionId()
+	sb, err := sharedbuf.Dial(ctx, r.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sb.Close()
+	other, err := sharedbuf.Dial(ctx, r.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer other.Close()
+	if err := sb.Write(0, [][]byte{bytes.Repeat([]byte{7}, 64*bs)}); err != nil {
+		t.Fatal(err)
+	}
+	size := uint64(sb.Size())
+	tok := sb.Token()
+	ref := func(off uint64, n uint32) *otav1.Block { return &otav1.Block{Offset: 0, BufferOffset: off, BufferLength: n} }
+	msg := func(seq uint64, token []byte, blocks ...*otav1.Block) *otav1.WriteBlocksRequest {
+		return &otav1.WriteBlocksRequest{SessionId: id, Seq: seq, BufferToken: token, Blocks: blocks}
+	}
+	many := make([]*otav1.Block, 0, 16)
+	for i := range 16 {
+		many = append(many, &otav1.Block{Offset: uint64(i) * bs, BufferOffset: uint64(i) * bs, BufferLength: bs})
+	}
+	tests := []struct {
+		name string
+		msgs []*otav1.WriteBlocksRequest
+	}{
+		{"reference without a token", []*otav1.WriteBlocksRequest{msg(1, nil, ref(0, bs))}},
+		{"unknown token", []*otav1.WriteBlocksRequest{msg(1, bytes.Repeat([]byte{1}, 16), ref(0, bs))}},
+		{"range past the end", []*otav1.WriteBlocksRequest{msg(1, tok, ref(size-bs/2, bs))}},
+		{"offset past the end", []*otav1.WriteBlocksRequest{msg(1, tok, ref(size+1, 1))}},
+		{"offset that overflows", []*otav1.WriteBlocksRequest{msg(1, tok, ref(1<<64-10, bs))}},
+		{"data and a reference", []*otav1.WriteBlocksRequest{msg(1, tok, &otav1.Block{Data: make([]byte, bs), BufferLength: bs})}},
+		{"offset without a length", []*otav1.WriteBlocksRequest{msg(1, tok, &otav1.Block{Data: make([]byte, bs), BufferOffset: 5})}},
+		{"more than a message may carry", []*otav1.WriteBlocksRequest{msg(1, tok, many...)}},
+		{"another token later", []*otav1.WriteBlocksRequest{msg(1, tok), msg(2, other.Token(), ref(0, bs))}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			st, err := c.Raw().WriteBlocks(ctx)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for _, m := range tc.msgs {
+				if err := st.Send(m); err != nil {
+					break
+				}
+			}
+			st.CloseSend()
+			for err == nil {
+				_, err = st.Recv()
+			}
+			if got := status.ReasonOf(err); got != otav1.Reason_REASON_INVALID_REQUEST {
+				t.Errorf("stream ended with %v (%s), want invalid_request", err, status.String(got))
+			}
+			if n := core.Durable(id); n != 0 {
+				t.Errorf("%d blocks durable after a refused message", n)
+			}
+			if img := core.Image(id); len(img) != 0 {
+				t.Errorf("%d bytes written after a refused message", len(img))
+			}
+		})
+	}
+	t.Run("unary call", func(t *testing.T) {
+		_, err := c.Raw().WriteBatch(ctx, msg(1, tok, ref(0, bs)))
+		if got := status.ReasonOf(err); got != otav1.Reason_REASON_INVALID_REQUEST {
+			t.Errorf("WriteBatch with a reference: %v, want invalid_request", err)
+		}
+	})
+}
+
+// TestSharedBufferSealed: the buffer ota-net gets cannot be shrunk or grown (the writer's
+// mapping can never fault), nor its seals changed.
+func TestSharedBufferSealed(t *testing.T) {
+	r := start(t, writertest.NewFake(4096), server.Options{}, server.ListenConfig{})
+	sb, err := sharedbuf.Dial(t.Context(), r.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sb.Close()
+	fd := int(sb.Fd())
+	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := unix.F_SEAL_SHRINK | unix.F_SEAL_GROW | unix.F_SEAL_SEAL; seals&want != want {
+		t.Errorf("seals %#x, want %#x set", seals, want)
+	}
+	for _, n := range []int64{0, sb.Size() / 2, sb.Size() * 2} {
+		if err := unix.Ftruncate(fd, n); !errors.Is(err, unix.EPERM) {
+			t.Errorf("ftruncate to %d: %v, want EPERM", n, err)
+		}
+	}
+	if _, err := unix.FcntlInt(uintptr(fd), unix.F_ADD_SEALS, unix.F_SEAL_WRITE); !errors.Is(err, unix.EPERM) {
+		t.Errorf("adding a seal: %v, want EPERM", err)
+	}
+}
+
+// TestSideChannelRefusals: a connection that does not send the magic gets no buffer, and no
+// more than the limit are handed out at once; grpc on the same socket goes on serving.
+func TestSideChannelRefusals(t *testing.T) {
+	r := start(t, writertest.NewFake(4096), server.Options{}, server.ListenConfig{})
+	ctx := t.Context()
+	t.Run("wrong magic", func(t *testing.T) {
+		conn, err := net.Dial("unix", r.Sock)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.Close()
+		conn.SetDeadline(time.Now().Add(10 * time.Second))
+		if _, err := conn.Write([]byte("GWOTA-SOMETHING!")); err != nil {
+			t.Fatal(err)
+		}
+		if n, err := conn.Read(make([]byte, 64)); err != io.EOF {
+			t.Errorf("read %d bytes, %v; want the writer to close (EOF)", n, err)
+		}
+	})
+	t.Run("limit", func(t *testing.T) {
+		var got []*sharedbuf.Client
+		defer func() {
+			for _, b := range got {
+				b.Close()
+			}
+		}()
+		for {
+			b, err := sharedbuf.Dial(ctx, r.Sock)
+			if err != nil {
+				break
+			}
+			got = append(got, b)
+			if len(got) > 16 {
+				t.Fatalf("%d buffers handed out at once", len(got))
+			}
+		}
+		if len(got) == 0 {
+			t.Fatal("no buffer handed out")
+		}
+		// grpc still serves beside the side channels.
+		if _, err := dial(t, r.Sock).State(ctx); err != nil {
+			t.Fatal(err)
+		}
+	})
+}

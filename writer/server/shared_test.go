@@ -45,7 +45,9 @@ func TestSharedBufferRefusals(t *testing.T) {
 	}
 	size := uint64(sb.Size())
 	tok := sb.Token()
-	ref := func(off uint64, n uint32) *otav1.Block { return &otav1.Block{Offset: 0, BufferOffset: off, BufferLength: n} }
+	ref := func(off uint64, n uint32) *otav1.Block {
+		return &otav1.Block{Offset: 0, BufferOffset: off, BufferLength: n}
+	}
 	msg := func(seq uint64, token []byte, blocks ...*otav1.Block) *otav1.WriteBlocksRequest {
 		return &otav1.WriteBlocksRequest{SessionId: id, Seq: seq, BufferToken: token, Blocks: blocks}
 	}

@@ -45,8 +45,9 @@ func (r remote) OpenBlockStream(ctx context.Context, sessionID string) (BlockStr
 // Local is w linked into this process: no socket, no gRPC. A block stream is a goroutine that
 // calls w.Write for each message in order and acknowledges the synced ones, as writer/server's
 // WriteBlocks handler does, so the writer writes while the downloader goes on, as it does over
-// the socket. Send copies the blocks' data into pooled buffers (as grpc marshals them into its
-// own), so the caller may reuse its buffers at once. Close closes w when it is an io.Closer.
+// the socket. Send copies the blocks' data into pooled buffers (as the socket path copies them
+// into the writer's shared buffer, or grpc marshals them), so the caller may reuse its
+// buffers at once. Close closes w when it is an io.Closer.
 func Local(w api.Writer) Conn { return local{w} }
 
 type local struct{ api.Writer }

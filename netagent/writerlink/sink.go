@@ -99,6 +99,15 @@ func (k *Sink) open(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
+	if sh, ok := st.(interface{ SharedBuffer() (bool, error) }); ok {
+		// Whether blocks cross through the writer's shared buffer or inside the messages
+		// (slower on fast links): worth a line when the writer offered one and it failed.
+		if used, why := sh.SharedBuffer(); why != nil {
+			k.s.l.log.Warn("no shared block buffer from the writer; blocks go inside the messages", "error", why)
+		} else {
+			k.s.l.log.Debug("block stream opened", "session", k.s.ID(), "shared_buffer", used)
+		}
+	}
 	k.mu.Lock()
 	k.streamID++
 	id := k.streamID

@@ -550,6 +550,14 @@ func (l *live) testOTA(t *testing.T) {
 	if !strings.Contains(log, "using socket passed by systemd") {
 		t.Errorf("ota-writer never reported the socket passed by systemd:\n%s", tail(log, 30))
 	}
+	// Blocks crossed through the writer's shared buffer: the hardened units allow the side
+	// channel (memfd_create, SCM_RIGHTS, the mappings), and ota-net did not fall back.
+	if !strings.Contains(log, "shared block buffer handed out") {
+		t.Errorf("ota-writer never handed out a shared block buffer:\n%s", tail(log, 30))
+	}
+	if netLog := l.sh(t, "journalctl", "--no-pager", "-o", "cat", "-u", "ota-net.service"); strings.Contains(netLog, "no shared block buffer") {
+		t.Errorf("ota-net sent blocks inside the messages under systemd:\n%s", tail(netLog, 30))
+	}
 	if got := l.show(t, "ota-writer.service", "TriggeredBy"); got != "ota-writer.socket" {
 		t.Errorf("ota-writer.service TriggeredBy %q", got)
 	}

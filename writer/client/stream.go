@@ -46,8 +46,11 @@ type BlockStream struct {
 	ring      ring
 }
 
-// OpenBlockStream starts a WriteBlocks stream for sessionID. Acks must be drained (or the
-// stream closed): an unread ack holds back the next ones.
+// OpenBlockStream starts a WriteBlocks stream for sessionID, through a shared buffer of
+// the writer's when it offers one (SharedBuffer tells). Drain Acks (or close the stream):
+// acks are queued until read (at most one per message sent), and the stream ends only once
+// they are read. An unread ack holds back nothing else: not the shared buffer's releases,
+// which Send may be waiting for.
 func (c *Client) OpenBlockStream(ctx context.Context, sessionID string) (*BlockStream, error) {
 	ctx, cancel := context.WithCancel(ctx)
 	st, err := c.w.WriteBlocks(ctx, blockCallOption())

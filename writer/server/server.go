@@ -95,7 +95,15 @@ func New(impl api.Writer, opts Options, log hclog.Logger) *Server {
 func (s *Server) Serve(ln net.Listener) error {
 	var l net.Listener = &peerListener{Listener: ln, auth: s.auth}
 	if s.bufs != nil {
-		l = newSniffListener(l, func(c *net.UnixConn) { s.bufs.Serve(c, readPeerCred(c).UID) })
+		l = newSniffListener(l, func(c *net.UnixConn) {
+			// peerListener let it in; its credentials are read again for the buffer's owner.
+			pc := readPeerCred(c)
+			if pc.Err != nil {
+				c.Close()
+				return
+			}
+			s.bufs.Serve(c, pc.UID)
+		})
 	}
 	return s.serve(l)
 }

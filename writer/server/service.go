@@ -128,27 +128,43 @@ func (s *service) WriteBlocks(stream grpc.BidiStreamingServer[otav1.WriteBlocksR
 			if copied, err = s.fill(sb, req); err != nil {
 				return err
 			}
+			// The ranges are copied: the client may write them again while the engine
+			// writes (and maybe syncs) this message.
+			if sb.releaseDue() {
+				if done, err := s.sendAck(stream, &otav1.WriteAck{SessionId: sessionID, ReleasedSeq: req.GetSeq()}); done {
+					return err
+				}
+				sb.unreleased = 0
+			}
 		}
 		res, err := s.impl.Write(ctx, sessionID, req.GetBlocks(), req.GetSync())
 		if err != nil {
 			return err
 		}
-		release := sb.releaseDue()
-		if !res.Synced && !release {
+		if !res.Synced {
 			continue
 		}
 		a := ack(sessionID, req.GetSeq(), res)
 		if sb != nil {
 			a.ReleasedSeq, sb.unreleased = req.GetSeq(), 0
 		}
-		if err := stream.Send(a); err != nil {
-			if ctx.Err() != nil {
-				s.log.Debug("block stream closed by the client before its ack", "session", sessionID, "seq", req.GetSeq())
-				return nil
-			}
+		if done, err := s.sendAck(stream, a); done {
 			return err
 		}
 	}
+}
+
+// sendAck sends a; done means the handler must return err (nil: the client closed the
+// stream, which ends it without failure).
+func (s *service) sendAck(stream grpc.BidiStreamingServer[otav1.WriteBlocksRequest, otav1.WriteAck], a *otav1.WriteAck) (done bool, err error) {
+	if err := stream.Send(a); err != nil {
+		if stream.Context().Err() != nil {
+			s.log.Debug("block stream closed by the client before its ack", "session", a.GetSessionId())
+			return true, nil
+		}
+		return true, err
+	}
+	return false, nil
 }
 
 func (s *service) WriteBatch(ctx context.Context, req *otav1.WriteBlocksRequest) (*otav1.WriteAck, error) {

@@ -28,6 +28,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"runtime/debug"
 	"sync"
 	"time"
 
@@ -98,7 +99,21 @@ func (b *Buffer) Read(p []byte, off uint64) error {
 	if b.mem == nil {
 		return ErrClosed
 	}
-	copy(p, b.mem[off:off+uint64(len(p))])
+	return copyOut(p, b.mem[off:off+uint64(len(p))])
+}
+
+// copyOut copies src (in the mapping) into p. Sealed, the memfd cannot shrink under the
+// mapping, and holes punched in it read as zeros, so no fault is expected; should the
+// kernel still fault the copy (a hardware error in the page), it becomes this stream's
+// error instead of a crash of the writer.
+func copyOut(p, src []byte) (err error) {
+	defer debug.SetPanicOnFault(debug.SetPanicOnFault(true))
+	defer func() {
+		if r := recover(); r != nil {
+			err = fmt.Errorf("fault reading the shared buffer: %v", r)
+		}
+	}()
+	copy(p, src)
 	return nil
 }
 
@@ -143,6 +158,7 @@ func (r *Registry) Serve(conn *net.UnixConn, uid uint32) {
 		return
 	}
 	_ = conn.SetDeadline(time.Time{})
+	r.log.Info("shared block buffer handed out", "uid", uid, "bytes", b.size)
 	// The peer sends nothing more; whatever it sends, or its close, ends the buffer.
 	var one [1]byte
 	_, _ = conn.Read(one[:])

@@ -93,7 +93,7 @@ func TestSessionOverStream(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			core := writertest.NewFake(4096)
 			r := start(t, core, server.Options{NoSharedBuffer: tc.serverNo}, server.ListenConfig{})
-			c := dialOpts(t, r.Sock, client.Options{Name: "test", NoSharedBuffer: tc.clientNo})
+			c := writertest.DialOptions(t, r.Sock, client.Options{Name: "test", NoSharedBuffer: tc.clientNo})
 			sessionOverStream(t, core, c, 1024, 10*1024+100, tc.wantShared)
 		})
 	}
@@ -104,7 +104,7 @@ func TestSessionOverStream(t *testing.T) {
 func TestSharedBufferWrapsAround(t *testing.T) {
 	core := writertest.NewFake(4096)
 	r := start(t, core, server.Options{}, server.ListenConfig{})
-	c := dialOpts(t, r.Sock, client.Options{Name: "test"})
+	c := writertest.DialOptions(t, r.Sock, client.Options{Name: "test"})
 	resp, err := c.Handshake(t.Context(), nil)
 	if err != nil {
 		t.Fatal(err)
@@ -114,24 +114,6 @@ func TestSharedBufferWrapsAround(t *testing.T) {
 		t.Fatal("the writer offers no shared buffer")
 	}
 	sessionOverStream(t, core, c, 2048, 3*size+3000, true)
-}
-
-func dialOpts(t testing.TB, sock string, opts client.Options) *client.Client {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer cancel()
-	c, err := client.Dial(ctx, sock, opts)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := c.WaitReady(ctx); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := c.Handshake(ctx, nil); err != nil {
-		t.Fatal(err)
-	}
-	return c
 }
 
 func sessionOverStream(t *testing.T, core *writertest.Fake, c *client.Client, bs, size int, wantShared bool) {

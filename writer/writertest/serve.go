@@ -121,9 +121,15 @@ func (s *Server) Kill() {
 // it is closed when the test ends.
 func Dial(t testing.TB, sock string) *client.Client {
 	t.Helper()
+	return DialOptions(t, sock, client.Options{Name: "test"})
+}
+
+// DialOptions is Dial with the client's options.
+func DialOptions(t testing.TB, sock string, opts client.Options) *client.Client {
+	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
-	c, err := client.Dial(ctx, sock, client.Options{Name: "test"})
+	c, err := client.Dial(ctx, sock, opts)
 	if err != nil {
 		t.Fatal(err)
 	}

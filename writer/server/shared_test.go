@@ -2,6 +2,7 @@ package server_test
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"io"
 	"net"
@@ -12,6 +13,7 @@ import (
 
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
+	"github.com/gwota/gwota/writer/api"
 	"github.com/gwota/gwota/writer/server"
 	"github.com/gwota/gwota/writer/sharedbuf"
 	"github.com/gwota/gwota/writer/writertest"
@@ -174,4 +176,71 @@ func TestSideChannelRefusals(t *testing.T) {
 			t.Fatal(err)
 		}
 	})
+}
+
+// gateWriter stops in Write until the test lets it go on, and reports the first block's data
+// as the engine sees it then.
+type gateWriter struct {
+	api.Writer
+	entered chan struct{}
+	proceed chan struct{}
+	got     chan []byte
+}
+
+func (w *gateWriter) Write(ctx context.Context, id string, blocks []*otav1.Block, sync bool) (api.WriteResult, error) {
+	if len(blocks) > 0 && len(blocks[0].GetData()) > 0 {
+		w.entered <- struct{}{}
+		<-w.proceed
+		w.got <- bytes.Clone(blocks[0].GetData())
+	}
+	return w.Writer.Write(ctx, id, blocks, sync)
+}
+
+// TestSharedBufferCopiedBeforeUse: ota-net rewrites the buffer while the engine holds the
+// blocks of a message that referred to it. The engine still sees, and writes, the bytes that
+// were there when the message was taken: what it got is the handler's own copy.
+func TestSharedBufferCopiedBeforeUse(t *testing.T) {
+	core := writertest.NewFake(4096)
+	w := &gateWriter{Writer: core, entered: make(chan struct{}), proceed: make(chan struct{}), got: make(chan []byte, 1)}
+	r := start(t, w, server.Options{}, server.ListenConfig{})
+	c := dial(t, r.Sock)
+	ctx := t.Context()
+	const bs = 1024
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: bs, BlockSize: bs})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id := begin.GetSession().GetSessionId()
+	sb, err := sharedbuf.Dial(ctx, r.Sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer sb.Close()
+	sent, later := bytes.Repeat([]byte{0xaa}, bs), bytes.Repeat([]byte{0x55}, bs)
+	if err := sb.Write(0, [][]byte{sent}); err != nil {
+		t.Fatal(err)
+	}
+	st, err := c.Raw().WriteBlocks(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := st.Send(&otav1.WriteBlocksRequest{SessionId: id, Seq: 1, Sync: true, BufferToken: sb.Token(),
+		Blocks: []*otav1.Block{{Offset: 0, BufferOffset: 0, BufferLength: bs}}}); err != nil {
+		t.Fatal(err)
+	}
+	<-w.entered
+	if err := sb.Write(0, [][]byte{later}); err != nil {
+		t.Fatal(err)
+	}
+	close(w.proceed)
+	if got := <-w.got; !bytes.Equal(got, sent) {
+		t.Errorf("the engine saw %x... after ota-net rewrote the buffer, want the bytes sent (%x...)", got[:4], sent[:4])
+	}
+	if _, err := st.Recv(); err != nil {
+		t.Fatal(err)
+	}
+	st.CloseSend()
+	if img := core.Image(id); !bytes.Equal(img, sent) {
+		t.Errorf("written %x..., want the bytes sent", img[:min(4, len(img))])
+	}
 }

@@ -189,7 +189,7 @@ func TestCheckersFail(t *testing.T) {
 var (
 	urlRE  = regexp.MustCompile(`[a-z]+://[^\s)>"'\x60]+`)
 	mdRE   = regexp.MustCompile(`[A-Za-z0-9_./-]*[A-Za-z0-9_-]\.md\b`)
-	testRE = regexp.MustCompile(`([A-Za-z0-9_./-]+_test\.go):(Test[A-Za-z0-9_]*)`)
+	testRE = regexp.MustCompile(`([A-Za-z0-9_./-]+_test\.go):((?:Test|Fuzz)[A-Za-z0-9_]*)`)
 	linkRE = regexp.MustCompile(`\]\(([^)\s]+)\)`)
 )
 
@@ -239,7 +239,7 @@ func linkErrors(root string, files []string) []string {
 				switch {
 				case err != nil:
 					out = append(out, at+"names "+m[0]+", but "+file+" is not in the repository")
-				case !regexp.MustCompile(`(?m)^func ` + name + `\(t \*testing\.T\)`).Match(src):
+				case !regexp.MustCompile(`(?m)^func ` + name + `\((t \*testing\.T|f \*testing\.F)\)`).Match(src):
 					out = append(out, at+"names "+m[0]+", but "+file+" has no func "+name)
 				}
 			}

@@ -244,3 +244,76 @@ func TestSharedBufferCopiedBeforeUse(t *testing.T) {
 		t.Errorf("written %x..., want the bytes sent", img[:min(4, len(img))])
 	}
 }
+
+// FuzzSharedBufferRefs sends messages whose blocks refer to the shared buffer with offsets,
+// lengths, inline data and tokens from the fuzzer. Each ends accepted or refused with a typed
+// reason the client can act on (never a panic's other, never a broken writer), and the
+// writer goes on serving.
+// go test -run '^$' -fuzz FuzzSharedBufferRefs ./writer/server/
+func FuzzSharedBufferRefs(f *testing.F) {
+	core := writertest.NewFake(4096)
+	r := start(f, core, server.Options{}, server.ListenConfig{})
+	c := dial(f, r.Sock)
+	ctx := f.Context()
+	const bs = 1024
+	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "fuzz", FilePath: writertest.Target, FileSize: 64 * bs, BlockSize: bs})
+	if err != nil {
+		f.Fatal(err)
+	}
+	id := begin.GetSession().GetSessionId()
+	sb, err := sharedbuf.Dial(ctx, r.Sock)
+	if err != nil {
+		f.Fatal(err)
+	}
+	defer sb.Close()
+	size := uint64(sb.Size())
+	f.Add([]byte{0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0}, uint8(0))
+	f.Add([]byte{1, 0, 4, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xf0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0x10, 0}, uint8(1))
+	f.Add([]byte{0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5}, uint8(2))
+	f.Fuzz(func(t *testing.T, spec []byte, tokenKind uint8) {
+		// 11 bytes a block: block index (1), length (2, LE), buffer offset (8, LE; taken
+		// modulo twice the buffer's size unless its top byte is 0xff, then as is).
+		var blocks []*otav1.Block
+		for len(spec) >= 11 && len(blocks) < 300 {
+			n := uint32(spec[1]) | uint32(spec[2])<<8
+			off := uint64(0)
+			for i := 10; i >= 3; i-- {
+				off = off<<8 | uint64(spec[i])
+			}
+			if spec[10] != 0xff {
+				off %= 2 * size
+			}
+			b := &otav1.Block{Offset: uint64(spec[0]%80) * bs, BufferOffset: off, BufferLength: n}
+			if spec[0]&0x80 != 0 {
+				b.Data = make([]byte, n%(2*bs))
+			}
+			blocks = append(blocks, b)
+			spec = spec[11:]
+		}
+		var token []byte
+		switch tokenKind % 3 {
+		case 0:
+			token = sb.Token()
+		case 1:
+			token = bytes.Repeat([]byte{tokenKind}, 16)
+		}
+		st, err := c.Raw().WriteBlocks(ctx)
+		if err != nil {
+			t.Fatal(err)
+		}
+		err = st.Send(&otav1.WriteBlocksRequest{SessionId: id, Seq: 1, Sync: true, BufferToken: token, Blocks: blocks})
+		st.CloseSend()
+		for err == nil {
+			_, err = st.Recv()
+		}
+		switch reason := status.ReasonOf(err); {
+		case errors.Is(err, io.EOF):
+		case reason == otav1.Reason_REASON_INVALID_REQUEST, reason == otav1.Reason_REASON_BLOCK_OUT_OF_RANGE:
+		default:
+			t.Fatalf("stream ended with %v (%s)", err, status.String(reason))
+		}
+		if _, err := c.State(ctx); err != nil {
+			t.Fatalf("writer after the message: %v", err)
+		}
+	})
+}

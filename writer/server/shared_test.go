@@ -14,6 +14,7 @@ import (
 	otav1 "github.com/gwota/gwota/proto/ota/v1"
 	"github.com/gwota/gwota/status"
 	"github.com/gwota/gwota/writer/api"
+	"github.com/gwota/gwota/writer/client"
 	"github.com/gwota/gwota/writer/server"
 	"github.com/gwota/gwota/writer/sharedbuf"
 	"github.com/gwota/gwota/writer/writertest"
@@ -23,25 +24,10 @@ import (
 // a shared buffer ends the stream with invalid_request and writes nothing of the message.
 func TestSharedBufferRefusals(t *testing.T) {
 	core := writertest.NewFake(4096)
-	r := start(t, core, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.Sock)
-	ctx := t.Context()
-	const bs = 1024
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: 16 * bs, BlockSize: bs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := begin.GetSession().GetSessionId()
-	sb, err := sharedbuf.Dial(ctx, r.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sb.Close()
-	other, err := sharedbuf.Dial(ctx, r.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer other.Close()
+	const bs = rigBlock
+	rig := newSharedRig(t, core, 16*bs)
+	c, id, sb, ctx := rig.c, rig.id, rig.sb, t.Context()
+	other := dialBuffer(t, rig.sock)
 	if err := sb.Write(0, [][]byte{bytes.Repeat([]byte{7}, 64*bs)}); err != nil {
 		t.Fatal(err)
 	}
@@ -109,11 +95,7 @@ func TestSharedBufferRefusals(t *testing.T) {
 // mapping can never fault), nor its seals changed.
 func TestSharedBufferSealed(t *testing.T) {
 	r := start(t, writertest.NewFake(4096), server.Options{}, server.ListenConfig{})
-	sb, err := sharedbuf.Dial(t.Context(), r.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sb.Close()
+	sb := dialBuffer(t, r.Sock)
 	fd := int(sb.Fd())
 	seals, err := unix.FcntlInt(uintptr(fd), unix.F_GET_SEALS, 0)
 	if err != nil {
@@ -202,20 +184,9 @@ func (w *gateWriter) Write(ctx context.Context, id string, blocks []*otav1.Block
 func TestSharedBufferCopiedBeforeUse(t *testing.T) {
 	core := writertest.NewFake(4096)
 	w := &gateWriter{Writer: core, entered: make(chan struct{}), proceed: make(chan struct{}), got: make(chan []byte, 1)}
-	r := start(t, w, server.Options{}, server.ListenConfig{})
-	c := dial(t, r.Sock)
-	ctx := t.Context()
-	const bs = 1024
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: bs, BlockSize: bs})
-	if err != nil {
-		t.Fatal(err)
-	}
-	id := begin.GetSession().GetSessionId()
-	sb, err := sharedbuf.Dial(ctx, r.Sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer sb.Close()
+	const bs = rigBlock
+	rig := newSharedRig(t, w, bs)
+	c, id, sb, ctx := rig.c, rig.id, rig.sb, t.Context()
 	sent, later := bytes.Repeat([]byte{0xaa}, bs), bytes.Repeat([]byte{0x55}, bs)
 	if err := sb.Write(0, [][]byte{sent}); err != nil {
 		t.Fatal(err)
@@ -251,21 +222,9 @@ func TestSharedBufferCopiedBeforeUse(t *testing.T) {
 // writer goes on serving.
 // go test -run '^$' -fuzz FuzzSharedBufferRefs ./writer/server/
 func FuzzSharedBufferRefs(f *testing.F) {
-	core := writertest.NewFake(4096)
-	r := start(f, core, server.Options{}, server.ListenConfig{})
-	c := dial(f, r.Sock)
-	ctx := f.Context()
-	const bs = 1024
-	begin, err := c.Begin(ctx, &otav1.BeginSessionRequest{JobId: "fuzz", FilePath: writertest.Target, FileSize: 64 * bs, BlockSize: bs})
-	if err != nil {
-		f.Fatal(err)
-	}
-	id := begin.GetSession().GetSessionId()
-	sb, err := sharedbuf.Dial(ctx, r.Sock)
-	if err != nil {
-		f.Fatal(err)
-	}
-	defer sb.Close()
+	const bs = rigBlock
+	rig := newSharedRig(f, writertest.NewFake(4096), 64*bs)
+	c, id, sb, ctx := rig.c, rig.id, rig.sb, f.Context()
 	size := uint64(sb.Size())
 	f.Add([]byte{0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0}, uint8(0))
 	f.Add([]byte{1, 0, 4, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xf0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0x10, 0}, uint8(1))
@@ -316,4 +275,36 @@ func FuzzSharedBufferRefs(f *testing.F) {
 			t.Fatalf("writer after the message: %v", err)
 		}
 	})
+}
+
+// sharedRig is a served writer (impl) with a client, a session of blocks of 1 KiB over
+// fileSize bytes, and a shared buffer from the writer, given back when the test ends.
+type sharedRig struct {
+	sock string
+	c    *client.Client
+	id   string
+	sb   *sharedbuf.Client
+}
+
+const rigBlock = 1024
+
+func newSharedRig(t testing.TB, impl api.Writer, fileSize uint64) sharedRig {
+	t.Helper()
+	r := start(t, impl, server.Options{}, server.ListenConfig{})
+	c := dial(t, r.Sock)
+	begin, err := c.Begin(t.Context(), &otav1.BeginSessionRequest{JobId: "j", FilePath: writertest.Target, FileSize: fileSize, BlockSize: rigBlock})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return sharedRig{sock: r.Sock, c: c, id: begin.GetSession().GetSessionId(), sb: dialBuffer(t, r.Sock)}
+}
+
+func dialBuffer(t testing.TB, sock string) *sharedbuf.Client {
+	t.Helper()
+	sb, err := sharedbuf.Dial(t.Context(), sock)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { sb.Close() })
+	return sb
 }

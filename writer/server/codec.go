@@ -89,11 +89,11 @@ func decodeWriteBlocks(b []byte, m *otav1.WriteBlocksRequest) error {
 			}
 			m.SessionId, b = string(v), b[n:]
 		case num == 2 && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(b)
-			if n < 0 {
-				return protowire.ParseError(n)
+			v, rest, err := consumeVarint(b)
+			if err != nil {
+				return err
 			}
-			m.Seq, b = v, b[n:]
+			m.Seq, b = v, rest
 		case num == 3 && typ == protowire.BytesType:
 			v, n := protowire.ConsumeBytes(b)
 			if n < 0 {
@@ -105,11 +105,11 @@ func decodeWriteBlocks(b []byte, m *otav1.WriteBlocksRequest) error {
 			}
 			m.Blocks, b = append(m.Blocks, blk), b[n:]
 		case num == 4 && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(b)
-			if n < 0 {
-				return protowire.ParseError(n)
+			v, rest, err := consumeVarint(b)
+			if err != nil {
+				return err
 			}
-			m.Sync, b = protowire.DecodeBool(v), b[n:]
+			m.Sync, b = protowire.DecodeBool(v), rest
 		case num == 5 && typ == protowire.BytesType:
 			v, n := protowire.ConsumeBytes(b)
 			if n < 0 {
@@ -139,11 +139,11 @@ func decodeBlock(b []byte) (*otav1.Block, error) {
 		b = b[n:]
 		switch {
 		case num == 1 && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(b)
-			if n < 0 {
-				return nil, protowire.ParseError(n)
+			v, rest, err := consumeVarint(b)
+			if err != nil {
+				return nil, err
 			}
-			blk.Offset, b = v, b[n:]
+			blk.Offset, b = v, rest
 		case num == 2 && typ == protowire.BytesType:
 			v, n := protowire.ConsumeBytes(b)
 			if n < 0 {
@@ -152,11 +152,11 @@ func decodeBlock(b []byte) (*otav1.Block, error) {
 			// Capacity cut at the length: an append to it can never reach the next field.
 			blk.Data, b = v[:len(v):len(v)], b[n:]
 		case num == 3 && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(b)
-			if n < 0 {
-				return nil, protowire.ParseError(n)
+			v, rest, err := consumeVarint(b)
+			if err != nil {
+				return nil, err
 			}
-			blk.BufferOffset, b = v, b[n:]
+			blk.BufferOffset, b = v, rest
 		case num == 4 && typ == protowire.VarintType:
 			v, n := protowire.ConsumeVarint(b)
 			if n < 0 {
@@ -173,6 +173,15 @@ func decodeBlock(b []byte) (*otav1.Block, error) {
 		}
 	}
 	return blk, nil
+}
+
+// consumeVarint is protowire.ConsumeVarint with its error, and the rest of b.
+func consumeVarint(b []byte) (uint64, []byte, error) {
+	v, n := protowire.ConsumeVarint(b)
+	if n < 0 {
+		return 0, nil, protowire.ParseError(n)
+	}
+	return v, b[n:], nil
 }
 
 // consumeTag is protowire.ConsumeTag refusing field numbers above MaxValidNumber too, as

@@ -158,12 +158,12 @@ func decodeBlock(b []byte) (*otav1.Block, error) {
 			}
 			blk.BufferOffset, b = v, rest
 		case num == 4 && typ == protowire.VarintType:
-			v, n := protowire.ConsumeVarint(b)
-			if n < 0 {
-				return nil, protowire.ParseError(n)
+			v, rest, err := consumeVarint(b)
+			if err != nil {
+				return nil, err
 			}
 			// As proto.Unmarshal decodes a uint32: the varint's low 32 bits.
-			blk.BufferLength, b = uint32(v), b[n:]
+			blk.BufferLength, b = uint32(v), rest
 		default:
 			n := protowire.ConsumeFieldValue(num, typ, b)
 			if n < 0 {

@@ -110,8 +110,8 @@ func TestSharedBufferWrapsAround(t *testing.T) {
 		t.Fatal(err)
 	}
 	size := int(resp.GetSharedBufferSize())
-	if size == 0 {
-		t.Fatal("the writer offers no shared buffer")
+	if size < 2<<20 || size < 4*int(resp.GetMaxMessageSize()) {
+		t.Fatalf("shared buffer of %d bytes offered, want at least 2 MiB and four messages of %d", size, resp.GetMaxMessageSize())
 	}
 	sessionOverStream(t, core, c, 2048, 3*size+3000, true)
 }

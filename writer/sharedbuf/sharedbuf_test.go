@@ -4,7 +4,10 @@ import (
 	"bytes"
 	"errors"
 	"net"
+	"os"
 	"path/filepath"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/hashicorp/go-hclog"
@@ -51,6 +54,10 @@ func TestBufferLifecycle(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The writer's mapping is read-only; the client's (same process here) read-write.
+	if perms := mappings(t); !slices.Contains(perms, "r--s") || !slices.Contains(perms, "rw-s") || len(perms) != 2 {
+		t.Errorf("mappings of the buffer: %v, want one r--s (writer) and one rw-s (client)", perms)
+	}
 	want := []byte("block bytes at the end")
 	if err := cl.Write(cl.Size()-int64(len(want)), [][]byte{want[:5], want[5:]}); err != nil {
 		t.Fatal(err)
@@ -73,4 +80,20 @@ func TestBufferLifecycle(t *testing.T) {
 	if _, err := reg.Lookup(cl.Token(), 1000); err == nil {
 		t.Error("a given-back buffer is still found")
 	}
+}
+
+// mappings lists the permissions of this process's mappings of shared buffers.
+func mappings(t *testing.T) []string {
+	t.Helper()
+	b, err := os.ReadFile("/proc/self/maps")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var perms []string
+	for _, line := range strings.Split(string(b), "\n") {
+		if f := strings.Fields(line); len(f) >= 6 && strings.Contains(line, "memfd:gwota-shared-blocks") {
+			perms = append(perms, f[1])
+		}
+	}
+	return perms
 }
